@@ -1,0 +1,63 @@
+# bt_fast: `make pretrain` and `make test` set up everything they need first.
+SHELL := /bin/bash
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+
+CONFIG      ?= configs/demo_cpu.yaml
+PIPELINE    ?=
+DATA        ?=
+DEMO_DATA   ?= data/demo
+OUT         ?=
+NODES       ?= 1
+GPUS        ?=
+LOCAL_NODES ?= 0
+ARGS        ?=
+
+SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+
+.PHONY: pretrain test bench eval demo-data venv system-deps clean
+
+pretrain: $(STAMP)
+	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
+	CONFIG="$(CONFIG)" DATA="$(or $(DATA),$(DEMO_DATA))" PIPELINE="$(PIPELINE)" OUT="$(OUT)" \
+	NODES="$(NODES)" GPUS="$(GPUS)" LOCAL_NODES="$(LOCAL_NODES)" PYTHON="$(PY)" \
+	  bash run_pretrain.sh $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
+	$(PY) -m tools.bench --data "$(or $(DATA),$(DEMO_DATA))" $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m tools.evaluate $(ARGS)
+
+demo-data: $(STAMP)
+	$(PY) -m tools.make_demo_data $(DEMO_DATA)
+
+venv: $(STAMP)
+
+# FFCV builds from source against libjpeg-turbo and OpenCV.
+system-deps:
+	@if pkg-config --exists libturbojpeg && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing system packages: $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+	  echo "error: FFCV needs the system packages $(SYSTEM_PACKAGES); install them (e.g. sudo apt-get install $(SYSTEM_PACKAGES)) and rerun" >&2; exit 1; \
+	fi
+
+# Rebuilt only when the pins change, so a second `make test` installs nothing.
+$(STAMP): requirements.txt pyproject.toml | system-deps
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+clean:
+	rm -rf runs data/demo_ffcv

@@ -1,0 +1,1 @@
+"""bt_fast: high-throughput Barlow Twins pretraining."""

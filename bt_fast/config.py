@@ -1,0 +1,195 @@
+"""Run configuration: one dataclass, loaded from YAML and overridden with `key=value`.
+
+Every pipeline reads the same `AugmentSpec`, so the reference, FFCV and DALI paths
+cannot drift apart in what they randomise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class AugmentSpec:
+    """The paper's two-view distortion, one field per knob.
+
+    Pairs of numbers are (view 1, view 2) where the views differ (blur, solarize),
+    or (low, high) for sampled ranges.
+    """
+
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    solarize_threshold: float = 128 / 255
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """Odd kernel of about 10% of the image side: 23 at 224 px, as in the paper."""
+        return max(3, int(round(self.image_size * 23 / 224)) | 1)
+
+
+@dataclass
+class FFCVOptions:
+    beton: str = ""              # empty: <data>.beton beside the ImageFolder, converted on first use
+    max_resolution: int = 512
+    jpeg_quality: int = 90
+    os_cache: bool = True
+    order: str = "random"        # random | quasi_random
+
+
+@dataclass
+class DALIOptions:
+    records: str = ""            # empty: read the ImageFolder directly
+    prefetch: int = 2
+
+
+@dataclass
+class Config:
+    # data
+    data: str = ""
+    pipeline: str = "reference"  # reference | ffcv | dali
+    workers: int = 8
+    # model
+    arch: str = "resnet50"
+    projector: str = "8192-8192-8192"
+    # optimisation (the paper's recipe)
+    epochs: int = 1000
+    batch_size: int = 2048       # global, across all ranks
+    lambd: float = 0.0051
+    lr_weights: float = 0.2
+    lr_biases: float = 0.0048
+    weight_decay: float = 1.5e-6
+    warmup_epochs: int = 10
+    compile_optimizer: bool = False
+    # execution
+    device: str = "auto"         # auto | cpu | cuda
+    amp: str = "auto"            # auto | bfloat16 | float16 | none (auto: bf16 on CPU, fp16 on CUDA)
+    channels_last: bool = True
+    seed: int = 0
+    max_steps: int = 0           # stop after this many steps in total (0: run all epochs)
+    # output
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    knn_every: int = 0           # k-NN monitor every N epochs (0: off)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    ffcv: FFCVOptions = field(default_factory=FFCVOptions)
+    dali: DALIOptions = field(default_factory=DALIOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Convert `value` to the type of the field's default, or fail naming the key."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise ConfigError(f"config key '{key}' expects a list of {len(current)} numbers, got {value!r}")
+        return tuple(_coerce(v, c, key) for v, c in zip(value, current))
+    if isinstance(current, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+        if isinstance(current, int):
+            if number != int(number):
+                raise ConfigError(f"config key '{key}' expects a whole number, got {value!r}")
+            return int(number)
+        return number
+    if isinstance(current, str):
+        return "" if value is None else str(value)
+    raise ConfigError(f"config key '{key}' has an unsupported value {value!r}")
+
+
+def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give '{key}.<field>=...'")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(target, name, _coerce(value, current, key))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' is not of the form key=value")
+        dotted, raw = pair.split("=", 1)
+        node = tree
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    config = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        _apply(config, values)
+    _apply(config, parse_overrides(overrides or []))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if config.pipeline not in ("reference", "ffcv", "dali"):
+        raise ConfigError(f"config key 'pipeline' must be reference, ffcv or dali, got '{config.pipeline}'")
+    if config.amp not in ("auto", "bfloat16", "float16", "none"):
+        raise ConfigError(f"config key 'amp' must be auto, bfloat16, float16 or none, got '{config.amp}'")
+    if config.arch not in ("resnet18", "resnet50"):
+        raise ConfigError(f"config key 'arch' must be resnet18 or resnet50, got '{config.arch}'")
+    if config.batch_size <= 0 or config.epochs <= 0:
+        raise ConfigError("config keys 'batch_size' and 'epochs' must be positive")
+    for p in (config.augment.flip_p, config.augment.jitter_p, config.augment.grayscale_p,
+              *config.augment.blur_p, *config.augment.solarize_p):
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"augment probabilities must lie in [0, 1], got {p}")

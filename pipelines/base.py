@@ -1,0 +1,65 @@
+"""The one interface every data pipeline implements.
+
+A pipeline is an iterable over one epoch of `(view1, view2)` batches that are already
+on the training device, in channels-last layout, normalised, and in the input dtype.
+The trainer and the benchmark use nothing else, so pipelines are interchangeable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class DataError(RuntimeError):
+    """Unusable input data; the message names the file or directory and what to do."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a pipeline delivers: device, dtype and which shard of the data it reads."""
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    rank: int = 0
+    world_size: int = 1
+
+
+class TwoViewPipeline(Protocol):
+    batch_size: int  # per rank
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shuffling and augmentation for `epoch` (same order on every rank)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (view1, view2), each (B, 3, H, W) on the device, channels-last, normalised."""
+
+
+def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted sub-directories) and (path, label) samples of an ImageFolder.
+
+    Raises DataError with the directory named if it is missing or holds no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist; pass DATA=/path/to/imagefolder or omit it for the demo")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = [(str(path), label)
+               for label, name in enumerate(classes)
+               for path in sorted((root / name).rglob("*"))
+               if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    if not samples:
+        raise DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
+    return classes, samples
+
+
+def to_device(view: torch.Tensor, placement: Placement) -> torch.Tensor:
+    view = view.to(placement.device, non_blocking=True)
+    return view.to(dtype=placement.dtype, memory_format=torch.channels_last)

@@ -1,0 +1,90 @@
+"""The paper's augmentation with PIL/torchvision on CPU workers: the correctness and speed baseline.
+
+Each view is RandomResizedCrop (bicubic) -> flip -> ColorJitter (p 0.8) -> grayscale ->
+Gaussian blur -> solarize -> normalise, as in the official `main.py`. Blur uses
+torchvision's GaussianBlur (kernel 23 at 224 px), the semantics the device pipelines
+reproduce, rather than PIL's radius-based filter.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from bt_fast.config import AugmentSpec
+from pipelines.base import DataError, Placement, find_image_folder, to_device
+
+
+def view_transform(spec: AugmentSpec, view: int) -> T.Compose:
+    """The PIL transform for view 0 or 1 of the pair."""
+    return T.Compose([
+        T.RandomResizedCrop(spec.image_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(spec.flip_p),
+        T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
+        T.RandomGrayscale(spec.grayscale_p),
+        T.RandomApply([T.GaussianBlur(spec.blur_kernel_size, sigma=spec.blur_sigma)], p=spec.blur_p[view]),
+        T.RandomSolarize(threshold=round(spec.solarize_threshold * 255), p=spec.solarize_p[view]),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
+
+
+class TwoViewImageFolder(Dataset):
+    def __init__(self, root: str, spec: AugmentSpec):
+        self.classes, self.samples = find_image_folder(root)
+        self.views = (view_transform(spec, 0), view_transform(spec, 1))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = load_rgb(self.samples[index][0])
+        return self.views[0](image), self.views[1](image)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torchvision's random transforms draw from torch's generator, which DataLoader seeds per worker
+    # and per epoch; Python's `random` is seeded too for completeness.
+    import random
+    random.seed(torch.initial_seed() % 2**32)
+
+
+class ReferencePipeline:
+    """ImageFolder -> two PIL-augmented views -> device, through a torch DataLoader."""
+
+    def __init__(self, root: str, spec: AugmentSpec, batch_size: int, placement: Placement,
+                 workers: int = 8, seed: int = 0):
+        self.dataset = TwoViewImageFolder(root, spec)
+        self.batch_size = batch_size
+        self.placement = placement
+        self.sampler = DistributedSampler(self.dataset, num_replicas=placement.world_size, rank=placement.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        if len(self.sampler) < batch_size:
+            raise DataError(f"data directory {root} has {len(self.dataset)} images: too few for one batch of "
+                            f"{batch_size} per rank on {placement.world_size} rank(s); lower batch_size")
+        generator = torch.Generator().manual_seed(seed)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=placement.device.type == "cuda", drop_last=True,
+                                 persistent_workers=workers > 0, worker_init_fn=_seed_worker,
+                                 generator=generator, prefetch_factor=4 if workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for view1, view2 in self.loader:
+            yield to_device(view1, self.placement), to_device(view2, self.placement)
