@@ -22,7 +22,7 @@ SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
 pretrain: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	CONFIG="$(CONFIG)" DATA="$(or $(DATA),$(DEMO_DATA))" PIPELINE="$(PIPELINE)" OUT="$(OUT)" \
+	CONFIG="$(CONFIG)" DATA="$(or $(DATA),$(DEMO_DATA)/train)" PIPELINE="$(PIPELINE)" OUT="$(OUT)" \
 	NODES="$(NODES)" GPUS="$(GPUS)" LOCAL_NODES="$(LOCAL_NODES)" PYTHON="$(PY)" \
 	  bash run_pretrain.sh $(ARGS)
 
@@ -31,7 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	$(PY) -m tools.bench --data "$(or $(DATA),$(DEMO_DATA))" $(ARGS)
+	$(PY) -m tools.bench --data "$(or $(DATA),$(DEMO_DATA)/train)" $(ARGS)
 
 eval: $(STAMP)
 	$(PY) -m tools.evaluate $(ARGS)
