@@ -41,23 +41,30 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class TwoViewImageFolder(Dataset):
-    def __init__(self, root: str, spec: AugmentSpec):
+    """Indexed by (epoch, index): the distortions of a sample depend only on (seed, epoch, index),
+    so they do not change with the number of workers or when a run resumes mid-epoch."""
+
+    def __init__(self, root: str, spec: AugmentSpec, seed: int = 0):
         self.classes, self.samples = find_image_folder(root)
         self.views = (view_transform(spec, 0), view_transform(spec, 1))
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
         image = load_rgb(self.samples[index][0])
-        return self.views[0](image), self.views[1](image)
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            return self.views[0](image), self.views[1](image)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torchvision's random transforms draw from torch's generator, which DataLoader seeds per worker
-    # and per epoch; Python's `random` is seeded too for completeness.
-    import random
-    random.seed(torch.initial_seed() % 2**32)
+class EpochIndexSampler(DistributedSampler):
+    """DistributedSampler that yields (epoch, index) so each sample knows its epoch in any worker."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
 
 
 class ReferencePipeline:
@@ -65,19 +72,17 @@ class ReferencePipeline:
 
     def __init__(self, root: str, spec: AugmentSpec, batch_size: int, placement: Placement,
                  workers: int = 8, seed: int = 0):
-        self.dataset = TwoViewImageFolder(root, spec)
+        self.dataset = TwoViewImageFolder(root, spec, seed)
         self.batch_size = batch_size
         self.placement = placement
-        self.sampler = DistributedSampler(self.dataset, num_replicas=placement.world_size, rank=placement.rank,
+        self.sampler = EpochIndexSampler(self.dataset, num_replicas=placement.world_size, rank=placement.rank,
                                           shuffle=True, seed=seed, drop_last=True)
         if len(self.sampler) < batch_size:
             raise DataError(f"data directory {root} has {len(self.dataset)} images: too few for one batch of "
                             f"{batch_size} per rank on {placement.world_size} rank(s); lower batch_size")
-        generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=placement.device.type == "cuda", drop_last=True,
-                                 persistent_workers=workers > 0, worker_init_fn=_seed_worker,
-                                 generator=generator, prefetch_factor=4 if workers > 0 else None)
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+import torchvision
+
+from bt_fast.checkpoint import CheckpointError
+from bt_fast.config import ConfigError, load_config
+from bt_fast.distributed import DistContext
+from bt_fast.train import Trainer, main, train
+
+CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def tiny_config(data, out_dir, *extra):
+    return load_config("configs/demo_cpu.yaml", [f"data={data}", f"out_dir={out_dir}", "workers=0", "batch_size=8",
+                                                 "projector=64-64", "augment.image_size=32", "epochs=2",
+                                                 "warmup_epochs=0", *extra])
+
+
+def test_train_step_changes_parameters_and_lowers_loss_on_a_fixed_batch(image_folder, tmp_path):
+    trainer = Trainer(tiny_config(image_folder, tmp_path, "lr_weights=0.5", "lr_biases=0.01"), CPU)
+    y1, y2 = next(iter(trainer.pipeline))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    losses = [trainer.train_step(y1, y2).item()]
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    trainer.step = trainer.steps_per_epoch  # past warm-up: full learning rate
+    for _ in range(5):
+        losses.append(trainer.train_step(y1, y2).item())
+    assert losses[-1] < losses[0]
+
+
+def test_resume_gives_the_next_step_loss_of_an_uninterrupted_run(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path / "straight", "max_steps=4"))
+    straight = [json.loads(line)["loss"] for line in open(tmp_path / "straight" / "metrics.jsonl")]
+
+    train(tiny_config(image_folder, tmp_path / "split", "max_steps=2"))
+    checkpoint = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
+    assert checkpoint["step"] == 2
+    train(tiny_config(image_folder, tmp_path / "split", "max_steps=4"))
+    split = [json.loads(line)["loss"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+
+    assert len(straight) == len(split) == 4
+    assert split[2] == pytest.approx(straight[2], rel=1e-5)  # first step after the resume
+    assert split[3] == pytest.approx(straight[3], rel=1e-5)
+
+
+def test_saved_backbone_loads_into_torchvision(image_folder, tmp_path):
+    summary = train(tiny_config(image_folder, tmp_path, "max_steps=1"))
+    state = torch.load(summary["backbone"], weights_only=True)
+    result = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path, "max_steps=1"))
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    with pytest.raises(CheckpointError, match="different model"):
+        train(tiny_config(image_folder, tmp_path, "max_steps=2", "projector=32-32"))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_batch_not_divisible_by_world_size_is_a_config_error(image_folder, tmp_path):
+    three_ranks = DistContext(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="divisible"):
+        Trainer(tiny_config(image_folder, tmp_path), three_ranks)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batchsize=8", "unknown config key 'batchsize' (did you mean 'batch_size'?)"),
+    ("augment.flip=0.5", "unknown config key 'augment.flip'"),
+    ("epochs=many", "config key 'epochs' expects a number"),
+    ("data=/does/not/exist", "data directory /does/not/exist does not exist"),
+])
+def test_bad_input_is_one_clear_line(override, message, image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "configs/demo_cpu.yaml", f"data={image_folder}", f"out_dir={tmp_path}", override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
+def test_paper_configs_load_with_the_paper_recipe():
+    for name in ("paper_rn50", "paper_rn50_300ep"):
+        config = load_config(f"configs/{name}.yaml")
+        assert (config.arch, config.projector, config.batch_size) == ("resnet50", "8192-8192-8192", 2048)
+        assert (config.lr_weights, config.lr_biases, config.weight_decay, config.lambd) == (0.2, 0.0048, 1.5e-6, 0.0051)
+        assert config.augment.blur_kernel_size == 23
+    assert load_config("configs/paper_rn50_300ep.yaml").epochs == 300
+
+
+def test_resnet50_smoke_step(image_folder, tmp_path):
+    config = load_config("configs/paper_rn50.yaml", [f"data={image_folder}", f"out_dir={tmp_path}", "pipeline=reference",
+                                                     "workers=0", "batch_size=4", "augment.image_size=32",
+                                                     "compile_optimizer=false"])
+    trainer = Trainer(config, CPU)
+    assert trainer.amp_dtype == torch.bfloat16
+    y1, y2 = next(iter(trainer.pipeline))
+    assert y1.dtype == torch.bfloat16 and y1.is_contiguous(memory_format=torch.channels_last)
+    loss = trainer.train_step(y1, y2)
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert sum(p.numel() for p in trainer.model.parameters()) > 170e6
