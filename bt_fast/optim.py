@@ -42,14 +42,18 @@ def _lars_bucket_update(params: list[torch.Tensor], grads: list[torch.Tensor], m
                         lr: float | torch.Tensor, weight_decay: float, momentum: float, eta: float,
                         decay: bool, adapt: bool) -> None:
     """Update one bucket of tensors that share their filter flags, in place."""
-    if decay and weight_decay != 0:
+    owned = decay and weight_decay != 0  # `grads` is our temporary, not p.grad: safe to scale in place
+    if owned:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     if adapt:
         param_norm = _norms(params)
         update_norm = _norms(grads)
         one = torch.ones_like(param_norm)
         trust = torch.where(param_norm > 0, torch.where(update_norm > 0, eta * param_norm / update_norm, one), one)
-        grads = torch._foreach_mul(grads, trust.unbind(0))
+        if owned:
+            torch._foreach_mul_(grads, trust.unbind(0))
+        else:
+            grads = torch._foreach_mul(grads, trust.unbind(0))
     torch._foreach_mul_(mus, momentum)
     torch._foreach_add_(mus, grads)
     if isinstance(lr, torch.Tensor):  # compiled path: a tensor lr does not trigger a recompile per value
