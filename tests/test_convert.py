@@ -3,7 +3,6 @@ formats with the stock FFCV Loader and the stock DALI webdataset reader (CPU).""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -368,3 +367,18 @@ def test_target_size_matches_ffcv_rounding():
     for w, h in [(128, 96), (500, 375), (375, 500), (65, 1000), (64, 64), (10, 7)]:
         image = np.zeros((h, w, 3), np.uint8)
         assert prep.target_size(w, h) == resizer(image, 64).shape[1::-1]
+
+
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_writer_failure_aborts_instead_of_hanging(fmt, source, tmp_path):
+    """A file that vanished after validation must abort the write (FFCV workers would hang)."""
+    from tools import convert_dali, convert_ffcv
+    root, _ = source
+    samples = [(str(root / "a/a0.jpg"), 0), (str(tmp_path / "vanished.jpg"), 1)]
+    writer = convert_ffcv.write_ffcv if fmt == "ffcv" else convert_dali.write_dali
+    dst = tmp_path / ("x.beton" if fmt == "ffcv" else "x")
+    if fmt == "dali":
+        dst.mkdir()
+    with pytest.raises(conv.DataError, match="vanished.jpg"):
+        writer(dst, samples, conv.ImagePrep(max_resolution=MAX_RES),
+               conv.WriteOptions(workers=1, shard_size=10, classes=("a", "b"), progress=False))
