@@ -1,0 +1,364 @@
+"""bt_fast.knn and tools.evaluate: the k-NN classifier against a brute-force formula, the linear
+probe on separable features, checkpoint loading (official torchvision-style, bt_fast checkpoint and
+backbone files, wrong files), and the command line end to end on a tiny ImageFolder (resnet18, 32 px)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch.utils.data import DataLoader, TensorDataset
+
+from bt_fast.config import Config
+from bt_fast.knn import extract_features, knn_predict, knn_scores, topk_accuracy
+from bt_fast.model import BarlowTwins
+from pipelines.base import DataError
+from tests.conftest import write_image_folder
+from tools import evaluate as ev
+
+
+# -- k-NN -----------------------------------------------------------------------------------------
+def clustered(n_per_class: int, num_classes: int, dim: int = 32, noise: float = 0.05, seed: int = 0):
+    """Points around orthogonal class centres: perfectly separable by cosine similarity."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[:num_classes] * 3.0
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    features = centres[labels] + noise * torch.randn(labels.shape[0], dim, generator=g)
+    return features, labels
+
+
+def test_knn_separable_features_give_full_accuracy():
+    train_x, train_y = clustered(30, 10, seed=0)
+    test_x, test_y = clustered(10, 10, seed=1)
+    ranked = knn_predict(train_x, train_y, test_x, num_classes=10)  # k=200 of 300: most neighbours are other classes
+    top1, top5 = topk_accuracy(ranked, test_y)
+    assert top1 == 100.0 and top5 == 100.0
+    assert ranked.shape == (100, 10)
+    assert sorted(ranked[0].tolist()) == list(range(10))  # a full ranking of the classes
+
+
+def test_knn_shuffled_labels_is_near_chance():
+    # labels that carry no information about the features: each query has its own neighbourhood,
+    # so a correct k-NN scores chance (10% / 50%, standard error ~1% / 1.6% with 1000 queries)
+    g = torch.Generator().manual_seed(3)
+    train_x, test_x = torch.randn(1000, 32, generator=g), torch.randn(1000, 32, generator=g)
+    train_y, test_y = torch.randint(0, 10, (1000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
+    top1, top5 = topk_accuracy(knn_predict(train_x, train_y, test_x, num_classes=10), test_y)
+    assert 5.0 < top1 < 16.0
+    assert 42.0 < top5 < 58.0
+    # the same queries with the labels they are supposed to have: the classifier does use the labels
+    assert topk_accuracy(knn_predict(test_x, test_y, test_x, num_classes=10), test_y)[0] == 100.0
+
+
+def brute_force_scores(train_x, train_y, test_x, num_classes, k, temperature):
+    """The k-NN vote written out element by element."""
+    k = min(k, len(train_x))
+    scores = torch.zeros(len(test_x), num_classes, dtype=torch.float64)
+    for i, q in enumerate(test_x.double()):
+        qn = q / q.norm()
+        sims = [float(qn @ (t.double() / t.double().norm())) for t in train_x]
+        nearest = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        for j in nearest:
+            scores[i, int(train_y[j])] += math.exp(sims[j] / temperature)
+    return scores
+
+
+@pytest.mark.parametrize("k, chunk", [(1, None), (5, 3), (7, 1), (1000, 4)])  # 1000 > 40 train: capped
+def test_knn_scores_match_brute_force(k, chunk):
+    g = torch.Generator().manual_seed(k)
+    train_x, test_x = torch.randn(40, 8, generator=g), torch.randn(13, 8, generator=g)
+    train_y = torch.randint(0, 4, (40,), generator=g)
+    expected = brute_force_scores(train_x, train_y, test_x, 4, k, 0.5)
+    got = knn_scores(train_x * 3.0, train_y, test_x, 4, k=k, temperature=0.5, chunk_size=chunk)  # scale-invariant
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    ranked = knn_predict(train_x, train_y, test_x, 4, k=k, temperature=0.5)
+    assert torch.equal(ranked[:, 0], expected.argmax(dim=1))
+
+
+def test_topk_accuracy_caps_k_at_class_count():
+    ranked = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
+    labels = torch.tensor([2, 0, 1])
+    assert topk_accuracy(ranked, labels, (1, 2, 5)) == pytest.approx([100 / 3, 200 / 3, 100.0])
+
+
+def test_extract_features_uses_eval_mode_and_restores_training_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    images, labels = torch.randn(10, 3, 8, 8), torch.arange(10) % 3
+    model.train()
+    features, got_labels = extract_features(model, DataLoader(TensorDataset(images, labels), batch_size=4), "cpu")
+    assert model.training
+    with torch.no_grad():
+        expected = model.eval()(images)
+    torch.testing.assert_close(features, expected)
+    assert torch.equal(got_labels, labels)
+
+
+# -- linear probe ---------------------------------------------------------------------------------
+def test_linear_probe_learns_separable_features_and_not_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 10, generator=g)
+    x = torch.randn(4000, 32, generator=g)
+    scores = x @ w
+    best = scores.topk(2, dim=1).values
+    keep = best[:, 0] - best[:, 1] > 1.0          # linearly separable with a margin, by construction
+    x, y = x[keep][:1500], scores[keep].argmax(dim=1)[:1500]
+    assert torch.bincount(y, minlength=10).max() < 0.2 * len(y)
+    train_x, train_y, test_x, test_y = x[:1000], y[:1000], x[1000:], y[1000:]
+    top1, top5 = ev.linear_topk(ev.train_linear(train_x, train_y, 10, epochs=30), test_x, test_y)
+    assert top1 > 90.0 and top5 > 98.0
+    shuffled = train_y[torch.randperm(1000, generator=g)]
+    top1_shuffled, _ = ev.linear_topk(ev.train_linear(train_x, shuffled, 10, epochs=30), test_x, test_y)
+    assert top1_shuffled < 25.0  # chance is about 10-20% (the largest class)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def randomised_resnet18(seed: int = 0) -> torch.nn.Module:
+    """A resnet18 whose every parameter and BN statistic differs from any fresh initialisation."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def source_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    fc, model.fc = model.fc, torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            return model.eval()(images)
+    finally:
+        model.fc = fc
+
+
+IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def test_official_format_state_dict_loads_with_same_features(tmp_path):
+    source = randomised_resnet18()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}  # like resnet50.pth
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    loaded = ev.load_backbone(path)
+    assert loaded.arch == "resnet18" and loaded.kind == "state dict" and loaded.image_size is None
+    with torch.no_grad():
+        got = loaded.backbone.eval()(IMAGES)
+    torch.testing.assert_close(got, source_features(source, IMAGES))
+    assert got.shape == (4, 512)
+    # through the feature extractor, as the evaluation runs it
+    features, _ = extract_features(loaded.backbone, [(IMAGES, torch.zeros(4, dtype=torch.long))], "cpu")
+    torch.testing.assert_close(features, source_features(source, IMAGES))
+
+
+def test_full_torchvision_state_dict_with_fc_and_ddp_prefix_loads(tmp_path):
+    source = randomised_resnet18(1)
+    path = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)  # fc present, DDP prefix
+    loaded = ev.load_backbone(path, arch="resnet18")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone.eval()(IMAGES), source_features(source, IMAGES))
+
+
+def test_arch_is_inferred_from_keys():
+    with torch.device("meta"):
+        rn50 = torchvision.models.resnet50().state_dict()
+        rn18 = torchvision.models.resnet18().state_dict()
+    assert ev.infer_arch(rn50) == "resnet50" and ev.infer_arch(rn18) == "resnet18"
+    assert ev._mismatch({k: v for k, v in rn50.items() if not k.startswith("fc.")}, "resnet50") is None
+    assert "missing" in ev._mismatch(rn18, "resnet50")
+
+
+def bt_fast_checkpoint(model: BarlowTwins, image_size: int = 48) -> dict:
+    config = Config(arch=model.arch, projector="64-64")
+    config.augment.image_size = image_size
+    return {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "scaler": {},
+            "epoch": 3, "step": 30, "config": config.to_dict(),
+            "rng": {"torch": torch.get_rng_state()}}
+
+
+def randomised_barlow_twins() -> BarlowTwins:
+    model = BarlowTwins("resnet18", "64-64")
+    model.backbone.load_state_dict({k: v for k, v in randomised_resnet18(2).state_dict().items()
+                                    if not k.startswith("fc.")})
+    return model.eval()
+
+
+def test_bt_fast_checkpoint_and_backbone_files_load(tmp_path):
+    model = randomised_barlow_twins().to(memory_format=torch.channels_last)  # as the trainer holds it
+    with torch.no_grad():
+        expected = model.backbone(IMAGES)
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save(bt_fast_checkpoint(model, image_size=48), checkpoint)
+    loaded = ev.load_backbone(checkpoint)
+    assert (loaded.arch, loaded.kind, loaded.image_size) == ("resnet18", "bt_fast checkpoint", 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone.eval()(IMAGES), expected)
+
+    backbone = tmp_path / "backbone.pth"
+    torch.save({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, backbone)
+    loaded = ev.load_backbone(backbone)
+    assert loaded.arch == "resnet18"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone.eval()(IMAGES), expected)
+    # the torchvision-style promise of backbone.pth: only fc.* missing
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(torch.load(backbone, weights_only=True),
+                                                                       strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_wrong_checkpoints_give_clear_errors(tmp_path):
+    not_torch = tmp_path / "notes.txt"
+    not_torch.write_text("not a checkpoint\n")
+    with pytest.raises(ev.CheckpointFormatError, match=r"notes\.txt cannot be read"):
+        ev.load_backbone(not_torch)
+
+    foreign = tmp_path / "vit.pth"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, foreign)
+    with pytest.raises(ev.CheckpointFormatError, match=r"vit\.pth holds no ResNet backbone weights"):
+        ev.load_backbone(foreign)
+
+    rn18 = tmp_path / "rn18.pth"
+    torch.save(randomised_resnet18().state_dict(), rn18)
+    with pytest.raises(ev.CheckpointFormatError, match=r"rn18\.pth does not fit a resnet50 backbone \(missing"):
+        ev.load_backbone(rn18, arch="resnet50")
+
+    truncated = tmp_path / "truncated.pth"
+    torch.save({k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("layer4.")},
+               truncated)
+    with pytest.raises(ev.CheckpointFormatError, match=r"truncated\.pth does not fit a resnet18 backbone.*layer4"):
+        ev.load_backbone(truncated)
+
+    widened = tmp_path / "widened.pth"
+    state = randomised_resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(64, 4, 7, 7)
+    torch.save(state, widened)
+    with pytest.raises(ev.CheckpointFormatError, match=r"widened\.pth .*'conv1\.weight' has shape"):
+        ev.load_backbone(widened)
+
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"epoch": 3, "conv1.weight": torch.zeros(1)}, mixed)
+    with pytest.raises(ev.CheckpointFormatError, match=r"mixed\.pth is not a model state dict \(key 'epoch'"):
+        ev.load_backbone(mixed)
+
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save(bt_fast_checkpoint(randomised_barlow_twins()), checkpoint)
+    with pytest.raises(ev.CheckpointFormatError, match=r"checkpoint\.pth was trained as resnet18"):
+        ev.load_backbone(checkpoint, arch="resnet50")
+
+    with pytest.raises(ev.CheckpointFormatError, match=r"missing\.pth does not exist"):
+        ev.load_backbone(tmp_path / "missing.pth")
+
+
+def test_random_init_is_seeded():
+    a, b, c = ev.random_backbone("resnet18", 0), ev.random_backbone("resnet18", 0), ev.random_backbone("resnet18", 1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+# -- command line ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("split")
+    write_image_folder(root / "train", classes=3, per_class=8, size=(48, 40), seed=0)
+    write_image_folder(root / "val", classes=3, per_class=4, size=(48, 40), seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rn18_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save({k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("fc.")}, path)
+    return path
+
+
+COMMON = ["--image-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "16"]
+
+
+def test_cli_knn_writes_json_and_one_line(split_folder, rn18_file, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    assert ev.main(["--checkpoint", str(rn18_file), "--data", str(split_folder), "--mode", "knn",
+                    "--json", str(out), *COMMON]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knn") and "top1" in lines[0] and str(rn18_file) in lines[0]
+    record = json.loads(out.read_text())
+    assert {"mode", "top1", "top5", "checkpoint"} <= set(record)
+    assert record["mode"] == "knn" and record["checkpoint"] == str(rn18_file)
+    assert 0.0 <= record["top1"] <= 100.0 and record["top5"] == 100.0  # 3 classes: top-5 covers all
+    assert (record["train_images"], record["val_images"], record["k"], record["arch"]) == (24, 12, 24, "resnet18")
+
+
+def test_cli_compare_matches_separate_runs(split_folder, rn18_file, tmp_path, capsys):
+    both, alone, base = tmp_path / "both.json", tmp_path / "alone.json", tmp_path / "base.json"
+    assert ev.main(["--compare", "--checkpoint", str(rn18_file), "--data", str(split_folder),
+                    "--json", str(both), *COMMON]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained" in printed and "random init" in printed
+    assert ev.main(["--checkpoint", str(rn18_file), "--data", str(split_folder), "--json", str(alone), *COMMON]) == 0
+    assert ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--json", str(base),
+                    *COMMON]) == 0
+    result = json.loads(both.read_text())
+    assert set(result) == {"pretrained", "random_init"}
+    for key in ("top1", "top5"):
+        assert result["pretrained"][key] == pytest.approx(json.loads(alone.read_text())[key])
+        assert result["random_init"][key] == pytest.approx(json.loads(base.read_text())[key])
+    assert result["random_init"]["random_init"] is True and result["random_init"]["checkpoint"] is None
+
+
+@pytest.mark.parametrize("cache", ["--cache-features", "--no-cache-features"])
+def test_cli_linear_probe_runs_both_ways(split_folder, rn18_file, tmp_path, capsys, cache):
+    out = tmp_path / "linear.json"
+    assert ev.main(["--checkpoint", str(rn18_file), "--data", str(split_folder / "train"),
+                    "--val-data", str(split_folder / "val"), "--mode", "linear", "--epochs", "3", cache,
+                    "--json", str(out), *COMMON]) == 0
+    record = json.loads(out.read_text())
+    assert record["mode"] == "linear" and record["cached_features"] == (cache == "--cache-features")
+    assert 0.0 <= record["top1"] <= 100.0 and record["top5"] == 100.0
+    assert capsys.readouterr().out.startswith("linear")
+
+
+def test_cli_errors_are_one_line_naming_the_file(split_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    torch.save({"weight": torch.zeros(2)}, bad)
+    assert ev.main(["--checkpoint", str(bad), "--data", str(split_folder), *COMMON]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]
+
+    flat = tmp_path / "flat"
+    write_image_folder(flat, classes=2, per_class=2)
+    assert ev.main(["--random-init", "--arch", "resnet18", "--data", str(flat), *COMMON]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no train/ and val/" in err[0] and "--val-data" in err[0]
+
+    broken = tmp_path / "broken"
+    write_image_folder(broken / "train", classes=2, per_class=2)
+    write_image_folder(broken / "val", classes=2, per_class=2)
+    corrupt = broken / "val" / "class1" / "img000.jpg"
+    corrupt.write_bytes(b"not a jpeg")
+    assert ev.main(["--random-init", "--arch", "resnet18", "--data", str(broken), *COMMON]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(corrupt) in err[0]
+
+
+def test_resolve_splits():
+    with pytest.raises(DataError, match="does not exist"):
+        ev.resolve_splits("/nonexistent/data")
+    assert ev.resolve_splits("a", "b") == (Path("a"), Path("b"))
+
+
+def test_errors_from_dataloader_workers_are_reduced_to_the_original_message():
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1, in f\npipelines.base.DataError: cannot read image a.jpg: bad; '
+                        "remove or replace the file\n")
+    assert ev.one_line(wrapped) == "cannot read image a.jpg: bad; remove or replace the file"
+    assert ev.one_line(DataError("first line\nsecond")) == "first line"
