@@ -1,0 +1,299 @@
+"""DALI pipeline on the CPU: output contract, per-sample probabilities, operator wiring, sharding, records, errors."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from bt_fast.config import AugmentSpec, Config  # noqa: E402
+from pipelines.base import DataError, Placement  # noqa: E402
+from pipelines.dali import DALIPipeline  # noqa: E402
+from tools.dali_semantics import grey_views, replay_view, to_pixels  # noqa: E402
+
+CPU = torch.device("cpu")
+RED, BRIGHT = (225, 45, 35), (250, 250, 244)
+NO_RANDOM_COLOUR = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+
+
+def make_config(data: str = "", records: str = "", size: int = 32, seed: int = 0, **augment) -> Config:
+    config = Config()
+    config.data, config.dali.records, config.workers, config.seed = data, records, 2, seed
+    config.augment = dataclasses.replace(AugmentSpec(image_size=size), **augment)
+    return config
+
+
+def pipeline(config: Config, batch: int, rank: int = 0, world: int = 1, dtype=torch.float32, **kw) -> DALIPipeline:
+    return DALIPipeline(config, Placement(CPU, dtype, rank, world), batch, **kw)
+
+
+def constant_folder(root: Path, colours: dict[str, tuple[int, int, int]], per_class: int, size=(48, 40)) -> Path:
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size, colour).save(root / name / f"{i:03d}.png")  # lossless: exactly constant
+    return root
+
+
+def textured_folder(root: Path, count: int = 12) -> Path:
+    """Sharp-edged random colour blocks: blur, flip and crop errors all show in the pixels.
+
+    Levels stay in 40..180 so that no jitter factor drives a channel past 0 or 255: clamping
+    between steps is where the fixed DALI order legitimately departs from any one PIL order.
+    """
+    rng = np.random.default_rng(1)
+    (root / "a").mkdir(parents=True)
+    for i in range(count):
+        blocks = rng.integers(40, 181, size=(6, 8, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((80, 60), Image.NEAREST).save(root / "a" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    return constant_folder(tmp_path_factory.mktemp("colours"), {"bright": BRIGHT, "red": RED}, per_class=64)
+
+
+@pytest.fixture(scope="module")
+def colour_run(colour_folder):
+    """~2048 samples of the default spec on constant red and near-white images, with the graph's choices."""
+    p = pipeline(make_config(str(colour_folder), size=32), batch=64, debug=True)
+    rows = {"ids": [], "pixels": ([], []), "choices": ({}, {})}
+    for epoch in range(16):
+        p.set_epoch(epoch)
+        for batch in p.debug_batches():
+            rows["ids"].append(batch.ids)
+            for v, view in enumerate((batch.view1, batch.view2)):
+                rows["pixels"][v].append(to_pixels(view, p.spec))
+                for name, value in batch.choices[v].items():
+                    rows["choices"][v].setdefault(name, []).append(value)
+    ids = np.concatenate(rows["ids"])
+    pixels = tuple(np.concatenate(p_) for p_ in rows["pixels"])
+    choices = tuple({k: np.concatenate(v) for k, v in c.items()} for c in rows["choices"])
+    bright = ids < 64  # classes sorted: bright (ids 0..63), red (64..127)
+    return ids, pixels, choices, bright
+
+
+# --------------------------------------------------------------------------------------------
+# Output contract
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_views_are_normalised_channels_last_in_the_placement_dtype(tmp_path, dtype):
+    folder = constant_folder(tmp_path, {"c": (200, 100, 30), "d": (10, 240, 128)}, per_class=4)
+    p = pipeline(make_config(str(folder), size=40, **NO_RANDOM_COLOUR), batch=4, dtype=dtype, debug=True)
+    assert len(p) == 2
+    batches = list(p.debug_batches())
+    assert len(batches) == 2
+    for batch in batches:
+        for view in (batch.view1, batch.view2):
+            assert view.shape == (4, 3, 40, 40) and view.dtype == dtype and view.device == CPU
+            assert view.is_contiguous(memory_format=torch.channels_last)
+        colours = np.array([(200, 100, 30) if i < 4 else (10, 240, 128) for i in batch.ids], dtype=np.float64)
+        expected = (colours / 255.0 - np.array(p.spec.mean)) / np.array(p.spec.std)  # (B, 3)
+        tolerance = 0.02 if dtype == torch.float32 else 0.03
+        for view in (batch.view1, batch.view2):
+            got = view.float().numpy()
+            assert np.abs(got - expected[:, :, None, None]).max() < tolerance
+
+
+def test_two_views_differ_and_iteration_matches_len(image_folder):
+    p = pipeline(make_config(str(image_folder), size=32), batch=8)
+    batches = list(p)
+    assert len(batches) == len(p) == 24 // 8
+    for view1, view2 in batches:
+        assert (view1 - view2).abs().mean() > 0.05
+        assert torch.isfinite(view1).all() and torch.isfinite(view2).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample probabilities, measured on the pixels where the effect is detectable
+# --------------------------------------------------------------------------------------------
+
+def test_grayscale_rate_from_pixels(colour_run):
+    ids, pixels, choices, bright = colour_run
+    red = ~bright
+    for v in range(2):
+        # Red stays clearly coloured under any jitter; only grayscale makes R = G = B.
+        # (View 2 samples that were solarized are left out: solarizing can bring channels close.)
+        keep = red & ~choices[v]["solarize"].astype(bool)
+        grey = grey_views(pixels[v][keep])
+        assert keep.sum() > 700
+        assert abs(grey.mean() - 0.2) < 0.05, f"view {v + 1}: grayscale rate {grey.mean():.3f}"
+        assert np.array_equal(grey, choices[v]["grayscale"][keep].astype(bool))
+
+
+def test_solarize_rates_from_pixels(colour_run):
+    ids, pixels, choices, bright = colour_run
+    # Near-white stays >= 128 in every channel under any jitter; solarized it drops below 128.
+    for v, rate in ((0, 0.0), (1, 0.2)):
+        solarized = pixels[v][bright].mean(axis=(1, 2, 3)) < 128
+        assert bright.sum() > 700
+        assert abs(solarized.mean() - rate) < (0.05 if rate else 1e-9), f"view {v + 1}: rate {solarized.mean():.3f}"
+        assert np.array_equal(solarized, choices[v]["solarize"][bright].astype(bool))
+
+
+def test_choice_rates_follow_the_spec(colour_run):
+    _, _, choices, _ = colour_run
+    spec = AugmentSpec()
+    n = len(choices[0]["flip"])
+    for v in range(2):
+        expected = {"flip": spec.flip_p, "jitter": spec.jitter_p, "blur": spec.blur_p[v]}
+        for name, p in expected.items():
+            rate = choices[v][name].astype(bool).mean()
+            assert abs(rate - p) < 4 * max(np.sqrt(p * (1 - p) / n), 1e-9), f"view {v + 1} {name}: {rate:.3f} vs {p}"
+        jitter = choices[v]["jitter"].astype(bool)
+        b, c, s, h = (choices[v][k] for k in ("brightness", "contrast", "saturation", "hue"))
+        assert np.all(b[~jitter] == 1) and np.all(c[~jitter] == 1) and np.all(s[~jitter] == 1) and np.all(h[~jitter] == 0)
+        assert 0.6 <= b[jitter].min() and b[jitter].max() <= 1.4 and abs(b[jitter].mean() - 1) < 0.02
+        assert 0.8 <= s[jitter].min() and s[jitter].max() <= 1.2
+        assert -0.1 <= h[jitter].min() and h[jitter].max() <= 0.1 and h[jitter].max() > 0.09
+        sigma = choices[v]["sigma"]
+        assert 0.1 <= sigma.min() and sigma.max() <= 2.0
+    # The two views draw independently.
+    assert (choices[0]["flip"] != choices[1]["flip"]).mean() > 0.4
+
+
+# --------------------------------------------------------------------------------------------
+# Operator wiring: every view equals PIL/torchvision applied with the same choices
+# --------------------------------------------------------------------------------------------
+
+def test_views_match_pil_replay_of_the_same_choices(tmp_path):
+    folder = textured_folder(tmp_path)
+    # Hue off (DALI's YIQ hue differs from torchvision's HSV hue by design); every other step on,
+    # with probabilities that exercise both branches of each coin.
+    config = make_config(str(folder), size=48, hue=0.0, blur_p=(0.5, 0.5), solarize_p=(0.5, 0.5), grayscale_p=0.3)
+    p = pipeline(config, batch=12, debug=True)
+    files = sorted((folder / "a").iterdir())
+    differences = {}
+    for epoch in range(3):
+        p.set_epoch(epoch)
+        for batch in p.debug_batches():
+            for v, view in enumerate((batch.view1, batch.view2)):
+                pixels = to_pixels(view, p.spec)
+                for i, sample in enumerate(batch.ids):
+                    image = Image.open(files[int(sample)]).convert("RGB")
+                    expected = replay_view(image, batch.choices[v], i, p.spec).astype(np.float64)
+                    jittered = bool(batch.choices[v]["jitter"][i])
+                    differences.setdefault(jittered, []).append(np.abs(pixels[i] - expected).mean())
+    plain, jittered = np.array(differences[False]), np.array(differences[True])
+    assert len(plain) > 5 and len(jittered) > 20
+    # Geometry, flip, grayscale, blur, solarize: resampling and rounding only.
+    assert plain.max() < 1.0, plain
+    # Colour jitter: PIL truncates to uint8 after each enhancement (~0.5 level each), DALI rounds.
+    assert jittered.max() < 2.5, jittered
+
+
+# --------------------------------------------------------------------------------------------
+# Epochs and sharding
+# --------------------------------------------------------------------------------------------
+
+def _epoch_ids(config: Config, batch: int, world: int, epoch: int) -> list[np.ndarray]:
+    out = []
+    for rank in range(world):
+        p = pipeline(config, batch, rank, world, debug=True)
+        p.set_epoch(epoch)
+        ids = [b.ids for b in p.debug_batches()]
+        assert len(ids) == len(p)
+        out.append(np.concatenate(ids))
+    return out
+
+
+def test_each_sample_goes_to_at_most_one_rank_per_epoch(tmp_path):
+    folder = constant_folder(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6), "c": (7, 8, 9)}, per_class=9, size=(16, 16))
+    config = make_config(str(folder), size=16, **NO_RANDOM_COLOUR)
+    epochs = []
+    for epoch in range(3):
+        ranks = _epoch_ids(config, batch=4, world=2, epoch=epoch)
+        # 27 samples: 13 per rank, 3 full batches of 4 each; the partial last batch is dropped.
+        assert [len(r) for r in ranks] == [12, 12]
+        every = np.concatenate(ranks)
+        assert len(set(every.tolist())) == 24 and every.min() >= 0 and every.max() < 27
+        epochs.append(ranks)
+    assert not np.array_equal(epochs[0][0], epochs[1][0])  # reshuffled per epoch
+    assert set(epochs[0][0].tolist()) != set(epochs[1][0].tolist())  # and re-dealt across ranks
+
+
+def test_an_epoch_is_reproducible(image_folder):
+    config = make_config(str(image_folder), size=24)
+
+    def run(epoch):
+        p = pipeline(config, batch=8, debug=True)
+        p.set_epoch(epoch)
+        return [(b.ids, b.view1.clone(), b.view2.clone()) for b in p.debug_batches()]
+
+    first, again, other = run(5), run(5), run(6)
+    for (ids_a, a1, a2), (ids_b, b1, b2) in zip(first, again):
+        assert np.array_equal(ids_a, ids_b) and torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+# --------------------------------------------------------------------------------------------
+# Webdataset records written by tools.convert
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, image_folder) -> Path:
+    from tools.convert import convert
+    dst = tmp_path_factory.mktemp("records") / "wds"
+    report = convert(image_folder, dst, "dali", workers=1, shard_size=5, progress=False)
+    assert report["written"] == 24
+    return dst
+
+
+def test_records_are_read_and_sharded(records):
+    config = make_config(records=str(records), size=24)
+    seen = []
+    for epoch in range(2):
+        ranks = _epoch_ids(config, batch=4, world=2, epoch=epoch)
+        assert [len(r) for r in ranks] == [12, 12]
+        every = np.concatenate(ranks)
+        assert len(set(every.tolist())) == 24 and set(every.tolist()) <= set(range(24))
+        seen.append(ranks[0])
+    assert not np.array_equal(seen[0], seen[1])
+    view1, view2 = next(iter(pipeline(config, batch=4, dtype=torch.float16)))
+    assert view1.shape == view2.shape == (4, 3, 24, 24) and view1.dtype == torch.float16
+    assert view1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_records_errors_name_the_problem(tmp_path, records):
+    with pytest.raises(DataError, match="dataset.json"):
+        pipeline(make_config(records=str(tmp_path)), batch=4)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dataset.json").write_text((records / "dataset.json").read_text())
+    with pytest.raises(DataError, match="shard-00000.tar"):
+        pipeline(make_config(records=str(broken)), batch=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "empty"])
+def test_an_unreadable_image_raises_a_data_error_naming_it(tmp_path, image_folder, damage):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in image_folder.rglob("*.jpg"):
+        (folder / path.parent.name).mkdir(exist_ok=True)
+        (folder / path.parent.name / path.name).write_bytes(path.read_bytes())
+    bad = folder / "class1" / "zz_bad.jpg"
+    good = (image_folder / "class1" / "img000.jpg").read_bytes()
+    bad.write_bytes({"truncated": good[:len(good) // 3], "not_an_image": b"plain text, not a JPEG",
+                     "empty": b""}[damage])
+    p = pipeline(make_config(str(folder), size=16), batch=5)
+    with pytest.raises(DataError, match="zz_bad.jpg"):
+        for _ in p:
+            pass
+
+
+def test_too_few_images_for_a_batch(image_folder):
+    with pytest.raises(DataError, match="too few"):
+        pipeline(make_config(str(image_folder)), batch=16, rank=0, world=2)
+    with pytest.raises(DataError, match="does not exist"):
+        pipeline(make_config("/nonexistent/folder"), batch=4)
