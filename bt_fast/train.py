@@ -3,25 +3,36 @@
     python -m bt_fast.train --config configs/demo_cpu.yaml data=data/demo/train key=value ...
 
 One process per device; under torchrun the global batch is split evenly across ranks.
-Resumes automatically from `<out_dir>/checkpoint.pth`.
+Resumes automatically from `<out_dir>/checkpoint.pth` (written every epoch, at the end, and on
+SIGTERM / SIGUSR1 at the next step boundary; SIGUSR1 also requeues the SLURM job).
+
+A non-finite loss stops the run with a diagnostic. Under float16 the GradScaler skips steps
+whose gradients overflow; that is normal, but more than MAX_SKIPPED_STEPS in a row is not
+(the scale has fallen by 2**MAX_SKIPPED_STEPS, so the overflow is not a scaling problem) and
+stops the run too. Every rank takes these decisions together, from one all-reduce per step.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
-                                restore_model, rng_state, set_rng_state)
+                                remove_stale_temporaries, restore_model, rng_state, set_rng_state)
 from bt_fast.config import Config, ConfigError, load_config
-from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
+from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
@@ -29,8 +40,33 @@ from bt_fast.schedule import learning_rate, set_learning_rates
 from pipelines import DataError, Placement, build_pipeline
 
 
+MAX_SKIPPED_STEPS = 20
+STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2}  # codes agreed by MAX across ranks: USR1 wins
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); the message says where and why."""
+
+
+class StopSignals:
+    """While active, SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step boundary."""
+
+    def __init__(self):
+        self.code = 0
+        self._previous: dict[int, object] = {}
+
+    def _record(self, signum, frame) -> None:
+        self.code = max(self.code, STOP_SIGNALS[signum])
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -56,8 +92,10 @@ class Trainer:
         self.model: BarlowTwins = build_model(config.arch, config.projector, config.channels_last).to(ctx.device)
         self.ddp = None
         if ctx.world_size > 1:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            self.model = sync_batchnorm(self.model, ctx.device)
+            # SyncBatchNorm already keeps running statistics identical on all ranks: no buffer broadcast.
+            self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                               forward_sync_buffers=False)
         self.optimizer = LARS(param_groups(self.model), lr=0, weight_decay=config.weight_decay,
                               weight_decay_filter=True, lars_adaptation_filter=True,
                               compile=config.compile_optimizer)
@@ -72,12 +110,23 @@ class Trainer:
         self.step = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.stopped_by: str | None = None  # signal name when a signal ended the run early
+        self.skipped_in_row = 0
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def resume(self) -> None:
+        """Continue from `<out_dir>/checkpoint.pth` if there is one; the step counter decides everything."""
         path = self.out_dir / CHECKPOINT_NAME
-        if not path.is_file():
-            return
+        if self.ctx.is_main:
+            for stale in remove_stale_temporaries(self.out_dir):
+                print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
+        if path.is_file():
+            self._load(path)
+        self._check_ranks_agree_on_step(path)
+        if self.ctx.is_main:
+            self._truncate_metrics()
+
+    def _load(self, path: Path) -> None:
         state = load_checkpoint(path, self.ctx.device)
         restore_model(self.model, state["model"], path)
         saved_batch = state.get("config", {}).get("batch_size")
@@ -89,6 +138,31 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.first_loss = state.get("first_loss")
+
+    def _check_ranks_agree_on_step(self, path: Path) -> None:
+        if self.ctx.world_size == 1:
+            return
+        steps = torch.tensor([self.step, -self.step], device=self.ctx.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise CheckpointError(f"ranks resumed from different steps ({-steps[1].item()} to {steps[0].item()}) of "
+                                  f"{path}; out_dir must be on a file system shared by all nodes")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics of steps after the checkpoint (a killed run's lost work) and any torn last line."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     def save_checkpoint(self) -> None:
         if not self.ctx.is_main:
@@ -120,57 +194,112 @@ class Trainer:
         self.scaler.update()
         return loss.detach()
 
-    def check_finite(self, loss: float) -> None:
-        # Under float16 the scaler skips steps whose gradients overflowed; that is expected, not an error.
-        if not torch.isfinite(torch.tensor(loss)) and not self.scaler.is_enabled():
-            bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-            raise TrainingError(f"loss is {loss} at step {self.step} (epoch {self.step // self.steps_per_epoch}); "
-                                f"non-finite parameters: {bad[:3] or 'none'}; lower the learning rate or use amp=none")
+    def agree(self, loss: torch.Tensor, stop_code: int) -> tuple[float, bool, int]:
+        """After a step, with one host sync: the loss, whether any rank failed, the highest stop code.
+
+        Failure is a non-finite loss, or under float16 too many steps in a row skipped by the scaler.
+        """
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.skipped_in_row = self.skipped_in_row + 1 if scale < self.last_scale else 0  # only a skip lowers it
+            self.last_scale = scale
+            failed = loss.new_full((), float(self.skipped_in_row > MAX_SKIPPED_STEPS))
+        else:
+            failed = (~torch.isfinite(loss)).float()
+        status = torch.stack([failed, loss.new_full((), float(stop_code))])
+        if self.ctx.world_size > 1:
+            dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        value, failed_any, stop = torch.cat([loss.float().view(1), status]).tolist()
+        return value, failed_any > 0, int(stop)
+
+    def failure(self, loss: float, y1: torch.Tensor, y2: torch.Tensor) -> TrainingError:
+        """What went wrong at step `self.step + 1`, in one line."""
+        where = f"step {self.step + 1} (epoch {self.step // self.steps_per_epoch})"
+        if self.scaler.is_enabled():
+            return TrainingError(f"{self.skipped_in_row} steps in a row up to {where} were skipped by the float16 "
+                                 f"GradScaler (loss {loss}, scale now {self.last_scale:g}): the overflow does not go "
+                                 f"away with scaling; lower lr_weights/lr_biases or use amp=bfloat16 or amp=none")
+
+        def non_finite(named) -> str:
+            bad = [name for name, t in named if t is not None and not torch.isfinite(t).all()]
+            return f"{len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else "none"
+        inputs = [name for name, y in (("view1", y1), ("view2", y2)) if not torch.isfinite(y).all()]
+        grads = non_finite((n, p.grad) for n, p in self.model.named_parameters())
+        params = non_finite(self.model.named_parameters())
+        return TrainingError(f"loss is {loss} at {where}, lr_weights {self.optimizer.param_groups[0]['lr']:.4g}; "
+                             f"non-finite inputs: {', '.join(inputs) or 'none'}; non-finite gradients: {grads}; "
+                             f"non-finite parameters after the update: {params}; stopped without saving, so "
+                             f"{CHECKPOINT_NAME} is the last good state: lower lr_weights/lr_biases or use amp=none")
+
+    def requeue(self) -> None:
+        """SIGUSR1 is SLURM's warning before preemption or the time limit: put the job back in the queue."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job or not self.ctx.is_main:
+            return
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            ok, detail = result.returncode == 0, result.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired) as err:
+            ok, detail = False, str(err)
+        print(f"requeued SLURM job {job}" if ok else f"warning: scontrol requeue {job} failed: {detail}; "
+              f"resubmit the job to resume", file=sys.stderr)
 
     def fit(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.out_dir / "metrics.jsonl", "a") if self.ctx.is_main else None
-        start_epoch, skip = divmod(self.step, self.steps_per_epoch)
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.ctx.is_main,
                         unit="step", dynamic_ncols=True)
         self.images_seen, self.train_time = 0, 0.0
+        self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         try:
-            for epoch in range(start_epoch, self.config.epochs):
-                if self.step >= self.total_steps:
-                    break
-                self.pipeline.set_epoch(epoch)
-                batches = itertools.islice(iter(self.pipeline), skip, None)  # resume mid-epoch
-                skip = 0
-                tick = time.perf_counter()
-                for y1, y2 in batches:
-                    waited = time.perf_counter() - tick
-                    loss = self.train_step(y1, y2).item()  # .item() syncs, so the step time below is real
-                    self.check_finite(loss)
-                    self.step += 1
-                    elapsed = time.perf_counter() - tick
-                    self.train_time += elapsed
-                    self.images_seen += self.config.batch_size
-                    self.first_loss = loss if self.first_loss is None else self.first_loss
-                    self.last_loss = loss
-                    if log:
-                        log.write(json.dumps({
-                            "step": self.step, "epoch": epoch, "loss": loss,
-                            "lr_weights": self.optimizer.param_groups[0]["lr"],
-                            "lr_biases": self.optimizer.param_groups[1]["lr"],
-                            "images_per_s": self.config.batch_size / elapsed,
-                            "data_wait_fraction": waited / elapsed}) + "\n")
-                        if self.step % self.config.log_every == 0:
-                            log.flush()
-                    progress.update(1)
-                    progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}")
-                    if self.step >= self.total_steps:
-                        break
-                    tick = time.perf_counter()
-                self.save_checkpoint()
+            with StopSignals() as signals:
+                self._epochs(signals, log, progress)
         finally:
             progress.close()
             if log:
                 log.close()
+
+    def _epochs(self, signals: StopSignals, log, progress) -> None:
+        start_epoch, skip = divmod(self.step, self.steps_per_epoch)
+        for epoch in range(start_epoch, self.config.epochs):
+            if self.step >= self.total_steps:
+                return
+            self.pipeline.set_epoch(epoch)
+            batches = itertools.islice(iter(self.pipeline), skip, None)  # resume mid-epoch
+            skip = 0
+            tick = time.perf_counter()
+            for y1, y2 in batches:
+                waited = time.perf_counter() - tick
+                loss, failed, stop = self.agree(self.train_step(y1, y2), signals.code)  # syncs: the time is real
+                if failed:
+                    raise self.failure(loss, y1, y2)
+                self.step += 1
+                elapsed = time.perf_counter() - tick
+                self.train_time += elapsed
+                self.images_seen += self.config.batch_size
+                self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.last_loss = loss
+                if log:
+                    log.write(json.dumps({
+                        "step": self.step, "epoch": epoch, "loss": loss,
+                        "lr_weights": self.optimizer.param_groups[0]["lr"],
+                        "lr_biases": self.optimizer.param_groups[1]["lr"],
+                        "images_per_s": self.config.batch_size / elapsed,
+                        "data_wait_fraction": waited / elapsed}) + "\n")
+                    if self.step % self.config.log_every == 0 or stop:
+                        log.flush()
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}")
+                if self.step >= self.total_steps:
+                    break
+                if stop:
+                    self.stopped_by = "SIGUSR1" if stop == STOP_SIGNALS[signal.SIGUSR1] else "SIGTERM"
+                    self.save_checkpoint()
+                    if stop == STOP_SIGNALS[signal.SIGUSR1]:
+                        self.requeue()
+                    return
+                tick = time.perf_counter()
+            self.save_checkpoint()
 
 
 def train(config: Config) -> dict:
@@ -180,8 +309,10 @@ def train(config: Config) -> dict:
         trainer = Trainer(config, ctx)
         trainer.resume()
         trainer.fit()
-        backbone = trainer.save_backbone()
-        return {"steps": trainer.step, "images_per_s": trainer.images_seen / max(trainer.train_time, 1e-9),
+        backbone = None if trainer.stopped_by else trainer.save_backbone()
+        return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by": trainer.stopped_by,
+                "world_size": ctx.world_size,
+                "images_per_s": trainer.images_seen / max(trainer.train_time, 1e-9),
                 "first_loss": trainer.first_loss, "last_loss": trainer.last_loss,
                 "checkpoint": str(trainer.out_dir / CHECKPOINT_NAME), "backbone": str(backbone),
                 "is_main": ctx.is_main}
@@ -199,8 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, CheckpointError, TrainingError) as err:
         print(f"error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
-    if summary.pop("is_main"):
-        print(f"done: {summary['steps']} steps, {summary['images_per_s']:.1f} images/s, "
+    if not summary.pop("is_main"):
+        return
+    if summary["stopped_by"]:
+        print(f"stopped by {summary['stopped_by']} after step {summary['steps']} of {summary['total_steps']}\n"
+              f"checkpoint: {summary['checkpoint']} (run the same command again to resume)")
+    else:
+        print(f"done: {summary['steps']} steps on {summary['world_size']} process(es), "
+              f"{summary['images_per_s']:.1f} images/s, "
               f"loss {summary['first_loss']:.1f} -> {summary['last_loss']:.1f}\n"
               f"checkpoint: {summary['checkpoint']}\nbackbone:   {summary['backbone']}")
 
