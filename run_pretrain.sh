@@ -1,30 +1,120 @@
 #!/usr/bin/env bash
-# Launch bt_fast pretraining: one process per GPU (or one on the CPU) via torchrun.
-# Driven by `make pretrain`; every setting comes from the environment:
-#   CONFIG DATA PIPELINE OUT NODES GPUS LOCAL_NODES PYTHON, and extra key=value arguments.
+# Launch bt_fast pretraining: one process per GPU (or one on the CPU), through torchrun.
+# Driven by `make pretrain`; every setting comes from the environment, plus extra key=value arguments:
+#   CONFIG DATA PIPELINE OUT PYTHON
+#   NODES         number of nodes (default 1)
+#   GPUS          processes per node (default: the visible GPUs, 1 on a CPU-only machine)
+#   MAX_RESTARTS  torchrun restarts of a failed worker group, each resuming from the checkpoint (default 3)
+#   LOCAL_NODES=1 simulate NODES nodes on this machine, on the CPU (for testing)
+#   MASTER_ADDR MASTER_PORT NODE_RANK   rendezvous for NODES>1 outside SLURM
+# Under SLURM (SLURM_JOB_ID set) srun starts one torchrun on every node of the allocation.
 set -euo pipefail
 
 PYTHON=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-configs/demo_cpu.yaml}
 NODES=${NODES:-1}
+LOCAL_NODES=${LOCAL_NODES:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+
+die() { echo "error: $*" >&2; exit 2; }
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES must be a positive whole number"
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS must be a whole number"
 
 args=(--config "$CONFIG")
 [ -n "${DATA:-}" ] && args+=("data=$DATA")
 [ -n "${PIPELINE:-}" ] && args+=("pipeline=$PIPELINE")
 [ -n "${OUT:-}" ] && args+=("out_dir=$OUT")
+[ "$LOCAL_NODES" = 1 ] && args+=("device=cpu")  # simulated nodes would otherwise share the same GPUs
 args+=("$@")
+train=(-m bt_fast.train "${args[@]}")
 
 if [ -z "${GPUS:-}" ]; then
-  GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-  [ "$GPUS" -ge 1 ] || GPUS=1   # CPU: one process
+  if [ "$LOCAL_NODES" = 1 ]; then
+    GPUS=1
+  else
+    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+    [ "$GPUS" -ge 1 ] || GPUS=1   # CPU: one process
+  fi
+fi
+[[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "GPUS=$GPUS must be a positive whole number"
+
+# Elastic restarts otherwise reuse the rendezvous store and read the previous attempt's addresses
+# (pytorch/pytorch#135712, #167288): "connection refused" on every restart.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# SIGUSR1 is SLURM's preemption / time-limit warning: torchrun must pass it on rather than die of it.
+# The shutdown timeout is how long torchrun lets the workers write their checkpoint before SIGKILL.
+torchrun=("$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS" --max-restarts "$MAX_RESTARTS"
+          --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 120)
+
+if [ -n "${SLURM_JOB_ID:-}" ] && [ "$LOCAL_NODES" != 1 ]; then
+  nodes=${SLURM_NNODES:-1}
+  if [ "$NODES" != 1 ] && [ "$NODES" != "$nodes" ]; then
+    die "NODES=$NODES but SLURM job $SLURM_JOB_ID has $nodes nodes (SLURM_NNODES); allocate $NODES nodes or drop NODES"
+  fi
+  mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  [ "${#hosts[@]}" -ge 1 ] || die "scontrol show hostnames \"$SLURM_JOB_NODELIST\" gave no host; run inside the SLURM allocation"
+  # Jobs that share a node must not share a port.
+  port=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
+  # The job's --ntasks-per-node would start several torchruns per node, and a one-task step would
+  # get one CPU: ask for one task per node with all of the node's CPUs.
+  exec srun --nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 \
+    ${SLURM_CPUS_ON_NODE:+--cpus-per-task "$SLURM_CPUS_ON_NODE"} --kill-on-bad-exit=1 \
+    "${torchrun[@]}" --nnodes "$nodes" --rdzv-backend c10d --rdzv-endpoint "${hosts[0]}:$port" \
+    --rdzv-id "$SLURM_JOB_ID" "${train[@]}"
 fi
 
-if [ "$NODES" = 1 ] && [ "$GPUS" = 1 ]; then
-  exec "$PYTHON" -m bt_fast.train "${args[@]}"
+if [ "$LOCAL_NODES" = 1 ]; then
+  port=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  # torchrun only limits threads when it starts several workers itself; here they would oversubscribe the cores.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (NODES * GPUS) > 0 ? $(nproc) / (NODES * GPUS) : 1 ))}
+  pids=()
+  for ((node = 0; node < NODES; node++)); do
+    "${torchrun[@]}" --nnodes "$NODES" --rdzv-backend c10d --rdzv-endpoint "127.0.0.1:$port" --rdzv-id "local-$port" \
+      --rdzv-conf "is_host=$([ "$node" = 0 ] && echo true || echo false)" --local-addr 127.0.0.1 "${train[@]}" &
+    pids+=("$!")
+  done
+  stop_all() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
+  trap stop_all TERM INT
+  # A node that fails for good would leave the others waiting in the rendezvous: stop them all.
+  status=0
+  running=("${pids[@]}")
+  while [ "${#running[@]}" -gt 0 ]; do
+    still=()
+    for pid in "${running[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
+      rc=0; wait "$pid" || rc=$?
+      if [ "$rc" != 0 ] && [ "$status" = 0 ]; then status=$rc; stop_all; fi
+    done
+    running=("${still[@]}")
+    [ "${#running[@]}" -gt 0 ] && sleep 1
+  done
+  exit "$status"
 fi
 
 if [ "$NODES" != 1 ]; then
-  echo "error: NODES=$NODES: multi-node launch is not available yet; run with NODES=1" >&2
-  exit 2
+  if [ -z "${MASTER_ADDR:-}" ] || [ -z "${MASTER_PORT:-}" ] || [ -z "${NODE_RANK:-}" ]; then
+    settings=("NODES=$NODES" "GPUS=$GPUS" "MAX_RESTARTS=$MAX_RESTARTS" "PYTHON=$PYTHON" "CONFIG=$CONFIG")
+    for name in DATA PIPELINE OUT; do [ -n "${!name:-}" ] && settings+=("$name=${!name}"); done
+    {
+      echo "error: NODES=$NODES outside SLURM needs MASTER_ADDR (a host name or address of node 0 that the other nodes reach), MASTER_PORT and NODE_RANK."
+      echo "Run on each node (here with this host, $(hostname), as node 0), from this directory:"
+      for ((node = 0; node < NODES; node++)); do
+        printf '  node %d:' "$node"
+        printf ' %q' "MASTER_ADDR=${MASTER_ADDR:-$(hostname)}" "MASTER_PORT=${MASTER_PORT:-29500}" "NODE_RANK=$node" \
+          "${settings[@]}" bash run_pretrain.sh "$@"
+        echo
+      done
+    } >&2
+    exit 2
+  fi
+  [[ $NODE_RANK =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NODES" ] || die "NODE_RANK=$NODE_RANK must be 0..$((NODES - 1))"
+  # Node 0 hosts the rendezvous store; saying so beats guessing from host names.
+  exec "${torchrun[@]}" --nnodes "$NODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id "bt_fast-$MASTER_PORT" --rdzv-conf "is_host=$([ "$NODE_RANK" = 0 ] && echo true || echo false)" \
+    "${train[@]}"
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m bt_fast.train "${args[@]}"
+
+if [ "$GPUS" = 1 ]; then
+  exec "$PYTHON" -m bt_fast.train "${args[@]}"
+fi
+exec "${torchrun[@]}" --standalone "${train[@]}"

@@ -1,0 +1,367 @@
+"""Multi-process training on the CPU (gloo): exact distributed semantics, the launcher, and faults.
+
+Tiny everything (resnet18, 32 px, projector 64-64, global batch 8, no loader workers) so the
+file runs in a few minutes on two cores.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_temporaries
+from bt_fast.config import load_config
+from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
+from bt_fast.schedule import learning_rate
+from bt_fast.train import Trainer, TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["batch_size=8", "augment.image_size=32", "projector=64-64", "workers=0", "arch=resnet18", "amp=none"]
+CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def tiny_config(data, out_dir, *extra):
+    return load_config(REPO / "configs/demo_cpu.yaml",
+                       [f"data={data}", f"out_dir={out_dir}", *TINY, "epochs=2", "warmup_epochs=0", *extra])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_group(rank: int, world: int, port: int) -> DistContext:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return init_distributed("cpu")
+
+
+def fixed_batch(batch: int = 8):
+    g = torch.Generator().manual_seed(7)
+    views = [torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+             for _ in range(2)]
+    return views[0], views[1]
+
+
+def one_step(trainer: Trainer, y1: torch.Tensor, y2: torch.Tensor) -> dict:
+    loss = trainer.train_step(y1, y2).item()
+    return {"loss": loss,
+            "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if b.is_floating_point()}}
+
+
+def _one_step_worker(rank: int, world: int, port: int, data: str, out_dir: str) -> None:
+    ctx = join_group(rank, world, port)
+    try:
+        trainer = Trainer(tiny_config(data, out_dir), ctx)
+        y1, y2 = fixed_batch()
+        rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        torch.save(one_step(trainer, y1[rows], y2[rows]), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def max_relative_diff(a: dict, b: dict) -> float:
+    """Worst tensor's max |a - b| over its own max |b|: float32 sums in another order differ by ~1e-6 of that."""
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() / b[k].abs().max().clamp_min(1e-12).item()
+               for k in a)
+
+
+def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(image_folder, tmp_path):
+    """DDP + synchronised BatchNorm + the global loss == plain BatchNorm on one process, after one real step."""
+    single = Trainer(tiny_config(image_folder, tmp_path), CPU)
+    assert not any("Sync" in type(m).__name__ or "AllReduce" in type(m).__name__ for m in single.model.modules())
+    expected = one_step(single, *fixed_batch())
+    assert single.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 8 / 256)  # lr from the global batch
+
+    mp.spawn(_one_step_worker, args=(2, free_port(), str(image_folder), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    scale = max(g.abs().max().item() for g in expected["grads"].values())
+    for got in ranks:
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        grad_diff, grad_rel = max_abs_diff(got["grads"], expected["grads"]), max_relative_diff(got["grads"], expected["grads"])
+        param_diff = max_abs_diff(got["params"], expected["params"])
+        buffer_diff = max_abs_diff(got["buffers"], expected["buffers"])
+        print(f"loss {got['loss']:.6f} vs {expected['loss']:.6f} (|diff| {abs(got['loss'] - expected['loss']):.1e}); "
+              f"gradients: max |diff| {grad_diff:.2e} (largest |grad| {scale:.2e}), worst tensor's |diff| / max|grad| "
+              f"{grad_rel:.2e}; parameters after the LARS step: max |diff| {param_diff:.2e}; "
+              f"BN running statistics: max |diff| {buffer_diff:.2e}")
+        assert grad_rel <= 1e-5
+        assert param_diff <= 1e-5
+        assert buffer_diff <= 1e-5
+    assert max_abs_diff(ranks[0]["params"], ranks[1]["params"]) == 0  # the replicas stay identical
+
+
+def _signal_one_rank_worker(rank: int, world: int, port: int, data: str, out_dir: str) -> None:
+    join_group(rank, world, port)
+    if rank == 1:  # only rank 1 is told to stop, in the middle of its second step
+        real_step = Trainer.train_step
+
+        def step_then_signal(self, y1, y2):
+            loss = real_step(self, y1, y2)
+            if self.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+        Trainer.train_step = step_then_signal
+    summary = train(tiny_config(data, out_dir, "max_steps=5", "log_every=1"))
+    torch.save({"steps": summary["steps"], "stopped_by": summary["stopped_by"]}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(image_folder, tmp_path):
+    mp.spawn(_signal_one_rank_worker, args=(2, free_port(), str(image_folder), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == {"steps": 2, "stopped_by": "SIGTERM"}
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    assert not (tmp_path / "backbone.pth").exists()  # an interrupted run has no final backbone
+
+
+# -- the launcher ---------------------------------------------------------------------------------------
+
+def launcher_env(**settings) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK"))}
+    env.update(PYTHON=sys.executable, CONFIG="configs/demo_cpu.yaml", **{k: str(v) for k, v in settings.items()})
+    return env
+
+
+def launch(args, **settings) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "run_pretrain.sh", *args], cwd=REPO, env=launcher_env(**settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and everything it started (torchrun puts workers in sessions of their own)."""
+    for pid in [proc.pid, *process_tree(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"launcher did not finish in {timeout} s:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early ({proc.returncode}):\n{proc.communicate(timeout=30)[1][-3000:]}")
+        if time.monotonic() > end:
+            kill_tree(proc)
+            pytest.fail(f"condition not reached in {timeout} s")
+        time.sleep(0.2)
+
+
+def test_four_simulated_nodes_train_and_rank_0_writes_one_checkpoint(image_folder, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = finish(launch(["max_steps=2", *TINY], LOCAL_NODES=1, NODES=4, DATA=image_folder, OUT=run))
+    assert code == 0, err[-3000:]
+    done = [line for line in out.splitlines() if line.startswith("done:")]
+    assert done == [done[0]] and "done: 2 steps on 4 process(es)" in done[0]
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.pth", CHECKPOINT_NAME, "metrics.jsonl"]
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+
+
+def process_tree(root: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = [], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def worker_of_rank(root: int, rank: int) -> int | None:
+    for pid in process_tree(root):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"bt_fast.train" in cmdline:
+            return pid
+    return None
+
+
+def test_a_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(image_folder, tmp_path):
+    """SIGKILL one of two workers in epoch 2; torchrun restarts both; they resume at the epoch-1 checkpoint."""
+    run = tmp_path / "run"  # 24 images / batch 8: 3 steps per epoch, 6 in all
+    proc = launch(["log_every=1", *TINY, "epochs=2", "warmup_epochs=1"], LOCAL_NODES=1, NODES=1, GPUS=2,
+                  MAX_RESTARTS=1, DATA=image_folder, OUT=run)
+    wait_for(lambda: any(m["step"] >= 4 for m in metrics(run)), proc)
+    victim = worker_of_rank(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    before = {m["step"]: m for m in metrics(run)}
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 3
+    code, out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    after = metrics(run)
+    assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]  # the lost step(s) were redone, not counted twice
+    assert after[3]["lr_weights"] == before[4]["lr_weights"]
+    assert after[3]["lr_weights"] == pytest.approx(0.2 * learning_rate(3, 3, 2, 8, 1))
+    assert after[3]["loss"] == pytest.approx(before[4]["loss"], rel=1e-5)  # same data, same weights
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 6
+
+
+def test_sigterm_to_the_launcher_writes_a_checkpoint_before_exit(image_folder, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(["log_every=1", *TINY, "epochs=50"], LOCAL_NODES=1, NODES=1, GPUS=2, DATA=image_folder, OUT=run)
+    wait_for(lambda: len(metrics(run)) >= 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, out, err = finish(proc, timeout=120)
+    assert "stopped by SIGTERM after step" in out, err[-3000:]
+    last = metrics(run)[-1]["step"]
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == last >= 2
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_several_nodes_without_a_rendezvous_print_the_command_for_each_node(tmp_path):
+    code, out, err = finish(launch(["max_steps=2"], NODES=2, GPUS=1, DATA=tmp_path))
+    assert code == 2
+    assert "MASTER_ADDR" in err.splitlines()[0]
+    for node in range(2):
+        assert any(line.strip().startswith(f"node {node}:") and f"NODE_RANK={node}" in line
+                   and "NODES=2" in line and line.rstrip().endswith("bash run_pretrain.sh max_steps=2")
+                   for line in err.splitlines())
+
+
+def test_under_slurm_one_torchrun_per_node_meets_at_the_first_host(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (bin_dir / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/srun_args\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    slurm = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=4242, SLURM_NNODES=2,
+                 SLURM_JOB_NODELIST="gpu[07-08]", SLURM_CPUS_ON_NODE=32, GPUS=8)
+    code, out, err = finish(launch(["epochs=1"], **slurm))
+    assert code == 0, err
+    argv = (tmp_path / "srun_args").read_text().split("\n")
+    joined = " ".join(argv)
+    assert joined.startswith("--nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 32 --kill-on-bad-exit=1 ")
+    for expected in ("--nnodes 2", "--rdzv-backend c10d", f"--rdzv-endpoint gpu07:{29500 + 4242}", "--rdzv-id 4242",
+                     "--nproc-per-node 8", "--max-restarts 3", "SIGUSR1", "-m bt_fast.train --config"):
+        assert expected in joined
+    assert argv[-2] == "epochs=1"
+
+    code, out, err = finish(launch(["epochs=1"], **slurm, NODES=3))
+    assert code == 2 and "NODES=3 but SLURM job 4242 has 2 nodes" in err
+
+
+# -- faults inside one process --------------------------------------------------------------------------
+
+def test_sigusr1_checkpoints_and_requeues_the_slurm_job(image_folder, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/requeued\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    real_step = Trainer.train_step
+
+    def step_then_signal(self, y1, y2):
+        loss = real_step(self, y1, y2)
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    summary = train(tiny_config(image_folder, tmp_path / "run", "max_steps=4"))
+    assert (summary["steps"], summary["stopped_by"]) == (1, "SIGUSR1")
+    assert torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)["step"] == 1
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "777"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers are put back
+
+
+def test_non_finite_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(image_folder, tmp_path):
+    trainer = Trainer(tiny_config(image_folder, tmp_path, "max_steps=3"), CPU)
+    with torch.no_grad():
+        trainer.model.projector[0].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1 \(epoch 0\).*non-finite inputs: none; "
+                                            r"non-finite gradients: \d+ tensors.*non-finite parameters after the "
+                                            r"update: \d+ tensors"):
+        trainer.fit()
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_many_consecutive_float16_skips_stop_the_run(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr("bt_fast.train.MAX_SKIPPED_STEPS", 2)
+    trainer = Trainer(tiny_config(image_folder, tmp_path, "max_steps=5", "amp=float16"), CPU)
+    assert trainer.scaler.is_enabled()
+    with torch.no_grad():
+        trainer.model.projector[0].weight[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match="3 steps in a row up to step 3 .* were skipped by the float16 GradScaler"):
+        trainer.fit()
+    assert torch.isfinite(trainer.model.backbone.conv1.weight).all()  # skipped steps did not touch the weights
+
+
+_WRITER = """
+import sys, torch
+from pathlib import Path
+from bt_fast.checkpoint import atomic_save
+i = 0
+while True:
+    i += 1
+    atomic_save({"version": i, "data": torch.full((4_000_000,), float(i))}, Path(sys.argv[1]))
+"""
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_a_corrupt_checkpoint(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    for delay in (0.05, 0.3):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], cwd=REPO)
+        end = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(delay)
+        writer.kill()
+        writer.wait()
+        state = torch.load(path, weights_only=True)  # complete: it unpickles, and all of it is one version
+        assert state["data"].numel() == 4_000_000 and (state["data"] == state["version"]).all()
+    remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
+def test_temporary_names_differ_between_writers(tmp_path, monkeypatch):
+    written = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (written.append(Path(src).name), real_replace(src, dst)))
+    atomic_save({"a": 1}, tmp_path / CHECKPOINT_NAME)
+    atomic_save({"a": 2}, tmp_path / CHECKPOINT_NAME)
+    assert len(set(written)) == 2 and all(socket.gethostname() in name for name in written)
