@@ -297,6 +297,10 @@ class Trainer:
                     self.save_checkpoint()
                     if stop == STOP_SIGNALS[signal.SIGUSR1]:
                         self.requeue()
+                    if self.ctx.world_size > 1:
+                        # No rank exits before the checkpoint is on disk: a launcher that sees one node
+                        # finish (srun --kill-on-bad-exit) may kill the others, rank 0 among them.
+                        dist.barrier()
                     return
                 tick = time.perf_counter()
             self.save_checkpoint()
