@@ -21,6 +21,7 @@ from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
 from bt_fast.schedule import learning_rate
 from bt_fast.train import Trainer, TrainingError, train
+from pipelines import Placement, build_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["batch_size=8", "augment.image_size=32", "projector=64-64", "workers=0", "arch=resnet18", "amp=none"]
@@ -129,6 +130,22 @@ def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint
         assert torch.load(tmp_path / f"rank{rank}.pt") == {"steps": 2, "stopped_by": "SIGTERM"}
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
     assert not (tmp_path / "backbone.pth").exists()  # an interrupted run has no final backbone
+
+
+def test_each_image_goes_to_exactly_one_rank_per_epoch(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path)
+    world = 4
+    pipelines = [build_pipeline(config, Placement(torch.device("cpu"), torch.float32, rank, world), 8 // world)
+                 for rank in range(world)]
+    assert len({len(p) for p in pipelines}) == 1  # same number of steps on every rank: no collective waits forever
+    for epoch in (0, 1):
+        shards = []
+        for p in pipelines:
+            p.set_epoch(epoch)
+            shards.append([index for _, index in p.sampler])
+        seen = [i for shard in shards for i in shard]
+        assert len(seen) == len(set(seen)) == 24  # disjoint, and 24 images / 4 ranks leave none out
+    assert shards != [sorted(s) for s in shards]  # shuffled
 
 
 # -- the launcher ---------------------------------------------------------------------------------------

@@ -101,3 +101,13 @@ def test_resnet50_smoke_step(image_folder, tmp_path):
     loss = trainer.train_step(y1, y2)
     assert torch.isfinite(loss) and loss.item() > 0
     assert sum(p.numel() for p in trainer.model.parameters()) > 170e6
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint_and_a_torn_last_line(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path, "max_steps=2"))
+    with open(tmp_path / "metrics.jsonl", "a") as log:  # what a run killed after step 3 leaves behind
+        log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n" + '{"step": 4, "lo')
+    train(tiny_config(image_folder, tmp_path, "max_steps=3"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[2]["loss"] != -1.0
