@@ -1,0 +1,177 @@
+"""tools.bench: a --quick run on a tiny dataset writes every section with consistent, measured figures."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bt_fast.optim import LARS
+from tests.conftest import write_image_folder
+from tools import bench
+
+SECTIONS = ("environment", "decode_floor", "loaders", "augment", "optimizer", "train_step")
+
+
+def is_figure(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"median", "min", "max"}
+            and all(isinstance(v, float) and math.isfinite(v) for v in value.values())
+            and 0 < value["min"] <= value["median"] <= value["max"])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick run: reference measured, dali made unavailable (its import fails), ffcv as it is
+    (measured if it builds here, else reported unavailable: both are checked)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    data = write_image_folder(tmp / "train", classes=3, per_class=8, size=(96, 72))
+    json_path, plot_path = tmp / "out" / "bench.json", tmp / "out" / "bench.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "pipelines.dali", None)  # `from pipelines.dali import ...` raises ImportError
+        code = bench.main(["--quick", "--data", str(data), "--pipelines", "reference,ffcv,dali",
+                           "--train-pipelines", "reference,dali",  # one training-step process: keeps the test short
+                           "--batch-size", "8", "--image-size", "32", "--train-image-size", "32",
+                           "--projector", "32-32", "--loader-batches", "2", "--train-steps", "2",
+                           "--decode-images", "12", "--workers", "1", "--optimizer-params", "small",
+                           "--json", str(json_path), "--plot", str(plot_path)])
+    assert code == 0
+    return json.loads(json_path.read_text()), plot_path
+
+
+def test_every_section_is_written_and_the_plot_exists(quick_run):
+    result, plot_path = quick_run
+    assert all(section in result for section in SECTIONS)
+    assert plot_path.is_file() and plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    env = result["environment"]
+    assert env["batch_size"] == 8 and env["image_size"] == 32 and env["cpu_count"] >= 1
+    assert env["torch"] == torch.__version__
+
+
+def test_unavailable_pipeline_is_reported_not_measured(quick_run):
+    result, _ = quick_run
+    for section in ("loaders", "train_step", "decode_floor"):
+        entry = result[section]["dali"]
+        assert set(entry) == {"unavailable"} and "pipelines.dali" in entry["unavailable"]
+
+
+def test_loader_figures_are_consistent(quick_run):
+    result, _ = quick_run
+    measured = {k: v for k, v in result["loaders"].items() if "unavailable" not in v}
+    assert "reference" in measured
+    for name, entry in measured.items():
+        images = entry["images_per_rep"]
+        assert images == 2 * 8  # --loader-batches 2 of --batch-size 8
+        for key in ("images_per_s", "host_cpu_s_per_image", "seconds", "host_cpu_seconds"):
+            assert is_figure(entry[key]), (name, key)
+        # images/s x seconds = images counted; CPU s/image x images = CPU seconds
+        assert entry["images_per_s"]["median"] * entry["seconds"]["median"] == pytest.approx(images)
+        assert entry["images_per_s"]["min"] * entry["seconds"]["max"] == pytest.approx(images)
+        floor = result["decode_floor"][name]["cpu_s_per_image"]
+        assert is_figure(floor)
+        assert entry["vs_decode_floor"] == pytest.approx(entry["host_cpu_s_per_image"]["median"] / floor["median"])
+        if "host_stage_images_per_rep" in entry:  # measured on the host stage alone (CPU device)
+            assert entry["host_stage_images_per_s"]["median"] * entry["host_stage_seconds"]["median"] == \
+                pytest.approx(entry["host_stage_images_per_rep"])
+            assert entry["host_cpu_s_per_image"]["median"] * entry["host_stage_images_per_rep"] == \
+                pytest.approx(entry["host_stage_cpu_seconds"]["median"])
+        else:
+            assert entry["host_cpu_s_per_image"]["median"] * images == pytest.approx(entry["host_cpu_seconds"]["median"])
+    # reference decodes the original files: its floor is the top-level one
+    assert result["decode_floor"]["reference"]["cpu_s_per_image"] == result["decode_floor"]["cpu_s_per_image"]
+    ffcv = result["loaders"]["ffcv"]
+    if "unavailable" not in ffcv:
+        assert result["decode_floor"]["ffcv"]["source"] == "beton"
+
+
+def test_augment_optimizer_and_train_step_figures(quick_run):
+    result, _ = quick_run
+    aug = result["augment"]
+    assert is_figure(aug["ours_images_per_s"]) and is_figure(aug["kornia_images_per_s"])
+    assert aug["speedup"] == pytest.approx(aug["ours_images_per_s"]["median"] / aug["kornia_images_per_s"]["median"])
+
+    opt = result["optimizer"]
+    assert opt["parameter_set"] == "small" and opt["tensors"] == 8
+    for key in ("fused_ms", "reference_ms", "foreach_ms"):
+        assert is_figure(opt[key])
+    assert opt["speedup"] == pytest.approx(opt["reference_ms"]["median"] / opt["fused_ms"]["median"])
+    assert opt["foreach_speedup"] == pytest.approx(opt["reference_ms"]["median"] / opt["foreach_ms"]["median"])
+    assert opt["fused_compile_s"] > 0
+    assert opt["reference_ops_per_step"] > opt["foreach_ops_per_step"] > 0 and opt["fused_ops_per_step"] > 0
+    probe = opt["ops_growth_probe"]
+    assert probe["foreach"][0] == probe["foreach"][1] and probe["reference"][1] > probe["reference"][0]
+
+    ts = result["train_step"]
+    assert is_figure(ts["synthetic_images_per_s"])
+    ref = ts["reference"]
+    assert is_figure(ref["images_per_s"]) and is_figure(ref["step_seconds"])
+    assert ref["images_per_s"]["median"] * ref["step_seconds"]["median"] == pytest.approx(8)
+    stall = ref["data_stall_fraction"]
+    assert set(stall) == {"median", "min", "max"} and 0 <= stall["min"] <= stall["median"] <= stall["max"] <= 1
+
+    targets = {t["target"]: t for t in result["targets"]}
+    assert len(targets) == 4 and all(t["met"] in (True, False, None) for t in targets.values())
+
+
+def test_cpu_meter_counts_live_and_exited_child_processes():
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
+    before = bench.tree_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        deadline = time.monotonic() + 30
+        while bench.tree_cpu_seconds() - before < 0.35 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        live = bench.tree_cpu_seconds() - before  # the child is alive (sleeping) here
+    finally:
+        child.kill()
+        child.wait()
+    exited = bench.tree_cpu_seconds() - before  # reaped: now in this process's children times
+    assert live >= 0.35
+    assert exited >= live - 0.05
+
+
+def test_stored_jpegs_are_read_from_beton_and_shards(tmp_path):
+    from tools.convert import convert
+    data = write_image_folder(tmp_path / "train", classes=2, per_class=3, size=(40, 30))
+    convert(data, tmp_path / "shards", "dali", workers=1, progress=False)
+    jpegs = bench.shard_jpegs(tmp_path / "shards", limit=100)
+    assert len(jpegs) == 6
+    assert all(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3) for b in jpegs)
+    assert len(bench.shard_jpegs(tmp_path / "shards", limit=4)) == 4
+
+    pytest.importorskip("ffcv")
+    convert(data, tmp_path / "train.beton", "ffcv", workers=1, progress=False)
+    stored = bench.beton_jpegs(tmp_path / "train.beton", limit=100)
+    assert len(stored) == 6
+    assert all(b[:2] == b"\xff\xd8" and b.rstrip(b"\x00")[-2:] == b"\xff\xd9" for b in stored)  # whole JPEGs
+    assert all(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3) for b in stored)
+    assert bench.decode_cpu_seconds(stored, reps=2)[0] > 0
+
+
+def test_official_loop_matches_lars():
+    """The loop the speedup is measured against has the optimizer's semantics."""
+    groups = bench.optimizer_parameters("small", torch.device("cpu"), seed=0)
+    twins = [{"params": [torch.nn.Parameter(p.detach().clone()) for p in g["params"]],
+              "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups]
+    for g, t in zip(groups, twins):
+        for p, q in zip(g["params"], t["params"]):
+            q.grad = p.grad.clone()
+    opt = LARS(twins, lr=0.0, weight_decay_filter=True, lars_adaptation_filter=True)
+    state: dict = {}
+    for _ in range(3):
+        bench.official_lars_step(groups, state)
+        opt.step()
+    for g, t in zip(groups, twins):
+        for p, q in zip(g["params"], t["params"]):
+            torch.testing.assert_close(p, q)
+
+
+def test_bad_arguments_exit_with_one_line():
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--pipelines", "reference,bogus"])
+    assert exc.value.code == 2
