@@ -216,34 +216,35 @@ def _jitter_slots(params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor, to
 def adjust_hue_(x: torch.Tensor, hue: torch.Tensor, mask: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """torchvision's adjust_hue per sample (factor `hue`) where `mask`, in place.
 
-    HSV keeps V = max and chroma C = max - min; with H6 = 6 H + 6 hue the channels are
-    V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H6) mod 6, n = 5, 3, 1 for R, G, B:
-    the closed form of torchvision's `_hsv2rgb`.
+    HSV keeps V = max and min = V - C (C the chroma); with H6 = (6 H + 6 hue) mod 6 in
+    [0, 6) each channel is min + C * a, a_R = clamp(|H6 - 3| - 1, 0, 1),
+    a_G = clamp(2 - |H6 - 2|, 0, 1), a_B = clamp(2 - |H6 - 4|, 0, 1): the closed form of
+    torchvision's piecewise-linear `_hsv2rgb`.
     """
     ws = workspace
     r, g, b = x.unbind(1)
     maxc = torch.maximum(r, g, out=_plane(ws, "hue_max", x))
     torch.maximum(maxc, b, out=maxc)
-    chroma = torch.minimum(r, g, out=_plane(ws, "hue_chroma", x))
-    torch.minimum(chroma, b, out=chroma)
-    torch.sub(maxc, chroma, out=chroma)
-    safe_chroma = torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=_plane(ws, "hue_w", x))
-    # H6 in sextants: (g-b)/C where R is max, 2 + (b-r)/C where G is max, 4 + (r-g)/C otherwise.
+    minc = torch.minimum(r, g, out=_plane(ws, "hue_min", x))
+    torch.minimum(minc, b, out=minc)
+    chroma = torch.sub(maxc, minc, out=_plane(ws, "hue_chroma", x))
+    # H6 in sextants: (g-b)/C where R is max, 2 + (b-r)/C where G is max, 4 + (r-g)/C otherwise
+    # (C clamped away from 0: a gray pixel has all numerators 0, so H6 = 0 as in torchvision).
     h = torch.sub(r, g, out=_plane(ws, "hue_h", x)).add_(chroma, alpha=4)
     t = torch.sub(b, r, out=_plane(ws, "hue_t", x)).add_(chroma, alpha=2)
     torch.where(maxc == g, t, h, out=h)
     torch.sub(g, b, out=t)
     torch.where(maxc == r, t, h, out=h)
-    h.div_(safe_chroma).add_(_per_sample(hue, 3, x.dtype), alpha=6.0)
+    h.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=t))
+    # (H6 + 6 hue) mod 6 with cheap in-place ops: the sum lies in [-4, 8), so +12 makes it positive.
+    h.add_(_per_sample(hue * 6.0 + 12.0, 3, x.dtype)).mul_(1.0 / 6.0).frac_().mul_(6.0)
     keep = _per_sample(mask, 3)
-    w = safe_chroma  # reused: no longer needed
-    for channel, n in enumerate((5.0, 3.0, 1.0)):
-        k = torch.add(h, n, out=t).remainder_(6.0)
-        torch.neg(k, out=w).add_(4.0)
-        torch.minimum(k, w, out=w).clamp_(0.0, 1.0)
-        torch.addcmul(maxc, chroma, w, value=-1.0, out=w)
+    for channel, (center, rising) in enumerate(((3.0, False), (2.0, True), (4.0, True))):
+        a = torch.sub(h, center, out=t).abs_()
+        (a.neg_().add_(2.0) if rising else a.sub_(1.0)).clamp_(0.0, 1.0)
+        torch.addcmul(minc, chroma, a, out=a)
         plane = x[:, channel]
-        torch.where(keep, w, plane, out=plane)
+        torch.where(keep, a, plane, out=plane)
     return x
 
 
@@ -322,11 +323,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, kern
     return out.permute(1, 0, 2, 3)
 
 
-def solarize_(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+def solarize_(x: torch.Tensor, mask: torch.Tensor, threshold: float, workspace: Workspace | None = None) -> torch.Tensor:
     """x -> 1 - x where x >= threshold, for the samples where `mask`, in place (|x - [x >= t]|)."""
     limit = torch.where(mask, threshold, float("inf")).to(x.dtype)
-    hit = x >= _per_sample(limit, x.ndim)
-    return x.add_(hit, alpha=-1).abs_()
+    hit = batch_last(workspace, "solarize", tuple(x.shape), x.dtype, x.device)
+    torch.ge(x, _per_sample(limit, x.ndim), out=hit)  # 0.0 / 1.0 in x's dtype
+    return x.sub_(hit).abs_()
 
 
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
@@ -337,7 +339,7 @@ def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
     scale, bias = (1.0 / std).to(x.dtype), (-mean / std).to(x.dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
     B, C, H, W = x.shape
-    if B > 1 and x.permute(1, 2, 3, 0).is_contiguous():
+    if B > 1 and x.permute(1, 2, 3, 0).is_contiguous() and not torch.compiler.is_compiling():
         # Batch-last (C, H, W, B) -> (B, H, W, C) in two cheap steps instead of one scattered
         # copy: (C, HW, B) -> (HW, C, B) while normalising, then a 2-D transpose of (HW*C, B).
         staged = _empty(workspace, "normalize", (H * W, C, B), x.dtype, x.device)
@@ -359,7 +361,7 @@ def apply(images: torch.Tensor, params: AugmentParams, spec: AugmentSpec, *, dty
     color_jitter_(x, params, workspace)
     grayscale_(x, params.grayscale, workspace)
     x = gaussian_blur(x, params.sigma, params.blur, spec.blur_kernel_size, workspace)
-    solarize_(x, params.solarize, spec.solarize_threshold)
+    solarize_(x, params.solarize, spec.solarize_threshold, workspace)
     return normalize(x, spec.mean, spec.std, dtype, workspace)
 
 

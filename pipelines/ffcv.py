@@ -35,20 +35,24 @@ from typing import Callable, Iterator
 import numba
 import numpy as np
 import torch
-from ffcv.fields.rgb_image import IMAGE_MODES, RGBImageField, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.state import State
-from ffcv.reader import Reader
-from ffcv.transforms import ToDevice, ToTensor
-from ffcv.traversal_order.quasi_random import generate_order_inner
 
-from bt_fast.config import AugmentSpec, Config
-from pipelines.augment import TwoViewAugment
-from pipelines.base import DataError, Placement
+_TORCH_THREADS = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1; undone below
+from ffcv.fields.rgb_image import IMAGE_MODES, RGBImageField, SimpleRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.transforms import ToDevice, ToTensor  # noqa: E402
+from ffcv.traversal_order.quasi_random import generate_order_inner  # noqa: E402
+
+torch.set_num_threads(_TORCH_THREADS)
+
+from bt_fast.config import AugmentSpec, Config  # noqa: E402
+from pipelines.augment import TwoViewAugment  # noqa: E402
+from pipelines.base import DataError, Placement  # noqa: E402
 
 _SEED_MODULUS = 2147483647  # 2**31 - 1 (prime): per-sample seeds stay exact in numba and Python
 
@@ -414,7 +418,9 @@ class FFCVPipeline:
             iterator = iter(self.loader)
         finally:
             torch.set_num_threads(threads)
-        for (batch,) in iterator:
+        for index, (batch,) in enumerate(iterator):
+            if index == 0:  # FFCV's thread set torch's (global) thread count to `workers` as it started
+                torch.set_num_threads(threads)
             yield batch.to(self.placement.device, non_blocking=True)  # no-op when ToDevice already moved it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
