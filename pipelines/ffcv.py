@@ -167,7 +167,9 @@ class TwoCropRGBDecoder(SimpleRGBImageDecoder):
                     width = np.int64(field["width"])
                     data = mem_read(field["data_ptr"], storage_state)
                     if field["mode"] == jpg:
-                        decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        if decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+                            raise ValueError("a JPEG stored in the dataset cannot be decoded; "
+                                             "reconvert it with `python -m tools.convert`")
                         image = buffer[:height * width * 3].reshape(height, width, 3)
                     else:
                         image = data.reshape(height, width, 3)

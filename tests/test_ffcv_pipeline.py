@@ -285,3 +285,17 @@ def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
         P.FFCVPipeline(missing, cpu(), batch_size=4)
     with pytest.raises(DataError, match="too few"):
         P.FFCVPipeline(make_config(beton), cpu(0, 2), batch_size=16)
+
+
+def test_corrupt_stored_jpeg_raises_instead_of_hanging(dataset, tmp_path):
+    _, beton = dataset
+    broken = tmp_path / "broken.beton"
+    blob = bytearray(beton.read_bytes())
+    start = int(P.Reader(str(beton)).metadata[5]["f0"]["data_ptr"])
+    blob[start:start + 64] = bytes(64)  # no JPEG header any more
+    broken.write_bytes(bytes(blob))
+    pipeline = P.FFCVPipeline(make_config(broken), cpu(), batch_size=4)
+    with pytest.raises(DataError, match="broken.beton.*cannot be decoded"):
+        for _ in pipeline.crops():
+            pass
+
