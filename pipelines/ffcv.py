@@ -129,7 +129,7 @@ class TwoCropRGBDecoder(SimpleRGBImageDecoder):
             State(jit_mode=True, device=previous_state.device, shape=shape, dtype=uint8),
             (AllocationQuery(shape, uint8),
              AllocationQuery((self.scratch_per_sample,), uint8),
-             AllocationQuery((1,), np.dtype("<i8"))),
+             AllocationQuery((2,), np.dtype("<i8"))),  # [0, 0]: epoch crop seed; [i, 1]: decode status
         )
 
     def generate_code(self) -> Callable:
@@ -167,17 +167,22 @@ class TwoCropRGBDecoder(SimpleRGBImageDecoder):
                     width = np.int64(field["width"])
                     data = mem_read(field["data_ptr"], storage_state)
                     if field["mode"] == jpg:
-                        if decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
-                            raise ValueError("a JPEG stored in the dataset cannot be decoded; "
-                                             "reconvert it with `python -m tools.convert`")
+                        # (no raise inside the parallel loop: numba would run it serially)
+                        seeds[dst_ix, 1] = decode_jpeg(data, buffer, height, width, height, width,
+                                                       0, 0, 1, 1, False, False)
                         image = buffer[:height * width * 3].reshape(height, width, 3)
                     else:
+                        seeds[dst_ix, 1] = 0
                         image = data.reshape(height, width, 3)
                     np.random.seed(seed_of(epoch_seed, source_ix))
                     for view in range(views):
                         top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
                                                    ratio_min, ratio_max)
                         resize(image, top, top + h, left, left + w, destination[dst_ix, view])
+            for dst_ix in range(count):
+                if seeds[dst_ix, 1] != 0:
+                    raise ValueError("a JPEG stored in the dataset cannot be decoded; "
+                                     "reconvert it with `python -m tools.convert`")
             return destination[:count]
 
         decode.is_parallel = True
@@ -243,7 +248,7 @@ class _SeededEpochIterator(EpochIterator):
 
     def start(self) -> None:  # called at the end of EpochIterator.__init__, once buffers exist
         node = self.loader.graph.operation_to_node[self.loader.decoder][0]
-        self.memory_allocations["operation"][node.id][2][...] = self._crop_seed
+        self.memory_allocations["operation"][node.id][2][..., 0] = self._crop_seed
         super().start()
 
     def run(self) -> None:

@@ -299,3 +299,20 @@ def test_corrupt_stored_jpeg_raises_instead_of_hanging(dataset, tmp_path):
         for _ in pipeline.crops():
             pass
 
+
+def test_decoder_loop_compiles_parallel_with_two_workers(dataset):
+    import warnings
+
+    import numba
+    from numba.core.errors import NumbaPerformanceWarning
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba runs a single thread here")
+    _, beton = dataset
+    config = make_config(beton)
+    config.workers = 2
+    with warnings.catch_warnings(record=True) as caught:  # global: sees the loader thread's compile too
+        warnings.simplefilter("always", NumbaPerformanceWarning)
+        crops = epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
+    assert crops.shape[0] == IMAGES
+    assert not [w for w in caught if issubclass(w.category, NumbaPerformanceWarning)]
+
