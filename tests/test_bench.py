@@ -36,7 +36,7 @@ def quick_run(tmp_path_factory):
         mp.setitem(sys.modules, "pipelines.dali", None)  # `from pipelines.dali import ...` raises ImportError
         code = bench.main(["--quick", "--data", str(data), "--pipelines", "reference,ffcv,dali",
                            "--train-pipelines", "reference,dali",  # one training-step process: keeps the test short
-                           "--batch-size", "8", "--image-size", "32", "--train-image-size", "32",
+                           "--batch-size", "8", "--image-size", "32", "--train-image-size", "32", "--train-batch-size", "8",
                            "--projector", "32-32", "--loader-batches", "2", "--train-steps", "2",
                            "--decode-images", "12", "--workers", "1", "--optimizer-params", "small",
                            "--json", str(json_path), "--plot", str(plot_path)])
@@ -171,7 +171,15 @@ def test_official_loop_matches_lars():
             torch.testing.assert_close(p, q)
 
 
+def test_quick_feeds_the_training_step_synthetic_batches_only_unless_asked():
+    assert bench.parse_args(["--quick"]).train_pipelines == []
+    assert bench.parse_args(["--quick", "--train-pipelines", "ffcv"]).train_pipelines == ["ffcv"]
+    assert bench.parse_args([]).train_pipelines == ["reference", "ffcv", "dali"]
+
+
 def test_bad_arguments_exit_with_one_line():
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--pipelines", "reference,bogus"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pipelines", "reference", "--train-pipelines", "dali"])

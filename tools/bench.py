@@ -6,38 +6,55 @@
 Without --data the demo dataset is built (once) and used: `data/demo/train`.
 
 Every timed figure is the median, min and max of several timed repetitions after an untimed
-warm-up: `{"median": x, "min": x, "max": x}`. Ratios are plain numbers computed from medians.
-Nothing is estimated or carried over from earlier runs: every figure comes from this run.
+warm-up: `{"median": x, "min": x, "max": x}`; a rate is derived from the times (median rate =
+count / median time, so rate x time = count exactly). Ratios are plain numbers computed from
+medians. Nothing is estimated or carried over from earlier runs: every figure comes from this run.
 
 Sections (top-level keys of the JSON written to --json):
 
-environment   device, CPU count, library versions, batch size, image size, reps.
-decode_floor  CPU seconds per image to only decode JPEGs, one thread, with OpenCV's `cv2.imdecode`
-              (libjpeg-turbo; the build string is recorded). `cpu_s_per_image` is the floor of the
-              original files; `decode_floor.<pipeline>` is the floor of exactly the bytes that
-              pipeline decodes: the originals for `reference` (and for `dali` reading an
-              ImageFolder), the JPEGs stored in the `.beton` for `ffcv`, the tar members for `dali`
-              reading webdataset shards.
-loaders       per pipeline: images/s delivering two augmented views to the device, and host
-              CPU seconds per image = CPU time of this process plus all its descendant processes
-              (live worker processes through psutil, exited ones through their parent's
-              children-times) divided by images delivered; `vs_decode_floor` = that over the
-              pipeline's own decode floor. `{"unavailable": reason}` when a pipeline cannot be built.
-              When the device is the CPU, the device-side augmentation of ffcv/dali runs on the host
-              too and is included in their host cost (see `device_is_host`).
+environment   device, CPU count, library versions, batch size, image size, reps, CPU meter.
+decode_floor  CPU seconds per image to only decode JPEGs to RGB pixels, one thread, with OpenCV's
+              `cv2.imdecode` (libjpeg-turbo; the build string is recorded). `cpu_s_per_image` is
+              the floor of the original files; `decode_floor.<pipeline>.cpu_s_per_image` that of
+              exactly the bytes that pipeline decodes: the originals for `reference` (and for `dali`
+              reading an ImageFolder), the JPEGs stored in the `.beton` for `ffcv` (located with
+              ffcv's Reader), the `.jpg` tar members for `dali` reading webdataset records.
+loaders       per pipeline (`reference`, `ffcv`, `dali`): `images_per_s` delivering two augmented
+              views to the device, over windows of --loader-batches consecutive batches after two
+              warm-up batches; `host_cpu_s_per_image` = CPU time of this process (all threads)
+              plus all its descendant processes (live DataLoader workers via psutil, exited ones
+              via children-times) per image delivered; `vs_decode_floor` = that over the
+              pipeline's own floor. On a CPU device the device-side augmentation runs on the host:
+              a pipeline with a separate host stage (`crops()`, FFCV) then has its host stage
+              measured alone as well (`host_cpu_scope`; the whole pipeline's figure is
+              `cpu_s_per_image_incl_device_work`), and a pipeline without one (DALI) is flagged
+              `host_cpu_includes_device_work`. `{"unavailable": reason}` when a pipeline cannot be
+              imported or built, or fails while loading.
 augment       images/s of `pipelines.augment.TwoViewAugment` against `kornia.augmentation` with the
-              same distortions (flip, colour jitter p 0.8, grayscale, Gaussian blur, solarize,
-              normalise), both views, on uint8 crops already on the device.
-optimizer     LARS step time: the official per-parameter loop, `bt_fast.optim.LARS` (foreach) and
-              `LARS(compile=True)` (fused), on random gradients; operations per step (see
-              `ops_counted`); the first compiled step (the compile) is reported, not timed.
+              same distortions per view (flip, colour jitter p 0.8 with the same magnitudes,
+              grayscale, Gaussian blur with the same kernel and sigma range and the per-view
+              probabilities, solarize, normalise), both views, from uint8 crops on the device.
+optimizer     LARS step time of the official per-parameter loop (`reference_ms`),
+              `bt_fast.optim.LARS` (`foreach_ms`) and `LARS(compile=True)` (`fused_ms`), on random
+              gradients of the ResNet-50 + 8192-8192-8192 parameters (--optimizer-params), and
+              operations per step: aten ops dispatched (TorchDispatchMode) for the eager two; for
+              the compiled one (a dispatch mode disables torch.compile) the profiler's count of
+              inductor kernels plus aten ops outside them (CPU), or of GPU kernels (CUDA); see
+              `ops_counted`. The compile is reported (`fused_compile_s`), not timed.
+              `ops_growth_probe`: eager op counts with 8 and 32 tensors.
 train_step    images/s of `Trainer.train_step` on device-resident synthetic batches, and fed by each
-              pipeline, with the data-stall fraction (per step: time waiting for the batch over the
-              whole step, as `bt_fast.train` logs it).
-targets       each target with the measured value and met / not met (never asserted).
+              pipeline (each in a fresh process, as training runs it), with the data-stall
+              fraction per step (time waiting for the batch over the whole step, as
+              `bt_fast.train` logs it). `{"skipped": reason}` for pipelines not in
+              --train-pipelines.
+targets       each target with the measured value and met / not met (printed, never asserted).
 
 On the CPU the training step uses a small model by default (resnet18, 512-512-512 projector,
-64 px crops, no autocast); --arch/--projector/--train-image-size/--amp choose.
+64 px crops, batch 32, no autocast); --arch/--projector/--train-image-size/--train-batch-size/--amp
+choose. On CUDA the defaults are resnet50, 8192-8192-8192, --image-size and --batch-size.
+
+--quick: batch 32 at 128 px, 2 repetitions, training step on synthetic batches only (unless
+--train-pipelines names pipelines); the optimizer keeps the paper's parameter set.
 """
 from __future__ import annotations
 
@@ -235,8 +252,8 @@ def _batch_images(batch, device: torch.device, who: str) -> int:
 
 
 def loader_windows(pipeline, device: torch.device, window: int, reps: int, warmup: int,
-                   host_stage: bool = False) -> tuple[list[float], list[float], int]:
-    """(wall seconds, host CPU seconds) of `reps` consecutive windows of `window` batches, after
+                   host_stage: bool = False) -> tuple[list[float], list[float], list[float], int]:
+    """(wall seconds, host CPU seconds, of which this process's) of `reps` consecutive windows of `window` batches, after
     `warmup` untimed batches (worker start, JIT compiles, file cache).
 
     The stream runs across epochs. In steady state the workers produce what the windows consume,
@@ -245,7 +262,7 @@ def loader_windows(pipeline, device: torch.device, window: int, reps: int, warmu
     """
     stream = batch_stream(pipeline, host_stage)
     who = type(pipeline).__name__
-    walls, cpus, counts = [], [], []
+    walls, cpus, mains, counts = [], [], [], []
 
     def take(n: int) -> int:
         count = sum(_batch_images(next(stream), device, who) for _ in range(n))
@@ -254,14 +271,15 @@ def loader_windows(pipeline, device: torch.device, window: int, reps: int, warmu
 
     take(warmup)
     for _ in range(reps):
-        cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
+        cpu0, main0, t0 = tree_cpu_seconds(), time.process_time(), time.perf_counter()
         counts.append(take(window))
         walls.append(time.perf_counter() - t0)
+        mains.append(time.process_time() - main0)
         cpus.append(tree_cpu_seconds() - cpu0)
     stream.close()
     if len(set(counts)) != 1:
         raise BenchError(f"windows of {window} batches delivered different numbers of images: {counts}")
-    return walls, cpus, counts[0]
+    return walls, cpus, mains, counts[0]
 
 
 def bench_loader(args, name: str, device: torch.device) -> tuple[dict, Any]:
@@ -279,16 +297,18 @@ def bench_loader(args, name: str, device: torch.device) -> tuple[dict, Any]:
     entry: dict[str, Any] = {}
     try:
         source = jpeg_source(args, name, pipeline)
-        walls, cpus, images = loader_windows(pipeline, device, args.loader_batches, args.reps, args.loader_warmup)
+        walls, cpus, mains, images = loader_windows(pipeline, device, args.loader_batches, args.reps,
+                                                    args.loader_warmup)
         entry["images_per_s"] = rate_stats(images, walls)
         entry["host_cpu_s_per_image"] = stats([c / images for c in cpus])
+        entry["main_process_cpu_s_per_image"] = stats([c / images for c in mains])  # the rest: worker processes
         entry["host_cpu_scope"] = "whole pipeline"
         entry["seconds"] = stats(walls)
         entry["host_cpu_seconds"] = stats(cpus)
         entry["images_per_rep"] = images
         entry["batches_per_rep"] = args.loader_batches
         if device.type == "cpu" and callable(getattr(pipeline, "crops", None)):
-            h_walls, h_cpus, h_images = loader_windows(pipeline, device, args.loader_batches, args.reps,
+            h_walls, h_cpus, _, h_images = loader_windows(pipeline, device, args.loader_batches, args.reps,
                                                        args.loader_warmup, host_stage=True)
             entry["cpu_s_per_image_incl_device_work"] = entry["host_cpu_s_per_image"]
             entry["host_cpu_s_per_image"] = stats([c / h_images for c in h_cpus])
@@ -633,14 +653,16 @@ def bench_optimizer(args, device: torch.device) -> dict:
     }
     lars_kwargs = dict(lr=0.0, weight_decay=1.5e-6, weight_decay_filter=True, lars_adaptation_filter=True)
 
-    # Each variant's first step is its warm-up (momentum buffers; the compile): counted, then timed.
-    state: dict = {}
+    # Each variant: momentum buffers first (the optimizers' warm-up step creates them; the compiled
+    # one also compiles there), then one step with its operations counted, then the timed steps.
+    state: dict = {p: torch.zeros_like(p) for p in params}  # what its first step would create
     out["reference_ops_per_step"] = count_dispatched_ops(lambda: official_lars_step(groups, state))
     seconds = time_calls(lambda: official_lars_step(groups, state), device, args.reps, warmup=0)
     out["reference_ms"] = stats([1000 * s for s in seconds])
     _free(state)
 
     foreach = LARS(groups, **lars_kwargs)
+    foreach.step()
     out["foreach_ops_per_step"] = count_dispatched_ops(foreach.step)
     seconds = time_calls(foreach.step, device, args.reps, warmup=0)
     out["foreach_ms"] = stats([1000 * s for s in seconds])
@@ -680,7 +702,7 @@ def train_overrides(args) -> list[str]:
 def make_trainer(args, name: str, device: torch.device):
     from bt_fast.distributed import DistContext
     from bt_fast.train import Trainer
-    config = pipeline_config(args, name, args.train_image_size, args.batch_size, train_overrides(args))
+    config = pipeline_config(args, name, args.train_image_size, args.train_batch_size, train_overrides(args))
     config.device = device.type
     return Trainer(config, DistContext(rank=0, local_rank=0, world_size=1, device=device))
 
@@ -746,13 +768,13 @@ def train_in_child(args, name: str) -> dict:
 def bench_train_step(args, device: torch.device, pipelines: Sequence[str], loaders: dict) -> dict:
     out: dict[str, Any] = {
         "model": f"{args.arch} + {args.projector} projector", "image_size": args.train_image_size,
-        "batch_size": args.batch_size, "amp": args.amp, "steps": args.train_steps,
+        "batch_size": args.train_batch_size, "amp": args.amp, "steps": args.train_steps,
         "timed": "Trainer.train_step (forward, loss, backward, LARS step) after one warm-up step; "
                  "images/s = batch / step time; each pipeline in a fresh process",
     }
     trainer = make_trainer(args, "reference", device)  # its pipeline is never iterated here
     dtype = trainer.amp_dtype or torch.float32
-    shape = (args.batch_size, 3, args.train_image_size, args.train_image_size)
+    shape = (args.train_batch_size, 3, args.train_image_size, args.train_image_size)
     g = torch.Generator().manual_seed(args.seed)
     y1, y2 = (torch.randn(shape, generator=g).to(device, dtype=dtype, memory_format=torch.channels_last)
               for _ in range(2))
@@ -760,9 +782,11 @@ def bench_train_step(args, device: torch.device, pipelines: Sequence[str], loade
     out["synthetic_images_per_s"] = rate_stats(images, totals)
     del trainer
     gc.collect()
-    for name in args.train_pipelines:
+    for name in pipelines:
         if "unavailable" in loaders.get(name, {}):
             out[name] = {"unavailable": loaders[name]["unavailable"]}
+        elif name not in args.train_pipelines:
+            out[name] = {"skipped": "not in --train-pipelines" + (" (--quick feeds none by default)" if args.quick else "")}
         else:
             out[name] = train_in_child(args, name)
     return out
@@ -860,8 +884,9 @@ def format_table(result: dict) -> str:
         entry = ts.get(name)
         if entry is None:
             continue
-        if "unavailable" in entry:
-            lines.append(f"  {name:<10} unavailable: {entry['unavailable']}")
+        if "unavailable" in entry or "skipped" in entry:
+            lines.append(f"  {name:<10} " + (f"unavailable: {entry['unavailable']}" if "unavailable" in entry
+                                             else f"skipped: {entry['skipped']}"))
         else:
             lines.append(f"  {name:<10} {_fmt(entry['images_per_s']):>24} images/s, data stall "
                          f"{_fmt(entry['data_stall_fraction'], 100, 0)} %")
@@ -954,13 +979,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None,
                         help="crop size for loaders and augmentation (default 224; --quick 128)")
     parser.add_argument("--train-pipelines", default=None,
-                        help="pipelines that feed the training step (default: --pipelines; 'none' for synthetic only)")
+                        help="pipelines that feed the training step, each in a fresh process (default: --pipelines; "
+                             "--quick: none; 'none': synthetic batches only)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
     parser.add_argument("--loader-batches", type=int, default=None,
-                        help="batches per loader repetition (default 8; --quick 4)")
+                        help="batches per loader repetition (default 4)")
     parser.add_argument("--decode-images", type=int, default=512, help="JPEGs decoded per decode-floor repetition")
     parser.add_argument("--optimizer-params", choices=sorted(OPTIMIZER_SETS), default="paper",
                         help="parameter set for the LARS figures: paper = ResNet-50 + 8192-8192-8192 (default), "
@@ -972,6 +998,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                           "8192-8192-8192 on CUDA)")
     parser.add_argument("--train-image-size", type=int, default=None,
                         help="training-step crop size (default 64 on CPU, --image-size on CUDA)")
+    parser.add_argument("--train-batch-size", type=int, default=None,
+                        help="training-step batch (default 32 on CPU, --quick 16; --batch-size on CUDA)")
     parser.add_argument("--amp", choices=("auto", "bfloat16", "float16", "none"), default=None,
                         help="training-step autocast (default none on CPU, auto on CUDA)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps after one warm-up step (default 3)")
@@ -991,24 +1019,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (32 if quick else 64)
     args.image_size = args.image_size or (128 if quick else 224)
     args.reps = args.reps or (2 if quick else 3)
-    args.loader_batches = args.loader_batches or (4 if quick else 8)
+    args.loader_batches = args.loader_batches or 4
     args.loader_warmup = 2
     args.arch = args.arch or ("resnet18" if cpu else "resnet50")
     args.projector = args.projector or ("512-512-512" if cpu else "8192-8192-8192")
     args.train_image_size = args.train_image_size or (64 if cpu else args.image_size)
     args.amp = args.amp or ("none" if cpu else "auto")
+    args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
     args.train_steps = args.train_steps or 3
     args.train_warmup = 1
     args.pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     unknown = [p for p in args.pipelines if p not in PIPELINES]
     if unknown or not args.pipelines:
         parser.error(f"--pipelines takes names from {','.join(PIPELINES)}, got {unknown or 'nothing'}")
-    train = args.train_pipelines
+    train = args.train_pipelines if args.train_pipelines is not None else ("none" if quick else None)
     args.train_pipelines = (args.pipelines if train is None else
                             [] if train.strip() == "none" else [p.strip() for p in train.split(",") if p.strip()])
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
-    for flag in ("batch_size", "image_size", "reps", "loader_batches", "train_steps", "decode_images"):
+    for flag in ("batch_size", "image_size", "reps", "loader_batches", "train_steps", "decode_images",
+                 "train_batch_size", "train_image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0:
