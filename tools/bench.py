@@ -59,6 +59,7 @@ choose. On CUDA the defaults are resnet50, 8192-8192-8192, --image-size and --ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -455,29 +456,20 @@ def bench_decode_floor(args, sources: dict[str, dict | None], loaders: dict[str,
 
 
 # -- device augmentation -------------------------------------------------------------------------
-def kornia_view(spec: AugmentSpec, view: int) -> torch.nn.Module:
-    """kornia.augmentation with the semantics of `pipelines.reference.view_transform` after the crop."""
-    import kornia.augmentation as K
-    k = spec.blur_kernel_size
-    return K.AugmentationSequential(
-        K.RandomHorizontalFlip(p=spec.flip_p),
-        K.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, p=spec.jitter_p),
-        K.RandomGrayscale(p=spec.grayscale_p),
-        K.RandomGaussianBlur((k, k), sigma=spec.blur_sigma, p=spec.blur_p[view]),
-        K.RandomSolarize(thresholds=(spec.solarize_threshold, spec.solarize_threshold), additions=(0.0, 0.0),
-                         p=spec.solarize_p[view]),
-        K.Normalize(mean=torch.tensor(spec.mean), std=torch.tensor(spec.std)),
-    )
-
-
 class KorniaTwoView:
-    """uint8 (B, 3, H, W) crops of both views -> two normalised float views, with kornia."""
+    """uint8 (B, 3, H, W) crops of both views -> two normalised float views, with kornia.
+
+    View 1 is `tools.bench_ffcv.kornia_view` (the paper's view-1 distortions); view 2 is the same
+    with the view-2 blur and solarize probabilities.
+    """
 
     def __init__(self, spec: AugmentSpec, device: torch.device):
-        self.views = [kornia_view(spec, v).to(device) for v in (0, 1)]
+        from tools.bench_ffcv import kornia_view
+        swapped = dataclasses.replace(spec, blur_p=spec.blur_p[::-1], solarize_p=spec.solarize_p[::-1])
+        self.views = [kornia_view(spec, device), kornia_view(swapped, device)]
 
     def __call__(self, crops1: torch.Tensor, crops2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(aug(c.float().div_(255)) for aug, c in zip(self.views, (crops1, crops2)))
+        return tuple(aug(c.float() / 255) for aug, c in zip(self.views, (crops1, crops2)))
 
 
 def ours_two_view(spec: AugmentSpec, device: torch.device, dtype: torch.dtype) -> Callable:
@@ -503,10 +495,12 @@ def bench_augment(args, device: torch.device) -> dict:
     spec = pipeline_config(args, "reference", args.image_size, args.batch_size).augment
     g = torch.Generator().manual_seed(args.seed)
     size, batch = args.image_size, args.batch_size
-    crops = [torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+    # channels-last uint8 (B, 3, S, S), as the loaders deliver crops
+    crops = [torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device).permute(0, 3, 1, 2)
              for _ in range(2)]
-    out: dict[str, Any] = {"batch_size": batch, "image_size": size, "input": "uint8 crops on the device, both views",
-                           "kornia": f"kornia {_version('kornia')}: AugmentationSequential per view"}
+    out: dict[str, Any] = {"batch_size": batch, "image_size": size,
+                           "input": "channels-last uint8 crops on the device, both views",
+                           "kornia": f"kornia {_version('kornia')}: tools.bench_ffcv.kornia_view per view"}
     kornia = KorniaTwoView(spec, device)
     with torch.no_grad():
         k_seconds = time_calls(lambda: kornia(*crops), device, args.reps)
