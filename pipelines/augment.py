@@ -378,22 +378,26 @@ class TwoViewAugment(torch.nn.Module):
     """
 
     def __init__(self, spec: AugmentSpec, dtype: torch.dtype = torch.float32, *,
-                 compute_dtype: torch.dtype | None = None, compile: bool = False):
+                 compute_dtype: torch.dtype | None = None, compile: bool = False, compile_backend: str = "inductor"):
         super().__init__()
         self.spec = spec
         self.dtype = dtype
         self.compute_dtype = compute_dtype
+        self.compiled = compile
         self.workspace = Workspace()
         if compile:
             self._apply = torch.compile(functools.partial(_apply_fresh, spec=spec, dtype=dtype,
-                                                          compute_dtype=compute_dtype), dynamic=False)
+                                                          compute_dtype=compute_dtype),
+                                        dynamic=False, backend=compile_backend)
         else:
             self._apply = functools.partial(apply, spec=spec, dtype=dtype, compute_dtype=compute_dtype,
                                             workspace=self.workspace)
 
     def view(self, images: torch.Tensor, view: int, generator: torch.Generator | None = None) -> torch.Tensor:
         params = sample_params(images.shape[0], self.spec, view, generator, device=images.device)
-        return self._apply(images, params)
+        out = self._apply(images, params)
+        # A compiled graph may pick its own output strides; the interface promises channels-last.
+        return out.contiguous(memory_format=torch.channels_last) if self.compiled else out
 
     def forward(self, crops1: torch.Tensor, crops2: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
