@@ -94,7 +94,10 @@ class Config:
     # output
     out_dir: str = "runs/default"
     log_every: int = 10
-    knn_every: int = 0           # k-NN monitor every N epochs (0: off)
+    checkpoint_every: int = 0    # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    knn_every: int = 0           # k-NN monitor every N epochs and after the last (0: off); needs knn_val
+    knn_train: str = ""          # labelled ImageFolder for the k-NN memory bank (empty: `data`)
+    knn_val: str = ""            # labelled ImageFolder of queries, with the same class sub-directories
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
@@ -189,6 +192,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'arch' must be resnet18 or resnet50, got '{config.arch}'")
     if config.batch_size <= 0 or config.epochs <= 0:
         raise ConfigError("config keys 'batch_size' and 'epochs' must be positive")
+    if config.log_every <= 0:
+        raise ConfigError(f"config key 'log_every' must be positive, got {config.log_every}")
+    for key in ("checkpoint_every", "knn_every", "max_steps"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"config key '{key}' must be 0 or positive, got {getattr(config, key)}")
     for p in (config.augment.flip_p, config.augment.jitter_p, config.augment.grayscale_p,
               *config.augment.blur_p, *config.augment.solarize_p):
         if not 0.0 <= p <= 1.0:

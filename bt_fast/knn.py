@@ -187,3 +187,23 @@ def eval_loader(root: str, image_size: int, batch_size: int = 256, workers: int 
     generator = torch.Generator().manual_seed(seed) if train else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=train and workers > 0)
+
+
+class KnnMonitor:
+    """k-NN accuracy of the training backbone, for the metrics log: memory bank `train_dir`, queries `val_dir`.
+
+    The loaders (and their decoded file lists) are built once; each call extracts features afresh.
+    Meant for small labelled folders (the demo, an ImageNet subset): it runs on one process.
+    """
+
+    def __init__(self, train_dir: str, val_dir: str, image_size: int, device: torch.device,
+                 workers: int = 2, batch_size: int = 256, amp_dtype: torch.dtype | None = None):
+        self.train_loader = eval_loader(train_dir, image_size, batch_size, workers, device=device)
+        classes = self.train_loader.dataset.classes
+        self.val_loader = eval_loader(val_dir, image_size, batch_size, workers, classes=classes, device=device)
+        self.num_classes = len(classes)
+        self.device, self.amp_dtype = device, amp_dtype
+
+    def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        return knn_evaluate(backbone, self.train_loader, self.val_loader, self.device, self.num_classes,
+                            amp_dtype=self.amp_dtype)

@@ -33,6 +33,7 @@ from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError,
                                 remove_stale_temporaries, restore_model, rng_state, set_rng_state)
 from bt_fast.config import Config, ConfigError, load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
+from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
@@ -112,6 +113,18 @@ class Trainer:
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
         self.skipped_in_row = 0
+        self.knn_monitor = self._knn_monitor()
+
+    def _knn_monitor(self) -> KnnMonitor | None:
+        if not self.config.knn_every or not self.ctx.is_main:
+            return None
+        if not self.config.knn_val:
+            print(f"warning: k-NN monitor off: knn_every={self.config.knn_every} needs knn_val=<a labelled "
+                  f"validation ImageFolder with the training classes>", file=sys.stderr)
+            return None
+        return KnnMonitor(self.config.knn_train or self.config.data, self.config.knn_val,
+                          self.config.augment.image_size, self.ctx.device, workers=min(self.config.workers, 2),
+                          amp_dtype=self.amp_dtype)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -292,6 +305,8 @@ class Trainer:
                 progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}")
                 if self.step >= self.total_steps:
                     break
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 and not stop:
+                    self.save_checkpoint()
                 if stop:
                     self.stopped_by = "SIGUSR1" if stop == STOP_SIGNALS[signal.SIGUSR1] else "SIGTERM"
                     self.save_checkpoint()
@@ -304,6 +319,22 @@ class Trainer:
                     return
                 tick = time.perf_counter()
             self.save_checkpoint()
+            if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
+                self.monitor_knn(epoch, log, progress)
+
+    def monitor_knn(self, epoch: int, log, progress) -> None:
+        """k-NN accuracy of the current backbone, logged beside the losses (rank 0; the others wait)."""
+        if self.knn_monitor is not None:
+            tick = time.perf_counter()
+            accuracy = self.knn_monitor(self.model.backbone)
+            seconds = time.perf_counter() - tick
+            log.write(json.dumps({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
+                                  "knn_top5": accuracy["top5"], "knn_seconds": seconds}) + "\n")
+            log.flush()
+            progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
+                           f"({seconds:.0f} s)")
+        if self.ctx.world_size > 1 and self.config.knn_val:
+            dist.barrier()
 
 
 def train(config: Config) -> dict:

@@ -111,3 +111,31 @@ def test_resume_drops_metrics_logged_after_the_checkpoint_and_a_torn_last_line(i
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[2]["loss"] != -1.0
+
+
+def test_knn_monitor_logs_what_tools_evaluate_measures_on_the_checkpoint(image_folder, tmp_path, capsys):
+    """The monitor (in the training process) and the evaluation tool (from the saved file) agree."""
+    from tools.evaluate import main as evaluate
+    run = tmp_path / "run"
+    train(tiny_config(image_folder, run, "knn_every=1", f"knn_val={image_folder}", "checkpoint_every=1"))
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    knn = [r for r in records if "knn_top1" in r]
+    steps_per_epoch = max(r["step"] for r in records) // 2
+    assert [(r["epoch"], r["step"]) for r in knn] == [(0, steps_per_epoch), (1, 2 * steps_per_epoch)]
+    assert evaluate(["--mode", "knn", "--checkpoint", str(run / "checkpoint.pth"), "--data", str(image_folder),
+                     "--val-data", str(image_folder), "--workers", "0", "--json", str(tmp_path / "eval.json")]) == 0
+    measured = json.loads((tmp_path / "eval.json").read_text())
+    assert (knn[-1]["knn_top1"], knn[-1]["knn_top5"]) == pytest.approx((measured["top1"], measured["top5"]))
+
+
+def test_checkpoint_every_saves_inside_an_epoch_too(image_folder, tmp_path, monkeypatch):
+    saved_at = []
+    original = Trainer.save_checkpoint
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: (saved_at.append(self.step), original(self)))
+    train(tiny_config(image_folder, tmp_path, "checkpoint_every=2"))  # 24 images / batch 8: 3 steps per epoch
+    assert saved_at == [2, 3, 4, 6]  # every 2 steps, and at each epoch end (once at step 6)
+
+
+def test_knn_every_without_knn_val_warns_and_trains(image_folder, tmp_path, capsys):
+    train(tiny_config(image_folder, tmp_path, "knn_every=1", "max_steps=1"))
+    assert "k-NN monitor off" in capsys.readouterr().err
