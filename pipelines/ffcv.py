@@ -52,7 +52,7 @@ torch.set_num_threads(_TORCH_THREADS)
 
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
-from pipelines.base import DataError, Placement  # noqa: E402
+from pipelines.base import DataError, Placement, find_image_folder  # noqa: E402
 
 _SEED_MODULUS = 2147483647  # 2**31 - 1 (prime): per-sample seeds stay exact in numba and Python
 
@@ -332,6 +332,7 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
     """The .beton to read, converting `config.data` with `tools.convert` if it does not exist yet."""
     path = beton_path(config)
     if path.is_file():
+        _warn_if_stale(path, config.data)
         return path
     if not config.data:
         raise DataError(f"FFCV dataset {path} does not exist; fix ffcv.beton or pass data=<ImageFolder> to convert it")
@@ -345,6 +346,23 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
                     jpeg_quality=config.ffcv.jpeg_quality, workers=max(1, min(config.workers, os.cpu_count() or 1)),
                     progress=False)
     return path
+
+
+def _warn_if_stale(path: Path, data: str) -> None:
+    """A .beton converted from `data` that has since gained or lost images would silently train on the old set."""
+    import json
+    from tools.convert import report_path
+    try:
+        report = json.loads(report_path(path).read_text())
+    except (OSError, ValueError):
+        return
+    if not data or Path(report.get("source", "")) != Path(data) or not Path(data).is_dir():
+        return
+    converted = report.get("written", 0) + report.get("skipped", 0)
+    current = len(find_image_folder(data)[1])
+    if current != converted:
+        print(f"warning: {data} now holds {current} images but {path} was converted from {converted}; "
+              f"delete {path} to reconvert", file=sys.stderr)
 
 
 def open_beton(path: Path) -> Reader:

@@ -273,6 +273,24 @@ def test_missing_beton_is_converted_once_on_first_use(dataset, tmp_path):
     assert beton.stat().st_mtime_ns == stamp  # not converted again
 
 
+def test_a_beton_older_than_its_folder_is_reported(dataset, tmp_path, capsys):
+    import shutil
+    folder, _ = dataset
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    config = make_config(Path(""))
+    config.data = str(data)
+    config.ffcv = dataclasses.replace(config.ffcv, beton="")
+    P.FFCVPipeline(config, cpu(), batch_size=4)
+    P.FFCVPipeline(config, cpu(), batch_size=4)
+    assert "warning" not in capsys.readouterr().err
+    first = find_image_folder(data)[1][0][0]
+    shutil.copy(first, Path(first).with_name("added.jpg"))
+    P.FFCVPipeline(config, cpu(), batch_size=4)
+    count = len(find_image_folder(data)[1])
+    assert f"{data} now holds {count} images but {data}.beton was converted from {count - 1}" in capsys.readouterr().err
+
+
 def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
     _, beton = dataset
     garbage = tmp_path / "garbage.beton"
