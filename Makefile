@@ -14,7 +14,10 @@ OUT         ?=
 NODES       ?= 1
 GPUS        ?=
 LOCAL_NODES ?= 0
+MAX_RESTARTS ?= 3
+EVAL_JSON   ?=
 ARGS        ?=
+RUN_DIR      = $(or $(OUT),runs/demo)
 
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
@@ -23,8 +26,8 @@ SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 pretrain: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
 	CONFIG="$(CONFIG)" DATA="$(or $(DATA),$(DEMO_DATA)/train)" PIPELINE="$(PIPELINE)" OUT="$(OUT)" \
-	NODES="$(NODES)" GPUS="$(GPUS)" LOCAL_NODES="$(LOCAL_NODES)" PYTHON="$(PY)" \
-	  bash run_pretrain.sh $(ARGS)
+	NODES="$(NODES)" GPUS="$(GPUS)" LOCAL_NODES="$(LOCAL_NODES)" MAX_RESTARTS="$(MAX_RESTARTS)" PYTHON="$(PY)" \
+	  bash run_pretrain.sh $(if $(DATA),,knn_val=$(DEMO_DATA)/val) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
@@ -33,8 +36,11 @@ bench: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
 	$(PY) -m tools.bench --data "$(or $(DATA),$(DEMO_DATA)/train)" $(ARGS)
 
+# k-NN of the run's backbone next to the same architecture at random initialisation.
 eval: $(STAMP)
-	$(PY) -m tools.evaluate $(ARGS)
+	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
+	$(PY) -m tools.evaluate --compare --mode knn --checkpoint $(RUN_DIR)/checkpoint.pth \
+	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS)
 
 demo-data: $(STAMP)
 	$(PY) -m tools.make_demo_data $(DEMO_DATA)

@@ -336,6 +336,9 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
         return path
     if not config.data:
         raise DataError(f"FFCV dataset {path} does not exist; fix ffcv.beton or pass data=<ImageFolder> to convert it")
+    if not Path(config.data).exists():
+        raise DataError(f"data directory {config.data} does not exist; pass DATA=/path/to/imagefolder (converted to "
+                        f"{path} on first use) or omit it for the demo")
     from tools.convert import convert  # imported here: only needed once per dataset
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path):
