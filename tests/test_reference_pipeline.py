@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
 from bt_fast.config import AugmentSpec
 from pipelines import DataError, Placement
-from pipelines.reference import ReferencePipeline, TwoViewImageFolder
+from pipelines.reference import PILGaussianBlur, ReferencePipeline, TwoViewImageFolder
 
 SPEC = AugmentSpec(image_size=32)
 
@@ -52,3 +55,20 @@ def test_unreadable_image_names_the_file(image_folder, tmp_path):
 def test_empty_data_directory_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         TwoViewImageFolder(str(tmp_path), SPEC)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_blur_is_the_gaussian_of_the_drawn_sigma(sigma):
+    """The official code's PIL blur against torchvision's Gaussian with a kernel wide enough to be untruncated."""
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=64, mode="bicubic")
+    image = (smooth + 0.2 * torch.rand(1, 3, 64, 64, generator=g)).clamp(0, 1)[0]
+    pil = TF.to_pil_image(image)
+    blurred = TF.pil_to_tensor(PILGaussianBlur((sigma, sigma))(pil)).float()
+    kernel = 2 * math.ceil(4 * sigma) + 1
+    expected = TF.gaussian_blur(TF.pil_to_tensor(pil).float(), [kernel, kernel], [sigma, sigma])
+    inner = (slice(None), slice(8, -8), slice(8, -8))  # the filters pad the borders differently
+    difference = (blurred - expected)[inner].abs()
+    # (a sigma 25% off gives a mean difference of 1.5 levels or more)
+    assert difference.mean() < 0.8 and difference.max() <= 3, (difference.mean(), difference.max())
+    assert (blurred - TF.pil_to_tensor(pil).float())[inner].abs().mean() > 2  # it does blur
