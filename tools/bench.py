@@ -502,19 +502,27 @@ def bench_augment(args, device: torch.device) -> dict:
                            "input": "channels-last uint8 crops on the device, both views",
                            "kornia": f"kornia {_version('kornia')}: tools.bench_ffcv.kornia_view per view"}
     kornia = KorniaTwoView(spec, device)
-    with torch.no_grad():
-        k_seconds = time_calls(lambda: kornia(*crops), device, args.reps)
-    out["kornia_images_per_s"] = rate_stats(batch, k_seconds)
     try:
         ours = ours_two_view(spec, device, torch.float32)
     except Exception as err:  # noqa: BLE001
+        ours = None
         out["ours"] = {"unavailable": f"pipelines.augment.TwoViewAugment: {type(err).__name__}: {err}"}
-        out["ours_images_per_s"] = None
-        out["speedup"] = None
-        return out
+    runners = {"kornia": lambda: kornia(*crops)}
+    if ours is not None:
+        runners["ours"] = lambda: ours(*crops)
+    # Interleaved repetitions, so that a change in the machine's load affects both sides alike.
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
-        o_seconds = time_calls(lambda: ours(*crops), device, args.reps)
-    out["ours_images_per_s"] = rate_stats(batch, o_seconds)
+        for run in runners.values():
+            time_calls(run, device, reps=1)  # warm-up
+        for _ in range(args.reps):
+            for name, run in runners.items():
+                seconds[name] += time_calls(run, device, reps=1, warmup=0)
+    out["kornia_images_per_s"] = rate_stats(batch, seconds["kornia"])
+    if ours is None:
+        out["ours_images_per_s"] = out["speedup"] = None
+        return out
+    out["ours_images_per_s"] = rate_stats(batch, seconds["ours"])
     out["speedup"] = ratio(out["ours_images_per_s"], out["kornia_images_per_s"])
     return out
 
