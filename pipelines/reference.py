@@ -4,8 +4,8 @@ Each view is RandomResizedCrop (bicubic) -> flip -> ColorJitter (p 0.8) -> grays
 Gaussian blur -> solarize -> normalise, as in the official `main.py`, including its blur:
 PIL's `ImageFilter.GaussianBlur` with the standard deviation sigma ~ U(blur_sigma) (an
 untruncated Gaussian, approximated by box filters). The device pipelines truncate the same
-Gaussian to `spec.blur_kernel_size` taps (torchvision's GaussianBlur): identical to within
-rounding at 224 px (23 taps reach 5.5 sigma at the largest sigma), weaker at small crop sizes
+Gaussian to `spec.blur_kernel_size` taps (torchvision's GaussianBlur): the same to about half a grey
+level on average at 224 px (23 taps reach 5.5 sigma at the largest sigma), weaker at small crop sizes
 where the window shrinks with the image. torchvision's own blur on PIL images runs a 2-D
 23x23 convolution and would double this pipeline's CPU cost, so it is not the baseline.
 """
