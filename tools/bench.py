@@ -514,7 +514,7 @@ def bench_augment(args, device: torch.device) -> dict:
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
         for run in runners.values():
-            time_calls(run, device, reps=1)  # warm-up
+            time_calls(run, device, reps=0)  # warm-up only
         for _ in range(args.reps):
             for name, run in runners.items():
                 seconds[name] += time_calls(run, device, reps=1, warmup=0)
