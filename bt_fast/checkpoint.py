@@ -1,62 +1,32 @@
 """Atomic checkpoints: a crash at any moment leaves either the old file or the new one."""
 from __future__ import annotations
 
-import os
 import random
-import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bt_fast.errors import UserError
+from bt_fast.files import atomic_write, remove_stale_temporaries
+
 CHECKPOINT_NAME = "checkpoint.pth"
 BACKBONE_NAME = "backbone.pth"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used for this run; the message names the file."""
 
 
-def _temporary_name(path: Path) -> Path:
-    # Host, pid and a random token: pids repeat across nodes that share the file system.
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
-
-    A kill at any moment leaves `path` either as it was or complete; at worst a temporary file
-    stays behind, which `remove_stale_temporaries` deletes on the next start.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """torch.save through `atomic_write`: a kill at any moment leaves `path` as it was or complete."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def remove_stale_temporaries(directory: Path, names: tuple[str, ...] = (CHECKPOINT_NAME, BACKBONE_NAME)) -> list[Path]:
-    """Delete temporaries that a killed `atomic_save` left in `directory`; returns them.
-
-    Only call this from the one process that writes into `directory`, before it writes.
-    """
-    stale = [p for name in names for p in directory.glob(f".{name}.*.tmp")] if directory.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+def remove_stale_checkpoint_temporaries(directory: Path) -> list[Path]:
+    """Temporaries of killed checkpoint writes in `directory`, deleted (call before writing)."""
+    return remove_stale_temporaries(directory, (CHECKPOINT_NAME, BACKBONE_NAME))
 
 
 def rng_state() -> dict[str, Any]:

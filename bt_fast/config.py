@@ -13,11 +13,13 @@ from typing import Any
 
 import yaml
 
+from bt_fast.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
@@ -183,13 +185,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def check_choice(key: str, value: str, choices) -> None:
+    """Raise a ConfigError naming `key` unless `value` is one of `choices` (a registry's names)."""
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'{hint}")
+
+
 def validate(config: Config) -> None:
-    if config.pipeline not in ("reference", "ffcv", "dali"):
-        raise ConfigError(f"config key 'pipeline' must be reference, ffcv or dali, got '{config.pipeline}'")
-    if config.amp not in ("auto", "bfloat16", "float16", "none"):
-        raise ConfigError(f"config key 'amp' must be auto, bfloat16, float16 or none, got '{config.amp}'")
-    if config.arch not in ("resnet18", "resnet50"):
-        raise ConfigError(f"config key 'arch' must be resnet18 or resnet50, got '{config.arch}'")
+    """Checks of the values this module owns; names such as `pipeline` and `arch` are checked by
+    their registries (`pipelines.PIPELINES`, `bt_fast.model.BACKBONE_DIM`) when they are built."""
+    check_choice("amp", config.amp, ("auto", "bfloat16", "float16", "none"))
     if config.batch_size <= 0 or config.epochs <= 0:
         raise ConfigError("config keys 'batch_size' and 'epochs' must be positive")
     if config.log_every <= 0:

@@ -30,22 +30,24 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
-                                remove_stale_temporaries, restore_model, rng_state, set_rng_state)
+                                remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
 from bt_fast.config import Config, ConfigError, load_config
+from bt_fast.errors import UserError, cli_errors
+from bt_fast.files import atomic_write_text
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
 from bt_fast.schedule import learning_rate, set_learning_rates
-from pipelines import DataError, Placement, build_pipeline
+from pipelines import Placement, build_pipeline
 
 
 MAX_SKIPPED_STEPS = 20
 STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2}  # codes agreed by MAX across ranks: USR1 wins
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """The run cannot continue (e.g. a non-finite loss); the message says where and why."""
 
 
@@ -131,7 +133,7 @@ class Trainer:
         """Continue from `<out_dir>/checkpoint.pth` if there is one; the step counter decides everything."""
         path = self.out_dir / CHECKPOINT_NAME
         if self.ctx.is_main:
-            for stale in remove_stale_temporaries(self.out_dir):
+            for stale in remove_stale_checkpoint_temporaries(self.out_dir):
                 print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
         if path.is_file():
             self._load(path)
@@ -173,9 +175,7 @@ class Trainer:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
 
     def save_checkpoint(self) -> None:
         if not self.ctx.is_main:
@@ -360,11 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 augment.image_size=96")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors():
         summary = train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
-        print(f"error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(2)
     if not summary.pop("is_main"):
         return
     if summary["stopped_by"]:

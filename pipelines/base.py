@@ -12,10 +12,12 @@ from typing import Iterator, Protocol
 
 import torch
 
+from bt_fast.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Unusable input data; the message names the file or directory and what to do."""
 
 

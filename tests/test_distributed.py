@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_temporaries
+from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_checkpoint_temporaries
 from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
 from bt_fast.schedule import learning_rate
@@ -373,7 +373,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_corrupt_checkpoint(tmp_p
         writer.wait()
         state = torch.load(path, weights_only=True)  # complete: it unpickles, and all of it is one version
         assert state["data"].numel() == 4_000_000 and (state["data"] == state["version"]).all()
-    remove_stale_temporaries(tmp_path)
+    remove_stale_checkpoint_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
 

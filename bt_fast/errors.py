@@ -1,0 +1,42 @@
+"""The errors a user can act on, and how every command-line program reports them.
+
+Library code raises a `UserError` subclass whose message names the file or config key and
+says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
+`error: <message>` on one line and exits 2; nothing else turns exceptions into text.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class UserError(RuntimeError):
+    """Unusable input or settings; the message names the file or key and what to do."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line.
+
+    For an error re-raised from a DataLoader worker ("Caught DataError in DataLoader worker
+    process 0. Original Traceback ..."), the original error's message.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        name, _, message = lines[-1].partition(": ")
+        return message if name.endswith("Error") and message else lines[-1]
+    return " ".join(lines)
+
+
+def print_error(err: BaseException | str) -> None:
+    print(f"error: {err if isinstance(err, str) else one_line(err)}", file=sys.stderr)
+
+
+@contextmanager
+def cli_errors(*also: type[BaseException]) -> Iterator[None]:
+    """Report a UserError (or one of `also`) as one `error:` line on stderr and exit 2."""
+    try:
+        yield
+    except (UserError, *also) as err:
+        print_error(err)
+        raise SystemExit(2) from None
