@@ -29,12 +29,19 @@ class DistContext:
         return self.rank == 0
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+def resolve_device(preference: str, local_rank: int = 0, setting: str = "config key 'device'") -> torch.device:
+    """`auto`, `cpu` or `cuda` -> this process's device (one GPU per local rank).
+
+    The one place that turns a device setting into a device; `setting` names it in errors
+    (e.g. "--device" for a command-line option).
+    """
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{setting} must be auto, cpu or cuda, got '{preference}'")
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":  # GPU: one device per local rank
         if not torch.cuda.is_available():
-            raise ConfigError("config key 'device' is cuda but no CUDA device is visible; use device=cpu")
+            raise ConfigError(f"{setting} is cuda but no CUDA device is visible; use cpu")
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
                               f"start at most that many processes per node (GPUS=...)")
