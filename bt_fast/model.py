@@ -5,12 +5,13 @@ import torch
 import torchvision
 from torch import nn
 
-BACKBONE_DIM = {"resnet18": 512, "resnet50": 2048}
+from bt_fast.config import check_choice
+
+BACKBONE_DIM = {"resnet18": 512, "resnet50": 2048}  # the supported archs: torchvision ResNets by feature size
 
 
 def make_backbone(arch: str) -> nn.Module:
-    if arch not in BACKBONE_DIM:
-        raise ValueError(f"unknown arch '{arch}': choose one of {sorted(BACKBONE_DIM)}")
+    check_choice("arch", arch, BACKBONE_DIM)
     backbone = getattr(torchvision.models, arch)(zero_init_residual=True)
     backbone.fc = nn.Identity()
     return backbone

@@ -1,23 +1,39 @@
-"""Data pipelines: each yields (view1, view2) on the device, channels-last, normalised."""
+"""Data pipelines: each yields (view1, view2) on the device, channels-last, normalised.
+
+`PIPELINES` is the registry of pipeline names; each entry imports its pipeline class on
+first use (FFCV and DALI are heavy imports), and every class is built the same way:
+`cls(config, placement, batch_size)`.
+"""
 from __future__ import annotations
 
-from bt_fast.config import Config
+from typing import Callable
+
+from bt_fast.config import Config, check_choice
 from pipelines.base import DataError, Placement, TwoViewPipeline
+
+
+def _reference() -> type:
+    from pipelines.reference import ReferencePipeline
+    return ReferencePipeline
+
+
+def _ffcv() -> type:
+    from pipelines.ffcv import FFCVPipeline
+    return FFCVPipeline
+
+
+def _dali() -> type:
+    from pipelines.dali import DALIPipeline
+    return DALIPipeline
+
+
+PIPELINES: dict[str, Callable[[], type]] = {"reference": _reference, "ffcv": _ffcv, "dali": _dali}
 
 
 def build_pipeline(config: Config, placement: Placement, batch_size: int) -> TwoViewPipeline:
     """The pipeline named by `config.pipeline`, delivering `batch_size` images per rank."""
-    if config.pipeline == "reference":
-        from pipelines.reference import ReferencePipeline
-        return ReferencePipeline(config.data, config.augment, batch_size, placement,
-                                 workers=config.workers, seed=config.seed)
-    if config.pipeline == "ffcv":
-        from pipelines.ffcv import FFCVPipeline
-        return FFCVPipeline(config, placement, batch_size)
-    if config.pipeline == "dali":
-        from pipelines.dali import DALIPipeline
-        return DALIPipeline(config, placement, batch_size)
-    raise DataError(f"unknown pipeline '{config.pipeline}': choose reference, ffcv or dali")
+    check_choice("pipeline", config.pipeline, PIPELINES)
+    return PIPELINES[config.pipeline]()(config, placement, batch_size)
 
 
-__all__ = ["DataError", "Placement", "TwoViewPipeline", "build_pipeline"]
+__all__ = ["PIPELINES", "DataError", "Placement", "TwoViewPipeline", "build_pipeline"]

@@ -16,7 +16,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from bt_fast.config import AugmentSpec
+from bt_fast.config import AugmentSpec, Config
 from pipelines.base import DataError, Placement, find_image_folder, to_device
 
 
@@ -85,9 +85,9 @@ class EpochIndexSampler(DistributedSampler):
 class ReferencePipeline:
     """ImageFolder -> two PIL-augmented views -> device, through a torch DataLoader."""
 
-    def __init__(self, root: str, spec: AugmentSpec, batch_size: int, placement: Placement,
-                 workers: int = 8, seed: int = 0):
-        self.dataset = TwoViewImageFolder(root, spec, seed)
+    def __init__(self, config: Config, placement: Placement, batch_size: int):
+        root, workers, seed = config.data, config.workers, config.seed
+        self.dataset = TwoViewImageFolder(root, config.augment, seed)
         self.batch_size = batch_size
         self.placement = placement
         self.sampler = EpochIndexSampler(self.dataset, num_replicas=placement.world_size, rank=placement.rank,

@@ -4,16 +4,19 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from bt_fast.config import AugmentSpec
+from bt_fast.config import AugmentSpec, Config
 from pipelines import DataError, Placement
 from pipelines.reference import PILGaussianBlur, ReferencePipeline, TwoViewImageFolder
 
 SPEC = AugmentSpec(image_size=32)
 
 
+def _config(image_folder) -> Config:
+    return Config(data=str(image_folder), pipeline="reference", workers=0, augment=SPEC)
+
+
 def test_batches_are_two_normalised_channels_last_views(image_folder):
-    pipeline = ReferencePipeline(str(image_folder), SPEC, batch_size=4, placement=Placement(torch.device("cpu")),
-                                 workers=0)
+    pipeline = ReferencePipeline(_config(image_folder), Placement(torch.device("cpu")), batch_size=4)
     assert len(pipeline) == 24 // 4
     pipeline.set_epoch(0)
     batches = list(pipeline)
@@ -36,8 +39,8 @@ def test_distortions_depend_only_on_seed_epoch_and_index(image_folder):
 def test_ranks_split_each_epoch_disjointly(image_folder):
     seen = []
     for rank in range(2):
-        pipeline = ReferencePipeline(str(image_folder), SPEC, batch_size=4,
-                                     placement=Placement(torch.device("cpu"), rank=rank, world_size=2), workers=0)
+        pipeline = ReferencePipeline(_config(image_folder), Placement(torch.device("cpu"), rank=rank, world_size=2),
+                                     batch_size=4)
         pipeline.set_epoch(3)
         seen.append({index for _, index in pipeline.sampler})
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
