@@ -57,12 +57,15 @@ system-deps:
 	  echo "error: FFCV needs the system packages $(SYSTEM_PACKAGES); install them (e.g. sudo apt-get install $(SYSTEM_PACKAGES)) and rerun" >&2; exit 1; \
 	fi
 
-# Rebuilt only when the pins change, so a second `make test` installs nothing.
-$(STAMP): requirements.txt pyproject.toml | system-deps
+# Rebuilt only when the pins change, so a second `make test` installs nothing. The venv holds the
+# dependencies only: bt_fast runs from this checkout (`python -m ...` from the repository root), so
+# its top-level folders (pipelines/, tools/) never land in site-packages. An editable install left
+# by an older Makefile is removed.
+$(STAMP): requirements.txt | system-deps
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@$(PY) -m pip uninstall -q -y bt_fast >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 clean:
