@@ -1,5 +1,5 @@
-"""tools.convert: validation, mode conversion, report, atomic output, and read-back of both
-formats with the stock FFCV Loader and the stock DALI webdataset reader (CPU)."""
+"""pipelines.convert and its CLI tools.convert: validation, mode conversion, report, atomic output,
+and read-back of both formats with the stock FFCV Loader and the stock DALI webdataset reader (CPU)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import convert as conv
+from pipelines.base import DataError, find_image_folder
+from pipelines.convert import convert
+from pipelines.dali_format import write_dali
+from pipelines.ffcv_format import write_ffcv
+from pipelines.images import ImagePrep
+from tools.convert import main as convert_main
 
 MAX_RES = 64          # every kept test image ends up 64x48 (SimpleRGBImageDecoder needs one size)
 SIZE = (64, 48)
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(args: list[str]) -> int:
+    """The exit status `python -m tools.convert ARGS` would have."""
+    try:
+        return convert_main(args)
+    except SystemExit as exit_:
+        return exit_.code
 
 
 def _smooth(rng, size=SIZE, channels=3) -> np.ndarray:
@@ -32,7 +45,7 @@ def _rgb(array: np.ndarray) -> np.ndarray:
 def _build_source(root: Path) -> dict[str, tuple[int, np.ndarray | None]]:
     """Write the test ImageFolder; returns {relative path: (label, expected stored pixels or None=skipped)}.
 
-    Expected pixels are computed here independently of tools.convert.
+    Expected pixels are computed here independently of the converter.
     """
     rng = np.random.default_rng(1)
     expected: dict[str, tuple[int, np.ndarray | None]] = {}
@@ -106,7 +119,7 @@ def source(tmp_path_factory):
 def kept(source):
     """(label, expected pixels) of the kept images in ImageFolder order (sorted class, sorted path)."""
     root, expected = source
-    _, samples = conv.find_image_folder(root)
+    _, samples = find_image_folder(root)
     rels = [str(Path(p).relative_to(root)) for p, _ in samples]
     return [(expected[r][0], expected[r][1], r) for r in rels if expected[r][1] is not None]
 
@@ -115,8 +128,8 @@ def kept(source):
 def outputs(source, tmp_path_factory):
     root, _ = source
     out = tmp_path_factory.mktemp("convert_out")
-    ffcv = conv.convert(root, out / "data.beton", "ffcv", max_resolution=MAX_RES, workers=2, progress=False)
-    dali = conv.convert(root, out / "shards", "dali", max_resolution=MAX_RES, workers=1, shard_size=5,
+    ffcv = convert(root, out / "data.beton", "ffcv", max_resolution=MAX_RES, workers=2, progress=False)
+    dali = convert(root, out / "shards", "dali", max_resolution=MAX_RES, workers=1, shard_size=5,
                         progress=False)
     return out, ffcv, dali
 
@@ -283,7 +296,7 @@ def test_text_list_source(source, tmp_path):
                    "folder/missing.jpg 1\n"
                    "folder/b/b_trunc.jpg 1\n")
     dst = tmp_path / "listed"
-    report = conv.convert(lst, dst, "dali", max_resolution=MAX_RES, workers=1, progress=False)
+    report = convert(lst, dst, "dali", max_resolution=MAX_RES, workers=1, progress=False)
     assert report["written"] == 3 and report["skipped"] == 2
     reasons = {Path(f["path"]).name: f["reason"] for f in report["files"] if f["status"] == "skipped"}
     assert "not found" in reasons["missing.jpg"] and "truncated" in reasons["b_trunc.jpg"]
@@ -300,24 +313,24 @@ def test_existing_output_needs_force(source, tmp_path, capsys):
     root, _ = source
     dst = tmp_path / "out"
     args = [str(root), str(dst), "--format", "dali", "--max-resolution", str(MAX_RES), "--workers", "1"]
-    assert conv.main(args) == 0
+    assert _cli(args) == 0
     first = json.loads((dst / "dataset.json").read_text())
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     capsys.readouterr()
 
-    assert conv.main(args + ["--jpeg-quality", "50"]) == 2
+    assert _cli(args + ["--jpeg-quality", "50"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error:") and str(dst) in err and "--force" in err
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
 
-    assert conv.main(args + ["--jpeg-quality", "50", "--force"]) == 0
+    assert _cli(args + ["--jpeg-quality", "50", "--force"]) == 0
     second = json.loads((dst / "dataset.json").read_text())
     assert first["jpeg_quality"] == 90 and second["jpeg_quality"] == 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.report.json"]
 
     beton = tmp_path / "x.beton"
     beton.write_bytes(b"keep me")
-    assert conv.main([str(root), str(beton), "--format", "ffcv", "--workers", "1"]) == 2
+    assert _cli([str(root), str(beton), "--format", "ffcv", "--workers", "1"]) == 2
     assert beton.read_bytes() == b"keep me"
 
 
@@ -335,7 +348,7 @@ def test_cli_errors_are_one_line(case, tmp_path, capsys, source):
         src.write_text("a.jpg 0\nb.jpg zero\n")
     else:
         src, extra = root, ["--jpeg-quality", "101"]
-    code = conv.main([str(src), str(tmp_path / "out"), "--format", "ffcv", *extra])
+    code = _cli([str(src), str(tmp_path / "out"), "--format", "ffcv", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "\n" not in err and "Traceback" not in err
     if case != "bad_quality":
@@ -354,7 +367,7 @@ def test_cli_subprocess_missing_source(tmp_path):
 def test_all_skipped_is_an_error_with_report(tmp_path, capsys):
     (tmp_path / "src" / "k").mkdir(parents=True)
     (tmp_path / "src" / "k" / "x.jpg").write_bytes(b"")
-    assert conv.main([str(tmp_path / "src"), str(tmp_path / "o.beton"), "--format", "ffcv", "--workers", "1"]) == 2
+    assert _cli([str(tmp_path / "src"), str(tmp_path / "o.beton"), "--format", "ffcv", "--workers", "1"]) == 2
     assert "no usable images" in capsys.readouterr().err
     assert not (tmp_path / "o.beton").exists()
     assert json.loads((tmp_path / "o.beton.report.json").read_text())["skipped"] == 1
@@ -363,7 +376,7 @@ def test_all_skipped_is_an_error_with_report(tmp_path, capsys):
 
 def test_target_size_matches_ffcv_rounding():
     from ffcv.fields.rgb_image import resizer
-    prep = conv.ImagePrep(max_resolution=64)
+    prep = ImagePrep(max_resolution=64)
     for w, h in [(128, 96), (500, 375), (375, 500), (65, 1000), (64, 64), (10, 7)]:
         image = np.zeros((h, w, 3), np.uint8)
         assert prep.target_size(w, h) == resizer(image, 64).shape[1::-1]
@@ -372,13 +385,13 @@ def test_target_size_matches_ffcv_rounding():
 @pytest.mark.parametrize("fmt", ["ffcv", "dali"])
 def test_writer_failure_aborts_instead_of_hanging(fmt, source, tmp_path):
     """A file that vanished after validation must abort the write (FFCV workers would hang)."""
-    from tools import convert_dali, convert_ffcv
     root, _ = source
     samples = [(str(root / "a/a0.jpg"), 0), (str(tmp_path / "vanished.jpg"), 1)]
-    writer = convert_ffcv.write_ffcv if fmt == "ffcv" else convert_dali.write_dali
-    dst = tmp_path / ("x.beton" if fmt == "ffcv" else "x")
-    if fmt == "dali":
-        dst.mkdir()
-    with pytest.raises(conv.DataError, match="vanished.jpg"):
-        writer(dst, samples, conv.ImagePrep(max_resolution=MAX_RES),
-               conv.WriteOptions(workers=1, shard_size=10, classes=("a", "b"), progress=False))
+    prep = ImagePrep(max_resolution=MAX_RES)
+    with pytest.raises(DataError, match="vanished.jpg"):
+        if fmt == "ffcv":
+            write_ffcv(tmp_path / "x.beton", samples, prep, workers=1)
+        else:
+            (tmp_path / "x").mkdir()
+            write_dali(tmp_path / "x", samples, prep, workers=1, shard_size=10, classes=("a", "b"),
+                       show_progress=False)

@@ -239,7 +239,7 @@ def test_an_epoch_is_reproducible(image_folder):
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory, image_folder) -> Path:
-    from tools.convert import convert
+    from pipelines.convert import convert
     dst = tmp_path_factory.mktemp("records") / "wds"
     report = convert(image_folder, dst, "dali", workers=1, shard_size=5, progress=False)
     assert report["written"] == 24

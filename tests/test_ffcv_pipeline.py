@@ -46,7 +46,7 @@ def write_traceable_folder(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
     """(ImageFolder, beton) written with the project's converter."""
-    from tools.convert import convert
+    from pipelines.convert import convert
     base = tmp_path_factory.mktemp("ffcv")
     folder = write_traceable_folder(base / "train")
     beton = base / "train.beton"

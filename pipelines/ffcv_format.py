@@ -1,23 +1,23 @@
-"""FFCV writer for `tools.convert`: one `.beton` with fields `image` and `label`.
+"""The FFCV `.beton` format as the converter writes it.
 
-`image` is `RGBImageField(write_mode='jpg', max_resolution=N, jpeg_quality=Q)`, `label` an
-`IntField`; samples are stored in the order given. The pixels handed to FFCV come from the
-shared `ImagePrep.pixels`, already capped to N on the longer side, so FFCV's own resize is a
-no-op and FFCV only JPEG-encodes (OpenCV, quality Q) what both formats agree on.
+A `.beton` written here has fields `image` (`RGBImageField(write_mode='jpg',
+max_resolution=N, jpeg_quality=Q)`) and `label` (`IntField`), samples in the order given.
+The pixels handed to FFCV come from `ImagePrep.pixels`, already capped to N on the longer
+side, so FFCV's own resize is a no-op and FFCV only JPEG-encodes (OpenCV, quality Q) what
+both formats agree on. FFCV is imported inside the functions that need it, so the converter
+and its DALI format work without it.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from pipelines.base import DataError
-
-if TYPE_CHECKING:
-    from tools.convert import ImagePrep, WriteOptions
+from pipelines.images import ImagePrep
 
 _MIN_PAGE = 1 << 21            # ffcv.writer.MIN_PAGE_SIZE
 _DEFAULT_PAGE = 4 * _MIN_PAGE  # DatasetWriter's default
@@ -40,7 +40,7 @@ class _PreparedImages:
     `failures` and a 1x1 stand-in returned; the caller aborts the whole write afterwards.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], prep: "ImagePrep", failures: str):
+    def __init__(self, samples: Sequence[tuple[str, int]], prep: ImagePrep, failures: str):
         self.samples = list(samples)
         self.prep = prep
         self.failures = failures
@@ -58,8 +58,8 @@ class _PreparedImages:
             return np.zeros((1, 1, 3), dtype=np.uint8), int(label)
 
 
-def write_ffcv(dst: Path, samples: Sequence[tuple[str, int]], prep: "ImagePrep", options: "WriteOptions") -> None:
-    """Write `samples` (validated (path, label)) to the `.beton` file `dst`.
+def write_ffcv(dst: Path, samples: Sequence[tuple[str, int]], prep: ImagePrep, *, workers: int) -> None:
+    """Write `samples` (validated (path, label)) to the `.beton` file `dst` over `workers` processes.
 
     Raises DataError if any image fails to prepare (e.g. the file changed since validation).
     """
@@ -74,9 +74,9 @@ def write_ffcv(dst: Path, samples: Sequence[tuple[str, int]], prep: "ImagePrep",
     with tempfile.TemporaryDirectory(prefix="bt_fast_convert_") as scratch:
         failures = os.path.join(scratch, "failures.tsv")
         writer = DatasetWriter(str(dst), fields, page_size=page_size_for(prep.max_resolution),
-                               num_workers=max(1, min(options.workers, len(samples))))
+                               num_workers=max(1, min(workers, len(samples))))
         writer.from_indexed_dataset(_PreparedImages(samples, prep, failures),
-                                    chunksize=max(1, min(100, len(samples) // (options.workers * 4) or 1)))
+                                    chunksize=max(1, min(100, len(samples) // (workers * 4) or 1)))
         if os.path.exists(failures):
             with open(failures) as log:
                 lines = log.read().splitlines()

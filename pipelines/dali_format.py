@@ -1,4 +1,4 @@
-"""DALI writer for `tools.convert`: webdataset tar shards with DALI index files.
+"""The DALI webdataset format the converter writes: tar shards with DALI index files.
 
 Layout of the output directory:
 
@@ -39,17 +39,16 @@ Reading it (CPU shown; pass device_id for GPU decoding with device="mixed"):
 from __future__ import annotations
 
 import io
-import json
 import random
 import tarfile
 from multiprocessing import Pool
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
+from bt_fast.files import write_json
+from bt_fast.progress import progress
 from pipelines.base import DataError
-
-if TYPE_CHECKING:
-    from tools.convert import ImagePrep, WriteOptions
+from pipelines.images import ImagePrep
 
 INDEX_VERSION = "v1.2"
 SHUFFLE_SEED = 0
@@ -57,7 +56,7 @@ IMAGE_EXT, LABEL_EXT = "jpg", "cls"
 _BLOCK = 512
 
 
-def _encode_job(job: tuple["ImagePrep", str]) -> tuple[bytes | None, str | None]:
+def _encode_job(job: tuple[ImagePrep, str]) -> tuple[bytes | None, str | None]:
     prep, path = job
     try:
         return prep.jpeg(path), None
@@ -101,19 +100,19 @@ class _ShardWriter:
         return {"tar": self.path.name, "index": index.name, "num_samples": len(self.lines)}
 
 
-def write_dali(dst: Path, samples: Sequence[tuple[str, int]], prep: "ImagePrep", options: "WriteOptions") -> None:
-    """Write `samples` (validated (path, label)) as shards, indices and dataset.json into the
-    existing empty directory `dst`.
+def write_dali(dst: Path, samples: Sequence[tuple[str, int]], prep: ImagePrep, *, workers: int, shard_size: int,
+               classes: Sequence[str], show_progress: bool = True) -> None:
+    """Write `samples` (validated (path, label)) as shards of `shard_size` samples, their indices
+    and dataset.json (`classes`: names indexed by label) into the existing empty directory `dst`,
+    encoding over `workers` processes.
 
     Raises DataError if any image fails to prepare (e.g. the file changed since validation).
     """
-    from tools.convert import _progress
-
     order = list(range(len(samples)))
     random.Random(SHUFFLE_SEED).shuffle(order)
     ordered = [samples[i] for i in order]
     jobs = [(prep, path) for path, _ in ordered]
-    workers = max(1, min(options.workers, len(jobs)))
+    workers = max(1, min(workers, len(jobs)))
 
     shards: list[dict] = []
     shard: _ShardWriter | None = None
@@ -122,11 +121,12 @@ def write_dali(dst: Path, samples: Sequence[tuple[str, int]], prep: "ImagePrep",
         results = (pool.imap(_encode_job, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8))))
                    if pool else map(_encode_job, jobs))
         for number, ((path, label), (jpeg, error)) in enumerate(
-                _progress(zip(ordered, results), len(jobs), "writing shards", options.progress)):
+                progress(zip(ordered, results), total=len(jobs), desc="writing shards", unit="img",
+                         enabled=show_progress)):
             if error is not None:
                 raise DataError(f"{path} failed while writing: {error}; did the source change during "
                                 "conversion? nothing was written")
-            if number % options.shard_size == 0:
+            if number % shard_size == 0:
                 if shard is not None:
                     shards.append(shard.close())
                 shard = _ShardWriter(dst / f"shard-{len(shards):05d}.tar")
@@ -145,14 +145,12 @@ def write_dali(dst: Path, samples: Sequence[tuple[str, int]], prep: "ImagePrep",
         "format": "webdataset",
         "index_version": INDEX_VERSION,
         "num_samples": len(ordered),
-        "num_classes": len(options.classes),
-        "classes": list(options.classes),
+        "num_classes": len(classes),
+        "classes": list(classes),
         "extensions": {"image": IMAGE_EXT, "label": LABEL_EXT},
         "max_resolution": prep.max_resolution,
         "jpeg_quality": prep.jpeg_quality,
         "shuffle_seed": SHUFFLE_SEED,
         "shards": shards,
     }
-    with open(dst / "dataset.json", "w") as handle:
-        json.dump(meta, handle, indent=1)
-        handle.write("\n")
+    write_json(dst / "dataset.json", meta)
