@@ -24,6 +24,7 @@ most one rank per epoch, and the ranks' batch counts are equal.
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import queue
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1; undone below
-from ffcv.fields.rgb_image import IMAGE_MODES, RGBImageField, SimpleRGBImageDecoder  # noqa: E402
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
@@ -53,6 +54,8 @@ torch.set_num_threads(_TORCH_THREADS)
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.base import DataError, Placement, find_image_folder  # noqa: E402
+from pipelines.convert import convert, report_path  # noqa: E402
+from pipelines.ffcv_format import beton_path, open_beton  # noqa: E402
 
 _SEED_MODULUS = 2147483647  # 2**31 - 1 (prime): per-sample seeds stay exact in numba and Python
 
@@ -304,7 +307,7 @@ class _TwoCropLoader(Loader):
 
 
 # --------------------------------------------------------------------------------------------
-# The .beton: locate, convert on first use, validate
+# The .beton: convert on first use
 # --------------------------------------------------------------------------------------------
 
 @contextmanager
@@ -319,17 +322,8 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def beton_path(config: Config) -> Path:
-    """`ffcv.beton`, or `<data>.beton` beside the ImageFolder."""
-    if config.ffcv.beton:
-        return Path(config.ffcv.beton)
-    if not config.data:
-        raise DataError("pipeline 'ffcv' needs data=<ImageFolder> (converted on first use) or ffcv.beton=<file.beton>")
-    return Path(config.data.rstrip("/") + ".beton")
-
-
 def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Path:
-    """The .beton to read, converting `config.data` with `tools.convert` if it does not exist yet."""
+    """The .beton to read, converting `config.data` with `pipelines.convert` if it does not exist yet."""
     path = beton_path(config)
     if path.is_file():
         _warn_if_stale(path, config.data)
@@ -339,7 +333,6 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
     if not Path(config.data).exists():
         raise DataError(f"data directory {config.data} does not exist; pass DATA=/path/to/imagefolder (converted to "
                         f"{path} on first use) or omit it for the demo")
-    from tools.convert import convert  # imported here: only needed once per dataset
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path):
         if not path.is_file():  # another rank may have finished while we waited
@@ -353,8 +346,6 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
 
 def _warn_if_stale(path: Path, data: str) -> None:
     """A .beton converted from `data` that has since gained or lost images would silently train on the old set."""
-    import json
-    from tools.convert import report_path
     try:
         report = json.loads(report_path(path).read_text())
     except (OSError, ValueError):
@@ -366,22 +357,6 @@ def _warn_if_stale(path: Path, data: str) -> None:
     if current != converted:
         print(f"warning: {data} now holds {current} images but {path} was converted from {converted}; "
               f"delete {path} to reconvert", file=sys.stderr)
-
-
-def open_beton(path: Path) -> Reader:
-    """Read and check the header: a DataError naming the file if it is not an FFCV image dataset."""
-    try:
-        reader = Reader(str(path))
-    except Exception as err:  # noqa: BLE001 - FFCV raises anything from AssertionError to IndexError
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"cannot read FFCV dataset {path} ({reason}); delete it to reconvert from data=..., "
-                        f"or point ffcv.beton at a file written by `python -m tools.convert`") from None
-    if not isinstance(reader.handlers.get("image"), RGBImageField):
-        raise DataError(f"FFCV dataset {path} has no RGB 'image' field (fields: {', '.join(reader.handlers)}); "
-                        f"write it with `python -m tools.convert SRC {path} --format ffcv`")
-    if reader.num_samples == 0:
-        raise DataError(f"FFCV dataset {path} holds no samples; reconvert it from a non-empty ImageFolder")
-    return reader
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The FFCV `.beton` format as the converter writes it.
+"""The FFCV `.beton` format: where it lives, how the converter writes it, and how it is opened.
 
 A `.beton` written here has fields `image` (`RGBImageField(write_mode='jpg',
 max_resolution=N, jpeg_quality=Q)`) and `label` (`IntField`), samples in the order given.
@@ -12,16 +12,48 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from bt_fast.config import Config
 from pipelines.base import DataError
 from pipelines.images import ImagePrep
+
+if TYPE_CHECKING:
+    from ffcv.reader import Reader
 
 _MIN_PAGE = 1 << 21            # ffcv.writer.MIN_PAGE_SIZE
 _DEFAULT_PAGE = 4 * _MIN_PAGE  # DatasetWriter's default
 _MAX_PAGE = 1 << 31            # below ffcv's uint32 limit
+
+
+def beton_path(config: Config) -> Path:
+    """`ffcv.beton`, or `<data>.beton` beside the ImageFolder."""
+    if config.ffcv.beton:
+        return Path(config.ffcv.beton)
+    if not config.data:
+        raise DataError("pipeline 'ffcv' needs data=<ImageFolder> (converted on first use) or ffcv.beton=<file.beton>")
+    return Path(config.data.rstrip("/") + ".beton")
+
+
+def open_beton(path: Path) -> "Reader":
+    """Read and check the header: a DataError naming the file if it is not an FFCV image dataset."""
+    from ffcv.fields.rgb_image import RGBImageField
+    from ffcv.reader import Reader
+
+    try:
+        reader = Reader(str(path))
+    except Exception as err:  # noqa: BLE001 - FFCV raises anything from AssertionError to IndexError
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"cannot read FFCV dataset {path} ({reason}); delete it to reconvert from data=..., "
+                        f"or point ffcv.beton at a file written by `python -m tools.convert`") from None
+    if not isinstance(reader.handlers.get("image"), RGBImageField):
+        raise DataError(f"FFCV dataset {path} has no RGB 'image' field (fields: {', '.join(reader.handlers)}); "
+                        f"write it with `python -m tools.convert SRC {path} --format ffcv`")
+    if reader.num_samples == 0:
+        raise DataError(f"FFCV dataset {path} holds no samples; reconvert it from a non-empty ImageFolder")
+    return reader
 
 
 def page_size_for(max_resolution: int) -> int:
