@@ -2,7 +2,8 @@
 
 `decode_source_image` is the converter's decoder (EXIF rotation applied, every pixel mode
 mapped to RGB, unusable files raise `SkipImage` with a reason). It is not
-`pipelines.reference.load_rgb`, which reads training images and lets errors through.
+`pipelines.reference.load_rgb`, which opens a training image with Pillow's plain
+convert('RGB') (no EXIF rotation, none of the rules below) and raises DataError if unreadable.
 
 Pixel modes other than 8-bit RGB are converted (`to_rgb`):
   - 'L' / '1' grayscale: the channel is replicated (lossless).
