@@ -1,4 +1,4 @@
-"""tools.bench: a --quick run on a tiny dataset writes every section with consistent, measured figures."""
+"""tools.bench (package): a --quick run on a tiny dataset writes every section with consistent, measured figures."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,10 @@ import torch
 
 from bt_fast.optim import LARS
 from tests.conftest import write_image_folder
-from tools import bench
+from tools.bench.__main__ import main, parse_args
+from tools.bench.decode_floor import beton_jpegs, decode_cpu_seconds, shard_jpegs
+from tools.bench.measure import time_interleaved, tree_cpu_seconds
+from tools.bench.optimizer import official_lars_step, optimizer_parameters
 
 SECTIONS = ("environment", "decode_floor", "loaders", "augment", "optimizer", "train_step")
 
@@ -34,7 +37,7 @@ def quick_run(tmp_path_factory):
     json_path, plot_path = tmp / "out" / "bench.json", tmp / "out" / "bench.png"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "pipelines.dali", None)  # `from pipelines.dali import ...` raises ImportError
-        code = bench.main(["--quick", "--data", str(data), "--pipelines", "reference,ffcv,dali",
+        code = main(["--quick", "--data", str(data), "--pipelines", "reference,ffcv,dali",
                            "--train-pipelines", "reference,dali",  # one training-step process: keeps the test short
                            "--batch-size", "8", "--image-size", "32", "--train-image-size", "32", "--train-batch-size", "8",
                            "--projector", "32-32", "--loader-batches", "2", "--train-steps", "2",
@@ -120,17 +123,17 @@ def test_augment_optimizer_and_train_step_figures(quick_run):
 
 def test_cpu_meter_counts_live_and_exited_child_processes():
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
-    before = bench.tree_cpu_seconds()
+    before = tree_cpu_seconds()
     child = subprocess.Popen([sys.executable, "-c", burn])
     try:
         deadline = time.monotonic() + 30
-        while bench.tree_cpu_seconds() - before < 0.35 and time.monotonic() < deadline:
+        while tree_cpu_seconds() - before < 0.35 and time.monotonic() < deadline:
             time.sleep(0.05)
-        live = bench.tree_cpu_seconds() - before  # the child is alive (sleeping) here
+        live = tree_cpu_seconds() - before  # the child is alive (sleeping) here
     finally:
         child.kill()
         child.wait()
-    exited = bench.tree_cpu_seconds() - before  # reaped: now in this process's children times
+    exited = tree_cpu_seconds() - before  # reaped: now in this process's children times
     assert live >= 0.35
     assert exited >= live - 0.05
 
@@ -139,23 +142,23 @@ def test_stored_jpegs_are_read_from_beton_and_shards(tmp_path):
     from tools.convert import convert
     data = write_image_folder(tmp_path / "train", classes=2, per_class=3, size=(40, 30))
     convert(data, tmp_path / "shards", "dali", workers=1, progress=False)
-    jpegs = bench.shard_jpegs(tmp_path / "shards", limit=100)
+    jpegs = shard_jpegs(tmp_path / "shards", limit=100)
     assert len(jpegs) == 6
     assert all(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3) for b in jpegs)
-    assert len(bench.shard_jpegs(tmp_path / "shards", limit=4)) == 4
+    assert len(shard_jpegs(tmp_path / "shards", limit=4)) == 4
 
     pytest.importorskip("ffcv")
     convert(data, tmp_path / "train.beton", "ffcv", workers=1, progress=False)
-    stored = bench.beton_jpegs(tmp_path / "train.beton", limit=100)
+    stored = beton_jpegs(tmp_path / "train.beton", limit=100)
     assert len(stored) == 6
     assert all(b[:2] == b"\xff\xd8" and b.rstrip(b"\x00")[-2:] == b"\xff\xd9" for b in stored)  # whole JPEGs
     assert all(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3) for b in stored)
-    assert bench.decode_cpu_seconds(stored, reps=2)[0] > 0
+    assert decode_cpu_seconds(stored, reps=2)[0] > 0
 
 
 def test_official_loop_matches_lars():
     """The loop the speedup is measured against has the optimizer's semantics."""
-    groups = bench.optimizer_parameters("small", torch.device("cpu"), seed=0)
+    groups = optimizer_parameters("small", torch.device("cpu"), seed=0)
     twins = [{"params": [torch.nn.Parameter(p.detach().clone()) for p in g["params"]],
               "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups]
     for g, t in zip(groups, twins):
@@ -164,7 +167,7 @@ def test_official_loop_matches_lars():
     opt = LARS(twins, lr=0.0, weight_decay_filter=True, lars_adaptation_filter=True)
     state: dict = {}
     for _ in range(3):
-        bench.official_lars_step(groups, state)
+        official_lars_step(groups, state)
         opt.step()
     for g, t in zip(groups, twins):
         for p, q in zip(g["params"], t["params"]):
@@ -172,14 +175,47 @@ def test_official_loop_matches_lars():
 
 
 def test_quick_feeds_the_training_step_synthetic_batches_only_unless_asked():
-    assert bench.parse_args(["--quick"]).train_pipelines == []
-    assert bench.parse_args(["--quick", "--train-pipelines", "ffcv"]).train_pipelines == ["ffcv"]
-    assert bench.parse_args([]).train_pipelines == ["reference", "ffcv", "dali"]
+    assert parse_args(["--quick"]).train_pipelines == []
+    assert parse_args(["--quick", "--train-pipelines", "ffcv"]).train_pipelines == ["ffcv"]
+    assert parse_args([]).train_pipelines == ["reference", "ffcv", "dali"]
 
 
 def test_bad_arguments_exit_with_one_line():
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args(["--pipelines", "reference,bogus"])
+        parse_args(["--pipelines", "reference,bogus"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
-        bench.parse_args(["--pipelines", "reference", "--train-pipelines", "dali"])
+        parse_args(["--pipelines", "reference", "--train-pipelines", "dali"])
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--arch", "resnet1"])  # choices come from bt_fast.model.BACKBONE_DIM
+    assert exc.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda", "--data", "unused"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device is cuda")
+
+
+def test_interleaved_timing_warms_up_each_runner_then_alternates():
+    calls = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    seconds = time_interleaved(runners, torch.device("cpu"), reps=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one untimed call each, then one timed call each per round
+    assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for s in seconds.values() for t in s)
+
+
+def test_kornia_views_use_each_views_probabilities():
+    pytest.importorskip("kornia")
+    from bt_fast.config import AugmentSpec
+    from tools.bench.augment import KorniaTwoView
+    spec = AugmentSpec(image_size=16)
+    views = KorniaTwoView(spec, torch.device("cpu")).views
+    for index, view in enumerate(views):
+        blur, solarize = view[3], view[4]
+        assert blur.p == spec.blur_p[index] and solarize.p == spec.solarize_p[index]
+        assert view[0].p == spec.flip_p and view[1].p == spec.jitter_p and view[2].p == spec.grayscale_p

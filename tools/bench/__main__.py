@@ -1,0 +1,180 @@
+"""Benchmark the data pipelines, the device augmentation, the LARS optimizer and the training step.
+
+Every figure comes from this run: the median, min and max of timed repetitions after an untimed
+warm-up (`tools.bench.measure`). The JSON written to --json has one key per section, each
+described in the module that measures it:
+
+  environment   device, CPU count, library versions, the run's settings, CPU meter (measure.py)
+  loaders       each pipeline delivering two views to the device, host CPU per image (loaders.py)
+  decode_floor  CPU per image to only decode the JPEGs each pipeline reads (decode_floor.py)
+  augment       our device augmentation against kornia (augment.py)
+  optimizer     LARS: official per-parameter loop, foreach, compiled (optimizer.py)
+  train_step    Trainer.train_step on synthetic batches and fed by each pipeline (train_step.py)
+  targets       each target with the measured value and met / not met (report.py)
+
+Without --data the demo dataset is built once under data/demo and its train/ split is used.
+On the CPU the training step uses a small model by default (resnet18, 512-512-512 projector,
+64 px crops, batch 32, no autocast); on CUDA resnet50, 8192-8192-8192, --image-size and
+--batch-size. --quick: batch 32 at 128 px, 2 repetitions, training step on synthetic batches
+only (unless --train-pipelines names pipelines); the optimizer keeps the paper's parameter set.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from bt_fast.distributed import resolve_device
+from bt_fast.errors import cli_errors
+from bt_fast.files import write_json
+from bt_fast.model import BACKBONE_DIM
+from pipelines import PIPELINES
+from tools.bench.augment import bench_augment
+from tools.bench.decode_floor import bench_decode_floor
+from tools.bench.loaders import bench_loader
+from tools.bench.measure import environment, ratio
+from tools.bench.optimizer import OPTIMIZER_SETS, bench_optimizer
+from tools.bench.report import evaluate_targets, write_report
+from tools.bench.train_step import bench_train_step, train_with_pipeline
+
+DEMO_ROOT = Path("data/demo")
+
+
+def _names(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data", default=None, help="ImageFolder (default: the demo dataset, built on first use)")
+    add("--pipelines", default=",".join(PIPELINES), help=f"comma-separated, from {','.join(PIPELINES)} (default: all)")
+    add("--batch-size", type=int, default=None, help="per-device batch (default 64; --quick 32)")
+    add("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: CPUs)")
+    add("--image-size", type=int, default=None, help="crop size for loaders and augmentation (default 224; --quick 128)")
+    add("--train-pipelines", default=None,
+        help="pipelines that feed the training step, each in a fresh process (default: --pipelines; "
+             "--quick: none; 'none': synthetic batches only)")
+    add("--json", type=Path, default=Path("runs/bench/bench.json"), help="results (default %(default)s)")
+    add("--plot", type=Path, default=Path("runs/bench/bench.png"), help="loader plot (default %(default)s)")
+    add("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
+    add("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
+    add("--loader-batches", type=int, default=4, help="batches per loader repetition (default 4)")
+    add("--decode-images", type=int, default=512, help="JPEGs decoded per decode-floor repetition (default 512)")
+    add("--augment-compile", action="store_true", help="also time TwoViewAugment(compile=True) against kornia")
+    add("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice)")
+    add("--optimizer-params", choices=sorted(OPTIMIZER_SETS), default="paper",
+        help="parameter set for the LARS figures: paper = ResNet-50 + 8192-8192-8192 (default), "
+             "demo = ResNet-18 + 512-512-512, small = 8 synthetic tensors (tests)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda when visible")
+    add("--arch", choices=sorted(BACKBONE_DIM), default=None,
+        help="training-step model (default: resnet18 on CPU, resnet50 on CUDA)")
+    add("--projector", default=None, help="training-step projector (default 512-512-512 on CPU, 8192-8192-8192 on CUDA)")
+    add("--train-image-size", type=int, default=None,
+        help="training-step crop size (default 64 on CPU, --image-size on CUDA)")
+    add("--train-batch-size", type=int, default=None,
+        help="training-step batch (default 32 on CPU, --quick 16; --batch-size on CUDA)")
+    add("--amp", choices=("auto", "bfloat16", "float16", "none"), default=None,
+        help="training-step autocast (default none on CPU, auto on CUDA)")
+    add("--train-steps", type=int, default=3, help="timed training steps after one warm-up step (default 3)")
+    add("--config", default=None, help="YAML config whose pipeline options (ffcv.*, dali.*, augment.*) apply")
+    add("--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton")
+    add("--seed", type=int, default=0, help="seed of the pipelines and the synthetic inputs (default 0)")
+    add("--child-timeout", type=float, default=600, help="seconds per training-step process (default 600)")
+    add("--_train-child", dest="train_child", default=None, help=argparse.SUPPRESS)
+    add("--_child-out", dest="child_out", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parsed options with every default resolved; `args.device` is a torch.device."""
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # for the training-step processes (they get the resolved --data appended)
+    args.device = resolve_device(args.device, setting="--device")
+    cpu, quick = args.device.type == "cpu", args.quick
+    args.batch_size = args.batch_size or (32 if quick else 64)
+    args.image_size = args.image_size or (128 if quick else 224)
+    args.reps = args.reps or (2 if quick else 3)
+    args.loader_warmup = 2
+    args.arch = args.arch or ("resnet18" if cpu else "resnet50")
+    args.projector = args.projector or ("512-512-512" if cpu else "8192-8192-8192")
+    args.train_image_size = args.train_image_size or (64 if cpu else args.image_size)
+    args.amp = args.amp or ("none" if cpu else "auto")
+    args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
+    args.train_warmup = 1
+    args.pipelines = _names(args.pipelines)
+    unknown = [p for p in args.pipelines if p not in PIPELINES]
+    if unknown or not args.pipelines:
+        parser.error(f"--pipelines takes names from {','.join(PIPELINES)}, got {unknown or 'nothing'}")
+    train = args.train_pipelines if args.train_pipelines is not None else ("none" if quick else None)
+    args.train_pipelines = args.pipelines if train is None else [] if train.strip() == "none" else _names(train)
+    if any(p not in args.pipelines for p in args.train_pipelines):
+        parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
+    for flag in ("batch_size", "image_size", "reps", "loader_batches", "train_steps", "decode_images",
+                 "train_batch_size", "train_image_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.workers < 0 or args.threads < 0:
+        parser.error("--workers and --threads must be at least 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every section, measured in this order: loaders, decode floor, augmentation, optimizer, training step."""
+    result: dict[str, Any] = {"environment": environment(args)}
+    t_start = time.perf_counter()
+
+    def stage(label: str) -> None:
+        print(f"[bench {time.perf_counter() - t_start:6.1f}s] {label}", file=sys.stderr, flush=True)
+
+    loaders: dict[str, dict] = {}
+    sources: dict[str, dict | None] = {}
+    for name in args.pipelines:
+        stage(f"loader {name}")
+        loaders[name], sources[name] = bench_loader(args, name)
+    stage("decode floor")
+    result["decode_floor"] = bench_decode_floor(args, sources, loaders)
+    for name, entry in loaders.items():
+        if "unavailable" not in entry:
+            entry["vs_decode_floor"] = ratio(entry["host_cpu_s_per_image"],
+                                             result["decode_floor"].get(name, {}).get("cpu_s_per_image"))
+    result["loaders"] = loaders
+    stage("augmentation")
+    result["augment"] = bench_augment(args)
+    stage(f"optimizer ({args.optimizer_params})")
+    result["optimizer"] = bench_optimizer(args)
+    stage("training step")
+    result["train_step"] = bench_train_step(args, args.pipelines, loaders)
+    result["targets"] = evaluate_targets(result)
+    result["environment"]["bench_seconds"] = time.perf_counter() - t_start
+    stage("done")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with cli_errors():
+        args = parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.data is None:
+            from tools.make_demo_data import build as build_demo
+            args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
+        if args.train_child:  # internal: one training-step measurement in a fresh process
+            write_json(args.child_out, train_with_pipeline(args, args.train_child))
+            return 0
+        write_report(run(args), args.json, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

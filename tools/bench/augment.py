@@ -1,0 +1,91 @@
+"""The `augment` section: `pipelines.augment.TwoViewAugment` against `kornia.augmentation`.
+
+Both sides apply the same distortions per view (flip, colour jitter p 0.8 with the same
+magnitudes, grayscale, Gaussian blur with the same kernel and sigma range and the per-view
+probabilities, solarize, normalise) to both views, from channels-last uint8 crops on the
+device, timed interleaved. With --augment-compile, `TwoViewAugment(compile=True)` is timed too
+(`ours_compiled_images_per_s`, compile excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import torch
+
+from bt_fast.config import AugmentSpec
+from tools.bench.loaders import pipeline_config
+from tools.bench.measure import installed_version, rate_stats, ratio, time_interleaved
+
+
+def kornia_view(spec: AugmentSpec, device: torch.device) -> torch.nn.Module:
+    """`kornia.augmentation` with the view-1 distortions of `spec` (per-batch jitter order, as kornia does)."""
+    import kornia.augmentation as K
+    k = spec.blur_kernel_size
+    return torch.nn.Sequential(
+        K.RandomHorizontalFlip(p=spec.flip_p),
+        K.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, p=spec.jitter_p),
+        K.RandomGrayscale(p=spec.grayscale_p),
+        K.RandomGaussianBlur((k, k), tuple(spec.blur_sigma), p=spec.blur_p[0]),
+        K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize_p[0]),  # threshold 0.5
+        K.Normalize(mean=torch.tensor(spec.mean), std=torch.tensor(spec.std)),
+    ).to(device)
+
+
+class KorniaTwoView:
+    """uint8 (B, 3, H, W) crops of both views -> two normalised float views, with kornia.
+
+    View 2 is `kornia_view` with the view-2 blur and solarize probabilities.
+    """
+
+    def __init__(self, spec: AugmentSpec, device: torch.device):
+        swapped = dataclasses.replace(spec, blur_p=spec.blur_p[::-1], solarize_p=spec.solarize_p[::-1])
+        self.views = [kornia_view(spec, device), kornia_view(swapped, device)]
+
+    def __call__(self, crops1: torch.Tensor, crops2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(aug(c.float() / 255) for aug, c in zip(self.views, (crops1, crops2)))
+
+
+def _ours(spec: AugmentSpec, compile: bool):
+    """(TwoViewAugment, None), or (None, reason) when it cannot be built."""
+    try:
+        from pipelines.augment import TwoViewAugment
+        return TwoViewAugment(spec, torch.float32, compile=compile), None  # stateless: runs on its inputs' device
+    except Exception as err:  # noqa: BLE001 - reported in the section
+        return None, f"pipelines.augment.TwoViewAugment: {type(err).__name__}: {err}"
+
+
+def bench_augment(args: argparse.Namespace) -> dict:
+    device, size, batch = args.device, args.image_size, args.batch_size
+    spec = pipeline_config(args, "reference", size, batch).augment
+    g = torch.Generator().manual_seed(args.seed)
+    crops = [torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device).permute(0, 3, 1, 2)
+             for _ in range(2)]
+    out: dict[str, Any] = {"batch_size": batch, "image_size": size,
+                           "input": "channels-last uint8 crops on the device, both views",
+                           "kornia": f"kornia {installed_version('kornia')}: tools.bench.augment.kornia_view per view"}
+    kornia = KorniaTwoView(spec, device)
+    runners = {"kornia": lambda: kornia(*crops)}
+    ours, reason = _ours(spec, compile=False)
+    if ours is None:
+        out["ours"] = {"unavailable": reason}
+    else:
+        runners["ours"] = lambda: ours(*crops)
+    if args.augment_compile:
+        compiled, reason = _ours(spec, compile=True)
+        if compiled is None:
+            out["ours_compiled"] = {"unavailable": reason}
+        else:
+            runners["ours_compiled"] = lambda: compiled(*crops)
+    with torch.no_grad():
+        seconds = time_interleaved(runners, device, args.reps)  # the untimed first call compiles
+    out["kornia_images_per_s"] = rate_stats(batch, seconds["kornia"])
+    for name in ("ours", "ours_compiled"):
+        if name in seconds:
+            out[f"{name}_images_per_s"] = rate_stats(batch, seconds[name])
+    out["ours_images_per_s"] = out.get("ours_images_per_s")
+    out["speedup"] = ratio(out["ours_images_per_s"], out["kornia_images_per_s"])
+    if "ours_compiled_images_per_s" in out:
+        out["compiled_speedup"] = ratio(out["ours_compiled_images_per_s"], out["kornia_images_per_s"])
+    return out

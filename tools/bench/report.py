@@ -1,0 +1,186 @@
+"""The report: targets judged against the measured figures, the printed table, the plot and the JSON.
+
+`targets` lists each target with its measured value and met / not met; they are printed, never
+asserted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bt_fast.files import write_json
+
+TARGETS = {"ffcv_vs_floor": 1.3, "augment_speedup": 4.0, "lars_speedup": 2.0}
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    loaders, aug, opt = result["loaders"], result["augment"], result["optimizer"]
+    targets = []
+    ffcv = loaders.get("ffcv", {})
+    value = ffcv.get("vs_decode_floor")
+    note = ""
+    if ffcv.get("host_cpu_includes_device_work"):
+        note = "device is the CPU: includes the device-side augmentation"
+    targets.append({"target": f"FFCV host cost <= {TARGETS['ffcv_vs_floor']}x its decode floor", "value": value,
+                    "met": None if value is None else value <= TARGETS["ffcv_vs_floor"],
+                    "note": note or ("" if value is not None else ffcv.get("unavailable", "not measured"))})
+    ref = loaders.get("reference", {}).get("vs_decode_floor")
+    targets.append({"target": "reference host cost vs decode floor (baseline, ~12-15x expected)", "value": ref,
+                    "met": None, "note": "baseline, no target"})
+    sp = aug.get("speedup")
+    targets.append({"target": f"augmentation >= {TARGETS['augment_speedup']}x kornia", "value": sp,
+                    "met": None if sp is None else sp >= TARGETS["augment_speedup"],
+                    "note": "" if sp is not None else aug.get("ours", {}).get("unavailable", "not measured")})
+    probe = opt.get("ops_growth_probe", {})
+    flat = bool(probe) and len(set(probe.get("foreach", []))) == 1
+    fused_flat = opt.get("fused_ops_per_step", 0) < opt.get("tensors", 0)
+    ls = opt.get("speedup")
+    targets.append({"target": f"LARS (compiled) >= {TARGETS['lars_speedup']}x the per-parameter loop, "
+                              "op count not growing with #tensors", "value": ls,
+                    "met": None if ls is None else (ls >= TARGETS["lars_speedup"] and flat and fused_flat),
+                    "note": (f"foreach ops at {probe.get('tensors')} tensors: {probe.get('foreach')} "
+                             f"(loop: {probe.get('reference')}); fused: {opt.get('fused_ops_per_step')} ops "
+                             f"for {opt.get('tensors')} tensors")})
+    return targets
+
+
+def _fmt(figure: Any, scale: float = 1.0, digits: int = 1) -> str:
+    if isinstance(figure, dict) and "median" in figure:
+        m, lo, hi = (figure[k] * scale for k in ("median", "min", "max"))
+        return f"{m:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+    if isinstance(figure, (int, float)):
+        return f"{figure * scale:.{digits}f}"
+    return "-"
+
+
+def _loader_lines(result: dict) -> list[str]:
+    env, floor, loaders = result["environment"], result["decode_floor"], result["loaders"]
+    lines = [f"Decode floor: {floor['decoder']}; originals "
+             f"{_fmt(floor['cpu_s_per_image'], 1000, 2)} ms CPU/image over {floor['images']} images", ""]
+    head = (f"{'loader':<10} {'images/s':>22} {'host CPU ms/image':>22} {'decode floor ms':>20} {'host/floor':>10}"
+            f" {'CPU ms/image incl. device aug':>30}")
+    lines += [head, "-" * len(head)]
+    for name, entry in loaders.items():
+        if "unavailable" in entry:
+            lines.append(f"{name:<10} unavailable: {entry['unavailable']}")
+            continue
+        own = floor.get(name, {})
+        star = " *" if entry.get("host_cpu_includes_device_work") else ""
+        lines.append(f"{name:<10} {_fmt(entry['images_per_s']):>22} {_fmt(entry['host_cpu_s_per_image'], 1000, 2):>22}"
+                     f" {_fmt(own.get('cpu_s_per_image'), 1000, 2):>20} {_fmt(entry.get('vs_decode_floor'), 1, 1) + 'x':>10}"
+                     f" {_fmt(entry.get('cpu_s_per_image_incl_device_work'), 1000, 2):>30}{star}")
+    lines.append("  host CPU = this process + its worker processes, per image delivered"
+                 + ("; on this CPU device, a pipeline with a separate host stage (crops()) is measured without its "
+                    "device augmentation (last column: with it)" if env["device"] == "cpu" else ""))
+    if any(e.get("host_cpu_includes_device_work") for e in loaders.values()):
+        lines.append("  * device is the CPU: the device-side augmentation runs on the host and is included")
+    return lines
+
+
+def _augment_lines(aug: dict) -> list[str]:
+    line = (f"Augmentation ({aug['batch_size']} x {aug['image_size']} px, both views): ours "
+            f"{_fmt(aug.get('ours_images_per_s'))} images/s"
+            + (f" ({aug['ours']['unavailable']})" if "ours" in aug else "")
+            + f", kornia {_fmt(aug['kornia_images_per_s'])} images/s, speedup {_fmt(aug.get('speedup'), 1, 2)}x")
+    if "ours_compiled_images_per_s" in aug:
+        line += (f"; compiled {_fmt(aug['ours_compiled_images_per_s'])} images/s, "
+                 f"speedup {_fmt(aug.get('compiled_speedup'), 1, 2)}x")
+    elif "ours_compiled" in aug:
+        line += f"; compiled unavailable: {aug['ours_compiled']['unavailable']}"
+    return [line]
+
+
+def _optimizer_lines(opt: dict) -> list[str]:
+    lines = [f"LARS step ({opt['model']}: {opt['parameters'] / 1e6:.1f} M parameters, {opt['tensors']} tensors)"]
+    for label, key, ops in (("per-parameter loop", "reference_ms", "reference_ops_per_step"),
+                            ("foreach", "foreach_ms", "foreach_ops_per_step"),
+                            ("compiled", "fused_ms", "fused_ops_per_step")):
+        lines.append(f"  {label:<20} {_fmt(opt[key]):>26} ms  {opt[ops]:>6} ops/step")
+    lines.append(f"  speedup vs loop: compiled {_fmt(opt['speedup'], 1, 2)}x, foreach {_fmt(opt['foreach_speedup'], 1, 2)}x;"
+                 f" compile {opt['fused_compile_s']:.1f} s (excluded)")
+    lines.append(f"  ops counted: {opt['ops_counted']}")
+    return lines
+
+
+def _train_step_lines(ts: dict, names: list[str]) -> list[str]:
+    lines = [f"Training step ({ts['model']}, {ts['image_size']} px, batch {ts['batch_size']}, amp {ts['amp']}):"
+             f" synthetic {_fmt(ts['synthetic_images_per_s'])} images/s"]
+    for name in names:
+        entry = ts.get(name)
+        if entry is None:
+            continue
+        if "unavailable" in entry or "skipped" in entry:
+            lines.append(f"  {name:<10} " + (f"unavailable: {entry['unavailable']}" if "unavailable" in entry
+                                             else f"skipped: {entry['skipped']}"))
+        else:
+            lines.append(f"  {name:<10} {_fmt(entry['images_per_s']):>24} images/s, data stall "
+                         f"{_fmt(entry['data_stall_fraction'], 100, 0)} %")
+    return lines
+
+
+def _target_lines(targets: list[dict]) -> list[str]:
+    lines = ["Targets:"]
+    for t in targets:
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"  [{verdict:^7}] {t['target']}: {value}" + (f"  ({t['note']})" if t.get("note") else ""))
+    return lines
+
+
+def format_table(result: dict) -> str:
+    """The printed report: every section, median [min-max] for each figure."""
+    env = result["environment"]
+    lines = [f"bt_fast benchmark  device {env['device']} ({env['device_name']}), {env['cpu_count']} CPUs, "
+             f"torch {env['torch']}, batch {env['batch_size']}, {env['image_size']} px, {env['reps']} reps "
+             "(median [min-max])", ""]
+    lines += _loader_lines(result)
+    lines += ["", *_augment_lines(result["augment"])]
+    lines += ["", *_optimizer_lines(result["optimizer"])]
+    lines += ["", *_train_step_lines(result["train_step"], list(result["loaders"]))]
+    lines += ["", *_target_lines(result["targets"])]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    loaders = {k: v for k, v in result["loaders"].items() if "unavailable" not in v}
+    names = list(loaders)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+
+    def bars(ax, figures: list[dict], scale: float, offset: float = 0.0, width: float = 0.8, **kw):
+        med = [f["median"] * scale for f in figures]
+        err = [[(f["median"] - f["min"]) * scale for f in figures], [(f["max"] - f["median"]) * scale for f in figures]]
+        ax.bar([i + offset for i in range(len(figures))], med, width, yerr=err, capsize=4, **kw)
+
+    if names:
+        bars(ax1, [loaders[n]["images_per_s"] for n in names], 1.0, color="tab:blue")
+        bars(ax2, [loaders[n]["host_cpu_s_per_image"] for n in names], 1000, -0.2, 0.4, label="host CPU", color="tab:red")
+        floors = [result["decode_floor"].get(n, {}).get("cpu_s_per_image") or {"median": 0, "min": 0, "max": 0}
+                  for n in names]
+        bars(ax2, floors, 1000, 0.2, 0.4, label="decode floor", color="tab:gray")
+        ax2.legend()
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(names)), names)
+    env = result["environment"]
+    ax1.set_title(f"loader throughput (batch {env['batch_size']}, {env['image_size']} px)")
+    ax1.set_ylabel("images/s (two views on the device)")
+    ax2.set_title("host CPU cost per image")
+    ax2.set_ylabel("CPU ms / image")
+    unavailable = [k for k, v in result["loaders"].items() if "unavailable" in v]
+    if unavailable:
+        fig.text(0.01, 0.01, "unavailable: " + ", ".join(unavailable), fontsize=8)
+    fig.suptitle(f"bt_fast bench on {env['device']} ({env['cpu_count']} CPUs); median, bars min-max")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(result: dict, json_path: Path, plot_path: Path) -> None:
+    """Print the table, write the JSON (atomically) and the plot, and say where they are."""
+    print(format_table(result))
+    write_json(json_path, result)
+    plot(result, plot_path)
+    print(f"\njson: {json_path}\nplot: {plot_path}")
