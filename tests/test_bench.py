@@ -219,3 +219,14 @@ def test_kornia_views_use_each_views_probabilities():
         blur, solarize = view[3], view[4]
         assert blur.p == spec.blur_p[index] and solarize.p == spec.solarize_p[index]
         assert view[0].p == spec.flip_p and view[1].p == spec.jitter_p and view[2].p == spec.grayscale_p
+
+
+def test_augment_section_reports_missing_kornia(monkeypatch):
+    """Without kornia (as on machines that lack it) our rate is still measured and the speedup is None."""
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    monkeypatch.setitem(sys.modules, "kornia.augmentation", None)
+    from tools.bench.augment import bench_augment
+    args = parse_args(["--data", "unused", "--batch-size", "2", "--image-size", "16", "--reps", "2", "--device", "cpu"])
+    aug = bench_augment(args)
+    assert aug["kornia_images_per_s"] is None and aug["speedup"] is None
+    assert "kornia" in aug["kornia_unavailable"] and is_figure(aug["ours_images_per_s"])

@@ -3,8 +3,9 @@
 Both sides apply the same distortions per view (flip, colour jitter p 0.8 with the same
 magnitudes, grayscale, Gaussian blur with the same kernel and sigma range and the per-view
 probabilities, solarize, normalise) to both views, from channels-last uint8 crops on the
-device, timed interleaved. With --augment-compile, `TwoViewAugment(compile=True)` is timed too
-(`ours_compiled_images_per_s`, compile excluded).
+device, timed interleaved. A side that cannot be built is reported (`ours.unavailable`,
+`kornia_unavailable`) and its rate is None. With --augment-compile, `TwoViewAugment(compile=True)`
+is timed too (`ours_compiled_images_per_s`, compile excluded).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from bt_fast.config import AugmentSpec
+from pipelines.augment import TwoViewAugment
 from tools.bench.loaders import pipeline_config
 from tools.bench.measure import installed_version, rate_stats, ratio, time_interleaved
 
@@ -47,13 +49,17 @@ class KorniaTwoView:
         return tuple(aug(c.float() / 255) for aug, c in zip(self.views, (crops1, crops2)))
 
 
-def _ours(spec: AugmentSpec, compile: bool):
-    """(TwoViewAugment, None), or (None, reason) when it cannot be built."""
+def _build(make, what: str):
+    """(make(), None), or (None, reason) when `what` cannot be imported or built."""
     try:
-        from pipelines.augment import TwoViewAugment
-        return TwoViewAugment(spec, torch.float32, compile=compile), None  # stateless: runs on its inputs' device
+        return make(), None
     except Exception as err:  # noqa: BLE001 - reported in the section
-        return None, f"pipelines.augment.TwoViewAugment: {type(err).__name__}: {err}"
+        return None, f"{what}: {type(err).__name__}: {err}"
+
+
+def _ours(spec: AugmentSpec, compile: bool):
+    # stateless: runs on the device of its inputs
+    return _build(lambda: TwoViewAugment(spec, torch.float32, compile=compile), "pipelines.augment.TwoViewAugment")
 
 
 def bench_augment(args: argparse.Namespace) -> dict:
@@ -65,8 +71,12 @@ def bench_augment(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"batch_size": batch, "image_size": size,
                            "input": "channels-last uint8 crops on the device, both views",
                            "kornia": f"kornia {installed_version('kornia')}: tools.bench.augment.kornia_view per view"}
-    kornia = KorniaTwoView(spec, device)
-    runners = {"kornia": lambda: kornia(*crops)}
+    runners = {}
+    kornia, reason = _build(lambda: KorniaTwoView(spec, device), "kornia")
+    if kornia is None:
+        out["kornia_unavailable"] = reason
+    else:
+        runners["kornia"] = lambda: kornia(*crops)
     ours, reason = _ours(spec, compile=False)
     if ours is None:
         out["ours"] = {"unavailable": reason}
@@ -80,11 +90,11 @@ def bench_augment(args: argparse.Namespace) -> dict:
             runners["ours_compiled"] = lambda: compiled(*crops)
     with torch.no_grad():
         seconds = time_interleaved(runners, device, args.reps)  # the untimed first call compiles
-    out["kornia_images_per_s"] = rate_stats(batch, seconds["kornia"])
-    for name in ("ours", "ours_compiled"):
+    for name in ("kornia", "ours", "ours_compiled"):
         if name in seconds:
             out[f"{name}_images_per_s"] = rate_stats(batch, seconds[name])
-    out["ours_images_per_s"] = out.get("ours_images_per_s")
+    out.setdefault("kornia_images_per_s", None)
+    out.setdefault("ours_images_per_s", None)
     out["speedup"] = ratio(out["ours_images_per_s"], out["kornia_images_per_s"])
     if "ours_compiled_images_per_s" in out:
         out["compiled_speedup"] = ratio(out["ours_compiled_images_per_s"], out["kornia_images_per_s"])

@@ -30,7 +30,8 @@ def evaluate_targets(result: dict) -> list[dict]:
     sp = aug.get("speedup")
     targets.append({"target": f"augmentation >= {TARGETS['augment_speedup']}x kornia", "value": sp,
                     "met": None if sp is None else sp >= TARGETS["augment_speedup"],
-                    "note": "" if sp is not None else aug.get("ours", {}).get("unavailable", "not measured")})
+                    "note": "" if sp is not None else (aug.get("ours", {}).get("unavailable")
+                                                       or aug.get("kornia_unavailable", "not measured"))})
     probe = opt.get("ops_growth_probe", {})
     flat = bool(probe) and len(set(probe.get("foreach", []))) == 1
     fused_flat = opt.get("fused_ops_per_step", 0) < opt.get("tensors", 0)
@@ -81,7 +82,9 @@ def _augment_lines(aug: dict) -> list[str]:
     line = (f"Augmentation ({aug['batch_size']} x {aug['image_size']} px, both views): ours "
             f"{_fmt(aug.get('ours_images_per_s'))} images/s"
             + (f" ({aug['ours']['unavailable']})" if "ours" in aug else "")
-            + f", kornia {_fmt(aug['kornia_images_per_s'])} images/s, speedup {_fmt(aug.get('speedup'), 1, 2)}x")
+            + f", kornia {_fmt(aug['kornia_images_per_s'])} images/s"
+            + (f" ({aug['kornia_unavailable']})" if "kornia_unavailable" in aug else "")
+            + f", speedup {_fmt(aug.get('speedup'), 1, 2)}x")
     if "ours_compiled_images_per_s" in aug:
         line += (f"; compiled {_fmt(aug['ours_compiled_images_per_s'])} images/s, "
                  f"speedup {_fmt(aug.get('compiled_speedup'), 1, 2)}x")
