@@ -139,7 +139,7 @@ def test_cpu_meter_counts_live_and_exited_child_processes():
 
 
 def test_stored_jpegs_are_read_from_beton_and_shards(tmp_path):
-    from tools.convert import convert
+    from pipelines.convert import convert
     data = write_image_folder(tmp_path / "train", classes=2, per_class=3, size=(40, 30))
     convert(data, tmp_path / "shards", "dali", workers=1, progress=False)
     jpegs = shard_jpegs(tmp_path / "shards", limit=100)
