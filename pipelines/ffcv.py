@@ -14,12 +14,11 @@ a side stream on CUDA) and `pipelines.augment.TwoViewAugment` does flip, colour 
 grayscale, blur, solarize and normalisation there.
 
 Sharding: FFCV 1.0.2's `distributed=True` needs an initialised torch.distributed group,
-pads the epoch with repeated samples (DistributedSampler with drop_last=False) and has no
-quasi-random order, so the epoch order is made here: a permutation seeded by (seed, epoch),
-rank r taking every world_size-th sample of its first world_size * (N // world_size)
-entries (DistributedSampler with drop_last=True), or for `order: quasi_random` a
-contiguous 1/world_size of FFCV's page-local quasi-random order. Each image goes to at
-most one rank per epoch, and the ranks' batch counts are equal.
+pads the epoch with repeated samples and has no quasi-random order, so the epoch order is
+`pipelines.epochs`' convention: a global order from (seed, epoch), the same on every rank,
+rank r reading its r-th contiguous block. For `order: quasi_random` the global order is FFCV's
+page-local quasi-random order of all samples. Each image goes to at most one rank per epoch,
+and the ranks' batch counts are equal.
 """
 from __future__ import annotations
 
@@ -56,6 +55,7 @@ from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.base import DataError, Placement, find_image_folder  # noqa: E402
 from pipelines.convert import convert, report_path  # noqa: E402
 from pipelines.ffcv_format import beton_path, open_beton  # noqa: E402
+from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank  # noqa: E402
 
 _SEED_MODULUS = 2147483647  # 2**31 - 1 (prime): per-sample seeds stay exact in numba and Python
 
@@ -196,20 +196,17 @@ class TwoCropRGBDecoder(SimpleRGBImageDecoder):
 # Epoch order and the loader
 # --------------------------------------------------------------------------------------------
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A 31-bit seed for (seed, epoch, stream), independent of rank."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, stream]).generate_state(1)[0]) & 0x7FFFFFFF
+# Streams of `epoch_seed` (stream 0 is `pipelines.epochs`' random order).
+QUASI_RANDOM_STREAM, CROP_STREAM, AUGMENT_STREAM = 1, 2, 3  # AUGMENT_STREAM + rank: the device augmentation
 
 
 class EpochSharding:
-    """This rank's sample order for each epoch: disjoint across ranks, equal lengths."""
+    """This rank's sample order for each epoch (`pipelines.epochs`: a global order, one contiguous block per rank)."""
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, order: str = "random",
                  page_to_samples: dict | None = None, batch_size: int = 1):
         if order not in ("random", "quasi_random"):
             raise DataError(f"config key 'ffcv.order' must be random or quasi_random, got '{order}'")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.seed, self.order, self.batch_size = seed, order, batch_size
         self.per_rank = num_samples // world_size
@@ -226,15 +223,13 @@ class EpochSharding:
 
     def indices(self, epoch: int) -> np.ndarray:
         if self.order == "random":
-            permutation = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(self.num_samples)
-            used = permutation[:self.per_rank * self.world_size]
-            return used[self.rank::self.world_size].astype(np.uint64)
-        # FFCV's page-buffered shuffle of all samples (same on every rank), one contiguous share each;
-        # a copy of the page table each time so an epoch's order does not depend on earlier epochs.
+            return rank_indices(self.num_samples, self.seed, epoch, self.rank, self.world_size).astype(np.uint64)
+        # FFCV's page-buffered shuffle of all samples (same on every rank); a copy of the page
+        # table each time so an epoch's order does not depend on earlier epochs.
         order = np.zeros(self.num_samples, dtype=np.int64)
-        generate_order_inner(epoch_seed(self.seed, epoch, 1), self._pages.copy(), self._page_sizes, order,
-                             2 * self.batch_size)
-        return order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].astype(np.uint64)
+        generate_order_inner(epoch_seed(self.seed, epoch, QUASI_RANDOM_STREAM), self._pages.copy(), self._page_sizes,
+                             order, 2 * self.batch_size)
+        return rank_block(order, self.rank, self.world_size).astype(np.uint64)
 
 
 class _SeededEpochIterator(EpochIterator):
@@ -303,7 +298,7 @@ class _TwoCropLoader(Loader):
         order = self.sharding.indices(epoch)[:len(self) * self.batch_size]
         if self.code is None or self.recompile:
             self.generate_code()
-        return _SeededEpochIterator(self, order, epoch_seed(self.crop_seed_base, epoch, 2))
+        return _SeededEpochIterator(self, order, epoch_seed(self.crop_seed_base, epoch, CROP_STREAM))
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +371,7 @@ class FFCVPipeline:
         self.epoch = 0
         self.path = ensure_beton(config)
         reader = open_beton(self.path)
-        per_rank = int(reader.num_samples) // placement.world_size
-        if per_rank < batch_size:
-            raise DataError(f"FFCV dataset {self.path} has {reader.num_samples} images: too few for one batch of "
-                            f"{batch_size} per rank on {placement.world_size} rank(s); lower batch_size")
+        samples_per_rank(int(reader.num_samples), batch_size, placement.world_size, f"FFCV dataset {self.path}")
         # numba cannot run more threads than it started with (NUMBA_NUM_THREADS, the core count).
         workers = max(1, min(config.workers if config.workers > 0 else os.cpu_count() or 1,
                              numba.config.NUMBA_NUM_THREADS))
@@ -427,7 +419,7 @@ class FFCVPipeline:
             yield batch.to(self.placement.device, non_blocking=True)  # no-op when ToDevice already moved it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, 3 + self.placement.rank))
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, AUGMENT_STREAM + self.placement.rank))
         for batch in self.crops():
             crops1 = batch[:, 0].permute(0, 3, 1, 2)  # (B, 3, S, S) views of the HWC crops
             crops2 = batch[:, 1].permute(0, 3, 1, 2)

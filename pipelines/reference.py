@@ -4,20 +4,22 @@ Each view is RandomResizedCrop (bicubic) -> flip -> ColorJitter (p 0.8) -> grays
 Gaussian blur -> solarize -> normalise, as in the official `main.py`, including its blur:
 PIL's `ImageFilter.GaussianBlur` with the standard deviation sigma ~ U(blur_sigma) (an
 untruncated Gaussian, approximated by box filters). The device pipelines truncate the same
-Gaussian to `spec.blur_kernel_size` taps (torchvision's GaussianBlur): the same to about half a grey
-level on average at 224 px (23 taps reach 5.5 sigma at the largest sigma), weaker at small crop sizes
-where the window shrinks with the image. torchvision's own blur on PIL images runs a 2-D
-23x23 convolution and would double this pipeline's CPU cost, so it is not the baseline.
+Gaussian to `spec.blur_kernel_size` taps (torchvision's GaussianBlur); docs/pipelines.md gives
+the measured difference and why torchvision's blur on PIL images is not the baseline.
+
+Each rank reads its samples of the epoch as `pipelines.epochs` deals them; a sample's
+distortions depend only on (seed, epoch, index).
 """
 from __future__ import annotations
 
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
 from pipelines.base import DataError, Placement, find_image_folder, to_device
+from pipelines.epochs import rank_indices, samples_per_rank
 
 
 class PILGaussianBlur:
@@ -75,11 +77,23 @@ class TwoViewImageFolder(Dataset):
             return self.views[0](image), self.views[1](image)
 
 
-class EpochIndexSampler(DistributedSampler):
-    """DistributedSampler that yields (epoch, index) so each sample knows its epoch in any worker."""
+class EpochIndexSampler(Sampler):
+    """This rank's samples of the epoch (`pipelines.epochs.rank_indices`) as (epoch, index) keys,
+    so each sample knows its epoch in any worker."""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.rank, self.world_size, self.seed = num_samples, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
 
     def __iter__(self):
-        return ((self.epoch, index) for index in super().__iter__())
+        indices = rank_indices(self.num_samples, self.seed, self.epoch, self.rank, self.world_size)
+        return ((self.epoch, int(index)) for index in indices)
 
 
 class ReferencePipeline:
@@ -90,11 +104,8 @@ class ReferencePipeline:
         self.dataset = TwoViewImageFolder(root, config.augment, seed)
         self.batch_size = batch_size
         self.placement = placement
-        self.sampler = EpochIndexSampler(self.dataset, num_replicas=placement.world_size, rank=placement.rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-        if len(self.sampler) < batch_size:
-            raise DataError(f"data directory {root} has {len(self.dataset)} images: too few for one batch of "
-                            f"{batch_size} per rank on {placement.world_size} rank(s); lower batch_size")
+        samples_per_rank(len(self.dataset), batch_size, placement.world_size, f"data directory {root}")
+        self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=placement.device.type == "cuda", drop_last=True,
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

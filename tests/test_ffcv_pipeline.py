@@ -128,7 +128,7 @@ def test_crops_are_resized_boxes_of_the_decoded_image(dataset):
     pipeline.set_epoch(2)
     order = pipeline.epoch_indices()
     crops = epoch_crops(pipeline)
-    seed = P.epoch_seed(config.seed, 2, 2)
+    seed = P.epoch_seed(config.seed, 2, P.CROP_STREAM)
     spec = config.augment
     for position in range(0, IMAGES, 5):
         index = int(order[position])
@@ -202,12 +202,12 @@ def test_each_image_goes_to_exactly_one_rank_per_epoch(dataset, order):
     assert not np.array_equal(seen[0], seen[1])  # a new order each epoch
 
 
-def test_epoch_sharding_matches_distributed_sampler_semantics():
-    sharding = [P.EpochSharding(10, rank, 3, seed=0) for rank in range(3)]
-    parts = [s.indices(4) for s in sharding]
-    assert all(len(p) == 3 for p in parts)  # drop_last: 10 // 3 each
-    assert len(set(np.concatenate(parts).tolist())) == 9
-    assert np.array_equal(P.EpochSharding(10, 1, 3, seed=0).indices(4), parts[1])  # deterministic
+def test_epoch_sharding_deals_contiguous_blocks_of_one_global_order():
+    parts = [P.EpochSharding(10, rank, 3, seed=0).indices(4) for rank in range(3)]
+    # The convention written out: one permutation of range(10) seeded by (seed, epoch), 10 // 3 per rank.
+    permutation = np.random.default_rng([0, 4, 0]).permutation(10)
+    assert [p.tolist() for p in parts] == [permutation[0:3].tolist(), permutation[3:6].tolist(),
+                                           permutation[6:9].tolist()]
     with pytest.raises(DataError, match="ffcv.order"):
         P.EpochSharding(10, 0, 1, seed=0, order="sorted")
 

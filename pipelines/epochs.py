@@ -1,0 +1,51 @@
+"""Epoch order for every pipeline: the per-epoch seeds, each rank's samples, the minimum size.
+
+The one convention: an epoch's global order is a permutation of all N samples derived from
+(seed, epoch) alone, so it is identical on every rank; rank r reads the r-th contiguous block of
+N // world_size entries of it. Each sample goes to at most one rank per epoch, every rank gets
+the same number of samples, and the N % world_size samples left at the end of the order are not
+read that epoch (a different few each epoch). A pipeline with its own global order (FFCV's
+page-local quasi-random order) hands that order to `rank_block` and keeps the same sharding.
+
+Streams separate the random numbers drawn from one (seed, epoch): stream `ORDER_STREAM` is the
+sample order; pipelines number their other streams (crop seeds, augmentation generators) above it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.base import DataError
+
+ORDER_STREAM = 0
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = ORDER_STREAM) -> int:
+    """A 31-bit seed for (seed, epoch, stream), the same on every rank."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, stream]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's global order: a permutation of range(num_samples) from (seed, epoch) only."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, ORDER_STREAM]).permutation(num_samples)
+
+
+def rank_block(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s share of a global order: its contiguous block of len(order) // world_size entries."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    per_rank = len(order) // world_size
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def rank_indices(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """The sample indices rank `rank` reads in `epoch`, in reading order."""
+    return rank_block(epoch_order(num_samples, seed, epoch), rank, world_size)
+
+
+def samples_per_rank(num_samples: int, batch_size: int, world_size: int, where: str) -> int:
+    """Samples each rank reads per epoch; a DataError naming `where` if that is less than one batch."""
+    per_rank = num_samples // world_size
+    if per_rank < batch_size:
+        raise DataError(f"{where} has {num_samples} images: too few for one batch of {batch_size} per rank "
+                        f"on {world_size} rank(s); lower batch_size")
+    return per_rank
