@@ -14,7 +14,7 @@ pytest.importorskip("nvidia.dali")
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from pipelines.base import DataError, Placement  # noqa: E402
 from pipelines.dali import DALIPipeline  # noqa: E402
-from tools.dali_semantics import grey_views, replay_view, to_pixels  # noqa: E402
+from pipelines.dali_debug import grey_views, replay_view, to_pixels  # noqa: E402
 
 CPU = torch.device("cpu")
 RED, BRIGHT = (225, 45, 35), (250, 250, 244)

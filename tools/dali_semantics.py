@@ -39,49 +39,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.functional as F
 from PIL import Image
 
 from bt_fast.config import AugmentSpec, Config
 from pipelines.base import Placement, find_image_folder
-from pipelines.dali import DALIPipeline, FLAG_NAMES
+from pipelines.dali import DALIPipeline
+from pipelines.dali_debug import FLAG_NAMES, grey_views, replay_view, to_pixels
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "train"
 STATS = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "luma", "saturation", "value", "grey_pixels")
 
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers (also used by tests/test_dali_pipeline.py)
+# Collection
 # --------------------------------------------------------------------------------------------
-
-def to_pixels(views: torch.Tensor, spec: AugmentSpec) -> np.ndarray:
-    """Normalised (B, 3, H, W) views -> (B, H, W, 3) float64 grey levels 0..255."""
-    x = views.detach().to(torch.float64).cpu().permute(0, 2, 3, 1).numpy()
-    return (x * np.array(spec.std) + np.array(spec.mean)) * 255.0
-
-
-def replay_view(image: Image.Image, choices: dict[str, np.ndarray], i: int, spec: AugmentSpec) -> np.ndarray:
-    """Sample `i` of one DALI view recomputed with PIL/torchvision from the same choices: (S, S, 3) uint8."""
-    top, left = (int(v) for v in choices["anchor"][i])
-    height, width = (int(v) for v in choices["extent"][i])
-    size = spec.image_size
-    out = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BICUBIC)
-    if choices["jitter"][i]:
-        out = F.adjust_brightness(out, float(choices["brightness"][i]))
-        out = F.adjust_contrast(out, float(choices["contrast"][i]))
-        out = F.adjust_saturation(out, float(choices["saturation"][i]))
-        out = F.adjust_hue(out, float(np.clip(choices["hue"][i], -0.5, 0.5)))
-    if choices["grayscale"][i]:
-        out = F.rgb_to_grayscale(out, num_output_channels=3)
-    if choices["blur"][i]:
-        sigma = float(choices["sigma"][i])
-        out = F.gaussian_blur(out, [spec.blur_kernel_size] * 2, [sigma, sigma])
-    if choices["solarize"][i]:
-        out = F.solarize(out, round(spec.solarize_threshold * 255))
-    if choices["flip"][i]:
-        out = F.hflip(out)
-    return np.asarray(out)
-
 
 def colour_stats(pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image statistics of (B, H, W, 3) grey levels."""
@@ -97,15 +68,6 @@ def colour_stats(pixels: np.ndarray) -> dict[str, np.ndarray]:
     out["grey_pixels"] = ((high - low) * 255 <= 2.0).mean(axis=(1, 2))
     return out
 
-
-def grey_views(pixels: np.ndarray, tolerance: float = 2.0) -> np.ndarray:
-    """Per image: every pixel has R, G and B within `tolerance` grey levels."""
-    return (pixels.max(axis=-1) - pixels.min(axis=-1)).max(axis=(1, 2)) <= tolerance
-
-
-# --------------------------------------------------------------------------------------------
-# Collection
-# --------------------------------------------------------------------------------------------
 
 def dali_config(data: str, spec: AugmentSpec, workers: int, seed: int) -> Config:
     config = Config()
