@@ -204,21 +204,6 @@ def _epoch_ids(config: Config, batch: int, world: int, epoch: int) -> list[np.nd
     return out
 
 
-def test_each_sample_goes_to_at_most_one_rank_per_epoch(tmp_path):
-    folder = constant_folder(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6), "c": (7, 8, 9)}, per_class=9, size=(16, 16))
-    config = make_config(str(folder), size=16, **NO_RANDOM_COLOUR)
-    epochs = []
-    for epoch in range(3):
-        ranks = _epoch_ids(config, batch=4, world=2, epoch=epoch)
-        # 27 samples: 13 per rank, 3 full batches of 4 each; the partial last batch is dropped.
-        assert [len(r) for r in ranks] == [12, 12]
-        every = np.concatenate(ranks)
-        assert len(set(every.tolist())) == 24 and every.min() >= 0 and every.max() < 27
-        epochs.append(ranks)
-    assert not np.array_equal(epochs[0][0], epochs[1][0])  # reshuffled per epoch
-    assert set(epochs[0][0].tolist()) != set(epochs[1][0].tolist())  # and re-dealt across ranks
-
-
 def test_an_epoch_is_reproducible(image_folder):
     config = make_config(str(image_folder), size=24)
 

@@ -36,16 +36,6 @@ def test_distortions_depend_only_on_seed_epoch_and_index(image_folder):
     assert not torch.equal(dataset[(2, 3)][0], a[0])
 
 
-def test_ranks_split_each_epoch_disjointly(image_folder):
-    seen = []
-    for rank in range(2):
-        pipeline = ReferencePipeline(_config(image_folder), Placement(torch.device("cpu"), rank=rank, world_size=2),
-                                     batch_size=4)
-        pipeline.set_epoch(3)
-        seen.append({index for _, index in pipeline.sampler})
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
-
-
 def test_unreadable_image_names_the_file(image_folder, tmp_path):
     broken = tmp_path / "folder" / "class0"
     broken.mkdir(parents=True)
