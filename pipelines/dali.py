@@ -321,8 +321,6 @@ class DALIPipeline:
         self.spec: AugmentSpec = config.augment
         self.placement = placement
         self.batch_size = batch_size
-        self.decode = decode
-        self.debug = debug
         self.seed = config.seed
         self.epoch = 0
         self.gpu = placement.device.type == "cuda"
@@ -390,7 +388,8 @@ class DALIPipeline:
         return DataError(f"DALI failed in epoch {plan.epoch} near batch {batch} of {self.source.root}: "
                          f"{_dali_reason(text)} (the {len(paths)} files of the batches in flight decode with PIL)")
 
-    def _run(self, debug: bool) -> Iterator:
+    def _run(self) -> Iterator:
+        """The epoch's batches: (view1, view2), or DebugBatches when built with debug=True."""
         plan = self.plan()
         pipe = self.build(plan)
         try:
@@ -400,25 +399,22 @@ class DALIPipeline:
                 except RuntimeError as err:
                     raise self._error(err, plan, batch) from None
                 views = (self._to_torch(outputs[0]), self._to_torch(outputs[1]))
-                if not debug:
+                if self.options.debug:
+                    yield dali_debug.debug_batch(views, outputs, isinstance(self.source, RecordSource))
+                else:
                     yield views
-                    continue
-                yield dali_debug.debug_batch(views, outputs, isinstance(self.source, RecordSource))
         finally:
             del pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.debug:
-            for batch in self._run(debug=True):
-                yield batch.view1, batch.view2
-        else:
-            yield from self._run(debug=False)
+        for item in self._run():
+            yield (item.view1, item.view2) if self.options.debug else item
 
     def debug_batches(self) -> Iterator[dali_debug.DebugBatch]:
         """The current epoch's batches with ids and per-sample choices (needs `debug=True`)."""
-        if not self.debug:
+        if not self.options.debug:
             raise ValueError("construct DALIPipeline(..., debug=True) to get debug batches")
-        return self._run(debug=True)
+        return self._run()
 
 
 def _dali_reason(text: str) -> str:
