@@ -1,5 +1,5 @@
-"""bt_fast.knn and tools.evaluate: the k-NN classifier against a brute-force formula, the linear
-probe on separable features, checkpoint loading (official torchvision-style, bt_fast checkpoint and
+"""bt_fast.knn, bt_fast.linear_probe, bt_fast.weights and tools.evaluate: the k-NN classifier against a
+brute-force formula, the linear probe on separable features, checkpoint loading (official torchvision-style, bt_fast checkpoint and
 backbone files, wrong files), and the command line end to end on a tiny ImageFolder (resnet18, 32 px)."""
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
+from bt_fast.checkpoint import CheckpointError
 from bt_fast.config import Config
+from bt_fast.errors import one_line
 from bt_fast.knn import extract_features, knn_predict, knn_scores, topk_accuracy
+from bt_fast.linear_probe import linear_topk, train_linear
 from bt_fast.model import BarlowTwins
+from bt_fast.weights import infer_arch, load_backbone, mismatch, random_backbone
 from pipelines.base import DataError
 from tests.conftest import write_image_folder
 from tools import evaluate as ev
@@ -111,10 +115,10 @@ def test_linear_probe_learns_separable_features_and_not_shuffled_labels():
     x, y = x[keep][:1500], scores[keep].argmax(dim=1)[:1500]
     assert torch.bincount(y, minlength=10).max() < 0.2 * len(y)
     train_x, train_y, test_x, test_y = x[:1000], y[:1000], x[1000:], y[1000:]
-    top1, top5 = ev.linear_topk(ev.train_linear(train_x, train_y, 10, epochs=30), test_x, test_y)
+    top1, top5 = linear_topk(train_linear(train_x, train_y, 10, epochs=30), test_x, test_y)
     assert top1 > 90.0 and top5 > 98.0
     shuffled = train_y[torch.randperm(1000, generator=g)]
-    top1_shuffled, _ = ev.linear_topk(ev.train_linear(train_x, shuffled, 10, epochs=30), test_x, test_y)
+    top1_shuffled, _ = linear_topk(train_linear(train_x, shuffled, 10, epochs=30), test_x, test_y)
     assert top1_shuffled < 25.0  # chance is about 10-20% (the largest class)
 
 
@@ -150,7 +154,7 @@ def test_official_format_state_dict_loads_with_same_features(tmp_path):
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}  # like resnet50.pth
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
-    loaded = ev.load_backbone(path)
+    loaded = load_backbone(path)
     assert loaded.arch == "resnet18" and loaded.kind == "state dict" and loaded.image_size is None
     with torch.no_grad():
         got = loaded.backbone.eval()(IMAGES)
@@ -165,7 +169,7 @@ def test_full_torchvision_state_dict_with_fc_and_ddp_prefix_loads(tmp_path):
     source = randomised_resnet18(1)
     path = tmp_path / "ddp.pth"
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)  # fc present, DDP prefix
-    loaded = ev.load_backbone(path, arch="resnet18")
+    loaded = load_backbone(path, arch="resnet18")
     with torch.no_grad():
         torch.testing.assert_close(loaded.backbone.eval()(IMAGES), source_features(source, IMAGES))
 
@@ -174,9 +178,9 @@ def test_arch_is_inferred_from_keys():
     with torch.device("meta"):
         rn50 = torchvision.models.resnet50().state_dict()
         rn18 = torchvision.models.resnet18().state_dict()
-    assert ev.infer_arch(rn50) == "resnet50" and ev.infer_arch(rn18) == "resnet18"
-    assert ev._mismatch({k: v for k, v in rn50.items() if not k.startswith("fc.")}, "resnet50") is None
-    assert "missing" in ev._mismatch(rn18, "resnet50")
+    assert infer_arch(rn50) == "resnet50" and infer_arch(rn18) == "resnet18"
+    assert mismatch({k: v for k, v in rn50.items() if not k.startswith("fc.")}, "resnet50") is None
+    assert "missing" in mismatch(rn18, "resnet50")
 
 
 def bt_fast_checkpoint(model: BarlowTwins, image_size: int = 48) -> dict:
@@ -200,14 +204,14 @@ def test_bt_fast_checkpoint_and_backbone_files_load(tmp_path):
         expected = model.backbone(IMAGES)
     checkpoint = tmp_path / "checkpoint.pth"
     torch.save(bt_fast_checkpoint(model, image_size=48), checkpoint)
-    loaded = ev.load_backbone(checkpoint)
+    loaded = load_backbone(checkpoint)
     assert (loaded.arch, loaded.kind, loaded.image_size) == ("resnet18", "bt_fast checkpoint", 48)
     with torch.no_grad():
         torch.testing.assert_close(loaded.backbone.eval()(IMAGES), expected)
 
     backbone = tmp_path / "backbone.pth"
     torch.save({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, backbone)
-    loaded = ev.load_backbone(backbone)
+    loaded = load_backbone(backbone)
     assert loaded.arch == "resnet18"
     with torch.no_grad():
         torch.testing.assert_close(loaded.backbone.eval()(IMAGES), expected)
@@ -220,48 +224,48 @@ def test_bt_fast_checkpoint_and_backbone_files_load(tmp_path):
 def test_wrong_checkpoints_give_clear_errors(tmp_path):
     not_torch = tmp_path / "notes.txt"
     not_torch.write_text("not a checkpoint\n")
-    with pytest.raises(ev.CheckpointFormatError, match=r"notes\.txt cannot be read"):
-        ev.load_backbone(not_torch)
+    with pytest.raises(CheckpointError, match=r"notes\.txt cannot be read"):
+        load_backbone(not_torch)
 
     foreign = tmp_path / "vit.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, foreign)
-    with pytest.raises(ev.CheckpointFormatError, match=r"vit\.pth holds no ResNet backbone weights"):
-        ev.load_backbone(foreign)
+    with pytest.raises(CheckpointError, match=r"vit\.pth holds no ResNet backbone weights"):
+        load_backbone(foreign)
 
     rn18 = tmp_path / "rn18.pth"
     torch.save(randomised_resnet18().state_dict(), rn18)
-    with pytest.raises(ev.CheckpointFormatError, match=r"rn18\.pth does not fit a resnet50 backbone \(missing"):
-        ev.load_backbone(rn18, arch="resnet50")
+    with pytest.raises(CheckpointError, match=r"rn18\.pth does not fit a resnet50 backbone \(missing"):
+        load_backbone(rn18, arch="resnet50")
 
     truncated = tmp_path / "truncated.pth"
     torch.save({k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("layer4.")},
                truncated)
-    with pytest.raises(ev.CheckpointFormatError, match=r"truncated\.pth does not fit a resnet18 backbone.*layer4"):
-        ev.load_backbone(truncated)
+    with pytest.raises(CheckpointError, match=r"truncated\.pth does not fit a resnet18 backbone.*layer4"):
+        load_backbone(truncated)
 
     widened = tmp_path / "widened.pth"
     state = randomised_resnet18().state_dict()
     state["conv1.weight"] = torch.zeros(64, 4, 7, 7)
     torch.save(state, widened)
-    with pytest.raises(ev.CheckpointFormatError, match=r"widened\.pth .*'conv1\.weight' has shape"):
-        ev.load_backbone(widened)
+    with pytest.raises(CheckpointError, match=r"widened\.pth .*'conv1\.weight' has shape"):
+        load_backbone(widened)
 
     mixed = tmp_path / "mixed.pth"
     torch.save({"epoch": 3, "conv1.weight": torch.zeros(1)}, mixed)
-    with pytest.raises(ev.CheckpointFormatError, match=r"mixed\.pth is not a model state dict \(key 'epoch'"):
-        ev.load_backbone(mixed)
+    with pytest.raises(CheckpointError, match=r"mixed\.pth is not a model state dict \(key 'epoch'"):
+        load_backbone(mixed)
 
     checkpoint = tmp_path / "checkpoint.pth"
     torch.save(bt_fast_checkpoint(randomised_barlow_twins()), checkpoint)
-    with pytest.raises(ev.CheckpointFormatError, match=r"checkpoint\.pth was trained as resnet18"):
-        ev.load_backbone(checkpoint, arch="resnet50")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth was trained as resnet18"):
+        load_backbone(checkpoint, arch="resnet50")
 
-    with pytest.raises(ev.CheckpointFormatError, match=r"missing\.pth does not exist"):
-        ev.load_backbone(tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing\.pth does not exist"):
+        load_backbone(tmp_path / "missing.pth")
 
 
 def test_random_init_is_seeded():
-    a, b, c = ev.random_backbone("resnet18", 0), ev.random_backbone("resnet18", 0), ev.random_backbone("resnet18", 1)
+    a, b, c = random_backbone("resnet18", 0), random_backbone("resnet18", 0), random_backbone("resnet18", 1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
@@ -327,16 +331,29 @@ def test_cli_linear_probe_runs_both_ways(split_folder, rn18_file, tmp_path, caps
     assert capsys.readouterr().out.startswith("linear")
 
 
+def exit_code(argv: list[str]) -> int:
+    """The exit status `python -m tools.evaluate ARGV` ends with."""
+    try:
+        return ev.main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
 def test_cli_errors_are_one_line_naming_the_file(split_folder, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     torch.save({"weight": torch.zeros(2)}, bad)
-    assert ev.main(["--checkpoint", str(bad), "--data", str(split_folder), *COMMON]) == 2
+    assert exit_code(["--checkpoint", str(bad), "--data", str(split_folder), *COMMON]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]
 
+    missing = tmp_path / "missing.pth"
+    assert exit_code(["--checkpoint", str(missing), "--data", str(split_folder), *COMMON]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"{missing} does not exist" in err[0]
+
     flat = tmp_path / "flat"
     write_image_folder(flat, classes=2, per_class=2)
-    assert ev.main(["--random-init", "--arch", "resnet18", "--data", str(flat), *COMMON]) == 2
+    assert exit_code(["--random-init", "--arch", "resnet18", "--data", str(flat), *COMMON]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no train/ and val/" in err[0] and "--val-data" in err[0]
 
@@ -345,7 +362,7 @@ def test_cli_errors_are_one_line_naming_the_file(split_folder, tmp_path, capsys)
     write_image_folder(broken / "val", classes=2, per_class=2)
     corrupt = broken / "val" / "class1" / "img000.jpg"
     corrupt.write_bytes(b"not a jpeg")
-    assert ev.main(["--random-init", "--arch", "resnet18", "--data", str(broken), *COMMON]) == 2
+    assert exit_code(["--random-init", "--arch", "resnet18", "--data", str(broken), *COMMON]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(corrupt) in err[0]
 
@@ -357,8 +374,9 @@ def test_resolve_splits():
 
 
 def test_errors_from_dataloader_workers_are_reduced_to_the_original_message():
+    """What the CLI prints for a corrupt image found inside a DataLoader worker (bt_fast.errors.one_line)."""
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                         '  File "x.py", line 1, in f\npipelines.base.DataError: cannot read image a.jpg: bad; '
                         "remove or replace the file\n")
-    assert ev.one_line(wrapped) == "cannot read image a.jpg: bad; remove or replace the file"
-    assert ev.one_line(DataError("first line\nsecond")) == "first line"
+    assert one_line(wrapped) == "cannot read image a.jpg: bad; remove or replace the file"
+    assert one_line(DataError("first line\nsecond")) == "first line second"

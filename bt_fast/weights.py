@@ -1,0 +1,139 @@
+"""Frozen-evaluation backbones: read out of saved weights, or freshly initialised as a baseline.
+
+`load_backbone(path)` accepts
+- a bt_fast `checkpoint.pth` (the `backbone.*` weights of its `model`; arch and image size from its `config`),
+- a bt_fast `backbone.pth`,
+- any torchvision-style ResNet state dict, such as the official Barlow Twins `resnet50.pth`
+  (no `fc.*`; an `fc.*` present is ignored), or a checkpoint holding one under `model` or `state_dict`.
+
+`module.` and `_orig_mod.` prefixes (DDP, torch.compile) are stripped, so the official training
+`checkpoint.pth` loads too. Without an explicit arch it comes from the bt_fast config, else from
+the keys. Every unusable file raises a `CheckpointError` that names it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bt_fast.checkpoint import CheckpointError
+from bt_fast.config import check_choice
+from bt_fast.model import BACKBONE_DIM, make_backbone
+
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+_WHAT_TO_PASS = "pass a bt_fast checkpoint.pth/backbone.pth or a ResNet state dict"
+
+
+@dataclass
+class LoadedBackbone:
+    backbone: nn.Module          # fc replaced by Identity: forward gives the (N, BACKBONE_DIM[arch]) features
+    arch: str
+    kind: str                    # "bt_fast checkpoint", "checkpoint" or "state dict"
+    image_size: int | None       # training image size recorded in a bt_fast checkpoint's config
+
+
+def strip_prefixes(key: str) -> str:
+    """`key` without any leading wrapper prefixes, in any order and number."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def backbone_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
+    """(backbone state dict without fc, kind, bt_fast config or None) from whatever torch.load returned."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; {_WHAT_TO_PASS}")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    if isinstance(obj.get("model"), dict):
+        state, kind = obj["model"], "bt_fast checkpoint" if config is not None else "checkpoint"
+    elif isinstance(obj.get("state_dict"), dict):
+        state, kind = obj["state_dict"], "checkpoint"
+    else:
+        state, kind = obj, "state dict"
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is not a model state dict (key '{bad}' holds a "
+                              f"{type(state[bad]).__name__}); {_WHAT_TO_PASS}")
+    state = {strip_prefixes(k): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if "conv1.weight" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no ResNet backbone weights (no 'conv1.weight' or "
+                              f"'backbone.conv1.weight'; keys start {sorted(state)[:3]}); pass a bt_fast "
+                              f"checkpoint.pth/backbone.pth or a torchvision ResNet state dict")
+    return state, kind, config
+
+
+def mismatch(state: dict[str, torch.Tensor], arch: str) -> str | None:
+    """None if `state` loads into an `arch` backbone (num_batches_tracked may be absent), else what differs."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in make_backbone(arch).state_dict().items()}
+    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k]))
+    if missing:
+        return f"missing {missing[:2]}"
+    if unexpected:
+        return f"unexpected {unexpected[:2]}"
+    if shapes:
+        k = shapes[0]
+        return f"'{k}' has shape {tuple(state[k].shape)}, {arch} expects {tuple(expected[k])}"
+    return None
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> str:
+    """resnet50 (bottleneck blocks: layer1.0.conv3) or resnet18 (basic blocks)."""
+    return "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+
+
+def _read(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling fails in many exception types; all mean the same to the user
+        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
+                              f"({type(err).__name__}{': ' + detail if detail else ''}); "
+                              f"pass a torch-saved state dict") from None
+
+
+def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
+    """The backbone stored in `path`, on the CPU; `arch` None: from the file's config or keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the checkpoint.pth or backbone.pth "
+                              f"written by training, or a ResNet state dict")
+    if arch is not None:
+        check_choice("arch", arch, BACKBONE_DIM)
+    state, kind, config = backbone_state(_read(path), path)
+    config_arch = config.get("arch") if config else None
+    if arch and config_arch and arch != config_arch:
+        raise CheckpointError(f"checkpoint {path} was trained as {config_arch} (its config), not {arch}; "
+                              f"drop --arch or pass --arch {config_arch}")
+    chosen = arch or config_arch or infer_arch(state)
+    if chosen not in BACKBONE_DIM:
+        raise CheckpointError(f"checkpoint {path} is a {chosen}; only {sorted(BACKBONE_DIM)} are supported")
+    problem = mismatch(state, chosen)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not fit a {chosen} backbone ({problem}); "
+                              f"pass the matching --arch or a resnet18/resnet50 checkpoint")
+    backbone = make_backbone(chosen)
+    backbone.load_state_dict(state, strict=False)  # only num_batches_tracked can be absent (checked above)
+    image_size = None
+    if config and isinstance(config.get("augment"), dict):
+        image_size = config["augment"].get("image_size")
+    return LoadedBackbone(backbone, chosen, kind, int(image_size) if image_size else None)
+
+
+def random_backbone(arch: str, seed: int = 0) -> nn.Module:
+    """The untrained backbone a pretraining run starts from (same constructor), seeded; the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_backbone(arch)
