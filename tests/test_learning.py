@@ -9,13 +9,14 @@ import json
 
 from bt_fast.config import load_config
 from bt_fast.train import train
-from tools import evaluate, make_demo_data
+from pipelines import demo_data
+from tools import evaluate
 
 MIN_GAIN_POINTS = 15.0
 
 
 def test_demo_pretraining_beats_random_init_on_knn(tmp_path):
-    demo = make_demo_data.build(tmp_path / "demo", train_per_class=64, val_per_class=16)
+    demo = demo_data.build(tmp_path / "demo", train_per_class=64, val_per_class=16)
     run = tmp_path / "run"
     summary = train(load_config("configs/demo_cpu.yaml", [f"data={demo / 'train'}", f"knn_val={demo / 'val'}",
                                                           f"out_dir={run}"]))

@@ -1,77 +1,15 @@
 """Build the embedded demo dataset from the real photographs bundled with scikit-image.
 
-Each photograph is a class. Training images are random crops from the left 75% of
-the photograph, validation images from the right 25%, so the two splits never share
-pixels. Every crop is resized to an ImageNet-typical 500x375 (or 375x500) and saved
-as a quality-90 JPEG. Deterministic; a complete dataset is reused, not rebuilt.
-
     python -m tools.make_demo_data data/demo     # -> data/demo/{train,val}/<photo>/*.jpg
+
+What it holds and how it is cut: `pipelines.demo_data`.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
-               "immunohistochemistry", "stereo_motorcycle", "camera", "coins", "moon", "page",
-               "horse", "brick", "grass", "gravel")
-TRAIN_FRACTION = 0.75
-VERSION = 1
-
-
-def load_photograph(name: str) -> np.ndarray:
-    import skimage.data
-    image = getattr(skimage.data, name)()
-    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
-        image = image[0]
-    image = np.asarray(image)
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
-
-
-def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[Image.Image]:
-    """`count` crops covering 30-90% of the region's area, resized to 500x375 or 375x500."""
-    height, width = image.shape[:2]
-    crops = []
-    for _ in range(count):
-        area = rng.uniform(0.3, 0.9) * height * width
-        aspect = rng.uniform(0.75, 1.33)
-        h = int(min(height, round(np.sqrt(area / aspect))))
-        w = int(min(width, round(np.sqrt(area * aspect))))
-        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-        crop = Image.fromarray(image[top:top + h, left:left + w])
-        crops.append(crop.resize((500, 375) if w >= h else (375, 500), Image.BICUBIC))
-    return crops
-
-
-def build(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
-    manifest = root / "manifest.json"
-    wanted = {"version": VERSION, "photographs": list(PHOTOGRAPHS), "train_per_class": train_per_class,
-              "val_per_class": val_per_class, "seed": seed}
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    rng = np.random.default_rng(seed)
-    for name in PHOTOGRAPHS:
-        image = load_photograph(name)
-        split = int(image.shape[1] * TRAIN_FRACTION)
-        for subset, region, count in (("train", image[:, :split], train_per_class),
-                                      ("val", image[:, split:], val_per_class)):
-            out = root / subset / name
-            out.mkdir(parents=True, exist_ok=True)
-            for i, crop in enumerate(random_crops(region, count, rng)):
-                crop.save(out / f"{name}_{i:04d}.jpg", quality=90)
-    manifest.write_text(json.dumps(wanted, indent=1))  # written last: marks the set complete
-    return root
+from pipelines.demo_data import PHOTOGRAPHS, build
 
 
 def main() -> None:

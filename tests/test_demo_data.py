@@ -1,0 +1,32 @@
+"""pipelines.demo_data: the ImageFolder layout the pipelines and evaluation read, deterministic, reused when complete."""
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from pipelines.base import find_image_folder
+from pipelines.demo_data import PHOTOGRAPHS, build
+
+
+def test_build_makes_a_deterministic_image_folder_and_reuses_it(tmp_path):
+    root = build(tmp_path / "a", train_per_class=2, val_per_class=1, seed=3)
+    for subset, per_class in (("train", 2), ("val", 1)):
+        classes, samples = find_image_folder(str(root / subset))
+        assert sorted(classes) == sorted(PHOTOGRAPHS) and len(samples) == per_class * len(PHOTOGRAPHS)
+        for path, _ in samples:
+            with Image.open(path) as image:
+                assert image.format == "JPEG" and image.mode == "RGB" and image.size in ((500, 375), (375, 500))
+
+    again = build(tmp_path / "b", train_per_class=2, val_per_class=1, seed=3)
+    files = sorted(p.relative_to(root) for p in root.rglob("*.jpg"))
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*.jpg"))
+    assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+    marker = root / "train" / PHOTOGRAPHS[0] / "kept.txt"
+    marker.write_text("a complete set is not rebuilt")
+    build(root, train_per_class=2, val_per_class=1, seed=3)
+    assert marker.exists()
+    build(root, train_per_class=1, val_per_class=1, seed=3)  # other arguments: rebuilt from scratch
+    assert not marker.exists() and json.loads((root / "manifest.json").read_text())["train_per_class"] == 1
+    assert len(list((root / "train").rglob("*.jpg"))) == len(PHOTOGRAPHS)
