@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.data is None:
-            from tools.make_demo_data import build as build_demo
+            from pipelines.demo_data import build as build_demo
             args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
         if args.train_child:  # internal: one training-step measurement in a fresh process
             write_json(args.child_out, train_with_pipeline(args, args.train_child))
