@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from bt_fast.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_IMAGE_SIZE = 8  # the smallest crop whose blur kernel (3 taps) still fits its reflect padding
 
 
 class ConfigError(UserError, ValueError):
@@ -108,14 +110,24 @@ class Config:
         return dataclasses.asdict(self)
 
 
+class CommandLineValue(str):
+    """The text of a `key=value` override, parsed as YAML only where the key is not a string."""
+
+
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Convert `value` to the type of the field's default, or fail naming the key."""
+    if isinstance(value, CommandLineValue):
+        if isinstance(current, str):  # a string key keeps its text: out_dir=010 stays "010"
+            return str(value)
+        value = yaml.safe_load(value) if value.strip() else ""
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+        raise ConfigError(f"config key '{key}' expects true/false (or 1/0), got {value!r}")
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(current):
             raise ConfigError(f"config key '{key}' expects a list of {len(current)} numbers, got {value!r}")
@@ -153,17 +165,24 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
+    """['a.b=1', 'c=x'] -> {'a': {'b': '1'}, 'c': 'x'}; values stay text until their key's type is known."""
     tree: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"override '{pair}' is not of the form key=value")
         dotted, raw = pair.split("=", 1)
-        node = tree
         *parents, leaf = dotted.strip().split(".")
-        for part in parents:
+        node = tree
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+            if not isinstance(node, dict):
+                section = ".".join(parents[:depth + 1])
+                raise ConfigError(f"override '{pair}' sets a field of '{section}', which another override "
+                                  f"sets to a value; give each key once")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"override '{pair}' sets '{dotted.strip()}' to a value, but other overrides set "
+                              f"fields inside it; give each key once")
+        node[leaf] = CommandLineValue(raw)
     return tree
 
 
@@ -194,18 +213,46 @@ def check_choice(key: str, value: str, choices) -> None:
     raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'{hint}")
 
 
+def _require(condition: bool, key: str, expectation: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' must be {expectation}, got {value!r}")
+
+
+def _check_range(key: str, pair: tuple[float, float], low: float, high: float | None = None) -> None:
+    """A (low, high) pair with `low` < pair[0] <= pair[1] (<= `high`)."""
+    ok = low < pair[0] <= pair[1] and (high is None or pair[1] <= high)
+    bound = f" <= {high:g}" if high is not None else ""
+    _require(ok, key, f"a [low, high] pair with {low:g} < low <= high{bound}", list(pair))
+
+
 def validate(config: Config) -> None:
     """Checks of the values this module owns; names such as `pipeline` and `arch` are checked by
     their registries (`pipelines.PIPELINES`, `bt_fast.model.BACKBONE_DIM`) when they are built."""
     check_choice("amp", config.amp, ("auto", "bfloat16", "float16", "none"))
-    if config.batch_size <= 0 or config.epochs <= 0:
-        raise ConfigError("config keys 'batch_size' and 'epochs' must be positive")
-    if config.log_every <= 0:
-        raise ConfigError(f"config key 'log_every' must be positive, got {config.log_every}")
-    for key in ("checkpoint_every", "knn_every", "max_steps"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"config key '{key}' must be 0 or positive, got {getattr(config, key)}")
-    for p in (config.augment.flip_p, config.augment.jitter_p, config.augment.grayscale_p,
-              *config.augment.blur_p, *config.augment.solarize_p):
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"augment probabilities must lie in [0, 1], got {p}")
+    check_choice("device", config.device, ("auto", "cpu", "cuda"))
+    check_choice("ffcv.order", config.ffcv.order, ("random", "quasi_random"))
+    for key in ("batch_size", "epochs", "log_every"):
+        _require(getattr(config, key) > 0, key, "positive", getattr(config, key))
+    for key in ("checkpoint_every", "knn_every", "max_steps", "workers", "warmup_epochs", "lr_weights",
+                "lr_biases", "weight_decay", "lambd"):
+        _require(getattr(config, key) >= 0, key, "0 or positive", getattr(config, key))
+    _require(bool(re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)*", config.projector)), "projector",
+             "layer widths joined by '-', e.g. 8192-8192-8192", config.projector)
+    _require(bool(config.out_dir.strip()), "out_dir", "a directory", config.out_dir)
+    _require(config.ffcv.max_resolution > 0, "ffcv.max_resolution", "positive", config.ffcv.max_resolution)
+    _require(1 <= config.ffcv.jpeg_quality <= 100, "ffcv.jpeg_quality", "1..100", config.ffcv.jpeg_quality)
+    spec = config.augment
+    _require(spec.image_size >= MIN_IMAGE_SIZE, "augment.image_size", f"at least {MIN_IMAGE_SIZE} pixels",
+             spec.image_size)
+    _check_range("augment.crop_scale", spec.crop_scale, 0.0, 1.0)
+    _check_range("augment.crop_ratio", spec.crop_ratio, 0.0)
+    _check_range("augment.blur_sigma", spec.blur_sigma, 0.0)
+    for name in ("brightness", "contrast", "saturation"):
+        _require(getattr(spec, name) >= 0, f"augment.{name}", "0 or positive", getattr(spec, name))
+    _require(0 <= spec.hue <= 0.5, "augment.hue", "in [0, 0.5]", spec.hue)
+    _require(0 <= spec.solarize_threshold <= 1, "augment.solarize_threshold", "in [0, 1]", spec.solarize_threshold)
+    _require(all(s > 0 for s in spec.std), "augment.std", "positive", list(spec.std))
+    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        value = getattr(spec, key)
+        _require(all(0.0 <= p <= 1.0 for p in (value if isinstance(value, tuple) else (value,))),
+                 f"augment.{key}", "probabilities in [0, 1]", value)
