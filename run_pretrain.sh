@@ -43,7 +43,9 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # SIGUSR1 is SLURM's preemption / time-limit warning: torchrun must pass it on rather than die of it.
 # The shutdown timeout is how long torchrun lets the workers write their checkpoint before SIGKILL.
-torchrun=("$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS" --max-restarts "$MAX_RESTARTS"
+# tools.launch is torchrun that checks the config once before starting (so a config error is not
+# retried MAX_RESTARTS times) and ends a signalled or failed run in one line.
+torchrun=("$PYTHON" -m tools.launch --nproc-per-node "$GPUS" --max-restarts "$MAX_RESTARTS"
           --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 120)
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ "$LOCAL_NODES" != 1 ]; then

@@ -14,12 +14,14 @@ stops the run too. Every rank takes these decisions together, from one all-reduc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,24 +29,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
                                 remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
 from bt_fast.config import Config, ConfigError, load_config
-from bt_fast.errors import UserError, cli_errors
+from bt_fast.errors import UserError, cli_errors, print_error
 from bt_fast.files import atomic_write_text
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
+from bt_fast.progress import progress
 from bt_fast.schedule import learning_rate, set_learning_rates
 from pipelines import Placement, build_pipeline
 
 
 MAX_SKIPPED_STEPS = 20
-STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2}  # codes agreed by MAX across ranks: USR1 wins
+# Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGINT.
+STOP_SIGNALS = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
+STOP_NAMES = {code: sig.name for sig, code in STOP_SIGNALS.items()}
+# A Ctrl-C reaches a worker twice under torchrun (from the terminal, then forwarded by torchrun):
+# a repeat this soon is the same request; a later one aborts at once.
+REPEATED_SIGINT_S = 2.0
 
 
 class TrainingError(UserError):
@@ -52,13 +59,20 @@ class TrainingError(UserError):
 
 
 class StopSignals:
-    """While active, SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step boundary."""
+    """While active, SIGINT / SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step
+    boundary. A second Ctrl-C (after REPEATED_SIGINT_S) raises KeyboardInterrupt at once."""
 
     def __init__(self):
         self.code = 0
+        self._first_sigint: float | None = None
         self._previous: dict[int, object] = {}
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > REPEATED_SIGINT_S:
+                raise KeyboardInterrupt
+            self._first_sigint = self._first_sigint or now
         self.code = max(self.code, STOP_SIGNALS[signum])
 
     def __enter__(self) -> "StopSignals":
@@ -115,6 +129,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
         self.skipped_in_row = 0
+        self.log = None  # metrics.jsonl on rank 0 while fit() runs
         self.knn_monitor = self._knn_monitor()
 
     def _knn_monitor(self) -> KnnMonitor | None:
@@ -153,6 +168,11 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.first_loss = state.get("first_loss")
+        self.last_loss = state.get("last_loss")
+        changed = changed_settings(state.get("config", {}), self.config.to_dict())
+        if changed and self.ctx.is_main:
+            print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
+                  f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)
 
     def _check_ranks_agree_on_step(self, path: Path) -> None:
         if self.ctx.world_size == 1:
@@ -180,10 +200,13 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.ctx.is_main:
             return
+        if self.log is not None:  # every step the checkpoint covers is in the log before it exists
+            self.log.flush()
+            os.fsync(self.log.fileno())
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                      "step": self.step, "config": self.config.to_dict(), "rng": rng_state(),
-                     "first_loss": self.first_loss}, self.out_dir / CHECKPOINT_NAME)
+                     "first_loss": self.first_loss, "last_loss": self.last_loss}, self.out_dir / CHECKPOINT_NAME)
 
     def save_backbone(self) -> Path:
         path = self.out_dir / BACKBONE_NAME
@@ -259,18 +282,18 @@ class Trainer:
 
     def fit(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.out_dir / "metrics.jsonl", "a") if self.ctx.is_main else None
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.ctx.is_main,
-                        unit="step", dynamic_ncols=True)
+        self.log = open(self.out_dir / "metrics.jsonl", "a") if self.ctx.is_main else None
+        bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
         self.images_seen, self.train_time = 0, 0.0
         self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         try:
             with StopSignals() as signals:
-                self._epochs(signals, log, progress)
+                self._epochs(signals, self.log, bar)
         finally:
-            progress.close()
-            if log:
-                log.close()
+            bar.close()
+            if self.log:
+                self.log.close()
+                self.log = None
 
     def _epochs(self, signals: StopSignals, log, progress) -> None:
         start_epoch, skip = divmod(self.step, self.steps_per_epoch)
@@ -302,13 +325,13 @@ class Trainer:
                     if self.step % self.config.log_every == 0 or stop:
                         log.flush()
                 progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}")
+                progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}", refresh=False)
                 if self.step >= self.total_steps:
                     break
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 and not stop:
                     self.save_checkpoint()
                 if stop:
-                    self.stopped_by = "SIGUSR1" if stop == STOP_SIGNALS[signal.SIGUSR1] else "SIGTERM"
+                    self.stopped_by = STOP_NAMES[stop]
                     self.save_checkpoint()
                     if stop == STOP_SIGNALS[signal.SIGUSR1]:
                         self.requeue()
@@ -337,41 +360,137 @@ class Trainer:
             dist.barrier()
 
 
+# Keys that may change between a run and its resume without changing what it computes.
+RESUMABLE_KEYS = {"max_steps", "out_dir", "log_every", "checkpoint_every", "knn_every", "knn_train", "knn_val",
+                  "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch"}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'key old -> new' for the settings of `current` that differ from a checkpoint's `saved` config."""
+    old, new = _flatten(saved), _flatten(current)
+    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+            if key not in RESUMABLE_KEYS and old[key] != new[key]]
+
+
+def check_run_inputs(config: Config) -> None:
+    """What a run needs from the file system, checked before anything is built (one ConfigError each)."""
+    own_dataset = ((config.pipeline == "ffcv" and config.ffcv.beton) or
+                   (config.pipeline == "dali" and config.dali.records))
+    if not config.data and not own_dataset:
+        raise ConfigError("config key 'data' is required: data=/path/to/ImageFolder (with make: DATA=...; "
+                          "`make pretrain` without DATA trains on the demo data)")
+    for key in ("knn_train", "knn_val"):
+        path = getattr(config, key)
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"config key '{key}' names {path}, which is not a directory; point it at a labelled "
+                              f"ImageFolder or leave it empty")
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"config key 'out_dir' names {out_dir}, which is a file; choose a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
+                          f"({err.strerror or err}); choose another out_dir") from None
+
+
+def _last_logged_loss(out_dir: Path) -> float | None:
+    """The loss of the last step in metrics.jsonl (runs checkpointed before losses were)."""
+    path = out_dir / "metrics.jsonl"
+    losses = [json.loads(line).get("loss") for line in path.read_text().splitlines()] if path.is_file() else []
+    losses = [loss for loss in losses if loss is not None]
+    return losses[-1] if losses else None
+
+
 def train(config: Config) -> dict:
-    """Run (or resume) pretraining; returns the summary printed at the end."""
+    """Run (or resume) pretraining; returns the summary printed at the end.
+
+    A run whose checkpoint already holds every step trains nothing and reports itself complete.
+    """
+    check_run_inputs(config)
     ctx = init_distributed(config.device)
     try:
         trainer = Trainer(config, ctx)
         trainer.resume()
+        already_complete = trainer.step >= trainer.total_steps
         trainer.fit()
-        backbone = None if trainer.stopped_by else trainer.save_backbone()
+        backbone = trainer.out_dir / BACKBONE_NAME
+        if not trainer.stopped_by and not (already_complete and backbone.is_file()):
+            backbone = trainer.save_backbone()
+        last_loss = trainer.last_loss if trainer.last_loss is not None else _last_logged_loss(trainer.out_dir)
         return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by": trainer.stopped_by,
-                "world_size": ctx.world_size,
-                "images_per_s": trainer.images_seen / max(trainer.train_time, 1e-9),
-                "first_loss": trainer.first_loss, "last_loss": trainer.last_loss,
+                "already_complete": already_complete, "world_size": ctx.world_size,
+                "images_per_s": trainer.images_seen / trainer.train_time if trainer.train_time else None,
+                "first_loss": trainer.first_loss, "last_loss": last_loss,
                 "checkpoint": str(trainer.out_dir / CHECKPOINT_NAME), "backbone": str(backbone),
                 "is_main": ctx.is_main}
     finally:
         shutdown_distributed()
 
 
+def _config_keys(node=None, prefix: str = "") -> list[str]:
+    """'key = default' for every config key, for --help."""
+    node = node if node is not None else Config()
+    lines = []
+    for field in dataclasses.fields(node):
+        value = getattr(node, field.name)
+        if dataclasses.is_dataclass(value):
+            lines += _config_keys(value, f"{prefix}{field.name}.")
+        else:
+            lines.append(f"  {prefix}{field.name} = {list(value) if isinstance(value, tuple) else value!r}")
+    return lines
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Barlow Twins pretraining")
+    parser = argparse.ArgumentParser(
+        prog="python -m bt_fast.train", description="Barlow Twins pretraining (resumes from <out_dir>/checkpoint.pth).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or as key=value; defaults shown):\n" + "\n".join(_config_keys()))
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the config and the paths it names, then exit (what the launcher does first)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 augment.image_size=96")
     args = parser.parse_args(argv)
-    with cli_errors():
-        summary = train(load_config(args.config, args.overrides))
+    try:
+        with cli_errors():
+            config = load_config(args.config, args.overrides)
+            if args.check:
+                check_run_inputs(config)
+                return
+            summary = train(config)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print_error(f"interrupted; stopped without writing a checkpoint (the last one, if any, is in "
+                    f"{Path(config.out_dir) / CHECKPOINT_NAME if 'config' in locals() else 'out_dir'})")
+        sys.exit(130)
     if not summary.pop("is_main"):
-        return
+        sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']} after step {summary['steps']} of {summary['total_steps']}\n"
               f"checkpoint: {summary['checkpoint']} (run the same command again to resume)")
-    else:
-        print(f"done: {summary['steps']} steps on {summary['world_size']} process(es), "
-              f"{summary['images_per_s']:.1f} images/s, "
-              f"loss {summary['first_loss']:.1f} -> {summary['last_loss']:.1f}\n"
-              f"checkpoint: {summary['checkpoint']}\nbackbone:   {summary['backbone']}")
+        # Ctrl-C ends with the shell's "interrupted" status so that `make pretrain && make eval` stops;
+        # SIGTERM / SIGUSR1 come from schedulers, for which a checkpointed stop is a success.
+        sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
+    done = "run already complete" if summary["already_complete"] else "done"
+    print(f"{done}: {summary['steps']} steps on {summary['world_size']} process(es), "
+          f"{_fmt(summary['images_per_s'], '.1f')} images/s, "
+          f"loss {_fmt(summary['first_loss'], '.1f')} -> {_fmt(summary['last_loss'], '.1f')}\n"
+          f"checkpoint: {summary['checkpoint']}\nbackbone:   {summary['backbone']}")
 
 
 if __name__ == "__main__":

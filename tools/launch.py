@@ -1,0 +1,81 @@
+"""torchrun for bt_fast: check the training config once, launch, and end in one line.
+
+    python -m tools.launch [torchrun options] -m bt_fast.train [--config FILE] [key=value ...]
+
+Used by `run_pretrain.sh` wherever it starts torchrun. Three things differ from plain torchrun:
+
+- The config and the paths it names are checked here first. torchrun restarts a failed worker
+  group up to --max-restarts times, which would print a config error that many times.
+- When torchrun is stopped by a signal (SLURM's SIGTERM or SIGUSR1, Ctrl-C), it passes the signal
+  on to the workers, which checkpoint at the next step boundary, and then raises. Here that ends
+  as a single-process run does: one line, exit 0 (130 for SIGINT) when this launch wrote a checkpoint.
+- A worker group that failed for good ends in one line naming the rank and its error; the
+  workers' own `error:` lines are above it.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from bt_fast.checkpoint import CHECKPOINT_NAME
+from bt_fast.config import Config, load_config
+from bt_fast.errors import cli_errors, print_error
+from bt_fast.train import check_run_inputs
+
+TRAIN_MODULE = ("-m", "bt_fast.train")
+
+
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun options, bt_fast.train arguments) around `-m bt_fast.train`."""
+    for i in range(len(argv) - 1):
+        if tuple(argv[i:i + 2]) == TRAIN_MODULE:
+            return argv[:i], argv[i + 2:]
+    raise SystemExit("error: usage: python -m tools.launch [torchrun options] -m bt_fast.train [train arguments]")
+
+
+def training_config(train_args: list[str]) -> Config:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(train_args)
+    config = load_config(args.config, args.overrides)
+    check_run_inputs(config)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
+    with cli_errors():
+        config = training_config(train_args)
+    checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
+    started = time.time()
+    try:
+        torchrun.run(torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args]))
+    except SignalException as stop:
+        name = signal.Signals(stop.sigval).name
+        code = 130 if stop.sigval == signal.SIGINT else 0
+        if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
+            print(f"stopped by {name}\ncheckpoint: {checkpoint} (run the same command again to resume)")
+            return code
+        print_error(f"stopped by {name} before this launch wrote a checkpoint; the command resumes from "
+                    f"{checkpoint if checkpoint.is_file() else 'the start'}")
+        return code or 1
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        reason = " ".join(str(failure.message).split()) if isinstance(failure.message, str) else ""
+        print_error(f"training failed on rank {rank} (exit code {failure.exitcode})"
+                    f"{': ' + reason if reason and not reason.startswith('To enable traceback') else ''}; "
+                    f"the workers' own error lines are above")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
