@@ -1,0 +1,160 @@
+"""Everyday paths that must end in a clean result or one line: reruns, Ctrl-C, bad settings, resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bt_fast.train as train_module
+from bt_fast.checkpoint import CHECKPOINT_NAME
+from bt_fast.config import ConfigError, load_config, parse_overrides
+from bt_fast.train import Trainer, main
+from test_train import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def tiny_args(data, out_dir, *extra) -> list[str]:
+    return ["--config", "configs/demo_cpu.yaml", f"data={data}", f"out_dir={out_dir}", "pipeline=reference",
+            "knn_every=0", "workers=0", "batch_size=8", "projector=64-64", "augment.image_size=32", "epochs=1",
+            "warmup_epochs=0", *extra]
+
+
+def metric_lines(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rerunning_a_finished_run_reports_it_complete(image_folder, tmp_path, capsys):
+    args = tiny_args(image_folder, tmp_path, "max_steps=2")
+    code, first, _ = run_main(capsys, *args)
+    assert code == 0 and first.startswith("done: 2 steps")
+    last_loss = metric_lines(tmp_path)[-1]["loss"]
+    code, again, err = run_main(capsys, *args)
+    assert code == 0, err
+    assert again.startswith("run already complete: 2 steps") and f"-> {last_loss:.1f}" in again
+    assert len(metric_lines(tmp_path)) == 2  # nothing was trained twice
+
+
+def _signal_after_step(monkeypatch, signum: int, after_step: int, repeat_after_s: float | None = None):
+    """Deliver `signum` to this process from inside step `after_step` (deterministic, unlike a timer)."""
+    real_step = Trainer.train_step
+
+    def step(self, y1, y2):
+        loss = real_step(self, y1, y2)
+        if self.step + 1 == after_step:
+            os.kill(os.getpid(), signum)
+            if repeat_after_s is not None:
+                monkeypatch.setattr(train_module, "REPEATED_SIGINT_S", repeat_after_s)
+                os.kill(os.getpid(), signum)
+        return loss
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_exits_130(image_folder, tmp_path, capsys, monkeypatch):
+    _signal_after_step(monkeypatch, signal.SIGINT, after_step=2)
+    code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "log_every=100"))
+    assert code == 130, err
+    assert out.startswith("stopped by SIGINT after step 2 of 3")
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    assert [m["step"] for m in metric_lines(tmp_path)] == [1, 2]  # flushed although log_every is 100
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    _signal_after_step(monkeypatch, signal.SIGINT, after_step=1, repeat_after_s=-1.0)
+    code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path))
+    assert code == 130
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; stopped without writing a checkpoint")
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folder, tmp_path, monkeypatch):
+    seen = []
+    real_save = train_module.atomic_save
+
+    def save(obj, path):
+        if path.name == CHECKPOINT_NAME:
+            seen.append((obj["step"], len((tmp_path / "metrics.jsonl").read_text().splitlines())))
+        real_save(obj, path)
+    monkeypatch.setattr(train_module, "atomic_save", save)
+    train_module.train(tiny_config(image_folder, tmp_path, "checkpoint_every=2", "log_every=1000", "epochs=1"))
+    assert seen and all(step == lines for step, lines in seen), seen
+
+
+@pytest.mark.parametrize("override, message", [
+    ("augment.image_size=0", "config key 'augment.image_size' must be at least 8 pixels"),
+    ("augment.image_size=-4", "config key 'augment.image_size' must be at least 8 pixels"),
+    ("projector=abc", "config key 'projector' must be layer widths joined by '-'"),
+    ("projector=512-0-512", "config key 'projector' must be layer widths joined by '-'"),
+    ("augment.crop_scale=[0.5,0.1]", "config key 'augment.crop_scale' must be a [low, high] pair"),
+    ("augment.blur_sigma=[0,0]", "config key 'augment.blur_sigma' must be a [low, high] pair"),
+    ("lr_weights=-0.1", "config key 'lr_weights' must be 0 or positive"),
+    ("lr_biases=-1", "config key 'lr_biases' must be 0 or positive"),
+    ("warmup_epochs=-1", "config key 'warmup_epochs' must be 0 or positive"),
+    ("pipeline=ffvc", "config key 'pipeline' must be one of reference, ffcv, dali, got 'ffvc' (did you mean 'ffcv'?)"),
+    ("knn_val=/does/not/exist", "config key 'knn_val' names /does/not/exist, which is not a directory"),
+])
+def test_bad_settings_are_one_line_naming_the_key(override, message, image_folder, tmp_path, capsys):
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path), override)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_data_is_required(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the repository root holds images: a missing data= must not train on them
+    code, _, err = run_main(capsys, "--config", "configs/demo_cpu.yaml", f"out_dir={tmp_path}")
+    assert code == 2 and err.startswith("error: config key 'data' is required")
+
+
+def test_out_dir_that_is_a_file_or_not_writable_is_refused(image_folder, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = run_main(capsys, *tiny_args(image_folder, a_file))
+    assert code == 2 and f"config key 'out_dir' names {a_file}, which is a file" in err
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(train_module.tempfile, "TemporaryFile", read_only)
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "out"))
+    assert code == 2 and "which is not writable (Read-only file system)" in err
+
+
+def test_overrides_keep_string_keys_as_typed_and_accept_1_0_booleans():
+    config = load_config("configs/demo_cpu.yaml", ["out_dir=010", "compile_optimizer=1", "channels_last=0"])
+    assert config.out_dir == "010" and config.compile_optimizer is True and config.channels_last is False
+    assert load_config(None, ["epochs=010"]).epochs == 8  # numbers keep YAML's meaning (octal here)
+    with pytest.raises(ConfigError, match="give each key once"):
+        parse_overrides(["x=1", "x.y=2"])
+    with pytest.raises(ConfigError, match="give each key once"):
+        parse_overrides(["augment.image_size=32", "augment=1"])
+
+
+def test_resume_with_changed_settings_lists_them(image_folder, tmp_path, capsys):
+    run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2", "lr_weights=0.7",
+                                               "augment.image_size=40"))
+    assert code == 0
+    warning = [line for line in err.splitlines() if line.startswith("warning: resuming")]
+    assert len(warning) == 1 and "augment.image_size 32 -> 40" in warning[0] and "lr_weights 1.0 -> 0.7" in warning[0]
+    assert "max_steps" not in warning[0]  # extending a run is what max_steps is for
+
+
+@pytest.mark.timeout(300)
+def test_launcher_reports_a_config_error_once_without_starting_torchrun(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "CONFIG": "configs/demo_cpu.yaml", "GPUS": "2",
+           "DATA": str(tmp_path), "OUT": str(tmp_path / "run")}
+    result = subprocess.run(["bash", "run_pretrain.sh", "epochs=abc", "device=cpu"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: config key 'epochs' expects a number, got 'abc'"]
