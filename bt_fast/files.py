@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -66,6 +67,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, payload: Any) -> Path:
     """`payload` as indented JSON with a final newline, written atomically."""
     return atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _writer_is_gone(temporary: Path) -> bool:
+    """True if `temporary` was made by a process on this host that no longer runs."""
+    parts = temporary.name.rsplit(".", 4)  # [.name, host, pid, token, tmp]
+    if len(parts) != 5 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_orphaned_temporaries(directory: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporaries (files or directories) for `names` in `directory` whose writer on this
+    host was killed. Safe while other processes write: a live writer's temporary is kept."""
+    directory = Path(directory)
+    orphans = [p for name in names for p in directory.glob(f".{name}.*.tmp") if _writer_is_gone(p)] \
+        if directory.is_dir() else []
+    for p in orphans:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return orphans
 
 
 def remove_stale_temporaries(directory: str | Path, names: tuple[str, ...]) -> list[Path]:

@@ -50,13 +50,15 @@ def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     Raises DataError with the directory named if it is missing or holds no images.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"data {root} is a file; give the ImageFolder directory (or, with pipeline=ffcv, a .beton)")
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist; pass DATA=/path/to/imagefolder or omit it for the demo")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     samples = [(str(path), label)
                for label, name in enumerate(classes)
                for path in sorted((root / name).rglob("*"))
-               if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+               if path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or path.is_symlink())]
     if not samples:
         raise DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
     return classes, samples

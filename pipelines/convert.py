@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Sequence
 
-from bt_fast.files import fsync_directory, temporary_name, write_json
+from bt_fast.files import fsync_directory, remove_orphaned_temporaries, temporary_name, write_json
 from bt_fast.progress import progress as progress_bar
 from pipelines.base import DataError, find_image_folder
 from pipelines.dali_format import write_dali
@@ -119,6 +120,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed and make sure a file can be written there (DataError otherwise)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise DataError(f"cannot write into {directory} ({err.strerror or err}); choose an output on "
+                        f"writable storage") from None
+
+
 def install_output(tmp: Path, dst: Path) -> None:
     """Move the finished file or directory `tmp` to `dst`, replacing whatever `dst` is.
 
@@ -170,10 +182,9 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
         resolved_src, resolved_dst = src.resolve(), dst.resolve()
         if resolved_src == resolved_dst or resolved_dst in resolved_src.parents:
             raise DataError(f"output {dst} contains the source {src}; refusing to overwrite it")
-    if not dst.parent.is_dir():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-
-    classes, samples = scan_source(src)
+    classes, samples = scan_source(src)  # a missing source fails before anything is created
+    check_writable(dst.parent)
+    remove_orphaned_temporaries(dst.parent, (dst.name,))  # left by a conversion that was killed
     statuses = validate_all([path for path, _ in samples], workers, progress)
 
     kept: list[tuple[str, int]] = []

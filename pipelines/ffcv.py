@@ -306,14 +306,24 @@ class _TwoCropLoader(Loader):
 # --------------------------------------------------------------------------------------------
 
 @contextmanager
-def _file_lock(path: Path):
-    """Exclusive lock beside `path`, so ranks sharing a filesystem convert once."""
+def _file_lock(path: Path, data: str):
+    """Exclusive lock beside `path`, so ranks sharing a filesystem convert once; removed afterwards.
+
+    A rank that still waits on the removed lock file finds the .beton written when it gets the lock.
+    """
     lock_path = path.with_name(f".{path.name}.lock")
-    with open(lock_path, "w") as handle:
+    try:
+        handle = open(lock_path, "w")
+    except OSError as err:
+        raise DataError(f"cannot write the FFCV dataset {path} beside {data} ({err.strerror or err}): convert it "
+                        f"elsewhere with `python -m tools.convert {data} DST.beton --format ffcv` and pass "
+                        f"ffcv.beton=DST.beton") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
+            lock_path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -328,14 +338,16 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
     if not Path(config.data).exists():
         raise DataError(f"data directory {config.data} does not exist; pass DATA=/path/to/imagefolder (converted to "
                         f"{path} on first use) or omit it for the demo")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path):
+    say = log or (lambda message: print(message, file=sys.stderr))
+    with _file_lock(path, config.data):
         if not path.is_file():  # another rank may have finished while we waited
-            (log or (lambda message: print(message, file=sys.stderr)))(
-                f"converting {config.data} to {path} for the FFCV pipeline (first use)")
-            convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
-                    jpeg_quality=config.ffcv.jpeg_quality, workers=max(1, min(config.workers, os.cpu_count() or 1)),
-                    progress=False)
+            say(f"converting {config.data} to {path} for the FFCV pipeline (first use)")
+            report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
+                             jpeg_quality=config.ffcv.jpeg_quality,
+                             workers=max(1, min(config.workers, os.cpu_count() or 1)), progress=False)
+            if report["skipped"]:
+                say(f"warning: {report['skipped']} of {report['written'] + report['skipped']} images in "
+                    f"{config.data} are unreadable and were left out; they are listed in {report_path(path)}")
     return path
 
 

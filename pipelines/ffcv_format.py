@@ -34,6 +34,8 @@ def beton_path(config: Config) -> Path:
         return Path(config.ffcv.beton)
     if not config.data:
         raise DataError("pipeline 'ffcv' needs data=<ImageFolder> (converted on first use) or ffcv.beton=<file.beton>")
+    if config.data.endswith(".beton") and Path(config.data).is_file():  # data= names the dataset itself
+        return Path(config.data)
     return Path(config.data.rstrip("/") + ".beton")
 
 

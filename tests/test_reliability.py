@@ -158,3 +158,77 @@ def test_launcher_reports_a_config_error_once_without_starting_torchrun(tmp_path
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: config key 'epochs' expects a number, got 'abc'"]
+
+
+# -- first-use conversion and tools.convert --------------------------------------------------------
+def _folder_with_problems(root: Path, image_folder: Path) -> Path:
+    import shutil
+    shutil.copytree(image_folder, root)
+    (root / "class0" / "dangling.jpg").symlink_to(root / "gone.jpg")
+    (root / "class1" / "bad.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_convert_checks_source_and_output_before_doing_any_work(image_folder, tmp_path, monkeypatch):
+    from pipelines import convert as conversion
+    from pipelines.base import DataError
+    with pytest.raises(DataError, match="does not exist"):
+        conversion.convert(tmp_path / "missing", tmp_path / "deep" / "out.beton", "ffcv", workers=1)
+    assert not (tmp_path / "deep").exists()
+    monkeypatch.setattr(conversion, "validate_all", lambda *a, **k: pytest.fail("validated before the output check"))
+    (tmp_path / "blocked").write_text("a file where a directory is needed")
+    with pytest.raises(DataError, match="cannot write into"):
+        conversion.convert(image_folder, tmp_path / "blocked" / "out.beton", "ffcv", workers=1)
+
+
+def test_convert_removes_what_killed_conversions_left_and_keeps_live_ones(image_folder, tmp_path):
+    import socket
+    from pipelines.convert import convert
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".out.tar.{socket.gethostname()}.{dead.stdout.strip()}.0000.tmp"
+    orphan.mkdir()  # dali writes a directory
+    live = tmp_path / f".out.tar.{socket.gethostname()}.{os.getpid()}.0001.tmp"
+    live.write_text("another conversion, still running")
+    convert(image_folder, tmp_path / "out.tar", "dali", workers=1, progress=False)
+    assert not orphan.exists() and live.exists()
+
+
+def test_dangling_symlinks_and_unreadable_files_are_reported_not_dropped(image_folder, tmp_path):
+    from pipelines.convert import convert
+    source = _folder_with_problems(tmp_path / "src", image_folder)
+    report = convert(source, tmp_path / "out.beton", "ffcv", workers=1, progress=False)
+    skipped = {Path(entry["path"]).name: entry["reason"] for entry in report["files"] if entry["status"] == "skipped"}
+    assert set(skipped) == {"dangling.jpg", "bad.jpg"} and skipped["dangling.jpg"] == "file not found"
+    assert report["written"] == 24 and report["skipped"] == 2
+
+
+def test_first_use_conversion_says_what_it_skipped_and_leaves_no_lock(image_folder, tmp_path, capsys):
+    from pipelines.ffcv import ensure_beton
+    source = _folder_with_problems(tmp_path / "train", image_folder)
+    config = load_config(None, [f"data={source}", "pipeline=ffcv", "workers=1"])
+    path = ensure_beton(config)
+    err = capsys.readouterr().err
+    assert path == tmp_path / "train.beton" and path.is_file()
+    assert "warning: 2 of 26 images" in err and str(tmp_path / "train.beton.report.json") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "train.beton", "train.beton.report.json"]
+    # A .beton given as data= is used as it is, not converted again into train.beton.beton.
+    beton_as_data = load_config(None, [f"data={path}", "pipeline=ffcv"])
+    assert ensure_beton(beton_as_data) == path
+
+
+def test_first_use_conversion_on_read_only_storage_is_one_line(image_folder, tmp_path):
+    from pipelines.base import DataError
+    from pipelines.ffcv import ensure_beton
+    (tmp_path / ".images.beton.lock").mkdir()  # stands in for storage where the lock cannot be created
+    config = load_config(None, [f"data={tmp_path / 'images'}", "pipeline=ffcv"])
+    import shutil
+    shutil.copytree(image_folder, tmp_path / "images")
+    with pytest.raises(DataError, match=r"convert it elsewhere with `python -m tools.convert .* and pass ffcv.beton="):
+        ensure_beton(config)
+
+
+def test_a_file_as_data_is_named_as_a_file(tmp_path):
+    from pipelines.base import DataError, find_image_folder
+    (tmp_path / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file; give the ImageFolder directory"):
+        find_image_folder(tmp_path / "x.jpg")
