@@ -68,5 +68,8 @@ $(STAMP): requirements.txt | system-deps
 	@$(PY) -m pip uninstall -q -y bt_fast >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
+# Caches only: the demo's converted datasets and Python's byte code. Runs (checkpoints) are kept:
+# delete runs/<name> yourself.
 clean:
-	rm -rf runs data/demo_ffcv
+	rm -rf data/demo/*.beton data/demo/*.beton.report.json .pytest_cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
