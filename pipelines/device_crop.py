@@ -22,11 +22,15 @@ and Wy (S, Hmax), zero outside the box, and the crop is Wy @ image @ Wx^T per ch
 box of the batch is done by the same two batched matmuls over the padded buffer (the padding
 meets only zero weights, so it never leaks in), and the matrices come from one batched
 computation of the few non-zero taps per output. The op count is therefore fixed per batch,
-whatever its size. Dense matmuls spend most multiply-adds on zero weights, but they run on
-tensor cores and need no gathers; a banded variant (gathering the taps per output row) does
-far fewer multiply-adds but is bound by memory traffic on a GPU and its op count grows with
-the largest downscale factor. The columns are contracted first, which is the cheaper order
-for landscape buffers (see `flops_per_image`).
+whatever its size.
+
+Why dense matmuls: they spend most multiply-adds on zero weights, but a matmul is the one
+kernel every device runs near its peak (on a GPU, tensor cores, where by arithmetic on
+`flops_per_image` these FLOPs are a negligible share of a training step). The banded alternative, which
+gathers each output's taps and accumulates them, does far fewer multiply-adds but measured
+slower on the CPU (gathers are memory-bound), and its op count grows with the largest
+downscale factor. A Python loop of torchvision's resize has an op count that grows with the
+batch. The columns are contracted first, the cheaper order for landscape buffers.
 """
 from __future__ import annotations
 
@@ -86,7 +90,9 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, *,
     boxes : (B, V, 4) integer (top, left, height, width) per image and view, each inside that
         image's stored region and at least one pixel high and wide (any device).
     size : output side S.
-    dtype : compute and output dtype; float32 by default. float16 / bfloat16 are for CUDA.
+    dtype : compute and output dtype, float32 by default. On CUDA pass float16: the matmuls
+        run on tensor cores and the crops stay within a fraction of a grey level of float32;
+        bfloat16 keeps only 8 significant bits, so it drifts by a few grey levels.
 
     Returns
     -------
