@@ -12,10 +12,10 @@ up to float rounding. The clamp is what torchvision's uint8 path does before it 
 rounding to 8 bits happens here, so the crops keep the filter's sub-grey-level precision.
 
 The filter (PyTorch's antialiased bicubic, the PIL convention): an output of length S is
-taken from an input run of length n with scale = n / S. Output i is centred at input
-coordinate scale * (i + 0.5); the kernel is Keys' cubic with a = -0.5, stretched by
-max(scale, 1) (so it also low-passes when shrinking), evaluated at pixel centres k + 0.5,
-cut to the run [0, n) and renormalised to sum 1.
+taken from an input run of length n, with ratio r = n / S. Output i is centred at input
+coordinate r * (i + 0.5); the kernel is Keys' cubic with a = -0.5, stretched by max(r, 1)
+(so it also low-passes when shrinking), evaluated at pixel centres k + 0.5, cut to the run
+[0, n) and renormalised to sum 1.
 
 Design: the resize is separable, so each box becomes two resampling matrices, Wx (S, Wmax)
 and Wy (S, Hmax), zero outside the box, and the crop is Wy @ image @ Wx^T per channel. Every
@@ -57,10 +57,10 @@ def max_taps(extent: int, size: int) -> int:
 
 
 def resampling_matrices(start: torch.Tensor, length: torch.Tensor, size: int, extent: int,
-                        scale: float = 1.0) -> torch.Tensor:
+                        gain: float = 1.0) -> torch.Tensor:
     """(N, size, extent) float32 matrices resizing the runs [start, start + length) to `size`.
 
-    Row i holds output i's weights over the padded axis (multiplied by `scale`); they are
+    Row i holds output i's weights over the padded axis (multiplied by `gain`); they are
     zero outside the run. `start` and `length` are (N,) integer tensors on the target device.
     """
     taps = max_taps(extent, size)
@@ -73,7 +73,7 @@ def resampling_matrices(start: torch.Tensor, length: torch.Tensor, size: int, ex
     end = torch.minimum(torch.floor(centre + 2 * stretch + 0.5), length)
     source = first + torch.arange(taps, dtype=torch.float32, device=start.device)  # (N, size, taps)
     weight = torch.where(source < end, cubic((source + 0.5 - centre) / stretch), 0.0)
-    weight = weight * (scale / weight.sum(-1, keepdim=True))
+    weight = weight * (gain / weight.sum(-1, keepdim=True))
     # Taps past the run carry zero weight; clamping their index keeps them inside the axis.
     index = (source + start).clamp(max=extent - 1).to(torch.int64)
     matrices = torch.zeros(weight.shape[0], size, extent, dtype=torch.float32, device=start.device)
@@ -107,7 +107,7 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, *,
     batch, height, width, _ = images.shape
     views = boxes.shape[1]
     flat = boxes.to(images.device).reshape(-1, 4)
-    columns = resampling_matrices(flat[:, 1], flat[:, 3], size, width, scale=1 / 255)
+    columns = resampling_matrices(flat[:, 1], flat[:, 3], size, width, gain=1 / 255)
     rows = resampling_matrices(flat[:, 0], flat[:, 2], size, height)
     columns = columns.to(dtype).view(batch, views * size, width)
     rows = rows.to(dtype).view(batch * views, size, height)
