@@ -26,11 +26,14 @@ whatever its size.
 
 Why dense matmuls: they spend most multiply-adds on zero weights, but a matmul is the one
 kernel every device runs near its peak (on a GPU, tensor cores, where by arithmetic on
-`flops_per_image` these FLOPs are a negligible share of a training step). The banded alternative, which
-gathers each output's taps and accumulates them, does far fewer multiply-adds but measured
-slower on the CPU (gathers are memory-bound), and its op count grows with the largest
-downscale factor. A Python loop of torchvision's resize has an op count that grows with the
-batch. The columns are contracted first, the cheaper order for landscape buffers.
+`flops_per_image` these FLOPs are a negligible share of a training step). The banded
+alternative, which gathers each output's taps and accumulates them, does far fewer
+multiply-adds but measured slower than the dense form on the CPU (its gathers are bound by
+memory traffic), and its op count grows with the largest downscale factor. A Python loop of
+torchvision's resize, one box at a time, has an op count that grows with the batch; on a
+CPU it is nonetheless cheaper than this operator, because it touches only each box, so
+CPU-only runs are better served by cropping on the host. The columns are contracted first,
+the cheaper order for landscape buffers.
 """
 from __future__ import annotations
 
