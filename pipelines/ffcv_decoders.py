@@ -1,0 +1,284 @@
+"""Host stages of the device-crop FFCV pipeline: FFCV operations on the `image` field.
+
+Both stages run inside FFCV's numba-compiled loader and leave cropping and resizing to the
+device. The decoders subclass FFCV's `SimpleRGBImageDecoder` only so that FFCV takes them
+as the field's decoder when they open a plain pipeline list. A loader reads the `image` field through two outputs, e.g.::
+
+    boxes = TwoCropBoxes(scale, ratio)
+    pipelines = {"image": [PaddedDecoder(), ToTensor()],   # or [JPEGBytesDecoder(layout.max_bytes), ...]
+                 "label": None,
+                 "boxes": PipelineSpec("image", decoder=boxes, transforms=[ToTensor()])}
+
+and each batch is then `(images, rows)`:
+
+- `PaddedDecoder` (host decode): (B, Hmax, Wmax, 3) uint8; sample i's image is
+  `images[i, :H, :W]`, decoded once by libjpeg-turbo straight into its slot.
+- `JPEGBytesDecoder` (device decode): (B, max_bytes) uint8; sample i's stored JPEG is
+  `images[i, :stored_bytes]`, for `torchvision.io.decode_jpeg` on the device.
+- `TwoCropBoxes`: (B, 11) int32 rows `[H, W, stored_bytes, top1, left1, h1, w1, top2, left2, h2, w2]`
+  (`ROW_FIELDS`); `rows[:, BOXES].view(B, 2, 4)` are both views' (top, left, h, w) boxes.
+
+Slots are reused batch after batch and never cleared: whatever lies outside a sample's
+(H, W) or `stored_bytes` is left over from earlier batches (or zeros), and downstream code
+must read only inside those bounds. The boxes are those `pipelines.ffcv.TwoCropRGBDecoder`
+samples (same per-sample seed, same `random_resized_crop` calls in the same order), so a
+batch crops the same regions in every mode.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.reader import Reader
+
+from pipelines.base import DataError
+from pipelines.ffcv import random_resized_crop, sample_seed
+
+__all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",
+           "decode_into"]
+
+ROW_FIELDS = ("height", "width", "stored_bytes", "top1", "left1", "h1", "w1", "top2", "left2", "h2", "w2")
+BOXES = slice(3, 11)
+_UINT8 = np.dtype("<u1")
+_JPG = IMAGE_MODES["jpg"]
+_DECODE_FAILED = ("a JPEG stored in the dataset cannot be decoded; "
+                  "reconvert it with `python -m tools.convert`")
+
+# libjpeg-turbo's TurboJPEG API, the library FFCV's own decoder is linked against. Called
+# directly because FFCV's `imdecode` cannot write with a row pitch (the padded slot's width).
+_turbojpeg = ctypes.CDLL("libturbojpeg.so.0")
+_tj_init = _turbojpeg.tjInitDecompress
+_tj_init.argtypes, _tj_init.restype = [], ctypes.c_void_p
+_tj_destroy = _turbojpeg.tjDestroy
+_tj_destroy.argtypes, _tj_destroy.restype = [ctypes.c_void_p], ctypes.c_int
+_tj_decompress = _turbojpeg.tjDecompress2
+_tj_decompress.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+_tj_decompress.restype = ctypes.c_int
+_TJPF_RGB = 0
+_TJ_FLAGS = 2048 | 1024  # TJFLAG_FASTDCT | TJFLAG_NOREALLOC: FFCV's `imdecode` flags, so pixels match it
+
+
+def decode_into(jpeg, slot, height, width):
+    """Decode `jpeg` (1-D uint8) into `slot[:height, :width]` of a C-contiguous (Hmax, Wmax, 3) slot.
+
+    Returns 0 on success. A decompressor per call (well under a microsecond) keeps
+    concurrent loader threads from ever sharing one.
+    """
+    handle = _tj_init()
+    if not handle:
+        return -1
+    result = _tj_decompress(handle, jpeg.ctypes.data, jpeg.size, slot.ctypes.data,
+                            width, slot.shape[1] * 3, height, _TJPF_RGB, _TJ_FLAGS)
+    _tj_destroy(handle)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes, memory and the cap
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """The padded per-sample slots a `.beton`'s `image` field needs."""
+
+    max_height: int
+    max_width: int
+    max_bytes: int
+
+    @classmethod
+    def of(cls, reader: Reader, field: str = "image") -> "PaddedLayout":
+        metadata = reader.metadata[f"f{list(reader.handlers).index(field)}"]
+        return cls(int(metadata["height"].max()), int(metadata["width"].max()),
+                   int(stored_bytes(reader, field).max()))
+
+    def host_bytes_per_batch(self, batch_size: int, decode: str) -> int:
+        """Host bytes of one batch: image (`decode='host'`) or JPEG (`'device'`) slots plus box rows."""
+        slot = self.max_height * self.max_width * 3 if decode == "host" else self.max_bytes
+        return batch_size * (slot + 4 * len(ROW_FIELDS))
+
+    def check_side(self, path: str | Path, max_side: int) -> None:
+        """DataError if the padded slot's longer side exceeds `max_side` pixels."""
+        side = max(self.max_height, self.max_width)
+        if side > max_side:
+            raise DataError(f"FFCV dataset {path} pads every image to {self.max_height}x{self.max_width} "
+                            f"(its largest height and width), above the cap of {max_side} px; reconvert it with "
+                            f"`python -m tools.convert SRC {path} --format ffcv --max-resolution {max_side}`")
+
+
+def stored_bytes(reader: Reader, field: str = "image") -> np.ndarray:
+    """Each sample's stored size of `field` in bytes, from the `.beton`'s allocation table."""
+    pointers = reader.metadata[f"f{list(reader.handlers).index(field)}"]["data_ptr"]
+    table = reader.alloc_table
+    order = np.argsort(table["ptr"])
+    where = order[np.searchsorted(table["ptr"], pointers, sorter=order)]
+    return table["size"][where].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# The operations
+# --------------------------------------------------------------------------------------------
+
+class TwoCropBoxes(Operation):
+    """Both views' random-resized-crop boxes per sample, from the field metadata alone.
+
+    Parameters
+    ----------
+    scale, ratio : (low, high)
+        torchvision's RandomResizedCrop area scale and aspect ratio ranges.
+
+    Output: (11,) int32 per sample, laid out as `ROW_FIELDS`. The epoch's crop seed is read
+    at run time from a buffer that `set_epoch_seed` fills before each epoch starts.
+    """
+
+    def __init__(self, scale: tuple[float, float], ratio: tuple[float, float]):
+        super().__init__()
+        if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (low, high) pairs")
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+
+    def declare_state_and_memory(self, previous_state: State):
+        row = (len(ROW_FIELDS),)
+        int32 = np.dtype("<i4")
+        return (State(jit_mode=True, device=previous_state.device, shape=row, dtype=int32),
+                (AllocationQuery(row, int32), AllocationQuery((1,), np.dtype("<i8"))))
+
+    def set_epoch_seed(self, graph, memory_allocations: dict, seed: int) -> None:
+        """Write the epoch's crop seed into an `EpochIterator`'s buffers (before its thread starts)."""
+        for node in graph.operation_to_node[self]:
+            memory_allocations["operation"][node.id][1][...] = seed
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        crop_box = Compiler.compile(random_resized_crop)
+        seed_of = Compiler.compile(sample_seed)
+        sample_range = Compiler.get_iterator()
+        scale_low, scale_high = self.scale
+        ratio_min, ratio_max = self.ratio
+        log_low, log_high = math.log(ratio_min), math.log(ratio_max)
+
+        def boxes(batch_indices, my_storage, metadata, storage_state):
+            rows, seeds = my_storage
+            count = len(batch_indices)
+            epoch_seed = seeds[0, 0]
+            for dst_ix in sample_range(count):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
+                row = rows[dst_ix]
+                row[0] = height
+                row[1] = width
+                row[2] = mem_read(field["data_ptr"], storage_state).size
+                np.random.seed(seed_of(epoch_seed, source_ix))
+                for view in range(2):
+                    top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
+                                               ratio_min, ratio_max)
+                    row[3 + 4 * view] = top
+                    row[4 + 4 * view] = left
+                    row[5 + 4 * view] = h
+                    row[6 + 4 * view] = w
+            return rows[:count]
+
+        boxes.is_parallel = True
+        return boxes
+
+
+class PaddedDecoder(SimpleRGBImageDecoder):
+    """Decode each stored image once into its (Hmax, Wmax, 3) uint8 slot, top-left aligned.
+
+    JPEGs are decoded by libjpeg-turbo with FFCV's flags (so pixels equal FFCV's
+    `SimpleRGBImageDecoder`), raw samples copied. Hmax, Wmax: the field's largest stored
+    height and width. A sample that fails to decode raises ValueError after the batch.
+    """
+
+    def declare_state_and_memory(self, previous_state: State):
+        shape = (int(self.metadata["height"].max()), int(self.metadata["width"].max()), 3)
+        return (State(jit_mode=True, device=previous_state.device, shape=shape, dtype=_UINT8),
+                (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        decode_jpeg = Compiler.compile(decode_into)
+        sample_range = Compiler.get_iterator()
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, status = my_storage
+            count = len(batch_indices)
+            for dst_ix in sample_range(count):
+                field = metadata[batch_indices[dst_ix]]
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
+                data = mem_read(field["data_ptr"], storage_state)
+                slot = destination[dst_ix]
+                if field["mode"] == _JPG:
+                    # (no raise inside the parallel loop: numba would run it serially)
+                    status[dst_ix, 0] = decode_jpeg(data, slot, height, width)
+                else:
+                    slot[:height, :width] = data.reshape(height, width, 3)
+                    status[dst_ix, 0] = 0
+            for dst_ix in range(count):
+                if status[dst_ix, 0] != 0:
+                    raise ValueError(_DECODE_FAILED)
+            return destination[:count]
+
+        decode.is_parallel = True
+        return decode
+
+
+class JPEGBytesDecoder(SimpleRGBImageDecoder):
+    """Copy each sample's stored JPEG bytes into its (max_bytes,) uint8 slot; decoding is left to the device.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Slot size: the field's largest stored sample (`PaddedLayout.of(reader).max_bytes`).
+
+    Only the JPEG start-of-image marker is checked here (ValueError after the batch); raw
+    samples cannot be device-decoded and are refused when the loader is built.
+    """
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes = int(max_bytes)
+
+    def declare_state_and_memory(self, previous_state: State):
+        if (self.metadata["mode"] != _JPG).any():
+            raise DataError("the FFCV dataset stores some images uncompressed (raw), which cannot be decoded on the "
+                            "device; use ffcv.decode=host or reconvert it with `python -m tools.convert`")
+        shape = (self.max_bytes,)
+        return (State(jit_mode=True, device=previous_state.device, shape=shape, dtype=_UINT8),
+                (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        sample_range = Compiler.get_iterator()
+        max_bytes = self.max_bytes
+
+        def copy_bytes(batch_indices, my_storage, metadata, storage_state):
+            destination, status = my_storage
+            count = len(batch_indices)
+            for dst_ix in sample_range(count):
+                data = mem_read(metadata[batch_indices[dst_ix]]["data_ptr"], storage_state)
+                size = data.size
+                valid = 2 <= size <= max_bytes and data[0] == 0xFF and data[1] == 0xD8
+                status[dst_ix, 0] = 0 if valid else 1
+                if valid:
+                    destination[dst_ix, :size] = data
+            for dst_ix in range(count):
+                if status[dst_ix, 0] != 0:
+                    raise ValueError(_DECODE_FAILED)
+            return destination[:count]
+
+        copy_bytes.is_parallel = True
+        return copy_bytes
