@@ -1,8 +1,7 @@
 """Host stages of the device-crop FFCV pipeline: FFCV operations on the `image` field.
 
 Both stages run inside FFCV's numba-compiled loader and leave cropping and resizing to the
-device. The decoders subclass FFCV's `SimpleRGBImageDecoder` only so that FFCV takes them
-as the field's decoder when they open a plain pipeline list. A loader reads the `image` field through two outputs, e.g.::
+device. A loader reads the `image` field through two outputs, e.g.::
 
     boxes = TwoCropBoxes(scale, ratio)
     pipelines = {"image": [PaddedDecoder(), ToTensor()],   # or [JPEGBytesDecoder(layout.max_bytes), ...]
@@ -18,8 +17,11 @@ and each batch is then `(images, rows)`:
 - `TwoCropBoxes`: (B, 11) int32 rows `[H, W, stored_bytes, top1, left1, h1, w1, top2, left2, h2, w2]`
   (`ROW_FIELDS`); `rows[:, BOXES].view(B, 2, 4)` are both views' (top, left, h, w) boxes.
 
+The decoders subclass FFCV's `SimpleRGBImageDecoder` only so that FFCV takes them as the
+field's decoder when they open a plain pipeline list.
+
 Slots are reused batch after batch and never cleared: whatever lies outside a sample's
-(H, W) or `stored_bytes` is left over from earlier batches (or zeros), and downstream code
+(H, W) or `stored_bytes` is left over from earlier batches (or uninitialised), and downstream code
 must read only inside those bounds. The boxes are those `pipelines.ffcv.TwoCropRGBDecoder`
 samples (same per-sample seed, same `random_resized_crop` calls in the same order), so a
 batch crops the same regions in every mode.
@@ -44,10 +46,11 @@ from pipelines.base import DataError
 from pipelines.ffcv import random_resized_crop, sample_seed
 
 __all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",
-           "decode_into"]
+           "decode_into", "stored_bytes"]
 
 ROW_FIELDS = ("height", "width", "stored_bytes", "top1", "left1", "h1", "w1", "top2", "left2", "h2", "w2")
 BOXES = slice(3, 11)
+_ROW_BYTES = 4 * len(ROW_FIELDS)
 _UINT8 = np.dtype("<u1")
 _JPG = IMAGE_MODES["jpg"]
 _DECODE_FAILED = ("a JPEG stored in the dataset cannot be decoded; "
@@ -83,6 +86,13 @@ def decode_into(jpeg, slot, height, width):
     return result
 
 
+def _raise_if_failed(status, count):
+    """Raise for a failed sample, after the parallel loop (a raise inside it makes numba run it serially)."""
+    for dst_ix in range(count):
+        if status[dst_ix, 0] != 0:
+            raise ValueError(_DECODE_FAILED)
+
+
 # --------------------------------------------------------------------------------------------
 # Sizes, memory and the cap
 # --------------------------------------------------------------------------------------------
@@ -103,8 +113,18 @@ class PaddedLayout:
 
     def host_bytes_per_batch(self, batch_size: int, decode: str) -> int:
         """Host bytes of one batch: image (`decode='host'`) or JPEG (`'device'`) slots plus box rows."""
-        slot = self.max_height * self.max_width * 3 if decode == "host" else self.max_bytes
-        return batch_size * (slot + 4 * len(ROW_FIELDS))
+        if decode not in ("host", "device"):
+            raise ValueError(f"decode must be 'host' or 'device', got {decode!r}")
+        slot = self.image_bytes if decode == "host" else self.max_bytes
+        return batch_size * (slot + _ROW_BYTES)
+
+    def device_bytes_per_batch(self, batch_size: int) -> int:
+        """Device bytes of one batch before cropping: padded images (decoded there or copied) plus box rows."""
+        return batch_size * (self.image_bytes + _ROW_BYTES)
+
+    @property
+    def image_bytes(self) -> int:
+        return self.max_height * self.max_width * 3
 
     def check_side(self, path: str | Path, max_side: int) -> None:
         """DataError if the padded slot's longer side exceeds `max_side` pixels."""
@@ -129,7 +149,7 @@ def stored_bytes(reader: Reader, field: str = "image") -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 class TwoCropBoxes(Operation):
-    """Both views' random-resized-crop boxes per sample, from the field metadata alone.
+    """Both views' random-resized-crop boxes per sample, from the field metadata (no pixel is read).
 
     Parameters
     ----------
@@ -210,6 +230,7 @@ class PaddedDecoder(SimpleRGBImageDecoder):
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
         decode_jpeg = Compiler.compile(decode_into)
+        raise_if_failed = Compiler.compile(_raise_if_failed)
         sample_range = Compiler.get_iterator()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -222,14 +243,11 @@ class PaddedDecoder(SimpleRGBImageDecoder):
                 data = mem_read(field["data_ptr"], storage_state)
                 slot = destination[dst_ix]
                 if field["mode"] == _JPG:
-                    # (no raise inside the parallel loop: numba would run it serially)
                     status[dst_ix, 0] = decode_jpeg(data, slot, height, width)
                 else:
                     slot[:height, :width] = data.reshape(height, width, 3)
                     status[dst_ix, 0] = 0
-            for dst_ix in range(count):
-                if status[dst_ix, 0] != 0:
-                    raise ValueError(_DECODE_FAILED)
+            raise_if_failed(status, count)
             return destination[:count]
 
         decode.is_parallel = True
@@ -264,6 +282,7 @@ class JPEGBytesDecoder(SimpleRGBImageDecoder):
         mem_read = self.memory_read
         sample_range = Compiler.get_iterator()
         max_bytes = self.max_bytes
+        raise_if_failed = Compiler.compile(_raise_if_failed)
 
         def copy_bytes(batch_indices, my_storage, metadata, storage_state):
             destination, status = my_storage
@@ -275,9 +294,7 @@ class JPEGBytesDecoder(SimpleRGBImageDecoder):
                 status[dst_ix, 0] = 0 if valid else 1
                 if valid:
                     destination[dst_ix, :size] = data
-            for dst_ix in range(count):
-                if status[dst_ix, 0] != 0:
-                    raise ValueError(_DECODE_FAILED)
+            raise_if_failed(status, count)
             return destination[:count]
 
         copy_bytes.is_parallel = True

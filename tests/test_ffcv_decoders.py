@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.writer import DatasetWriter
+from numba.core.errors import NumbaPerformanceWarning
 from PIL import Image
 from torchvision.io import decode_jpeg
 
@@ -205,10 +207,13 @@ def test_compiled_parallel_operations_equal_the_python_run(beton):
     for compiled in (False, True):
         Compiler.set_enabled(compiled)
         try:
-            padded = run_epoch(beton, D.PaddedDecoder(), D.TwoCropBoxes(SCALE, RATIO), batch_size=4, workers=2)
-            raw = run_epoch(beton, D.JPEGBytesDecoder(layout.max_bytes), batch_size=4, workers=2)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NumbaPerformanceWarning)  # e.g. a parallel loop run serially
+                padded = run_epoch(beton, D.PaddedDecoder(), D.TwoCropBoxes(SCALE, RATIO), batch_size=4, workers=2)
+                raw = run_epoch(beton, D.JPEGBytesDecoder(layout.max_bytes), batch_size=4, workers=2)
         finally:
             Compiler.set_enabled(True)
+        assert not [w for w in caught if issubclass(w.category, NumbaPerformanceWarning)]
         images, rows = (torch.cat(t) for t in zip(*padded))
         jpegs = torch.cat([b[0] for b in raw])
         sizes = rows[:, 2]
@@ -260,6 +265,7 @@ def test_memory_report_and_resolution_cap(beton):
     assert D.stored_bytes(reader).tolist() == sizes
     assert layout.host_bytes_per_batch(64, "host") == 64 * (90 * 90 * 3 + 44)
     assert layout.host_bytes_per_batch(64, "device") == 64 * (max(sizes) + 44)
+    assert layout.device_bytes_per_batch(64) == 64 * (90 * 90 * 3 + 44)
     layout.check_side(beton, 90)
     with pytest.raises(DataError, match=f"{beton}.*90x90.*cap of 64 px.*--max-resolution 64") as err:
         layout.check_side(beton, 64)
