@@ -89,6 +89,7 @@ class Config:
     weight_decay: float = 1.5e-6
     warmup_epochs: int = 10
     compile_optimizer: bool = False
+    compile_model: bool = False  # torch.compile the network (first steps compile)
     # execution
     device: str = "auto"         # auto | cpu | cuda
     amp: str = "auto"            # auto | bfloat16 | float16 | none (auto: bf16 on CPU, fp16 on CUDA)

@@ -105,6 +105,8 @@ class Trainer:
         self.local_batch = config.batch_size // ctx.world_size
         self.amp_dtype = amp_dtype(config, ctx.device)
         torch.manual_seed(config.seed)  # same initial weights on every rank
+        if ctx.device.type == "cuda":  # GPU only: fixed input shapes, so the autotuned kernels are reused
+            torch.backends.cudnn.benchmark = True
 
         self.model: BarlowTwins = build_model(config.arch, config.projector, config.channels_last).to(ctx.device)
         self.ddp = None
@@ -113,6 +115,9 @@ class Trainer:
             # SyncBatchNorm already keeps running statistics identical on all ranks: no buffer broadcast.
             self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                                forward_sync_buffers=False)
+        self.network = self.ddp or self.model
+        if config.compile_model:
+            self.network = torch.compile(self.network)
         self.optimizer = LARS(param_groups(self.model), lr=0, weight_decay=config.weight_decay,
                               weight_decay_filter=True, lars_adaptation_filter=True,
                               compile=config.compile_optimizer)
@@ -220,9 +225,8 @@ class Trainer:
         lr = learning_rate(self.step, self.steps_per_epoch, self.config.epochs, self.config.batch_size,
                            self.config.warmup_epochs)
         set_learning_rates(self.optimizer, lr, self.config.lr_weights, self.config.lr_biases)
-        network = self.ddp or self.model
         with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            z1, z2 = network(y1, y2)
+            z1, z2 = self.network(y1, y2)
         loss = barlow_twins_loss(z1, z2, self.config.lambd)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

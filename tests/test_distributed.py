@@ -26,7 +26,8 @@ from pipelines import Placement, build_pipeline
 REPO = Path(__file__).resolve().parents[1]
 # The demo config with the paper's learning rates and a tiny model, on the reference pipeline.
 TINY = ["pipeline=reference", "knn_every=0", "lr_weights=0.2", "lr_biases=0.0048", "batch_size=8",
-        "augment.image_size=32", "projector=64-64", "workers=0", "arch=resnet18", "amp=none"]
+        "augment.image_size=32", "projector=64-64", "workers=0", "arch=resnet18", "amp=none",
+        "device=cpu"]
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
