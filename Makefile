@@ -21,7 +21,7 @@ RUN_DIR      = $(or $(OUT),runs/demo)
 
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: pretrain test bench eval demo-data venv system-deps clean
+.PHONY: pretrain test bench gpu-check eval demo-data venv system-deps clean
 
 pretrain: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
@@ -35,6 +35,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
 	$(PY) -m tools.bench --data "$(or $(DATA),$(DEMO_DATA)/train)" $(ARGS)
+
+# Every CUDA code path against its CPU float32 reference, then throughput; results also in runs/gpu_check.json.
+# Without CUDA it says so and exits 0; ARGS="--device cpu" runs the same checks on the CPU.
+gpu-check: $(STAMP)
+	@mkdir -p runs
+	$(PY) -m tools.gpu_check --json runs/gpu_check.json $(ARGS)
 
 # k-NN of the run's backbone next to the same architecture at random initialisation.
 eval: $(STAMP)

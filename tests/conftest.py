@@ -1,11 +1,57 @@
-"""Shared fixtures: a tiny ImageFolder of real-looking JPEGs, built once per session."""
+"""Shared fixtures: a tiny ImageFolder of real-looking JPEGs, built once per session, and a guard that
+fails a test whose ranks would each need a GPU of their own that this machine may not have."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.multiprocessing
 from PIL import Image
+
+import bt_fast.distributed
+
+RESOLVE_DEVICE = bt_fast.distributed.resolve_device
+SPAWN = torch.multiprocessing.spawn
+
+
+class UnpinnedRanksError(RuntimeError):
+    """A test started more ranks than this machine has GPUs without pinning device=cpu."""
+
+
+def resolve_device_pinned(preference: str, local_rank: int = 0, setting: str = "config key 'device'") -> torch.device:
+    """`resolve_device`, refusing a rank of a multi-rank run that could not have a GPU of its own.
+
+    With device auto, such a test runs on the CPU here but asks for a missing GPU on a machine with
+    fewer GPUs than ranks, so it fails everywhere instead, naming the fix.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and preference != "cpu" and local_rank >= torch.cuda.device_count():
+        raise UnpinnedRanksError(f"this test starts {world_size} ranks with {setting} '{preference}', but local rank "
+                                 f"{local_rank} has no GPU ({torch.cuda.device_count()} visible); pin device=cpu")
+    return RESOLVE_DEVICE(preference, local_rank, setting)
+
+
+def _pinned_rank(rank: int, fn, args: tuple) -> None:
+    bt_fast.distributed.resolve_device = resolve_device_pinned
+    fn(rank, *args)
+
+
+def _spawn_pinned(fn, args=(), nprocs=1, **kwargs):
+    return SPAWN(_pinned_rank, args=(fn, tuple(args)), nprocs=nprocs, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def ranks_pin_their_device(monkeypatch):
+    """Every rank a test starts, in this process or through torch.multiprocessing.spawn, resolves its
+    device through `resolve_device_pinned`."""
+    monkeypatch.setattr(bt_fast.distributed, "resolve_device", resolve_device_pinned)
+    monkeypatch.setattr(torch.multiprocessing, "spawn", _spawn_pinned)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is visible")
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (80, 60),

@@ -1,0 +1,80 @@
+"""tools.gpu_check: every check's code path on the CPU, and proof that its comparisons can fail."""
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import bt_fast.optim
+import bt_fast.train
+from conftest import requires_cuda
+from tools import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = {"augment float16", "augment bfloat16", "amp float16", "amp bfloat16", "lars", "resume batch",
+            "resume step", "ddp", "ffcv crops", "dali ids", "dali view means"}
+
+
+def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    checks = {c["check"]: c for c in summary["checks"]}
+    assert set(checks) == SECTIONS and summary["passed"] and summary["device"] == "cpu"
+    for check in checks.values():
+        assert check["status"] == "pass" and 0 <= check["error"] <= check["tolerance"], check
+        assert f"{check['check']:<18} pass" in result.stdout
+    for name in ("augment float16", "augment bfloat16", "amp float16", "amp bfloat16"):
+        assert checks[name]["error"] > 0  # low precision against float32: a comparison that saw a difference
+    throughput = summary["throughput"]
+    assert throughput["augment_images_per_s"] > 0 and throughput["lars_step_ms"] > 0
+    assert throughput["train_images_per_s_cudnn_benchmark_on"] == "n/a" == throughput["peak_gpu_memory_gib"]
+
+
+def test_compare_fails_above_the_tolerance_and_on_nan():
+    want = torch.tensor([1.0, -2.0])
+    assert gpu_check.compare("lars", want * (1 + 5e-6), want).status == "pass"
+    assert gpu_check.compare("lars", want * (1 + 5e-5), want).status == "fail"
+    assert gpu_check.compare("lars", torch.tensor([float("nan"), -2.0]), want).status == "fail"
+    mean = gpu_check.compare("augment float16", torch.tensor([0.0, 0.008]), torch.zeros(2), relative=False, mean=True)
+    assert mean.error == pytest.approx(0.004) and mean.status == "pass"
+
+
+def test_compiled_lars_with_a_perturbed_learning_rate_fails_the_run(monkeypatch, capsys):
+    """The compiled side runs with lr 1% high (no real compile): the check and the exit code say so."""
+    monkeypatch.setattr(bt_fast.optim.torch, "compile",
+                        lambda fn, **kw: lambda p, g, m, lr, *rest: fn(p, g, m, lr * 1.01, *rest))
+    monkeypatch.setattr(gpu_check, "CHECKS", [gpu_check.check_lars])
+    monkeypatch.setattr(gpu_check, "measure_training", lambda *args: None)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cpu"])
+    assert exit_.value.code == 1
+    assert "lars               fail" in capsys.readouterr().out
+
+
+def test_resume_without_restoring_the_rng_state_fails(monkeypatch):
+    monkeypatch.setattr(bt_fast.train, "set_rng_state", lambda state: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = gpu_check.check_resume(torch.device("cpu"), gpu_check.SIZES["cpu"], Path(tmp), {})
+    assert [r.status for r in results] == ["fail", "fail"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the notice of a machine without CUDA")
+def test_without_cuda_the_default_run_says_so_in_one_line_and_exits_0(capsys):
+    gpu_check.main([])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no CUDA device" in out
+
+
+@requires_cuda
+def test_cuda_run_passes_every_check(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--json", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert json.loads(out.read_text())["passed"]
