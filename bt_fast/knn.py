@@ -106,7 +106,7 @@ def extract_features_multi(backbones: Sequence[nn.Module], loader: Iterable, dev
                 x = images.contiguous(memory_format=torch.channels_last) if cl else images
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out.append(backbone(x).float().flatten(1))
-            labels.append(targets.to(device))
+            labels.append(targets.to(device, non_blocking=True))
     finally:
         for b, mode in zip(backbones, modes):
             b.train(mode)

@@ -42,7 +42,7 @@ def quick_run(tmp_path_factory):
                            "--batch-size", "8", "--image-size", "32", "--train-image-size", "32", "--train-batch-size", "8",
                            "--projector", "32-32", "--loader-batches", "2", "--train-steps", "2",
                            "--decode-images", "12", "--workers", "1", "--optimizer-params", "small",
-                           "--json", str(json_path), "--plot", str(plot_path)])
+                           "--device", "cpu", "--json", str(json_path), "--plot", str(plot_path)])
     assert code == 0
     return json.loads(json_path.read_text()), plot_path
 

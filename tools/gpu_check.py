@@ -173,20 +173,23 @@ def check_lars(device, sizes, workdir, measured) -> list[Result]:
 def check_resume(device, sizes, workdir, measured) -> list[Result]:
     """A checkpoint after two steps, resumed by a fresh trainer, gives the same next batch (drawn from
     the device RNG) and the same next step as the trainer that wrote it."""
-    trainer = make_trainer(device, sizes, workdir / "resume")
-    for _ in range(2):
-        trainer.train_step(*synthetic_views(sizes, device))
-        trainer.step += 1
-    trainer.save_checkpoint()
-    after = []
-    for run in (trainer, None):
-        if run is None:
-            run = make_trainer(device, sizes, workdir / "resume", "seed=1")  # re-seeds every RNG on purpose
-            run.resume()
-        views = synthetic_views(sizes, device)
-        loss = run.train_step(*views)
-        after.append((torch.cat([v.flatten() for v in views]),
-                      torch.cat([loss.view(1).float()] + [p.detach().flatten() for p in run.model.parameters()])))
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # the same kernels twice
+        trainer = make_trainer(device, sizes, workdir / "resume")
+        torch.backends.cudnn.benchmark = False  # GPU only: the trainer turned it on
+        for _ in range(2):
+            trainer.train_step(*synthetic_views(sizes, device))
+            trainer.step += 1
+        trainer.save_checkpoint()
+        after = []
+        for run in (trainer, None):
+            if run is None:
+                run = make_trainer(device, sizes, workdir / "resume", "seed=1")  # re-seeds every RNG on purpose
+                torch.backends.cudnn.benchmark = False
+                run.resume()
+            views = synthetic_views(sizes, device)
+            loss = run.train_step(*views)
+            after.append((torch.cat([v.flatten() for v in views]),
+                          torch.cat([loss.view(1).float()] + [p.detach().flatten() for p in run.model.parameters()])))
     return [compare("resume batch", after[1][0], after[0][0]), compare("resume step", after[1][1], after[0][1])]
 
 
