@@ -249,14 +249,19 @@ def check_dali(device, sizes, workdir, measured) -> list[Result]:
 CHECKS: list[Callable] = [check_augment, check_amp, check_lars, check_resume, check_ddp, check_ffcv, check_dali]
 
 
+# key -> (cudnn.benchmark, config override) of each timed training configuration
+TRAINING_RUNS = {"train_images_per_s_cudnn_benchmark_on": (True, "compile_model=false"),
+                 "train_images_per_s_cudnn_benchmark_off": (False, "compile_model=false"),
+                 "train_images_per_s_compile_model": (True, "compile_model=true")}
+
+
 def measure_training(device, sizes, workdir, measured) -> None:
-    """Synthetic training steps per second with cudnn.benchmark on and off (CUDA only)."""
-    for benchmark in (True, False):
-        key = f"train_images_per_s_cudnn_benchmark_{'on' if benchmark else 'off'}"
+    """Synthetic training steps per second (AMP, channels-last) in each of TRAINING_RUNS (CUDA only)."""
+    for key, (benchmark, setting) in TRAINING_RUNS.items():
         if device.type != "cuda":
             measured[key] = "n/a"
             continue
-        trainer = make_trainer(device, sizes, workdir / "speed")  # GPU only from here
+        trainer = make_trainer(device, sizes, workdir / "speed", setting)  # GPU only from here
         torch.backends.cudnn.benchmark = benchmark
         views = synthetic_views(sizes, device)
         measured[key] = sizes.batch / timed(lambda: trainer.train_step(*views), device, 10)
