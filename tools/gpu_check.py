@@ -9,7 +9,6 @@ runs every check's code on the CPU with a small model (ResNet-18, a 64-64 projec
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
