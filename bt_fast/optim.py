@@ -69,7 +69,11 @@ class LARS(torch.optim.Optimizer):
                         weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
         super().__init__(params, defaults)
         self._compiled = compile
-        self._update = torch.compile(_lars_bucket_update, fullgraph=True, dynamic=False) if compile else _lars_bucket_update
+        # Inductor's loop reordering after fusion hits an internal assertion on this graph on CUDA
+        # (seen with torch 2.11 on an H100; the pass never runs for CPU kernels); fusion itself stays on.
+        self._update = (torch.compile(_lars_bucket_update, fullgraph=True, dynamic=False,
+                                      options={"loop_ordering_after_fusion": False})
+                        if compile else _lars_bucket_update)
 
     @torch.no_grad()
     def step(self, closure=None):
