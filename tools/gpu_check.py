@@ -9,6 +9,7 @@ runs every check's code on the CPU with a small model (ResNet-18, a 64-64 projec
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -249,6 +250,13 @@ def check_ddp(device, sizes, workdir, measured) -> list[Result]:
     return [compare("ddp", grads[1], grads[0])]
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (nvidia) is missing
+        return False
+
+
 def loader_config(sizes, workdir, pipeline: str):
     return load_config(None, [f"data={image_folder(workdir / 'images', sizes.batch)}", f"pipeline={pipeline}",
                               "workers=1", f"augment.image_size={sizes.image_size}"])
@@ -256,10 +264,9 @@ def loader_config(sizes, workdir, pipeline: str):
 
 def check_ffcv(device, sizes, workdir, measured) -> list[Result]:
     """The first batch of crops delivered to the device (FFCV's ToDevice on CUDA) against the host's."""
-    try:
-        from pipelines.ffcv import FFCVPipeline
-    except ImportError:
+    if not installed("ffcv"):
         return [Result("ffcv crops", "skipped: not installed")]
+    from pipelines.ffcv import FFCVPipeline
     config = loader_config(sizes, workdir, "ffcv")
     crops = [next(iter(FFCVPipeline(config, Placement(where), sizes.batch).crops())).cpu()
              for where in (device, torch.device("cpu"))]
@@ -269,10 +276,9 @@ def check_ffcv(device, sizes, workdir, measured) -> list[Result]:
 def check_dali(device, sizes, workdir, measured) -> list[Result]:
     """DALI on the device (the mixed decoder on CUDA) against DALI on the CPU, same seed: the same images
     in the same order, and per-image view means within TOLERANCE (the JPEG decoders differ slightly)."""
-    try:
-        from pipelines.dali import DALIPipeline
-    except ImportError:
+    if not installed("nvidia.dali"):
         return [Result("dali ids", "skipped: not installed")]
+    from pipelines.dali import DALIPipeline
     config = loader_config(sizes, workdir, "dali")
     batches = [next(DALIPipeline(config, Placement(where), sizes.batch, debug=True).debug_batches())
                for where in (device, torch.device("cpu"))]
@@ -281,7 +287,6 @@ def check_dali(device, sizes, workdir, measured) -> list[Result]:
             compare("dali view means", means[0], means[1], relative=False)]
 
 
-# The device crop of issue 12 joins this list as one more check.
 CHECKS: list[Callable] = [check_augment, check_device_crop, check_amp, check_lars, check_resume, check_ddp, check_ffcv,
                           check_dali]
 
