@@ -63,6 +63,9 @@ class FFCVOptions:
     jpeg_quality: int = 90
     os_cache: bool = True
     order: str = "random"        # random | quasi_random
+    decode: str = "host"         # host: libjpeg-turbo in FFCV's loader | device: torchvision decode_jpeg on the device
+    crop: str = "device"         # device: batched resize on the device | host: in FFCV's loader (only with decode=host)
+    max_padded_side: int = 1024  # crop=device: largest stored height/width a .beton may pad every image to
 
 
 @dataclass
@@ -232,6 +235,10 @@ def validate(config: Config) -> None:
     check_choice("amp", config.amp, ("auto", "bfloat16", "float16", "none"))
     check_choice("device", config.device, ("auto", "cpu", "cuda"))
     check_choice("ffcv.order", config.ffcv.order, ("random", "quasi_random"))
+    check_choice("ffcv.decode", config.ffcv.decode, ("host", "device"))
+    check_choice("ffcv.crop", config.ffcv.crop, ("device", "host"))
+    _require(config.ffcv.crop == "device" or config.ffcv.decode == "host", "ffcv.crop",
+             "device when ffcv.decode=device (the host never sees decoded pixels)", config.ffcv.crop)
     for key in ("batch_size", "epochs", "log_every"):
         _require(getattr(config, key) > 0, key, "positive", getattr(config, key))
     for key in ("checkpoint_every", "knn_every", "max_steps", "workers", "warmup_epochs", "lr_weights",
@@ -241,6 +248,7 @@ def validate(config: Config) -> None:
              "layer widths joined by '-', e.g. 8192-8192-8192", config.projector)
     _require(bool(config.out_dir.strip()), "out_dir", "a directory", config.out_dir)
     _require(config.ffcv.max_resolution > 0, "ffcv.max_resolution", "positive", config.ffcv.max_resolution)
+    _require(config.ffcv.max_padded_side > 0, "ffcv.max_padded_side", "positive", config.ffcv.max_padded_side)
     _require(1 <= config.ffcv.jpeg_quality <= 100, "ffcv.jpeg_quality", "1..100", config.ffcv.jpeg_quality)
     spec = config.augment
     _require(spec.image_size >= MIN_IMAGE_SIZE, "augment.image_size", f"at least {MIN_IMAGE_SIZE} pixels",

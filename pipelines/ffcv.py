@@ -1,17 +1,24 @@
-"""FFCV pipeline: each JPEG is decoded once and cut into both views' random-resized crops.
+"""FFCV pipeline: each stored JPEG is decoded once and cut into both views' random-resized crops.
 
-Host side (inside FFCV's numba-compiled loader): `TwoCropRGBDecoder` decodes the stored
-JPEG with libjpeg-turbo (`ffcv.libffcv.imdecode`) into a per-thread scratch buffer, then
-cuts two independent crops with torchvision's RandomResizedCrop sampling (scale/ratio of
-the `AugmentSpec`, 10 attempts then the centre-crop fallback) and resizes each to
-`image_size` with FFCV's OpenCV INTER_AREA resize. A batch is one uint8 array
-(B, 2, S, S, 3). Crop boxes depend only on (seed, epoch, sample index): each sample
-reseeds the (thread-local) Mersenne Twister, so they do not change with the number of
-workers or ranks.
+Three modes (`ffcv.decode`, `ffcv.crop`), each delivering the same (view1, view2):
 
-Device side: the uint8 batch goes to the device (FFCV `ToDevice`, pinned host buffers and
-a side stream on CUDA) and `pipelines.augment.TwoViewAugment` does flip, colour jitter,
-grayscale, blur, solarize and normalisation there.
+- decode=host, crop=device (default): FFCV's numba-compiled loader decodes each JPEG with
+  libjpeg-turbo into a padded (B, Hmax, Wmax, 3) uint8 slot (`PaddedDecoder`) and draws both
+  views' boxes (`TwoCropBoxes`); the device cuts and resizes both crops in one batched pass
+  (`pipelines.device_crop.resized_crops`, torchvision's antialiased bicubic `resized_crop`).
+- decode=device (crop=device): the loader only copies each sample's stored bytes
+  (`JPEGBytesDecoder`); the device decodes them (`pipelines.device_decode`), then crops the same way.
+- crop=host (decode=host): the loader decodes and resizes both crops with OpenCV INTER_AREA
+  (`pipelines.ffcv_host_crop.TwoCropRGBDecoder`). On a CPU-only machine this is the cheapest in
+  total (docs/pipelines.md).
+
+The boxes are the same in every mode: torchvision's RandomResizedCrop sampling seeded by (seed,
+epoch, sample index) (`pipelines.crop_sampling`), so they do not change with the number of
+workers or ranks. Host buffers reach the device through FFCV `ToDevice` (pinned, non-blocking,
+on a side stream on CUDA), and `pipelines.augment.TwoViewAugment` does flip, colour jitter,
+grayscale, blur, solarize and normalisation there. FFCV would allocate its batch buffers anew
+every epoch; the loader here keeps them, stopping the previous epoch's thread before the next
+starts (batches handed out are valid until a few batches later, as within an epoch).
 
 Sharding: FFCV 1.0.2's `distributed=True` needs an initialised torch.distributed group,
 pads the epoch with repeated samples and has no quasi-random order, so the epoch order is
@@ -24,11 +31,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import queue
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,16 +43,16 @@ import numpy as np
 import torch
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1; undone below
-from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder  # noqa: E402
-from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
-from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline import PipelineSpec  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.pipeline.state import State  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import ToDevice, ToTensor  # noqa: E402
 from ffcv.traversal_order.quasi_random import generate_order_inner  # noqa: E402
+
+from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, PaddedLayout, TwoCropBoxes  # noqa: E402
+from pipelines.ffcv_host_crop import TwoCropRGBDecoder  # noqa: E402
 
 torch.set_num_threads(_TORCH_THREADS)
 
@@ -54,142 +60,10 @@ from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.base import DataError, Placement, find_image_folder  # noqa: E402
 from pipelines.convert import convert, report_path  # noqa: E402
+from pipelines.device_crop import resized_crops  # noqa: E402
+from pipelines.device_decode import decode_padded  # noqa: E402
 from pipelines.ffcv_format import beton_path, open_beton  # noqa: E402
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank  # noqa: E402
-
-_SEED_MODULUS = 2147483647  # 2**31 - 1 (prime): per-sample seeds stay exact in numba and Python
-
-
-# --------------------------------------------------------------------------------------------
-# Crop sampling (compiled by numba inside the decoder; plain Python when FFCV's compiler is off)
-# --------------------------------------------------------------------------------------------
-
-def sample_seed(epoch_seed, sample_index):
-    """The Mersenne Twister seed of one sample in one epoch (< 2**31, no overflow anywhere)."""
-    a = np.int64(epoch_seed) % _SEED_MODULUS
-    b = np.int64(sample_index) % _SEED_MODULUS
-    return ((a * 1103515245) % _SEED_MODULUS + (b * 2654435761) % _SEED_MODULUS + 12345) % _SEED_MODULUS
-
-
-def random_resized_crop(height, width, scale_low, scale_high, log_ratio_low, log_ratio_high, ratio_min, ratio_max):
-    """torchvision's `RandomResizedCrop.get_params` with numpy's global (or numba's thread) RNG.
-
-    Returns (top, left, crop_height, crop_width).
-    """
-    area = height * width
-    for _ in range(10):
-        target_area = area * (scale_low + (scale_high - scale_low) * np.random.random())
-        aspect_ratio = np.exp(log_ratio_low + (log_ratio_high - log_ratio_low) * np.random.random())
-        w = int(round(np.sqrt(target_area * aspect_ratio)))
-        h = int(round(np.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(np.random.random() * (height - h + 1))
-            left = int(np.random.random() * (width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio_min:
-        w = width
-        h = int(round(w / ratio_min))
-    elif in_ratio > ratio_max:
-        h = height
-        w = int(round(h * ratio_max))
-    else:
-        w = width
-        h = height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-class TwoCropRGBDecoder(SimpleRGBImageDecoder):
-    """Decode an `RGBImageField` once and emit two random-resized crops: (2, S, S, 3) uint8 per sample.
-
-    Scratch space is one full-size image per parallel lane (not per sample, as FFCV's own
-    crop decoders allocate). The epoch's crop seed is read at run time from a small
-    buffer that `_SeededEpochIterator` fills before each epoch starts.
-    """
-
-    VIEWS = 2
-
-    def __init__(self, output_size: int, scale: tuple[float, float], ratio: tuple[float, float], batch_size: int):
-        super().__init__()
-        if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (low, high) pairs")
-        self.output_size = int(output_size)
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.batch_size = int(batch_size)
-
-    def _lanes(self) -> int:
-        return max(1, min(Compiler.num_threads, self.batch_size))
-
-    def declare_state_and_memory(self, previous_state: State):
-        heights, widths = self.metadata["height"], self.metadata["width"]
-        self.max_pixels = int(heights.astype(np.int64).max()) * int(widths.astype(np.int64).max()) * 3
-        # Lanes * one image of scratch, spread over the per-sample rows FFCV allocates.
-        self.scratch_per_sample = math.ceil(self._lanes() * self.max_pixels / self.batch_size)
-        shape = (self.VIEWS, self.output_size, self.output_size, 3)
-        uint8 = np.dtype("<u1")
-        return (
-            State(jit_mode=True, device=previous_state.device, shape=shape, dtype=uint8),
-            (AllocationQuery(shape, uint8),
-             AllocationQuery((self.scratch_per_sample,), uint8),
-             AllocationQuery((2,), np.dtype("<i8"))),  # [0, 0]: epoch crop seed; [i, 1]: decode status
-        )
-
-    def generate_code(self) -> Callable:
-        mem_read = self.memory_read
-        # Fresh dispatchers per loader, as FFCV does: numba dispatchers shared between
-        # loader threads can race while compiling.
-        decode_jpeg = Compiler.compile(imdecode)
-        resize = Compiler.compile(resize_crop)
-        crop_box = Compiler.compile(random_resized_crop)
-        seed_of = Compiler.compile(sample_seed)
-        lane_range = Compiler.get_iterator()
-        lanes = self._lanes()
-        max_pixels = self.max_pixels
-        per_sample = self.scratch_per_sample
-        views = self.VIEWS
-        jpg = IMAGE_MODES["jpg"]
-        scale_low, scale_high = self.scale
-        ratio_min, ratio_max = self.ratio
-        log_low, log_high = math.log(ratio_min), math.log(ratio_max)
-
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, scratch, seeds = my_storage
-            count = len(batch_indices)
-            usable = min(lanes, (count * per_sample) // max_pixels)
-            if usable < 1:
-                raise ValueError("TwoCropRGBDecoder: batch smaller than the scratch layout (use drop_last)")
-            flat = scratch.reshape(-1)
-            epoch_seed = seeds[0, 0]
-            for lane in lane_range(usable):
-                buffer = flat[lane * max_pixels:(lane + 1) * max_pixels]
-                for dst_ix in range(lane, count, usable):
-                    source_ix = batch_indices[dst_ix]
-                    field = metadata[source_ix]
-                    height = np.int64(field["height"])
-                    width = np.int64(field["width"])
-                    data = mem_read(field["data_ptr"], storage_state)
-                    if field["mode"] == jpg:
-                        # (no raise inside the parallel loop: numba would run it serially)
-                        seeds[dst_ix, 1] = decode_jpeg(data, buffer, height, width, height, width,
-                                                       0, 0, 1, 1, False, False)
-                        image = buffer[:height * width * 3].reshape(height, width, 3)
-                    else:
-                        seeds[dst_ix, 1] = 0
-                        image = data.reshape(height, width, 3)
-                    np.random.seed(seed_of(epoch_seed, source_ix))
-                    for view in range(views):
-                        top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
-                                                   ratio_min, ratio_max)
-                        resize(image, top, top + h, left, left + w, destination[dst_ix, view])
-            for dst_ix in range(count):
-                if seeds[dst_ix, 1] != 0:
-                    raise ValueError("a JPEG stored in the dataset cannot be decoded; "
-                                     "reconvert it with `python -m tools.convert`")
-            return destination[:count]
-
-        decode.is_parallel = True
-        return decode
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +107,7 @@ class EpochSharding:
 
 
 class _SeededEpochIterator(EpochIterator):
-    """FFCV's epoch thread, with the decoder's crop seed written before the thread starts.
+    """FFCV's epoch thread, with the operation's crop seed written before the thread starts.
 
     An exception in FFCV's thread would otherwise end it silently and leave the consumer
     waiting forever; here it ends the epoch and is raised in the consumer.
@@ -245,8 +119,7 @@ class _SeededEpochIterator(EpochIterator):
         super().__init__(loader, order)
 
     def start(self) -> None:  # called at the end of EpochIterator.__init__, once buffers exist
-        node = self.loader.graph.operation_to_node[self.loader.decoder][0]
-        self.memory_allocations["operation"][node.id][2][..., 0] = self._crop_seed
+        self.loader.seeded.set_epoch_seed(self.loader.graph, self.memory_allocations, self._crop_seed)
         super().start()
 
     def run(self) -> None:
@@ -272,19 +145,43 @@ class _SeededEpochIterator(EpochIterator):
 
 
 class _TwoCropLoader(Loader):
-    """FFCV Loader with our epoch order (`EpochSharding`) and per-epoch crop seeds."""
+    """FFCV Loader with our epoch order (`EpochSharding`), per-epoch crop seeds and batch buffers kept across epochs.
 
-    def __init__(self, fname: str, batch_size: int, num_workers: int, os_cache: bool,
-                 decoder: TwoCropRGBDecoder, pipeline: list, batches_ahead: int = 3):
-        fields = Reader(fname).handlers
-        pipelines = {name: None for name in fields}
-        pipelines["image"] = pipeline
-        self.decoder = decoder
+    `pipelines` maps output names to FFCV pipelines or `PipelineSpec`s (unnamed fields are not
+    read); `seeded` is the operation that draws the boxes (it has `set_epoch_seed`).
+    """
+
+    def __init__(self, fname: str, batch_size: int, num_workers: int, os_cache: bool, pipelines: dict,
+                 seeded, batches_ahead: int = 3):
+        self.seeded = seeded
         self.sharding: EpochSharding | None = None
         self.crop_seed_base = 0
+        self._epoch: _SeededEpochIterator | None = None
+        self._buffers = None
         super().__init__(fname, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                         order=OrderOption.SEQUENTIAL, distributed=False, seed=0, pipelines=pipelines,
+                         order=OrderOption.SEQUENTIAL, distributed=False, seed=0,
+                         pipelines={**{name: None for name in Reader(fname).handlers}, **pipelines},
                          drop_last=True, batches_ahead=batches_ahead)
+        self._allocate = self.graph.allocate_memory
+        self.graph.allocate_memory = self._kept_buffers  # EpochIterator.__init__ asks the graph each epoch
+
+    def _kept_buffers(self, batch_size: int, slots: int):
+        if self._buffers is None:
+            self._buffers = self._allocate(batch_size, slots)
+        return self._buffers
+
+    def _stop_previous_epoch(self) -> None:
+        """End the last epoch's thread (it may be mid-epoch) so that nothing writes the kept buffers any more."""
+        if self._epoch is None:
+            return
+        epoch, self._epoch = self._epoch, None
+        epoch.close()  # FFCV's thread checks this while its queue is full (every 0.5 s)
+        while epoch.is_alive():
+            epoch.join(timeout=1.0)
+            with suppress(queue.Empty):  # room for the end marker, which FFCV puts without a timeout
+                epoch.output_queue.get_nowait()
+        if getattr(epoch, "current_stream", None) is not None:  # GPU only: the consumer's last reads are done
+            epoch.current_stream.synchronize()
 
     def __len__(self) -> int:
         if self.sharding is None:
@@ -298,7 +195,9 @@ class _TwoCropLoader(Loader):
         order = self.sharding.indices(epoch)[:len(self) * self.batch_size]
         if self.code is None or self.recompile:
             self.generate_code()
-        return _SeededEpochIterator(self, order, epoch_seed(self.crop_seed_base, epoch, CROP_STREAM))
+        self._stop_previous_epoch()
+        self._epoch = _SeededEpochIterator(self, order, epoch_seed(self.crop_seed_base, epoch, CROP_STREAM))
+        return self._epoch
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +270,10 @@ def _warn_if_stale(path: Path, data: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 class FFCVPipeline:
-    """`.beton` -> decode once, two crops (host, numba) -> device augmentations -> (view1, view2)."""
+    """`.beton` -> host stage (FFCV's loader) -> both views' crops -> device augmentations -> (view1, view2).
+
+    The mode comes from `config.ffcv.decode` and `config.ffcv.crop` (module docstring).
+    """
 
     def __init__(self, config: Config, placement: Placement, batch_size: int, *,
                  compile_augment: bool = False, batches_ahead: int = 3):
@@ -381,20 +283,23 @@ class FFCVPipeline:
         self.batch_size = batch_size
         self.seed = config.seed
         self.epoch = 0
+        self.decode, self.crop = config.ffcv.decode, config.ffcv.crop
         self.path = ensure_beton(config)
         reader = open_beton(self.path)
         samples_per_rank(int(reader.num_samples), batch_size, placement.world_size, f"FFCV dataset {self.path}")
+        if self.crop == "device":
+            self.layout = PaddedLayout.of(reader)
+            self.layout.check_side(self.path, config.ffcv.max_padded_side)
+            if placement.rank == 0:
+                print(self.memory_line(), file=sys.stderr)
+        pipelines, seeded = self._host_stage()
         # numba cannot run more threads than it started with (NUMBA_NUM_THREADS, the core count).
         workers = max(1, min(config.workers if config.workers > 0 else os.cpu_count() or 1,
                              numba.config.NUMBA_NUM_THREADS))
-        self.decoder = TwoCropRGBDecoder(self.spec.image_size, self.spec.crop_scale, self.spec.crop_ratio, batch_size)
-        pipeline = [self.decoder, ToTensor()]
-        if placement.device.type == "cuda":  # GPU only: pinned host slots -> device on FFCV's side stream
-            pipeline.append(ToDevice(placement.device, non_blocking=True))
         threads = torch.get_num_threads()
         try:
-            self.loader = _TwoCropLoader(str(self.path), batch_size, workers, config.ffcv.os_cache, self.decoder,
-                                         pipeline, batches_ahead)
+            self.loader = _TwoCropLoader(str(self.path), batch_size, workers, config.ffcv.os_cache, pipelines,
+                                         seeded, batches_ahead)
         finally:
             torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count
         self.loader.crop_seed_base = self.seed
@@ -403,6 +308,35 @@ class FFCVPipeline:
                                              self.loader.memory_manager.page_to_samples, batch_size)
         self.augment = TwoViewAugment(self.spec, placement.dtype, compile=compile_augment)
         self.generator = torch.Generator(device=placement.device)
+        self.crop_dtype = torch.float16 if placement.device.type == "cuda" else torch.float32  # GPU only: half
+
+    def _host_stage(self) -> tuple[dict, object]:
+        """FFCV pipelines of this mode's loader outputs, and the operation that draws the boxes."""
+        scale, ratio = self.spec.crop_scale, self.spec.crop_ratio
+        if self.crop == "host":
+            decoder = TwoCropRGBDecoder(self._size(self.epoch), scale, ratio, self.batch_size)
+            return {"image": [decoder, ToTensor(), *self._to_device()]}, decoder
+        boxes = TwoCropBoxes(scale, ratio)
+        if self.decode == "host":
+            image, moved = PaddedDecoder(), self._to_device
+        else:  # decode_jpeg reads the bytes from the host whatever its device
+            image, moved = JPEGBytesDecoder(self.layout.max_bytes), list
+        return {"image": [image, ToTensor(), *moved()],
+                "boxes": PipelineSpec("image", decoder=boxes, transforms=[ToTensor(), *moved()])}, boxes
+
+    def _to_device(self) -> list:
+        """[ToDevice] on CUDA (pinned host slots, non-blocking, on FFCV's side stream), else []."""
+        if self.placement.device.type == "cuda":  # GPU only
+            return [ToDevice(self.placement.device, non_blocking=True)]
+        return []
+
+    def memory_line(self) -> str:
+        """One line: the padded batch buffers' host and device bytes (crop=device)."""
+        host = self.layout.host_bytes_per_batch(self.batch_size, self.decode)
+        device = self.layout.device_bytes_per_batch(self.batch_size)
+        return (f"ffcv: {self.path} pads each image to {self.layout.max_height}x{self.layout.max_width}: "
+                f"{host / 2**20:.2f} MiB on the host and {device / 2**20:.2f} MiB on the device per batch of "
+                f"{self.batch_size} (decode={self.decode}, crop=device)")
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -410,14 +344,22 @@ class FFCVPipeline:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _size(self, epoch: int) -> int:
+        """Output side of the crops in `epoch`."""
+        return self.spec.image_size
+
     def epoch_indices(self) -> np.ndarray:
         """Sample indices this rank reads in the current epoch, in order (all full batches)."""
         return self.loader.sharding.indices(self.epoch)[:len(self) * self.batch_size]
 
-    def crops(self) -> Iterator[torch.Tensor]:
-        """The current epoch's uint8 crop batches (B, 2, S, S, 3) on the device, before augmentation.
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The current epoch's host-stage outputs per batch, before any device work.
 
-        On CPU a batch is a view of FFCV's buffer, valid until a few batches later.
+        crop=host: `(crops,)`, uint8 (B, 2, S, S, 3). crop=device: `(pixels, rows)`, `rows` the
+        int32 (B, 11) `pipelines.ffcv_decoders.ROW_FIELDS`, `pixels` the padded uint8 images
+        (B, Hmax, Wmax, 3) (decode=host) or stored JPEG bytes (B, max_bytes) (decode=device). On
+        CUDA they are on the device, except decode=device's, which `decode_jpeg` reads from the
+        host. A batch is a view of FFCV's buffers, valid until a few batches later.
         """
         self.loader.next_epoch = self.epoch
         threads = torch.get_num_threads()
@@ -425,14 +367,31 @@ class FFCVPipeline:
             iterator = iter(self.loader)
         finally:
             torch.set_num_threads(threads)
-        for index, (batch,) in enumerate(iterator):
+        for index, batch in enumerate(iterator):
             if index == 0:  # FFCV's thread set torch's (global) thread count to `workers` as it started
                 torch.set_num_threads(threads)
-            yield batch.to(self.placement.device, non_blocking=True)  # no-op when ToDevice already moved it
+            yield batch
+
+    def device_crops(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Both views' crops of one host batch on the device: (B, 2, 3, S, S), a channels-last view.
+
+        uint8 for crop=host; otherwise float in [0, 1] (float16 on CUDA), torchvision's
+        `resized_crop` (bicubic, antialiased) of each box.
+        """
+        device = self.placement.device
+        if self.crop == "host":
+            (crops,) = batch
+            return crops.to(device, non_blocking=True).permute(0, 1, 4, 2, 3)
+        pixels, rows = batch
+        if self.decode == "device":
+            sizes = [tuple(row) for row in rows[:, :3].tolist()]
+            pixels = decode_padded(pixels, sizes, self.layout.max_height, self.layout.max_width, device, self.path)
+        boxes = rows[:, BOXES].view(-1, 2, 4).to(device, non_blocking=True)
+        return resized_crops(pixels.to(device, non_blocking=True), boxes, self._size(self.epoch),
+                             dtype=self.crop_dtype)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, AUGMENT_STREAM + self.placement.rank))
-        for batch in self.crops():
-            crops1 = batch[:, 0].permute(0, 3, 1, 2)  # (B, 3, S, S) views of the HWC crops
-            crops2 = batch[:, 1].permute(0, 3, 1, 2)
-            yield self.augment(crops1, crops2, self.generator)
+        for batch in self.host_batches():
+            crops = self.device_crops(batch)
+            yield self.augment(crops[:, 0], crops[:, 1], self.generator)

@@ -22,7 +22,7 @@ field's decoder when they open a plain pipeline list.
 
 Slots are reused batch after batch and never cleared: whatever lies outside a sample's
 (H, W) or `stored_bytes` is left over from earlier batches (or uninitialised), and downstream code
-must read only inside those bounds. The boxes are those `pipelines.ffcv.TwoCropRGBDecoder`
+must read only inside those bounds. The boxes are those `pipelines.ffcv_host_crop.TwoCropRGBDecoder`
 samples (same per-sample seed, same `random_resized_crop` calls in the same order), so a
 batch crops the same regions in every mode.
 """
@@ -43,7 +43,7 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 
 from pipelines.base import DataError
-from pipelines.ffcv import random_resized_crop, sample_seed
+from pipelines.crop_sampling import random_resized_crop, sample_seed
 
 __all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",
            "decode_into", "stored_bytes"]

@@ -24,7 +24,7 @@ from torchvision.io import decode_jpeg
 
 from pipelines import ffcv_decoders as D
 from pipelines.base import DataError
-from pipelines.ffcv import random_resized_crop, sample_seed
+from pipelines.crop_sampling import random_resized_crop, sample_seed
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
               pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]
@@ -270,3 +270,17 @@ def test_memory_report_and_resolution_cap(beton):
     with pytest.raises(DataError, match=f"{beton}.*90x90.*cap of 64 px.*--max-resolution 64") as err:
         layout.check_side(beton, 64)
     assert "\n" not in str(err.value)
+
+
+def test_device_decode_pads_each_image_into_its_slot(beton, python_mode):
+    """`decode_padded` of the copied bytes equals decode_jpeg of each stored JPEG alone, at the top left of its slot."""
+    from pipelines.device_decode import decode_padded
+    layout, _, rows, jpegs, _ = padded_and_bytes(beton)
+    sizes = [tuple(row) for row in rows[:, :3].tolist()]
+    padded = decode_padded(jpegs, sizes, layout.max_height, layout.max_width, torch.device("cpu"), beton)
+    assert padded.shape == (len(SIZES), 90, 90, 3) and padded.dtype == torch.uint8
+    for position, (height, width, _) in enumerate(sizes):
+        alone = decode_jpeg(torch.from_numpy(stored(beton, position))).permute(1, 2, 0)
+        assert torch.equal(padded[position, :height, :width], alone)
+    with pytest.raises(DataError, match=f"{beton}.*another size than its recorded one"):
+        decode_padded(jpegs, [(h + 1, w, n) for h, w, n in sizes], 91, 90, torch.device("cpu"), beton)

@@ -1,4 +1,7 @@
-"""FFCV pipeline: one decode and two crops per image, sharding, output contract, the beton itself."""
+"""FFCV pipeline: host-crop sampling and resize, sharding, output contract, the beton itself.
+
+The modes' wiring (decode once, device crop, device decode, memory, cap) is in tests/test_ffcv_modes.py.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +16,7 @@ from PIL import Image
 
 from bt_fast.config import Config
 from pipelines import ffcv as P
+from pipelines.crop_sampling import random_resized_crop, sample_seed
 from pipelines.base import DataError, Placement, find_image_folder
 
 # numba 0.68's dispatcher finalizer sometimes raises KeyError while garbage-collecting the
@@ -22,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 IMAGES = 24
 SIZE = (64, 48)  # width, height
+CROP_BOUND = 0.01  # grey levels (0..255): device crops against torchvision's float resized_crop, float32 rounding
 
 
 def write_traceable_folder(root: Path) -> Path:
@@ -67,63 +72,54 @@ def cpu(rank: int = 0, world_size: int = 1, dtype=torch.float32) -> Placement:
     return Placement(torch.device("cpu"), dtype, rank, world_size)
 
 
+MODES = {"device_crop": dict(decode="host", crop="device"), "device_decode": dict(decode="device", crop="device"),
+         "host_crop": dict(decode="host", crop="host")}
+
+
+@pytest.fixture
+def python_mode():
+    """FFCV's compiler off: the loader's operations run as plain Python (countable, no numba compile time)."""
+    P.Compiler.set_enabled(False)
+    yield
+    P.Compiler.set_enabled(True)
+
+
 def image_ids(crops: torch.Tensor) -> np.ndarray:
-    """(B, 2, S, S, 3) uint8 -> (B, 2) source ids from the blue channel."""
-    blue = crops[..., 2].float().mean(dim=(2, 3)).numpy()
+    """(B, 2, S, S, 3) grey levels -> (B, 2) source ids from the blue channel."""
+    blue = crops[..., 2].double().mean(dim=(2, 3)).numpy()
     return np.rint((blue - 5) / 10).astype(int)
 
 
 def epoch_crops(pipeline: P.FFCVPipeline) -> np.ndarray:
-    return np.concatenate([batch.numpy().copy() for batch in pipeline.crops()])
+    """The current epoch's crops before augmentation, (N, 2, S, S, 3): uint8 for crop=host, else float grey levels."""
+    batches = []
+    for batch in pipeline.host_batches():
+        crops = pipeline.device_crops(batch).permute(0, 1, 3, 4, 2)
+        batches.append(crops.numpy().copy() if crops.dtype == torch.uint8 else crops.double().numpy() * 255)
+    return np.concatenate(batches)
 
 
 # ------------------------------------------------------------------------------------------
-# Decode once, crop twice
+# Host crops (crop=host)
 # ------------------------------------------------------------------------------------------
 
-def test_two_views_come_from_one_decode(dataset, monkeypatch):
-    """Run the decoder as plain Python (FFCV's compiler off) and count libjpeg-turbo decodes."""
-    _, beton = dataset
-    calls = []
-    real_imdecode = P.imdecode
-
-    def counting_imdecode(*args):
-        calls.append(1)
-        return real_imdecode(*args)
-
-    config = make_config(beton)
-    monkeypatch.setattr(P, "imdecode", counting_imdecode)
-    P.Compiler.set_enabled(False)
-    try:
-        python_mode = P.FFCVPipeline(config, cpu(), batch_size=4)
-        crops = epoch_crops(python_mode)
-    finally:
-        P.Compiler.set_enabled(True)
-    assert crops.shape == (IMAGES, 2, 16, 16, 3) and crops.dtype == np.uint8
-    assert len(calls) == IMAGES  # one decode per image, two crops each
-    ids = image_ids(torch.from_numpy(crops))
-    assert (ids[:, 0] == ids[:, 1]).all()                      # both crops from the same image ...
-    assert sorted(ids[:, 0]) == list(range(IMAGES))            # ... every image once ...
-    assert all(not np.array_equal(c[0], c[1]) for c in crops)  # ... and the two crops differ
-
-    monkeypatch.undo()
-    compiled = P.FFCVPipeline(config, cpu(), batch_size=4)
-    assert np.array_equal(epoch_crops(compiled), crops)  # numba decoder == the Python run, bit for bit
-
-
-def stored_jpeg(beton: Path, index: int) -> np.ndarray:
-    """Decode sample `index`'s stored JPEG independently (OpenCV), as RGB."""
+def stored_bytes(beton: Path, index: int) -> np.ndarray:
+    """Sample `index`'s stored JPEG, read from the file at its allocation-table entry."""
     reader = P.Reader(str(beton))
     field = reader.metadata[index]["f0"]
     table = reader.alloc_table
     size = int(table["size"][np.nonzero(table["ptr"] == field["data_ptr"])[0][0]])
-    raw = np.fromfile(beton, dtype=np.uint8, count=size, offset=int(field["data_ptr"]))
-    return cv2.cvtColor(cv2.imdecode(raw, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return np.fromfile(beton, dtype=np.uint8, count=size, offset=int(field["data_ptr"]))
 
 
-def test_crops_are_resized_boxes_of_the_decoded_image(dataset):
+def stored_jpeg(beton: Path, index: int) -> np.ndarray:
+    """Decode sample `index`'s stored JPEG independently (OpenCV), as RGB."""
+    return cv2.cvtColor(cv2.imdecode(stored_bytes(beton, index), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_host_crops_are_resized_boxes_of_the_decoded_image(dataset):
     _, beton = dataset
-    config = make_config(beton, image_size=24)
+    config = make_config(beton, image_size=24, crop="host")
     pipeline = P.FFCVPipeline(config, cpu(), batch_size=4)
     pipeline.set_epoch(2)
     order = pipeline.epoch_indices()
@@ -133,9 +129,9 @@ def test_crops_are_resized_boxes_of_the_decoded_image(dataset):
     for position in range(0, IMAGES, 5):
         index = int(order[position])
         image = stored_jpeg(beton, index)
-        np.random.seed(P.sample_seed(seed, index))
+        np.random.seed(sample_seed(seed, index))
         for view in range(2):
-            top, left, h, w = P.random_resized_crop(SIZE[1], SIZE[0], *spec.crop_scale, np.log(spec.crop_ratio[0]),
+            top, left, h, w = random_resized_crop(SIZE[1], SIZE[0], *spec.crop_scale, np.log(spec.crop_ratio[0]),
                                                     np.log(spec.crop_ratio[1]), *spec.crop_ratio)
             expected = cv2.resize(image[top:top + h, left:left + w], (24, 24), interpolation=cv2.INTER_AREA)
             got = crops[position, view]
@@ -154,14 +150,14 @@ def test_random_resized_crop_follows_torchvision():
     # Deterministic cases: the centre-crop fallback and a full crop.
     for height, width, s, r in [(30, 300, (1.0, 1.0), (1.0, 1.0)), (300, 30, (1.0, 1.0), (1.0, 1.0)),
                                 (40, 40, (1.0, 1.0), (1.0, 1.0)), (40, 200, (0.99, 1.0), (0.75, 1.25))]:
-        ours = P.random_resized_crop(height, width, *s, np.log(r[0]), np.log(r[1]), *r)
+        ours = random_resized_crop(height, width, *s, np.log(r[0]), np.log(r[1]), *r)
         assert ours == tuple(T.RandomResizedCrop.get_params(torch.empty(1, height, width), list(s), list(r)))
     # Random cases: same distribution of boxes (incl. how often the fallback is taken).
     n = 3000
     for height, width in [(48, 64), (20, 200)]:
         np.random.seed(0)
         torch.manual_seed(0)
-        ours = np.array([P.random_resized_crop(height, width, *args) for _ in range(n)], dtype=float)
+        ours = np.array([random_resized_crop(height, width, *args) for _ in range(n)], dtype=float)
         ref = np.array([T.RandomResizedCrop.get_params(torch.empty(1, height, width), list(scale), list(ratio))
                         for _ in range(n)], dtype=float)
         for column in range(4):
@@ -169,6 +165,210 @@ def test_random_resized_crop_follows_torchvision():
             assert abs(ours[:, column].mean() - ref[:, column].mean()) < 5 * spread * (2 / n) ** 0.5, (height, column)
         fallback = lambda boxes: np.mean((boxes[:, 2] == height) | (boxes[:, 3] == width))  # noqa: E731
         assert abs(fallback(ours) - fallback(ref)) < 0.05
+
+
+# ------------------------------------------------------------------------------------------
+# The modes: decode once, device crop, device decode, resume, memory, cap, bad data
+# ------------------------------------------------------------------------------------------
+
+def counted_decodes(mode: str, monkeypatch) -> list[int]:
+    """Images each decode call of `mode` handles, appended as the loader (plain Python) or the device decodes."""
+    from pipelines import device_decode, ffcv_decoders, ffcv_host_crop
+    calls: list[int] = []
+
+    def count(module, name, images_of):
+        real = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            calls.append(images_of(args))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counting)
+
+    if mode == "host_crop":
+        count(ffcv_host_crop, "imdecode", lambda args: 1)
+    elif mode == "device_crop":
+        count(ffcv_decoders, "decode_into", lambda args: 1)
+    else:
+        count(device_decode, "decode_jpeg", lambda args: len(args[0]))  # one batched call per batch
+    return calls
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_each_image_is_decoded_once_for_both_views(dataset, mode, monkeypatch):
+    _, beton = dataset
+    config = make_config(beton, **MODES[mode])
+    calls = counted_decodes(mode, monkeypatch)
+    P.Compiler.set_enabled(False)
+    try:
+        crops = epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
+    finally:
+        P.Compiler.set_enabled(True)
+    assert crops.shape == (IMAGES, 2, 16, 16, 3)
+    assert sum(calls) == IMAGES  # one decode per image, two crops each
+    ids = image_ids(torch.from_numpy(crops))
+    assert (ids[:, 0] == ids[:, 1]).all()                      # both crops from the same image ...
+    assert sorted(ids[:, 0]) == list(range(IMAGES))            # ... every image once ...
+    assert all(not np.array_equal(c[0], c[1]) for c in crops)  # ... and the two crops differ
+    if mode == "host_crop":  # (the device-crop modes' compiled operations: tests/test_ffcv_decoders.py)
+        monkeypatch.undo()
+        compiled = P.FFCVPipeline(config, cpu(), batch_size=4)
+        assert np.array_equal(epoch_crops(compiled), crops)  # numba loader == the Python run, bit for bit
+
+
+@pytest.mark.parametrize("mode", ["device_crop", "device_decode"])
+def test_device_crops_are_torchvision_resized_crops_of_the_decoded_image(dataset, mode, python_mode):
+    """torchvision's resized_crop (bicubic, antialias) of the same decoded image on the boxes the seed gives.
+
+    The decoded image: the host stage's (libjpeg-turbo, FFCV's flags), or decode_jpeg's of the stored bytes.
+    """
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2.functional import InterpolationMode, resized_crop
+    _, beton = dataset
+    config = make_config(beton, image_size=24, **MODES[mode])
+    pipeline = P.FFCVPipeline(config, cpu(), batch_size=4)
+    pipeline.set_epoch(2)
+    order = pipeline.epoch_indices()
+    seed = P.epoch_seed(config.seed, 2, P.CROP_STREAM)
+    spec = config.augment
+    position = 0
+    for batch in pipeline.host_batches():
+        crops = pipeline.device_crops(batch)
+        for sample in range(len(crops)):
+            index = int(order[position])
+            if mode == "device_crop":
+                decoded = batch[0][sample, :SIZE[1], :SIZE[0]].permute(2, 0, 1)
+            else:
+                decoded = decode_jpeg(torch.from_numpy(stored_bytes(beton, index)))
+            np.random.seed(sample_seed(seed, index))
+            for view in range(2):
+                box = random_resized_crop(SIZE[1], SIZE[0], *spec.crop_scale, np.log(spec.crop_ratio[0]),
+                                          np.log(spec.crop_ratio[1]), *spec.crop_ratio)
+                expected = resized_crop(decoded.float() / 255, *box, [24, 24], InterpolationMode.BICUBIC,
+                                        antialias=True).clamp(0, 1)
+                error = (crops[sample, view] - expected).abs().max() * 255
+                assert error <= CROP_BOUND, (index, view, error)
+            position += 1
+    assert position == IMAGES
+
+
+def test_the_device_crop_wiring_adds_nothing_to_resized_crops(dataset, python_mode):
+    """crop=device's crops are `resized_crops` of the host stage's padded images and rows, bit for bit."""
+    from pipelines.device_crop import resized_crops
+    from pipelines.ffcv_decoders import BOXES
+    _, beton = dataset
+    pipeline = P.FFCVPipeline(make_config(beton, image_size=20), cpu(), batch_size=8)
+    for images, rows in pipeline.host_batches():
+        expected = resized_crops(images, rows[:, BOXES].reshape(-1, 2, 4), 20)
+        assert torch.equal(pipeline.device_crops((images, rows)), expected)
+
+
+def test_device_decode_gives_the_host_decode_boxes_and_pixels_within_a_bound(dataset, python_mode):
+    _, beton = dataset
+    runs = {}
+    for mode in ("device_crop", "device_decode"):
+        pipeline = P.FFCVPipeline(make_config(beton, image_size=24, **MODES[mode]), cpu(), batch_size=4)
+        pipeline.set_epoch(1)
+        rows = torch.cat([rows.clone() for _, rows in pipeline.host_batches()])
+        runs[mode] = rows, epoch_crops(pipeline)
+    (rows, crops), (rows_device, crops_device) = runs["device_crop"], runs["device_decode"]
+    assert torch.equal(rows[:, 3:], rows_device[:, 3:])  # same samples, same boxes
+    error = np.abs(crops - crops_device)
+    # FFCV's libjpeg-turbo flags (fast IDCT) against decode_jpeg's accurate decode: the bound of the decodes
+    # themselves (tests/test_ffcv_decoders.py), which the resize does not enlarge
+    assert error.max() <= 6 and error.mean() < 1.5, (error.max(), error.mean())
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_resuming_mid_epoch_gives_identical_batches(dataset, mode, python_mode):
+    """The trainer resumes by skipping the epoch's first batches of a fresh pipeline (bt_fast.train)."""
+    import itertools
+    _, beton = dataset
+    config = make_config(beton, **MODES[mode])
+    uninterrupted = P.FFCVPipeline(config, cpu(), batch_size=4)
+    uninterrupted.set_epoch(1)
+    expected = list(uninterrupted)[2:]
+    resumed = P.FFCVPipeline(config, cpu(), batch_size=4)
+    resumed.set_epoch(1)
+    batches = list(itertools.islice(iter(resumed), 2, None))
+    assert len(batches) == len(expected) == len(uninterrupted) - 2
+    for got, want in zip(batches, expected):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_an_abandoned_epoch_stops_before_the_next_reuses_its_buffers(dataset, python_mode):
+    """Buffers are kept across epochs: a new epoch after a partly read one still gives that epoch's batches."""
+    _, beton = dataset
+    pipeline = P.FFCVPipeline(make_config(beton), cpu(), batch_size=4)
+    full = epoch_crops(pipeline)
+    pipeline.set_epoch(1)
+    next(iter(pipeline.host_batches()))  # read one batch of epoch 1, then go back to epoch 0
+    pipeline.set_epoch(0)
+    assert np.array_equal(epoch_crops(pipeline), full)
+    assert pipeline.loader._buffers is not None
+    buffers = pipeline.loader._buffers
+    epoch_crops(pipeline)
+    assert pipeline.loader._buffers is buffers
+
+
+@pytest.mark.parametrize("mode", ["device_crop", "device_decode"])
+def test_memory_line_is_printed_once_on_rank_zero(dataset, mode, capsys):
+    from pipelines.ffcv_decoders import PaddedLayout
+    _, beton = dataset
+    config = make_config(beton, **MODES[mode])
+    P.FFCVPipeline(config, cpu(1, 2), batch_size=4)
+    assert "MiB" not in capsys.readouterr().err
+    P.FFCVPipeline(config, cpu(0, 2), batch_size=4)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "MiB" in line]
+    layout = PaddedLayout.of(P.Reader(str(beton)))
+    host, device = layout.host_bytes_per_batch(4, MODES[mode]["decode"]), layout.device_bytes_per_batch(4)
+    assert (layout.max_height, layout.max_width) == (SIZE[1], SIZE[0])
+    assert lines == [f"ffcv: {beton} pads each image to 48x64: {host / 2**20:.2f} MiB on the host and "
+                     f"{device / 2**20:.2f} MiB on the device per batch of 4 (decode={MODES[mode]['decode']}, "
+                     f"crop=device)"]
+
+
+def test_a_beton_above_the_padded_side_cap_fails_at_start(dataset):
+    _, beton = dataset
+    with pytest.raises(DataError, match=f"{beton} pads every image to 48x64.*cap of 32 px.*--max-resolution 32") as err:
+        P.FFCVPipeline(make_config(beton, max_padded_side=32), cpu(), batch_size=4)
+    assert "\n" not in str(err.value)
+    P.FFCVPipeline(make_config(beton, max_padded_side=32, crop="host"), cpu(), batch_size=4)  # no padding there
+
+
+def broken_beton(beton: Path, path: Path, keep: int) -> Path:
+    """A copy of `beton` whose sample 5 has its stored JPEG zeroed after its first `keep` bytes."""
+    blob = bytearray(beton.read_bytes())
+    start = int(P.Reader(str(beton)).metadata[5]["f0"]["data_ptr"]) + keep
+    blob[start:start + 64] = bytes(64)
+    path.write_bytes(bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_corrupt_stored_jpeg_is_one_data_error(dataset, tmp_path, mode, python_mode):
+    _, beton = dataset
+    cases = {"no header": 0} if mode != "device_decode" else {"no header": 0, "broken body": 2}
+    for case, keep in cases.items():
+        broken = broken_beton(beton, tmp_path / "broken.beton", keep)
+        pipeline = P.FFCVPipeline(make_config(broken, **MODES[mode]), cpu(), batch_size=4)
+        with pytest.raises(DataError, match="broken.beton.*cannot be decoded") as err:
+            for _ in pipeline:
+                pass
+        assert "\n" not in str(err.value), case
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_the_demo_config_trains_a_few_steps(dataset, mode, tmp_path, python_mode):
+    from bt_fast.config import load_config
+    from bt_fast.train import train
+    _, beton = dataset
+    settings = [f"{key}={value}" for key, value in MODES[mode].items()]
+    config = load_config("configs/demo_cpu.yaml", [
+        f"data={beton}", "pipeline=ffcv", f"out_dir={tmp_path / 'run'}", "knn_every=0", "workers=1", "batch_size=8",
+        "projector=32-32", "augment.image_size=32", "max_steps=1", "device=cpu",
+        *(f"ffcv.{setting}" for setting in settings)])
+    summary = train(config)
+    assert summary["steps"] == 1 and (tmp_path / "run" / "checkpoint.pth").is_file()
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,10 +416,11 @@ def test_epoch_sharding_deals_contiguous_blocks_of_one_global_order():
 # The output contract
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_views_are_normalised_channels_last_batches(dataset, dtype):
+@pytest.mark.parametrize("mode, dtype", [("device_crop", torch.float32), ("device_crop", torch.bfloat16),
+                                         ("device_decode", torch.float32), ("host_crop", torch.float32)])
+def test_views_are_normalised_channels_last_batches(dataset, mode, dtype, python_mode):
     _, beton = dataset
-    config = make_config(beton, image_size=32)
+    config = make_config(beton, image_size=32, **MODES[mode])
     pipeline = P.FFCVPipeline(config, cpu(dtype=dtype), batch_size=8)
     assert len(pipeline) == 3
     batches = list(pipeline)
@@ -305,19 +506,6 @@ def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
         P.FFCVPipeline(make_config(beton), cpu(0, 2), batch_size=16)
 
 
-def test_corrupt_stored_jpeg_raises_instead_of_hanging(dataset, tmp_path):
-    _, beton = dataset
-    broken = tmp_path / "broken.beton"
-    blob = bytearray(beton.read_bytes())
-    start = int(P.Reader(str(beton)).metadata[5]["f0"]["data_ptr"])
-    blob[start:start + 64] = bytes(64)  # no JPEG header any more
-    broken.write_bytes(bytes(blob))
-    pipeline = P.FFCVPipeline(make_config(broken), cpu(), batch_size=4)
-    with pytest.raises(DataError, match="broken.beton.*cannot be decoded"):
-        for _ in pipeline.crops():
-            pass
-
-
 def test_decoder_loop_compiles_parallel_with_two_workers(dataset):
     import warnings
 
@@ -326,7 +514,7 @@ def test_decoder_loop_compiles_parallel_with_two_workers(dataset):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba runs a single thread here")
     _, beton = dataset
-    config = make_config(beton)
+    config = make_config(beton, crop="host")  # (the device-crop modes' operations: tests/test_ffcv_decoders.py)
     config.workers = 2
     with warnings.catch_warnings(record=True) as caught:  # global: sees the loader thread's compile too
         warnings.simplefilter("always", NumbaPerformanceWarning)

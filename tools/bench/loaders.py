@@ -6,7 +6,7 @@ process (all threads) plus all its descendant processes (`measure.tree_cpu_secon
 delivered; `vs_decode_floor` (set by the driver) = that over the pipeline's own decode floor.
 
 On a CPU device the device-side augmentation runs on the host: a pipeline with a separate host
-stage (`crops()`, FFCV) then has its host stage measured alone as well (`host_cpu_scope`; the
+stage (`host_batches()`, FFCV) then has its host stage measured alone as well (`host_cpu_scope`; the
 whole pipeline's figure is `cpu_s_per_image_incl_device_work`), and a pipeline without one
 (DALI) is flagged `host_cpu_includes_device_work`. `{"unavailable": reason}` when a pipeline
 cannot be imported or built, or fails while loading.
@@ -51,13 +51,14 @@ def try_build(config: Config, placement: Placement, batch_size: int):
 def batch_stream(pipeline, host_stage: bool = False) -> Iterator:
     """Batches across epochs without end, each epoch reseeded like the trainer does.
 
-    `host_stage`: the pipeline's `crops()` (uint8 crops before the device augmentation) instead.
+    `host_stage`: the first tensor of each of the pipeline's `host_batches()` (its host stage's
+    output, before any device work) instead.
     """
     epoch = 0
     while True:
         pipeline.set_epoch(epoch)
         empty = True
-        for batch in (pipeline.crops() if host_stage else pipeline):
+        for batch in ((first for first, *_ in pipeline.host_batches()) if host_stage else pipeline):
             empty = False
             yield batch
         if empty:
@@ -118,12 +119,12 @@ def _measure(pipeline, args: argparse.Namespace, device: torch.device) -> dict[s
         "seconds": stats(walls), "host_cpu_seconds": stats(cpus),
         "images_per_rep": images, "batches_per_rep": args.loader_batches,
     }
-    if device.type == "cpu" and callable(getattr(pipeline, "crops", None)):
+    if device.type == "cpu" and callable(getattr(pipeline, "host_batches", None)):
         h_walls, h_cpus, _, h_images = loader_windows(pipeline, device, args.loader_batches, args.reps,
                                                       args.loader_warmup, host_stage=True)
         entry["cpu_s_per_image_incl_device_work"] = entry["host_cpu_s_per_image"]
         entry["host_cpu_s_per_image"] = stats([c / h_images for c in h_cpus])
-        entry["host_cpu_scope"] = "host stage only (crops(): decode + crops, before the device augmentation)"
+        entry["host_cpu_scope"] = "host stage only (host_batches(): FFCV's loader, before any device work)"
         entry["host_stage_images_per_s"] = rate_stats(h_images, h_walls)
         entry["host_stage_seconds"] = stats(h_walls)
         entry["host_stage_cpu_seconds"] = stats(h_cpus)

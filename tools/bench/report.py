@@ -71,7 +71,7 @@ def _loader_lines(result: dict) -> list[str]:
                      f" {_fmt(own.get('cpu_s_per_image'), 1000, 2):>20} {_fmt(entry.get('vs_decode_floor'), 1, 1) + 'x':>10}"
                      f" {_fmt(entry.get('cpu_s_per_image_incl_device_work'), 1000, 2):>30}{star}")
     lines.append("  host CPU = this process + its worker processes, per image delivered"
-                 + ("; on this CPU device, a pipeline with a separate host stage (crops()) is measured without its "
+                 + ("; on this CPU device, a pipeline with a separate host stage (host_batches()) is measured without its "
                     "device augmentation (last column: with it)" if env["device"] == "cpu" else ""))
     if any(e.get("host_cpu_includes_device_work") for e in loaders.values()):
         lines.append("  * device is the CPU: the device-side augmentation runs on the host and is included")

@@ -1,0 +1,54 @@
+"""Stored JPEGs decoded on the device into one padded batch (`ffcv.decode=device`).
+
+`torchvision.io.decode_jpeg` takes the batch as a list (batched nvJPEG on CUDA, libjpeg-turbo
+on the CPU device) and returns one (3, H, W) tensor per image. They are padded into the
+(B, Hmax, Wmax, 3) layout `pipelines.device_crop.resized_crops` reads with a fixed number of
+ops per batch: one concatenation of all decoded pixels, then per channel one gather whose
+index is built by broadcasting each image's offset, height and width (padding positions read
+pixel 0 of the batch; no box reaches them). Nested tensors would be the natural container,
+but `torch.nested.to_padded_tensor` pads image by image for uint8 (its fused CUDA kernel
+takes floating types only), so its op count grows with the batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipelines.base import DataError
+
+
+def decode_padded(jpegs: torch.Tensor, sizes: list[tuple[int, int, int]], max_height: int, max_width: int,
+                  device: torch.device, path: str | Path) -> torch.Tensor:
+    """Decode the stored JPEGs of a batch on `device` into one padded (B, Hmax, Wmax, 3) uint8 batch.
+
+    `jpegs`: (B, max_bytes) uint8 on the host; `sizes`: each sample's recorded (height, width,
+    stored bytes), its JPEG being `jpegs[i, :bytes]`. The result is a view of a channel-planar
+    (B, 3, Hmax, Wmax) tensor; sample i's image is `[i, :H_i, :W_i]` and the rest is filler. A
+    stored JPEG that does not decode, or not to its recorded size, raises DataError naming `path`.
+    """
+    encoded = [jpegs[i, :length] for i, (_, _, length) in enumerate(sizes)]
+    try:
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as err:
+        raise DataError(f"a JPEG stored in FFCV dataset {path} cannot be decoded ({' '.join(str(err).split())}); "
+                        f"reconvert it with `python -m tools.convert`") from None
+    if [tuple(image.shape[1:]) for image in decoded] != [(h, w) for h, w, _ in sizes]:
+        raise DataError(f"a JPEG stored in FFCV dataset {path} decodes to another size than its recorded one; "
+                        f"reconvert it with `python -m tools.convert`")
+    heights = torch.tensor([h for h, _, _ in sizes], device=device).view(-1, 1, 1)
+    widths = torch.tensor([w for _, w, _ in sizes], device=device).view(-1, 1, 1)
+    areas = heights * widths
+    flat = torch.cat([image.reshape(-1) for image in decoded])
+    rows = torch.arange(max_height, device=device).view(1, -1, 1)
+    columns = torch.arange(max_width, device=device).view(1, 1, -1)
+    inside = (rows < heights) & (columns < widths)
+    start = torch.cumsum(3 * areas, 0) - 3 * areas  # where each image's first plane starts in `flat`
+    index = torch.where(inside, start + rows * widths + columns, 0)  # (B, Hmax, Wmax) into channel 0
+    plane = torch.where(inside, areas, 0)  # from one channel's plane to the next
+    padded = torch.empty(len(sizes), 3, max_height, max_width, dtype=torch.uint8, device=device)
+    for channel in range(3):
+        padded[:, channel] = flat[index]
+        index += plane
+    return padded.permute(0, 2, 3, 1)
