@@ -40,6 +40,10 @@ def constant_images(tmp_path_factory) -> Path:
     return root
 
 
+# Every pipeline, and each FFCV mode (ffcv.decode, ffcv.crop) besides the default one.
+CASES = [(name, {}) for name in sorted(PIPELINES)] + [("ffcv", {"decode": "device"}), ("ffcv", {"crop": "host"})]
+
+
 @pytest.fixture
 def plain_python_ffcv(request):
     """FFCV's loader run as plain Python: the same order, without numba compile time for three loaders."""
@@ -52,10 +56,12 @@ def plain_python_ffcv(request):
     Compiler.set_enabled(True)
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
-def test_each_image_goes_to_exactly_one_rank_per_epoch(constant_images, name, plain_python_ffcv):
+@pytest.mark.parametrize("name, ffcv", CASES, ids=[name + "".join(f"-{v}_{k}" for k, v in ffcv.items())
+                                                   for name, ffcv in CASES])
+def test_each_image_goes_to_exactly_one_rank_per_epoch(constant_images, name, ffcv, plain_python_ffcv):
     config = Config(data=str(constant_images), pipeline=name, workers=1, seed=SEED,
                     augment=dataclasses.replace(AugmentSpec(image_size=16), **NO_COLOUR_CHANGE))
+    config.ffcv = dataclasses.replace(config.ffcv, **ffcv)
     pipelines = [build_pipeline(config, Placement(torch.device("cpu"), torch.float32, rank, WORLD), BATCH)
                  for rank in range(WORLD)]
     per_rank = IMAGES // WORLD  # 8: two batches of 4 on every rank, one image left out per epoch

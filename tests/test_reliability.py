@@ -104,11 +104,19 @@ def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folde
     ("warmup_epochs=-1", "config key 'warmup_epochs' must be 0 or positive"),
     ("pipeline=ffvc", "config key 'pipeline' must be one of reference, ffcv, dali, got 'ffvc' (did you mean 'ffcv'?)"),
     ("knn_val=/does/not/exist", "config key 'knn_val' names /does/not/exist, which is not a directory"),
+    ("ffcv.decode=gpu", "config key 'ffcv.decode' must be one of host, device, got 'gpu'"),
+    ("ffcv.crop=devices", "config key 'ffcv.crop' must be one of device, host, got 'devices' (did you mean 'device'?)"),
+    ("ffcv.max_padded_side=0", "config key 'ffcv.max_padded_side' must be positive"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(override, message, image_folder, tmp_path, capsys):
     code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path), override)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_host_crop_needs_host_decode(image_folder, tmp_path, capsys):
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path), "ffcv.decode=device", "ffcv.crop=host")
+    assert code == 2 and err.startswith("error: config key 'ffcv.crop' must be device when ffcv.decode=device")
 
 
 def test_data_is_required(tmp_path, capsys, monkeypatch):
