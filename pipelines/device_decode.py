@@ -37,17 +37,26 @@ def decode_padded(jpegs: torch.Tensor, sizes: list[tuple[int, int, int]], max_he
     if [tuple(image.shape[1:]) for image in decoded] != [(h, w) for h, w, _ in sizes]:
         raise DataError(f"a JPEG stored in FFCV dataset {path} decodes to another size than its recorded one; "
                         f"reconvert it with `python -m tools.convert`")
-    heights = torch.tensor([h for h, _, _ in sizes], device=device).view(-1, 1, 1)
-    widths = torch.tensor([w for _, w, _ in sizes], device=device).view(-1, 1, 1)
+    return pad_images(decoded, max_height, max_width)
+
+
+def pad_images(images: list[torch.Tensor], max_height: int, max_width: int) -> torch.Tensor:
+    """(3, H_i, W_i) uint8 images on one device -> (B, Hmax, Wmax, 3), image i at `[i, :H_i, :W_i]`.
+
+    A fixed number of ops (kernels) whatever the batch size; the rest of each slot is filler.
+    """
+    device = images[0].device
+    heights = torch.tensor([image.shape[1] for image in images], device=device).view(-1, 1, 1)
+    widths = torch.tensor([image.shape[2] for image in images], device=device).view(-1, 1, 1)
     areas = heights * widths
-    flat = torch.cat([image.reshape(-1) for image in decoded])
+    flat = torch.cat([image.reshape(-1) for image in images])
     rows = torch.arange(max_height, device=device).view(1, -1, 1)
     columns = torch.arange(max_width, device=device).view(1, 1, -1)
     inside = (rows < heights) & (columns < widths)
     start = torch.cumsum(3 * areas, 0) - 3 * areas  # where each image's first plane starts in `flat`
     index = torch.where(inside, start + rows * widths + columns, 0)  # (B, Hmax, Wmax) into channel 0
     plane = torch.where(inside, areas, 0)  # from one channel's plane to the next
-    padded = torch.empty(len(sizes), 3, max_height, max_width, dtype=torch.uint8, device=device)
+    padded = torch.empty(len(images), 3, max_height, max_width, dtype=torch.uint8, device=device)
     for channel in range(3):
         padded[:, channel] = flat[index]
         index += plane

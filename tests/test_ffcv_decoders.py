@@ -284,3 +284,30 @@ def test_device_decode_pads_each_image_into_its_slot(beton, python_mode):
         assert torch.equal(padded[position, :height, :width], alone)
     with pytest.raises(DataError, match=f"{beton}.*another size than its recorded one"):
         decode_padded(jpegs, [(h + 1, w, n) for h, w, n in sizes], 91, 90, torch.device("cpu"), beton)
+
+
+def test_padding_decoded_images_takes_the_same_kernels_at_any_batch_size():
+    """Non-view ops of `pad_images` (views are metadata, no kernel) at batch 3 and 9: the same list."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipelines.device_decode import pad_images
+
+    def kernels(batch: int) -> list[str]:
+        ops: list[str] = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view:
+                    ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        g = torch.Generator().manual_seed(batch)
+        images = [torch.randint(0, 256, (3, 10 + i % 4, 7 + i % 3), generator=g, dtype=torch.uint8)
+                  for i in range(batch)]
+        with Record():
+            padded = pad_images(images, 13, 9)
+        for image, slot in zip(images, padded):  # and the images are where they belong
+            assert torch.equal(slot[:image.shape[1], :image.shape[2]], image.permute(1, 2, 0))
+        return ops
+
+    assert kernels(3) == kernels(9)
