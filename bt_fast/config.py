@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from bt_fast.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE = 8  # the smallest crop whose blur kernel (3 taps) still fits its reflect padding
+SIZE_STEP = 32       # progressive resizing moves between multiples of this
 
 
 class ConfigError(UserError, ValueError):
@@ -31,9 +33,15 @@ class AugmentSpec:
 
     Pairs of numbers are (view 1, view 2) where the views differ (blur, solarize),
     or (low, high) for sampled ranges.
+
+    Progressive resizing (off unless `start_image_size` is set): early epochs train on
+    `start_image_size` crops and the last ones on `image_size`; `image_size_at` gives the
+    size of each epoch and `at_epoch` the spec an epoch's pipeline uses.
     """
 
     image_size: int = 224
+    start_image_size: int = 0                       # 0: no schedule, image_size in every epoch
+    size_ramp: tuple[float, float] = (0.75, 0.875)  # where the size rises, as fractions of the last epoch
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -54,6 +62,37 @@ class AugmentSpec:
     def blur_kernel_size(self) -> int:
         """Odd kernel of about 10% of the image side: 23 at 224 px, as in the paper."""
         return max(3, int(round(self.image_size * 23 / 224)) | 1)
+
+    @property
+    def progressive(self) -> bool:
+        return self.start_image_size > 0
+
+    def image_size_at(self, epoch: int, epochs: int) -> int:
+        """The crop side in `epoch` (counted from 0) of a run of `epochs` epochs.
+
+        Without a schedule, `image_size`. With one, on the epoch axis 0 .. L (L = epochs - 1,
+        the last epoch) the ramp runs from a = size_ramp[0] * L to b = size_ramp[1] * L:
+        epochs e >= b use `image_size` (the last epoch always does), epochs e <= a use
+        `start_image_size`, and those between use the straight line from start_image_size at a
+        to image_size at b, rounded to the nearest multiple of SIZE_STEP (halves up) and kept
+        within [start_image_size, image_size]. A pure function of its arguments, so a resumed
+        run gets the sizes of an uninterrupted one.
+        """
+        if not self.progressive:
+            return self.image_size
+        begin, end = (fraction * (epochs - 1) for fraction in self.size_ramp)
+        if epoch >= end:
+            return self.image_size
+        if epoch <= begin:
+            return self.start_image_size
+        linear = self.start_image_size + (self.image_size - self.start_image_size) * (epoch - begin) / (end - begin)
+        rounded = SIZE_STEP * math.floor(linear / SIZE_STEP + 0.5)
+        return min(max(rounded, self.start_image_size), self.image_size)
+
+    def at_epoch(self, epoch: int, epochs: int) -> "AugmentSpec":
+        """This spec with `image_size` set to the epoch's size (and no schedule): what a pipeline
+        applies in that epoch; `blur_kernel_size` follows the size."""
+        return dataclasses.replace(self, image_size=self.image_size_at(epoch, epochs), start_image_size=0)
 
 
 @dataclass
@@ -253,6 +292,11 @@ def validate(config: Config) -> None:
     spec = config.augment
     _require(spec.image_size >= MIN_IMAGE_SIZE, "augment.image_size", f"at least {MIN_IMAGE_SIZE} pixels",
              spec.image_size)
+    _require(spec.start_image_size == 0 or MIN_IMAGE_SIZE <= spec.start_image_size <= spec.image_size,
+             "augment.start_image_size", f"0 (no resolution schedule) or {MIN_IMAGE_SIZE} to augment.image_size "
+             f"({spec.image_size}) pixels", spec.start_image_size)
+    _require(0.0 <= spec.size_ramp[0] <= spec.size_ramp[1] <= 1.0, "augment.size_ramp",
+             "a [start, end] pair of fractions of the epochs with 0 <= start <= end <= 1", list(spec.size_ramp))
     _check_range("augment.crop_scale", spec.crop_scale, 0.0, 1.0)
     _check_range("augment.crop_ratio", spec.crop_ratio, 0.0)
     _check_range("augment.blur_sigma", spec.blur_sigma, 0.0)

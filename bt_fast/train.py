@@ -105,7 +105,7 @@ class Trainer:
         self.local_batch = config.batch_size // ctx.world_size
         self.amp_dtype = amp_dtype(config, ctx.device)
         torch.manual_seed(config.seed)  # same initial weights on every rank
-        if ctx.device.type == "cuda":  # GPU only: fixed input shapes, so the autotuned kernels are reused
+        if ctx.device.type == "cuda":  # GPU only: input shapes fixed per epoch, so the autotuned kernels are reused
             torch.backends.cudnn.benchmark = True
 
         self.model: BarlowTwins = build_model(config.arch, config.projector, config.channels_last).to(ctx.device)

@@ -30,8 +30,10 @@ arithmetic on CPU. Computation is float32 on CPU and float16/bfloat16 on CUDA.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -371,10 +373,12 @@ def _apply_fresh(images: torch.Tensor, params: AugmentParams, spec: AugmentSpec,
 
 
 class TwoViewAugment(torch.nn.Module):
-    """Two uint8 crop batches (B, 3, H, W), any layout -> two normalised channels-last views.
+    """Two uint8 crop batches (B, 3, S, S), any layout -> two normalised channels-last views.
 
-    View 1 uses index 0 of `blur_p`/`solarize_p`, view 2 index 1. `compile=True` wraps the
-    application in `torch.compile` (fresh buffers; first call compiles).
+    View 1 uses index 0 of `blur_p`/`solarize_p`, view 2 index 1. The spec is applied at the
+    crops' side S (`spec.image_size` replaced by S), so the blur window follows the crop size of
+    a resolution schedule's epoch. `compile=True` wraps the application in `torch.compile`
+    (fresh buffers; the first call at each size compiles).
     """
 
     def __init__(self, spec: AugmentSpec, dtype: torch.dtype = torch.float32, *,
@@ -384,18 +388,26 @@ class TwoViewAugment(torch.nn.Module):
         self.dtype = dtype
         self.compute_dtype = compute_dtype
         self.compiled = compile
+        self.compile_backend = compile_backend
         self.workspace = Workspace()
-        if compile:
-            self._apply = torch.compile(functools.partial(_apply_fresh, spec=spec, dtype=dtype,
-                                                          compute_dtype=compute_dtype),
-                                        dynamic=False, backend=compile_backend)
-        else:
-            self._apply = functools.partial(apply, spec=spec, dtype=dtype, compute_dtype=compute_dtype,
-                                            workspace=self.workspace)
+        self._appliers: dict[int, Callable] = {}  # crop side -> the application at that size
+
+    def _applier(self, side: int) -> Callable:
+        if side not in self._appliers:
+            spec = dataclasses.replace(self.spec, image_size=side, start_image_size=0)
+            self.workspace.clear()  # a schedule moves to a new size for good: drop the last size's buffers
+            if self.compiled:
+                self._appliers[side] = torch.compile(functools.partial(
+                    _apply_fresh, spec=spec, dtype=self.dtype, compute_dtype=self.compute_dtype),
+                    dynamic=False, backend=self.compile_backend)
+            else:
+                self._appliers[side] = functools.partial(apply, spec=spec, dtype=self.dtype,
+                                                         compute_dtype=self.compute_dtype, workspace=self.workspace)
+        return self._appliers[side]
 
     def view(self, images: torch.Tensor, view: int, generator: torch.Generator | None = None) -> torch.Tensor:
         params = sample_params(images.shape[0], self.spec, view, generator, device=images.device)
-        out = self._apply(images, params)
+        out = self._applier(images.shape[-1])(images, params)
         # A compiled graph may pick its own output strides; the interface promises channels-last.
         return out.contiguous(memory_format=torch.channels_last) if self.compiled else out
 

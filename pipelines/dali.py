@@ -31,6 +31,8 @@ for every epoch with everything derived from (config.seed, epoch):
   next epoch's data).
 - The graph's seed is derived from (seed, epoch, rank): an epoch is reproducible (same ids and
   pixels), so a run resumed mid-epoch continues exactly where it stopped.
+- The graph is built with the epoch's spec (`AugmentSpec.at_epoch`): its crop size, and the blur
+  window that follows it, come from the resolution schedule when one is set.
 
 Corrupt files: when DALI fails on an ImageFolder file, the files of the failing and prefetched
 batches are checked with PIL and the error becomes a DataError naming them.
@@ -345,12 +347,16 @@ class DALIPipeline:
                  if isinstance(self.source, FolderSource) else None)
         return EpochPlan(self.seed, epoch, p.rank, p.world_size, block)
 
+    def epoch_spec(self, epoch: int | None = None) -> AugmentSpec:
+        """The spec the graph of `epoch` (default: the current one) applies: its crop size is the schedule's."""
+        return self.spec.at_epoch(self.epoch if epoch is None else epoch, self.config.epochs)
+
     def build(self, plan: EpochPlan):
         device_id = None
         if self.gpu:  # GPU only
             device_id = self.placement.device.index if self.placement.device.index is not None else torch.cuda.current_device()
         pipe = two_view_graph(
-            self.source, plan, self.spec, self.options,
+            self.source, plan, self.epoch_spec(plan.epoch), self.options,
             batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
             seed=epoch_seed(self.seed, plan.epoch, GRAPH_STREAM + plan.rank),
             prefetch_queue_depth=max(1, self.config.dali.prefetch))
@@ -358,10 +364,10 @@ class DALIPipeline:
         return pipe
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
-        size = self.spec.image_size
-        out = torch.empty((self.batch_size, size, size, 3), dtype=self.torch_dtype, device=self.placement.device)
+        batch = tensor_list.as_tensor()
+        out = torch.empty(tuple(batch.shape()), dtype=self.torch_dtype, device=self.placement.device)  # (B, S, S, 3)
         stream = torch.cuda.current_stream(self.placement.device) if self.gpu else None  # GPU only
-        feed_ndarray(tensor_list.as_tensor(), out, cuda_stream=stream)
+        feed_ndarray(batch, out, cuda_stream=stream)
         view = out.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory: no copy
         return view if view.dtype == self.placement.dtype else view.to(self.placement.dtype)
 

@@ -56,7 +56,7 @@ from pipelines.ffcv_host_crop import TwoCropRGBDecoder  # noqa: E402
 
 torch.set_num_threads(_TORCH_THREADS)
 
-from bt_fast.config import AugmentSpec, Config  # noqa: E402
+from bt_fast.config import AugmentSpec, Config, ConfigError  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.base import DataError, Placement, find_image_folder  # noqa: E402
 from pipelines.convert import convert, report_path  # noqa: E402
@@ -269,6 +269,15 @@ def _warn_if_stale(path: Path, data: str) -> None:
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def host_crop_size(spec: AugmentSpec) -> int:
+    """The output side of `TwoCropRGBDecoder`, which FFCV compiles for one size: no resolution schedule."""
+    if spec.progressive:
+        raise ConfigError(f"config key 'augment.start_image_size' ({spec.start_image_size}) sets a resolution "
+                          f"schedule, but FFCV's host crop has one output size, fixed when FFCV compiles its "
+                          f"loader; set ffcv.crop=device to crop on the device")
+    return spec.image_size
+
+
 class FFCVPipeline:
     """`.beton` -> host stage (FFCV's loader) -> both views' crops -> device augmentations -> (view1, view2).
 
@@ -314,7 +323,7 @@ class FFCVPipeline:
         """FFCV pipelines of this mode's loader outputs, and the operation that draws the boxes."""
         scale, ratio = self.spec.crop_scale, self.spec.crop_ratio
         if self.crop == "host":
-            decoder = TwoCropRGBDecoder(self._size(self.epoch), scale, ratio, self.batch_size)
+            decoder = TwoCropRGBDecoder(host_crop_size(self.spec), scale, ratio, self.batch_size)
             return {"image": [decoder, ToTensor(), *self._to_device()]}, decoder
         boxes = TwoCropBoxes(scale, ratio)
         if self.decode == "host":
@@ -345,8 +354,8 @@ class FFCVPipeline:
         self.epoch = epoch
 
     def _size(self, epoch: int) -> int:
-        """Output side of the crops in `epoch`."""
-        return self.spec.image_size
+        """Output side of the crops in `epoch` (the resolution schedule's, when one is set)."""
+        return self.spec.image_size_at(epoch, self.config.epochs)
 
     def epoch_indices(self) -> np.ndarray:
         """Sample indices this rank reads in the current epoch, in order (all full batches)."""

@@ -8,7 +8,8 @@ Gaussian to `spec.blur_kernel_size` taps (torchvision's GaussianBlur); docs/pipe
 the measured difference and why torchvision's blur on PIL images is not the baseline.
 
 Each rank reads its samples of the epoch as `pipelines.epochs` deals them; a sample's
-distortions depend only on (seed, epoch, index).
+distortions depend only on (seed, epoch, index), and so does its crop size (the spec's
+resolution schedule, `AugmentSpec.at_epoch`), which each worker derives from the epoch itself.
 """
 from __future__ import annotations
 
@@ -59,22 +60,32 @@ def load_rgb(path: str) -> Image.Image:
 
 class TwoViewImageFolder(Dataset):
     """Indexed by (epoch, index): the distortions of a sample depend only on (seed, epoch, index),
-    so they do not change with the number of workers or when a run resumes mid-epoch."""
+    so they do not change with the number of workers or when a run resumes mid-epoch.
 
-    def __init__(self, root: str, spec: AugmentSpec, seed: int = 0):
+    `epochs` is the run's length, which places each epoch on the spec's resolution schedule.
+    """
+
+    def __init__(self, root: str, spec: AugmentSpec, seed: int = 0, epochs: int = 1):
         self.classes, self.samples = find_image_folder(root)
-        self.views = (view_transform(spec, 0), view_transform(spec, 1))
-        self.seed = seed
+        self.spec, self.seed, self.epochs = spec, seed, epochs
+        self._views: dict[int, tuple[T.Compose, T.Compose]] = {}  # crop size -> the two views' transforms
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def views(self, epoch: int) -> tuple[T.Compose, T.Compose]:
+        spec = self.spec.at_epoch(epoch, self.epochs)
+        if spec.image_size not in self._views:
+            self._views[spec.image_size] = (view_transform(spec, 0), view_transform(spec, 1))
+        return self._views[spec.image_size]
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
         image = load_rgb(self.samples[index][0])
+        view1, view2 = self.views(epoch)
         with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator
             torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
-            return self.views[0](image), self.views[1](image)
+            return view1(image), view2(image)
 
 
 class EpochIndexSampler(Sampler):
@@ -101,7 +112,7 @@ class ReferencePipeline:
 
     def __init__(self, config: Config, placement: Placement, batch_size: int):
         root, workers, seed = config.data, config.workers, config.seed
-        self.dataset = TwoViewImageFolder(root, config.augment, seed)
+        self.dataset = TwoViewImageFolder(root, config.augment, seed, config.epochs)
         self.batch_size = batch_size
         self.placement = placement
         samples_per_rank(len(self.dataset), batch_size, placement.world_size, f"data directory {root}")
