@@ -41,7 +41,7 @@ class AugmentSpec:
 
     image_size: int = 224
     start_image_size: int = 0                       # 0: no schedule, image_size in every epoch
-    size_ramp: tuple[float, float] = (0.75, 0.875)  # where the size rises, as fractions of the last epoch
+    size_ramp: tuple[float, float] = (0.75, 0.875)  # where the size rises: fractions of the run (0 first epoch, 1 last)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5

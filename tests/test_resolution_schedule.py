@@ -125,7 +125,8 @@ def test_device_augmentation_blur_follows_the_crop_size():
     spec = AugmentSpec(image_size=64, start_image_size=16, blur_p=(1.0, 1.0), blur_sigma=(2.0, 2.0))
     augment = TwoViewAugment(spec)
     for side in (16, 32, 64):
-        crops = torch.randint(0, 256, (3, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(side))
+        pixels = torch.Generator().manual_seed(side)
+        crops = torch.randint(0, 256, (3, 3, side, side), dtype=torch.uint8, generator=pixels)
         views = augment(crops, crops, torch.Generator().manual_seed(0))
         at_side = AugmentSpec(image_size=side, blur_p=(1.0, 1.0), blur_sigma=(2.0, 2.0))
         generator = torch.Generator().manual_seed(0)
