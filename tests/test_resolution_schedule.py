@@ -93,7 +93,7 @@ def first_batches(config, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
-@pytest.mark.parametrize("name", ["reference", "dali"])
+@pytest.mark.parametrize("name", ["reference", "dali", "ffcv"])
 def test_pipeline_batches_are_those_of_a_fixed_size_run_at_each_epoch_size(image_folder, name):
     """Epoch e of the schedule gives the views (crop, blur window, every pixel) that a run without a
     schedule, at that epoch's size, gives in epoch e."""
@@ -112,7 +112,7 @@ def test_ffcv_host_crop_refuses_the_schedule_in_one_line(image_folder, tmp_path)
     from pipelines.ffcv import FFCVPipeline
     beton = tmp_path / "train.beton"
     convert(image_folder, beton, "ffcv", workers=1, progress=False)
-    config = config_with(image_folder, f"ffcv.beton={beton}", "pipeline=ffcv", *SCHEDULE)
+    config = config_with(image_folder, f"ffcv.beton={beton}", "pipeline=ffcv", "ffcv.crop=host", *SCHEDULE)
     with pytest.raises(ConfigError) as error:
         FFCVPipeline(config, Placement(torch.device("cpu")), 4)
     message = str(error.value)
