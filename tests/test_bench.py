@@ -118,7 +118,20 @@ def test_augment_optimizer_and_train_step_figures(quick_run):
     assert set(stall) == {"median", "min", "max"} and 0 <= stall["min"] <= stall["median"] <= stall["max"] <= 1
 
     targets = {t["target"]: t for t in result["targets"]}
-    assert len(targets) == 4 and all(t["met"] in (True, False, None) for t in targets.values())
+    assert len(targets) == 7 and all(t["met"] in (True, False, None) for t in targets.values())
+
+
+def test_device_crop_section_counts_ops_at_two_batch_sizes_and_its_flops(quick_run):
+    result, _ = quick_run
+    crop = result["device_crop"]
+    (small, ops_small), (large, ops_large) = crop["ops_per_batch"].items()
+    assert int(large) == 2 * int(small) and ops_small == ops_large > 0
+    (height, width), size = crop["slot"], crop["image_size"]
+    # Two views, each: columns (S x W per row of H, 3 channels) then rows (S x H per output column).
+    assert crop["flops_per_image"] == 2 * 2 * 3 * (size * width * height + size * height * size)
+    assert is_figure(crop["images_per_s"])
+    flat = next(t for t in result["targets"] if t["target"].startswith("device crop op count"))
+    assert flat["met"] is True
 
 
 def test_cpu_meter_counts_live_and_exited_child_processes():

@@ -7,6 +7,7 @@ described in the module that measures it:
   environment   device, CPU count, library versions, the run's settings, CPU meter (measure.py)
   loaders       each pipeline delivering two views to the device, host CPU per image (loaders.py)
   decode_floor  CPU per image to only decode the JPEGs each pipeline reads (decode_floor.py)
+  device_crop   the batched device crop: op count per batch at two batch sizes, FLOPs, images/s (device_crop.py)
   augment       our device augmentation against kornia (augment.py)
   optimizer     LARS: official per-parameter loop, foreach, compiled (optimizer.py)
   train_step    Trainer.train_step on synthetic batches and fed by each pipeline (train_step.py)
@@ -33,10 +34,10 @@ from bt_fast.distributed import resolve_device
 from bt_fast.errors import cli_errors
 from bt_fast.files import write_json
 from bt_fast.model import BACKBONE_DIM
-from pipelines import PIPELINES
 from tools.bench.augment import bench_augment
 from tools.bench.decode_floor import bench_decode_floor
-from tools.bench.loaders import bench_loader
+from tools.bench.device_crop import bench_device_crop
+from tools.bench.loaders import LOADERS, bench_loader
 from tools.bench.measure import environment, ratio
 from tools.bench.optimizer import OPTIMIZER_SETS, bench_optimizer
 from tools.bench.report import evaluate_targets, write_report
@@ -55,12 +56,15 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data", default=None, help="ImageFolder (default: the demo dataset, built on first use)")
-    add("--pipelines", default=",".join(PIPELINES), help=f"comma-separated, from {','.join(PIPELINES)} (default: all)")
+    add("--pipelines", default=",".join(LOADERS),
+        help=f"loader entries, comma-separated, from {','.join(LOADERS)} (default: all; the ffcv_* entries are "
+             f"the pipeline's other modes)")
     add("--batch-size", type=int, default=None, help="per-device batch (default 64; --quick 32)")
     add("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: CPUs)")
     add("--image-size", type=int, default=None, help="crop size for loaders and augmentation (default 224; --quick 128)")
     add("--train-pipelines", default=None,
-        help="pipelines that feed the training step, each in a fresh process (default: --pipelines; "
+        help="pipelines that feed the training step, each in a fresh process (default: the entries of --pipelines "
+             "that are a pipeline's default mode; "
              "--quick: none; 'none': synthetic batches only)")
     add("--json", type=Path, default=Path("runs/bench/bench.json"), help="results (default %(default)s)")
     add("--plot", type=Path, default=Path("runs/bench/bench.png"), help="loader plot (default %(default)s)")
@@ -113,11 +117,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
     args.train_warmup = 1
     args.pipelines = _names(args.pipelines)
-    unknown = [p for p in args.pipelines if p not in PIPELINES]
+    unknown = [p for p in args.pipelines if p not in LOADERS]
     if unknown or not args.pipelines:
-        parser.error(f"--pipelines takes names from {','.join(PIPELINES)}, got {unknown or 'nothing'}")
+        parser.error(f"--pipelines takes names from {','.join(LOADERS)}, got {unknown or 'nothing'}")
     train = args.train_pipelines if args.train_pipelines is not None else ("none" if quick else None)
-    args.train_pipelines = args.pipelines if train is None else [] if train.strip() == "none" else _names(train)
+    default_modes = [name for name in args.pipelines if LOADERS[name][0] == name]  # not the ffcv_* variants
+    args.train_pipelines = default_modes if train is None else [] if train.strip() == "none" else _names(train)
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
     for flag in ("batch_size", "image_size", "reps", "loader_batches", "train_steps", "decode_images",
@@ -149,6 +154,8 @@ def run(args: argparse.Namespace) -> dict:
             entry["vs_decode_floor"] = ratio(entry["host_cpu_s_per_image"],
                                              result["decode_floor"].get(name, {}).get("cpu_s_per_image"))
     result["loaders"] = loaders
+    stage("device crop")
+    result["device_crop"] = bench_device_crop(args, sources)
     stage("augmentation")
     result["augment"] = bench_augment(args)
     stage(f"optimizer ({args.optimizer_params})")

@@ -79,16 +79,16 @@ def shard_jpegs(root: str | Path, limit: int) -> list[bytes]:
     return _spread(out, limit)
 
 
-def jpeg_source(name: str, pipeline, config: Config) -> dict:
+def jpeg_source(pipeline, config: Config) -> dict:
     """Which bytes `pipeline` (built from `config`) decodes: {"kind": originals|beton|shards, "path": ...}."""
-    if name == "ffcv":
+    if config.pipeline == "ffcv":
         for attr in ("beton", "beton_path", "path"):
             value = getattr(pipeline, attr, None)
             if value and str(value).endswith(".beton"):
                 return {"kind": "beton", "path": str(value)}
         beton = config.ffcv.beton or str(Path(config.data.rstrip("/")).with_suffix(".beton"))
         return {"kind": "beton", "path": beton}
-    if name == "dali":
+    if config.pipeline == "dali":
         records = getattr(pipeline, "records", None) or config.dali.records
         if records:
             return {"kind": "shards", "path": str(records)}

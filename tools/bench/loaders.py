@@ -30,12 +30,23 @@ from tools.bench.decode_floor import jpeg_source
 from tools.bench.measure import BenchError, rate_stats, stats, sync, tree_cpu_seconds
 
 
+# The table's loader entries: a pipeline and the settings of its mode (FFCV has three).
+LOADERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "reference": ("reference", ()),
+    "ffcv": ("ffcv", ("ffcv.decode=host", "ffcv.crop=device")),
+    "ffcv_device_decode": ("ffcv", ("ffcv.decode=device", "ffcv.crop=device")),
+    "ffcv_host_crop": ("ffcv", ("ffcv.decode=host", "ffcv.crop=host")),
+    "dali": ("dali", ()),
+}
+
+
 def pipeline_config(args: argparse.Namespace, name: str, image_size: int, batch_size: int,
                     extra: Sequence[str] = ()) -> Config:
-    """The config the benchmark runs pipeline `name` with: --config and --set over the run's settings."""
-    return load_config(args.config, [f"data={args.data}", f"pipeline={name}", f"workers={args.workers}",
+    """The config the benchmark runs loader entry `name` with: --config and --set over the run's settings."""
+    pipeline, mode = LOADERS[name]
+    return load_config(args.config, [f"data={args.data}", f"pipeline={pipeline}", f"workers={args.workers}",
                                      f"batch_size={batch_size}", f"augment.image_size={image_size}",
-                                     f"seed={args.seed}", *extra, *args.set])
+                                     f"seed={args.seed}", *mode, *extra, *args.set])
 
 
 def try_build(config: Config, placement: Placement, batch_size: int):
@@ -140,7 +151,7 @@ def bench_loader(args: argparse.Namespace, name: str) -> tuple[dict, dict | None
     if pipeline is None:
         return {"unavailable": reason}, None
     try:
-        source = jpeg_source(name, pipeline, config)
+        source = jpeg_source(pipeline, config)
         entry = _measure(pipeline, args, device)
     except Exception as err:  # noqa: BLE001 - a pipeline that builds but fails to deliver is reported
         traceback.print_exc(file=sys.stderr)
@@ -149,6 +160,6 @@ def bench_loader(args: argparse.Namespace, name: str) -> tuple[dict, dict | None
         del pipeline
         gc.collect()
     # On a CPU device ffcv/dali augment on the host: say when the host figure includes that work.
-    entry["host_cpu_includes_device_work"] = (device.type == "cpu" and name != "reference"
+    entry["host_cpu_includes_device_work"] = (device.type == "cpu" and config.pipeline != "reference"
                                               and entry["host_cpu_scope"] == "whole pipeline")
     return entry, source

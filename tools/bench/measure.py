@@ -152,3 +152,19 @@ def environment(args: argparse.Namespace) -> dict:
         "data": str(args.data), "batch_size": args.batch_size, "image_size": args.image_size,
         "workers": args.workers, "quick": args.quick, "reps": args.reps, "cpu_meter": CPU_METER,
     }
+
+
+def count_dispatched_ops(fn: Callable[[], Any]) -> int:
+    """aten ops reaching the dispatcher (below autograd) while `fn` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.count

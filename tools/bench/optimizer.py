@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from bt_fast.optim import LARS
-from tools.bench.measure import ratio, stats, sync, time_calls
+from tools.bench.measure import count_dispatched_ops, ratio, stats, sync, time_calls
 
 OPTIMIZER_SETS = {  # name -> (arch, projector) of the model whose parameters are stepped; "small": 8 tensors
     "paper": ("resnet50", "8192-8192-8192"),
@@ -64,22 +64,6 @@ def optimizer_parameters(name: str, device: torch.device, seed: int) -> list[dic
         for p in group["params"]:
             p.grad = torch.randn_like(p)
     return groups
-
-
-def count_dispatched_ops(fn: Callable[[], Any]) -> int:
-    """aten ops reaching the dispatcher (below autograd) while `fn` runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.count
 
 
 def count_compiled_ops(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:

@@ -1,0 +1,62 @@
+"""The `device_crop` section: the FFCV pipeline's batched crop + resize (`pipelines.device_crop`).
+
+- `ops_per_batch`: aten ops of one `resized_crops` call at --batch-size and at twice that; the
+  operator is batched, so the two must be equal.
+- `flops_per_image`: the two matmuls' floating-point operations for both views at --image-size
+  from the padded slot (`slot`: the largest stored height and width of the `.beton` the ffcv
+  entry read, else a square of `ffcv.max_resolution`, the largest a converted image can be).
+- `images_per_s`: both views of --batch-size images already on the device (float16 compute on
+  CUDA, float32 on the CPU, as the pipeline runs it).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from bt_fast.config import FFCVOptions
+from pipelines.device_crop import flops_per_image, resized_crops
+from tools.bench.measure import count_dispatched_ops, rate_stats, time_calls
+
+
+def padded_slot(sources: dict[str, dict | None]) -> tuple[int, int, str]:
+    """(max height, max width, where they come from) of the images the FFCV device crop reads."""
+    beton = next((s["path"] for s in sources.values() if s and s["kind"] == "beton"), None)
+    if beton:
+        try:
+            from pipelines.ffcv_decoders import PaddedLayout
+            from pipelines.ffcv_format import open_beton
+            layout = PaddedLayout.of(open_beton(beton))
+            return layout.max_height, layout.max_width, f"largest stored image of {beton}"
+        except Exception:  # noqa: BLE001 - no FFCV or no readable .beton: the format's upper bound instead
+            pass
+    side = FFCVOptions().max_resolution
+    return side, side, f"ffcv.max_resolution ({side}) square"
+
+
+def batch_of_crops(batch: int, height: int, width: int, device: torch.device, seed: int):
+    """A padded uint8 batch and two random boxes per image inside it."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, height, width, 3), generator=generator, dtype=torch.uint8)
+    heights = torch.randint(1, height + 1, (batch, 2), generator=generator)
+    widths = torch.randint(1, width + 1, (batch, 2), generator=generator)
+    tops = (torch.rand((batch, 2), generator=generator) * (height - heights + 1)).long()
+    lefts = (torch.rand((batch, 2), generator=generator) * (width - widths + 1)).long()
+    return images.to(device), torch.stack([tops, lefts, heights, widths], dim=-1).to(device)
+
+
+def bench_device_crop(args: argparse.Namespace, sources: dict[str, dict | None]) -> dict[str, Any]:
+    device, size, batch = args.device, args.image_size, args.batch_size
+    height, width, slot = padded_slot(sources)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # GPU only: half compute
+    ops = {}
+    for count in (batch, 2 * batch):
+        images, boxes = batch_of_crops(count, height, width, device, args.seed)
+        ops[count] = count_dispatched_ops(lambda: resized_crops(images, boxes, size, dtype=dtype))
+    images, boxes = batch_of_crops(batch, height, width, device, args.seed)
+    seconds = time_calls(lambda: resized_crops(images, boxes, size, dtype=dtype), device, args.reps)
+    return {"slot": [height, width], "slot_from": slot, "image_size": size, "compute_dtype": str(dtype),
+            "ops_per_batch": {str(k): v for k, v in ops.items()},
+            "flops_per_image": flops_per_image(height, width, size),
+            "images_per_s": rate_stats(batch, seconds)}
