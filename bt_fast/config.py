@@ -145,6 +145,7 @@ class Config:
     knn_every: int = 0           # k-NN monitor every N epochs and after the last (0: off); needs knn_val
     knn_train: str = ""          # labelled ImageFolder for the k-NN memory bank (empty: `data`)
     knn_val: str = ""            # labelled ImageFolder of queries, with the same class sub-directories
+    tensorboard: bool = False    # also write the metrics and a grid of view pairs to <out_dir>/tensorboard
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)

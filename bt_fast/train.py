@@ -4,7 +4,9 @@
 
 One process per device; under torchrun the global batch is split evenly across ranks.
 Resumes automatically from `<out_dir>/checkpoint.pth` (written every epoch, at the end, and on
-SIGTERM / SIGUSR1 at the next step boundary; SIGUSR1 also requeues the SLURM job).
+SIGTERM / SIGUSR1 at the next step boundary; SIGUSR1 also requeues the SLURM job). Rank 0 also
+writes metrics.jsonl, config.yaml, metrics.png, summary.json and optionally TensorBoard events
+there (`bt_fast.run_log`).
 
 A non-finite loss stops the run with a diagnostic. Under float16 the GradScaler skips steps
 whose gradients overflow; that is normal, but more than MAX_SKIPPED_STEPS in a row is not
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -34,13 +35,13 @@ from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError,
                                 remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
 from bt_fast.config import Config, ConfigError, load_config
 from bt_fast.errors import UserError, cli_errors, print_error
-from bt_fast.files import atomic_write_text
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
 from bt_fast.progress import progress
+from bt_fast.run_log import METRICS_NAME, RunLog, read_metrics, tensorboard_writer_class, truncate_metrics
 from bt_fast.schedule import learning_rate, set_learning_rates
 from pipelines import Placement, build_pipeline
 
@@ -134,7 +135,8 @@ class Trainer:
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
         self.skipped_in_row = 0
-        self.log = None  # metrics.jsonl on rank 0 while fit() runs
+        self.elapsed_before = 0.0  # wall seconds of the segments before a resume
+        self.run_log: RunLog | None = None  # rank 0, while fit() runs
         self.knn_monitor = self._knn_monitor()
 
     def _knn_monitor(self) -> KnnMonitor | None:
@@ -159,7 +161,7 @@ class Trainer:
             self._load(path)
         self._check_ranks_agree_on_step(path)
         if self.ctx.is_main:
-            self._truncate_metrics()
+            truncate_metrics(self.out_dir, self.step)
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, self.ctx.device)
@@ -174,6 +176,7 @@ class Trainer:
         self.step = state["step"]
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
+        self.elapsed_before = state.get("elapsed_s", 0.0)
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
         if changed and self.ctx.is_main:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
@@ -188,30 +191,16 @@ class Trainer:
             raise CheckpointError(f"ranks resumed from different steps ({-steps[1].item()} to {steps[0].item()}) of "
                                   f"{path}; out_dir must be on a file system shared by all nodes")
 
-    def _truncate_metrics(self) -> None:
-        """Drop metrics of steps after the checkpoint (a killed run's lost work) and any torn last line."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-        atomic_write_text(path, "".join(kept))
-
     def save_checkpoint(self) -> None:
         if not self.ctx.is_main:
             return
-        if self.log is not None:  # every step the checkpoint covers is in the log before it exists
-            self.log.flush()
-            os.fsync(self.log.fileno())
+        if self.run_log is not None:  # every step the checkpoint covers is in the log before it exists
+            self.run_log.flush(durable=True)
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                      "step": self.step, "config": self.config.to_dict(), "rng": rng_state(),
-                     "first_loss": self.first_loss, "last_loss": self.last_loss}, self.out_dir / CHECKPOINT_NAME)
+                     "first_loss": self.first_loss, "last_loss": self.last_loss,
+                     "elapsed_s": self.run_log.elapsed() if self.run_log else None}, self.out_dir / CHECKPOINT_NAME)
 
     def save_backbone(self) -> Path:
         path = self.out_dir / BACKBONE_NAME
@@ -285,21 +274,25 @@ class Trainer:
               f"resubmit the job to resume", file=sys.stderr)
 
     def fit(self) -> None:
+        """Train up to `total_steps` (or a stop signal); on rank 0, then write the run's summary."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.out_dir / "metrics.jsonl", "a") if self.ctx.is_main else None
+        self.run_log = RunLog(self.config, self.step, self.elapsed_before) if self.ctx.is_main else None
         bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
         self.images_seen, self.train_time = 0, 0.0
         self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         try:
             with StopSignals() as signals:
-                self._epochs(signals, self.log, bar)
+                self._epochs(signals, self.run_log, bar)
+            if self.run_log:
+                self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
+                                    self.ctx.world_size)
         finally:
             bar.close()
-            if self.log:
-                self.log.close()
-                self.log = None
+            if self.run_log:
+                self.run_log.close()
+                self.run_log = None
 
-    def _epochs(self, signals: StopSignals, log, progress) -> None:
+    def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, skip = divmod(self.step, self.steps_per_epoch)
         for epoch in range(start_epoch, self.config.epochs):
             if self.step >= self.total_steps:
@@ -310,6 +303,8 @@ class Trainer:
             tick = time.perf_counter()
             for y1, y2 in batches:
                 waited = time.perf_counter() - tick
+                if log and self.step == 0:
+                    log.write_views(y1, y2, step=0)
                 loss, failed, stop = self.agree(self.train_step(y1, y2), signals.code)  # syncs: the time is real
                 if failed:
                     raise self.failure(loss, y1, y2)
@@ -320,12 +315,11 @@ class Trainer:
                 self.first_loss = loss if self.first_loss is None else self.first_loss
                 self.last_loss = loss
                 if log:
-                    log.write(json.dumps({
-                        "step": self.step, "epoch": epoch, "loss": loss,
-                        "lr_weights": self.optimizer.param_groups[0]["lr"],
-                        "lr_biases": self.optimizer.param_groups[1]["lr"],
-                        "images_per_s": self.config.batch_size / elapsed,
-                        "data_wait_fraction": waited / elapsed}) + "\n")
+                    log.write({"step": self.step, "epoch": epoch, "loss": loss,
+                               "lr_weights": self.optimizer.param_groups[0]["lr"],
+                               "lr_biases": self.optimizer.param_groups[1]["lr"],
+                               "images_per_s": self.config.batch_size / elapsed,
+                               "data_wait_fraction": waited / elapsed})
                     if self.step % self.config.log_every == 0 or stop:
                         log.flush()
                 progress.update(1)
@@ -348,15 +342,17 @@ class Trainer:
             self.save_checkpoint()
             if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
                 self.monitor_knn(epoch, log, progress)
+            if log:
+                log.epoch_end()
 
-    def monitor_knn(self, epoch: int, log, progress) -> None:
+    def monitor_knn(self, epoch: int, log: RunLog | None, progress) -> None:
         """k-NN accuracy of the current backbone, logged beside the losses (rank 0; the others wait)."""
         if self.knn_monitor is not None:
             tick = time.perf_counter()
             accuracy = self.knn_monitor(self.model.backbone)
             seconds = time.perf_counter() - tick
-            log.write(json.dumps({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
-                                  "knn_top5": accuracy["top5"], "knn_seconds": seconds}) + "\n")
+            log.write({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
+                       "knn_top5": accuracy["top5"], "knn_seconds": seconds})
             log.flush()
             progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
                            f"({seconds:.0f} s)")
@@ -366,7 +362,7 @@ class Trainer:
 
 # Keys that may change between a run and its resume without changing what it computes.
 RESUMABLE_KEYS = {"max_steps", "out_dir", "log_every", "checkpoint_every", "knn_every", "knn_train", "knn_val",
-                  "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch"}
+                  "tensorboard", "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch"}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -386,13 +382,18 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
             if key not in RESUMABLE_KEYS and old[key] != new[key]]
 
 
-def check_run_inputs(config: Config) -> None:
-    """What a run needs from the file system, checked before anything is built (one ConfigError each)."""
+def check_data_given(config: Config) -> None:
+    """A ConfigError unless the config names a dataset for its pipeline."""
     own_dataset = ((config.pipeline == "ffcv" and config.ffcv.beton) or
                    (config.pipeline == "dali" and config.dali.records))
     if not config.data and not own_dataset:
         raise ConfigError("config key 'data' is required: data=/path/to/ImageFolder (with make: DATA=...; "
                           "`make pretrain` without DATA trains on the demo data)")
+
+
+def check_run_inputs(config: Config) -> None:
+    """What a run needs from the file system, checked before anything is built (one ConfigError each)."""
+    check_data_given(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)
         if path and not Path(path).is_dir():
@@ -408,13 +409,14 @@ def check_run_inputs(config: Config) -> None:
     except OSError as err:
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
                           f"({err.strerror or err}); choose another out_dir") from None
+    if config.tensorboard:
+        tensorboard_writer_class()
 
 
 def _last_logged_loss(out_dir: Path) -> float | None:
     """The loss of the last step in metrics.jsonl (runs checkpointed before losses were)."""
-    path = out_dir / "metrics.jsonl"
-    losses = [json.loads(line).get("loss") for line in path.read_text().splitlines()] if path.is_file() else []
-    losses = [loss for loss in losses if loss is not None]
+    path = out_dir / METRICS_NAME
+    losses = [record["loss"] for record in read_metrics(path) if "loss" in record] if path.is_file() else []
     return losses[-1] if losses else None
 
 

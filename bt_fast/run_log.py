@@ -1,0 +1,189 @@
+"""What rank 0 leaves in `out_dir` besides checkpoints.
+
+- metrics.jsonl: one JSON object per line, either a step (loss, both learning rates, images/s,
+  data-wait fraction) or a k-NN evaluation; every line also holds `time` (UTC, ISO 8601) and
+  `elapsed_s`, the run's wall seconds since it first started, summed over resumed segments.
+- config.yaml: the resolved config; `--config <out_dir>/config.yaml` loads the same `Config`.
+- metrics.png: the curves of metrics.jsonl (`bt_fast.plots`), redrawn at each epoch end and at the end.
+- summary.json: written at the end from metrics.jsonl alone, so a resumed run or the rerun of a
+  finished one describes the whole log, not only its own segment.
+- tensorboard/: with `tensorboard=true`, the same scalars and a grid of the first batch's view pairs.
+
+Every file except the append-only metrics.jsonl is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy
+import torch
+import torchvision
+import yaml
+
+from bt_fast.config import Config, ConfigError
+from bt_fast.files import atomic_write_text, write_json
+from bt_fast.plots import plot_runs, save_png
+from pipelines.views import pair_grid
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+PLOT_NAME = "metrics.png"
+SUMMARY_NAME = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
+SCALAR_KEYS = ("loss", "lr_weights", "lr_biases", "images_per_s", "data_wait_fraction",
+               "knn_top1", "knn_top5", "knn_seconds")
+VIEW_PAIRS = 8
+
+
+def config_yaml(config: Config) -> str:
+    """The config as YAML that `load_config` reads back into an equal `Config`."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a torn last line (a killed writer's)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def truncate_metrics(out_dir: Path, step: int) -> list[dict]:
+    """Drop the records of steps after `step` (a killed run's lost work) and any torn line; return the rest."""
+    path = out_dir / METRICS_NAME
+    if not path.is_file():
+        return []
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+    return kept
+
+
+def tensorboard_writer_class() -> type:
+    """torch's SummaryWriter, or a ConfigError naming the missing package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("config key 'tensorboard' is true, but the package 'tensorboard' is not installed: "
+                          "pip install tensorboard (requirements.txt pins it) or set tensorboard=false") from None
+    return SummaryWriter
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape the numbers (the data library if one is loaded)."""
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    for module in ("ffcv", "nvidia.dali"):
+        if module in sys.modules:
+            found[module] = getattr(sys.modules[module], "__version__", "unknown")
+    return found
+
+
+def device_description(device: torch.device, world_size: int) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"type": device.type, "name": name, "world_size": world_size}
+
+
+def summarise(records: list[dict], steps_per_epoch: int, batch_size: int) -> dict:
+    """Figures of a whole run from its metrics records.
+
+    images/s is the images of all logged steps over the summed time of those steps (each step's time is
+    batch_size / its images_per_s), which is what the trainer measures for one uninterrupted segment.
+    """
+    steps = [record for record in records if "loss" in record]
+    knn = [record for record in records if "knn_top1" in record]
+    last_step = steps[-1]["step"] if steps else 0
+    step_seconds = sum(batch_size / record["images_per_s"] for record in steps)
+    return {
+        "steps": last_step,
+        "epochs": last_step / steps_per_epoch,
+        "images": len(steps) * batch_size,
+        "images_per_s": len(steps) * batch_size / step_seconds if steps else None,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+        "last_knn": ({"step": knn[-1]["step"], "top1": knn[-1]["knn_top1"], "top5": knn[-1]["knn_top5"]}
+                     if knn else None),
+        "wall_time_s": records[-1]["elapsed_s"] if records else 0.0,
+        "finished_at": records[-1]["time"] if records else None,
+    }
+
+
+class RunLog:
+    """Rank 0's writer of the files above for one segment of a run (from its start or a resume to its end)."""
+
+    def __init__(self, config: Config, step: int, elapsed_s: float):
+        """Start at `step` with `elapsed_s` seconds already spent by earlier segments (0 for a new run)."""
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / CONFIG_NAME, config_yaml(config))
+        self.started = time.monotonic() - elapsed_s
+        self.metrics = open(self.out_dir / METRICS_NAME, "a")
+        self.tensorboard = None
+        if config.tensorboard:
+            # purge_step hides events a killed segment wrote after the checkpoint it resumes from
+            self.tensorboard = tensorboard_writer_class()(str(self.out_dir / TENSORBOARD_DIR), purge_step=step + 1)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def write(self, record: dict) -> None:
+        """Append one record, stamped with the wall-clock time and the elapsed seconds."""
+        stamped = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                   "elapsed_s": round(self.elapsed(), 3)}
+        self.metrics.write(json.dumps(stamped) + "\n")
+        if self.tensorboard is not None:
+            for key in SCALAR_KEYS:
+                if key in record:
+                    self.tensorboard.add_scalar(key, record[key], record["step"])
+
+    def write_views(self, view1: torch.Tensor, view2: torch.Tensor, step: int) -> None:
+        """A grid of the first VIEW_PAIRS view pairs to TensorBoard (nothing without it)."""
+        if self.tensorboard is not None:
+            grid = pair_grid(view1, view2, self.config.augment, VIEW_PAIRS)
+            self.tensorboard.add_image("views", grid, step, dataformats="HWC")
+
+    def flush(self, durable: bool = False) -> None:
+        """Push the metrics to the OS (and with `durable`, to the disk: before a checkpoint names their steps)."""
+        self.metrics.flush()
+        if durable:
+            os.fsync(self.metrics.fileno())
+
+    def epoch_end(self) -> None:
+        self.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+        self.plot()
+
+    def plot(self) -> None:
+        save_png(plot_runs({self.out_dir.name: read_metrics(self.out_dir / METRICS_NAME)}), self.out_dir / PLOT_NAME)
+
+    def finish(self, steps_per_epoch: int, total_steps: int, stopped_by: str | None, device: torch.device,
+               world_size: int) -> dict:
+        """Redraw metrics.png and write summary.json from the whole of metrics.jsonl; returns the summary."""
+        self.flush()
+        self.plot()
+        summary = {**summarise(read_metrics(self.out_dir / METRICS_NAME), steps_per_epoch, self.config.batch_size),
+                   "total_steps": total_steps, "stopped_by": stopped_by,
+                   "device": device_description(device, world_size), "versions": versions()}
+        write_json(self.out_dir / SUMMARY_NAME, summary)
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

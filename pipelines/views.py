@@ -1,0 +1,52 @@
+"""Pictures of what a pipeline feeds the network: view-1/view-2 pairs, de-normalised, side by side.
+
+The same grid goes to TensorBoard at the start of a run and to `python -m tools.preview`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision.utils
+from PIL import Image
+
+from bt_fast.config import AugmentSpec, Config
+from bt_fast.files import atomic_write
+from pipelines import build_pipeline
+from pipelines.base import DataError, Placement
+
+PAIRS_PER_ROW = 4
+
+
+def denormalise(views: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
+    """Undo the pipelines' normalisation: (B, 3, H, W) in any dtype or layout -> float32 in [0, 1] on the CPU."""
+    views = views.detach().float().cpu().contiguous()
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (views * std + mean).clamp(0.0, 1.0)
+
+
+def pair_grid(view1: torch.Tensor, view2: torch.Tensor, spec: AugmentSpec, pairs: int = 8) -> torch.Tensor:
+    """The first `pairs` pairs as one uint8 (H, W, 3) image: each pair is view 1 then view 2, left to right,
+    PAIRS_PER_ROW pairs to a row."""
+    pairs = min(pairs, len(view1))
+    tiles = torch.stack([denormalise(view1[:pairs], spec), denormalise(view2[:pairs], spec)], dim=1).flatten(0, 1)
+    grid = torchvision.utils.make_grid(tiles, nrow=2 * min(pairs, PAIRS_PER_ROW), padding=2, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def first_pairs(config: Config, device: torch.device, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first batch of `pairs` view pairs of epoch 0 from the pipeline `config` names, as training sees them."""
+    pipeline = build_pipeline(config, Placement(device), pairs)
+    pipeline.set_epoch(0)
+    batch = next(iter(pipeline), None)
+    if batch is None:
+        raise DataError(f"data {config.data or 'of the pipeline'} gives no batch of {pairs} images; "
+                        f"ask for fewer pairs")
+    return batch
+
+
+def write_png(path: str | Path, image: torch.Tensor) -> Path:
+    """Write a uint8 (H, W, 3) image to `path` as a PNG, atomically."""
+    picture = Image.fromarray(image.numpy())
+    return atomic_write(path, lambda handle: picture.save(handle, format="PNG"))

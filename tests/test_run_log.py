@@ -1,0 +1,163 @@
+"""Run artefacts: config.yaml, stamped metrics, summary.json, metrics.png, tools.plot and TensorBoard events."""
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bt_fast.config import load_config
+from bt_fast.plots import PANELS, plot_runs
+from bt_fast.run_log import config_yaml
+from bt_fast.train import train
+from test_reliability import run_main, tiny_args
+from test_train import tiny_config
+from tools import plot as plot_tool
+
+STEPS_PER_EPOCH = 3  # the 24 images of the image_folder fixture in batches of 8
+
+
+def records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def knn_run(image_folder, tmp_path_factory) -> tuple[Path, dict]:
+    """Two epochs with a k-NN evaluation after each and TensorBoard on: (out_dir, what train() returned)."""
+    out_dir = tmp_path_factory.mktemp("knn_run")
+    result = train(tiny_config(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}", "tensorboard=true"))
+    return out_dir, result
+
+
+def test_config_yaml_loads_back_into_the_same_config(tmp_path):
+    config = load_config("configs/demo_cpu.yaml", ["out_dir=010", "data=/x y/train", "augment.crop_scale=[0.2,0.9]",
+                                                   "augment.solarize_threshold=0.3", "weight_decay=1e-7",
+                                                   "knn_val=", "tensorboard=true", "ffcv.order=quasi_random"])
+    (tmp_path / "config.yaml").write_text(config_yaml(config))
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_a_run_writes_its_resolved_config(knn_run, image_folder):
+    out_dir, _ = knn_run
+    expected = tiny_config(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}", "tensorboard=true")
+    assert load_config(out_dir / "config.yaml") == expected
+
+
+def test_every_metrics_line_has_a_wall_clock_time_and_elapsed_seconds(knn_run):
+    lines = records(knn_run[0])
+    assert [line["step"] for line in lines] == [1, 2, 3, 3, 4, 5, 6, 6]  # k-NN after each epoch
+    times = [datetime.fromisoformat(line["time"]) for line in lines]
+    elapsed = [line["elapsed_s"] for line in lines]
+    assert all(t.utcoffset().total_seconds() == 0 for t in times)
+    assert times == sorted(times) and elapsed == sorted(elapsed) and elapsed[0] >= 0
+    # the two clocks agree on how long the run took between its first and last line
+    span = (times[-1] - times[0]).total_seconds()
+    assert elapsed[-1] - elapsed[0] == pytest.approx(span, abs=0.05)
+
+
+def test_summary_matches_the_metrics_log_and_the_trainer(knn_run):
+    out_dir, result = knn_run
+    lines, found = records(out_dir), summary(out_dir)
+    steps = [line for line in lines if "loss" in line]
+    knn = [line for line in lines if "knn_top1" in line]
+    assert found["steps"] == steps[-1]["step"] == result["steps"] == 6
+    assert found["epochs"] == 2
+    assert found["images"] == 6 * 8
+    assert found["first_loss"] == steps[0]["loss"] == result["first_loss"]
+    assert found["last_loss"] == steps[-1]["loss"] == result["last_loss"]
+    # images/s: all images over the summed step times, as the trainer measured it for this one segment
+    assert found["images_per_s"] == pytest.approx(result["images_per_s"], rel=1e-9)
+    assert found["last_knn"] == {"step": 6, "top1": knn[-1]["knn_top1"], "top5": knn[-1]["knn_top5"]}
+    assert found["wall_time_s"] == lines[-1]["elapsed_s"] and found["finished_at"] == lines[-1]["time"]
+    assert found["versions"]["torch"] == torch.__version__
+    assert found["device"]["type"] == "cpu" and found["device"]["world_size"] == 1
+    assert found["stopped_by"] is None and found["total_steps"] == 6
+
+
+def test_metrics_png_plots_the_logged_series(knn_run):
+    out_dir, _ = knn_run
+    lines = records(out_dir)
+    with Image.open(out_dir / "metrics.png") as image:
+        assert image.format == "PNG" and image.size == (1300, 700)
+    figure = plot_runs({"run": lines})
+    for ax, (key, title) in zip(figure.axes, PANELS):
+        assert ax.get_title() == title
+        [line] = ax.get_lines()
+        expected = [(entry["step"], entry[key]) for entry in lines if key in entry]
+        assert list(zip(line.get_xdata(), line.get_ydata())) == expected, key
+    assert len(figure.axes[PANELS.index(("knn_top1", "k-NN top-1 (%)"))].get_lines()[0].get_xdata()) == 2
+
+
+def test_tensorboard_holds_the_logged_scalars_and_a_view_grid(knn_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out_dir, _ = knn_run
+    events = EventAccumulator(str(out_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    lines = records(out_dir)
+    for key in ("loss", "lr_weights", "lr_biases", "images_per_s", "data_wait_fraction", "knn_top1", "knn_top5"):
+        logged = [(line["step"], line[key]) for line in lines if key in line]
+        read = [(event.step, event.value) for event in events.Scalars(key)]
+        assert [step for step, _ in read] == [step for step, _ in logged], key
+        assert [value for _, value in read] == pytest.approx([value for _, value in logged], rel=1e-6), key
+    [grid] = events.Images("views")
+    # 8 pairs of 32 px views, four pairs to a row, 2 px padding: 2 rows of 8 tiles
+    assert (grid.step, grid.width, grid.height) == (0, 8 * 34 + 2, 2 * 34 + 2)
+
+
+def test_tensorboard_without_the_package_is_one_line_naming_it(image_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "tensorboard=true"))
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and "package 'tensorboard' is not installed" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resumed_and_rerun_runs_keep_the_artefacts_consistent(image_folder, tmp_path, capsys):
+    run_main(capsys, *tiny_args(image_folder, tmp_path, "epochs=2", "max_steps=4"))
+    first_segment = records(tmp_path)
+    assert summary(tmp_path)["steps"] == 4
+    run_main(capsys, *tiny_args(image_folder, tmp_path, "epochs=2"))
+    lines = records(tmp_path)
+    assert lines[:4] == first_segment and [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    elapsed = [line["elapsed_s"] for line in lines]
+    assert elapsed == sorted(elapsed)  # the clock continues from the checkpoint, not from zero
+    found = summary(tmp_path)
+    assert (found["steps"], found["epochs"], found["first_loss"], found["last_loss"]) == \
+        (6, 2, lines[0]["loss"], lines[-1]["loss"])
+    assert found["images_per_s"] == pytest.approx(6 / sum(1 / line["images_per_s"] for line in lines), rel=1e-12)
+    assert load_config(tmp_path / "config.yaml") == load_config("configs/demo_cpu.yaml",
+                                                                 tiny_args(image_folder, tmp_path, "epochs=2")[2:])
+
+    code, out, _ = run_main(capsys, *tiny_args(image_folder, tmp_path, "epochs=2"))
+    assert code == 0 and out.startswith("run already complete")
+    assert records(tmp_path) == lines and summary(tmp_path) == found
+
+
+def test_plot_tool_overlays_runs(knn_run, image_folder, tmp_path, capsys):
+    other = tmp_path / "other"
+    train(tiny_config(image_folder, other, "max_steps=2"))
+    runs = plot_tool.load_runs([knn_run[0], other / "metrics.jsonl"])
+    assert list(runs) == [knn_run[0].name, "other"]
+    figure = plot_runs(runs)
+    loss_axes = figure.axes[0]
+    assert [line.get_label() for line in loss_axes.get_lines()] == [knn_run[0].name, "other"]
+    assert list(loss_axes.get_lines()[1].get_ydata()) == [line["loss"] for line in records(other)]
+    assert [t.get_text() for t in loss_axes.get_legend().get_texts()] == [knn_run[0].name, "other"]
+
+    plot_tool.main([str(knn_run[0]), str(other), "--out", str(tmp_path / "compare.png")])
+    with Image.open(tmp_path / "compare.png") as image:
+        assert image.format == "PNG" and image.size == (1300, 700)
+
+
+def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plot_tool.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: run {tmp_path} has no metrics.jsonl; give a run's " \
+                                                f"out_dir or its metrics.jsonl\n"

@@ -1,0 +1,40 @@
+"""Overlay the training curves of several runs in one PNG (the panels of each run's metrics.png).
+
+    python -m tools.plot runs/demo runs/demo_reference --out compare.png
+
+A RUN is a run's out_dir (holding metrics.jsonl) or a metrics.jsonl itself; each run's lines are
+labelled with its directory name.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bt_fast.errors import UserError, cli_errors
+from bt_fast.plots import plot_runs, save_png
+from bt_fast.run_log import METRICS_NAME, read_metrics
+
+
+def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
+    """label -> metrics records; the label is the run directory's name, or its path where names repeat."""
+    files = [path / METRICS_NAME if path.is_dir() else path for path in paths]
+    for path, file in zip(paths, files):
+        if not file.is_file():
+            raise UserError(f"run {path} has no {METRICS_NAME}; give a run's out_dir or its {METRICS_NAME}")
+    names = [file.parent.name for file in files]
+    labels = [name if names.count(name) == 1 else str(file.parent) for name, file in zip(names, files)]
+    return {label: read_metrics(file) for label, file in zip(labels, files)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's out_dir or its metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare.png"), help="PNG to write")
+    args = parser.parse_args(argv)
+    with cli_errors():
+        save_png(plot_runs(load_runs(args.runs)), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
