@@ -63,14 +63,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def truncate_metrics(out_dir: Path, step: int) -> list[dict]:
-    """Drop the records of steps after `step` (a killed run's lost work) and any torn line; return the rest."""
+def truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop the records of steps after `step` (a killed run's lost work) and any torn line."""
     path = out_dir / METRICS_NAME
-    if not path.is_file():
-        return []
-    kept = [record for record in read_metrics(path) if record["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
-    return kept
+    if path.is_file():
+        kept = [record for record in read_metrics(path) if record["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def tensorboard_writer_class() -> type:

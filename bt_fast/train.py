@@ -176,7 +176,7 @@ class Trainer:
         self.step = state["step"]
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
-        self.elapsed_before = state.get("elapsed_s", 0.0)
+        self.elapsed_before = state.get("elapsed_s") or 0.0  # absent in checkpoints of older versions
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
         if changed and self.ctx.is_main:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "

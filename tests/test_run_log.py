@@ -10,7 +10,7 @@ from PIL import Image
 
 from bt_fast.config import load_config
 from bt_fast.plots import PANELS, plot_runs
-from bt_fast.run_log import config_yaml
+from bt_fast.run_log import config_yaml, truncate_metrics
 from bt_fast.train import train
 from test_reliability import run_main, tiny_args
 from test_train import tiny_config
@@ -41,6 +41,14 @@ def test_config_yaml_loads_back_into_the_same_config(tmp_path):
                                                    "knn_val=", "tensorboard=true", "ffcv.order=quasi_random"])
     (tmp_path / "config.yaml").write_text(config_yaml(config))
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_resume_drops_the_lines_after_the_checkpoint_and_a_torn_one(tmp_path):
+    kept = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "knn_top1": 50.0}]
+    lost = [{"step": 3, "loss": 3.0}, {"step": 4, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept + lost) + '{"step": 5, "lo')
+    truncate_metrics(tmp_path, step=2)
+    assert records(tmp_path) == kept
 
 
 def test_a_run_writes_its_resolved_config(knn_run, image_folder):
