@@ -127,22 +127,32 @@ def test_tensorboard_without_the_package_is_one_line_naming_it(image_folder, tmp
 
 
 def test_resumed_and_rerun_runs_keep_the_artefacts_consistent(image_folder, tmp_path, capsys):
-    run_main(capsys, *tiny_args(image_folder, tmp_path, "epochs=2", "max_steps=4"))
+    args = tiny_args(image_folder, tmp_path, "epochs=2", "tensorboard=true")
+    run_main(capsys, *args, "max_steps=2")
     first_segment = records(tmp_path)
-    assert summary(tmp_path)["steps"] == 4
-    run_main(capsys, *tiny_args(image_folder, tmp_path, "epochs=2"))
+    assert summary(tmp_path)["steps"] == 2
+    kept_checkpoint = (tmp_path / "checkpoint.pth").read_bytes()
+    run_main(capsys, *args, "max_steps=4")
+    # killed after step 4 with its last checkpoint at step 2: steps 3 and 4 are lost work
+    (tmp_path / "checkpoint.pth").write_bytes(kept_checkpoint)
+    run_main(capsys, *args)
     lines = records(tmp_path)
-    assert lines[:4] == first_segment and [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[:2] == first_segment and [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     elapsed = [line["elapsed_s"] for line in lines]
     assert elapsed == sorted(elapsed)  # the clock continues from the checkpoint, not from zero
     found = summary(tmp_path)
     assert (found["steps"], found["epochs"], found["first_loss"], found["last_loss"]) == \
         (6, 2, lines[0]["loss"], lines[-1]["loss"])
     assert found["images_per_s"] == pytest.approx(6 / sum(1 / line["images_per_s"] for line in lines), rel=1e-12)
-    assert load_config(tmp_path / "config.yaml") == load_config("configs/demo_cpu.yaml",
-                                                                 tiny_args(image_folder, tmp_path, "epochs=2")[2:])
+    assert load_config(tmp_path / "config.yaml") == load_config("configs/demo_cpu.yaml", args[2:])
+    # TensorBoard shows each step once, the lost steps replaced by their redone ones
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+        [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in lines]
 
-    code, out, _ = run_main(capsys, *tiny_args(image_folder, tmp_path, "epochs=2"))
+    code, out, _ = run_main(capsys, *args)
     assert code == 0 and out.startswith("run already complete")
     assert records(tmp_path) == lines and summary(tmp_path) == found
 
