@@ -214,7 +214,25 @@ def _crop_resize(jpegs, images, shape, spec: AugmentSpec, options: GraphOptions,
     return fn.resize(crop, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
 
 
-def _colour(x, spec: AugmentSpec, options: GraphOptions, choices: dict):
+def brightness_contrast(x, brightness, contrast):
+    """PIL's brightness and contrast of uint8 HWC images, per sample, computed where `x` lives.
+
+    out = b * (m + c * (x - m)) = x * (b c) + b (1 - c) m, rounded to nearest and clamped to uint8
+    (as `fn.brightness_contrast`), with m the rounded mean luma of `x` (PIL's contrast centre, taken
+    before brightness). `brightness` and `contrast` are per-sample host values or Python floats.
+
+    Written as DALI arithmetic rather than `fn.brightness_contrast`: that operator takes its centre
+    as an argument input, which DALI keeps on the host, while m is a reduction of `x`; on the GPU
+    it would have to be copied back, a GPU->host synchronisation in every iteration. Here m stays
+    on the device and only the host factors b c and b (1 - c) travel to it.
+    """
+    means = fn.reductions.mean(x, axes=[0, 1], dtype=types.FLOAT)
+    centre = dmath.floor(means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2] + 0.5)
+    scale, shift = brightness * contrast, brightness * (1.0 - contrast)
+    return fn.cast(x * scale + shift * centre, dtype=types.UINT8)
+
+
+def _colour(x, spec: AugmentSpec, choices: dict):
     """Colour jitter (p jitter_p) and grayscale (p grayscale_p); identity factors where a coin says no."""
     jitter = _coin(spec.jitter_p)
     gain = 0.0 if jitter is False else (1.0 if jitter is True else fn.cast(jitter, dtype=types.FLOAT))
@@ -228,12 +246,7 @@ def _colour(x, spec: AugmentSpec, options: GraphOptions, choices: dict):
     if jitter is False and gray is False:
         return x
     if jitter is not False:
-        means = fn.reductions.mean(x, axes=[0, 1], dtype=types.FLOAT)
-        if options.gpu:  # GPU only: argument inputs live on the host
-            means = means.cpu()
-        # PIL's contrast centre: the rounded mean luma of the image before brightness.
-        centre = dmath.floor(means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2] + 0.5)
-        x = fn.brightness_contrast(x, brightness=brightness, contrast=contrast, contrast_center=centre)
+        x = brightness_contrast(x, brightness, contrast)
     keep_colour = 1.0 - (1.0 if gray is True else (0.0 if gray is False else fn.cast(gray, dtype=types.FLOAT)))
     return fn.hsv(x, hue=hue * 360.0, saturation=saturation * keep_colour)
 
@@ -278,7 +291,7 @@ def _view(jpegs, images, shape, spec: AugmentSpec, view: int, options: GraphOpti
     """One distorted view (S, S, 3) HWC, and the per-sample choices drawn for it."""
     choices: dict = {}
     x = _crop_resize(jpegs, images, shape, spec, options, choices)
-    x = _colour(x, spec, options, choices)
+    x = _colour(x, spec, choices)
     x = _blur(x, spec, view, choices)
     x = _solarize(x, spec, view, choices)
     return _normalise_flip(x, spec, options, choices), choices

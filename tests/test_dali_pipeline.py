@@ -11,9 +11,11 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from pipelines.base import DataError, Placement  # noqa: E402
-from pipelines.dali import DALIPipeline  # noqa: E402
+from pipelines.dali import LUMA, DALIPipeline, EpochPlan, FolderSource, GraphOptions, brightness_contrast, two_view_graph  # noqa: E402
 from pipelines.dali_debug import grey_views, replay_view, to_pixels  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -187,6 +189,79 @@ def test_views_match_pil_replay_of_the_same_choices(tmp_path):
     assert plain.max() < 1.0, plain
     # Colour jitter: PIL truncates to uint8 after each enhancement (~0.5 level each), DALI rounds.
     assert jittered.max() < 2.5, jittered
+
+
+# --------------------------------------------------------------------------------------------
+# Brightness and contrast: arithmetic on the images' device
+# --------------------------------------------------------------------------------------------
+
+PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+# (brightness, contrast) per photograph: ColorJitter's extremes, mixed draws, and the identity.
+FACTORS = np.array([(1.4, 1.4), (0.6, 0.6), (0.63, 1.25), (1.33, 0.63), (1.18, 0.74), (1.0, 1.0)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_brightness_contrast_equals_the_dali_operator_on_photographs(device):
+    """The arithmetic blend against the stock `fn.brightness_contrast` given PIL's centre (rounded
+    mean luma, computed here with numpy) and against the formula in float64, on real photographs."""
+    skimage_data = pytest.importorskip("skimage.data")
+    images = [np.ascontiguousarray(getattr(skimage_data, name)()[..., :3]) for name in PHOTOGRAPHS]
+    centres = [np.float32(np.floor((image @ np.array(LUMA)).mean() + 0.5)) for image in images]
+    brightness, contrast = list(FACTORS[:, 0]), list(FACTORS[:, 1])
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if device == "gpu" else None)
+    def blends():
+        x = fn.external_source(lambda: images, batch=True, layout="HWC", device=device)
+        b = fn.external_source(lambda: brightness, batch=True)
+        c = fn.external_source(lambda: contrast, batch=True)
+        m = fn.external_source(lambda: centres, batch=True)
+        return brightness_contrast(x, b, c), fn.brightness_contrast(x, brightness=b, contrast=c, contrast_center=m)
+
+    pipe = blends()
+    pipe.build()
+    ours, stock = (out.as_cpu() if device == "gpu" else out for out in pipe.run())
+    for i, image in enumerate(images):
+        got, reference = np.array(ours.at(i)).astype(int), np.array(stock.at(i)).astype(int)
+        b, c, m = float(brightness[i]), float(contrast[i]), float(centres[i])
+        formula = np.clip(np.floor(b * (m + c * (image - m)) + 0.5), 0, 255)
+        assert got.dtype == reference.dtype and got.shape == image.shape
+        # Bound: every pixel within 1 grey level (float rounding at .5 ties), at most 1 in 10,000 off.
+        for expected in (reference, formula):
+            assert np.abs(got - expected).max() <= 1, PHOTOGRAPHS[i]
+            assert (got != expected).mean() <= 1e-4, PHOTOGRAPHS[i]
+    assert np.array_equal(np.array(ours.at(len(images) - 1)), images[-1])  # factors 1, 1: the identity
+
+
+def _host_copies_of_device_results(outputs) -> tuple[list[str], set[str]]:
+    """Walk a DALI graph from its outputs: the nodes that bring a GPU result back to the host
+    (`DataNode.cpu()`: a "cpu" node of an operator whose output is on the GPU), and every GPU node."""
+    transfers, gpu_nodes, seen, stack = [], set(), set(), list(outputs)
+    while stack:
+        node = stack.pop()
+        producer = node.source
+        if node.device == "gpu":
+            gpu_nodes.add(node.name)
+        elif producer.outputs[node.index].device == "gpu":
+            transfers.append(node.name)
+        if id(producer) not in seen:
+            seen.add(id(producer))
+            for item in producer.inputs:
+                stack.extend(item if isinstance(item, list) else [item])
+    return transfers, gpu_nodes
+
+
+@pytest.mark.parametrize("decode", ["once", "roi"])
+def test_the_gpu_graph_never_copies_a_device_result_to_the_host(image_folder, decode):
+    """The graph built for a GPU placement (traced only, so no GPU is needed) has no GPU->host copy;
+    the contrast centre is reduced on the GPU."""
+    source = FolderSource(str(image_folder))
+    plan = EpochPlan(0, 0, 0, 1, source.block(0, 0, 0, 1))
+    options = GraphOptions(decode, gpu=True, out_dtype=types.FLOAT16, debug=False)
+    pipe = two_view_graph(source, plan, AugmentSpec(image_size=32), options, batch_size=4, num_threads=1, device_id=0)
+    transfers, gpu_nodes = _host_copies_of_device_results(pipe._graph_out)
+    assert transfers == []
+    assert sum(name.startswith("__Mean_") for name in gpu_nodes) == 2  # one contrast centre per view
 
 
 # --------------------------------------------------------------------------------------------
