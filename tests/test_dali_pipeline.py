@@ -15,7 +15,8 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from pipelines.base import DataError, Placement  # noqa: E402
-from pipelines.dali import LUMA, DALIPipeline, EpochPlan, FolderSource, GraphOptions, brightness_contrast, two_view_graph  # noqa: E402
+from pipelines.dali import (LUMA, DALIPipeline, EpochPlan, FolderSource, GraphOptions,  # noqa: E402
+                            brightness_contrast, two_view_graph)
 from pipelines.dali_debug import grey_views, replay_view, to_pixels  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -222,10 +223,11 @@ def test_brightness_contrast_equals_the_dali_operator_on_photographs(device):
     pipe.build()
     ours, stock = (out.as_cpu() if device == "gpu" else out for out in pipe.run())
     for i, image in enumerate(images):
-        got, reference = np.array(ours.at(i)).astype(int), np.array(stock.at(i)).astype(int)
+        got, reference = np.array(ours.at(i)), np.array(stock.at(i))
+        assert got.dtype == np.uint8 and got.shape == image.shape
+        got, reference = got.astype(int), reference.astype(int)
         b, c, m = float(brightness[i]), float(contrast[i]), float(centres[i])
         formula = np.clip(np.floor(b * (m + c * (image - m)) + 0.5), 0, 255)
-        assert got.dtype == reference.dtype and got.shape == image.shape
         # Bound: every pixel within 1 grey level (float rounding at .5 ties), at most 1 in 10,000 off.
         for expected in (reference, formula):
             assert np.abs(got - expected).max() <= 1, PHOTOGRAPHS[i]
