@@ -16,7 +16,7 @@ from tools import gpu_check
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"augment float16", "augment bfloat16", "amp float16", "amp bfloat16", "lars", "resume batch",
             "resume step", "ddp", "ffcv crops", "dali ids", "dali view means", "device crop float16",
-            "device crop bfloat16"}
+            "device crop bfloat16", "device decode"}
 
 
 def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
