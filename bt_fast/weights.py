@@ -2,7 +2,8 @@
 
 `load_backbone(path)` accepts
 - a bt_fast `checkpoint.pth` (the `backbone.*` weights of its `model`; arch and image size from its `config`),
-- a bt_fast `backbone.pth`,
+- a bt_fast `backbone.pth` (a plain torchvision state dict; arch from its keys, training image size
+  from the run's `config.yaml` or `checkpoint.pth` beside it),
 - any torchvision-style ResNet state dict, such as the official Barlow Twins `resnet50.pth`
   (no `fc.*`; an `fc.*` present is ignored), or a checkpoint holding one under `model` or `state_dict`.
 
@@ -19,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bt_fast.checkpoint import CheckpointError
+import yaml
+
+from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError
 from bt_fast.config import check_choice
 from bt_fast.model import BACKBONE_DIM, make_backbone
 
@@ -32,7 +35,7 @@ class LoadedBackbone:
     backbone: nn.Module          # fc replaced by Identity: forward gives the (N, BACKBONE_DIM[arch]) features
     arch: str
     kind: str                    # "bt_fast checkpoint", "checkpoint" or "state dict"
-    image_size: int | None       # training image size recorded in a bt_fast checkpoint's config
+    image_size: int | None       # training image size from the file's config or its run's (see run_config)
 
 
 def strip_prefixes(key: str) -> str:
@@ -104,6 +107,28 @@ def _read(path: Path) -> Any:
                               f"pass a torch-saved state dict") from None
 
 
+RUN_CONFIG_NAME = "config.yaml"
+
+
+def run_config(path: Path) -> dict | None:
+    """The training config of the run whose directory holds `path`: its `config.yaml`, else the `config`
+    of its `checkpoint.pth` (memory-mapped: only the config is read); None if neither is usable."""
+    try:
+        config = yaml.safe_load((path.parent / RUN_CONFIG_NAME).read_text())
+        if isinstance(config, dict):
+            return config
+    except (OSError, yaml.YAMLError):
+        pass
+    checkpoint = path.parent / CHECKPOINT_NAME
+    if checkpoint == path or not checkpoint.is_file():
+        return None
+    try:
+        config = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception:  # noqa: BLE001 - an unreadable neighbour only means the size stays unknown
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
     """The backbone stored in `path`, on the CPU; `arch` None: from the file's config or keys."""
     path = Path(path)
@@ -126,6 +151,10 @@ def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
                               f"pass the matching --arch or a resnet18/resnet50 checkpoint")
     backbone = make_backbone(chosen)
     backbone.load_state_dict(state, strict=False)  # only num_batches_tracked can be absent (checked above)
+    if config is None and kind == "state dict":
+        neighbour = run_config(path)
+        if neighbour is not None and neighbour.get("arch", chosen) == chosen:
+            config = neighbour
     image_size = None
     if config and isinstance(config.get("augment"), dict):
         image_size = config["augment"].get("image_size")

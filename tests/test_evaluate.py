@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
@@ -380,3 +381,65 @@ def test_errors_from_dataloader_workers_are_reduced_to_the_original_message():
                         "remove or replace the file\n")
     assert one_line(wrapped) == "cannot read image a.jpg: bad; remove or replace the file"
     assert one_line(DataError("first line\nsecond")) == "first line second"
+
+
+# -- a run's backbone.pth and the official ResNet-50 formats ---------------------------------------
+def _run_directory(root: Path, image_size: int) -> Path:
+    """A run directory as training leaves it: backbone.pth (a plain state dict) beside checkpoint.pth."""
+    model = randomised_barlow_twins()
+    root.mkdir()
+    torch.save(bt_fast_checkpoint(model, image_size=image_size), root / "checkpoint.pth")
+    torch.save(model.backbone.state_dict(), root / "backbone.pth")
+    return root / "backbone.pth"
+
+
+def test_backbone_pth_takes_the_training_image_size_from_its_run(tmp_path):
+    backbone = _run_directory(tmp_path / "run", image_size=48)
+    assert load_backbone(backbone).image_size == 48  # from checkpoint.pth beside it
+    config = Config(arch="resnet18")
+    config.augment.image_size = 40
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    assert load_backbone(backbone).image_size == 40  # config.yaml, the run's resolved config, comes first
+    alone = tmp_path / "copied.pth"
+    alone.write_bytes(backbone.read_bytes())
+    assert load_backbone(alone).image_size is None
+
+
+def test_cli_evaluates_backbone_pth_at_the_training_size_and_warns_without_its_run(split_folder, tmp_path, capsys):
+    backbone = _run_directory(tmp_path / "run", image_size=40)
+    options = ["--workers", "0", "--device", "cpu", "--batch-size", "16", "--data", str(split_folder)]
+    assert ev.main(["--checkpoint", str(backbone), "--json", str(tmp_path / "run.json"), *options]) == 0
+    assert json.loads((tmp_path / "run.json").read_text())["image_size"] == 40
+    assert "warning" not in capsys.readouterr().err
+    alone = tmp_path / "backbone.pth"
+    alone.write_bytes(backbone.read_bytes())
+    assert ev.main(["--checkpoint", str(alone), "--json", str(tmp_path / "alone.json"), *options]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {alone} records no training image size (nor does a config.yaml or checkpoint.pth "
+                   f"beside it); evaluating at 224 px, pass --image-size if it was trained at another"]
+    assert json.loads((tmp_path / "alone.json").read_text())["image_size"] == 224
+
+
+def test_official_resnet50_files_load_and_evaluate(split_folder, tmp_path, capsys):
+    """torchvision's resnet50 without fc.* (the released resnet50.pth) and the official training checkpoint
+    ({"model": DDP state dict of backbone, projector and bn}) give torchvision's features; the CLI runs it."""
+    torch.manual_seed(3)
+    source = torchvision.models.resnet50().eval()
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    released = tmp_path / "resnet50.pth"
+    torch.save(weights, released)
+    official = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 1, "model": {**{f"module.backbone.{k}": v for k, v in weights.items()},
+                                      "module.projector.0.weight": torch.randn(64, 2048),
+                                      "module.bn.running_mean": torch.zeros(64)},
+                "optimizer": {"state": {}, "param_groups": []}}, official)
+    expected = source_features(source, IMAGES)
+    for path in (released, official):
+        loaded = load_backbone(path)
+        assert (loaded.arch, loaded.image_size) == ("resnet50", None)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.backbone.eval()(IMAGES), expected)
+    out = tmp_path / "official.json"
+    assert ev.main(["--checkpoint", str(official), "--data", str(split_folder), "--json", str(out), *COMMON]) == 0
+    record = json.loads(out.read_text())
+    assert (record["arch"], record["image_size"], record["val_images"]) == ("resnet50", 32, 12)

@@ -32,6 +32,8 @@ from bt_fast.model import BACKBONE_DIM
 from bt_fast.weights import load_backbone, random_backbone
 from pipelines.base import DataError
 
+DEFAULT_IMAGE_SIZE = 224
+
 
 def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tuple[Path, Path]:
     """(train dir, val dir): DATA/train + DATA/val when present, else DATA + --val-data."""
@@ -77,7 +79,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if loaded is None and not args.arch:
         raise UserError("--random-init without --checkpoint needs --arch resnet18|resnet50")
     arch = loaded.arch if loaded else args.arch
-    image_size = args.image_size or (loaded.image_size if loaded else None) or 224
+    image_size = args.image_size or (loaded.image_size if loaded else None) or DEFAULT_IMAGE_SIZE
+    if loaded and not args.image_size and loaded.image_size is None:
+        print(f"warning: {args.checkpoint} records no training image size (nor does a config.yaml or checkpoint.pth "
+              f"beside it); evaluating at {DEFAULT_IMAGE_SIZE} px, pass --image-size if it was trained at another",
+              file=sys.stderr)
     cache = args.cache_features if args.cache_features is not None else device.type == "cpu"
     settings = EvalSettings(mode=args.mode, image_size=image_size, batch_size=args.batch_size,
                             workers=args.workers, device=device, k=args.k, temperature=args.temperature,
@@ -121,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", help="validation ImageFolder when --data has no train/ and val/")
     p.add_argument("--mode", choices=MODES, default="knn")
     p.add_argument("--arch", choices=sorted(BACKBONE_DIM), help="default: the checkpoint's config or its keys")
-    p.add_argument("--image-size", type=int, help="default: the checkpoint config's augment.image_size, else 224")
+    p.add_argument("--image-size", type=int,
+                   help="default: augment.image_size of the checkpoint's config, or of its run's config.yaml or "
+                        "checkpoint.pth beside a backbone.pth, else 224")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
     p.add_argument("--lr", type=float, default=0.3, help="linear probe learning rate")
