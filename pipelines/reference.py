@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
@@ -50,12 +50,19 @@ def view_transform(spec: AugmentSpec, view: int) -> T.Compose:
 
 
 def load_rgb(path: str) -> Image.Image:
+    """The image at `path` as RGB; DataError naming the file and why (no Python object reprs) if unreadable."""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
+        with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
+    except UnidentifiedImageError:
+        reason = "not a recognised image file"
+    except FileNotFoundError:
+        reason = "file not found"
+    except OSError as err:
+        reason = err.strerror or " ".join(str(err).split())
+    except (ValueError, Image.DecompressionBombError) as err:
+        reason = " ".join(str(err).split())
+    raise DataError(f"cannot read image {path}: {reason}; remove or replace the file")
 
 
 class TwoViewImageFolder(Dataset):

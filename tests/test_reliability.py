@@ -119,6 +119,18 @@ def test_host_crop_needs_host_decode(image_folder, tmp_path, capsys):
     assert code == 2 and err.startswith("error: config key 'ffcv.crop' must be device when ffcv.decode=device")
 
 
+def test_an_unreadable_image_in_a_loader_worker_is_one_line_without_object_reprs(tmp_path, capsys):
+    for c in range(2):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "data" / f"class{c}" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    code, _, err = run_main(capsys, *tiny_args(tmp_path / "data", tmp_path / "out", "workers=2"))
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert code == 2 and len(errors) == 1, err
+    assert errors[0].startswith(f"error: cannot read image {tmp_path / 'data'}/class") and "<" not in errors[0]
+    assert errors[0].endswith(": not a recognised image file; remove or replace the file")
+
+
 def test_data_is_required(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # the repository root holds images: a missing data= must not train on them
     code, _, err = run_main(capsys, "--config", "configs/demo_cpu.yaml", f"out_dir={tmp_path}")
