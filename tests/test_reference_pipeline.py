@@ -66,3 +66,18 @@ def test_blur_is_the_gaussian_of_the_drawn_sigma(sigma):
     # (a sigma 25% off gives a mean difference of 1.5 levels or more)
     assert difference.mean() < 0.8 and difference.max() <= 3, (difference.mean(), difference.max())
     assert (blurred - TF.pil_to_tensor(pil).float())[inner].abs().mean() > 2  # it does blur
+
+
+@pytest.mark.timeout(120)
+def test_two_loader_workers_give_the_distortions_of_none(image_folder):
+    """The docstring's promise: a sample's views depend on (seed, epoch, index), not on which worker made them."""
+    epochs = {}
+    for workers in (0, 2):
+        config = Config(data=str(image_folder), pipeline="reference", workers=workers, augment=SPEC, seed=3)
+        pipeline = ReferencePipeline(config, Placement(torch.device("cpu")), batch_size=4)
+        pipeline.set_epoch(1)
+        epochs[workers] = list(pipeline)
+    assert len(epochs[0]) == len(epochs[2]) == 6
+    for (a1, a2), (b1, b2) in zip(epochs[0], epochs[2]):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(epochs[0][0][0], epochs[0][0][1])  # the two views differ
