@@ -4,12 +4,14 @@ chosen point, so that tests kill -9 a run at a deterministic step instead of rac
 BT_KILL_AT_LOSS=N: the process dies while computing its N-th Barlow Twins loss, i.e. inside step N,
 after steps 1..N-1 have finished on every rank. BT_KILL_RANK (default 0) names the rank that dies;
 under torchrun only the first attempt dies (TORCHELASTIC_RESTART_COUNT 0), so a restart runs through.
+It says so on stderr first ("kill_point: SIGKILL inside step N").
 """
 import os
 
 if (os.environ.get("BT_KILL_AT_LOSS") and os.environ.get("RANK", "0") == os.environ.get("BT_KILL_RANK", "0")
         and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
     import signal
+    import sys
 
     import bt_fast.loss  # before bt_fast.train binds the name
 
@@ -20,6 +22,7 @@ if (os.environ.get("BT_KILL_AT_LOSS") and os.environ.get("RANK", "0") == os.envi
         global _calls
         _calls += 1
         if _calls == int(os.environ["BT_KILL_AT_LOSS"]):
+            print(f"kill_point: SIGKILL inside step {_calls}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         return _real_loss(*args, **kwargs)
 
