@@ -252,3 +252,26 @@ def test_a_file_as_data_is_named_as_a_file(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="is a file; give the ImageFolder directory"):
         find_image_folder(tmp_path / "x.jpg")
+
+
+@pytest.mark.timeout(300)
+def test_make_pretrain_trains_through_run_pretrain_sh_and_a_rerun_reports_the_run_complete(image_folder, tmp_path):
+    """`make pretrain` as a user types it (the Makefile, run_pretrain.sh, bt_fast.train's main), twice."""
+    stamp = tmp_path / "installed"  # this interpreter's environment is the installed venv
+    stamp.touch()
+    run = tmp_path / "run"
+    command = ["make", "--no-print-directory", "pretrain", f"VENV={sys.prefix}", f"STAMP={stamp}",
+               f"DATA={image_folder}", f"OUT={run}",
+               "ARGS=pipeline=reference knn_every=0 workers=0 batch_size=8 projector=32-32 augment.image_size=32 "
+               "max_steps=2 warmup_epochs=0 device=cpu"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "done: 2 steps on 1 process(es)" in first.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.pth", CHECKPOINT_NAME, "metrics.jsonl"]
+    last_loss = metric_lines(run)[-1]["loss"]
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "run already complete: 2 steps" in again.stdout and f"-> {last_loss:.1f}" in again.stdout
+    assert f"checkpoint: {run / CHECKPOINT_NAME}" in again.stdout
+    assert [m["step"] for m in metric_lines(run)] == [1, 2]
