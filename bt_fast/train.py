@@ -16,6 +16,7 @@ stops the run too. Every rank takes these decisions together, from one all-reduc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -298,52 +299,58 @@ class Trainer:
             if self.step >= self.total_steps:
                 return
             self.pipeline.set_epoch(epoch)
-            batches = itertools.islice(iter(self.pipeline), skip, None)  # resume mid-epoch
-            skip = 0
-            tick = time.perf_counter()
-            for y1, y2 in batches:
-                waited = time.perf_counter() - tick
-                if log and self.step == 0:
-                    log.write_views(y1, y2, step=0)
-                loss, failed, stop = self.agree(self.train_step(y1, y2), signals.code)  # syncs: the time is real
-                if failed:
-                    raise self.failure(loss, y1, y2)
-                self.step += 1
-                elapsed = time.perf_counter() - tick
-                self.train_time += elapsed
-                self.images_seen += self.config.batch_size
-                self.first_loss = loss if self.first_loss is None else self.first_loss
-                self.last_loss = loss
-                if log:
-                    log.write({"step": self.step, "epoch": epoch, "loss": loss,
-                               "lr_weights": self.optimizer.param_groups[0]["lr"],
-                               "lr_biases": self.optimizer.param_groups[1]["lr"],
-                               "images_per_s": self.config.batch_size / elapsed,
-                               "data_wait_fraction": waited / elapsed})
-                    if self.step % self.config.log_every == 0 or stop:
-                        log.flush()
-                progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}", refresh=False)
-                if self.step >= self.total_steps:
-                    break
-                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 and not stop:
-                    self.save_checkpoint()
-                if stop:
-                    self.stopped_by = STOP_NAMES[stop]
-                    self.save_checkpoint()
-                    if stop == STOP_SIGNALS[signal.SIGUSR1]:
-                        self.requeue()
-                    if self.ctx.world_size > 1:
-                        # No rank exits before the checkpoint is on disk: a launcher that sees one node
-                        # finish (srun --kill-on-bad-exit) may kill the others, rank 0 among them.
-                        dist.barrier()
+            with contextlib.closing(iter(self.pipeline)) as epoch_batches:  # a stop mid-epoch ends its loader now
+                if not self._epoch(epoch, itertools.islice(epoch_batches, skip, None), signals, log, progress):
                     return
-                tick = time.perf_counter()
+            skip = 0
             self.save_checkpoint()
             if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
                 self.monitor_knn(epoch, log, progress)
             if log:
                 log.epoch_end()
+
+    def _epoch(self, epoch: int, batches, signals: StopSignals, log: RunLog | None, progress) -> bool:
+        """Train on `batches` (the rest of `epoch`); False if a stop request ended the run."""
+        tick = time.perf_counter()
+        for y1, y2 in batches:
+            waited = time.perf_counter() - tick
+            if log and self.step == 0:
+                log.write_views(y1, y2, step=0)
+            loss, failed, stop = self.agree(self.train_step(y1, y2), signals.code)  # syncs: the time is real
+            if failed:
+                raise self.failure(loss, y1, y2)
+            self.step += 1
+            elapsed = time.perf_counter() - tick
+            self.train_time += elapsed
+            self.images_seen += self.config.batch_size
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
+            if log:
+                log.write({"step": self.step, "epoch": epoch, "loss": loss,
+                           "lr_weights": self.optimizer.param_groups[0]["lr"],
+                           "lr_biases": self.optimizer.param_groups[1]["lr"],
+                           "images_per_s": self.config.batch_size / elapsed,
+                           "data_wait_fraction": waited / elapsed})
+                if self.step % self.config.log_every == 0 or stop:
+                    log.flush()
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}", refresh=False)
+            if self.step >= self.total_steps:
+                break
+            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 and not stop:
+                self.save_checkpoint()
+            if stop:
+                self.stopped_by = STOP_NAMES[stop]
+                self.save_checkpoint()
+                if stop == STOP_SIGNALS[signal.SIGUSR1]:
+                    self.requeue()
+                if self.ctx.world_size > 1:
+                    # No rank exits before the checkpoint is on disk: a launcher that sees one node
+                    # finish (srun --kill-on-bad-exit) may kill the others, rank 0 among them.
+                    dist.barrier()
+                return False
+            tick = time.perf_counter()
+        return True
 
     def monitor_knn(self, epoch: int, log: RunLog | None, progress) -> None:
         """k-NN accuracy of the current backbone, logged beside the losses (rank 0; the others wait)."""

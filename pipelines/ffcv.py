@@ -170,7 +170,7 @@ class _TwoCropLoader(Loader):
             self._buffers = self._allocate(batch_size, slots)
         return self._buffers
 
-    def _stop_previous_epoch(self) -> None:
+    def stop_epoch(self) -> None:
         """End the last epoch's thread (it may be mid-epoch) so that nothing writes the kept buffers any more."""
         if self._epoch is None:
             return
@@ -195,7 +195,7 @@ class _TwoCropLoader(Loader):
         order = self.sharding.indices(epoch)[:len(self) * self.batch_size]
         if self.code is None or self.recompile:
             self.generate_code()
-        self._stop_previous_epoch()
+        self.stop_epoch()
         self._epoch = _SeededEpochIterator(self, order, epoch_seed(self.crop_seed_base, epoch, CROP_STREAM))
         return self._epoch
 
@@ -369,6 +369,7 @@ class FFCVPipeline:
         (B, Hmax, Wmax, 3) (decode=host) or stored JPEG bytes (B, max_bytes) (decode=device). On
         CUDA they are on the device, except decode=device's, which `decode_jpeg` reads from the
         host. A batch is a view of FFCV's buffers, valid until a few batches later.
+        Closing the generator early (a run that stops mid-epoch) ends FFCV's epoch thread before it returns.
         """
         self.loader.next_epoch = self.epoch
         threads = torch.get_num_threads()
@@ -376,10 +377,15 @@ class FFCVPipeline:
             iterator = iter(self.loader)
         finally:
             torch.set_num_threads(threads)
-        for index, batch in enumerate(iterator):
-            if index == 0:  # FFCV's thread set torch's (global) thread count to `workers` as it started
-                torch.set_num_threads(threads)
-            yield batch
+        try:
+            for index, batch in enumerate(iterator):
+                if index == 0:  # FFCV's thread set torch's (global) thread count to `workers` as it started
+                    torch.set_num_threads(threads)
+                yield batch
+        finally:
+            # The epoch thread ran numba's TBB pool: while it lives, a fork (the k-NN monitor's DataLoader
+            # workers) cannot shut TBB down and numba warns "Unable to join threads to shut down before fork()".
+            self.loader.stop_epoch()
 
     def device_crops(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Both views' crops of one host batch on the device: (B, 2, 3, S, S), a channels-last view.

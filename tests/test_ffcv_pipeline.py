@@ -522,3 +522,29 @@ def test_decoder_loop_compiles_parallel_with_two_workers(dataset):
     assert crops.shape[0] == IMAGES
     assert not [w for w in caught if issubclass(w.category, NumbaPerformanceWarning)]
 
+
+
+
+@pytest.mark.timeout(300)
+def test_an_epoch_closed_early_ends_its_loader_thread_so_a_fork_is_clean(dataset, tmp_path):
+    import subprocess
+    import sys
+    import threading
+    pipeline = P.FFCVPipeline(make_config(dataset[1]), cpu(), batch_size=4)
+    before = threading.active_count()
+    batches = iter(pipeline)
+    next(batches)
+    assert threading.active_count() == before + 1  # FFCV's epoch thread, working ahead
+    batches.close()
+    assert threading.active_count() == before
+    # A run that stops mid-epoch and then starts the k-NN monitor's DataLoader workers (a fork): numba's TBB
+    # pool printed "Unable to join threads to shut down before fork()" while the epoch thread lived on.
+    folder, beton = dataset
+    args = ["--config", "configs/demo_cpu.yaml", f"data={folder}", f"ffcv.beton={beton}", f"out_dir={tmp_path}",
+            "pipeline=ffcv", "batch_size=4", "max_steps=2", "knn_every=1", f"knn_val={folder}", "workers=2",
+            "projector=32-32", "augment.image_size=16", "device=cpu"]
+    result = subprocess.run([sys.executable, "-m", "bt_fast.train", *args], capture_output=True, text=True,
+                            timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "k-NN top-1" in output and "Unable to join threads" not in output, output
