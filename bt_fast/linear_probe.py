@@ -9,7 +9,6 @@ CosineAnnealingLR in the official `evaluate.py`).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bt_fast.knn import topk_accuracy
+from bt_fast.schedule import epoch_cosine
 
 # (features per linear layer, labels) batches of one epoch, given the epoch number
 EpochBatches = Callable[[int], Iterable[tuple[Sequence[torch.Tensor], torch.Tensor]]]
@@ -40,7 +40,7 @@ def fit_linears(linears: Sequence[nn.Linear], epoch_batches: EpochBatches, epoch
     for linear in linears:
         linear.train()
     for epoch in range(epochs):
-        epoch_lr = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        epoch_lr = epoch_cosine(lr, epoch, epochs)
         total, count = 0.0, 0
         for features, labels in epoch_batches(epoch):
             for linear, optimizer, x in zip(linears, optimizers, features):

@@ -1,4 +1,5 @@
-"""The paper's learning-rate schedule: linear warm-up, then cosine decay to 1/1000."""
+"""Learning-rate schedules: the paper's pretraining schedule (linear warm-up, then cosine decay to 1/1000)
+and the evaluations' per-epoch cosine."""
 from __future__ import annotations
 
 import math
@@ -19,6 +20,12 @@ def learning_rate(step: int, steps_per_epoch: int, epochs: int, batch_size: int,
     progress = min(progress, 1.0)
     end = base * 0.001
     return end + (base - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_cosine(base: float, epoch: int, epochs: int) -> float:
+    """`base` annealed to zero by a cosine over `epochs`, constant within an epoch: torch's
+    CosineAnnealingLR stepped once per epoch, as the official linear probe and fine-tuning use it."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def set_learning_rates(optimizer, lr: float, lr_weights: float, lr_biases: float) -> None:

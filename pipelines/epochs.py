@@ -12,7 +12,11 @@ sample order; pipelines number their other streams (crop seeds, augmentation gen
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
+import torch
 
 from pipelines.base import DataError
 
@@ -22,6 +26,15 @@ ORDER_STREAM = 0
 def epoch_seed(seed: int, epoch: int, stream: int = ORDER_STREAM) -> int:
     """A 31-bit seed for (seed, epoch, stream), the same on every rank."""
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, stream]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+@contextmanager
+def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """Inside the block, torch's global generator (which torchvision's transforms draw from) is
+    seeded from (seed, epoch, index) alone; outside it is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, index)) % 2**63)
+        yield
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
 from pipelines.base import DataError, Placement, find_image_folder, to_device
-from pipelines.epochs import rank_indices, samples_per_rank
+from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 
 
 class PILGaussianBlur:
@@ -90,8 +90,7 @@ class TwoViewImageFolder(Dataset):
         epoch, index = key
         image = load_rgb(self.samples[index][0])
         view1, view2 = self.views(epoch)
-        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator
-            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+        with sample_rng(self.seed, epoch, index):
             return view1(image), view2(image)
 
 

@@ -1,7 +1,8 @@
-"""Evaluate a pretrained backbone: weighted k-NN or the paper's linear probe, against a random-init baseline.
+"""Evaluate a pretrained backbone: weighted k-NN, the paper's linear probe or semi-supervised fine-tuning.
 
     python -m tools.evaluate --checkpoint runs/demo/checkpoint.pth --data data/demo --mode knn
     python -m tools.evaluate --checkpoint resnet50.pth --data /imagenet --mode linear --no-cache-features
+    python -m tools.evaluate --checkpoint resnet50.pth --data /imagenet --mode finetune --train-percent 10 --out-dir ft10
     python -m tools.evaluate --random-init --arch resnet18 --data data/demo --image-size 64
     python -m tools.evaluate --compare --checkpoint runs/demo/checkpoint.pth --data data/demo --json eval.json
 
@@ -14,6 +15,13 @@ Data: `--data DIR` with `train/` and `val/` sub-folders (the demo layout), or `-
 The k-NN and linear-probe protocols are those of `bt_fast.evaluation` (k-NN: k=200, T=0.07;
 linear probe: 100 epochs, batch 256, lr 0.3, weight decay 1e-6 by default). --cache-features
 (the default on CPU) trains the linear layer on features computed once without augmentation.
+
+Fine-tuning (`bt_fast.finetune`) trains the whole backbone and a linear head on a labelled subset with
+the official semi-supervised recipe by default: 1% of each class, 20 epochs, batch 256, lr 0.005 for
+the backbone and 0.5 for the head, no weight decay, RandomResizedCrop + flip at the checkpoint's
+image size. The same defaults run on the CPU: on the demo data (16 training images at 1%, the demo
+checkpoint's 48 px) they finish in a couple of minutes. With --out-dir the run keeps
+<out-dir>/finetune.pth after every epoch and the same command resumes it.
 """
 from __future__ import annotations
 
@@ -24,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from bt_fast.distributed import resolve_device
-from bt_fast.errors import UserError, cli_errors
-from bt_fast.evaluation import MODES, EvalSettings, evaluate_backbones
+from bt_fast.errors import UserError, cli_errors, print_error
+from bt_fast.evaluation import EvalSettings, evaluate_backbones
+from bt_fast.finetune import CHECKPOINT_NAME, TRAIN_PERCENTS, FinetuneSettings, finetune
 from bt_fast.files import write_json
 from bt_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE
 from bt_fast.model import BACKBONE_DIM
@@ -33,6 +42,14 @@ from bt_fast.weights import load_backbone, random_backbone
 from pipelines.base import DataError
 
 DEFAULT_IMAGE_SIZE = 224
+MODES = ("knn", "linear", "finetune")
+# defaults of the options left unset: the linear probe's, and fine-tuning's where they differ
+DEFAULTS = {"epochs": 100, "weight_decay": 1e-6, "lr": 0.3, "lr_backbone": 0.005, "lr_classifier": 0.5,
+            "train_percent": 1}
+FINETUNE_DEFAULTS = {"epochs": 20, "weight_decay": 0.0}
+# the options only one mode reads
+MODE_ONLY = {"linear": ("lr", "cache_features"),
+             "finetune": ("lr_backbone", "lr_classifier", "train_percent", "train_list", "out_dir")}
 
 
 def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tuple[Path, Path]:
@@ -47,25 +64,39 @@ def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tupl
     raise DataError(f"data directory {data} has no train/ and val/ sub-folders; pass them as --data TRAIN --val-data VAL")
 
 
-def _record(mode: str, accuracy: tuple[float, float], checkpoint: str | None, arch: str, settings: EvalSettings,
-            facts: dict[str, Any], random_init: bool) -> dict[str, Any]:
+def _record(mode: str, accuracy: tuple[float, float], checkpoint: str | None, arch: str,
+            settings: EvalSettings | FinetuneSettings, facts: dict[str, Any], random_init: bool,
+            index: int) -> dict[str, Any]:
+    """What --json writes for backbone `index` of the run."""
     record = {"mode": mode, "top1": round(accuracy[0], 4), "top5": round(accuracy[1], 4),
               "checkpoint": checkpoint, "random_init": random_init, "arch": arch,
               "image_size": settings.image_size, "train_images": facts["train_images"],
               "val_images": facts["val_images"], "classes": facts["classes"]}
     if mode == "knn":
         record.update(k=min(settings.k, facts["train_images"]), temperature=settings.temperature)
-    else:
+    elif mode == "linear":
         record.update(epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay,
                       cached_features=settings.cache_features)
+    else:
+        subset = ({"train_list": str(settings.train_list)} if settings.train_list is not None
+                  else {"train_percent": settings.train_percent})
+        record.update(**subset, epochs=settings.epochs, batch_size=settings.batch_size,
+                      lr_backbone=settings.lr_backbone, lr_classifier=settings.lr_classifier,
+                      weight_decay=settings.weight_decay, seed=settings.seed,
+                      epoch_losses=[round(losses[index], 6) for losses in facts["epoch_losses"]])
     return record
 
 
-def _method(settings: EvalSettings, facts: dict[str, Any]) -> str:
-    if settings.mode == "knn":
+def _method(mode: str, settings: EvalSettings | FinetuneSettings, facts: dict[str, Any]) -> str:
+    if mode == "knn":
         return f"k-NN k={min(settings.k, facts['train_images'])} T={settings.temperature:g}"
-    cached = "cached features" if settings.cache_features else "augmented"
-    return f"linear {settings.epochs} ep lr={settings.lr:g} {cached}"
+    if mode == "linear":
+        cached = "cached features" if settings.cache_features else "augmented"
+        return f"linear {settings.epochs} ep lr={settings.lr:g} {cached}"
+    subset = f"list {settings.train_list}" if settings.train_list is not None else f"{settings.train_percent}%"
+    resumed = f" (resumed after epoch {facts['resumed_epochs']})" if facts["resumed_epochs"] else ""
+    return (f"finetune {subset} {settings.epochs} ep lr backbone={settings.lr_backbone:g} "
+            f"classifier={settings.lr_classifier:g}{resumed}")
 
 
 def format_line(label: str, record: dict[str, Any]) -> str:
@@ -84,11 +115,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"warning: {args.checkpoint} records no training image size (nor does a config.yaml or checkpoint.pth "
               f"beside it); evaluating at {DEFAULT_IMAGE_SIZE} px, pass --image-size if it was trained at another",
               file=sys.stderr)
-    cache = args.cache_features if args.cache_features is not None else device.type == "cpu"
-    settings = EvalSettings(mode=args.mode, image_size=image_size, batch_size=args.batch_size,
-                            workers=args.workers, device=device, k=args.k, temperature=args.temperature,
-                            epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, cache_features=cache,
-                            seed=args.seed, show_progress=sys.stderr.isatty())
     train_dir, val_dir = resolve_splits(args.data, args.val_data)
     checkpoint = str(args.checkpoint) if args.checkpoint else None
 
@@ -98,13 +124,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backbones = [random_backbone(arch, args.seed)]
     else:
         backbones = [loaded.backbone]
-    results, facts = evaluate_backbones(backbones, train_dir, val_dir, settings)
-    header = (f"{_method(settings, facts)} | {arch} {image_size}px | {facts['train_images']} train / "
+    shown = sys.stderr.isatty()
+    if args.mode == "finetune":
+        settings = FinetuneSettings(image_size=image_size, batch_size=args.batch_size, workers=args.workers,
+                                    device=device, epochs=args.epochs, lr_backbone=args.lr_backbone,
+                                    lr_classifier=args.lr_classifier, weight_decay=args.weight_decay,
+                                    train_percent=args.train_percent, train_list=args.train_list, seed=args.seed,
+                                    out_dir=args.out_dir, show_progress=shown)
+        results, facts = finetune(backbones, BACKBONE_DIM[arch], train_dir, val_dir, settings)
+    else:
+        cache = args.cache_features if args.cache_features is not None else device.type == "cpu"
+        settings = EvalSettings(mode=args.mode, image_size=image_size, batch_size=args.batch_size,
+                                workers=args.workers, device=device, k=args.k, temperature=args.temperature,
+                                epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                cache_features=cache, seed=args.seed, show_progress=shown)
+        results, facts = evaluate_backbones(backbones, train_dir, val_dir, settings)
+    header = (f"{_method(args.mode, settings, facts)} | {arch} {image_size}px | {facts['train_images']} train / "
               f"{facts['val_images']} val images, {facts['classes']} classes | {facts['seconds']:.1f} s")
 
     if args.compare:
-        pretrained = _record(args.mode, results[0], checkpoint, arch, settings, facts, False)
-        baseline = _record(args.mode, results[1], None, arch, settings, facts, True)
+        pretrained = _record(args.mode, results[0], checkpoint, arch, settings, facts, False, 0)
+        baseline = _record(args.mode, results[1], None, arch, settings, facts, True, 1)
         print(header)
         print(f"{format_line('pretrained', pretrained)}  {checkpoint}")
         print(f"{format_line('random init', baseline)}  (seed {args.seed})")
@@ -112,16 +152,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"top5 {pretrained['top5'] - baseline['top5']:+6.2f}")
         return {"pretrained": pretrained, "random_init": baseline}
     record = _record(args.mode, results[0], None if args.random_init else checkpoint, arch, settings, facts,
-                     args.random_init)
+                     args.random_init, 0)
     source = f"random init (seed {args.seed})" if args.random_init else checkpoint
     print(f"{format_line(args.mode, record)}  {source} | {header}")
     return record
 
 
+def _epilog() -> str:
+    """The docstring's examples and its fine-tuning paragraph."""
+    lines = __doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Fine-tuning"))
+    return "\n".join(lines[2:8] + [""] + lines[start:]).rstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:7]))
+                                epilog=_epilog())
     p.add_argument("--checkpoint", help="bt_fast checkpoint.pth / backbone.pth, or a ResNet state dict")
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or the train folder")
     p.add_argument("--val-data", help="validation ImageFolder when --data has no train/ and val/")
@@ -131,20 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: augment.image_size of the checkpoint's config, or of its run's config.yaml or "
                         "checkpoint.pth beside a backbone.pth, else 224")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
-    p.add_argument("--lr", type=float, default=0.3, help="linear probe learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="linear probe weight decay")
+    p.add_argument("--epochs", type=int, help="training epochs (default: linear 100, finetune 20)")
+    p.add_argument("--lr", type=float, help="linear probe learning rate (default 0.3)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: linear 1e-6, finetune 0)")
+    p.add_argument("--lr-backbone", type=float, help="finetune: backbone learning rate (default 0.005)")
+    p.add_argument("--lr-classifier", type=float, help="finetune: head learning rate (default 0.5)")
+    subset = p.add_mutually_exclusive_group()
+    subset.add_argument("--train-percent", type=int, choices=TRAIN_PERCENTS,
+                        help="finetune: labelled share of each class, drawn with --seed (default 1)")
+    subset.add_argument("--train-list", type=Path, help="finetune: file naming the training images to use, one per "
+                        "line (<class>/<file> or a unique file name, as SimCLR's 1%%/10%% ImageNet lists)")
+    p.add_argument("--out-dir", type=Path, help=f"finetune: keep {CHECKPOINT_NAME} here after every epoch and "
+                   f"resume from it")
     p.add_argument("--k", type=int, default=DEFAULT_K, help="k-NN neighbours (capped at the train set size)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="k-NN vote temperature")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="linear probe on features computed once without augmentation (default: on for CPU)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0, help="random-init weights, linear init and data order")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random-init weights, head init, data order, augmentation and the finetune subset")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--random-init", action="store_true", help="evaluate the untrained arch (the baseline)")
     group.add_argument("--compare", action="store_true",
-                       help="evaluate --checkpoint and the random-init baseline side by side")
+                       help="evaluate (or fine-tune) --checkpoint and the random-init baseline side by side")
     p.add_argument("--json", help="write the result(s) to this JSON file")
     return p
 
@@ -155,16 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         parser.error("--checkpoint is required (or --random-init --arch ARCH for the baseline alone)")
+    for mode, names in MODE_ONLY.items():
+        given = [name for name in names if getattr(args, name) is not None]
+        if given and args.mode != mode:
+            parser.error(f"--{given[0].replace('_', '-')} applies to --mode {mode} only")
+    for name, value in {**DEFAULTS, **(FINETUNE_DEFAULTS if args.mode == "finetune" else {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("image_size", "batch_size", "epochs", "k", "workers"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.lr <= 0 or args.temperature <= 0 or args.weight_decay < 0:
-        parser.error("--lr and --temperature must be positive and --weight-decay non-negative")
-    with cli_errors():
-        payload = run(args)
-        if args.json:
-            write_json(args.json, payload)
+    if min(args.lr, args.lr_backbone, args.lr_classifier, args.temperature) <= 0 or args.weight_decay < 0:
+        parser.error("learning rates and --temperature must be positive and --weight-decay non-negative")
+    try:
+        with cli_errors():
+            payload = run(args)
+            if args.json:
+                write_json(args.json, payload)
+    except KeyboardInterrupt:
+        resume = (f"; run the same command again to resume from {args.out_dir / CHECKPOINT_NAME}"
+                  if args.mode == "finetune" and args.out_dir is not None else "")
+        print_error(f"interrupted{resume}")
+        return 130
     return 0
 
 

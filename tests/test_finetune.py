@@ -1,0 +1,158 @@
+"""bt_fast.finetune and `tools.evaluate --mode finetune` on a tiny ImageFolder (resnet18, 32 px): the
+per-class subset counted, a train list honoured image by image, the per-epoch cosine against torch's
+CosineAnnealingLR, and a resumed run ending with the weights of an uninterrupted one. The learning
+check on the demo photographs is in tests/test_learning.py."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import bt_fast.finetune as ft
+from bt_fast.checkpoint import CheckpointError
+from bt_fast.schedule import epoch_cosine
+from bt_fast.weights import random_backbone
+from pipelines.base import DataError, find_image_folder
+from tests.conftest import write_image_folder
+from tools import evaluate as ev
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    write_image_folder(root / "train", classes=3, per_class=8, size=(48, 40), seed=0)
+    write_image_folder(root / "val", classes=3, per_class=4, size=(48, 40), seed=1)
+    return root
+
+
+def settings(**changes) -> ft.FinetuneSettings:
+    values = dict(image_size=32, batch_size=10, workers=0, device=torch.device("cpu"), epochs=3,
+                  train_percent=100, seed=0)
+    return ft.FinetuneSettings(**{**values, **changes})
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# -- the subset -----------------------------------------------------------------------------------
+def test_per_class_subset_is_balanced_and_reproducible():
+    labels = [c for c in range(16) for _ in range(64)]  # the demo's 16 classes of 64
+    for percent, per_class in ((1, 1), (10, 6), (100, 64)):  # 0.64 -> at least one, 6.4 -> 6
+        chosen = ft.per_class_subset(labels, percent, seed=0)
+        assert Counter(labels[i] for i in chosen) == {c: per_class for c in range(16)}
+        assert chosen == sorted(set(chosen))
+    assert ft.per_class_subset(labels, 10, seed=3) == ft.per_class_subset(labels, 10, seed=3)
+    assert ft.per_class_subset(labels, 10, seed=3) != ft.per_class_subset(labels, 10, seed=4)
+    uneven = [0] * 25 + [1] * 5 + [2] * 150
+    counts = Counter(uneven[i] for i in ft.per_class_subset(uneven, 10, seed=0))
+    assert counts == {0: 3, 1: 1, 2: 15}  # 2.5 rounds up, 0.5 -> at least one
+
+
+def test_train_list_names_images_by_path_or_unique_name(folder, tmp_path):
+    train = folder / "train"
+    _, samples = find_image_folder(train)
+    listing = tmp_path / "subset.txt"
+    listing.write_text("# two of class 0, one of class 2\nclass0/img003.jpg\n\nclass2/img000.jpg\nclass0/img005.jpg\n")
+    chosen = ft.read_train_list(listing, train, samples)
+    assert [Path(samples[i][0]).relative_to(train).as_posix() for i in chosen] == \
+        ["class0/img003.jpg", "class2/img000.jpg", "class0/img005.jpg"]
+
+    ambiguous = tmp_path / "ambiguous.txt"
+    ambiguous.write_text("class1/img001.jpg\nimg002.jpg\n")  # every class has an img002.jpg
+    with pytest.raises(DataError, match=r"ambiguous\.txt line 2: 'img002\.jpg' matches 3 images"):
+        ft.read_train_list(ambiguous, train, samples)
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("class9/img000.jpg\n")
+    with pytest.raises(DataError, match=r"unknown\.txt line 1: 'class9/img000\.jpg' is not an image in"):
+        ft.read_train_list(unknown, train, samples)
+    with pytest.raises(DataError, match=r"missing\.txt does not exist"):
+        ft.read_train_list(tmp_path / "missing.txt", train, samples)
+
+    # SimCLR's ImageNet lists name files alone (n01440764_10026.JPEG): unique names resolve
+    renamed = [(str(train / "class1" / "n01_7.jpg"), 1), *samples]
+    assert ft.read_train_list(_write(tmp_path / "simclr.txt", "n01_7.jpg\n"), train, renamed) == [0]
+
+
+def test_epoch_cosine_is_torchs_cosine_annealing_stepped_per_epoch():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+    for epoch in range(20):
+        assert epoch_cosine(0.5, epoch, 20) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        optimizer.step()
+        scheduler.step()
+
+
+# -- training -------------------------------------------------------------------------------------
+def test_training_reads_exactly_the_listed_images(folder, tmp_path, monkeypatch):
+    listing = _write(tmp_path / "subset.txt", "class0/img001.jpg\nclass1/img004.jpg\nclass2/img007.jpg\n")
+    read = []
+    load_rgb = ft.load_rgb
+    monkeypatch.setattr(ft, "load_rgb", lambda path: read.append(Path(path).relative_to(folder / "train").as_posix())
+                        or load_rgb(path))
+    results, facts = ft.finetune([random_backbone("resnet18", 0)], 512, folder / "train", folder / "val",
+                                 settings(train_list=listing, epochs=2))
+    assert Counter(read) == {"class0/img001.jpg": 2, "class1/img004.jpg": 2, "class2/img007.jpg": 2}
+    assert (facts["train_images"], facts["val_images"], facts["classes"]) == (3, 12, 3)
+    assert len(facts["epoch_losses"]) == 2 and len(results) == 1
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(folder, tmp_path):
+    """Two backbones side by side (as --compare trains them), stopped after epoch 1 of 3 and resumed."""
+    def run(out_dir, on_epoch=None, **changes):
+        backbones = [random_backbone("resnet18", 0), random_backbone("resnet18", 1)]
+        results, facts = ft.finetune(backbones, 512, folder / "train", folder / "val",
+                                     settings(out_dir=out_dir, **changes), on_epoch)
+        return backbones, results, facts
+
+    whole_backbones, whole_results, whole_facts = run(tmp_path / "whole")
+
+    def stop_after_first_epoch(epoch, losses):
+        if epoch == 0:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after_first_epoch)
+    assert torch.load(tmp_path / "cut" / ft.CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    backbones, results, facts = run(tmp_path / "cut")
+    assert facts["resumed_epochs"] == 1 and facts["epoch_losses"] == whole_facts["epoch_losses"]
+    assert results == whole_results
+    for resumed, whole in zip(backbones, whole_backbones):
+        for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+            assert torch.equal(a, b), name
+
+    with pytest.raises(CheckpointError, match=r"finetune\.pth was written by a different fine-tuning run "
+                                              r"\(lr_backbone 0\.005 -> 0\.01\)"):
+        run(tmp_path / "cut", lr_backbone=0.01)
+
+
+# -- command line ---------------------------------------------------------------------------------
+COMMON = ["--image-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "10"]
+
+
+def test_cli_finetune_compare_writes_both_records(folder, tmp_path, capsys):
+    out = tmp_path / "ft.json"
+    listing = _write(tmp_path / "subset.txt", "\n".join(f"class{c}/img00{i}.jpg" for c in range(3) for i in range(4)))
+    checkpoint = tmp_path / "rn18.pth"
+    torch.save(random_backbone("resnet18", 7).state_dict(), checkpoint)
+    assert ev.main(["--compare", "--mode", "finetune", "--checkpoint", str(checkpoint), "--data", str(folder),
+                    "--train-list", str(listing), "--epochs", "2", "--json", str(out), *COMMON]) == 0
+    printed = capsys.readouterr().out
+    assert "finetune list" in printed and "pretrained" in printed and "random init" in printed
+    result = json.loads(out.read_text())
+    for record in result.values():
+        assert record["mode"] == "finetune" and record["train_images"] == 12 and record["train_list"] == str(listing)
+        assert (record["epochs"], record["lr_backbone"], record["lr_classifier"], record["weight_decay"]) == \
+            (2, 0.005, 0.5, 0.0)
+        assert len(record["epoch_losses"]) == 2 and 0.0 <= record["top1"] <= 100.0
+    assert result["random_init"]["random_init"] and result["pretrained"]["checkpoint"] == str(checkpoint)
+
+
+def test_cli_rejects_options_of_another_mode(folder, capsys):
+    with pytest.raises(SystemExit) as exit:
+        ev.main(["--random-init", "--arch", "resnet18", "--data", str(folder), "--lr-backbone", "0.1", *COMMON])
+    assert exit.value.code == 2 and "--lr-backbone applies to --mode finetune only" in capsys.readouterr().err
