@@ -42,11 +42,14 @@ gpu-check: $(STAMP)
 	@mkdir -p runs
 	$(PY) -m tools.gpu_check --json runs/gpu_check.json $(ARGS)
 
-# k-NN of the run's backbone next to the same architecture at random initialisation.
+# k-NN, then the linear probe, of the run's backbone, each next to the same architecture at random
+# initialisation. EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json.
 eval: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
 	$(PY) -m tools.evaluate --compare --mode knn --checkpoint $(RUN_DIR)/checkpoint.pth \
 	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS)
+	$(PY) -m tools.evaluate --compare --mode linear --checkpoint $(RUN_DIR)/checkpoint.pth \
+	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(basename $(EVAL_JSON)).linear.json") $(ARGS)
 
 demo-data: $(STAMP)
 	$(PY) -m tools.make_demo_data $(DEMO_DATA)

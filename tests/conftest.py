@@ -70,3 +70,12 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: t
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def split_folder(tmp_path_factory) -> Path:
+    """train/ (3 classes of 8) and val/ (3 classes of 4) ImageFolders of 48x40 JPEGs."""
+    root = tmp_path_factory.mktemp("split")
+    write_image_folder(root / "train", classes=3, per_class=8, size=(48, 40), seed=0)
+    write_image_folder(root / "val", classes=3, per_class=4, size=(48, 40), seed=1)
+    return root

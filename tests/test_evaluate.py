@@ -273,14 +273,6 @@ def test_random_init_is_seeded():
 
 # -- command line ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def split_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("split")
-    write_image_folder(root / "train", classes=3, per_class=8, size=(48, 40), seed=0)
-    write_image_folder(root / "val", classes=3, per_class=4, size=(48, 40), seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
 def rn18_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
     torch.save({k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("fc.")}, path)

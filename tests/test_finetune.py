@@ -16,16 +16,7 @@ from bt_fast.checkpoint import CheckpointError
 from bt_fast.schedule import epoch_cosine
 from bt_fast.weights import random_backbone
 from pipelines.base import DataError, find_image_folder
-from tests.conftest import write_image_folder
 from tools import evaluate as ev
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finetune")
-    write_image_folder(root / "train", classes=3, per_class=8, size=(48, 40), seed=0)
-    write_image_folder(root / "val", classes=3, per_class=4, size=(48, 40), seed=1)
-    return root
 
 
 def settings(**changes) -> ft.FinetuneSettings:
@@ -53,8 +44,8 @@ def test_per_class_subset_is_balanced_and_reproducible():
     assert counts == {0: 3, 1: 1, 2: 15}  # 2.5 rounds up, 0.5 -> at least one
 
 
-def test_train_list_names_images_by_path_or_unique_name(folder, tmp_path):
-    train = folder / "train"
+def test_train_list_names_images_by_path_or_unique_name(split_folder, tmp_path):
+    train = split_folder / "train"
     _, samples = find_image_folder(train)
     listing = tmp_path / "subset.txt"
     listing.write_text("# two of class 0, one of class 2\nclass0/img003.jpg\n\nclass2/img000.jpg\nclass0/img005.jpg\n")
@@ -89,24 +80,25 @@ def test_epoch_cosine_is_torchs_cosine_annealing_stepped_per_epoch():
 
 
 # -- training -------------------------------------------------------------------------------------
-def test_training_reads_exactly_the_listed_images(folder, tmp_path, monkeypatch):
+def test_training_reads_exactly_the_listed_images(split_folder, tmp_path, monkeypatch):
     listing = _write(tmp_path / "subset.txt", "class0/img001.jpg\nclass1/img004.jpg\nclass2/img007.jpg\n")
     read = []
     load_rgb = ft.load_rgb
-    monkeypatch.setattr(ft, "load_rgb", lambda path: read.append(Path(path).relative_to(folder / "train").as_posix())
+    train = split_folder / "train"
+    monkeypatch.setattr(ft, "load_rgb", lambda path: read.append(Path(path).relative_to(train).as_posix())
                         or load_rgb(path))
-    results, facts = ft.finetune([random_backbone("resnet18", 0)], 512, folder / "train", folder / "val",
+    results, facts = ft.finetune([random_backbone("resnet18", 0)], 512, train, split_folder / "val",
                                  settings(train_list=listing, epochs=2))
     assert Counter(read) == {"class0/img001.jpg": 2, "class1/img004.jpg": 2, "class2/img007.jpg": 2}
     assert (facts["train_images"], facts["val_images"], facts["classes"]) == (3, 12, 3)
     assert len(facts["epoch_losses"]) == 2 and len(results) == 1
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(folder, tmp_path):
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(split_folder, tmp_path):
     """Two backbones side by side (as --compare trains them), stopped after epoch 1 of 3 and resumed."""
     def run(out_dir, on_epoch=None, **changes):
         backbones = [random_backbone("resnet18", 0), random_backbone("resnet18", 1)]
-        results, facts = ft.finetune(backbones, 512, folder / "train", folder / "val",
+        results, facts = ft.finetune(backbones, 512, split_folder / "train", split_folder / "val",
                                      settings(out_dir=out_dir, **changes), on_epoch)
         return backbones, results, facts
 
@@ -134,12 +126,12 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(folder, tmp_p
 COMMON = ["--image-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "10"]
 
 
-def test_cli_finetune_compare_writes_both_records(folder, tmp_path, capsys):
+def test_cli_finetune_compare_writes_both_records(split_folder, tmp_path, capsys):
     out = tmp_path / "ft.json"
     listing = _write(tmp_path / "subset.txt", "\n".join(f"class{c}/img00{i}.jpg" for c in range(3) for i in range(4)))
     checkpoint = tmp_path / "rn18.pth"
     torch.save(random_backbone("resnet18", 7).state_dict(), checkpoint)
-    assert ev.main(["--compare", "--mode", "finetune", "--checkpoint", str(checkpoint), "--data", str(folder),
+    assert ev.main(["--compare", "--mode", "finetune", "--checkpoint", str(checkpoint), "--data", str(split_folder),
                     "--train-list", str(listing), "--epochs", "2", "--json", str(out), *COMMON]) == 0
     printed = capsys.readouterr().out
     assert "finetune list" in printed and "pretrained" in printed and "random init" in printed
@@ -152,7 +144,7 @@ def test_cli_finetune_compare_writes_both_records(folder, tmp_path, capsys):
     assert result["random_init"]["random_init"] and result["pretrained"]["checkpoint"] == str(checkpoint)
 
 
-def test_cli_rejects_options_of_another_mode(folder, capsys):
+def test_cli_rejects_options_of_another_mode(split_folder, capsys):
     with pytest.raises(SystemExit) as exit:
-        ev.main(["--random-init", "--arch", "resnet18", "--data", str(folder), "--lr-backbone", "0.1", *COMMON])
+        ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--lr-backbone", "0.1", *COMMON])
     assert exit.value.code == 2 and "--lr-backbone applies to --mode finetune only" in capsys.readouterr().err

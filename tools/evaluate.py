@@ -2,7 +2,7 @@
 
     python -m tools.evaluate --checkpoint runs/demo/checkpoint.pth --data data/demo --mode knn
     python -m tools.evaluate --checkpoint resnet50.pth --data /imagenet --mode linear --no-cache-features
-    python -m tools.evaluate --checkpoint resnet50.pth --data /imagenet --mode finetune --train-percent 10 --out-dir ft10
+    python -m tools.evaluate --checkpoint resnet50.pth --data /imagenet --mode finetune --train-percent 10
     python -m tools.evaluate --random-init --arch resnet18 --data data/demo --image-size 64
     python -m tools.evaluate --compare --checkpoint runs/demo/checkpoint.pth --data data/demo --json eval.json
 
@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if min(args.lr, args.lr_backbone, args.lr_classifier, args.temperature) <= 0 or args.weight_decay < 0:
         parser.error("learning rates and --temperature must be positive and --weight-decay non-negative")
+    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
+        parser.error(f"--out-dir {args.out_dir} is a file; name a directory")
     try:
         with cli_errors():
             payload = run(args)
