@@ -207,7 +207,8 @@ def test_four_simulated_nodes_train_and_rank_0_writes_one_checkpoint(image_folde
     assert code == 0, err[-3000:]
     done = [line for line in out.splitlines() if line.startswith("done:")]
     assert done == [done[0]] and "done: 2 steps on 4 process(es)" in done[0]
-    assert sorted(p.name for p in run.iterdir()) == ["backbone.pth", CHECKPOINT_NAME, "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["backbone.pth", CHECKPOINT_NAME, "config.yaml", "metrics.jsonl",
+                                                             "metrics.png", "summary.json"])
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 2
     assert [m["step"] for m in metrics(run)] == [1, 2]
 

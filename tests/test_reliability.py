@@ -268,7 +268,8 @@ def test_make_pretrain_trains_through_run_pretrain_sh_and_a_rerun_reports_the_ru
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "done: 2 steps on 1 process(es)" in first.stdout
-    assert sorted(p.name for p in run.iterdir()) == ["backbone.pth", CHECKPOINT_NAME, "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["backbone.pth", CHECKPOINT_NAME, "config.yaml", "metrics.jsonl",
+                                                             "metrics.png", "summary.json"])
     last_loss = metric_lines(run)[-1]["loss"]
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
