@@ -29,8 +29,11 @@ pretrain: $(STAMP)
 	NODES="$(NODES)" GPUS="$(GPUS)" LOCAL_NODES="$(LOCAL_NODES)" MAX_RESTARTS="$(MAX_RESTARTS)" PYTHON="$(PY)" \
 	  bash run_pretrain.sh $(if $(DATA),,knn_val=$(DEMO_DATA)/val) $(ARGS)
 
+# Two test processes keep both cores busy while a test waits on its subprocesses (`make test TEST_WORKERS=0`
+# runs in one process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(ARGS)
 
 bench: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi

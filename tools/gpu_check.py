@@ -40,7 +40,7 @@ TOLERANCE = {"augment float16": 0.005, "augment bfloat16": 0.04, "amp float16": 
              "lars": 1e-5, "resume batch": 0.0, "resume step": 1e-6, "ddp": 1e-5,
              "ffcv crops": 1 / 255, "dali ids": 0.0, "dali view means": 0.05,
              "device crop float16": 0.5 / 255, "device crop bfloat16": 3.0 / 255,
-             "device decode": 1.5 / 255}
+             "device decode": 3.0 / 255}  # nvJPEG vs libjpeg-turbo (IDCT, chroma upsampling): 1.9 levels on an H200
 
 
 @dataclass(frozen=True)
