@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -35,6 +36,15 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+def ensure_writable_directory(directory: str | Path) -> Path:
+    """Create `directory` if needed and prove that a file can be written in it; OSError otherwise."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+    return directory
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:

@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError,
                                 remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
 from bt_fast.config import Config, ConfigError, load_config
 from bt_fast.errors import UserError, cli_errors, print_error
+from bt_fast.files import ensure_writable_directory
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
@@ -410,9 +410,7 @@ def check_run_inputs(config: Config) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is a file; choose a directory")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
+        ensure_writable_directory(out_dir)
     except OSError as err:
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
                           f"({err.strerror or err}); choose another out_dir") from None

@@ -12,6 +12,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from bt_fast.config import Config
 from bt_fast.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -42,6 +43,21 @@ class TwoViewPipeline(Protocol):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (view1, view2), each (B, 3, H, W) on the device, channels-last, normalised."""
+
+
+class EpochPipeline:
+    """The state a pipeline that is rebuilt or reseeded per epoch keeps from its construction."""
+
+    def __init__(self, config: Config, placement: Placement, batch_size: int):
+        self.config = config
+        self.spec = config.augment
+        self.placement = placement
+        self.batch_size = batch_size
+        self.seed = config.seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Sequence
 
-from bt_fast.files import fsync_directory, remove_orphaned_temporaries, temporary_name, write_json
+from bt_fast.files import (ensure_writable_directory, fsync_directory, remove_orphaned_temporaries, temporary_name,
+                           write_json)
 from bt_fast.progress import progress as progress_bar
 from pipelines.base import DataError, find_image_folder
 from pipelines.dali_format import write_dali
@@ -123,9 +123,7 @@ def _remove(path: Path) -> None:
 def check_writable(directory: Path) -> None:
     """Create `directory` if needed and make sure a file can be written there (DataError otherwise)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        ensure_writable_directory(directory)
     except OSError as err:
         raise DataError(f"cannot write into {directory} ({err.strerror or err}); choose an output on "
                         f"writable storage") from None

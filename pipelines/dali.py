@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines.base import DataError, Placement, find_image_folder
+from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -325,19 +325,14 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
-class DALIPipeline:
+class DALIPipeline(EpochPipeline):
     """ImageFolder or webdataset records -> DALI (decode once, two distorted views) -> torch."""
 
     def __init__(self, config: Config, placement: Placement, batch_size: int, *, decode: str = "once",
                  debug: bool = False):
         if decode not in DECODE_STRATEGIES:
             raise DataError(f"DALI decode strategy must be one of {DECODE_STRATEGIES}, got {decode!r}")
-        self.config = config
-        self.spec: AugmentSpec = config.augment
-        self.placement = placement
-        self.batch_size = batch_size
-        self.seed = config.seed
-        self.epoch = 0
+        super().__init__(config, placement, batch_size)
         self.gpu = placement.device.type == "cuda"
         self.source = RecordSource(config.dali.records) if config.dali.records else FolderSource(config.data)
         self.per_rank = samples_per_rank(len(self.source), batch_size, placement.world_size,
@@ -349,9 +344,6 @@ class DALIPipeline:
 
     def __len__(self) -> int:
         return self.per_rank // self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         epoch = self.epoch if epoch is None else epoch

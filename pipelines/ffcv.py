@@ -58,7 +58,7 @@ torch.set_num_threads(_TORCH_THREADS)
 
 from bt_fast.config import AugmentSpec, Config, ConfigError  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
-from pipelines.base import DataError, Placement, find_image_folder  # noqa: E402
+from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder  # noqa: E402
 from pipelines.convert import convert, report_path  # noqa: E402
 from pipelines.device_crop import resized_crops  # noqa: E402
 from pipelines.device_decode import decode_padded  # noqa: E402
@@ -278,7 +278,7 @@ def host_crop_size(spec: AugmentSpec) -> int:
     return spec.image_size
 
 
-class FFCVPipeline:
+class FFCVPipeline(EpochPipeline):
     """`.beton` -> host stage (FFCV's loader) -> both views' crops -> device augmentations -> (view1, view2).
 
     The mode comes from `config.ffcv.decode` and `config.ffcv.crop` (module docstring).
@@ -286,12 +286,7 @@ class FFCVPipeline:
 
     def __init__(self, config: Config, placement: Placement, batch_size: int, *,
                  compile_augment: bool = False, batches_ahead: int = 3):
-        self.config = config
-        self.spec: AugmentSpec = config.augment
-        self.placement = placement
-        self.batch_size = batch_size
-        self.seed = config.seed
-        self.epoch = 0
+        super().__init__(config, placement, batch_size)
         self.decode, self.crop = config.ffcv.decode, config.ffcv.crop
         self.path = ensure_beton(config)
         reader = open_beton(self.path)
@@ -349,9 +344,6 @@ class FFCVPipeline:
 
     def __len__(self) -> int:
         return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _size(self, epoch: int) -> int:
         """Output side of the crops in `epoch` (the resolution schedule's, when one is set)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bt_fast.files
 import bt_fast.train as train_module
 from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import ConfigError, load_config, parse_overrides
@@ -145,7 +146,7 @@ def test_out_dir_that_is_a_file_or_not_writable_is_refused(image_folder, tmp_pat
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
-    monkeypatch.setattr(train_module.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(bt_fast.files.tempfile, "TemporaryFile", read_only)
     code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "out"))
     assert code == 2 and "which is not writable (Read-only file system)" in err
 
