@@ -11,7 +11,9 @@ import torch
 import bt_fast.optim
 import bt_fast.train
 from conftest import requires_cuda
-from tools import gpu_check
+from tools.gpu_check import __main__ as gpu_check
+from tools.gpu_check.measure import SIZES, compare
+from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"augment float16", "augment bfloat16", "amp float16", "amp bfloat16", "lars", "resume batch",
@@ -34,16 +36,16 @@ def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
         assert checks[name]["error"] > 0  # low precision against float32: a comparison that saw a difference
     throughput = summary["throughput"]
     assert throughput["augment_images_per_s"] > 0 and throughput["lars_step_ms"] > 0
-    for key in (*gpu_check.TRAINING_RUNS, "peak_gpu_memory_gib"):
+    for key in (*TRAINING_RUNS, "peak_gpu_memory_gib"):
         assert throughput[key] == "n/a"  # CUDA only
 
 
 def test_compare_fails_above_the_tolerance_and_on_nan():
     want = torch.tensor([1.0, -2.0])
-    assert gpu_check.compare("lars", want * (1 + 5e-6), want).status == "pass"
-    assert gpu_check.compare("lars", want * (1 + 5e-5), want).status == "fail"
-    assert gpu_check.compare("lars", torch.tensor([float("nan"), -2.0]), want).status == "fail"
-    mean = gpu_check.compare("augment float16", torch.tensor([0.0, 0.008]), torch.zeros(2), relative=False, mean=True)
+    assert compare("lars", want * (1 + 5e-6), want).status == "pass"
+    assert compare("lars", want * (1 + 5e-5), want).status == "fail"
+    assert compare("lars", torch.tensor([float("nan"), -2.0]), want).status == "fail"
+    mean = compare("augment float16", torch.tensor([0.0, 0.008]), torch.zeros(2), relative=False, mean=True)
     assert mean.error == pytest.approx(0.004) and mean.status == "pass"
 
 
@@ -51,7 +53,7 @@ def test_compiled_lars_with_a_perturbed_learning_rate_fails_the_run(monkeypatch,
     """The compiled side runs with lr 1% high (no real compile): the check and the exit code say so."""
     monkeypatch.setattr(bt_fast.optim.torch, "compile",
                         lambda fn, **kw: lambda p, g, m, lr, *rest: fn(p, g, m, lr * 1.01, *rest))
-    monkeypatch.setattr(gpu_check, "CHECKS", [gpu_check.check_lars])
+    monkeypatch.setattr(gpu_check, "CHECKS", [check_lars])
     monkeypatch.setattr(gpu_check, "measure_training", lambda *args: None)
     with pytest.raises(SystemExit) as exit_:
         gpu_check.main(["--device", "cpu"])
@@ -62,7 +64,7 @@ def test_compiled_lars_with_a_perturbed_learning_rate_fails_the_run(monkeypatch,
 def test_resume_without_restoring_the_rng_state_fails(monkeypatch):
     monkeypatch.setattr(bt_fast.train, "set_rng_state", lambda state: None)
     with tempfile.TemporaryDirectory() as tmp:
-        results = gpu_check.check_resume(torch.device("cpu"), gpu_check.SIZES["cpu"], Path(tmp), {})
+        results = check_resume(torch.device("cpu"), SIZES["cpu"], Path(tmp), {})
     assert [r.status for r in results] == ["fail", "fail"]
 
 
