@@ -230,25 +230,28 @@ def test_device_crops_are_torchvision_resized_crops_of_the_decoded_image(dataset
     order = pipeline.epoch_indices()
     seed = P.epoch_seed(config.seed, 2, P.CROP_STREAM)
     spec = config.augment
-    position = 0
+    delivered = []  # (sample index, decoded image, both crops), kept past the batch's buffer
     for batch in pipeline.host_batches():
         crops = pipeline.device_crops(batch)
         for sample in range(len(crops)):
-            index = int(order[position])
+            index = int(order[len(delivered)])
             if mode == "device_crop":
-                decoded = batch[0][sample, :SIZE[1], :SIZE[0]].permute(2, 0, 1)
+                decoded = batch[0][sample, :SIZE[1], :SIZE[0]].permute(2, 0, 1).clone()
             else:
                 decoded = decode_jpeg(torch.from_numpy(stored_bytes(beton, index)))
-            np.random.seed(sample_seed(seed, index))
-            for view in range(2):
-                box = random_resized_crop(SIZE[1], SIZE[0], *spec.crop_scale, np.log(spec.crop_ratio[0]),
-                                          np.log(spec.crop_ratio[1]), *spec.crop_ratio)
-                expected = resized_crop(decoded.float() / 255, *box, [24, 24], InterpolationMode.BICUBIC,
-                                        antialias=True).clamp(0, 1)
-                error = (crops[sample, view] - expected).abs().max() * 255
-                assert error <= CROP_BOUND, (index, view, error)
-            position += 1
-    assert position == IMAGES
+            delivered.append((index, decoded, crops[sample].clone()))
+    # Replayed once the epoch's loader thread has ended: with FFCV's compiler off it draws its boxes from
+    # NumPy's global generator, which the replay reseeds (compiled, each numba thread has its own).
+    for index, decoded, crops in delivered:
+        np.random.seed(sample_seed(seed, index))
+        for view in range(2):
+            box = random_resized_crop(SIZE[1], SIZE[0], *spec.crop_scale, np.log(spec.crop_ratio[0]),
+                                      np.log(spec.crop_ratio[1]), *spec.crop_ratio)
+            expected = resized_crop(decoded.float() / 255, *box, [24, 24], InterpolationMode.BICUBIC,
+                                    antialias=True).clamp(0, 1)
+            error = (crops[view] - expected).abs().max() * 255
+            assert error <= CROP_BOUND, (index, view, error)
+    assert len(delivered) == IMAGES
 
 
 def test_the_device_crop_wiring_adds_nothing_to_resized_crops(dataset, python_mode):
