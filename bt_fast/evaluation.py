@@ -55,7 +55,7 @@ def evaluate_backbones(backbones: Sequence[nn.Module], train_dir: str | Path, va
     """
     start = time.perf_counter()
     device = settings.device
-    # channels-last: what the trainer uses, and 3x faster convolutions on CPU than contiguous NCHW
+    # channels-last: what the trainer uses, and faster convolutions on the CPU than contiguous NCHW
     backbones = [b.to(device, memory_format=torch.channels_last).eval().requires_grad_(False) for b in backbones]
     train_loader = eval_loader(str(train_dir), settings.image_size, settings.batch_size, settings.workers,
                                device=device)
