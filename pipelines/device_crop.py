@@ -129,3 +129,15 @@ def flops_per_image(max_height: int, max_width: int, size: int, views: int = 2) 
     Columns first: views * S * Wmax * 3 * Hmax multiply-adds, then views * S * Hmax * 3 * S.
     """
     return 2 * views * size * 3 * max_height * (max_width + size)
+
+
+def random_boxes(batch: int, height: int, width: int, generator: torch.Generator, min_fraction: float = 0.0,
+                 views: int = 2) -> torch.Tensor:
+    """(batch, views, 4) int64 (top, left, h, w) boxes inside a height x width image, each side uniform
+    from `min_fraction` of the image's (at least 1 pixel) to all of it, positions uniform: inputs for
+    measuring and checking `resized_crops`."""
+    heights = torch.randint(max(1, int(height * min_fraction)), height + 1, (batch, views), generator=generator)
+    widths = torch.randint(max(1, int(width * min_fraction)), width + 1, (batch, views), generator=generator)
+    tops = (torch.rand((batch, views), generator=generator) * (height - heights + 1)).long()
+    lefts = (torch.rand((batch, views), generator=generator) * (width - widths + 1)).long()
+    return torch.stack([tops, lefts, heights, widths], dim=-1)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bt_fast.config import FFCVOptions
-from pipelines.device_crop import flops_per_image, resized_crops
+from pipelines.device_crop import flops_per_image, random_boxes, resized_crops
 from tools.bench.measure import count_dispatched_ops, rate_stats, time_calls
 
 
@@ -39,11 +39,7 @@ def batch_of_crops(batch: int, height: int, width: int, device: torch.device, se
     """A padded uint8 batch and two random boxes per image inside it."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, height, width, 3), generator=generator, dtype=torch.uint8)
-    heights = torch.randint(1, height + 1, (batch, 2), generator=generator)
-    widths = torch.randint(1, width + 1, (batch, 2), generator=generator)
-    tops = (torch.rand((batch, 2), generator=generator) * (height - heights + 1)).long()
-    lefts = (torch.rand((batch, 2), generator=generator) * (width - widths + 1)).long()
-    return images.to(device), torch.stack([tops, lefts, heights, widths], dim=-1).to(device)
+    return images.to(device), random_boxes(batch, height, width, generator).to(device)
 
 
 def bench_device_crop(args: argparse.Namespace, sources: dict[str, dict | None]) -> dict[str, Any]:

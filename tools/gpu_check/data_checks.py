@@ -40,18 +40,14 @@ def check_device_crop(device, sizes, workdir, measured) -> list[Result]:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2.functional import resized_crop
 
-    from pipelines.device_crop import resized_crops
+    from pipelines.device_crop import random_boxes, resized_crops
     generator = torch.Generator().manual_seed(3)
     batch, size = sizes.batch, sizes.image_size
     height, width = (375, 500) if device.type == "cuda" else (48, 64)
     coarse = torch.randint(0, 256, (batch, 3, 12, 16), generator=generator).float()
     images = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic").clamp(0, 255)
     images = images.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # smooth photos-like content
-    heights = torch.randint(height // 4, height + 1, (batch, 2), generator=generator)
-    widths = torch.randint(width // 4, width + 1, (batch, 2), generator=generator)
-    tops = (torch.rand((batch, 2), generator=generator) * (height - heights + 1)).long()
-    lefts = (torch.rand((batch, 2), generator=generator) * (width - widths + 1)).long()
-    boxes = torch.stack([tops, lefts, heights, widths], dim=-1)
+    boxes = random_boxes(batch, height, width, generator, min_fraction=0.25)
     want = resized_crops(images, boxes, size)
     on_device, device_boxes = images.to(device), boxes.to(device)
     results = [compare(f"device crop {name}", resized_crops(on_device, device_boxes, size, dtype=dtype).float(), want,
