@@ -57,6 +57,9 @@ class AugmentSpec:
     solarize_threshold: float = 128 / 255
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # How the device distortions run, not what they are: auto (triton on CUDA, eager on the CPU) | eager
+    # | compile (torch.compile of eager) | triton (fused kernels; on the CPU only under TRITON_INTERPRET=1)
+    backend: str = "auto"
 
     @property
     def blur_kernel_size(self) -> int:
@@ -103,7 +106,8 @@ class FFCVOptions:
     os_cache: bool = True
     order: str = "random"        # random | quasi_random
     decode: str = "host"         # host: libjpeg-turbo in FFCV's loader | device: torchvision decode_jpeg on the device
-    crop: str = "device"         # device: batched resize on the device | host: in FFCV's loader (only with decode=host)
+    crop: str = "auto"           # auto: device on CUDA, host on the CPU | device: batched resize on the device |
+                                 # host: in FFCV's loader (only with decode=host)
     max_padded_side: int = 1024  # crop=device: largest stored height/width a .beton may pad every image to
 
 
@@ -137,6 +141,7 @@ class Config:
     amp: str = "auto"            # auto | bfloat16 | float16 | none (auto: bf16 on CPU, fp16 on CUDA)
     channels_last: bool = True
     seed: int = 0
+    prefetch: int = 1            # batches whose device work (copy, crop, augmentation) runs ahead of the step (0: off)
     max_steps: int = 0           # stop after this many steps in total (0: run all epochs)
     # output
     out_dir: str = "runs/default"
@@ -276,12 +281,13 @@ def validate(config: Config) -> None:
     check_choice("device", config.device, ("auto", "cpu", "cuda"))
     check_choice("ffcv.order", config.ffcv.order, ("random", "quasi_random"))
     check_choice("ffcv.decode", config.ffcv.decode, ("host", "device"))
-    check_choice("ffcv.crop", config.ffcv.crop, ("device", "host"))
-    _require(config.ffcv.crop == "device" or config.ffcv.decode == "host", "ffcv.crop",
+    check_choice("ffcv.crop", config.ffcv.crop, ("auto", "device", "host"))
+    check_choice("augment.backend", config.augment.backend, ("auto", "eager", "compile", "triton"))
+    _require(config.ffcv.crop != "host" or config.ffcv.decode == "host", "ffcv.crop",
              "device when ffcv.decode=device (the host never sees decoded pixels)", config.ffcv.crop)
     for key in ("batch_size", "epochs", "log_every"):
         _require(getattr(config, key) > 0, key, "positive", getattr(config, key))
-    for key in ("checkpoint_every", "knn_every", "max_steps", "workers", "warmup_epochs", "lr_weights",
+    for key in ("checkpoint_every", "knn_every", "max_steps", "workers", "prefetch", "warmup_epochs", "lr_weights",
                 "lr_biases", "weight_decay", "lambd"):
         _require(getattr(config, key) >= 0, key, "0 or positive", getattr(config, key))
     _require(bool(re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)*", config.projector)), "projector",

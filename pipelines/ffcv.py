@@ -2,15 +2,15 @@
 
 Three modes (`ffcv.decode`, `ffcv.crop`), each delivering the same (view1, view2):
 
-- decode=host, crop=device (default): FFCV's numba-compiled loader decodes each JPEG with
+- decode=host, crop=device (crop=auto on CUDA): FFCV's numba-compiled loader decodes each JPEG with
   libjpeg-turbo into a padded (B, Hmax, Wmax, 3) uint8 slot (`PaddedDecoder`) and draws both
   views' boxes (`TwoCropBoxes`); the device cuts and resizes both crops in one batched pass
   (`pipelines.device_crop.resized_crops`, torchvision's antialiased bicubic `resized_crop`).
 - decode=device (crop=device): the loader only copies each sample's stored bytes
   (`JPEGBytesDecoder`); the device decodes them (`pipelines.device_decode`), then crops the same way.
-- crop=host (decode=host): the loader decodes and resizes both crops with OpenCV INTER_AREA
-  (`pipelines.ffcv_host_crop.TwoCropRGBDecoder`). On a CPU-only machine this is the cheapest in
-  total (docs/pipelines.md).
+- crop=host (decode=host; crop=auto on the CPU): the loader decodes and resizes both crops with
+  OpenCV INTER_AREA (`pipelines.ffcv_host_crop.TwoCropRGBDecoder`). On a CPU-only machine this is
+  the cheapest in total (docs/pipelines.md).
 
 The boxes are the same in every mode: torchvision's RandomResizedCrop sampling seeded by (seed,
 epoch, sample index) (`pipelines.crop_sampling`), so they do not change with the number of
@@ -269,6 +269,16 @@ def _warn_if_stale(path: Path, data: str) -> None:
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def resolve_crop(config: Config, device: torch.device) -> str:
+    """`ffcv.crop`, with auto resolved: the device crop on CUDA, where it is cheap, and wherever the host crop
+    cannot serve (decode=device, a resolution schedule); the host crop on the CPU, where it costs less in total."""
+    if config.ffcv.crop != "auto":
+        return config.ffcv.crop
+    if device.type == "cuda" or config.ffcv.decode == "device" or config.augment.progressive:
+        return "device"
+    return "host"
+
+
 def host_crop_size(spec: AugmentSpec) -> int:
     """The output side of `TwoCropRGBDecoder`, which FFCV compiles for one size: no resolution schedule."""
     if spec.progressive:
@@ -287,7 +297,7 @@ class FFCVPipeline(EpochPipeline):
     def __init__(self, config: Config, placement: Placement, batch_size: int, *,
                  compile_augment: bool = False, batches_ahead: int = 3):
         super().__init__(config, placement, batch_size)
-        self.decode, self.crop = config.ffcv.decode, config.ffcv.crop
+        self.decode, self.crop = config.ffcv.decode, resolve_crop(config, placement.device)
         self.path = ensure_beton(config)
         reader = open_beton(self.path)
         samples_per_rank(int(reader.num_samples), batch_size, placement.world_size, f"FFCV dataset {self.path}")
