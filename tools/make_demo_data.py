@@ -1,15 +1,19 @@
 """Build the embedded demo dataset from the real photographs bundled with scikit-image.
 
     python -m tools.make_demo_data data/demo     # -> data/demo/{train,val}/<photo>/*.jpg
+    python -m tools.make_demo_data --imagenet-like 100000 data/in100k [--classes 10]  # -> <class>/<n>.jpg
 
-What it holds and how it is cut: `pipelines.demo_data`.
+What it holds and how it is cut: `pipelines.demo_data`; the ImageNet-shaped set (sizes, qualities,
+modes like ImageNet's): `pipelines.imagenet_like`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from bt_fast.errors import cli_errors
 from pipelines.demo_data import PHOTOGRAPHS, build
+from pipelines.imagenet_like import write_imagenet_like
 
 
 def main() -> None:
@@ -18,7 +22,18 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=64)
     parser.add_argument("--val-per-class", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--imagenet-like", nargs=2, metavar=("N", "DIR"),
+                        help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
+    parser.add_argument("--classes", type=int, default=10, help="classes of the --imagenet-like set")
     args = parser.parse_args()
+    if args.imagenet_like:
+        count, root = args.imagenet_like
+        if not count.isdigit():
+            parser.error(f"--imagenet-like N DIR: N must be a number of images, got {count!r}")
+        with cli_errors():
+            write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed)
+        print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
+        return
     build(args.root, args.train_per_class, args.val_per_class, args.seed)
     count = sum(1 for _ in args.root.rglob("*.jpg"))
     print(f"demo dataset: {args.root} ({len(PHOTOGRAPHS)} classes, {count} JPEGs)")

@@ -1,0 +1,101 @@
+"""pipelines.imagenet_like: the statistics its docstring promises, read back from the files alone."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.base import DataError, find_image_folder
+from pipelines.imagenet_like import BLOCK, MANIFEST, write_imagenet_like
+
+# JPEG standard (ITU T.81 Annex K.1) luminance table, natural order, and libjpeg's quality scaling.
+ANNEX_K_LUMINANCE = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
+
+
+def ijg_table(quality: int) -> np.ndarray:
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((ANNEX_K_LUMINANCE * scale + 50) // 100, 1, 255)
+
+
+def jpeg_quality(image: Image.Image) -> int | None:
+    table = np.array(list(image.quantization[0]))
+    return next((q for q in range(1, 101) if np.array_equal(ijg_table(q), table)), None)
+
+
+@pytest.fixture(scope="module")
+def block(tmp_path_factory):
+    return write_imagenet_like(tmp_path_factory.mktemp("inl") / "set", BLOCK, num_classes=10, seed=0)
+
+
+def test_one_block_has_the_stated_sizes_modes_qualities_and_classes(block):
+    classes, samples = find_image_folder(block)
+    assert classes == [f"n{c:08d}" for c in range(10)] and len(samples) == BLOCK
+    longer, ratios, landscape, modes, progressive, qualities = [], [], 0, [], 0, []
+    for path, label in samples:
+        assert int(os.path.basename(path)[:-4]) % 10 == label
+        with Image.open(path) as image:
+            assert image.format == "JPEG"
+            w, h = image.size
+            longer.append(max(w, h))
+            ratios.append(max(w, h) / min(w, h))
+            landscape += w >= h
+            modes.append(image.mode)
+            progressive += bool(image.info.get("progressive"))
+            qualities.append(jpeg_quality(image))
+    longer = np.array(longer)
+    # exact counts per block: 70% at 500, 18% in 300..499, 10% in 501..1500, 2% in 1501..4000
+    assert (longer == 500).sum() == 0.70 * BLOCK
+    assert ((longer >= 300) & (longer < 500)).sum() == 0.18 * BLOCK
+    assert ((longer > 500) & (longer <= 1500)).sum() == 0.10 * BLOCK
+    assert ((longer > 1500) & (longer <= 4000)).sum() == 0.02 * BLOCK
+    assert longer.max() > 2000  # the long tail reaches thousands
+    assert modes.count("L") == 0.02 * BLOCK and modes.count("CMYK") == 0.002 * BLOCK
+    assert modes.count("RGB") == BLOCK - 0.022 * BLOCK
+    assert progressive == 0.05 * BLOCK
+    assert None not in qualities and min(qualities) >= 75 and max(qualities) <= 95
+    assert min(qualities) <= 77 and max(qualities) >= 93  # the whole range is used
+    # drawn per image: 50% 4:3, 75% landscape (binomial, n=500: 4.5 standard deviations)
+    four_three = np.isclose(ratios, 4 / 3, atol=0.01).mean()
+    assert abs(four_three - 0.50) < 0.10 and abs(landscape / BLOCK - 0.75) < 0.09
+
+
+def test_a_complete_set_is_kept_and_an_incomplete_one_completed_identically(block, tmp_path):
+    files = sorted(block.rglob("*.jpg"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    write_imagenet_like(block, BLOCK, num_classes=10, seed=0)
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+
+    small = write_imagenet_like(tmp_path / "small", 30, num_classes=10, seed=0)  # the first 30 of the block
+    originals = {p.relative_to(small): p.read_bytes() for p in small.rglob("*.jpg")}
+    assert len(originals) == 30 and all((block / name).read_bytes() == data for name, data in originals.items())
+
+    killed = sorted(originals)[::7]
+    for name in killed:
+        (small / name).unlink()
+    (small / killed[0]).with_name(".00000000.jpg.host.1.ab.tmp").write_bytes(b"partial")
+    manifest = json.loads((small / MANIFEST).read_text())
+    (small / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    kept = sorted(set(originals) - set(killed))
+    kept_stamps = [(small / name).stat().st_mtime_ns for name in kept]
+    write_imagenet_like(small, 30, num_classes=10, seed=0)
+    assert {p.relative_to(small): p.read_bytes() for p in small.rglob("*.jpg")} == originals
+    assert [(small / name).stat().st_mtime_ns for name in kept] == kept_stamps
+    assert not list(small.rglob("*.tmp")) and json.loads((small / MANIFEST).read_text())["complete"]
+
+    write_imagenet_like(small, 12, num_classes=10, seed=0)  # trimmed to the first 12
+    assert len(list(small.rglob("*.jpg"))) == 12
+
+
+def test_refuses_a_directory_it_did_not_write(block, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "mine.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="not empty"):
+        write_imagenet_like(tmp_path / "photos", 10)
+    with pytest.raises(DataError, match="other settings"):
+        write_imagenet_like(block, 10, num_classes=10, seed=1)
