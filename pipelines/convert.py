@@ -7,43 +7,58 @@ lines and lines starting with '#' are ignored).
 
 `convert` does, in order:
 
-1. Every input is validated, in parallel over `workers` processes, by fully decoding it
-   (`pipelines.images.validate_file`). Zero-byte, missing, truncated, corrupt and non-image
-   files are *skipped*; other pixel modes are *converted* to RGB (rules in `pipelines.images`).
-2. Images whose longer side exceeds `max_resolution` are shrunk to it and anything re-encoded
-   is encoded at `jpeg_quality` (`pipelines.images.ImagePrep`).
-3. The output is written under a hidden temporary name in DST's directory and moved into
-   place only when complete. An existing DST is kept unless `force`.
-4. A JSON report goes to `report_path(DST)` = `DST + '.report.json'`: counts and one
-   `{path, status, reason}` entry per skipped or converted file.
+1. DST is checked: a path that does not exist or an empty directory is used; a previous output
+   of the converter (a `.beton` header, or a directory whose `dataset.json` names every file in
+   it) is replaced only with `force`; anything else is refused, `force` or not.
+2. The samples are split into parts of consecutive output positions (`part_size` for ffcv, one
+   tar shard of `shard_size` for dali). Each file is read, validated and prepared in one decode
+   over `workers` processes (`pipelines.images.ImagePrep.stored`): zero-byte, missing,
+   truncated, corrupt and non-image files are *skipped*; other pixel modes are *converted* to RGB
+   (rules in `pipelines.images`); images whose longer side exceeds `max_resolution` are shrunk
+   to it and anything re-encoded is encoded at `jpeg_quality`.
+3. Each finished part is kept in the work directory `work_dir(DST)` (`.DST.parts` beside DST)
+   with its part report, so a conversion that is killed and rerun with the same arguments
+   redoes only the parts it had not finished. Nothing but that directory is held per image:
+   memory is flat in the number of images, apart from the source listing and, for ffcv, the
+   metadata the `.beton` header holds (`pipelines.ffcv_format.join_parts`).
+4. The parts are put together under a hidden temporary name in DST's directory, moved into
+   place only when complete, and the work directory removed.
+5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
+   counts and one `{path, status, reason}` entry per skipped or converted file.
 
 Formats:
 
-- ffcv: DST is a `.beton` (`pipelines.ffcv_format`), in source order. FFCV always
-  re-encodes the JPEG it stores.
+- ffcv: DST is a `.beton` (`pipelines.ffcv_format`), in source order. Every stored JPEG is
+  re-encoded, as FFCV's own writer does.
 - dali: DST is a directory of webdataset tar shards plus DALI index files and `dataset.json`
-  (layout in `pipelines.dali_format`). A source file that is already a baseline or
-  progressive RGB JPEG within the size limit and needs no EXIF rotation is stored
+  (layout in `pipelines.dali_format`), in a fixed shuffled order. A source file that is already
+  a baseline or progressive RGB JPEG within the size limit and needs no EXIF rotation is stored
   byte-for-byte (no second lossy generation); everything else is re-encoded as above.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import shutil
+from contextlib import contextmanager
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from bt_fast.files import (ensure_writable_directory, fsync_directory, remove_orphaned_temporaries, temporary_name,
-                           write_json)
+import numpy as np
+
+from bt_fast.files import (atomic_write_text, ensure_writable_directory, fsync_directory, remove_orphaned_temporaries,
+                           temporary_name, write_json)
 from bt_fast.progress import progress as progress_bar
 from pipelines.base import DataError, find_image_folder
-from pipelines.dali_format import write_dali
-from pipelines.ffcv_format import write_ffcv
-from pipelines.images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep, cv2_module,
-                              validate_file)
+from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
+from pipelines.ffcv_format import BetonPart, beton_samples, join_parts, page_size_for
+from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep, Prepared, cv2_module
 
 DEFAULT_SHARD_SIZE = 1000
+DEFAULT_PART_SIZE = 10_000  # ffcv: images per resumable part
 FORMATS = ("ffcv", "dali")
 
 
@@ -92,20 +107,8 @@ def scan_source(src: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation, output, report
+# The destination
 # --------------------------------------------------------------------------------------------
-
-def validate_all(paths: Sequence[str], workers: int, progress: bool = True) -> list[tuple[str, str | None]]:
-    """`validate_file` for every path, in order, over `workers` processes."""
-    def bar(iterable):
-        return progress_bar(iterable, total=len(paths), desc="validating", unit="img", enabled=progress)
-
-    if workers <= 1 or len(paths) < 2:
-        return [validate_file(p) for p in bar(paths)]
-    chunksize = max(1, min(64, len(paths) // (workers * 8)))
-    with Pool(min(workers, len(paths))) as pool:
-        return list(bar(pool.imap(validate_file, paths, chunksize=chunksize)))
-
 
 def report_path(dst: str | Path) -> Path:
     """Where `convert` writes the report of output `dst`."""
@@ -113,11 +116,50 @@ def report_path(dst: str | Path) -> Path:
     return dst.with_name(dst.name + ".report.json")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def work_dir(dst: str | Path) -> Path:
+    """Where `convert` keeps the finished parts of output `dst` until it is complete."""
+    dst = Path(dst)
+    return dst.with_name(f".{dst.name}.parts")
+
+
+def previous_output(dst: Path) -> str | None:
+    """In words, the previous output of the converter that `dst` holds; None if it holds something else.
+
+    Raises DataError if `dst` is a converter's directory that also holds files the converter did
+    not write (replacing it would delete them).
+    """
+    if dst.is_file():
+        samples = beton_samples(dst)
+        return None if samples is None else f"the FFCV dataset {dst} ({samples} samples)"
+    found = written_files(dst) if dst.is_dir() else None
+    if found is None:
+        return None
+    names, samples = found
+    foreign = sorted(set(os.listdir(dst)) - set(names))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(f"output {dst} holds a previous conversion and also files tools.convert did not write "
+                        f"({shown}); refusing to replace it: move them out or choose another DST")
+    return (f"the DALI dataset in {dst} (dataset.json and {(len(names) - 1) // 2} shard(s) with their .idx, "
+            f"{samples} samples)")
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a DST that must not be replaced (module docstring, step 1); DataError in one line."""
+    if dst.is_symlink():
+        raise DataError(f"output {dst} is a symbolic link; give the path it points to, or another DST")
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+        return
+    what = previous_output(dst)
+    if what is None:
+        kind = "directory" if dst.is_dir() else "file"
+        raise DataError(f"output {dst} is a {kind} tools.convert did not write (no .beton header, no dataset.json); "
+                        f"refusing to replace it: choose another DST or remove it yourself")
+    if not force:
+        raise DataError(f"output {dst} already holds {what}; pass --force to replace it and {report_path(dst)}")
+    resolved_src, resolved_dst = src.resolve(), dst.resolve()
+    if resolved_src == resolved_dst or resolved_dst in resolved_src.parents:
+        raise DataError(f"output {dst} contains the source {src}; refusing to overwrite it")
 
 
 def check_writable(directory: Path) -> None:
@@ -127,6 +169,13 @@ def check_writable(directory: Path) -> None:
     except OSError as err:
         raise DataError(f"cannot write into {directory} ({err.strerror or err}); choose an output on "
                         f"writable storage") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def install_output(tmp: Path, dst: Path) -> None:
@@ -150,7 +199,146 @@ def install_output(tmp: Path, dst: Path) -> None:
     fsync_directory(dst.parent)
 
 
-def _check_args(fmt: str, max_resolution: int, jpeg_quality: int, workers: int, shard_size: int) -> None:
+def write_report(path: Path, report: dict) -> None:
+    """The report as UTF-8 JSON with paths as text; a path that is not valid Unicode stays escaped."""
+    try:
+        atomic_write_text(path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    except UnicodeEncodeError:  # a file name with undecodable bytes (surrogate escapes)
+        write_json(path, report)
+
+
+# --------------------------------------------------------------------------------------------
+# Parts: the unit of work that survives a kill
+# --------------------------------------------------------------------------------------------
+
+class _WorkDir:
+    """`work_dir(dst)`: `job.json` (what is being converted) and, per finished part k,
+    `part-k.json` (its report, written last) beside its data (ffcv: `part-k.pages` and
+    `part-k.rows.npy`; dali: the shard's `.tar` and `.idx`)."""
+
+    def __init__(self, dst: Path, job: dict):
+        self.root = work_dir(dst)
+        self.root.mkdir(exist_ok=True)
+        self.lock = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise DataError(f"another conversion to {dst} is running (it holds {self.root}); wait for it") from None
+        try:
+            previous = json.loads((self.root / "job.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != job:  # other arguments or another source: nothing here can be reused
+            for entry in self.root.iterdir():
+                if entry.name != ".lock":
+                    _remove(entry)
+            write_json(self.root / "job.json", job)
+
+    def part(self, k: int, suffix: str) -> Path:
+        return self.root / f"part-{k:05d}{suffix}"
+
+    def finished(self, k: int) -> dict | None:
+        """Part `k`'s report if the part is finished and its data is all here; None otherwise."""
+        try:
+            report = json.loads(self.part(k, ".json").read_text())
+        except (OSError, ValueError):
+            return None
+        return report if all((self.root / name).is_file() for name in self.data_files(report, k)) else None
+
+    def data_files(self, report: dict, k: int) -> list[str]:
+        """The data files of finished part `k`."""
+        if "shard" in report:
+            return [report["shard"]["tar"], report["shard"]["index"]] if report["shard"] else []
+        return [self.part(k, ".pages").name, self.part(k, ".rows.npy").name]
+
+    def close(self, remove: bool) -> None:
+        self.lock.close()
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+
+
+def _job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
+    digest = hashlib.sha256(str(src.resolve()).encode("utf-8", "surrogateescape"))
+    for path, label in samples:
+        digest.update(f"{path}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _prepare_job(job: tuple[ImagePrep, str, bool]) -> Prepared:
+    prep, path, keep_original = job
+    return prep.stored(path, keep_original)
+
+
+@contextmanager
+def _prepared(jobs: Iterator[tuple[ImagePrep, str, bool]], count: int, workers: int) -> Iterator[Iterator[Prepared]]:
+    """`_prepare_job` of every job, in order, over `workers` processes (jobs are read lazily)."""
+    if workers <= 1 or count < 2:
+        yield map(_prepare_job, jobs)
+        return
+    pool = Pool(min(workers, count))
+    try:
+        yield pool.imap(_prepare_job, jobs, chunksize=max(1, min(16, count // (workers * 8))))
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_part(fmt: str, work: _WorkDir, k: int, start: int, positions: np.ndarray,
+                samples: Sequence[tuple[str, int]], results: Iterator[Prepared], prep: ImagePrep) -> dict:
+    """Write part `k` (output positions start.., holding the samples `positions`) from `results`
+    and its report; returns the report."""
+    files: list[dict] = []
+    written = 0
+    if fmt == "dali":
+        writer = ShardWriter(work.root / f"shard-{k:05d}.tar")
+    else:
+        writer = BetonPart(work.part(k, ".pages"), page_size=page_size_for(prep.max_resolution))
+    for offset, position in enumerate(positions):
+        path, label = samples[int(position)]
+        result = next(results)
+        if result.status != "ok":
+            files.append({"path": path, "status": result.status, "reason": result.reason})
+        if result.status == "skipped":
+            continue
+        written += 1
+        if fmt == "dali":
+            writer.add_sample(f"{start + offset:08d}", result.data, label)
+        else:
+            writer.add(result.data, result.width, result.height, label)
+    report = {"written": written, "skipped": len(positions) - written,
+              "converted": sum(1 for entry in files if entry["status"] == "converted"), "files": files}
+    if fmt == "dali":
+        shard = writer.close()
+        if shard["num_samples"]:
+            _sync(work.root / shard["tar"])
+            _sync(work.root / shard["index"])
+        else:
+            _remove(work.root / shard["tar"])
+            _remove(work.root / shard["index"])
+        report["shard"] = shard if shard["num_samples"] else None
+    else:
+        rows = writer.close()
+        np.save(work.part(k, ".rows.npy"), rows)
+        _sync(work.part(k, ".pages"))
+        _sync(work.part(k, ".rows.npy"))
+    write_json(work.part(k, ".json"), report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# The conversion
+# --------------------------------------------------------------------------------------------
+
+def _check_args(fmt: str, max_resolution: int, jpeg_quality: int, workers: int, shard_size: int,
+                part_size: int) -> None:
     if fmt not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if max_resolution < 1:
@@ -161,63 +349,91 @@ def _check_args(fmt: str, max_resolution: int, jpeg_quality: int, workers: int, 
         raise DataError(f"--workers must be at least 1, got {workers}")
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1, got {shard_size}")
+    if part_size < 1:
+        raise DataError(f"--part-size must be at least 1, got {part_size}")
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int = DEFAULT_MAX_RESOLUTION,
             jpeg_quality: int = DEFAULT_JPEG_QUALITY, workers: int | None = None, force: bool = False,
-            shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict:
+            shard_size: int = DEFAULT_SHARD_SIZE, part_size: int = DEFAULT_PART_SIZE,
+            progress: bool = True) -> dict:
     """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`).
 
-    `workers` defaults to `os.cpu_count()`; `shard_size` is samples per tar shard (dali only).
+    `workers` defaults to `os.cpu_count()`; `shard_size` is samples per tar shard (dali), which
+    is also its resumable part; `part_size` is images per resumable part (ffcv).
     Raises DataError (one-line message) for unusable arguments or input.
     """
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size)
+    _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
     src, dst = Path(src), Path(dst)
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise DataError(f"output {dst} already exists; pass --force to overwrite it")
-        resolved_src, resolved_dst = src.resolve(), dst.resolve()
-        if resolved_src == resolved_dst or resolved_dst in resolved_src.parents:
-            raise DataError(f"output {dst} contains the source {src}; refusing to overwrite it")
+    check_destination(src, dst, force)
     classes, samples = scan_source(src)  # a missing source fails before anything is created
     check_writable(dst.parent)
     remove_orphaned_temporaries(dst.parent, (dst.name,))  # left by a conversion that was killed
-    statuses = validate_all([path for path, _ in samples], workers, progress)
 
-    kept: list[tuple[str, int]] = []
-    files: list[dict] = []
-    for (path, label), (status, reason) in zip(samples, statuses):
-        if status != "skipped":
-            kept.append((path, label))
-        if status != "ok":
-            files.append({"path": path, "status": status, "reason": reason})
+    prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
+    size = shard_size if fmt == "dali" else part_size
+    job = {"source": str(src), "format": fmt, "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+           "part_size": size, "num_samples": len(samples), "listing_sha256": _job_fingerprint(src, samples)}
+    order = shuffled_order(len(samples)) if fmt == "dali" else np.arange(len(samples))
+    starts = range(0, len(samples), size)
+    work = _WorkDir(dst, job)
+    complete = False
+    try:
+        reports = {k: work.finished(k) for k in range(len(starts))}
+        todo = [k for k, report in reports.items() if report is None]
+        remaining = sum(len(order[starts[k]:starts[k] + size]) for k in todo)
+        jobs = ((prep, samples[int(i)][0], fmt == "dali") for k in todo for i in order[starts[k]:starts[k] + size])
+        cv2_module().setNumThreads(1)  # one image per worker process; no nested thread pools on shared cores
+        with _prepared(jobs, remaining, workers) as results:
+            results = iter(progress_bar(results, total=len(samples), initial=len(samples) - remaining,
+                                        desc="converting", unit="img", enabled=progress))
+            for k in todo:
+                reports[k] = _write_part(fmt, work, k, starts[k], order[starts[k]:starts[k] + size], samples,
+                                         results, prep)
+        report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force)
+        complete = True
+    except DataError:  # the input or DST is unusable: no part will be reused
+        complete = True
+        raise
+    finally:
+        work.close(remove=complete)
+    return report
+
+
+def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: _WorkDir,
+              parts: list[dict], force: bool) -> dict:
+    """Put the finished parts together into DST and write the report; returns it."""
+    files = sorted((entry for part in parts for entry in part["files"]), key=lambda entry: entry["path"])
     report = {
         "source": str(src), "output": str(dst), "format": fmt,
-        "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
-        "written": len(kept), "skipped": len(samples) - len(kept),
-        "converted": sum(1 for entry in files if entry["status"] == "converted"),
+        "max_resolution": prep.max_resolution, "jpeg_quality": prep.jpeg_quality,
+        "written": sum(part["written"] for part in parts), "skipped": sum(part["skipped"] for part in parts),
+        "converted": sum(part["converted"] for part in parts),
         "files": files,
     }
-    if not kept:
-        write_json(report_path(dst), report)
-        raise DataError(f"no usable images in {src}: all {len(samples)} files were skipped (see {report_path(dst)})")
-
-    cv2_module().setNumThreads(1)  # one image per worker process; no nested thread pools on shared cores
-    prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
+    if not report["written"]:
+        write_report(report_path(dst), report)
+        raise DataError(f"no usable images in {src}: all {report['skipped']} files were skipped "
+                        f"(see {report_path(dst)})")
     tmp = temporary_name(dst)
     try:
         if fmt == "dali":
             tmp.mkdir()
-            write_dali(tmp, kept, prep, workers=workers, shard_size=shard_size, classes=classes,
-                       show_progress=progress)
+            shards = [part["shard"] for part in parts if part["shard"]]
+            for shard in shards:
+                for name in (shard["tar"], shard["index"]):
+                    os.replace(work.root / name, tmp / name)
+            write_meta(tmp, shards, classes, prep)
         else:
-            write_ffcv(tmp, kept, prep, workers=workers)
-        if (dst.exists() or dst.is_symlink()) and not force:  # appeared while we were writing
-            raise DataError(f"output {dst} already exists; pass --force to overwrite it")
+            join_parts(tmp, [(work.part(k, ".pages"), np.load(work.part(k, ".rows.npy")))
+                             for k in range(len(parts))], prep)
+            _sync(tmp)
+        if dst.exists() or dst.is_symlink():  # appeared or changed while we were writing
+            check_destination(src, dst, force)
         install_output(tmp, dst)
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
-    write_json(report_path(dst), report)
+    write_report(report_path(dst), report)
     return report

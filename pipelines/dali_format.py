@@ -9,12 +9,16 @@ Layout of the output directory:
 
 Each sample is two tar members sharing a key: `<key>.jpg` (JPEG bytes) and `<key>.cls` (the
 label as ASCII decimal, no newline). Keys are the zero-padded global sample number
-(`00000000`, ...), so they are unique across shards and contain no dot. Members are written
+of the sample's position in the shuffled source order (`00000000`, ...; a skipped source
+file leaves a gap), so they are unique across shards and contain no dot. Members are written
 with mtime 0, uid/gid 0 and mode 0644, so the same input gives byte-identical shards.
 
-Samples are written in a fixed pseudo-random order (seed `SHUFFLE_SEED`), not class-sorted,
-because `fn.readers.webdataset(random_shuffle=True)` only shuffles within a buffer of
-`initial_fill` samples and would otherwise see long runs of one class.
+Samples are written in a fixed pseudo-random order of the source (`shuffled_order`, seed
+`SHUFFLE_SEED`), not class-sorted, because `fn.readers.webdataset(random_shuffle=True)` only
+shuffles within a buffer of `initial_fill` samples and would otherwise see long runs of one
+class. Shard k holds the usable files among positions k * shard_size .. (k + 1) * shard_size - 1
+of that order (so a shard may hold fewer than shard_size samples, and a shard left empty is not
+written), which lets the converter finish and keep one shard at a time.
 
 Index files follow the format DALI's `wds2idx` writes and `fn.readers.webdataset` parses
 (version v1.2): a first line `v1.2 <number of samples>`, then one line per sample listing,
@@ -39,15 +43,14 @@ Reading it (CPU shown; pass device_id for GPU decoding with device="mixed"):
 from __future__ import annotations
 
 import io
-import random
+import json
 import tarfile
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from bt_fast.files import write_json
-from bt_fast.progress import progress
-from pipelines.base import DataError
 from pipelines.images import ImagePrep
 
 INDEX_VERSION = "v1.2"
@@ -56,15 +59,7 @@ IMAGE_EXT, LABEL_EXT = "jpg", "cls"
 _BLOCK = 512
 
 
-def _encode_job(job: tuple[ImagePrep, str]) -> tuple[bytes | None, str | None]:
-    prep, path = job
-    try:
-        return prep.jpeg(path), None
-    except Exception as err:  # noqa: BLE001 - reported by write_dali
-        return None, " ".join(str(err).split()) or type(err).__name__
-
-
-class _ShardWriter:
+class ShardWriter:
     """One tar shard being written, with the DALI index entries of its samples."""
 
     def __init__(self, path: Path):
@@ -100,57 +95,37 @@ class _ShardWriter:
         return {"tar": self.path.name, "index": index.name, "num_samples": len(self.lines)}
 
 
-def write_dali(dst: Path, samples: Sequence[tuple[str, int]], prep: ImagePrep, *, workers: int, shard_size: int,
-               classes: Sequence[str], show_progress: bool = True) -> None:
-    """Write `samples` (validated (path, label)) as shards of `shard_size` samples, their indices
-    and dataset.json (`classes`: names indexed by label) into the existing empty directory `dst`,
-    encoding over `workers` processes.
-
-    Raises DataError if any image fails to prepare (e.g. the file changed since validation).
-    """
-    order = list(range(len(samples)))
-    random.Random(SHUFFLE_SEED).shuffle(order)
-    ordered = [samples[i] for i in order]
-    jobs = [(prep, path) for path, _ in ordered]
-    workers = max(1, min(workers, len(jobs)))
-
-    shards: list[dict] = []
-    shard: _ShardWriter | None = None
-    pool = Pool(workers) if workers > 1 else None
-    try:
-        results = (pool.imap(_encode_job, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8))))
-                   if pool else map(_encode_job, jobs))
-        for number, ((path, label), (jpeg, error)) in enumerate(
-                progress(zip(ordered, results), total=len(jobs), desc="writing shards", unit="img",
-                         enabled=show_progress)):
-            if error is not None:
-                raise DataError(f"{path} failed while writing: {error}; did the source change during "
-                                "conversion? nothing was written")
-            if number % shard_size == 0:
-                if shard is not None:
-                    shards.append(shard.close())
-                shard = _ShardWriter(dst / f"shard-{len(shards):05d}.tar")
-            shard.add_sample(f"{number:08d}", jpeg, label)
-        if shard is not None:
-            shards.append(shard.close())
-            shard = None
-    finally:
-        if shard is not None:
-            shard.tar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
+def write_meta(dst: Path, shards: Sequence[dict], classes: Sequence[str], prep: ImagePrep) -> None:
+    """dataset.json of the directory `dst` holding `shards` (`ShardWriter.close()` results, in order)."""
     meta = {
         "format": "webdataset",
         "index_version": INDEX_VERSION,
-        "num_samples": len(ordered),
+        "num_samples": sum(shard["num_samples"] for shard in shards),
         "num_classes": len(classes),
         "classes": list(classes),
         "extensions": {"image": IMAGE_EXT, "label": LABEL_EXT},
         "max_resolution": prep.max_resolution,
         "jpeg_quality": prep.jpeg_quality,
         "shuffle_seed": SHUFFLE_SEED,
-        "shards": shards,
+        "shards": list(shards),
     }
     write_json(dst / "dataset.json", meta)
+
+
+def written_files(root: Path) -> tuple[list[str], int] | None:
+    """(names of the files a previous conversion wrote into `root`, its sample count) if `root`
+    holds a readable dataset.json of this format; None otherwise."""
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+        shards = meta["shards"]
+        names = ["dataset.json"] + [name for shard in shards for name in (shard["tar"], shard["index"])]
+        if meta.get("format") != "webdataset" or any("/" in name or name.startswith(".") for name in names):
+            return None
+        return names, int(meta["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def shuffled_order(num_samples: int) -> np.ndarray:
+    """The source positions in the order the shards store them (fixed seed `SHUFFLE_SEED`)."""
+    return np.random.default_rng(SHUFFLE_SEED).permutation(num_samples)

@@ -2,15 +2,17 @@
 
 A `.beton` written here has fields `image` (`RGBImageField(write_mode='jpg',
 max_resolution=N, jpeg_quality=Q)`) and `label` (`IntField`), samples in the order given.
-The pixels handed to FFCV come from `ImagePrep.pixels`, already capped to N on the longer
-side, so FFCV's own resize is a no-op and FFCV only JPEG-encodes (OpenCV, quality Q) what
-both formats agree on. FFCV is imported inside the functions that need it, so the converter
-and its DALI format work without it.
+The stored JPEGs are `ImagePrep.stored(path, keep_original=False)`: the pixels capped to N on the
+longer side and encoded with OpenCV at quality Q, which is what FFCV's `RGBImageField` stores
+for them. The converter writes the file in parts (`BetonPart`, resumable one part at a time) and
+joins them (`join_parts`) in FFCV 1.0.2's layout; FFCV's own `Reader` and `Loader` read it.
+FFCV is imported inside the functions that need it, so the converter and its DALI format work
+without it.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -67,53 +69,146 @@ def page_size_for(max_resolution: int) -> int:
     return page
 
 
-class _PreparedImages:
-    """Indexable dataset for DatasetWriter: (capped RGB array, label).
+PART_ROW = np.dtype([("width", "<u2"), ("height", "<u2"), ("ptr", "<u8"), ("size", "<u8"), ("label", "<i8")])
 
-    FFCV's writer workers hang the parent if a sample raises, so a failure is logged to
-    `failures` and a 1x1 stand-in returned; the caller aborts the whole write afterwards.
+
+class BetonPart:
+    """A run of consecutive samples of a `.beton`, written as FFCV's `DatasetWriter` with one worker
+    writes its data region: each sample's JPEG goes into the current page if it fits, else into a
+    new zero-filled page (a sample never spans pages), and every page is written whole.
+
+    `pages` holds the pages; `close()` returns one `PART_ROW` per sample with `ptr` relative to
+    the part's first page. `join_parts` puts parts together into one `.beton`.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], prep: ImagePrep, failures: str):
-        self.samples = list(samples)
-        self.prep = prep
-        self.failures = failures
+    def __init__(self, pages: Path, page_size: int):
+        self.page_size = page_size
+        self.handle = open(pages, "wb")
+        self.page = bytearray(page_size)
+        self.used = 0
+        self.pages_written = 0
+        self.rows: list[tuple[int, int, int, int, int]] = []
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def _flush(self) -> None:
+        self.handle.write(self.page)
+        self.pages_written += 1
+        self.page = bytearray(self.page_size)
+        self.used = 0
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
-        try:
-            return self.prep.pixels(path), int(label)
-        except Exception as err:  # noqa: BLE001 - reported by write_ffcv
-            with open(self.failures, "a") as log:
-                log.write(f"{path}\t{' '.join(str(err).split()) or type(err).__name__}\n")
-            return np.zeros((1, 1, 3), dtype=np.uint8), int(label)
+    def add(self, jpeg: bytes, width: int, height: int, label: int) -> None:
+        if len(jpeg) > self.page_size:
+            raise DataError(f"a {len(jpeg)}-byte JPEG does not fit FFCV's {self.page_size}-byte page")
+        if self.rows and self.used + len(jpeg) > self.page_size:
+            self._flush()
+        ptr = self.pages_written * self.page_size + self.used
+        self.page[self.used:self.used + len(jpeg)] = jpeg
+        self.used += len(jpeg)
+        self.rows.append((width, height, ptr, len(jpeg), label))
+
+    def close(self) -> np.ndarray:
+        if self.rows:
+            self._flush()
+        self.handle.close()
+        return np.array(self.rows, dtype=PART_ROW)
 
 
-def write_ffcv(dst: Path, samples: Sequence[tuple[str, int]], prep: ImagePrep, *, workers: int) -> None:
-    """Write `samples` (validated (path, label)) to the `.beton` file `dst` over `workers` processes.
-
-    Raises DataError if any image fails to prepare (e.g. the file changed since validation).
-    """
+def _fields(prep: ImagePrep) -> dict:
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    return {"image": RGBImageField(write_mode="jpg", max_resolution=prep.max_resolution,
+                                   jpeg_quality=prep.jpeg_quality),
+            "label": IntField()}
 
-    fields = {
-        "image": RGBImageField(write_mode="jpg", max_resolution=prep.max_resolution,
-                               jpeg_quality=prep.jpeg_quality),
-        "label": IntField(),
-    }
-    with tempfile.TemporaryDirectory(prefix="bt_fast_convert_") as scratch:
-        failures = os.path.join(scratch, "failures.tsv")
-        writer = DatasetWriter(str(dst), fields, page_size=page_size_for(prep.max_resolution),
-                               num_workers=max(1, min(workers, len(samples))))
-        writer.from_indexed_dataset(_PreparedImages(samples, prep, failures),
-                                    chunksize=max(1, min(100, len(samples) // (workers * 4) or 1)))
-        if os.path.exists(failures):
-            with open(failures) as log:
-                lines = log.read().splitlines()
-            path, reason = lines[0].split("\t", 1)
-            raise DataError(f"{len(lines)} image(s) failed while writing, e.g. {path}: {reason}; "
-                            "did the source change during conversion? nothing was written")
+
+def join_parts(dst: Path, parts: Sequence[tuple[Path, np.ndarray]], prep: ImagePrep) -> int:
+    """Write the `.beton` `dst` from `parts` ((pages file, rows) in order); returns the sample count.
+
+    The layout is FFCV 1.0.2's (`ffcv.writer.DatasetWriter`): header, field descriptors, one
+    metadata row per sample, the data region from the next page boundary, the allocation table.
+    With one part the file is byte-identical to what `DatasetWriter` with one worker writes for the
+    same images; each further part starts on a fresh page.
+    """
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
+                            get_metadata_type)
+    from ffcv.utils import align_to_page
+
+    page_size = page_size_for(prep.max_resolution)
+    fields = _fields(prep)
+    total = sum(len(rows) for _, rows in parts)
+    header = np.zeros(1, dtype=HeaderType)[0]
+    header["version"], header["num_fields"] = CURRENT_VERSION, len(fields)
+    header["page_size"], header["num_samples"] = page_size, total
+    descriptors = np.zeros(len(fields), dtype=FieldDescType)
+    type_ids = {handler: type_id for type_id, handler in TYPE_ID_HANDLER.items()}
+    for i, (name, field) in enumerate(fields.items()):
+        descriptors[i]["type_id"] = type_ids[type(field)]
+        descriptors[i]["name"][:len(name)] = np.frombuffer(name.encode("ascii"), dtype="<u1")
+        descriptors[i]["arguments"][:] = field.to_binary()[0]
+    metadata = np.zeros(total, dtype=get_metadata_type(list(fields.values())))
+    alloc = np.zeros(total, dtype=ALLOC_TABLE_TYPE)
+    data_start = align_to_page(HeaderType.itemsize + descriptors.nbytes + metadata.nbytes, page_size)
+    image, label = metadata.dtype.names
+    at, offset = 0, data_start
+    for pages, rows in parts:
+        block = slice(at, at + len(rows))
+        metadata[image]["mode"][block] = IMAGE_MODES["jpg"]
+        metadata[image]["width"][block], metadata[image]["height"][block] = rows["width"], rows["height"]
+        metadata[image]["data_ptr"][block] = rows["ptr"] + offset
+        metadata[label][block] = rows["label"]
+        alloc["sample_id"][block] = np.arange(at, at + len(rows))
+        alloc["ptr"][block], alloc["size"][block] = rows["ptr"] + offset, rows["size"]
+        at += len(rows)
+        offset += os.path.getsize(pages)
+    with open(dst, "wb") as out:
+        out.write(header.tobytes())
+        out.write(descriptors.tobytes())
+        out.write(metadata.tobytes())
+        out.write(bytes(data_start - out.tell()))
+        for pages, _ in parts:
+            with open(pages, "rb") as source:
+                _copy(source, out)
+        header["alloc_table_ptr"] = out.tell()
+        out.write(alloc.tobytes())
+        out.seek(0)
+        out.write(header.tobytes())
+    return total
+
+
+def _copy(source, out) -> None:
+    """Append all of `source` to `out` (in the kernel where it can)."""
+    size = os.fstat(source.fileno()).st_size
+    out.flush()
+    done = 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(source.fileno(), out.fileno(), size - done)
+            if copied == 0:
+                break
+            done += copied
+        out.seek(0, os.SEEK_END)
+    except (AttributeError, OSError):
+        source.seek(done)
+        out.seek(0, os.SEEK_END)
+        shutil.copyfileobj(source, out, 1 << 24)
+
+
+def beton_samples(path: Path) -> int | None:
+    """The sample count of `path` if it is a `.beton` laid out as the converter writes it (fields
+    `image` and `label`); None for anything else. Reads the header only."""
+    try:
+        from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
+    except ImportError:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(HeaderType.itemsize + 2 * FieldDescType.itemsize)
+    except OSError:
+        return None
+    if len(raw) < HeaderType.itemsize + 2 * FieldDescType.itemsize:
+        return None
+    header = np.frombuffer(raw, dtype=HeaderType, count=1)[0]
+    descriptors = np.frombuffer(raw, dtype=FieldDescType, count=2, offset=HeaderType.itemsize)
+    names = [bytes(d["name"]).rstrip(b"\0") for d in descriptors]
+    if header["version"] != CURRENT_VERSION or header["num_fields"] != 2 or names != [b"image", b"label"]:
+        return None
+    return int(header["num_samples"])

@@ -6,6 +6,8 @@ mapped to RGB, unusable files raise `SkipImage` with a reason). It is not
 convert('RGB') (no EXIF rotation, none of the rules below) and raises DataError if unreadable.
 
 Pixel modes other than 8-bit RGB are converted (`to_rgb`):
+  - 16-bit RGB / RGBA (PNG): Pillow opens them as 8-bit RGB / RGBA keeping each sample's high
+    byte; this is noted, like the other conversions.
   - 'L' / '1' grayscale: the channel is replicated (lossless).
   - 'I;16*' and 'I' (16-bit grayscale): scaled to 8 bits by 255/65535 with rounding
     (Pillow's own convert('L') would clip everything above 255 to white). An 'I' image
@@ -114,6 +116,7 @@ def decode_source_image(source: str | BinaryIO, *, draft: bool = False) -> tuple
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's EXIF/ICC chatter is not our business
             with Image.open(source) as image:
+                wide = _sixteen_bit_colour(image)
                 if draft and image.format == "JPEG":
                     image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
@@ -137,7 +140,17 @@ def decode_source_image(source: str | BinaryIO, *, draft: bool = False) -> tuple
     rgb, note = to_rgb(transposed)
     if note:
         notes.insert(0, note)
+    if wide:
+        notes.insert(0, f"converted 16-bit {wide} to 8 bits (Pillow keeps the high byte of each sample)")
     return rgb, notes
+
+
+def _sixteen_bit_colour(image: Image.Image) -> str | None:
+    """'RGB' or 'RGBA' if `image` (not yet loaded) stores 16 bits per colour sample, which Pillow
+    narrows to its 8-bit mode without saying so; None otherwise."""
+    if image.mode not in ("RGB", "RGBA"):
+        return None
+    return image.mode if any(";16" in str(tile.args) for tile in getattr(image, "tile", ())) else None
 
 
 def validate_file(path: str) -> tuple[str, str | None]:
@@ -156,6 +169,18 @@ def cv2_module():
     except ImportError:
         raise DataError("OpenCV (cv2) is needed for resizing and JPEG encoding; install opencv-python-headless") from None
     return cv2
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One source file made ready for a writer: status 'ok', 'converted' (reason says what was
+    done) or 'skipped' (reason says why; no data)."""
+
+    status: str
+    reason: str | None
+    data: bytes | None = None
+    width: int = 0
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +232,36 @@ class ImagePrep:
                             and image.getexif().get(_ORIENTATION_TAG, 1) in (None, 1))
         except Exception:  # noqa: BLE001 - not passable; the full path will report why
             return False
+
+    def stored(self, path: str, keep_original: bool) -> "Prepared":
+        """Validate and prepare `path` in one decode: what a writer stores, or why it is skipped.
+
+        The bytes are `jpeg(path)`'s when `keep_original` (DALI), else the capped pixels encoded
+        (`encode(pixels(path))`, exactly what FFCV's `RGBImageField` stores for those pixels). A JPEG
+        kept byte-for-byte is validated by a draft decode, which still reads all its entropy-coded data.
+        """
+        if not os.path.isfile(path) and os.path.exists(path):
+            return Prepared("skipped", "not a regular file")
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return Prepared("skipped", "file not found")
+        except OSError as err:
+            return Prepared("skipped", f"cannot read file: {err.strerror}")
+        try:
+            if not data:
+                raise SkipImage("empty file (0 bytes)")
+            if keep_original and self.passes_through(data):
+                decode_source_image(io.BytesIO(data), draft=True)
+                with Image.open(io.BytesIO(data)) as image:
+                    return Prepared("ok", None, data, image.width, image.height)
+            image, notes = decode_source_image(io.BytesIO(data))
+            pixels = self._capped(image)
+            return Prepared("converted" if notes else "ok", "; ".join(notes) or None, self.encode(pixels),
+                            pixels.shape[1], pixels.shape[0])
+        except SkipImage as skip:
+            return Prepared("skipped", str(skip))
 
     def jpeg(self, path: str) -> bytes:
         with open(path, "rb") as handle:

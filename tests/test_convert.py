@@ -13,10 +13,9 @@ import pytest
 from PIL import Image
 
 from pipelines.base import DataError, find_image_folder
-from pipelines.convert import convert
-from pipelines.dali_format import write_dali
-from pipelines.ffcv_format import write_ffcv
-from pipelines.images import ImagePrep
+from pipelines.convert import convert, work_dir
+from pipelines.ffcv_format import page_size_for
+from pipelines.images import ImagePrep, decode_source_image
 from tools.convert import main as convert_main
 
 MAX_RES = 64          # every kept test image ends up 64x48 (SimpleRGBImageDecoder needs one size)
@@ -128,7 +127,7 @@ def kept(source):
 def outputs(source, tmp_path_factory):
     root, _ = source
     out = tmp_path_factory.mktemp("convert_out")
-    ffcv = convert(root, out / "data.beton", "ffcv", max_resolution=MAX_RES, workers=2, progress=False)
+    ffcv = convert(root, out / "data.beton", "ffcv", max_resolution=MAX_RES, workers=2, part_size=4, progress=False)
     dali = convert(root, out / "shards", "dali", max_resolution=MAX_RES, workers=1, shard_size=5,
                         progress=False)
     return out, ffcv, dali
@@ -223,11 +222,15 @@ def _read_dali(root: Path) -> tuple[list[np.ndarray], list[int]]:
     return images[:total], labels[:total]
 
 
-def test_dali_shards_read_back(outputs, kept):
+def test_dali_shards_read_back(outputs, kept, source):
     out, _, _ = outputs
     meta = json.loads((out / "shards" / "dataset.json").read_text())
     assert meta["num_samples"] == 11 and meta["classes"] == ["a", "b", "c"] and meta["num_classes"] == 3
-    assert [s["num_samples"] for s in meta["shards"]] == [5, 5, 1]
+    # shard k: the usable files among positions 5k..5k+4 of the fixed permutation of the 14 sources
+    _, samples = find_image_folder(source[0])
+    usable = [source[1][str(Path(p).relative_to(source[0]))][1] is not None for p, _ in samples]
+    order = np.random.default_rng(0).permutation(len(samples))
+    assert [s["num_samples"] for s in meta["shards"]] == [sum(usable[i] for i in order[k:k + 5]) for k in (0, 5, 10)]
     images, labels = _read_dali(out / "shards")
     assert sorted(labels) == sorted(label for label, _, _ in kept)
     # Shards are shuffled: pair each decoded image with the expected image it matches best.
@@ -382,16 +385,170 @@ def test_target_size_matches_ffcv_rounding():
         assert prep.target_size(w, h) == resizer(image, 64).shape[1::-1]
 
 
-@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
-def test_writer_failure_aborts_instead_of_hanging(fmt, source, tmp_path):
-    """A file that vanished after validation must abort the write (FFCV workers would hang)."""
+# ---------------------------------------------------------------------------------------------
+# the .beton layout, resuming a killed conversion
+# ---------------------------------------------------------------------------------------------
+
+def _stored(beton: Path) -> tuple[list[bytes], np.ndarray]:
+    """Each sample's stored JPEG (through ffcv's Reader and allocation table) and the metadata rows."""
+    from ffcv.reader import Reader
+    reader = Reader(str(beton))
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    raw = beton.read_bytes()
+    image = reader.metadata["f0"]
+    return [raw[p:p + sizes[p]] for p in image["data_ptr"].tolist()], reader.metadata
+
+
+def test_beton_is_byte_identical_to_ffcv_writer_and_parts_hold_the_same_samples(source, outputs, tmp_path):
+    """One part: the file FFCV's own DatasetWriter (one worker) writes for the same pixels, byte for byte."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
     root, _ = source
-    samples = [(str(root / "a/a0.jpg"), 0), (str(tmp_path / "vanished.jpg"), 1)]
+    single = tmp_path / "single.beton"
+    report = convert(root, single, "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
     prep = ImagePrep(max_resolution=MAX_RES)
-    with pytest.raises(DataError, match="vanished.jpg"):
-        if fmt == "ffcv":
-            write_ffcv(tmp_path / "x.beton", samples, prep, workers=1)
-        else:
-            (tmp_path / "x").mkdir()
-            write_dali(tmp_path / "x", samples, prep, workers=1, shard_size=10, classes=("a", "b"),
-                       show_progress=False)
+    skipped = {f["path"] for f in report["files"] if f["status"] == "skipped"}
+    pixels = [(prep.pixels(p), label) for p, label in find_image_folder(root)[1] if p not in skipped]
+
+    class Indexed:
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, i):
+            return pixels[i]
+
+    stock = tmp_path / "stock.beton"
+    DatasetWriter(str(stock), {"image": RGBImageField(write_mode="jpg", max_resolution=MAX_RES, jpeg_quality=90),
+                               "label": IntField()},
+                  page_size=page_size_for(MAX_RES), num_workers=1).from_indexed_dataset(Indexed())
+    assert single.read_bytes() == stock.read_bytes()
+
+    out, _, _ = outputs  # the fixture's .beton was written in four parts of four images
+    (jpegs, meta), (want_jpegs, want_meta) = _stored(out / "data.beton"), _stored(stock)
+    assert jpegs == want_jpegs
+    for name in ("mode", "width", "height"):
+        assert meta["f0"][name].tolist() == want_meta["f0"][name].tolist()
+    assert meta["f1"].tolist() == want_meta["f1"].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_path, monkeypatch):
+    root, _ = source
+    out, _, _ = outputs
+    calls = []
+    original = ImagePrep.stored
+
+    def interrupted(self, path, keep_original):
+        calls.append(path)
+        if len(calls) == 8:  # in the second part (parts of 4 or 5 images)
+            raise KeyboardInterrupt
+        return original(self, path, keep_original)
+
+    dst = tmp_path / ("data.beton" if fmt == "ffcv" else "shards")
+    kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, shard_size=5, progress=False)
+    monkeypatch.setattr(ImagePrep, "stored", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(root, dst, fmt, **kwargs)
+    assert not dst.exists() and work_dir(dst).is_dir()
+
+    calls.clear()
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path, keep: calls.append(path) or original(self, path, keep))
+    convert(root, dst, fmt, **kwargs)
+    first_part = 4 if fmt == "ffcv" else 5
+    assert len(calls) == 14 - first_part  # the finished first part was not redone
+    assert not work_dir(dst).exists()
+    if fmt == "ffcv":
+        assert dst.read_bytes() == (out / "data.beton").read_bytes()
+    else:
+        assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in (out / "shards").iterdir())
+        assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
+
+
+def test_changed_arguments_start_over(source, tmp_path, monkeypatch):
+    root, _ = source
+    dst = tmp_path / "data.beton"
+    original = ImagePrep.stored
+    calls = []
+
+    def interrupted(self, path, keep_original):
+        calls.append(path)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(self, path, keep_original)
+
+    monkeypatch.setattr(ImagePrep, "stored", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(root, dst, "ffcv", max_resolution=MAX_RES, workers=1, part_size=4, progress=False)
+    monkeypatch.setattr(ImagePrep, "stored", original)
+    calls.clear()
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path, keep: calls.append(path) or original(self, path, keep))
+    convert(root, dst, "ffcv", max_resolution=MAX_RES, jpeg_quality=70, workers=1, part_size=4, progress=False)
+    assert len(calls) == 14
+
+
+# ---------------------------------------------------------------------------------------------
+# --force replaces only what the converter wrote; the report
+# ---------------------------------------------------------------------------------------------
+
+def test_force_never_replaces_what_the_converter_did_not_write(source, tmp_path, capsys):
+    root, _ = source
+    base = [str(root), "--max-resolution", str(MAX_RES), "--workers", "1"]
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"a user's file")
+    for force in ([], ["--force"]):
+        assert _cli([base[0], str(mine), "--format", "dali", *base[1:], *force]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "did not write" in err and str(mine) in err
+        assert sorted(p.name for p in mine.iterdir()) == ["holiday.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+    shards = tmp_path / "shards"
+    assert _cli([base[0], str(shards), "--format", "dali", *base[1:], "--shard-size", "5"]) == 0
+    capsys.readouterr()
+    assert _cli([base[0], str(shards), "--format", "dali", *base[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    meta = json.loads((shards / "dataset.json").read_text())
+    assert f"the DALI dataset in {shards} (dataset.json and {len(meta['shards'])} shard(s)" in err
+    assert f"{meta['num_samples']} samples" in err and "--force" in err and str(tmp_path / "shards.report.json") in err
+
+    (shards / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    assert _cli([base[0], str(shards), "--format", "dali", *base[1:], "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "notes.txt" in err and "did not write" in err
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+
+    (shards / "notes.txt").unlink()
+    assert _cli([base[0], str(shards), "--format", "dali", *base[1:], "--force", "--jpeg-quality", "60"]) == 0
+    assert json.loads((shards / "dataset.json").read_text())["jpeg_quality"] == 60
+
+    beton = tmp_path / "data.beton"
+    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:]]) == 0
+    capsys.readouterr()
+    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:]]) == 2
+    assert f"the FFCV dataset {beton} (11 samples)" in capsys.readouterr().err
+    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:], "--force"]) == 0
+
+
+def test_report_writes_non_ascii_paths_as_text(tmp_path):
+    (tmp_path / "src" / "café").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "src" / "café" / "ok.jpg")
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(tmp_path / "src" / "café" / "grå.png")
+    convert(tmp_path / "src", tmp_path / "o.beton", "ffcv", workers=1, progress=False)
+    text = (tmp_path / "o.beton.report.json").read_bytes().decode("utf-8")
+    assert "café/grå.png" in text and "\\u" not in text
+    assert json.loads(text)["files"][0]["path"] == str(tmp_path / "src" / "café" / "grå.png")
+
+
+def test_sixteen_bit_rgb_png_is_noted_and_keeps_the_high_byte(tmp_path):
+    import cv2
+    rgb = np.random.default_rng(0).integers(0, 65536, size=(6, 7, 3)).astype(np.uint16)
+    (tmp_path / "src" / "k").mkdir(parents=True)
+    assert cv2.imwrite(str(tmp_path / "src" / "k" / "deep.png"), rgb[..., ::-1])  # OpenCV writes BGR
+    image, notes = decode_source_image(str(tmp_path / "src" / "k" / "deep.png"))
+    assert np.array_equal(np.asarray(image), (rgb >> 8).astype(np.uint8))
+    report = convert(tmp_path / "src", tmp_path / "o", "dali", workers=1, progress=False)
+    assert [(f["status"], "16-bit" in f["reason"]) for f in report["files"]] == [("converted", True)]
+    assert report["converted"] == 1 and notes and "16-bit RGB" in notes[0]

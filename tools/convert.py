@@ -1,7 +1,10 @@
 """Convert an ImageFolder or a `path label` list into an FFCV `.beton` or DALI webdataset shards.
 
     python -m tools.convert SRC DST --format ffcv|dali [--max-resolution N] [--jpeg-quality Q]
-                            [--workers N] [--force] [--shard-size N]
+                            [--workers N] [--force] [--shard-size N] [--part-size N]
+
+A conversion that is stopped (Ctrl-C, kill, power loss) keeps its finished parts in `.DST.parts`;
+the same command run again finishes the rest.
 
 What is validated, skipped, converted and written is described in `pipelines.convert`.
 """
@@ -13,7 +16,7 @@ from typing import Sequence
 
 from bt_fast.errors import cli_errors, print_error
 from pipelines.base import DataError
-from pipelines.convert import DEFAULT_SHARD_SIZE, FORMATS, convert, report_path
+from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, report_path, work_dir
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
@@ -34,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JPEG quality for re-encoded images (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: os.cpu_count())")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a previous output of tools.convert at DST (nothing else is ever replaced)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                        help="samples per tar shard, dali only (default %(default)s)")
+                        help="samples per tar shard, dali only; also its resumable part (default %(default)s)")
+    parser.add_argument("--part-size", type=int, default=DEFAULT_PART_SIZE,
+                        help="images per resumable part, ffcv only (default %(default)s)")
     return parser
 
 
@@ -47,12 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report = convert(args.src, args.dst, args.fmt, max_resolution=args.max_resolution,
                              jpeg_quality=args.jpeg_quality, workers=args.workers, force=args.force,
-                             shard_size=args.shard_size)
+                             shard_size=args.shard_size, part_size=args.part_size)
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
         except KeyboardInterrupt:
-            print_error("interrupted; no output was written")
+            kept = work_dir(args.dst)
+            print_error(f"interrupted; no output was written" + (
+                f"; the finished parts are kept in {kept} and the same command finishes the rest"
+                if kept.is_dir() else ""))
             raise SystemExit(130) from None
     print(f"wrote {report['written']} images to {args.dst} ({report['skipped']} skipped, "
           f"{report['converted']} converted; report: {report_path(args.dst)})")
