@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bt_fast.config import AugmentSpec
+from bt_fast.config import AugmentSpec, ConfigError, check_choice
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -113,7 +113,7 @@ def sample_params(batch: int, spec: AugmentSpec, view: int, generator: torch.Gen
 # --------------------------------------------------------------------------------------------
 
 class Workspace:
-    """Reused scratch tensors, keyed by name, shape, dtype and device.
+    """Reused scratch tensors, keyed by name, shape, dtype and device, and device constants.
 
     Not thread-safe: one augmentation at a time per workspace. Results returned to callers
     never live in it.
@@ -121,6 +121,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._constants: dict[tuple, object] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (name, tuple(shape), dtype, torch.device(device))
@@ -129,12 +130,21 @@ class Workspace:
             buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
 
+    def constant(self, key: tuple, make: Callable[[], object]) -> object:
+        """`make()`, made once per `key` (which names the device and dtype) and kept: the hot path
+        then makes no host-to-device copy."""
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
     def clear(self) -> None:
+        """Drop the buffers (a new image size); the constants do not depend on the size and stay."""
         self._buffers.clear()
 
 
-def _empty(ws: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-           device: torch.device) -> torch.Tensor:
+def scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """`ws`'s reused buffer `name`, or a fresh tensor without a workspace (contents undefined)."""
     if ws is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return ws.get(name, shape, dtype, device)
@@ -144,7 +154,7 @@ def batch_last(ws: Workspace | None, name: str, shape: tuple[int, ...], dtype: t
                device: torch.device) -> torch.Tensor:
     """A tensor of logical `shape` (B, ...) whose memory has the batch dimension innermost."""
     rest = tuple(shape[1:])
-    storage = _empty(ws, name, rest + (shape[0],), dtype, device)
+    storage = scratch(ws, name, rest + (shape[0],), dtype, device)
     return storage.permute(len(rest), *range(len(rest)))
 
 
@@ -165,15 +175,20 @@ def _per_sample(values: torch.Tensor, ndim: int, dtype: torch.dtype | None = Non
 # The steps. `x` is a float (B, 3, H, W) batch in [0, 1] of any layout; `_` steps work in place.
 # --------------------------------------------------------------------------------------------
 
+def check_images(images: torch.Tensor) -> None:
+    """Raise ValueError unless `images` is a (B, 3, H, W) uint8 or floating-point batch."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+
+
 def to_float(images: torch.Tensor, flip: torch.Tensor, compute_dtype: torch.dtype | None = None,
              workspace: Workspace | None = None) -> torch.Tensor:
     """uint8 (0..255) or float ([0, 1]) (B, 3, H, W) images -> flipped float batch in batch-last memory."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    check_images(images)
     compute_dtype = compute_dtype or default_compute_dtype(images.device)
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
-    flipped = _empty(workspace, "flipped", tuple(images.shape), images.dtype, images.device)
+    flipped = scratch(workspace, "flipped", tuple(images.shape), images.dtype, images.device)
     torch.where(_per_sample(flip, 4), images.flip(-1), images, out=flipped)
     x = batch_last(workspace, "x", tuple(images.shape), compute_dtype, images.device)
     x.copy_(flipped)  # the layout change is fastest as a plain copy; scale in place
@@ -303,6 +318,16 @@ def _reflect_pad_into(padded: torch.Tensor, x: torch.Tensor, pad: int) -> None:
     padded[..., pad + H:, :] = padded[..., H - 1:H - 1 + pad, :].flip(-2)
 
 
+def check_blur_size(kernel_size: int, height: int, width: int) -> None:
+    """Raise ValueError unless `kernel_size` is odd, positive and reflect-paddable at height x width."""
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"blur kernel size must be odd and positive, got {kernel_size}")
+    pad = kernel_size // 2
+    if pad >= height or pad >= width:
+        raise ValueError(f"blur kernel {kernel_size} is too large for {height}x{width} images "
+                         f"(reflect padding needs pad < size)")
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, kernel_size: int,
                   workspace: Workspace | None = None) -> torch.Tensor:
     """Blur each sample where `mask` with its own sigma; returns a new batch-last tensor.
@@ -310,15 +335,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, kern
     Two 1-D depthwise convolutions over the (3, B, H, W) channels-last view, one channel
     (and kernel) per sample; numerically torchvision's 2-D kernel up to float rounding.
     """
-    if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"blur kernel size must be odd and positive, got {kernel_size}")
     B, C, H, W = x.shape
+    check_blur_size(kernel_size, H, W)
     pad = kernel_size // 2
-    if pad >= H or pad >= W:
-        raise ValueError(f"blur kernel {kernel_size} is too large for {H}x{W} images (reflect padding needs pad < size)")
     kernels = gaussian_kernels(sigma, kernel_size, mask).to(x.dtype)
     planes = x.permute(1, 0, 2, 3)                      # (3, B, H, W): channels-last iff x is batch-last
-    padded = _empty(workspace, "blur_pad", (C, H + 2 * pad, W + 2 * pad, B), x.dtype, x.device).permute(0, 3, 1, 2)
+    padded = scratch(workspace, "blur_pad", (C, H + 2 * pad, W + 2 * pad, B), x.dtype, x.device).permute(0, 3, 1, 2)
     _reflect_pad_into(padded, planes, pad)
     rows = F.conv2d(padded, kernels.view(B, 1, 1, kernel_size), groups=B)
     out = F.conv2d(rows, kernels.view(B, 1, kernel_size, 1), groups=B)
@@ -333,18 +355,31 @@ def solarize_(x: torch.Tensor, mask: torch.Tensor, threshold: float, workspace: 
     return x.sub_(hit).abs_()
 
 
+def normalization_affine(mean, std, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - mean) / std as x * scale + bias: (1, C, 1, 1) `scale` = 1 / std and `bias` = -mean / std,
+    computed in float32 and then rounded to `dtype`."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return (1.0 / std).to(dtype), (-mean / std).to(dtype)
+
+
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
               workspace: Workspace | None = None) -> torch.Tensor:
-    """(x - mean) / std as a new channels-last tensor of `dtype`."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    scale, bias = (1.0 / std).to(x.dtype), (-mean / std).to(x.dtype)
+    """(x - mean) / std as a new channels-last tensor of `dtype`.
+
+    With a workspace, scale and bias are made on the device once and kept there.
+    """
+    if workspace is None:
+        scale, bias = normalization_affine(mean, std, x.dtype, x.device)
+    else:
+        key = ("normalize", tuple(mean), tuple(std), x.dtype, x.device)
+        scale, bias = workspace.constant(key, lambda: normalization_affine(mean, std, x.dtype, x.device))
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
     B, C, H, W = x.shape
     if B > 1 and x.permute(1, 2, 3, 0).is_contiguous() and not torch.compiler.is_compiling():
         # Batch-last (C, H, W, B) -> (B, H, W, C) in two cheap steps instead of one scattered
         # copy: (C, HW, B) -> (HW, C, B) while normalising, then a 2-D transpose of (HW*C, B).
-        staged = _empty(workspace, "normalize", (H * W, C, B), x.dtype, x.device)
+        staged = scratch(workspace, "normalize", (H * W, C, B), x.dtype, x.device)
         planes = x.permute(1, 2, 3, 0).reshape(C, H * W, B)
         torch.addcmul(bias.view(1, C, 1), planes.transpose(0, 1), scale.view(1, C, 1), out=staged)
         out.permute(0, 2, 3, 1).reshape(B, H * W * C).copy_(staged.view(H * W * C, B).t())
@@ -372,44 +407,81 @@ def _apply_fresh(images: torch.Tensor, params: AugmentParams, spec: AugmentSpec,
     return apply(images, params, spec, dtype=dtype, compute_dtype=compute_dtype, workspace=None)
 
 
+BACKENDS = ("auto", "eager", "compile", "triton")
+
+
+def triton_kernels(device: torch.device):
+    """`pipelines.augment_triton` (imported on first use), or a ConfigError when its kernels cannot
+    run on `device`: they need CUDA, or the CPU interpreter enabled before they were decorated."""
+    from pipelines import augment_triton  # triton is imported only by this backend
+    if torch.device(device).type != "cuda" and not augment_triton.INTERPRETED:
+        raise ConfigError(f"config key 'augment.backend': triton runs on CUDA, and the images are on {device} "
+                          f"(on the CPU it needs TRITON_INTERPRET=1 set before start, slow); use "
+                          f"augment.backend=auto or eager")
+    return augment_triton
+
+
 class TwoViewAugment(torch.nn.Module):
     """Two uint8 crop batches (B, 3, S, S), any layout -> two normalised channels-last views.
 
     View 1 uses index 0 of `blur_p`/`solarize_p`, view 2 index 1. The spec is applied at the
     crops' side S (`spec.image_size` replaced by S), so the blur window follows the crop size of
-    a resolution schedule's epoch. `compile=True` wraps the application in `torch.compile`
-    (fresh buffers; the first call at each size compiles).
+    a resolution schedule's epoch. `backend` (config key `augment.backend`) says how:
+
+    - `eager`: `apply`, on reused buffers;
+    - `compile`: `apply` through `torch.compile` with `compile_backend` (fresh buffers; the first
+      call at each size compiles);
+    - `triton`: the fused kernels of `pipelines.augment_triton` (CUDA; on the CPU only under
+      `TRITON_INTERPRET=1`, else a ConfigError);
+    - `auto`: triton for images on CUDA, eager otherwise.
+
+    Every backend takes the same random draws (`sample_params`) and gives the same views within
+    its compute dtype's rounding.
     """
 
-    def __init__(self, spec: AugmentSpec, dtype: torch.dtype = torch.float32, *,
-                 compute_dtype: torch.dtype | None = None, compile: bool = False, compile_backend: str = "inductor"):
+    def __init__(self, spec: AugmentSpec, dtype: torch.dtype = torch.float32, *, backend: str = "eager",
+                 compute_dtype: torch.dtype | None = None, compile_backend: str = "inductor"):
         super().__init__()
+        check_choice("augment.backend", backend, BACKENDS)
+        if backend == "triton" and not torch.cuda.is_available():
+            triton_kernels(torch.device("cpu"))  # refuse now rather than at the first batch
         self.spec = spec
         self.dtype = dtype
+        self.backend = backend
         self.compute_dtype = compute_dtype
-        self.compiled = compile
         self.compile_backend = compile_backend
         self.workspace = Workspace()
-        self._appliers: dict[int, Callable] = {}  # crop side -> the application at that size
+        self._appliers: dict[tuple[int, str], Callable] = {}  # (crop side, backend) -> the application
 
-    def _applier(self, side: int) -> Callable:
-        if side not in self._appliers:
+    def _resolve(self, device: torch.device) -> str:
+        if self.backend == "auto":
+            return "triton" if device.type == "cuda" else "eager"
+        return self.backend
+
+    def _applier(self, side: int, backend: str, device: torch.device) -> Callable:
+        if (side, backend) not in self._appliers:
             spec = dataclasses.replace(self.spec, image_size=side, start_image_size=0)
-            self.workspace.clear()  # a schedule moves to a new size for good: drop the last size's buffers
-            if self.compiled:
-                self._appliers[side] = torch.compile(functools.partial(
-                    _apply_fresh, spec=spec, dtype=self.dtype, compute_dtype=self.compute_dtype),
-                    dynamic=False, backend=self.compile_backend)
+            if not any(key[0] == side for key in self._appliers):
+                self.workspace.clear()  # a schedule moves to a new size for good: drop the last size's buffers
+            settings = dict(spec=spec, dtype=self.dtype, compute_dtype=self.compute_dtype)
+            if backend == "compile":
+                applier = torch.compile(functools.partial(_apply_fresh, **settings), dynamic=False,
+                                        backend=self.compile_backend)
+            elif backend == "triton":
+                applier = functools.partial(triton_kernels(device).apply, workspace=self.workspace, **settings)
             else:
-                self._appliers[side] = functools.partial(apply, spec=spec, dtype=self.dtype,
-                                                         compute_dtype=self.compute_dtype, workspace=self.workspace)
-        return self._appliers[side]
+                applier = functools.partial(apply, workspace=self.workspace, **settings)
+            self._appliers[(side, backend)] = applier
+        return self._appliers[(side, backend)]
 
     def view(self, images: torch.Tensor, view: int, generator: torch.Generator | None = None) -> torch.Tensor:
         params = sample_params(images.shape[0], self.spec, view, generator, device=images.device)
-        out = self._applier(images.shape[-1])(images, params)
+        backend = self._resolve(images.device)
+        if backend == "triton":
+            triton_kernels(images.device)  # images moved to the CPU without the interpreter: refuse
+        out = self._applier(images.shape[-1], backend, images.device)(images, params)
         # A compiled graph may pick its own output strides; the interface promises channels-last.
-        return out.contiguous(memory_format=torch.channels_last) if self.compiled else out
+        return out.contiguous(memory_format=torch.channels_last) if backend == "compile" else out
 
     def forward(self, crops1: torch.Tensor, crops2: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -279,7 +279,7 @@ def test_compiled_augmentation_matches_eager():
     spec = strong_spec(image_size=16, grayscale_p=0.5, solarize_p=(0.5, 0.5))
     images = make_images(8, size=16)
     eager = A.TwoViewAugment(spec)(images, images, torch.Generator().manual_seed(2))
-    compiled = A.TwoViewAugment(spec, compile=True, compile_backend="aot_eager")(
+    compiled = A.TwoViewAugment(spec, backend="compile", compile_backend="aot_eager")(
         images, images, torch.Generator().manual_seed(2))
     for a, b in zip(eager, compiled):
         assert b.is_contiguous(memory_format=torch.channels_last) and b.dtype == torch.float32
