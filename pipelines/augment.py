@@ -355,7 +355,8 @@ def solarize_(x: torch.Tensor, mask: torch.Tensor, threshold: float, workspace: 
     return x.sub_(hit).abs_()
 
 
-def normalization_affine(mean, std, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def normalization_affine(mean, std, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(x - mean) / std as x * scale + bias: (1, C, 1, 1) `scale` = 1 / std and `bias` = -mean / std,
     computed in float32 and then rounded to `dtype`."""
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)

@@ -305,6 +305,6 @@ def apply(images: torch.Tensor, params: A.AugmentParams, spec: AugmentSpec, *, d
                          size, *strides, tiles, IS_UINT8=is_uint8, BLOCK=block,
                          TILES=triton.next_power_of_2(tiles))
     _blur_rows_kernel[grid](planes, rows, _flag(p.blur), sigma_kernels, reflect, size, K=k, BLOCK=block)
-    _blur_cols_kernel[grid](rows, out, _flag(p.blur), sigma_kernels, reflect, _flag(p.solarize), threshold, *scale, *bias,
-                            size, K=k, BLOCK=block)
+    _blur_cols_kernel[grid](rows, out, _flag(p.blur), sigma_kernels, reflect, _flag(p.solarize), threshold,
+                            *scale, *bias, size, K=k, BLOCK=block)
     return out
