@@ -14,7 +14,8 @@ from tools.gpu_check.measure import Result, compare, timed
 from tools.gpu_check.train_checks import image_folder
 
 def check_augment(device, sizes, workdir, measured) -> list[Result]:
-    """Both views in float16 and bfloat16 compute on the device against float32 compute on the CPU."""
+    """Both views in float16 and bfloat16 compute on the device (and, on CUDA, the fused Triton kernels)
+    against float32 compute on the CPU; images/s of each backend."""
     spec = AugmentSpec(image_size=sizes.image_size)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (sizes.batch, 3, sizes.image_size, sizes.image_size), dtype=torch.uint8,
@@ -28,9 +29,19 @@ def check_augment(device, sizes, workdir, measured) -> list[Result]:
             got.append(apply(images.to(device), params.to(device), spec, compute_dtype=compute))
         results.append(compare(f"augment {str(compute)[6:]}", torch.stack(got), torch.stack(want),
                                relative=False, mean=True))
-    augment = TwoViewAugment(spec, torch.float16 if device.type == "cuda" else torch.float32)
     crops = images.to(device)
-    measured["augment_images_per_s"] = sizes.batch / timed(lambda: augment(crops, crops), device, 5)
+    backends = ["eager"]
+    if device.type == "cuda":  # GPU only: the fused kernels, float16 out, against float32 eager on the CPU
+        from pipelines.augment_triton import apply as fused
+        params = [sample_params(sizes.batch, spec, view, generator) for view in (0, 1)]
+        want = [apply(images, p, spec, compute_dtype=torch.float32) for p in params]
+        got = [fused(crops, p.to(device), spec, dtype=torch.float16) for p in params]
+        results.append(compare("augment triton", torch.stack(got), torch.stack(want), relative=False, mean=True))
+        backends.append("triton")
+    for backend in backends:
+        augment = TwoViewAugment(spec, torch.float16 if device.type == "cuda" else torch.float32, backend=backend)
+        key = "augment_images_per_s" if backend == "eager" else f"augment_{backend}_images_per_s"
+        measured[key] = sizes.batch / timed(lambda: augment(crops, crops), device, 5)
     return results
 
 

@@ -10,7 +10,8 @@ import torch
 # Largest error each check accepts: augmentation as the mean |diff| in normalised pixel units (one 8-bit
 # level is 0.017; rounding near the solarize threshold and at grey pixels' hue makes the max a poor
 # measure), losses, gradients and LARS updates as max |diff| over the reference's largest magnitude.
-TOLERANCE = {"augment float16": 0.005, "augment bfloat16": 0.04, "amp float16": 0.02, "amp bfloat16": 0.05,
+TOLERANCE = {"augment float16": 0.005, "augment bfloat16": 0.04, "augment triton": 0.005,
+             "amp float16": 0.02, "amp bfloat16": 0.05,
              "lars": 1e-5, "resume batch": 0.0, "resume step": 1e-6, "ddp": 1e-5,
              "ffcv crops": 1 / 255, "dali ids": 0.0, "dali view means": 0.05,
              "device crop float16": 0.5 / 255, "device crop bfloat16": 3.0 / 255,
