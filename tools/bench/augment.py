@@ -4,8 +4,9 @@ Both sides apply the same distortions per view (flip, colour jitter p 0.8 with t
 magnitudes, grayscale, Gaussian blur with the same kernel and sigma range and the per-view
 probabilities, solarize, normalise) to both views, from channels-last uint8 crops on the
 device, timed interleaved. A side that cannot be built is reported (`ours.unavailable`,
-`kornia_unavailable`) and its rate is None. With --augment-compile, `TwoViewAugment(compile=True)`
-is timed too (`ours_compiled_images_per_s`, compile excluded).
+`kornia_unavailable`) and its rate is None. With --augment-compile, `TwoViewAugment(backend="compile")`
+is timed too (`ours_compiled_images_per_s`, compile excluded); on CUDA the fused Triton kernels are
+(`ours_triton_images_per_s`, `triton_speedup` over kornia).
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def _build(make, what: str):
         return None, f"{what}: {type(err).__name__}: {err}"
 
 
-def _ours(spec: AugmentSpec, compile: bool):
+def _ours(spec: AugmentSpec, backend: str):
     # stateless: runs on the device of its inputs
-    return _build(lambda: TwoViewAugment(spec, torch.float32, compile=compile), "pipelines.augment.TwoViewAugment")
+    return _build(lambda: TwoViewAugment(spec, torch.float32, backend=backend), "pipelines.augment.TwoViewAugment")
 
 
 def bench_augment(args: argparse.Namespace) -> dict:
@@ -77,20 +78,23 @@ def bench_augment(args: argparse.Namespace) -> dict:
         out["kornia_unavailable"] = reason
     else:
         runners["kornia"] = lambda: kornia(*crops)
-    ours, reason = _ours(spec, compile=False)
+    ours, reason = _ours(spec, "eager")
     if ours is None:
         out["ours"] = {"unavailable": reason}
     else:
         runners["ours"] = lambda: ours(*crops)
-    if args.augment_compile:
-        compiled, reason = _ours(spec, compile=True)
-        if compiled is None:
-            out["ours_compiled"] = {"unavailable": reason}
+    extra = {"ours_compiled": "compile"} if args.augment_compile else {}
+    if torch.device(device).type == "cuda":  # GPU only: the fused kernels
+        extra["ours_triton"] = "triton"
+    for name, backend in extra.items():
+        other, reason = _ours(spec, backend)
+        if other is None:
+            out[name] = {"unavailable": reason}
         else:
-            runners["ours_compiled"] = lambda: compiled(*crops)
+            runners[name] = lambda other=other: other(*crops)
     with torch.no_grad():
         seconds = time_interleaved(runners, device, args.reps)  # the untimed first call compiles
-    for name in ("kornia", "ours", "ours_compiled"):
+    for name in ("kornia", "ours", "ours_compiled", "ours_triton"):
         if name in seconds:
             out[f"{name}_images_per_s"] = rate_stats(batch, seconds[name])
     out.setdefault("kornia_images_per_s", None)
@@ -98,4 +102,6 @@ def bench_augment(args: argparse.Namespace) -> dict:
     out["speedup"] = ratio(out["ours_images_per_s"], out["kornia_images_per_s"])
     if "ours_compiled_images_per_s" in out:
         out["compiled_speedup"] = ratio(out["ours_compiled_images_per_s"], out["kornia_images_per_s"])
+    if "ours_triton_images_per_s" in out:
+        out["triton_speedup"] = ratio(out["ours_triton_images_per_s"], out["kornia_images_per_s"])
     return out
