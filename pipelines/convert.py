@@ -24,7 +24,8 @@ lines and lines starting with '#' are ignored).
 4. The parts are put together under a hidden temporary name in DST's directory, moved into
    place only when complete, and the work directory removed.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
-   counts and one `{path, status, reason}` entry per skipped or converted file.
+   counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
+   `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since).
 
 Formats:
 
@@ -104,6 +105,20 @@ def scan_source(src: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
     if src.is_dir():
         return find_image_folder(src)
     return read_list_file(src)
+
+
+def source_state(src: str | Path) -> list[list]:
+    """A cheap fingerprint of the source's listing: [name, mtime_ns] of the source itself and, for
+    an ImageFolder, of each class directory. Adding, removing or renaming an image changes its
+    directory's mtime, so an unchanged state means an unchanged flat ImageFolder (a change inside
+    a nested sub-directory of a class is not seen). Costs one stat per class."""
+    src = Path(src)
+    state = [[".", src.stat().st_mtime_ns]]
+    if src.is_dir():
+        with os.scandir(src) as entries:
+            state += sorted([entry.name, entry.stat().st_mtime_ns] for entry in entries
+                            if entry.is_dir() and not entry.name.startswith("."))
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +382,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
+    state = source_state(src) if src.exists() else None  # before the scan: a change made during it is newer
     classes, samples = scan_source(src)  # a missing source fails before anything is created
     check_writable(dst.parent)
     remove_orphaned_temporaries(dst.parent, (dst.name,))  # left by a conversion that was killed
@@ -391,7 +407,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
             for k in todo:
                 reports[k] = _write_part(fmt, work, k, starts[k], order[starts[k]:starts[k] + size], samples,
                                          results, prep)
-        report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force)
+        report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force,
+                           state)
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
         complete = True
@@ -402,7 +419,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
 
 
 def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: _WorkDir,
-              parts: list[dict], force: bool) -> dict:
+              parts: list[dict], force: bool, state: list[list] | None) -> dict:
     """Put the finished parts together into DST and write the report; returns it."""
     files = sorted((entry for part in parts for entry in part["files"]), key=lambda entry: entry["path"])
     report = {
@@ -410,7 +427,7 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
         "max_resolution": prep.max_resolution, "jpeg_quality": prep.jpeg_quality,
         "written": sum(part["written"] for part in parts), "skipped": sum(part["skipped"] for part in parts),
         "converted": sum(part["converted"] for part in parts),
-        "files": files,
+        "files": files, "source_state": state,
     }
     if not report["written"]:
         write_report(report_path(dst), report)
@@ -426,8 +443,7 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
                     os.replace(work.root / name, tmp / name)
             write_meta(tmp, shards, classes, prep)
         else:
-            join_parts(tmp, [(work.part(k, ".pages"), np.load(work.part(k, ".rows.npy")))
-                             for k in range(len(parts))], prep)
+            join_parts(tmp, [(work.part(k, ".pages"), work.part(k, ".rows.npy")) for k in range(len(parts))], prep)
             _sync(tmp)
         if dst.exists() or dst.is_symlink():  # appeared or changed while we were writing
             check_destination(src, dst, force)

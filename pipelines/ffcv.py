@@ -59,7 +59,7 @@ torch.set_num_threads(_TORCH_THREADS)
 from bt_fast.config import AugmentSpec, Config, ConfigError  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder  # noqa: E402
-from pipelines.convert import convert, report_path  # noqa: E402
+from pipelines.convert import convert, report_path, source_state  # noqa: E402
 from pipelines.device_crop import resized_crops  # noqa: E402
 from pipelines.device_decode import decode_padded  # noqa: E402
 from pipelines.ffcv_format import beton_path, open_beton  # noqa: E402
@@ -251,12 +251,18 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
 
 
 def _warn_if_stale(path: Path, data: str) -> None:
-    """A .beton converted from `data` that has since gained or lost images would silently train on the old set."""
+    """A .beton converted from `data` that has since gained or lost images would silently train on the old set.
+
+    The ImageFolder is rescanned only when its `source_state` (one stat per class) differs from the
+    one the converter recorded.
+    """
     try:
         report = json.loads(report_path(path).read_text())
     except (OSError, ValueError):
         return
     if not data or Path(report.get("source", "")) != Path(data) or not Path(data).is_dir():
+        return
+    if report.get("source_state") is not None and report["source_state"] == source_state(data):
         return
     converted = report.get("written", 0) + report.get("skipped", 0)
     current = len(find_image_folder(data)[1])

@@ -119,8 +119,9 @@ def _fields(prep: ImagePrep) -> dict:
             "label": IntField()}
 
 
-def join_parts(dst: Path, parts: Sequence[tuple[Path, np.ndarray]], prep: ImagePrep) -> int:
-    """Write the `.beton` `dst` from `parts` ((pages file, rows) in order); returns the sample count.
+def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep) -> int:
+    """Write the `.beton` `dst` from `parts` ((pages file, rows `.npy` file) in order); returns the
+    sample count. One part's rows are in memory at a time, beside the header's metadata.
 
     The layout is FFCV 1.0.2's (`ffcv.writer.DatasetWriter`): header, field descriptors, one
     metadata row per sample, the data region from the next page boundary, the allocation table.
@@ -134,7 +135,7 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, np.ndarray]], prep: ImageP
 
     page_size = page_size_for(prep.max_resolution)
     fields = _fields(prep)
-    total = sum(len(rows) for _, rows in parts)
+    total = sum(len(np.load(rows, mmap_mode="r")) for _, rows in parts)
     header = np.zeros(1, dtype=HeaderType)[0]
     header["version"], header["num_fields"] = CURRENT_VERSION, len(fields)
     header["page_size"], header["num_samples"] = page_size, total
@@ -149,7 +150,8 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, np.ndarray]], prep: ImageP
     data_start = align_to_page(HeaderType.itemsize + descriptors.nbytes + metadata.nbytes, page_size)
     image, label = metadata.dtype.names
     at, offset = 0, data_start
-    for pages, rows in parts:
+    for pages, rows_file in parts:
+        rows = np.load(rows_file)
         block = slice(at, at + len(rows))
         metadata[image]["mode"][block] = IMAGE_MODES["jpg"]
         metadata[image]["width"][block], metadata[image]["height"][block] = rows["width"], rows["height"]

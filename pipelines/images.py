@@ -153,15 +153,6 @@ def _sixteen_bit_colour(image: Image.Image) -> str | None:
     return image.mode if any(";16" in str(tile.args) for tile in getattr(image, "tile", ())) else None
 
 
-def validate_file(path: str) -> tuple[str, str | None]:
-    """('ok', None), ('converted', what was done) or ('skipped', why) for one input file."""
-    try:
-        _, notes = decode_source_image(path, draft=True)
-    except SkipImage as skip:
-        return "skipped", str(skip)
-    return ("converted", "; ".join(notes)) if notes else ("ok", None)
-
-
 def cv2_module():
     """OpenCV, or a DataError saying how to install it."""
     try:

@@ -288,6 +288,29 @@ def test_dali_index_matches_tar_and_wds2idx(outputs, tmp_path):
 # text-list source, --force, CLI errors
 # ---------------------------------------------------------------------------------------------
 
+def test_image_folder_scan_matches_sorted_rglob(tmp_path):
+    """The scandir walk lists exactly what the plain pathlib scan it replaced lists, in its order."""
+    from pipelines.base import IMAGE_SUFFIXES
+    root = tmp_path / "folder"
+    for rel in ("b/x.jpg", "b/a.JPEG", "b/a/z.png", "b/a.b/y.jpg", "b/a-b.jpg", "b/.hidden.jpg", "b/deep/er/k.webp",
+                "b/notes.txt", "b/.jpg", "a/1.jpg", "a/10.jpg", "a/2.jpg", "c/only.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "b" / "dir.jpg").mkdir()
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "e.jpg").write_bytes(b"x")
+    (root / "b" / "linked").symlink_to(root / "elsewhere")   # a linked directory is not followed
+    (root / "b" / "dangling.jpg").symlink_to(root / "gone.jpg")  # a dangling link is listed (skipped later)
+    (root / ".cache").mkdir()
+    (root / ".cache" / "c.jpg").write_bytes(b"x")
+    classes, samples = find_image_folder(root)
+    reference = [(str(p), label) for label, name in enumerate(sorted(d.name for d in root.iterdir()
+                                                                     if d.is_dir() and not d.name.startswith(".")))
+                 for p in sorted((root / name).rglob("*"))
+                 if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
+    assert classes == ["a", "b", "c", "elsewhere"] and samples == reference and len(samples) == 12
+
+
 def test_text_list_source(source, tmp_path):
     root, expected = source
     lst = root.parent / "list.txt"
@@ -552,3 +575,21 @@ def test_sixteen_bit_rgb_png_is_noted_and_keeps_the_high_byte(tmp_path):
     report = convert(tmp_path / "src", tmp_path / "o", "dali", workers=1, progress=False)
     assert [(f["status"], "16-bit" in f["reason"]) for f in report["files"]] == [("converted", True)]
     assert report["converted"] == 1 and notes and "16-bit RGB" in notes[0]
+
+
+def test_an_unchanged_folder_is_not_rescanned_at_start(source, tmp_path, monkeypatch, capsys):
+    """`pipelines.ffcv` compares the recorded `source_state` (one stat per class) before any rescan."""
+    import shutil
+    import pipelines.ffcv as ffcv_pipeline
+
+    data = tmp_path / "folder"
+    shutil.copytree(source[0], data)
+    beton = tmp_path / "folder.beton"
+    convert(data, beton, "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
+    scans = []
+    monkeypatch.setattr(ffcv_pipeline, "find_image_folder", lambda root: scans.append(root) or find_image_folder(root))
+    ffcv_pipeline._warn_if_stale(beton, str(data))
+    assert scans == [] and capsys.readouterr().err == ""
+    shutil.copy(data / "a" / "a0.jpg", data / "a" / "added.jpg")
+    ffcv_pipeline._warn_if_stale(beton, str(data))
+    assert scans == [str(data)] and "now holds 15 images" in capsys.readouterr().err
