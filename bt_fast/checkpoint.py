@@ -1,17 +1,21 @@
 """Atomic checkpoints: a crash at any moment leaves either the old file or the new one."""
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bt_fast.errors import UserError
-from bt_fast.files import atomic_write, remove_stale_temporaries
+from bt_fast.errors import StorageError, UserError
+from bt_fast.files import atomic_write, free_bytes, remove_stale_temporaries, storage_fault, temporary_name
 
 CHECKPOINT_NAME = "checkpoint.pth"
+PREVIOUS_NAME = "checkpoint.prev.pth"  # the checkpoint before the last, kept by `atomic_save(keep_previous=True)`
 BACKBONE_NAME = "backbone.pth"
 
 
@@ -19,14 +23,84 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used for this run; the message names the file."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through `atomic_write`: a kill at any moment leaves `path` as it was or complete."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+class _ByteCounter:
+    """A write-only sink that keeps only the number of bytes written to it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def write(self, data) -> int:
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def serialized_bytes(obj: Any) -> int:
+    """The number of bytes `torch.save(obj, ...)` writes, counted without storing them."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.count
+
+
+def mebibytes(count: int | None) -> str:
+    return "an unknown amount" if count is None else f"{count / 2**20:.1f} MiB"
+
+
+def previous_path(path: Path) -> Path:
+    """Where `atomic_save(path, keep_previous=True)` keeps the file it replaces: checkpoint.prev.pth
+    for checkpoint.pth, `<stem>.prev<suffix>` otherwise."""
+    return path.with_name(PREVIOUS_NAME if path.name == CHECKPOINT_NAME else f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Make `path`'s current file also its `previous_path` (a hard link: no copy, no extra space)."""
+    if not path.is_file():
+        return
+    previous = previous_path(path)
+    link = temporary_name(previous)
+    try:
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links: copy
+            shutil.copyfile(path, link)
+        os.replace(link, previous)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            link.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """torch.save through `atomic_write`: a kill at any moment leaves `path` as it was or complete.
+
+    With `keep_previous`, the file `path` held until now becomes its `previous_path` once the new
+    one is durable; the older previous file is deleted before writing, so at most two checkpoints
+    occupy the disk at any time.
+
+    When the storage refuses the write (full, over quota, read-only), a StorageError naming `path`,
+    the cause, the bytes the file needs and the bytes free there; the temporary is removed and
+    `path` is left as it was.
+    """
+    path = Path(path)
+    try:
+        if keep_previous and path.is_file():
+            previous_path(path).unlink(missing_ok=True)
+        atomic_write(path, lambda handle: torch.save(obj, handle),
+                     before_replace=(lambda: _keep_as_previous(path)) if keep_previous else None)
+    except Exception as err:
+        fault = storage_fault(err)
+        if fault is None:
+            raise
+        needed = serialized_bytes(obj)
+        raise StorageError(f"cannot write {path} ({fault.strerror or fault}): it needs {needed} bytes "
+                           f"({mebibytes(needed)}), {mebibytes(free_bytes(Path(path).parent))} free there") from None
 
 
 def remove_stale_checkpoint_temporaries(directory: Path) -> list[Path]:
     """Temporaries of killed checkpoint writes in `directory`, deleted (call before writing)."""
-    return remove_stale_temporaries(directory, (CHECKPOINT_NAME, BACKBONE_NAME))
+    return remove_stale_temporaries(directory, (CHECKPOINT_NAME, PREVIOUS_NAME, BACKBONE_NAME))
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,12 +123,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at `path`, or a CheckpointError saying what to do. With `mmap`, tensors stay on
+    disk until used: a cheap check that the file is complete (its zip directory sits at the end)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # unpickling errors come in many types; all mean the same to the user
+        previous = previous_path(Path(path))
+        way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
+                   f"delete it to start afresh," if previous.is_file() else "delete it")
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
-                              f"delete it or choose another out_dir") from None
+                              f"{way_out} or choose another out_dir") from None
 
 
 def restore_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Library code raises a `UserError` subclass whose message names the file or config key and
 says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
-`error: <message>` on one line and exits 2; nothing else turns exceptions into text.
+`error: <message>` on one line and exits with the error's `exit_code` (2 for bad input, 1 for a
+storage fault met while running); nothing else turns exceptions into text.
 """
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ from typing import Iterator
 
 class UserError(RuntimeError):
     """Unusable input or settings; the message names the file or key and what to do."""
+
+    exit_code = 2
+
+
+class StorageError(UserError):
+    """The file system refused a write the run needed (full, over quota, read-only); nothing
+    already complete was lost, and the message says where the last good state is."""
+
+    exit_code = 1
 
 
 def one_line(err: BaseException) -> str:
@@ -34,9 +44,10 @@ def print_error(err: BaseException | str) -> None:
 
 @contextmanager
 def cli_errors(*also: type[BaseException]) -> Iterator[None]:
-    """Report a UserError (or one of `also`) as one `error:` line on stderr and exit 2."""
+    """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
+    `exit_code` (2 for `also`)."""
     try:
         yield
     except (UserError, *also) as err:
         print_error(err)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(err, "exit_code", 2)) from None

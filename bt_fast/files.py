@@ -7,6 +7,8 @@ writer left behind.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -47,11 +49,27 @@ def ensure_writable_directory(directory: str | Path) -> Path:
     return directory
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def check_writable_directory(directory: str | Path) -> None:
+    """OSError unless `directory`, or where it does not exist yet its nearest existing ancestor, is a
+    directory a file can be written in. Creates nothing (the probe file is anonymous and gone at once)."""
+    directory = Path(directory).absolute()
+    existing = next(d for d in (directory, *directory.parents) if d.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    with tempfile.TemporaryFile(dir=existing):
+        pass
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
+                 before_replace: Callable[[], None] | None = None) -> Path:
     """Call `write(handle)` on a temporary sibling of `path`, fsync it, then rename it over `path`.
 
+    `before_replace`, if given, runs after the new content is durable and before the rename (while
+    `path` still holds the old one).
+
     The parent directory is created if needed. On any exception (KeyboardInterrupt included)
-    the temporary is removed and `path` is left as it was.
+    the temporary is removed and `path` is left as it was; the exception raised is always the
+    first one: a cleanup that fails too (a directory turned read-only) never replaces it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,12 +80,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, published_mode())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
     return path
+
+
+# The file system refused space or writing: the user can act on these (free space, remount), unlike a bug.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def storage_fault(err: BaseException | None) -> OSError | None:
+    """The OSError in `err` or its causes that means the storage refused a write (full, over quota,
+    read-only, no permission), or None. Writers such as torch.save may wrap it in another error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def free_bytes(directory: str | Path) -> int | None:
+    """Bytes an unprivileged writer may still use on `directory`'s file system (None if unknown)."""
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
