@@ -1,0 +1,120 @@
+"""Before a run starts: a lower bound of the bytes one training step needs on the host and on the
+device, checked against the memory this process can see.
+
+Per rank, for a batch of B images with crops of side S (the largest of a resolution schedule),
+V = 2 views and a = bytes per element of the training dtype (2 under bfloat16 / float16 autocast,
+4 without):
+
+    views        = V * B * 3 * S^2 * a     the pipeline's output, on the device
+    activations  = V * B * C(S) * a        C(S): elements the backbone's convolutions output for one
+                                           S x S image, each kept for the backward pass (counted by a
+                                           forward on the meta device: exact shapes, no memory)
+    model        = 3 * 4 * P               float32 weights, gradients and LARS momentum of P parameters
+    padded       = B * H * W * 3           FFCV's uint8 slots: the .beton's largest stored height x width
+    device crops = V * B * 3 * S^2 * 4     float32 crops of FFCV's device crop
+    host views   = V * B * 3 * S^2 * h     views built on the host: reference (float32, h = 4),
+                                           FFCV's host crop (uint8, h = 1), DALI on the CPU (h = a)
+
+    host   = padded (FFCV, decode=host) + host views
+    device = views + activations + model (+ padded + device crops with FFCV's device crop)
+
+Only these largest buffers are counted, each once (no prefetched batch, no workspace, no copy held
+by a loader worker), so a setting whose estimate exceeds the memory cannot run; one within it may
+still not fit. The host figure is per rank: the ranks of one node share its memory. On a CPU
+device, host and device are the same memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bt_fast.model import build_model
+
+VIEWS = 2
+
+
+@dataclass(frozen=True)
+class Footprint:
+    host: int
+    device: int
+    parts: dict[str, int]  # name -> bytes, the terms of the module docstring that apply
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {gib(count)}" for name, count in self.parts.items() if count)
+
+
+def gib(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB" if count < 2**40 else f"{count / 2**40:.1f} TiB"
+
+
+def conv_elements(arch: str, side: int) -> int:
+    """C(S): the output elements of every convolution of `arch`'s backbone for one `side` x `side` image."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += output.numel()
+
+    with torch.device("meta"):
+        backbone = build_model(arch, "8", channels_last=False).backbone.eval()  # eval: any side, batch 1
+        hooks = [m.register_forward_hook(count) for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+        backbone(torch.empty(1, 3, side, side))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def parameter_count(arch: str, projector: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(arch, projector, channels_last=False).parameters())
+
+
+def estimate(*, arch: str, projector: str, pipeline: str, batch: int, side: int, dtype_bytes: int,
+             ffcv_crop: str = "device", ffcv_decode: str = "host", padded: tuple[int, int] | None = None) -> Footprint:
+    """The module docstring's formula for one rank's batch of `batch` images of `side` px.
+
+    `padded` is the FFCV slot (H, W); `ffcv_crop` / `ffcv_decode` are FFCV's resolved modes.
+    """
+    pixels = VIEWS * batch * 3 * side * side
+    parts = {"views": pixels * dtype_bytes,
+             "activations": VIEWS * batch * conv_elements(arch, side) * dtype_bytes,
+             "model": 3 * 4 * parameter_count(arch, projector)}
+    host_parts: dict[str, int] = {}
+    if pipeline == "ffcv":
+        slots = batch * padded[0] * padded[1] * 3 if padded else 0
+        if ffcv_crop == "host":
+            host_parts["host crops"] = pixels
+        else:
+            parts["padded slots"] = slots
+            parts["device crops"] = pixels * 4
+        if ffcv_decode == "host":
+            host_parts["host padded slots"] = slots
+    elif pipeline == "reference":
+        host_parts["host views"] = pixels * 4
+    elif pipeline == "dali":
+        host_parts["host views"] = pixels * dtype_bytes
+    return Footprint(host=sum(host_parts.values()), device=sum(parts.values()), parts={**host_parts, **parts})
+
+
+def visible_host_memory() -> int:
+    """Physical memory, or the cgroup's limit (a container's or a scheduler's job) when lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        try:
+            text = limit.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def visible_device_memory(device: torch.device) -> int | None:
+    """The device's total memory (None on the CPU, whose memory is the host's)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory  # GPU only
