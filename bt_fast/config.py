@@ -21,6 +21,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE = 8  # the smallest crop whose blur kernel (3 taps) still fits its reflect padding
 SIZE_STEP = 32       # progressive resizing moves between multiples of this
+MIN_BATCH_PER_RANK = 2  # BatchNorm's training statistics need more than one value per channel
 
 
 class ConfigError(UserError, ValueError):
@@ -187,7 +188,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
         if isinstance(current, int):
-            if number != int(number):
+            if not math.isfinite(number) or number != int(number):
                 raise ConfigError(f"config key '{key}' expects a whole number, got {value!r}")
             return int(number)
         return number
@@ -213,8 +214,12 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(target, name, _coerce(value, current, key))
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['a.b=1', 'c=x'] -> {'a': {'b': '1'}, 'c': 'x'}; values stay text until their key's type is known."""
+def parse_overrides(pairs: list[str], unique_keys: bool = False) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> {'a': {'b': '1'}, 'c': 'x'}; values stay text until their key's type is known.
+
+    A key given twice is a ConfigError with `unique_keys` (a command line: `epochs=1 epochs=7` is a
+    mistake); otherwise the last value wins (settings that programs layer over their defaults).
+    """
     tree: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -228,6 +233,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 section = ".".join(parents[:depth + 1])
                 raise ConfigError(f"override '{pair}' sets a field of '{section}', which another override "
                                   f"sets to a value; give each key once")
+        if unique_keys and leaf in node and not isinstance(node[leaf], dict):
+            raise ConfigError(f"config key '{dotted.strip()}' is given twice ({dotted.strip()}={node[leaf]}, "
+                              f"{pair.strip()}); give each key once")
         if isinstance(node.get(leaf), dict):
             raise ConfigError(f"override '{pair}' sets '{dotted.strip()}' to a value, but other overrides set "
                               f"fields inside it; give each key once")
@@ -235,7 +243,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, unique_keys: bool = False) -> Config:
+    """The defaults, then the YAML file at `path`, then `overrides` (`parse_overrides`), validated."""
     config = Config()
     if path:
         path = Path(path)
@@ -248,7 +257,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         _apply(config, values)
-    _apply(config, parse_overrides(overrides or []))
+    _apply(config, parse_overrides(overrides or [], unique_keys))
     validate(config)
     return config
 
@@ -274,6 +283,18 @@ def _check_range(key: str, pair: tuple[float, float], low: float, high: float | 
     _require(ok, key, f"a [low, high] pair with {low:g} < low <= high{bound}", list(pair))
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every number in the config is finite: YAML reads .inf and .nan, and float('inf') passes `>= 0`."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+            continue
+        numbers = value if isinstance(value, tuple) else (value,)
+        _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)), f"{prefix}{f.name}",
+                 "a finite number", list(value) if isinstance(value, tuple) else value)
+
+
 def validate(config: Config) -> None:
     """Checks of the values this module owns; names such as `pipeline` and `arch` are checked by
     their registries (`pipelines.PIPELINES`, `bt_fast.model.BACKBONE_DIM`) when they are built."""
@@ -285,7 +306,10 @@ def validate(config: Config) -> None:
     check_choice("augment.backend", config.augment.backend, ("auto", "eager", "compile", "triton"))
     _require(config.ffcv.crop != "host" or config.ffcv.decode == "host", "ffcv.crop",
              "device when ffcv.decode=device (the host never sees decoded pixels)", config.ffcv.crop)
-    for key in ("batch_size", "epochs", "log_every"):
+    _check_finite(config)
+    _require(config.batch_size >= MIN_BATCH_PER_RANK, "batch_size",
+             f"at least {MIN_BATCH_PER_RANK} (BatchNorm needs {MIN_BATCH_PER_RANK} images per rank)", config.batch_size)
+    for key in ("epochs", "log_every"):
         _require(getattr(config, key) > 0, key, "positive", getattr(config, key))
     for key in ("checkpoint_every", "knn_every", "max_steps", "workers", "prefetch", "warmup_epochs", "lr_weights",
                 "lr_biases", "weight_decay", "lambd"):
