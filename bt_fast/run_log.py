@@ -13,6 +13,7 @@ Every file except the append-only metrics.jsonl is written atomically.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -21,9 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy
 import torch
-import torchvision
 import yaml
 
 from bt_fast.config import Config, ConfigError
@@ -81,13 +80,25 @@ def tensorboard_writer_class() -> type:
     return SummaryWriter
 
 
+def _installed(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that shape the numbers (the data library if one is loaded)."""
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "torchvision": torchvision.__version__, "numpy": numpy.__version__}
-    for module in ("ffcv", "nvidia.dali"):
-        if module in sys.modules:
-            found[module] = getattr(sys.modules[module], "__version__", "unknown")
+    """Python's version and the installed distribution versions (`importlib.metadata`, not a module's
+    `__version__`, which ffcv leaves stale) of the libraries that shape the numbers; the data library's
+    only if it is loaded."""
+    found = {"python": platform.python_version(),
+             **{name: _installed(name) for name in ("torch", "torchvision", "numpy")}}
+    if "ffcv" in sys.modules:
+        found["ffcv"] = _installed("ffcv")
+    if "nvidia.dali" in sys.modules:  # the distribution's name carries the CUDA version: nvidia-dali-cuda130
+        dali = [d.metadata["Name"] for d in importlib.metadata.distributions()
+                if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")]
+        found["nvidia.dali"] = f"{dali[0]} {_installed(dali[0])}" if dali else "unknown"
     return found
 
 
