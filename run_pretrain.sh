@@ -11,7 +11,11 @@
 set -euo pipefail
 
 PYTHON=${PYTHON:-.venv/bin/python}
-CONFIG=${CONFIG:-configs/demo_cpu.yaml}
+if [ -z "${CONFIG:-}" ]; then
+  CONFIG=configs/demo_cpu.yaml
+  # The demo recipe (ResNet-18, 48 px crops) is rarely what real data wants: say so, once.
+  [ -n "${DATA:-}" ] && echo "note: DATA=$DATA without CONFIG=: training $CONFIG, the demo recipe (ResNet-18, 48 px crops); for the paper's, add CONFIG=configs/paper_rn50.yaml" >&2
+fi
 NODES=${NODES:-1}
 LOCAL_NODES=${LOCAL_NODES:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
@@ -24,7 +28,8 @@ args=(--config "$CONFIG")
 [ -n "${DATA:-}" ] && args+=("data=$DATA")
 [ -n "${PIPELINE:-}" ] && args+=("pipeline=$PIPELINE")
 [ -n "${OUT:-}" ] && args+=("out_dir=$OUT")
-[ "$LOCAL_NODES" = 1 ] && args+=("device=cpu")  # simulated nodes would otherwise share the same GPUs
+# Simulated nodes would otherwise share the same GPUs (unless the arguments choose a device themselves).
+[ "$LOCAL_NODES" = 1 ] && [[ " $* " != *" device="* ]] && args+=("device=cpu")
 args+=("$@")
 train=(-m bt_fast.train "${args[@]}")
 

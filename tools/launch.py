@@ -45,7 +45,7 @@ def training_config(train_args: list[str]) -> Config:
     parser.add_argument("--config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(train_args)
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, unique_keys=True)
     check_run_inputs(config)
     return config
 
