@@ -11,7 +11,8 @@ holder deleted it may then lock the deleted inode; `acquire` checks that the ino
 still the one at the path and tries again otherwise.
 
 Across nodes the lock is only as good as the shared file system's flock (README, "One run per
-out_dir").
+out_dir"). Where the file system refuses locks altogether (Lustre mounted with `noflock`, NFS
+without a lock service), the run goes ahead without one, after a warning.
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import errno
 import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 
 from bt_fast.errors import UserError
 
 LOCK_NAME = ".bt_fast.lock"
 _ATTEMPTS = 5  # inode changes in a row (each needs another process deleting the file meanwhile)
+_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}  # the file system offers no locks at all
 
 
 class RunLockError(UserError):
@@ -46,6 +49,7 @@ def _refusal(out_dir: Path) -> RunLockError:
 
 
 def _try_lock(fd: int) -> bool:
+    """True if this call took the lock, False if another holds it; OSError if locks are unsupported."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -65,6 +69,9 @@ def check_unlocked(out_dir: str | Path) -> None:
     try:
         if not _try_lock(fd):
             raise _refusal(out_dir)
+    except OSError as err:
+        if err.errno not in _UNSUPPORTED:
+            raise
     finally:
         os.close(fd)  # also drops the probe's lock
 
@@ -86,7 +93,18 @@ class RunLock:
                 self.created.append(directory)
         for _ in range(_ATTEMPTS):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _try_lock(fd):
+            try:
+                locked = _try_lock(fd)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in _UNSUPPORTED:
+                    raise
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                print(f"warning: the file system of {self.out_dir} refuses locks ({err.strerror}): nothing stops "
+                      f"a second run from writing into it; make sure only this one does", file=sys.stderr)
+                return self
+            if not locked:
                 os.close(fd)
                 raise _refusal(self.out_dir)
             try:
@@ -103,15 +121,16 @@ class RunLock:
 
     def release(self) -> None:
         """Delete the lock file and the still-empty directories made for it, then drop the lock."""
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         for directory in reversed(self.created):
             with contextlib.suppress(OSError):  # not empty: the run wrote something there
                 directory.rmdir()
-        os.close(self.fd)
-        self.fd = None
+        self.created = []
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
