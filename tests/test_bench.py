@@ -243,3 +243,97 @@ def test_augment_section_reports_missing_kornia(monkeypatch):
     aug = bench_augment(args)
     assert aug["kornia_images_per_s"] is None and aug["speedup"] is None
     assert "kornia" in aug["kornia_unavailable"] and is_figure(aug["ours_images_per_s"])
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+E2E_SIZES = ["--train-image-size", "16", "--train-batch-size", "4", "--projector", "16-16", "--workers", "1",
+             "--device", "cpu"]
+
+
+def e2e_args(data, *extra):
+    return parse_args(["--end-to-end", "--data", str(data), *E2E_SIZES, *extra])
+
+
+def test_end_to_end_defaults_follow_the_device():
+    args = parse_args(["--end-to-end", "--device", "cpu"])
+    assert (args.arch, args.projector, args.train_image_size, args.train_batch_size, args.amp) == \
+        ("resnet18", "64-64-64", 32, 16, "none")
+    assert args.pipelines == ["reference", "ffcv", "ffcv_device_decode", "dali"] and args.train_pipelines == []
+    assert str(args.json) == "runs/bench/end_to_end.json" and args.e2e_images == 256
+    with pytest.raises(SystemExit):
+        parse_args(["--end-to-end", "--device", "cpu", "--e2e-images", "0"])
+
+
+def test_end_to_end_timing_counts_the_wait_for_each_batch(tmp_path):
+    """A source that sleeps before each batch: the wait recorded covers the sleeps, and every figure is the
+    stated ratio of the recorded times."""
+    from tools.bench.end_to_end import MODES, synthetic_views, timed_steps
+    from tools.bench.train_step import make_trainer
+    args = e2e_args(write_image_folder(tmp_path / "train", classes=2, per_class=4, size=(24, 20)))
+    trainer = make_trainer(args, "reference", MODES)
+    views = synthetic_views(trainer, 0)
+    assert views[0].shape == (4, 3, 16, 16) and views[0].is_contiguous(memory_format=torch.channels_last)
+    nap = 0.15
+
+    def slow():
+        while True:
+            time.sleep(nap)
+            yield views
+
+    start = time.perf_counter()
+    entry = timed_steps(trainer, slow(), steps=3, warmup=1)
+    outside = time.perf_counter() - start
+    assert trainer.step == 4 and entry["images"] == 3 * 4 and entry["steps"] == 3
+    assert 3 * nap <= entry["wait_seconds"] < entry["timed_seconds"] <= outside
+    assert entry["images_per_s"] == pytest.approx(entry["images"] / entry["timed_seconds"])
+    assert entry["data_wait_fraction"] == pytest.approx(entry["wait_seconds"] / entry["timed_seconds"])
+    assert entry["host_cores_busy"] == pytest.approx(entry["host_cpu_seconds"] / entry["wall_seconds"])
+    assert entry["timed_seconds"] <= entry["wall_seconds"] <= outside
+
+
+def test_end_to_end_reports_a_pipeline_that_cannot_be_built(tmp_path, monkeypatch):
+    from tools.bench.end_to_end import end_to_end_pipeline
+    monkeypatch.setitem(sys.modules, "pipelines.dali", None)
+    entry = end_to_end_pipeline(e2e_args(write_image_folder(tmp_path / "train", classes=2, per_class=4)), "dali")
+    assert set(entry) == {"unavailable"} and "pipelines.dali" in entry["unavailable"]
+
+
+def test_end_to_end_run_writes_each_pipelines_rates_and_their_ratio(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "train", classes=2, per_class=8, size=(48, 40))
+    out = tmp_path / "e2e.json"
+    assert main(["--end-to-end", "--data", str(data), *E2E_SIZES, "--pipelines", "reference",
+                 "--train-steps", "2", "--json", str(out)]) == 0
+    section = json.loads(out.read_text())["end_to_end"]
+    assert (section["image_size"], section["batch_size"], section["steps"], section["timeline"]) == \
+        (16, 4, 2, "host clock")
+    entry = section["reference"]
+    assert entry["images"] == 2 * 4 and entry["synthetic"]["images"] == 2 * 4
+    for figures in (entry, entry["synthetic"]):
+        assert figures["images_per_s"] == pytest.approx(figures["images"] / figures["timed_seconds"])
+        assert figures["host_cores_busy"] == pytest.approx(figures["host_cpu_seconds"] / figures["wall_seconds"])
+        assert 0 <= figures["data_wait_fraction"] <= 1
+        assert figures["data_wait_fraction"] == pytest.approx(figures["wait_seconds"] / figures["timed_seconds"])
+    assert entry["vs_synthetic"] == pytest.approx(entry["images_per_s"] / entry["synthetic"]["images_per_s"])
+    assert "peak_gpu_memory_gib" not in entry  # CUDA only
+    table = capsys.readouterr().out
+    assert table.startswith("End to end (resnet18 + 16-16 projector, 16 px, 4 images per view")
+    row = next(line for line in table.splitlines() if line.startswith("reference "))
+    assert f"{entry['images_per_s']:.1f}" in row and f"{entry['vs_synthetic']:.2f}" in row
+
+
+def test_loader_plot_names_do_not_overlap():
+    """Every loader entry on the x axis at the plot's size: no two tick labels' boxes intersect."""
+    from tools.bench.loaders import LOADERS
+    from tools.bench.report import loader_figure
+    figure = {"median": 2.0, "min": 1.0, "max": 3.0}
+    result = {"environment": {"batch_size": 64, "image_size": 224, "device": "cpu", "cpu_count": 2},
+              "loaders": {name: {"images_per_s": figure, "host_cpu_s_per_image": figure} for name in LOADERS},
+              "decode_floor": {name: {"cpu_s_per_image": figure} for name in LOADERS}}
+    fig = loader_figure(result)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [label.get_window_extent(renderer) for label in ax.get_xticklabels()]
+        assert len(boxes) == len(LOADERS)
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 < right.x0, (left, right)

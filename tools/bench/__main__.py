@@ -13,6 +13,14 @@ described in the module that measures it:
   train_step    Trainer.train_step on synthetic batches and fed by each pipeline (train_step.py)
   targets       each target with the measured value and met / not met (report.py)
 
+--end-to-end runs one section instead, end_to_end (end_to_end.py): the training step fed by each
+pipeline (reference, ffcv in its default mode, ffcv decode=device, dali) against the same step fed
+synthetic device tensors; JSON by default in runs/bench/end_to_end.json. Without --data it reads an
+ImageNet-like set (`pipelines.imagenet_like`) built once under data/imagenet_like_<--e2e-images>.
+On the CPU: resnet18, 64-64-64 projector, 32 px, batch 16, no autocast, 4 timed steps after 2
+warm-up, 256 images; on CUDA: resnet50, 8192-8192-8192, 224 px, batch 256, float16 autocast,
+25 timed steps after 5 warm-up, 8192 images (no epoch ends inside the steps).
+
 Without --data the demo dataset is built once under data/demo and its train/ split is used.
 On the CPU the training step uses a small model by default (resnet18, 512-512-512 projector,
 64 px crops, batch 32, no autocast); on CUDA resnet50, 8192-8192-8192, --image-size and
@@ -37,6 +45,7 @@ from bt_fast.model import BACKBONE_DIM
 from tools.bench.augment import bench_augment
 from tools.bench.decode_floor import bench_decode_floor
 from tools.bench.device_crop import bench_device_crop
+from tools.bench.end_to_end import DEFAULT_PIPELINES, bench_end_to_end, end_to_end_pipeline
 from tools.bench.loaders import LOADERS, bench_loader
 from tools.bench.measure import environment, ratio
 from tools.bench.optimizer import OPTIMIZER_SETS, bench_optimizer
@@ -44,6 +53,7 @@ from tools.bench.report import evaluate_targets, write_report
 from tools.bench.train_step import bench_train_step, train_with_pipeline
 
 DEMO_ROOT = Path("data/demo")
+IMAGENET_LIKE_ROOT = Path("data")  # --end-to-end's set of N images: data/imagenet_like_<N>
 
 
 def _names(text: str) -> list[str]:
@@ -56,9 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data", default=None, help="ImageFolder (default: the demo dataset, built on first use)")
-    add("--pipelines", default=",".join(LOADERS),
+    add("--pipelines", default=None,
         help=f"loader entries, comma-separated, from {','.join(LOADERS)} (default: all; the ffcv_* entries are "
-             f"the pipeline's other modes)")
+             f"the pipeline's other modes; --end-to-end: {','.join(DEFAULT_PIPELINES)}, ffcv in its default mode)")
+    add("--end-to-end", action="store_true", help="only the end-to-end section (see below)")
+    add("--e2e-images", type=int, default=None,
+        help="--end-to-end without --data: images of the ImageNet-like set built once under "
+             "data/imagenet_like_<N> (default 256 on the CPU, 8192 on CUDA)")
     add("--batch-size", type=int, default=None, help="per-device batch (default 64; --quick 32)")
     add("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: CPUs)")
     add("--image-size", type=int, default=None, help="crop size for loaders and augmentation (default 224; --quick 128)")
@@ -66,13 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         help="pipelines that feed the training step, each in a fresh process (default: the entries of --pipelines "
              "that are a pipeline's default mode; "
              "--quick: none; 'none': synthetic batches only)")
-    add("--json", type=Path, default=Path("runs/bench/bench.json"), help="results (default %(default)s)")
+    add("--json", type=Path, default=None,
+        help="results (default runs/bench/bench.json; --end-to-end: runs/bench/end_to_end.json)")
     add("--plot", type=Path, default=Path("runs/bench/bench.png"), help="loader plot (default %(default)s)")
     add("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
     add("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
     add("--loader-batches", type=int, default=4, help="batches per loader repetition (default 4)")
     add("--decode-images", type=int, default=512, help="JPEGs decoded per decode-floor repetition (default 512)")
-    add("--augment-compile", action="store_true", help="also time TwoViewAugment(compile=True) against kornia")
+    add("--augment-compile", action="store_true", help="also time TwoViewAugment(backend=\"compile\") against kornia")
     add("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice)")
     add("--optimizer-params", choices=sorted(OPTIMIZER_SETS), default="paper",
         help="parameter set for the LARS figures: paper = ResNet-50 + 8192-8192-8192 (default), "
@@ -87,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         help="training-step batch (default 32 on CPU, --quick 16; --batch-size on CUDA)")
     add("--amp", choices=("auto", "bfloat16", "float16", "none"), default=None,
         help="training-step autocast (default none on CPU, auto on CUDA)")
-    add("--train-steps", type=int, default=3, help="timed training steps after one warm-up step (default 3)")
+    add("--train-steps", type=int, default=None,
+        help="timed training steps (default 3 after one warm-up step; --end-to-end: see below)")
     add("--config", default=None, help="YAML config whose pipeline options (ffcv.*, dali.*, augment.*) apply")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton")
@@ -105,28 +121,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = argv  # for the training-step processes (they get the resolved --data appended)
     args.device = resolve_device(args.device, setting="--device")
-    cpu, quick = args.device.type == "cpu", args.quick
+    cpu, quick, e2e = args.device.type == "cpu", args.quick, args.end_to_end
+    args.json = args.json or Path("runs/bench/end_to_end.json" if e2e else "runs/bench/bench.json")
     args.batch_size = args.batch_size or (32 if quick else 64)
     args.image_size = args.image_size or (128 if quick else 224)
     args.reps = args.reps or (2 if quick else 3)
     args.loader_warmup = 2
     args.arch = args.arch or ("resnet18" if cpu else "resnet50")
-    args.projector = args.projector or ("512-512-512" if cpu else "8192-8192-8192")
-    args.train_image_size = args.train_image_size or (64 if cpu else args.image_size)
+    args.projector = args.projector or ("64-64-64" if cpu and e2e else "512-512-512" if cpu else "8192-8192-8192")
+    args.train_image_size = args.train_image_size or ((32 if e2e else 64) if cpu else args.image_size)
     args.amp = args.amp or ("none" if cpu else "auto")
-    args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
-    args.train_warmup = 1
-    args.pipelines = _names(args.pipelines)
+    if e2e:
+        args.train_batch_size = args.train_batch_size or (16 if cpu else 256)
+        steps, args.train_warmup = (4, 2) if cpu else (25, 5)
+        args.e2e_images = (256 if cpu else 8192) if args.e2e_images is None else args.e2e_images
+    else:
+        args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
+        steps, args.train_warmup = 3, 1
+    args.train_steps = steps if args.train_steps is None else args.train_steps
+    args.pipelines = _names(args.pipelines or ",".join(DEFAULT_PIPELINES if e2e else LOADERS))
     unknown = [p for p in args.pipelines if p not in LOADERS]
     if unknown or not args.pipelines:
         parser.error(f"--pipelines takes names from {','.join(LOADERS)}, got {unknown or 'nothing'}")
-    train = args.train_pipelines if args.train_pipelines is not None else ("none" if quick else None)
+    train = args.train_pipelines if args.train_pipelines is not None else ("none" if quick or e2e else None)
     default_modes = [name for name in args.pipelines if LOADERS[name][0] == name]  # not the ffcv_* variants
     args.train_pipelines = default_modes if train is None else [] if train.strip() == "none" else _names(train)
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
     for flag in ("batch_size", "image_size", "reps", "loader_batches", "train_steps", "decode_images",
-                 "train_batch_size", "train_image_size"):
+                 "train_batch_size", "train_image_size", *(("e2e_images",) if e2e else ())):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.threads < 0:
@@ -134,13 +157,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resolve_data(args: argparse.Namespace) -> None:
+    """Without --data: the ImageNet-like set (--end-to-end) or the demo set's train/ split, built on first use."""
+    if args.data is None and args.end_to_end:
+        from pipelines.imagenet_like import write_imagenet_like
+        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{args.e2e_images}", args.e2e_images))
+    elif args.data is None:
+        from pipelines.demo_data import build as build_demo
+        args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Every section, measured in this order: loaders, decode floor, augmentation, optimizer, training step."""
+    """Every section, measured in this order: loaders, decode floor, augmentation, optimizer, training step
+    (with --end-to-end: the end-to-end section only)."""
     result: dict[str, Any] = {"environment": environment(args)}
     t_start = time.perf_counter()
 
     def stage(label: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:6.1f}s] {label}", file=sys.stderr, flush=True)
+
+    if args.end_to_end:
+        stage("end to end: " + ", ".join(args.pipelines))
+        result["end_to_end"] = bench_end_to_end(args, args.pipelines)
+        result["environment"]["bench_seconds"] = time.perf_counter() - t_start
+        return result
 
     loaders: dict[str, dict] = {}
     sources: dict[str, dict | None] = {}
@@ -173,11 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.data is None:
-            from pipelines.demo_data import build as build_demo
-            args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
+        resolve_data(args)
         if args.train_child:  # internal: one training-step measurement in a fresh process
-            write_json(args.child_out, train_with_pipeline(args, args.train_child))
+            measure = end_to_end_pipeline if args.end_to_end else train_with_pipeline
+            write_json(args.child_out, measure(args, args.train_child))
             return 0
         write_report(run(args), args.json, args.plot)
     return 0

@@ -41,9 +41,9 @@ LOADERS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def pipeline_config(args: argparse.Namespace, name: str, image_size: int, batch_size: int,
-                    extra: Sequence[str] = ()) -> Config:
-    """The config the benchmark runs loader entry `name` with: --config and --set over the run's settings."""
-    pipeline, mode = LOADERS[name]
+                    extra: Sequence[str] = (), modes: dict[str, tuple[str, tuple[str, ...]]] = LOADERS) -> Config:
+    """The config the benchmark runs entry `name` of `modes` with: --config and --set over the run's settings."""
+    pipeline, mode = modes[name]
     return load_config(args.config, [f"data={args.data}", f"pipeline={pipeline}", f"workers={args.workers}",
                                      f"batch_size={batch_size}", f"augment.image_size={image_size}",
                                      f"seed={args.seed}", *mode, *extra, *args.set])

@@ -147,6 +147,30 @@ def _device_crop_lines(crop: dict) -> list[str]:
             f"{crop['flops_per_image'] / 1e9:.2f} GFLOP/image, ops per batch {ops}"]
 
 
+def end_to_end_lines(section: dict) -> list[str]:
+    """The end-to-end table: per pipeline its rate, the synthetic-input rate, their ratio, data wait, host cores."""
+    lines = [f"End to end ({section['model']}, {section['image_size']} px, {section['batch_size']} images per view, "
+             f"amp {section['amp']}; {section['steps']} timed steps after {section['warmup_steps']} warm-up; "
+             f"{section['device']}, {section['timeline']})"]
+    head = (f"{'pipeline':<20} {'mode':<24} {'images/s':>9} {'synthetic':>10} {'vs synth.':>9} {'data wait':>9}"
+            f" {'host cores':>10} {'peak GiB':>9}")
+    lines += [head, "-" * len(head)]
+    for name, entry in section.items():
+        if not isinstance(entry, dict):
+            continue
+        if "unavailable" in entry:
+            lines.append(f"{name:<20} unavailable: {entry['unavailable']}")
+            continue
+        peak = entry.get("peak_gpu_memory_gib")
+        lines.append(f"{name:<20} {entry['mode'] or '-':<24} {entry['images_per_s']:>9.1f}"
+                     f" {entry['synthetic']['images_per_s']:>10.1f} {entry['vs_synthetic']:>9.2f}"
+                     f" {entry['data_wait_fraction']:>9.1%} {entry['host_cores_busy']:>10.2f}"
+                     f" {'-' if peak is None else f'{peak:.1f}':>9}")
+    lines.append("  host cores = CPU seconds of the process, its threads and loader workers per wall second; "
+                 "data wait = time the step waited for its batch / step time")
+    return lines
+
+
 def _target_lines(targets: list[dict]) -> list[str]:
     lines = ["Targets:"]
     for t in targets:
@@ -157,7 +181,9 @@ def _target_lines(targets: list[dict]) -> list[str]:
 
 
 def format_table(result: dict) -> str:
-    """The printed report: every section, median [min-max] for each figure."""
+    """The printed report: every section, median [min-max] for each figure (--end-to-end: its table)."""
+    if "end_to_end" in result:
+        return "\n".join(end_to_end_lines(result["end_to_end"]))
     env = result["environment"]
     lines = [f"bt_fast benchmark  device {env['device']} ({env['device_name']}), {env['cpu_count']} CPUs, "
              f"torch {env['torch']}, batch {env['batch_size']}, {env['image_size']} px, {env['reps']} reps "
@@ -171,7 +197,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def tick_label(name: str) -> str:
+    """A loader entry's name on the plot's x axis, one word a line (side by side, the long names overlapped)."""
+    return name.replace("_", "\n")
+
+
+def loader_figure(result: dict):
+    """The loaders' throughput and host CPU cost per image, as a matplotlib figure (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -192,7 +224,7 @@ def plot(result: dict, path: Path) -> None:
         bars(ax2, floors, 1000, 0.2, 0.4, label="decode floor", color="tab:gray")
         ax2.legend()
     for ax in (ax1, ax2):
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), [tick_label(n) for n in names])
     env = result["environment"]
     ax1.set_title(f"loader throughput (batch {env['batch_size']}, {env['image_size']} px)")
     ax1.set_ylabel("images/s (two views on the device)")
@@ -203,14 +235,21 @@ def plot(result: dict, path: Path) -> None:
         fig.text(0.01, 0.01, "unavailable: " + ", ".join(unavailable), fontsize=8)
     fig.suptitle(f"bt_fast bench on {env['device']} ({env['cpu_count']} CPUs); median, bars min-max")
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig = loader_figure(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def write_report(result: dict, json_path: Path, plot_path: Path) -> None:
-    """Print the table, write the JSON (atomically) and the plot, and say where they are."""
+    """Print the table, write the JSON (atomically) and the plot (not for --end-to-end), and say where they are."""
     print(format_table(result))
     write_json(json_path, result)
-    plot(result, plot_path)
-    print(f"\njson: {json_path}\nplot: {plot_path}")
+    if "loaders" in result:
+        plot(result, plot_path)
+    print(f"\njson: {json_path}" + (f"\nplot: {plot_path}" if "loaders" in result else ""))

@@ -23,15 +23,15 @@ import torch
 from bt_fast.distributed import DistContext
 from bt_fast.errors import one_line
 from bt_fast.train import Trainer
-from tools.bench.loaders import batch_stream, pipeline_config
+from tools.bench.loaders import LOADERS, batch_stream, pipeline_config
 from tools.bench.measure import rate_stats, stats
 
 
-def make_trainer(args: argparse.Namespace, name: str) -> Trainer:
-    """A trainer for pipeline `name` with the training-step model settings (--arch, --projector, --amp)."""
+def make_trainer(args: argparse.Namespace, name: str, modes: dict = LOADERS) -> Trainer:
+    """A trainer for entry `name` of `modes` with the training-step model settings (--arch, --projector, --amp)."""
     extra = [f"arch={args.arch}", f"projector={args.projector}", f"amp={args.amp}", "epochs=100",
              "warmup_epochs=1", "compile_optimizer=false"]
-    config = pipeline_config(args, name, args.train_image_size, args.train_batch_size, extra)
+    config = pipeline_config(args, name, args.train_image_size, args.train_batch_size, extra, modes)
     config.device = args.device.type
     return Trainer(config, DistContext(rank=0, local_rank=0, world_size=1, device=args.device))
 
