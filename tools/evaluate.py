@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backbones = [random_backbone(arch, args.seed)]
     else:
         backbones = [loaded.backbone]
-    shown = sys.stderr.isatty()
+    shown = True  # without a terminal, `bt_fast.progress` throttles the bars to a line every half minute
     if args.mode == "finetune":
         settings = FinetuneSettings(image_size=image_size, batch_size=args.batch_size, workers=args.workers,
                                     device=device, epochs=args.epochs, lr_backbone=args.lr_backbone,
