@@ -262,6 +262,78 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+# The names this module checks; `pipeline` and `arch` are checked by their registries.
+CHOICES = {"amp": ("auto", "bfloat16", "float16", "none"), "device": ("auto", "cpu", "cuda"),
+           "ffcv.order": ("random", "quasi_random"), "ffcv.decode": ("host", "device"),
+           "ffcv.crop": ("auto", "device", "host"), "augment.backend": ("auto", "eager", "compile", "triton")}
+
+_POSITIVE, _NON_NEGATIVE, _PAIR = "a positive whole number", "0 or a positive number", "[view 1, view 2]"
+_PROBABILITY, _PROBABILITIES = "a probability in [0, 1]", "[view 1, view 2] probabilities in [0, 1]"
+
+# `python -m bt_fast.train --help`: config key -> (allowed values, what it does). Keys with CHOICES or a
+# registry get their names from there (allowed None).
+KEY_HELP: dict[str, tuple[str | None, str]] = {
+    "data": ("a directory or a .beton", "the ImageFolder to train on (DATA= with make)"),
+    "pipeline": (None, "the data pipeline (README, Pipelines)"),
+    "workers": ("0 or a positive whole number", "host worker processes or threads of the pipeline"),
+    "arch": (None, "the torchvision ResNet backbone"),
+    "projector": ("widths joined by '-'", "the projector's layer widths, e.g. 8192-8192-8192"),
+    "epochs": (_POSITIVE, "epochs to train; the learning-rate schedule spans them"),
+    "batch_size": ("a whole number >= 2 per rank", "the global batch, split evenly across the ranks"),
+    "lambd": (_NON_NEGATIVE, "weight of the loss's off-diagonal (redundancy) term"),
+    "lr_weights": (_NON_NEGATIVE, "LARS learning rate of the weights at batch 256 (scaled by batch_size/256)"),
+    "lr_biases": (_NON_NEGATIVE, "LARS learning rate of biases and norms at batch 256"),
+    "weight_decay": (_NON_NEGATIVE, "LARS weight decay (not on biases and norms)"),
+    "warmup_epochs": ("0 or a positive whole number, below epochs", "epochs of linear learning-rate warm-up"),
+    "compile_optimizer": ("true or false", "fuse the LARS step with torch.compile"),
+    "compile_model": ("true or false", "torch.compile the network (the first steps compile)"),
+    "device": (None, "where to train; auto takes a GPU when one is visible"),
+    "amp": (None, "autocast dtype; auto is bfloat16 on the CPU and float16 (GradScaler) on CUDA"),
+    "channels_last": ("true or false", "channels-last memory format for the network and its inputs"),
+    "seed": ("a whole number", "seed of the initial weights and of every random choice of the pipeline"),
+    "prefetch": ("0 or a positive whole number", "batches whose device work runs ahead of the step (0: off)"),
+    "max_steps": ("0 or a positive whole number", "stop after this many steps in total (0: all epochs)"),
+    "out_dir": ("a directory", "where checkpoints, metrics and the summary go (OUT= with make); one run each"),
+    "log_every": (_POSITIVE, "steps between flushes of metrics.jsonl"),
+    "checkpoint_every": ("0 or a positive whole number", "also checkpoint every N steps inside an epoch (0: off)"),
+    "knn_every": ("0 or a positive whole number", "k-NN monitor every N epochs and after the last (0: off)"),
+    "knn_train": ("a directory, or empty", "labelled ImageFolder of the k-NN memory bank (empty: data)"),
+    "knn_val": ("a directory, or empty", "labelled ImageFolder of k-NN queries, with data's classes"),
+    "tensorboard": ("true or false", "also write TensorBoard events and a grid of view pairs"),
+    "augment.image_size": (f"a whole number >= {MIN_IMAGE_SIZE} that fits in memory", "side of the crops, px"),
+    "augment.start_image_size": (f"0, or {MIN_IMAGE_SIZE} to augment.image_size",
+                                 "first side of progressive resizing (0: off)"),
+    "augment.size_ramp": ("[start, end] fractions, 0 <= start <= end <= 1",
+                          "where progressive resizing rises, as fractions of the run"),
+    "augment.crop_scale": ("[low, high] with 0 < low <= high <= 1", "area range of the random resized crop"),
+    "augment.crop_ratio": ("[low, high] with 0 < low <= high", "aspect-ratio range of the random resized crop"),
+    "augment.flip_p": (_PROBABILITY, "horizontal flip"),
+    "augment.jitter_p": (_PROBABILITY, "colour jitter"),
+    "augment.brightness": (_NON_NEGATIVE, "colour jitter's brightness strength"),
+    "augment.contrast": (_NON_NEGATIVE, "colour jitter's contrast strength"),
+    "augment.saturation": (_NON_NEGATIVE, "colour jitter's saturation strength"),
+    "augment.hue": ("a number in [0, 0.5]", "colour jitter's hue strength"),
+    "augment.grayscale_p": (_PROBABILITY, "conversion to grayscale"),
+    "augment.blur_sigma": ("[low, high] with 0 < low <= high", "Gaussian blur's sigma range"),
+    "augment.blur_p": (_PROBABILITIES, "Gaussian blur, per view"),
+    "augment.solarize_p": (_PROBABILITIES, "solarization, per view"),
+    "augment.solarize_threshold": ("a number in [0, 1]", "solarization threshold, as a fraction of 255"),
+    "augment.mean": ("3 numbers", "per-channel mean subtracted after the distortions"),
+    "augment.std": ("3 positive numbers", "per-channel standard deviation divided by after the distortions"),
+    "augment.backend": (None, "how the device distortions run (not what they are)"),
+    "ffcv.beton": ("a .beton file, or empty", "the FFCV dataset (empty: <data>.beton, converted on first use)"),
+    "ffcv.max_resolution": (_POSITIVE, "longest side a first-use conversion stores, px"),
+    "ffcv.jpeg_quality": ("1 to 100", "JPEG quality of a first-use conversion"),
+    "ffcv.os_cache": ("true or false", "read the .beton through the OS page cache (false: FFCV's own)"),
+    "ffcv.order": (None, "FFCV's sample order within an epoch"),
+    "ffcv.decode": (None, "where JPEGs are decoded"),
+    "ffcv.crop": (None, "where the random resized crops are cut; auto: device on CUDA, host on the CPU"),
+    "ffcv.max_padded_side": (_POSITIVE, "largest stored height or width a .beton may pad every image to (crop=device)"),
+    "dali.records": ("a directory, or empty", "shards from `tools.convert --format dali` (empty: read data)"),
+    "dali.prefetch": (_POSITIVE, "batches DALI prepares ahead"),
+}
+
+
 def check_choice(key: str, value: str, choices) -> None:
     """Raise a ConfigError naming `key` unless `value` is one of `choices` (a registry's names)."""
     if value in choices:
@@ -298,12 +370,9 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 def validate(config: Config) -> None:
     """Checks of the values this module owns; names such as `pipeline` and `arch` are checked by
     their registries (`pipelines.PIPELINES`, `bt_fast.model.BACKBONE_DIM`) when they are built."""
-    check_choice("amp", config.amp, ("auto", "bfloat16", "float16", "none"))
-    check_choice("device", config.device, ("auto", "cpu", "cuda"))
-    check_choice("ffcv.order", config.ffcv.order, ("random", "quasi_random"))
-    check_choice("ffcv.decode", config.ffcv.decode, ("host", "device"))
-    check_choice("ffcv.crop", config.ffcv.crop, ("auto", "device", "host"))
-    check_choice("augment.backend", config.augment.backend, ("auto", "eager", "compile", "triton"))
+    for key, choices in CHOICES.items():
+        section, _, name = key.rpartition(".")
+        check_choice(key, getattr(getattr(config, section) if section else config, name), choices)
     _require(config.ffcv.crop != "host" or config.ffcv.decode == "host", "ffcv.crop",
              "device when ffcv.decode=device (the host never sees decoded pixels)", config.ffcv.crop)
     _check_finite(config)
@@ -319,6 +388,7 @@ def validate(config: Config) -> None:
     _require(bool(config.out_dir.strip()), "out_dir", "a directory", config.out_dir)
     _require(config.ffcv.max_resolution > 0, "ffcv.max_resolution", "positive", config.ffcv.max_resolution)
     _require(config.ffcv.max_padded_side > 0, "ffcv.max_padded_side", "positive", config.ffcv.max_padded_side)
+    _require(config.dali.prefetch > 0, "dali.prefetch", "positive", config.dali.prefetch)
     _require(1 <= config.ffcv.jpeg_quality <= 100, "ffcv.jpeg_quality", "1..100", config.ffcv.jpeg_quality)
     spec = config.augment
     _require(spec.image_size >= MIN_IMAGE_SIZE, "augment.image_size", f"at least {MIN_IMAGE_SIZE} pixels",
