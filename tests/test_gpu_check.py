@@ -18,7 +18,8 @@ from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"augment float16", "augment bfloat16", "amp float16", "amp bfloat16", "lars", "resume batch",
             "resume step", "ddp", "ffcv crops", "dali ids", "dali view means", "device crop float16",
-            "device crop bfloat16", "device decode"}
+            "device crop bfloat16", "device decode", "no host sync", "rank devices"}
+CUDA_ONLY = {"no host sync", "rank devices"}  # skipped on the CPU, with the reason
 
 
 def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
@@ -29,9 +30,18 @@ def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
     summary = json.loads(out.read_text())
     checks = {c["check"]: c for c in summary["checks"]}
     assert set(checks) == SECTIONS and summary["passed"] and summary["device"] == "cpu"
+    for name in CUDA_ONLY:
+        assert checks.pop(name)["status"].startswith("skipped: ")
     for check in checks.values():
         assert check["status"] == "pass" and 0 <= check["error"] <= check["tolerance"], check
         assert f"{check['check']:<18} pass" in result.stdout
+    # Only the check lines and the table: no warning, resume notice or converter progress from the code checked.
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    table = lines.index("throughput")
+    assert all(line.split()[0] in {name.split()[0] for name in SECTIONS} for line in lines[:table - 1])
+    assert lines[table - 1] == "" and lines[-2:] == ["", "all checks passed on cpu"]
+    assert all(line.startswith("  ") for line in lines[table + 1:-2])
     for name in ("augment float16", "augment bfloat16", "amp float16", "amp bfloat16"):
         assert checks[name]["error"] > 0  # low precision against float32: a comparison that saw a difference
     throughput = summary["throughput"]
@@ -59,6 +69,46 @@ def test_compiled_lars_with_a_perturbed_learning_rate_fails_the_run(monkeypatch,
         gpu_check.main(["--device", "cpu"])
     assert exit_.value.code == 1
     assert "lars               fail" in capsys.readouterr().out
+
+
+def test_a_step_that_syncs_fails_the_no_host_sync_check(monkeypatch, tmp_path):
+    """The steps after the warm-up raise as CUDA's sync debug mode does: the check reports the failure."""
+    from tools.gpu_check.hot_path_checks import check_no_host_sync
+    step = bt_fast.train.Trainer.train_step
+    calls = []
+
+    def syncing_step(self, y1, y2):
+        calls.append(self.step)
+        if len(calls) > 1:
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return step(self, y1, y2)
+    monkeypatch.setattr(bt_fast.train.Trainer, "train_step", syncing_step)
+    [result] = check_no_host_sync(torch.device("cpu"), SIZES["cpu"], tmp_path, {})
+    assert result.check == "no host sync" and result.status == "fail: called a synchronizing CUDA operation"
+    assert calls == [0, 1]
+
+
+def test_rank_devices_flags_memory_on_another_ranks_gpu():
+    from tools.gpu_check.hot_path_checks import foreign_allocations
+    assert foreign_allocations([{"rank": 0, "allocated": [512, 0]}, {"rank": 1, "allocated": [0, 512]}]) == []
+    assert foreign_allocations([{"rank": 0, "allocated": [512, 0]}, {"rank": 1, "allocated": [2**21, 512]}]) == \
+        ["rank 1 holds 2.0 MiB on cuda:0"]
+    assert foreign_allocations([{"rank": 0, "allocated": [0, 0]}, {"rank": 1, "allocated": [0, 512]}]) == \
+        ["rank 0 holds nothing on its own cuda:0"]
+
+
+def test_end_to_end_prints_only_its_table(tmp_path, capfd):
+    from conftest import write_image_folder
+    data = write_image_folder(tmp_path / "train", classes=2, per_class=8, size=(48, 40))
+    section = gpu_check.run_end_to_end(torch.device("cpu"), options=[
+        "--data", str(data), "--pipelines", "reference", "--train-image-size", "16", "--train-batch-size", "4",
+        "--projector", "16-16", "--workers", "1", "--train-steps", "2"])
+    out, err = capfd.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0] == "" and lines[1].startswith("End to end (resnet18 + 16-16 projector, 16 px, 4 images per view")
+    assert lines[4].startswith("reference ") and f"{section['reference']['images_per_s']:.1f}" in lines[4]
+    assert len(lines) == 6
 
 
 def test_resume_without_restoring_the_rng_state_fails(monkeypatch):

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import io
+import logging
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -15,11 +19,25 @@ from bt_fast.errors import cli_errors, one_line
 from bt_fast.files import write_json
 from tools.gpu_check.data_checks import (check_augment, check_dali, check_device_crop, check_device_decode,
                                          check_ffcv)
+from tools.gpu_check.hot_path_checks import check_no_host_sync, check_rank_devices
 from tools.gpu_check.measure import SIZES, Result
 from tools.gpu_check.train_checks import check_amp, check_ddp, check_lars, check_resume, measure_training
 
 CHECKS: list[Callable] = [check_augment, check_device_crop, check_device_decode, check_amp, check_lars, check_resume,
-                          check_ddp, check_ffcv, check_dali]
+                          check_ddp, check_no_host_sync, check_ffcv, check_dali, check_rank_devices]
+
+
+@contextlib.contextmanager
+def held_output():
+    """What the code under check prints (a first-use conversion's progress, a resume notice) is held back:
+    the run prints only its check lines and table. Held text is written to stderr if the block raises."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def run_checks(device: torch.device, report: Callable[[str], None] = print) -> dict:
@@ -30,19 +48,40 @@ def run_checks(device: torch.device, report: Callable[[str], None] = print) -> d
             workdir = Path(tmp) / str(index)
             workdir.mkdir()
             try:
-                outcome = list(check(device, sizes, workdir, measured))
+                with held_output():
+                    outcome = list(check(device, sizes, workdir, measured))
+                    # Its garbage goes now, so that a finalizer's complaint is held too: numba's, about the
+                    # FFCV host crop's compiled decoder, is printed when that is collected and is no finding.
+                    gc.collect()
             except Exception as err:  # noqa: BLE001 - a crashing check is a failed check; the others still run
                 outcome = [Result(check.__name__.removeprefix("check_").replace("_", " "), f"fail: {one_line(err)}")]
             for result in outcome:
                 results.append(result)
                 error = "" if result.error is None else f"  error {result.error:.3g} (tolerance {result.tolerance:g})"
                 report(f"{result.check:<18} {result.status}{error}")
-        measure_training(device, sizes, Path(tmp), measured)
+        with held_output():
+            measure_training(device, sizes, Path(tmp), measured)
     report("\nthroughput")
     for key, value in measured.items():
         report(f"  {key:<40} {value if isinstance(value, str) else f'{value:.4g}'}")
     return {"device": str(device), "sizes": asdict(sizes), "checks": [asdict(r) for r in results],
             "throughput": measured, "passed": all(not r.status.startswith("fail") for r in results)}
+
+
+def run_end_to_end(device: torch.device, report: Callable[[str], None] = print, options: Sequence[str] = ()) -> dict:
+    """`python -m tools.bench --end-to-end --device <device> <options>` (the bench's sizes for that device by
+    default), reported as its table."""
+    from tools.bench.__main__ import parse_args, resolve_data
+    from tools.bench.end_to_end import bench_end_to_end
+    from tools.bench.report import end_to_end_lines
+    args = parse_args(["--end-to-end", "--device", device.type, *options])
+    with held_output():
+        resolve_data(args)
+        section = bench_end_to_end(args, args.pipelines)
+    report("")
+    for line in end_to_end_lines(section):
+        report(line)
+    return section
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,13 +90,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda, or a one-line notice and exit 0 when no CUDA device is visible")
     parser.add_argument("--json", default=None, help="also write the results and throughput here")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="then train end to end with every pipeline (python -m tools.bench --end-to-end)")
     args = parser.parse_args(argv)
     if args.device is None and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible, nothing to check (--device cpu runs the checks on the CPU)")
         return
+    # torch warns once, on importing its C++-extension helper (inductor does), that a CPU-only machine has no
+    # CUDA runtime: not a finding of any check.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with cli_errors():
         device = resolve_device(args.device or "cuda", setting="--device")
         summary = run_checks(device)
+        if args.end_to_end:
+            summary["end_to_end"] = run_end_to_end(device)
         if args.json:
             write_json(args.json, summary)
     print(f"\n{'all checks passed' if summary['passed'] else 'some checks FAILED'} on {device}")
