@@ -43,6 +43,17 @@ def print_error(err: BaseException | str) -> None:
 
 
 @contextmanager
+def exit_on_interrupt(what: str) -> Iterator[None]:
+    """Around a command's slow start-up (importing torch takes seconds): Ctrl-C there ends in one
+    `error:` line and exit 130, not a KeyboardInterrupt traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print_error(f"interrupted {what}; nothing was written")
+        raise SystemExit(130) from None
+
+
+@contextmanager
 def cli_errors(*also: type[BaseException]) -> Iterator[None]:
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
     `exit_code` (2 for `also`)."""
