@@ -27,6 +27,10 @@ makes the per-sample depthwise blur a channels-last convolution with one channel
 sample and keeps per-pixel channel ops on contiguous planes; the steps work in place on
 reused buffers (`Workspace`) because fresh multi-megabyte allocations cost more than the
 arithmetic on CPU. Computation is float32 on CPU and float16/bfloat16 on CUDA.
+
+This module is the specification: `pipelines/augment_triton.py` computes the same `apply` in fused
+Triton kernels and is tested against it. `TwoViewAugment(backend=...)` (config key
+`augment.backend`) chooses between them.
 """
 from __future__ import annotations
 
@@ -414,7 +418,11 @@ BACKENDS = ("auto", "eager", "compile", "triton")
 def triton_kernels(device: torch.device):
     """`pipelines.augment_triton` (imported on first use), or a ConfigError when its kernels cannot
     run on `device`: they need CUDA, or the CPU interpreter enabled before they were decorated."""
-    from pipelines import augment_triton  # triton is imported only by this backend
+    try:
+        from pipelines import augment_triton  # triton is imported only by this backend
+    except ImportError as err:
+        raise ConfigError(f"config key 'augment.backend': triton cannot be imported ({err}); install the "
+                          f"triton that matches torch, or use augment.backend=eager") from None
     if torch.device(device).type != "cuda" and not augment_triton.INTERPRETED:
         raise ConfigError(f"config key 'augment.backend': triton runs on CUDA, and the images are on {device} "
                           f"(on the CPU it needs TRITON_INTERPRET=1 set before start, slow); use "
