@@ -593,3 +593,27 @@ def test_an_unchanged_folder_is_not_rescanned_at_start(source, tmp_path, monkeyp
     shutil.copy(data / "a" / "a0.jpg", data / "a" / "added.jpg")
     ffcv_pipeline._warn_if_stale(beton, str(data))
     assert scans == [str(data)] and "now holds 15 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size,orientation", [((1031, 517), 1), ((2600, 1733), 1), ((1733, 2600), 6), ((4099, 3001), 1)])
+def test_a_large_jpeg_is_capped_to_ffcvs_geometry_from_a_reduced_decode(size, orientation, tmp_path):
+    """Decoding at a DCT scale changes the cost, not the geometry, and barely the pixels of a photograph."""
+    import cv2
+    from pipelines.demo_data import load_photograph
+    array = np.asarray(Image.fromarray(load_photograph("chelsea")).resize(size, Image.BICUBIC))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "big.jpg"
+    Image.fromarray(array).save(path, quality=92, exif=exif)
+    upright = np.asarray(Image.open(path).transpose(Image.Transpose.ROTATE_270) if orientation == 6
+                         else Image.open(path).convert("RGB"))
+    height, width = upright.shape[:2]
+    ratio = 256 / max(width, height)
+    want_size = (int(ratio * width), int(ratio * height))  # FFCV's resizer: truncation
+    want = cv2.resize(upright, want_size, interpolation=cv2.INTER_AREA)
+    got = ImagePrep(max_resolution=256).pixels(str(path))
+    assert got.shape == want.shape
+    assert _mad(got, want) < 2.5  # about what one JPEG generation at quality 90 changes
+    from pipelines.images import _decode
+    decoded, _, full = _decode(str(path), reduce_to=256)
+    assert full == (width, height) and max(decoded.size) < max(size)  # the reduced decode was taken
