@@ -19,8 +19,10 @@ PANELS = (
     ("lr_biases", "learning rate (biases)"),
     ("images_per_s", "images/s"),
     ("data_wait_fraction", "data-wait fraction"),
+    ("image_size", "crop side (px)"),
     ("knn_top1", "k-NN top-1 (%)"),
 )
+ROWS = 2
 SPARSE_KEYS = {"knn_top1"}  # logged once per k-NN evaluation: drawn with markers
 
 
@@ -35,9 +37,13 @@ def plot_runs(runs: dict[str, list[dict]]) -> Figure:
 
     `runs` maps a label to that run's metrics records. A panel no run has data for says so.
     """
-    figure = Figure(figsize=(13, 7), layout="constrained")
+    columns = -(-len(PANELS) // ROWS)
+    figure = Figure(figsize=(4 * columns, 7), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 3, sharex=True).ravel()
+    axes = figure.subplots(ROWS, columns, sharex=True).ravel()
+    for spare in axes[len(PANELS):]:
+        spare.remove()
+    axes = axes[:len(PANELS)]
     for ax, (key, title) in zip(axes, PANELS):
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -50,8 +56,9 @@ def plot_runs(runs: dict[str, list[dict]]) -> Figure:
                 drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-    for ax in axes[3:]:
+    for ax in axes[-columns:]:  # the bottom of each column
         ax.set_xlabel("step")
+        ax.tick_params(labelbottom=True)
     if len(runs) > 1:
         axes[0].legend(fontsize="small")
     return figure

@@ -1,8 +1,9 @@
 """What rank 0 leaves in `out_dir` besides checkpoints.
 
 - metrics.jsonl: one JSON object per line, either a step (loss, both learning rates, images/s,
-  data-wait fraction) or a k-NN evaluation; every line also holds `time` (UTC, ISO 8601) and
-  `elapsed_s`, the run's wall seconds since it first started, summed over resumed segments.
+  data-wait fraction, and `image_size`, the epoch's crop side, which progressive resizing changes)
+  or a k-NN evaluation; every line also holds `time` (UTC, ISO 8601) and `elapsed_s`, the run's wall
+  seconds since it first started, summed over resumed segments.
 - config.yaml: the resolved config; `--config <out_dir>/config.yaml` loads the same `Config`.
 - metrics.png: the curves of metrics.jsonl (`bt_fast.plots`), redrawn at each epoch end and at the end.
 - summary.json: written at the end from metrics.jsonl alone, so a resumed run or the rerun of a
@@ -35,7 +36,7 @@ CONFIG_NAME = "config.yaml"
 PLOT_NAME = "metrics.png"
 SUMMARY_NAME = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
-SCALAR_KEYS = ("loss", "lr_weights", "lr_biases", "images_per_s", "data_wait_fraction",
+SCALAR_KEYS = ("loss", "lr_weights", "lr_biases", "images_per_s", "data_wait_fraction", "image_size",
                "knn_top1", "knn_top5", "knn_seconds")
 VIEW_PAIRS = 8
 
@@ -92,7 +93,8 @@ def versions() -> dict[str, str]:
     `__version__`, which ffcv leaves stale) of the libraries that shape the numbers; the data library's
     only if it is loaded."""
     found = {"python": platform.python_version(),
-             **{name: _installed(name) for name in ("torch", "torchvision", "numpy")}}
+             **{name: _installed(name) for name in ("torch", "torchvision", "numpy")},
+             "torch_cuda": torch.version.cuda}  # the CUDA torch was built for (None: a CPU build)
     if "ffcv" in sys.modules:
         found["ffcv"] = _installed("ffcv")
     if "nvidia.dali" in sys.modules:  # the distribution's name carries the CUDA version: nvidia-dali-cuda130
@@ -151,7 +153,10 @@ class RunLog:
         return time.monotonic() - self.started
 
     def write(self, record: dict) -> None:
-        """Append one record, stamped with the wall-clock time and the elapsed seconds."""
+        """Append one record, stamped with the wall-clock time and the elapsed seconds; a step record
+        (one with a loss) also with its epoch's crop side."""
+        if "loss" in record and "epoch" in record:
+            record = {**record, "image_size": self.config.augment.image_size_at(record["epoch"], self.config.epochs)}
         stamped = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                    "elapsed_s": round(self.elapsed(), 3)}
         self.metrics.write(json.dumps(stamped) + "\n")

@@ -1,4 +1,5 @@
 """Run artefacts: config.yaml, stamped metrics, summary.json, metrics.png, tools.plot and TensorBoard events."""
+import importlib.metadata
 import json
 import sys
 from datetime import datetime
@@ -83,7 +84,8 @@ def test_summary_matches_the_metrics_log_and_the_trainer(knn_run):
     assert found["images_per_s"] == pytest.approx(result["images_per_s"], rel=1e-9)
     assert found["last_knn"] == {"step": 6, "top1": knn[-1]["knn_top1"], "top5": knn[-1]["knn_top5"]}
     assert found["wall_time_s"] == lines[-1]["elapsed_s"] and found["finished_at"] == lines[-1]["time"]
-    assert found["versions"]["torch"] == torch.__version__
+    assert found["versions"]["torch"] == importlib.metadata.version("torch")  # installed, not a module's string
+    assert found["versions"]["torch_cuda"] == torch.version.cuda
     assert found["device"]["type"] == "cpu" and found["device"]["world_size"] == 1
     assert found["stopped_by"] is None and found["total_steps"] == 6
 
@@ -92,7 +94,7 @@ def test_metrics_png_plots_the_logged_series(knn_run):
     out_dir, _ = knn_run
     lines = records(out_dir)
     with Image.open(out_dir / "metrics.png") as image:
-        assert image.format == "PNG" and image.size == (1300, 700)
+        assert image.format == "PNG" and image.size == (1600, 700)  # 2 rows of 4 panels
     figure = plot_runs({"run": lines})
     for ax, (key, title) in zip(figure.axes, PANELS):
         assert ax.get_title() == title
@@ -170,7 +172,7 @@ def test_plot_tool_overlays_runs(knn_run, image_folder, tmp_path, capsys):
 
     plot_tool.main([str(knn_run[0]), str(other), "--out", str(tmp_path / "compare.png")])
     with Image.open(tmp_path / "compare.png") as image:
-        assert image.format == "PNG" and image.size == (1300, 700)
+        assert image.format == "PNG" and image.size == (1600, 700)  # 2 rows of 4 panels
 
 
 def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
@@ -179,3 +181,15 @@ def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err == f"error: run {tmp_path} has no metrics.jsonl; give a run's " \
                                                 f"out_dir or its metrics.jsonl\n"
+
+
+def test_each_step_line_holds_its_epochs_crop_side(tmp_path):
+    from bt_fast.run_log import RunLog
+    config = load_config(None, [f"out_dir={tmp_path}", "epochs=4", "augment.start_image_size=32",
+                                "augment.image_size=64"])  # ramp [0.75, 0.875] of epochs 0..3: 2.25 to 2.625
+    log = RunLog(config, step=0, elapsed_s=0.0)
+    for epoch in range(4):
+        log.write({"step": epoch + 1, "epoch": epoch, "loss": 1.0})
+    log.write({"step": 4, "epoch": 3, "knn_top1": 50.0})
+    log.close()
+    assert [record.get("image_size") for record in records(tmp_path)] == [32, 32, 32, 64, None]
