@@ -17,8 +17,9 @@ lines and lines starting with '#' are ignored).
    (rules in `pipelines.images`); images whose longer side exceeds `max_resolution` are shrunk
    to it and anything re-encoded is encoded at `jpeg_quality`.
 3. Each finished part is kept in the work directory `work_dir(DST)` (`.DST.parts` beside DST)
-   with its part report, so a conversion that is killed and rerun with the same arguments
-   redoes only the parts it had not finished. Nothing but that directory is held per image:
+   with its part report, so a conversion that is killed and rerun with the same arguments and
+   the same source listing redoes only the parts it had not finished (a source file rewritten
+   in place between the two runs is not noticed). Nothing but that directory is held per image:
    memory is flat in the number of images, apart from the source listing and, for ffcv, the
    metadata the `.beton` header holds (`pipelines.ffcv_format.join_parts`).
 4. The parts are put together under a hidden temporary name in DST's directory, moved into
@@ -271,8 +272,6 @@ class _WorkDir:
         self.lock.close()
         if remove:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
 
 
 def _job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
