@@ -3,15 +3,18 @@
 
 The kernels run on every machine through Triton's CPU interpreter, in one child process: triton reads
 TRITON_INTERPRET when it decorates a kernel, and setting it here would turn every Triton kernel this
-worker decorates afterwards (inductor's too) into an interpreted one. With CUDA present the same cases
-also run compiled on the GPU, in this process.
+worker decorates afterwards (inductor's too) into an interpreted one. They are also compiled for an
+H100/H200 (sm_90) on every machine, which needs no GPU; with CUDA present the interpreted cases also run
+compiled on the GPU, in this process.
 """
 from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -232,6 +235,55 @@ def test_two_view_augment_triton_backend_matches_eager_backend(interpreted):
         assert_view(got, ref, case["dtype"])
         torch.testing.assert_close(got, ref, atol=EAGER_BOUND, rtol=0)
     assert not torch.equal(results["two_view"][0], results["two_view"][1])
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled for the GPU (no GPU needed)
+# ------------------------------------------------------------------------------------------
+
+class Launches:
+    """Stands in for a kernel: records `kernel[grid](*args, **kwargs)` instead of launching it."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def test_kernels_compile_for_sm90_without_register_spills(monkeypatch, tmp_path):
+    """The launches `apply` makes for the CUDA configuration (channels-last uint8 in, float16 planes and
+    out, 224 px, 23 taps) compiled through Triton's whole CUDA pipeline to an sm_90 binary, which then
+    keeps every value in registers (no local-memory spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    from pipelines import augment_triton as T
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile now, whatever an earlier run cached
+    calls = []
+    for name in ("_contrast_mean_kernel", "_colour_kernel", "_blur_rows_kernel", "_blur_cols_kernel"):
+        monkeypatch.setattr(T, name, Launches(getattr(T, name), calls))
+    spec = AugmentSpec()
+    images = torch.zeros(2, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    T.apply(images, A.sample_params(2, spec, 0, torch.Generator().manual_seed(0)), spec, dtype=torch.float16,
+            compute_dtype=torch.float16)
+    assert len(calls) == 4
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for kernel, args, kwargs in calls:
+        options = {"num_warps": kwargs.pop("num_warps")}
+        signature = {name: mangle_type(arg) for name, arg in zip(kernel.arg_names, args)}
+        signature.update(dict.fromkeys(kwargs, "constexpr"))
+        binary = triton.compile(ASTSource(kernel, signature, kwargs), target=GPUTarget("cuda", 90, 32),
+                                options=options).asm["cubin"]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+            file.write(binary)
+            file.flush()
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", file.name], capture_output=True,
+                                   text=True, check=True).stdout
+        spills = {key: int(value) for key, value in re.findall(r"(STACK|LOCAL):(\d+)", usage)}
+        assert spills == {"STACK": 0, "LOCAL": 0}, (kernel.fn.__name__, usage)
 
 
 # ------------------------------------------------------------------------------------------
