@@ -39,11 +39,14 @@ class TwoViewPipeline(Protocol):
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed shuffling and augmentation for `epoch` (same order on every rank)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reseed shuffling and augmentation for `epoch` (same order on every rank). The next iteration
+        yields batches `start_batch`, `start_batch + 1`, ... of the epoch, equal to those an iteration from
+        batch 0 would yield there (a run resumed mid-epoch)."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (view1, view2), each (B, 3, H, W) on the device, channels-last, normalised."""
+        """Yield (view1, view2), each (B, 3, H, W) on the device, channels-last, normalised. Closing the
+        iterator early ends the epoch's background work."""
 
 
 class EpochPipeline:
@@ -56,9 +59,12 @@ class EpochPipeline:
         self.batch_size = batch_size
         self.seed = config.seed
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start batch {start_batch} outside the epoch's {len(self)} batches")
+        self.epoch, self.start_batch = epoch, start_batch
 
 
 def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -334,9 +334,10 @@ class DALIPipeline(EpochPipeline):
             raise DataError(f"DALI decode strategy must be one of {DECODE_STRATEGIES}, got {decode!r}")
         super().__init__(config, placement, batch_size)
         self.gpu = placement.device.type == "cuda"
-        self.source = RecordSource(config.dali.records) if config.dali.records else FolderSource(config.data)
-        self.per_rank = samples_per_rank(len(self.source), batch_size, placement.world_size,
-                                         config.dali.records or config.data)
+        # data= may name converted records itself (their dataset.json), as it may name a .beton for ffcv
+        records = config.dali.records or (config.data if (Path(config.data) / "dataset.json").is_file() else "")
+        self.source = RecordSource(records) if records else FolderSource(config.data)
+        self.per_rank = samples_per_rank(len(self.source), batch_size, placement.world_size, records or config.data)
         out_dtype = types.FLOAT16 if placement.dtype == torch.float16 else types.FLOAT
         self.options = GraphOptions(decode, self.gpu, out_dtype, debug)
         self.torch_dtype = torch.float16 if placement.dtype == torch.float16 else torch.float32
@@ -400,7 +401,12 @@ class DALIPipeline(EpochPipeline):
                          f"{_dali_reason(text)} (the {len(paths)} files of the batches in flight decode with PIL)")
 
     def _run(self) -> Iterator:
-        """The epoch's batches: (view1, view2), or DebugBatches when built with debug=True."""
+        """The epoch's batches from `start_batch` on: (view1, view2), or DebugBatches when built with debug=True.
+
+        DALI's readers and operators draw their random numbers in sequence from the pipeline's seed, so a
+        graph cannot start mid-epoch with the draws of an uninterrupted one: the batches before
+        `start_batch` are run and dropped (docs/pipelines.md).
+        """
         plan = self.plan()
         pipe = self.build(plan)
         try:
@@ -409,6 +415,8 @@ class DALIPipeline(EpochPipeline):
                     outputs = pipe.run()
                 except RuntimeError as err:
                     raise self._error(err, plan, batch) from None
+                if batch < self.start_batch:
+                    continue
                 views = (self._to_torch(outputs[0]), self._to_torch(outputs[1]))
                 if self.options.debug:
                     yield dali_debug.debug_batch(views, outputs, isinstance(self.source, RecordSource))

@@ -57,12 +57,13 @@ from pipelines.ffcv_host_crop import TwoCropRGBDecoder  # noqa: E402
 torch.set_num_threads(_TORCH_THREADS)
 
 from bt_fast.config import AugmentSpec, Config, ConfigError  # noqa: E402
-from pipelines.augment import TwoViewAugment  # noqa: E402
+from pipelines.augment import TwoViewAugment, sample_params  # noqa: E402
 from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder  # noqa: E402
 from pipelines.convert import convert, report_path, source_state  # noqa: E402
 from pipelines.device_crop import resized_crops  # noqa: E402
 from pipelines.device_decode import decode_padded  # noqa: E402
 from pipelines.ffcv_format import beton_path, open_beton  # noqa: E402
+from pipelines.prefetch import run_ahead  # noqa: E402
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank  # noqa: E402
 
 
@@ -123,6 +124,8 @@ class _SeededEpochIterator(EpochIterator):
         super().start()
 
     def run(self) -> None:
+        if self.loader.device.type == "cuda":  # GPU only: FFCV's thread would otherwise work on (and create a context on) cuda:0
+            torch.cuda.set_device(self.loader.device)
         try:
             super().run()
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
@@ -133,6 +136,14 @@ class _SeededEpochIterator(EpochIterator):
                     return
                 except queue.Full:
                     pass
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        # FFCV only makes the slot's stream wait for the consumer's last use of the slot, while its
+        # compiled code rewrites the slot's pinned host buffers at once: wait on the host (in this
+        # thread, batches_ahead + 1 batches later) so no copy from them can still be in flight.
+        if cuda_event is not None:  # GPU only
+            cuda_event.synchronize()
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, None)
 
     def __next__(self):
         try:
@@ -145,17 +156,20 @@ class _SeededEpochIterator(EpochIterator):
 
 
 class _TwoCropLoader(Loader):
-    """FFCV Loader with our epoch order (`EpochSharding`), per-epoch crop seeds and batch buffers kept across epochs.
+    """FFCV Loader with our epoch order (`EpochSharding`) from any batch of it, per-epoch crop seeds and batch
+    buffers kept across epochs.
 
     `pipelines` maps output names to FFCV pipelines or `PipelineSpec`s (unnamed fields are not
     read); `seeded` is the operation that draws the boxes (it has `set_epoch_seed`).
     """
 
     def __init__(self, fname: str, batch_size: int, num_workers: int, os_cache: bool, pipelines: dict,
-                 seeded, batches_ahead: int = 3):
+                 seeded, device: torch.device, batches_ahead: int = 3):
         self.seeded = seeded
+        self.device = device
         self.sharding: EpochSharding | None = None
         self.crop_seed_base = 0
+        self.start_batch = 0  # the next epoch starts at this batch (a resumed run's position)
         self._epoch: _SeededEpochIterator | None = None
         self._buffers = None
         super().__init__(fname, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
@@ -192,7 +206,7 @@ class _TwoCropLoader(Loader):
         Compiler.set_num_threads(self.num_workers)
         epoch = self.next_epoch
         self.next_epoch += 1
-        order = self.sharding.indices(epoch)[:len(self) * self.batch_size]
+        order = self.sharding.indices(epoch)[self.start_batch * self.batch_size:len(self) * self.batch_size]
         if self.code is None or self.recompile:
             self.generate_code()
         self.stop_epoch()
@@ -300,8 +314,7 @@ class FFCVPipeline(EpochPipeline):
     The mode comes from `config.ffcv.decode` and `config.ffcv.crop` (module docstring).
     """
 
-    def __init__(self, config: Config, placement: Placement, batch_size: int, *,
-                 compile_augment: bool = False, batches_ahead: int = 3):
+    def __init__(self, config: Config, placement: Placement, batch_size: int, *, batches_ahead: int = 3):
         super().__init__(config, placement, batch_size)
         self.decode, self.crop = config.ffcv.decode, resolve_crop(config, placement.device)
         self.path = ensure_beton(config)
@@ -319,14 +332,14 @@ class FFCVPipeline(EpochPipeline):
         threads = torch.get_num_threads()
         try:
             self.loader = _TwoCropLoader(str(self.path), batch_size, workers, config.ffcv.os_cache, pipelines,
-                                         seeded, batches_ahead)
+                                         seeded, placement.device, batches_ahead)
         finally:
             torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count
         self.loader.crop_seed_base = self.seed
         self.loader.sharding = EpochSharding(int(reader.num_samples), placement.rank, placement.world_size,
                                              self.seed, config.ffcv.order,
                                              self.loader.memory_manager.page_to_samples, batch_size)
-        self.augment = TwoViewAugment(self.spec, placement.dtype, compile=compile_augment)
+        self.augment = TwoViewAugment(self.spec, placement.dtype, backend=config.augment.backend)
         self.generator = torch.Generator(device=placement.device)
         self.crop_dtype = torch.float16 if placement.device.type == "cuda" else torch.float32  # GPU only: half
 
@@ -370,7 +383,7 @@ class FFCVPipeline(EpochPipeline):
         return self.loader.sharding.indices(self.epoch)[:len(self) * self.batch_size]
 
     def host_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The current epoch's host-stage outputs per batch, before any device work.
+        """The current epoch's host-stage outputs per batch from `start_batch` on, before any device work.
 
         crop=host: `(crops,)`, uint8 (B, 2, S, S, 3). crop=device: `(pixels, rows)`, `rows` the
         int32 (B, 11) `pipelines.ffcv_decoders.ROW_FIELDS`, `pixels` the padded uint8 images
@@ -379,7 +392,7 @@ class FFCVPipeline(EpochPipeline):
         host. A batch is a view of FFCV's buffers, valid until a few batches later.
         Closing the generator early (a run that stops mid-epoch) ends FFCV's epoch thread before it returns.
         """
-        self.loader.next_epoch = self.epoch
+        self.loader.next_epoch, self.loader.start_batch = self.epoch, self.start_batch
         threads = torch.get_num_threads()
         try:
             iterator = iter(self.loader)
@@ -413,8 +426,14 @@ class FFCVPipeline(EpochPipeline):
         return resized_crops(pixels.to(device, non_blocking=True), boxes, self._size(self.epoch),
                              dtype=self.crop_dtype)
 
+    def views(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device stage of one host batch: both views' crops, then their distortions."""
+        crops = self.device_crops(batch)
+        return self.augment(crops[:, 0], crops[:, 1], self.generator)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, AUGMENT_STREAM + self.placement.rank))
-        for batch in self.host_batches():
-            crops = self.device_crops(batch)
-            yield self.augment(crops[:, 0], crops[:, 1], self.generator)
+        for _ in range(self.start_batch):  # the skipped batches' draws, without their images
+            for view in (0, 1):
+                sample_params(self.batch_size, self.spec, view, self.generator, device=self.placement.device)
+        return run_ahead(self.host_batches(), self.views, self.config.prefetch, self.placement.device)

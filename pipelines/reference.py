@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bt_fast.config import AugmentSpec, Config
 from pipelines.base import DataError, Placement, find_image_folder, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
+from pipelines.prefetch import run_ahead
 
 
 class PILGaussianBlur:
@@ -101,15 +102,16 @@ class EpochIndexSampler(Sampler):
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int):
         self.num_samples, self.rank, self.world_size, self.seed = num_samples, rank, world_size, seed
         self.epoch = 0
+        self.start = 0  # position in the epoch's order where iteration begins
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples // self.world_size
+        return self.num_samples // self.world_size - self.start
 
     def __iter__(self):
-        indices = rank_indices(self.num_samples, self.seed, self.epoch, self.rank, self.world_size)
+        indices = rank_indices(self.num_samples, self.seed, self.epoch, self.rank, self.world_size)[self.start:]
         return ((self.epoch, int(index)) for index in indices)
 
 
@@ -121,6 +123,7 @@ class ReferencePipeline:
         self.dataset = TwoViewImageFolder(root, config.augment, seed, config.epochs)
         self.batch_size = batch_size
         self.placement = placement
+        self.prefetch = config.prefetch
         samples_per_rank(len(self.dataset), batch_size, placement.world_size, f"data directory {root}")
         self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
@@ -128,11 +131,18 @@ class ReferencePipeline:
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.sampler.num_samples // self.placement.world_size // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        # Each sample's views depend on (seed, epoch, index) only: starting later in the order skips the
+        # earlier batches without reading them.
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start batch {start_batch} outside the epoch's {len(self)} batches")
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+
+    def views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        view1, view2 = batch
+        return to_device(view1, self.placement), to_device(view2, self.placement)
 
     def __iter__(self):
-        for view1, view2 in self.loader:
-            yield to_device(view1, self.placement), to_device(view2, self.placement)
+        return run_ahead(self.loader, self.views, self.prefetch, self.placement.device)

@@ -189,7 +189,9 @@ def counted_decodes(mode: str, monkeypatch) -> list[int]:
     elif mode == "device_crop":
         count(ffcv_decoders, "decode_into", lambda args: 1)
     else:
-        count(device_decode, "decode_jpeg", lambda args: len(args[0]))  # one batched call per batch
+        real_decoder = device_decode._decoder
+        monkeypatch.setattr(device_decode, "_decoder", lambda: (  # one batched call per batch
+            lambda jpegs, **kwargs: (calls.append(len(jpegs)), real_decoder()(jpegs, **kwargs))[1]))
     return calls
 
 
@@ -219,9 +221,9 @@ def test_each_image_is_decoded_once_for_both_views(dataset, mode, monkeypatch):
 def test_device_crops_are_torchvision_resized_crops_of_the_decoded_image(dataset, mode, python_mode):
     """torchvision's resized_crop (bicubic, antialias) of the same decoded image on the boxes the seed gives.
 
-    The decoded image: the host stage's (libjpeg-turbo, FFCV's flags), or decode_jpeg's of the stored bytes.
+    The decoded image: the host stage's (libjpeg-turbo, FFCV's flags), or TorchCodec's decode_jpeg of the stored bytes.
     """
-    from torchvision.io import decode_jpeg
+    from torchcodec.decoders import decode_jpeg
     from torchvision.transforms.v2.functional import InterpolationMode, resized_crop
     _, beton = dataset
     config = make_config(beton, image_size=24, **MODES[mode])
@@ -282,20 +284,38 @@ def test_device_decode_gives_the_host_decode_boxes_and_pixels_within_a_bound(dat
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_resuming_mid_epoch_gives_identical_batches(dataset, mode, python_mode):
-    """The trainer resumes by skipping the epoch's first batches of a fresh pipeline (bt_fast.train)."""
-    import itertools
+def test_resuming_mid_epoch_gives_identical_batches_without_reading_the_skipped_ones(dataset, mode, python_mode,
+                                                                                    monkeypatch):
+    """set_epoch(e, start_batch=k) yields the uninterrupted epoch's batches k.., decoding only their images."""
     _, beton = dataset
     config = make_config(beton, **MODES[mode])
     uninterrupted = P.FFCVPipeline(config, cpu(), batch_size=4)
     uninterrupted.set_epoch(1)
     expected = list(uninterrupted)[2:]
+    calls = counted_decodes(mode, monkeypatch)
     resumed = P.FFCVPipeline(config, cpu(), batch_size=4)
-    resumed.set_epoch(1)
-    batches = list(itertools.islice(iter(resumed), 2, None))
+    resumed.set_epoch(1, start_batch=2)
+    batches = list(resumed)
+    assert sum(calls) == 4 * len(expected)  # the two skipped batches' 8 images are never decoded
     assert len(batches) == len(expected) == len(uninterrupted) - 2
     for got, want in zip(batches, expected):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("mode", ["device_crop", "host_crop"])
+def test_views_are_bit_identical_with_prefetch_on_and_off(dataset, mode, python_mode):
+    """prefetch=N issues the device stage of N batches ahead; the draws stay in batch order."""
+    _, beton = dataset
+    epochs = {}
+    for depth in (0, 1, 3):
+        config = make_config(beton, **MODES[mode])
+        config.prefetch = depth
+        pipeline = P.FFCVPipeline(config, cpu(), batch_size=4)
+        pipeline.set_epoch(1)
+        epochs[depth] = [(v1.clone(), v2.clone()) for v1, v2 in pipeline]
+    assert len(epochs[0]) == IMAGES // 4
+    for depth in (1, 3):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epochs[0], epochs[depth]))
 
 
 def test_an_abandoned_epoch_stops_before_the_next_reuses_its_buffers(dataset, python_mode):

@@ -6,6 +6,7 @@ import torchvision.transforms.functional as TF
 
 from bt_fast.config import AugmentSpec, Config
 from pipelines import DataError, Placement
+from pipelines import reference
 from pipelines.reference import PILGaussianBlur, ReferencePipeline, TwoViewImageFolder
 
 SPEC = AugmentSpec(image_size=32)
@@ -81,3 +82,21 @@ def test_two_loader_workers_give_the_distortions_of_none(image_folder):
     for (a1, a2), (b1, b2) in zip(epochs[0], epochs[2]):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(epochs[0][0][0], epochs[0][0][1])  # the two views differ
+
+
+def test_starting_mid_epoch_reads_only_the_remaining_images_and_gives_their_batches(image_folder, monkeypatch):
+    """set_epoch(e, start_batch=k): the uninterrupted epoch's batches k.., without opening the skipped images."""
+    config = Config(data=str(image_folder), pipeline="reference", workers=0, augment=SPEC, seed=3, prefetch=2)
+    uninterrupted = ReferencePipeline(config, Placement(torch.device("cpu")), batch_size=4)
+    uninterrupted.set_epoch(1)
+    expected = list(uninterrupted)[4:]
+    opened = []
+    real_load = reference.load_rgb
+    monkeypatch.setattr(reference, "load_rgb", lambda path: (opened.append(path), real_load(path))[1])
+    resumed = ReferencePipeline(config, Placement(torch.device("cpu")), batch_size=4)
+    resumed.set_epoch(1, start_batch=4)
+    batches = list(resumed)
+    assert len(opened) == 2 * 4 and len(resumed) == 6
+    assert len(batches) == len(expected) == 2
+    for (a1, a2), (b1, b2) in zip(batches, expected):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
