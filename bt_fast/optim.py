@@ -12,6 +12,12 @@ makes ~14 passes over parameter-sized memory. Here tensors are bucketed by their
 ops, so the op count per step is constant in the number of tensors. With
 `compile=True` the same function goes through `torch.compile`, which fuses it into
 one reduction pass over (p, g) and one update pass over (p, g, mu): ~7 memory passes.
+
+Under a float16 `torch.amp.GradScaler` the step never reads the device on the host: LARS declares
+`_step_supports_amp_scaling`, so the scaler hands it the scale and its inf/nan flag as device tensors
+(`grad_scale`, `found_inf`) instead of syncing to decide whether to call `step`. LARS unscales the
+gradients itself (by the same float32 reciprocal as `GradScaler.unscale_`) and, where the flag is set,
+leaves parameters and momenta as they were, exactly as a skipped step.
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _lars_bucket_update(params: list[torch.Tensor], grads: list[torch.Tensor], mus: list[torch.Tensor],
                         lr: float | torch.Tensor, weight_decay: float, momentum: float, eta: float,
-                        decay: bool, adapt: bool) -> None:
-    """Update one bucket of tensors that share their filter flags, in place."""
+                        decay: bool, adapt: bool, skip: torch.Tensor | None = None) -> None:
+    """Update one bucket of tensors that share their filter flags, in place; not at all where `skip` (a 0-d
+    bool tensor) is set."""
     owned = decay and weight_decay != 0  # `grads` is our temporary, not p.grad: safe to scale in place
     if owned:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
@@ -54,12 +61,23 @@ def _lars_bucket_update(params: list[torch.Tensor], grads: list[torch.Tensor], m
             torch._foreach_mul_(grads, trust.unbind(0))
         else:
             grads = torch._foreach_mul(grads, trust.unbind(0))
-    torch._foreach_mul_(mus, momentum)
-    torch._foreach_add_(mus, grads)
-    if isinstance(lr, torch.Tensor):  # compiled path: a tensor lr does not trigger a recompile per value
-        torch._foreach_sub_(params, torch._foreach_mul(mus, lr))
+    if skip is None:
+        torch._foreach_mul_(mus, momentum)
+        torch._foreach_add_(mus, grads)
+        if isinstance(lr, torch.Tensor):  # compiled path: a tensor lr does not trigger a recompile per value
+            torch._foreach_sub_(params, torch._foreach_mul(mus, lr))
+        else:
+            torch._foreach_add_(params, mus, alpha=-lr)
+        return
+    # The same arithmetic out of place, then kept or dropped per tensor on the device.
+    new_mus = torch._foreach_add(torch._foreach_mul(mus, momentum), grads)
+    if isinstance(lr, torch.Tensor):
+        new_params = torch._foreach_sub(params, torch._foreach_mul(new_mus, lr))
     else:
-        torch._foreach_add_(params, mus, alpha=-lr)
+        new_params = torch._foreach_add(params, new_mus, alpha=-lr)
+    for mu, new_mu, p, new_p in zip(mus, new_mus, params, new_params):
+        torch.where(skip, mu, new_mu, out=mu)
+        torch.where(skip, p, new_p, out=p)
 
 
 class LARS(torch.optim.Optimizer):
@@ -69,11 +87,21 @@ class LARS(torch.optim.Optimizer):
                         weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
         super().__init__(params, defaults)
         self._compiled = compile
+        self._lr_tensors: dict[int, torch.Tensor] = {}  # compiled path: each group's lr, refilled on the device
         # Inductor's loop reordering after fusion hits an internal assertion on this graph on CUDA
         # (seen with torch 2.11 on an H100; the pass never runs for CPU kernels); fusion itself stays on.
         self._update = (torch.compile(_lars_bucket_update, fullgraph=True, dynamic=False,
                                       options={"loop_ordering_after_fusion": False})
                         if compile else _lars_bucket_update)
+
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale and found_inf (module docstring)
+
+    def _lr(self, index: int, group: dict, like: torch.Tensor) -> float | torch.Tensor:
+        if not self._compiled:
+            return group["lr"]
+        if index not in self._lr_tensors:
+            self._lr_tensors[index] = torch.zeros((), dtype=like.dtype, device=like.device)
+        return self._lr_tensors[index].fill_(group["lr"])  # a kernel argument, not a host-to-device copy
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,7 +109,11 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step only for the call
+        found_inf = getattr(self, "found_inf", None)
+        skip = found_inf > 0 if found_inf is not None else None
+        inv_scale = grad_scale.double().reciprocal().float() if grad_scale is not None else None
+        for index, group in enumerate(self.param_groups):
             buckets: dict[tuple[bool, bool], tuple[list, list, list]] = {}
             for p in group["params"]:
                 if p.grad is None:
@@ -97,9 +129,8 @@ class LARS(torch.optim.Optimizer):
                 bucket[1].append(p.grad)
                 bucket[2].append(state["mu"])
             for (decay, adapt), (params, grads, mus) in buckets.items():
-                lr = group["lr"]
-                if self._compiled:
-                    lr = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
-                self._update(params, grads, mus, lr, group["weight_decay"], group["momentum"], group["eta"],
-                             decay, adapt)
+                if inv_scale is not None:
+                    torch._foreach_mul_(grads, inv_scale)
+                self._update(params, grads, mus, self._lr(index, group, params[0]), group["weight_decay"],
+                             group["momentum"], group["eta"], decay, adapt, skip)
         return loss

@@ -8,84 +8,64 @@ SIGTERM / SIGUSR1 at the next step boundary; SIGUSR1 also requeues the SLURM job
 writes metrics.jsonl, config.yaml, metrics.png, summary.json and optionally TensorBoard events
 there (`bt_fast.run_log`).
 
-A non-finite loss stops the run with a diagnostic. Under float16 the GradScaler skips steps
-whose gradients overflow; that is normal, but more than MAX_SKIPPED_STEPS in a row is not
-(the scale has fallen by 2**MAX_SKIPPED_STEPS, so the overflow is not a scaling problem) and
-stops the run too. Every rank takes these decisions together, from one all-reduce per step.
+The hot loop issues steps without reading the device: losses, step times (`bt_fast.step_clock`) and
+the float16 skip count stay there until `Trainer.settle`, the one deliberate host sync, every
+`log_every` steps, before a checkpoint, at a stop and at the end. Stop signals are agreed across ranks
+on the host (`bt_fast.run_control`).
+
+A non-finite loss stops the run with a diagnostic at the next settle, before any checkpoint could
+hold it. Under float16 the GradScaler skips steps whose gradients overflow; that is normal, but more
+than MAX_SKIPPED_STEPS in a row is not (the scale has fallen by 2**MAX_SKIPPED_STEPS, so the overflow
+is not a scaling problem) and stops the run too. Every rank takes these decisions together, from one
+all-reduce per settle.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import itertools
+import math
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from bt_fast.errors import exit_on_interrupt
 
-from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
-                                remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
-from bt_fast.config import Config, ConfigError, load_config
-from bt_fast.errors import UserError, cli_errors, print_error
-from bt_fast.files import ensure_writable_directory
-from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
-from bt_fast.knn import KnnMonitor
-from bt_fast.loss import barlow_twins_loss
-from bt_fast.model import BarlowTwins, build_model
-from bt_fast.optim import LARS, param_groups
-from bt_fast.progress import progress
-from bt_fast.run_log import METRICS_NAME, RunLog, read_metrics, tensorboard_writer_class, truncate_metrics
-from bt_fast.schedule import learning_rate, set_learning_rates
-from pipelines import Placement, build_pipeline
+# Loading torch, torchvision and the pipelines takes seconds; Ctrl-C meanwhile is one line, exit 130.
+with exit_on_interrupt("while starting (loading torch)"):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
+                                    remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
+    from bt_fast.config import CHOICES, KEY_HELP, MIN_BATCH_PER_RANK, Config, ConfigError, load_config
+    from bt_fast.errors import StorageError, UserError, cli_errors, print_error
+    from bt_fast.files import check_writable_directory, storage_fault
+    from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
+    from bt_fast.knn import KnnMonitor
+    from bt_fast.loss import barlow_twins_loss
+    from bt_fast.memory_budget import estimate, gib, visible_device_memory, visible_host_memory
+    from bt_fast.model import BACKBONE_DIM, BarlowTwins, build_model
+    from bt_fast.optim import LARS, param_groups
+    from bt_fast.progress import progress
+    from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals
+    from bt_fast.run_lock import RunLock, check_unlocked
+    from bt_fast.run_log import (METRICS_NAME, RunLog, read_metrics, summarise, tensorboard_writer_class,
+                                 truncate_metrics)
+    from bt_fast.schedule import learning_rate, set_learning_rates
+    from bt_fast.step_clock import StepClock
+    from pipelines import PIPELINES, Placement, build_pipeline
 
 
 MAX_SKIPPED_STEPS = 20
-# Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGINT.
-STOP_SIGNALS = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
-STOP_NAMES = {code: sig.name for sig, code in STOP_SIGNALS.items()}
-# A Ctrl-C reaches a worker twice under torchrun (from the terminal, then forwarded by torchrun):
-# a repeat this soon is the same request; a later one aborts at once.
-REPEATED_SIGINT_S = 2.0
 
 
 class TrainingError(UserError):
     """The run cannot continue (e.g. a non-finite loss); the message says where and why."""
-
-
-class StopSignals:
-    """While active, SIGINT / SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step
-    boundary. A second Ctrl-C (after REPEATED_SIGINT_S) raises KeyboardInterrupt at once."""
-
-    def __init__(self):
-        self.code = 0
-        self._first_sigint: float | None = None
-        self._previous: dict[int, object] = {}
-
-    def _record(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self._first_sigint is not None and now - self._first_sigint > REPEATED_SIGINT_S:
-                raise KeyboardInterrupt
-            self._first_sigint = self._first_sigint or now
-        self.code = max(self.code, STOP_SIGNALS[signum])
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -102,6 +82,10 @@ class Trainer:
         if config.batch_size % ctx.world_size:
             raise ConfigError(f"config key 'batch_size' ({config.batch_size}) must be divisible by the "
                               f"world size ({ctx.world_size})")
+        if config.batch_size // ctx.world_size < MIN_BATCH_PER_RANK:
+            raise ConfigError(f"config key 'batch_size' ({config.batch_size}) gives {config.batch_size // ctx.world_size} "
+                              f"image per rank over {ctx.world_size} ranks; BatchNorm needs at least "
+                              f"{MIN_BATCH_PER_RANK} per rank: use batch_size >= {MIN_BATCH_PER_RANK * ctx.world_size}")
         self.config, self.ctx = config, ctx
         self.out_dir = Path(config.out_dir)
         self.local_batch = config.batch_size // ctx.world_size
@@ -132,6 +116,7 @@ class Trainer:
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (None: there is none)
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
@@ -161,7 +146,9 @@ class Trainer:
         if path.is_file():
             self._load(path)
         self._check_ranks_agree_on_step(path)
-        if self.ctx.is_main:
+        if self.ctx.is_main and 0 < self.step < self.total_steps:
+            print(f"resuming {self.out_dir} from step {self.step} of {self.total_steps}", file=sys.stderr)
+        if self.ctx.is_main and self.step < self.total_steps:  # a complete run's files are never rewritten
             truncate_metrics(self.out_dir, self.step)
 
     def _load(self, path: Path) -> None:
@@ -174,11 +161,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
         self.elapsed_before = state.get("elapsed_s") or 0.0  # absent in checkpoints of older versions
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
+        refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
         if changed and self.ctx.is_main:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
                   f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)
@@ -193,15 +181,35 @@ class Trainer:
                                   f"{path}; out_dir must be on a file system shared by all nodes")
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes checkpoint.pth (the one it replaces becomes checkpoint.prev.pth). A full or
+        read-only out_dir ends the run with a StorageError naming the last good checkpoint."""
         if not self.ctx.is_main:
             return
-        if self.run_log is not None:  # every step the checkpoint covers is in the log before it exists
-            self.run_log.flush(durable=True)
-        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
-                     "step": self.step, "config": self.config.to_dict(), "rng": rng_state(),
-                     "first_loss": self.first_loss, "last_loss": self.last_loss,
-                     "elapsed_s": self.run_log.elapsed() if self.run_log else None}, self.out_dir / CHECKPOINT_NAME)
+        try:
+            if self.run_log is not None:  # every step the checkpoint covers is in the log before it exists
+                self.run_log.flush(durable=True)
+            atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
+                         "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
+                         "config": self.config.to_dict(),
+                         "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
+                         "elapsed_s": self.run_log.elapsed() if self.run_log else None},
+                        self.out_dir / CHECKPOINT_NAME, keep_previous=True)
+        except Exception as err:
+            fault = storage_fault(err)
+            if fault is None and not isinstance(err, StorageError):
+                raise
+            cause = err if isinstance(err, StorageError) else f"cannot write into {self.out_dir} ({fault.strerror})"
+            raise StorageError(f"{cause}; {self.last_good()}") from None
+        self.saved_step = self.step
+
+    def last_good(self) -> str:
+        """Where the run can resume from, for a storage error's message."""
+        if self.saved_step is None:
+            return f"no checkpoint was written yet in {self.out_dir}: free space there (or make it writable) and rerun"
+        return (f"the last good checkpoint is step {self.saved_step} of {self.total_steps} in "
+                f"{self.out_dir / CHECKPOINT_NAME}: free space there (or make it writable) and rerun the same "
+                f"command to resume from it")
 
     def save_backbone(self) -> Path:
         path = self.out_dir / BACKBONE_NAME
@@ -212,6 +220,7 @@ class Trainer:
 
     # -- the hot path --------------------------------------------------------------------------------
     def train_step(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch of view pairs, issued without reading anything on the host."""
         lr = learning_rate(self.step, self.steps_per_epoch, self.config.epochs, self.config.batch_size,
                            self.config.warmup_epochs)
         set_learning_rates(self.optimizer, lr, self.config.lr_weights, self.config.lr_biases)
@@ -220,46 +229,74 @@ class Trainer:
         loss = barlow_twins_loss(z1, z2, self.config.lambd)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # LARS takes the scaler's inf check on the device (bt_fast.optim)
         self.scaler.update()
+        if self.scaler.is_enabled():
+            self._count_skips()
         return loss.detach()
 
-    def agree(self, loss: torch.Tensor, stop_code: int) -> tuple[float, bool, int]:
-        """After a step, with one host sync: the loss, whether any rank failed, the highest stop code.
+    def _count_skips(self) -> None:
+        """A step the float16 scaler skipped lowered its scale: count them in a row, on the device."""
+        scale = self.scaler._get_scale_async()  # the scale tensor itself (get_scale() would sync)
+        self._skipped_in_row = torch.where(scale < self._last_scale, self._skipped_in_row + 1, 0)
+        torch.maximum(self._worst_in_row, self._skipped_in_row, out=self._worst_in_row)
+        self._last_scale.copy_(scale)
 
-        Failure is a non-finite loss, or under float16 too many steps in a row skipped by the scaler.
-        """
+    def settle(self, log: RunLog | None, progress) -> None:
+        """The loop's one deliberate host sync, every `log_every` steps, before a checkpoint, at a stop and at
+        the end: read the pending steps' losses and times, stop every rank if one failed, log the steps."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        losses = torch.stack([record["loss"] for record in pending]).float()
         if self.scaler.is_enabled():
-            scale = self.scaler.get_scale()
-            self.skipped_in_row = self.skipped_in_row + 1 if scale < self.last_scale else 0  # only a skip lowers it
-            self.last_scale = scale
-            failed = loss.new_full((), float(self.skipped_in_row > MAX_SKIPPED_STEPS))
+            failed = (self._worst_in_row > MAX_SKIPPED_STEPS).float()
         else:
-            failed = (~torch.isfinite(loss)).float()
-        status = torch.stack([failed, loss.new_full((), float(stop_code))])
+            failed = (~torch.isfinite(losses)).any().float()
+        status = torch.stack([failed, self._worst_in_row.float() if self.scaler.is_enabled() else failed])
         if self.ctx.world_size > 1:
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        value, failed_any, stop = torch.cat([loss.float().view(1), status]).tolist()
-        return value, failed_any > 0, int(stop)
-
-    def failure(self, loss: float, y1: torch.Tensor, y2: torch.Tensor) -> TrainingError:
-        """What went wrong at step `self.step + 1`, in one line."""
-        where = f"step {self.step + 1} (epoch {self.step // self.steps_per_epoch})"
+        *values, failed_any, worst = torch.cat([losses, status]).tolist()
         if self.scaler.is_enabled():
-            return TrainingError(f"{self.skipped_in_row} steps in a row up to {where} were skipped by the float16 "
-                                 f"GradScaler (loss {loss}, scale now {self.last_scale:g}): the overflow does not go "
-                                 f"away with scaling; lower lr_weights/lr_biases or use amp=bfloat16 or amp=none")
+            self._worst_in_row.copy_(self._skipped_in_row)  # the next window's streak continues this one's
+        if failed_any > 0:
+            raise self.failure(pending, values, int(worst))
+        for record, loss, (seconds, waited) in zip(pending, values, self.clock.read()):
+            record.update(loss=loss, images_per_s=self.config.batch_size / seconds,
+                          data_wait_fraction=waited / seconds)
+            self.train_time += seconds
+            if log:
+                log.write(record)
+        self.images_seen += self.config.batch_size * len(pending)
+        self.first_loss = values[0] if self.first_loss is None else self.first_loss
+        self.last_loss = values[-1]
+        if log:
+            log.flush()
+        progress.update(len(pending))
+        progress.set_postfix(epoch=pending[-1]["epoch"], loss=f"{self.last_loss:.2f}", refresh=False)
+
+    def failure(self, pending: list[dict], losses: list[float], skipped_in_row: int) -> TrainingError:
+        """What went wrong in the `pending` steps, in one line."""
+        if self.scaler.is_enabled():
+            where = f"step {pending[-1]['step']} (epoch {pending[-1]['epoch']})"
+            return TrainingError(f"{skipped_in_row} steps in a row up to {where} were skipped by the float16 "
+                                 f"GradScaler (loss {losses[-1]}, scale now {self.scaler.get_scale():g}): the "
+                                 f"overflow does not go away with scaling; lower lr_weights/lr_biases or use "
+                                 f"amp=bfloat16 or amp=none")
+        first = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
+        where = f"step {pending[first]['step']} (epoch {pending[first]['epoch']})"
 
         def non_finite(named) -> str:
             bad = [name for name, t in named if t is not None and not torch.isfinite(t).all()]
             return f"{len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else "none"
-        inputs = [name for name, y in (("view1", y1), ("view2", y2)) if not torch.isfinite(y).all()]
+        inputs = [name for name, y in zip(("view1", "view2"), self._views) if not torch.isfinite(y).all()]
         grads = non_finite((n, p.grad) for n, p in self.model.named_parameters())
         params = non_finite(self.model.named_parameters())
-        return TrainingError(f"loss is {loss} at {where}, lr_weights {self.optimizer.param_groups[0]['lr']:.4g}; "
+        return TrainingError(f"loss is {losses[first]} at {where}, lr_weights {pending[first]['lr_weights']:.4g}; "
                              f"non-finite inputs: {', '.join(inputs) or 'none'}; non-finite gradients: {grads}; "
-                             f"non-finite parameters after the update: {params}; stopped without saving, so "
-                             f"{CHECKPOINT_NAME} is the last good state: lower lr_weights/lr_biases or use amp=none")
+                             f"non-finite parameters after the update: {params} (inputs, gradients and parameters "
+                             f"as of step {pending[-1]['step']}); stopped without saving, so {CHECKPOINT_NAME} is "
+                             f"the last good state: lower lr_weights/lr_biases or use amp=none")
 
     def requeue(self) -> None:
         """SIGUSR1 is SLURM's warning before preemption or the time limit: put the job back in the queue."""
@@ -280,10 +317,16 @@ class Trainer:
         self.run_log = RunLog(self.config, self.step, self.elapsed_before) if self.ctx.is_main else None
         bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
         self.images_seen, self.train_time = 0, 0.0
-        self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
+        if self.scaler.is_enabled():
+            device = self.ctx.device
+            self._last_scale = torch.full((), self.scaler.get_scale(), device=device)
+            self._skipped_in_row = torch.zeros((), dtype=torch.int64, device=device)
+            self._worst_in_row = torch.zeros((), dtype=torch.int64, device=device)
         try:
             with StopSignals() as signals:
                 self._epochs(signals, self.run_log, bar)
+            self.stops.close()
             if self.run_log:
                 self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
                                     self.ctx.world_size)
@@ -294,15 +337,16 @@ class Trainer:
                 self.run_log = None
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
-        start_epoch, skip = divmod(self.step, self.steps_per_epoch)
+        start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
         for epoch in range(start_epoch, self.config.epochs):
             if self.step >= self.total_steps:
                 return
-            self.pipeline.set_epoch(epoch)
+            # A resumed run's epoch starts at its next batch; the pipeline reads none of the ones before.
+            self.pipeline.set_epoch(epoch, start_batch)
             with contextlib.closing(iter(self.pipeline)) as epoch_batches:  # a stop mid-epoch ends its loader now
-                if not self._epoch(epoch, itertools.islice(epoch_batches, skip, None), signals, log, progress):
+                if not self._epoch(epoch, epoch_batches, signals, log, progress):
                     return
-            skip = 0
+            start_batch = 0
             self.save_checkpoint()
             if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
                 self.monitor_knn(epoch, log, progress)
@@ -311,34 +355,24 @@ class Trainer:
 
     def _epoch(self, epoch: int, batches, signals: StopSignals, log: RunLog | None, progress) -> bool:
         """Train on `batches` (the rest of `epoch`); False if a stop request ended the run."""
-        tick = time.perf_counter()
-        for y1, y2 in batches:
-            waited = time.perf_counter() - tick
+        self.clock.start()
+        for self._views in batches:
+            self.clock.data_ready()
             if log and self.step == 0:
-                log.write_views(y1, y2, step=0)
-            loss, failed, stop = self.agree(self.train_step(y1, y2), signals.code)  # syncs: the time is real
-            if failed:
-                raise self.failure(loss, y1, y2)
+                log.write_views(*self._views, step=0)
+            loss = self.train_step(*self._views)
             self.step += 1
-            elapsed = time.perf_counter() - tick
-            self.train_time += elapsed
-            self.images_seen += self.config.batch_size
-            self.first_loss = loss if self.first_loss is None else self.first_loss
-            self.last_loss = loss
-            if log:
-                log.write({"step": self.step, "epoch": epoch, "loss": loss,
-                           "lr_weights": self.optimizer.param_groups[0]["lr"],
-                           "lr_biases": self.optimizer.param_groups[1]["lr"],
-                           "images_per_s": self.config.batch_size / elapsed,
-                           "data_wait_fraction": waited / elapsed})
-                if self.step % self.config.log_every == 0 or stop:
-                    log.flush()
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss:.2f}", refresh=False)
-            if self.step >= self.total_steps:
+            self.clock.step_done()
+            self._pending.append({"step": self.step, "epoch": epoch, "loss": loss,
+                                  "lr_weights": self.optimizer.param_groups[0]["lr"],
+                                  "lr_biases": self.optimizer.param_groups[1]["lr"]})
+            stop = self.stops.poll(signals.code)
+            last = self.step >= self.total_steps
+            checkpoint = bool(self.config.checkpoint_every) and self.step % self.config.checkpoint_every == 0
+            if last or stop or checkpoint or self.step % self.config.log_every == 0:
+                self.settle(log, progress)
+            if last:
                 break
-            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 and not stop:
-                self.save_checkpoint()
             if stop:
                 self.stopped_by = STOP_NAMES[stop]
                 self.save_checkpoint()
@@ -349,7 +383,10 @@ class Trainer:
                     # finish (srun --kill-on-bad-exit) may kill the others, rank 0 among them.
                     dist.barrier()
                 return False
-            tick = time.perf_counter()
+            if checkpoint:
+                self.save_checkpoint()
+                self.clock.start()  # the checkpoint's time is not the next step's data wait
+        self.settle(log, progress)  # before the epoch's checkpoint
         return True
 
     def monitor_knn(self, epoch: int, log: RunLog | None, progress) -> None:
@@ -389,6 +426,42 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
             if key not in RESUMABLE_KEYS and old[key] != new[key]]
 
 
+# Settings a finished run may be rerun with although they change what it computes: more epochs extend it.
+EXTENDING_KEYS = ("epochs",)
+
+
+def schedule_steps(state: dict, steps_per_epoch: int | None = None) -> int | None:
+    """The steps of all the epochs of the run that wrote checkpoint `state`: recorded since
+    `schedule_steps` was, otherwise (older checkpoints) its epochs x `steps_per_epoch`, or None."""
+    if "schedule_steps" in state:
+        return state["schedule_steps"]
+    return state.get("config", {}).get("epochs", 0) * steps_per_epoch if steps_per_epoch else None
+
+
+def refuse_changed_finished_run(out_dir: Path, state: dict, changed: list[str], schedule: int | None) -> None:
+    """A CheckpointError if checkpoint `state` finished its run (trained all `schedule` steps of its
+    epochs) and `changed` (from `changed_settings`) holds a setting other than EXTENDING_KEYS: such a
+    rerun would describe, in a finished run's files, a run it never was. A run paused by max_steps
+    or a stop may resume with changes (the caller warns)."""
+    if schedule is None or state.get("step", 0) < schedule:
+        return
+    different = [change for change in changed if change.split(" ", 1)[0] not in EXTENDING_KEYS]
+    if different:
+        raise CheckpointError(f"{out_dir} holds a finished run ({state['step']} steps) that this command would "
+                              f"change ({'; '.join(different)}); choose a new OUT= (out_dir=) for a new run, or "
+                              f"rerun with the run's own settings (raising epochs extends it)")
+
+
+def check_previous_run(config: Config) -> None:
+    """Before anything is built (a first-use conversion can take hours): a checkpoint in out_dir must be
+    readable (its zip directory, read with mmap), and a finished run may not be rerun with other settings."""
+    path = Path(config.out_dir) / CHECKPOINT_NAME
+    if path.is_file():
+        state = load_checkpoint(path, mmap=True)
+        refuse_changed_finished_run(Path(config.out_dir), state,
+                                    changed_settings(state.get("config", {}), config.to_dict()), schedule_steps(state))
+
+
 def check_data_given(config: Config) -> None:
     """A ConfigError unless the config names a dataset for its pipeline."""
     own_dataset = ((config.pipeline == "ffcv" and config.ffcv.beton) or
@@ -399,7 +472,8 @@ def check_data_given(config: Config) -> None:
 
 
 def check_run_inputs(config: Config) -> None:
-    """What a run needs from the file system, checked before anything is built (one ConfigError each)."""
+    """What a run needs from the file system, checked before anything is built (one ConfigError each);
+    creates nothing."""
     check_data_given(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)
@@ -410,57 +484,119 @@ def check_run_inputs(config: Config) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is a file; choose a directory")
     try:
-        ensure_writable_directory(out_dir)
+        check_writable_directory(out_dir)
     except OSError as err:
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
                           f"({err.strerror or err}); choose another out_dir") from None
+    check_unlocked(out_dir)
     if config.tensorboard:
         tensorboard_writer_class()
 
 
-def _last_logged_loss(out_dir: Path) -> float | None:
-    """The loss of the last step in metrics.jsonl (runs checkpointed before losses were)."""
-    path = out_dir / METRICS_NAME
-    losses = [record["loss"] for record in read_metrics(path) if "loss" in record] if path.is_file() else []
-    return losses[-1] if losses else None
+def check_memory(config: Config, ctx: DistContext) -> None:
+    """A ConfigError, before anything is built, if one step cannot fit the memory this rank sees
+    (`bt_fast.memory_budget`), or if FFCV's host crop would cut crops larger than any stored image."""
+    side = config.augment.image_size  # the largest size of a resolution schedule
+    crop, padded = "device", None
+    if config.pipeline == "ffcv":
+        from pipelines.ffcv import resolve_crop
+        from pipelines.ffcv_decoders import PaddedLayout
+        from pipelines.ffcv_format import beton_path, open_beton
+        crop, path = resolve_crop(config, ctx.device), beton_path(config)
+        if path.is_file():
+            layout = PaddedLayout.of(open_beton(path))
+            padded = (layout.max_height, layout.max_width)
+        largest = max(padded) if padded else config.ffcv.max_resolution
+        stored = (f"the largest side stored in {path}" if padded else
+                  f"ffcv.max_resolution, the largest side the first-use conversion stores")
+        if crop == "host" and side > largest:
+            raise ConfigError(f"config key 'augment.image_size' ({side}) is above {stored} ({largest} px): FFCV's "
+                              f"host crop would upsample every crop; lower augment.image_size (or reconvert with a "
+                              f"larger --max-resolution)")
+    dtype = amp_dtype(config, ctx.device)
+    footprint = estimate(arch=config.arch, projector=config.projector, pipeline=config.pipeline,
+                         batch=config.batch_size // ctx.world_size, side=side,
+                         dtype_bytes=dtype.itemsize if dtype is not None else 4, ffcv_crop=crop,
+                         ffcv_decode=config.ffcv.decode, padded=padded)
+    device_memory = visible_device_memory(ctx.device)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # they share this node's host memory
+    needs = [("device", footprint.device, device_memory)] if device_memory is not None else []
+    host = footprint.host + (footprint.device if device_memory is None else 0)
+    needs.append(("host", host * ranks_here, visible_host_memory()))
+    for where, need, memory in needs:
+        if need > memory:
+            ranks = f" for {ranks_here} ranks" if where == "host" and ranks_here > 1 else ""
+            raise ConfigError(f"config keys 'augment.image_size' ({side}) and 'batch_size' ({config.batch_size}) need "
+                              f"at least {gib(need)} of {where} memory per step{ranks} ({footprint.describe()}), "
+                              f"but it has {gib(memory)}; lower augment.image_size or batch_size")
 
 
 def train(config: Config) -> dict:
     """Run (or resume) pretraining; returns the summary printed at the end.
 
-    A run whose checkpoint already holds every step trains nothing and reports itself complete.
+    Rank 0 holds out_dir's run lock (`bt_fast.run_lock`) throughout. A run whose checkpoint already
+    holds every step trains nothing, rewrites none of its files and reports itself complete with its
+    recorded figures. A storage fault (out_dir full or read-only) ends in a StorageError naming the
+    last good checkpoint.
     """
     check_run_inputs(config)
     ctx = init_distributed(config.device)
+    lock, trainer = RunLock(config.out_dir), None
     try:
+        if ctx.is_main:
+            lock.acquire()
+        check_previous_run(config)
+        check_memory(config, ctx)
+        if ctx.is_main and config.warmup_epochs >= config.epochs:
+            print(f"warning: warmup_epochs ({config.warmup_epochs}) >= epochs ({config.epochs}): the learning "
+                  f"rate never reaches its peak; lower warmup_epochs", file=sys.stderr)
         trainer = Trainer(config, ctx)
         trainer.resume()
         already_complete = trainer.step >= trainer.total_steps
-        trainer.fit()
+        if not already_complete:
+            trainer.fit()
         backbone = trainer.out_dir / BACKBONE_NAME
         if not trainer.stopped_by and not (already_complete and backbone.is_file()):
             backbone = trainer.save_backbone()
-        last_loss = trainer.last_loss if trainer.last_loss is not None else _last_logged_loss(trainer.out_dir)
+        if already_complete:  # the figures of the run that trained, from its log
+            metrics = trainer.out_dir / METRICS_NAME
+            recorded = (summarise(read_metrics(metrics), trainer.steps_per_epoch, config.batch_size)
+                        if metrics.is_file() else {})
+            images_per_s = recorded.get("images_per_s")
+            first_loss = trainer.first_loss if trainer.first_loss is not None else recorded.get("first_loss")
+            last_loss = trainer.last_loss if trainer.last_loss is not None else recorded.get("last_loss")
+        else:
+            images_per_s = trainer.images_seen / trainer.train_time if trainer.train_time else None
+            first_loss, last_loss = trainer.first_loss, trainer.last_loss
         return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by": trainer.stopped_by,
                 "already_complete": already_complete, "world_size": ctx.world_size,
-                "images_per_s": trainer.images_seen / trainer.train_time if trainer.train_time else None,
-                "first_loss": trainer.first_loss, "last_loss": last_loss,
+                "images_per_s": images_per_s, "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(trainer.out_dir / CHECKPOINT_NAME), "backbone": str(backbone),
                 "is_main": ctx.is_main}
+    except Exception as err:
+        fault = storage_fault(err)
+        if fault is None or isinstance(err, UserError):
+            raise
+        where = trainer.last_good() if trainer is not None else "nothing was written"
+        raise StorageError(f"cannot write {fault.filename or config.out_dir} ({fault.strerror}); {where}") from None
     finally:
+        lock.release()
         shutdown_distributed()
 
 
 def _config_keys(node=None, prefix: str = "") -> list[str]:
-    """'key = default' for every config key, for --help."""
+    """For --help: each config key with its default, then its allowed values and what it does."""
     node = node if node is not None else Config()
+    registries = {"pipeline": PIPELINES, "arch": BACKBONE_DIM, **CHOICES}
     lines = []
     for field in dataclasses.fields(node):
-        value = getattr(node, field.name)
+        value, key = getattr(node, field.name), f"{prefix}{field.name}"
         if dataclasses.is_dataclass(value):
-            lines += _config_keys(value, f"{prefix}{field.name}.")
-        else:
-            lines.append(f"  {prefix}{field.name} = {list(value) if isinstance(value, tuple) else value!r}")
+            lines += _config_keys(value, f"{key}.")
+            continue
+        allowed, what = KEY_HELP[key]
+        allowed = allowed or " | ".join(registries[key])
+        lines += [f"  {key} = {list(value) if isinstance(value, tuple) else value!r}", f"      {allowed}: {what}"]
     return lines
 
 
@@ -472,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bt_fast.train", description="Barlow Twins pretraining (resumes from <out_dir>/checkpoint.pth).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML file or as key=value; defaults shown):\n" + "\n".join(_config_keys()))
+        epilog="config keys (set in the YAML file or as key=value, each once; default, then allowed values: meaning):\n" + "\n".join(_config_keys()))
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("--check", action="store_true",
                         help="only check the config and the paths it names, then exit (what the launcher does first)")
@@ -480,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         with cli_errors():
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, args.overrides, unique_keys=True)
             if args.check:
                 check_run_inputs(config)
                 return

@@ -338,7 +338,8 @@ def test_non_finite_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(i
 
 def test_many_consecutive_float16_skips_stop_the_run(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr("bt_fast.train.MAX_SKIPPED_STEPS", 2)
-    trainer = Trainer(tiny_config(image_folder, tmp_path, "max_steps=5", "amp=float16"), CPU)
+    # log_every=1: the streak is read at every step's settle, so the run stops at the third skip
+    trainer = Trainer(tiny_config(image_folder, tmp_path, "max_steps=5", "amp=float16", "log_every=1"), CPU)
     assert trainer.scaler.is_enabled()
     with torch.no_grad():
         trainer.model.projector[0].weight[0, 0] = float("inf")

@@ -104,11 +104,16 @@ def test_op_count_does_not_grow_with_tensor_count():
     assert ops_per_step(3) == ops_per_step(60)
 
 
-def test_works_under_grad_scaler():
-    # One step through GradScaler equals an unscaled step; an overflowing step is skipped.
+def test_works_under_grad_scaler(monkeypatch):
+    """One step through GradScaler equals an unscaled step; an overflowing step is skipped, momenta included,
+    and the scaler never decides on the host (its `.item()` path, `_maybe_opt_step`, is not taken)."""
     model = torch.nn.Linear(4, 3)
     twin = copy.deepcopy(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def host_decision(*args, **kwargs):
+        raise AssertionError("GradScaler read found_inf on the host")
+    monkeypatch.setattr(scaler, "_maybe_opt_step", host_decision)
     opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-4)
     opt_twin = LARS(twin.parameters(), lr=0.1, weight_decay=1e-4)
     x = torch.randn(5, 4)
@@ -121,14 +126,25 @@ def test_works_under_grad_scaler():
         torch.testing.assert_close(p, q)
 
     before = [p.detach().clone() for p in model.parameters()]
+    momenta = [opt.state[p]["mu"].clone() for p in model.parameters()]
     opt.zero_grad()
     for p in model.parameters():
         p.grad = torch.full_like(p, float("inf"))
     scaler.step(opt)
     scaler.update()
-    for p, b in zip(model.parameters(), before):
-        torch.testing.assert_close(p.detach(), b)
+    for p, b, mu in zip(model.parameters(), before, momenta):
+        assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["mu"], mu)
     assert scaler.get_scale() == 512.0
+
+    # The next step continues as if the skipped one had never happened.
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).sum()).backward()
+    scaler.step(opt)
+    opt_twin.zero_grad()
+    twin(x).pow(2).sum().backward()
+    opt_twin.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
 
 
 def test_state_dict_round_trip_continues_identically():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bt_fast.files
+import bt_fast.run_control as run_control
 import bt_fast.train as train_module
 from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import ConfigError, load_config, parse_overrides
@@ -28,9 +29,11 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def tiny_args(data, out_dir, *extra) -> list[str]:
-    return ["--config", "configs/demo_cpu.yaml", f"data={data}", f"out_dir={out_dir}", "pipeline=reference",
-            "knn_every=0", "workers=0", "batch_size=8", "projector=64-64", "augment.image_size=32", "epochs=1",
-            "warmup_epochs=0", *extra]
+    """A tiny run's command line; a key in `extra` replaces the tiny value (the CLI refuses a key given twice)."""
+    tiny = [f"data={data}", f"out_dir={out_dir}", "pipeline=reference", "knn_every=0", "workers=0", "batch_size=8",
+            "projector=64-64", "augment.image_size=32", "epochs=1", "warmup_epochs=0"]
+    given = {pair.split("=", 1)[0] for pair in extra}
+    return ["--config", "configs/demo_cpu.yaml", *[p for p in tiny if p.split("=", 1)[0] not in given], *extra]
 
 
 def metric_lines(out_dir: Path) -> list[dict]:
@@ -57,7 +60,7 @@ def _signal_after_step(monkeypatch, signum: int, after_step: int, repeat_after_s
         if self.step + 1 == after_step:
             os.kill(os.getpid(), signum)
             if repeat_after_s is not None:
-                monkeypatch.setattr(train_module, "REPEATED_SIGINT_S", repeat_after_s)
+                monkeypatch.setattr(run_control, "REPEATED_SIGINT_S", repeat_after_s)
                 os.kill(os.getpid(), signum)
         return loss
     monkeypatch.setattr(Trainer, "train_step", step)
@@ -84,10 +87,10 @@ def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folde
     seen = []
     real_save = train_module.atomic_save
 
-    def save(obj, path):
+    def save(obj, path, **options):
         if path.name == CHECKPOINT_NAME:
             seen.append((obj["step"], len((tmp_path / "metrics.jsonl").read_text().splitlines())))
-        real_save(obj, path)
+        real_save(obj, path, **options)
     monkeypatch.setattr(train_module, "atomic_save", save)
     train_module.train(tiny_config(image_folder, tmp_path, "checkpoint_every=2", "log_every=1000", "epochs=1"))
     assert seen and all(step == lines for step, lines in seen), seen
@@ -110,7 +113,7 @@ def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folde
     ("ffcv.max_padded_side=0", "config key 'ffcv.max_padded_side' must be positive"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(override, message, image_folder, tmp_path, capsys):
-    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path), override)
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, override))
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
 

@@ -1,0 +1,81 @@
+"""Stop requests: signals recorded between steps, and agreed on by every rank without a device sync.
+
+SIGINT, SIGTERM and SIGUSR1 only record a request (`StopSignals`); the training loop acts on it at a
+step boundary, after `StopAgreement.poll` has made every rank see the same request at the same step.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+# Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGINT.
+STOP_SIGNALS = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
+STOP_NAMES = {code: sig.name for sig, code in STOP_SIGNALS.items()}
+# A Ctrl-C reaches a worker twice under torchrun (from the terminal, then forwarded by torchrun):
+# a repeat this soon is the same request; a later one aborts at once.
+REPEATED_SIGINT_S = 2.0
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step
+    boundary. A second Ctrl-C (after REPEATED_SIGINT_S) raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.code = 0
+        self._first_sigint: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > REPEATED_SIGINT_S:
+                raise KeyboardInterrupt
+            self._first_sigint = self._first_sigint or now
+        self.code = max(self.code, STOP_SIGNALS[signum])
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StopAgreement:
+    """Every rank's stop request, agreed by MAX, polled once per step by every rank.
+
+    One process: the request itself, at once. Several: each poll posts this rank's request in an
+    asynchronous all-reduce on a host-side (gloo) group of its own and returns the result of the
+    previous poll's, so the ranks agree one step after a request and stop after the same step, and no
+    rank waits on its device or blocks on the others' step.
+    """
+
+    def __init__(self, world_size: int):
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def poll(self, code: int) -> int:
+        if self.group is None:
+            return code
+        agreed = self._collect()
+        request = torch.tensor([code], dtype=torch.int64)
+        self._pending = (dist.all_reduce(request, op=dist.ReduceOp.MAX, group=self.group, async_op=True), request)
+        return agreed
+
+    def _collect(self) -> int:
+        if self._pending is None:
+            return 0
+        (work, request), self._pending = self._pending, None
+        work.wait()
+        return int(request.item())  # a CPU tensor: no device involved
+
+    def close(self) -> None:
+        """Complete the last posted all-reduce (every rank has posted the same number)."""
+        self._collect()
