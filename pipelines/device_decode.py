@@ -1,7 +1,8 @@
 """Stored JPEGs decoded on the device into one padded batch (`ffcv.decode=device`).
 
-`torchvision.io.decode_jpeg` takes the batch as a list (batched nvJPEG on CUDA, libjpeg-turbo
-on the CPU device) and returns one (3, H, W) tensor per image. They are padded into the
+TorchCodec's `decode_jpeg` takes the batch as a list (nvJPEG on CUDA, libjpeg-turbo on the CPU
+device) and returns one (3, H, W) tensor per image; it replaces torchvision's, deprecated in
+torchvision 0.29, and decodes the same pixels (`tests/test_ffcv_decoders.py -k torchcodec`). They are padded into the
 (B, Hmax, Wmax, 3) layout `pipelines.device_crop.resized_crops` reads with a fixed number of
 ops per batch: one concatenation of all decoded pixels, then per channel one gather whose
 index is built by broadcasting each image's offset, height and width (padding positions read
@@ -14,9 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.base import DataError
+
+
+def _decoder():
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError) as err:  # a torchcodec built for another torch fails to load
+        raise DataError(f"ffcv.decode=device needs TorchCodec ({' '.join(str(err).split())[:200]}); install the "
+                        f"torchcodec release matching this torch (requirements.txt) or use ffcv.decode=host") from None
+    return decode_jpeg
 
 
 def decode_padded(jpegs: torch.Tensor, sizes: list[tuple[int, int, int]], max_height: int, max_width: int,
@@ -30,7 +39,7 @@ def decode_padded(jpegs: torch.Tensor, sizes: list[tuple[int, int, int]], max_he
     """
     encoded = [jpegs[i, :length] for i, (_, _, length) in enumerate(sizes)]
     try:
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        decoded = _decoder()(encoded, mode="RGB", device=device)
     except RuntimeError as err:
         raise DataError(f"a JPEG stored in FFCV dataset {path} cannot be decoded ({' '.join(str(err).split())}); "
                         f"reconvert it with `python -m tools.convert`") from None

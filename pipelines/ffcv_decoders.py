@@ -13,7 +13,7 @@ and each batch is then `(images, rows)`:
 - `PaddedDecoder` (host decode): (B, Hmax, Wmax, 3) uint8; sample i's image is
   `images[i, :H, :W]`, decoded once by libjpeg-turbo straight into its slot.
 - `JPEGBytesDecoder` (device decode): (B, max_bytes) uint8; sample i's stored JPEG is
-  `images[i, :stored_bytes]`, for `torchvision.io.decode_jpeg` on the device.
+  `images[i, :stored_bytes]`, for TorchCodec's `decode_jpeg` on the device.
 - `TwoCropBoxes`: (B, 11) int32 rows `[H, W, stored_bytes, top1, left1, h1, w1, top2, left2, h2, w2]`
   (`ROW_FIELDS`); `rows[:, BOXES].view(B, 2, 4)` are both views' (top, left, h, w) boxes.
 

@@ -20,7 +20,7 @@ from ffcv.transforms import ToTensor
 from ffcv.writer import DatasetWriter
 from numba.core.errors import NumbaPerformanceWarning
 from PIL import Image
-from torchvision.io import decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from pipelines import ffcv_decoders as D
 from pipelines.base import DataError
@@ -147,7 +147,7 @@ def test_padded_images_and_stored_bytes_match_ffcv(beton, python_mode):
         assert np.array_equal(jpegs[position, :size].numpy(), expected)
         # bit-exact with FFCV's own decode of the sample, in the top-left corner of the slot
         assert np.array_equal(images[position, :height, :width].numpy(), ffcv_decode(beton, index))
-        # torchvision's libjpeg-turbo (accurate DCT) on the copied bytes differs by FFCV's fast IDCT only
+        # libjpeg-turbo (accurate DCT, through TorchCodec) on the copied bytes differs by FFCV's fast IDCT only
         reference = decode_jpeg(jpegs[position, :size].clone()).permute(1, 2, 0)
         error = (reference.int() - images[position, :height, :width].int()).abs()
         assert error.max() <= 6 and error.float().mean() < 1.5, (index, error.max(), error.float().mean())
@@ -270,6 +270,19 @@ def test_memory_report_and_resolution_cap(beton):
     with pytest.raises(DataError, match=f"{beton}.*90x90.*cap of 64 px.*--max-resolution 64") as err:
         layout.check_side(beton, 64)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+def test_torchcodec_decodes_the_stored_jpegs_as_torchvision_did(beton):
+    """The parity that moved ffcv.decode=device from torchvision's deprecated decode_jpeg to TorchCodec's:
+    on the CPU both run libjpeg-turbo, and every stored JPEG decodes to the same pixels, alone and batched."""
+    from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+    stored_jpegs = [torch.from_numpy(stored(beton, index)) for index in range(len(SIZES))]
+    batched = decode_jpeg(stored_jpegs, mode="RGB")
+    for jpeg, ours in zip(stored_jpegs, batched):
+        theirs = torchvision_decode_jpeg(jpeg)
+        assert theirs.shape == ours.shape and torch.equal(theirs, ours)
+        assert torch.equal(decode_jpeg(jpeg), ours)
 
 
 def test_device_decode_pads_each_image_into_its_slot(beton, python_mode):
