@@ -21,6 +21,7 @@ import pytest
 import skimage.data
 import torch
 import torchvision.transforms.v2.functional as F2
+from filelock import FileLock
 
 from bt_fast.config import AugmentSpec, ConfigError
 from pipelines import augment as A
@@ -137,17 +138,22 @@ def build_cases() -> dict[str, dict]:
     return cases
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def interpreted(tmp_path_factory) -> tuple[dict, dict]:
-    """(cases, the kernels' outputs for them under Triton's CPU interpreter)."""
-    folder = tmp_path_factory.mktemp("triton")
-    cases = build_cases()
-    torch.save(cases, folder / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    child = subprocess.run([sys.executable, "-c", CHILD, str(folder / "cases.pt"), str(folder / "out.pt")],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert child.returncode == 0, child.stderr[-3000:]
-    return cases, torch.load(folder / "out.pt", weights_only=False)
+    """(cases, the kernels' outputs for them under Triton's CPU interpreter), computed once per test
+    session: pytest-xdist workers share the session's temporary folder, and the second one waits."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "augment_triton"
+    folder.mkdir(exist_ok=True)
+    cases_file, out_file = folder / "cases.pt", folder / "out.pt"
+    with FileLock(str(folder / "lock")):
+        if not out_file.exists():
+            torch.save(build_cases(), cases_file)
+            env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+            child = subprocess.run([sys.executable, "-c", CHILD, str(cases_file), str(out_file)], cwd=REPO, env=env,
+                                   capture_output=True, text=True, timeout=240)
+            assert child.returncode == 0, child.stderr[-3000:]
+    return torch.load(cases_file, weights_only=False), torch.load(out_file, weights_only=False)
 
 
 def eager(case: dict, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
