@@ -108,6 +108,7 @@ class Trainer:
                               weight_decay_filter=True, lars_adaptation_filter=True,
                               compile=config.compile_optimizer)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self._start_skip_count()  # fit() restarts it; train_step also runs without fit (tools.bench, tools.gpu_check)
 
         placement = Placement(ctx.device, self.amp_dtype or torch.float32, ctx.rank, ctx.world_size)
         self.pipeline = build_pipeline(config, placement, self.local_batch)
@@ -235,6 +236,14 @@ class Trainer:
             self._count_skips()
         return loss.detach()
 
+    def _start_skip_count(self) -> None:
+        """The float16 skip streak's state on the device, from the scaler's current scale."""
+        if self.scaler.is_enabled():
+            device = self.ctx.device
+            self._last_scale = torch.full((), self.scaler.get_scale(), device=device)
+            self._skipped_in_row = torch.zeros((), dtype=torch.int64, device=device)
+            self._worst_in_row = torch.zeros((), dtype=torch.int64, device=device)
+
     def _count_skips(self) -> None:
         """A step the float16 scaler skipped lowered its scale: count them in a row, on the device."""
         scale = self.scaler._get_scale_async()  # the scale tensor itself (get_scale() would sync)
@@ -318,11 +327,7 @@ class Trainer:
         bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
         self.images_seen, self.train_time = 0, 0.0
         self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
-        if self.scaler.is_enabled():
-            device = self.ctx.device
-            self._last_scale = torch.full((), self.scaler.get_scale(), device=device)
-            self._skipped_in_row = torch.zeros((), dtype=torch.int64, device=device)
-            self._worst_in_row = torch.zeros((), dtype=torch.int64, device=device)
+        self._start_skip_count()
         try:
             with StopSignals() as signals:
                 self._epochs(signals, self.run_log, bar)
