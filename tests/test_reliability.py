@@ -109,7 +109,7 @@ def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folde
     ("pipeline=ffvc", "config key 'pipeline' must be one of reference, ffcv, dali, got 'ffvc' (did you mean 'ffcv'?)"),
     ("knn_val=/does/not/exist", "config key 'knn_val' names /does/not/exist, which is not a directory"),
     ("ffcv.decode=gpu", "config key 'ffcv.decode' must be one of host, device, got 'gpu'"),
-    ("ffcv.crop=devices", "config key 'ffcv.crop' must be one of device, host, got 'devices' (did you mean 'device'?)"),
+    ("ffcv.crop=devices", "config key 'ffcv.crop' must be one of auto, device, host, got 'devices' (did you mean 'device'?)"),
     ("ffcv.max_padded_side=0", "config key 'ffcv.max_padded_side' must be positive"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(override, message, image_folder, tmp_path, capsys):
