@@ -16,8 +16,9 @@ numbers of steps on the pipeline's batches. Per pipeline:
                       the timed steps
   peak_gpu_memory_gib CUDA only: the allocator's peak over the pipeline's steps
 
-On CUDA the marks are CUDA events (`measure.Timeline`): nothing in the timed loop syncs with the
-host, so host timers would measure the host running ahead, not the device waiting. The step is
+The times come from the trainer's own step clock (`bt_fast.step_clock`), marked as the trainer's loop
+marks them: on CUDA, events on the step's stream, since nothing in the timed loop syncs with the host
+and host timers would measure the host running ahead, not the device waiting. The step is
 `Trainer.train_step`, as the trainer's loop calls it; the loss is not read.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from bt_fast.errors import one_line
+from bt_fast.step_clock import StepClock
 from bt_fast.train import Trainer
 from tools.bench.loaders import LOADERS, batch_stream
-from tools.bench.measure import BenchError, Timeline, sync, tree_cpu_seconds
+from tools.bench.measure import BenchError, sync, tree_cpu_seconds
 from tools.bench.train_step import make_trainer, train_in_child
 
 # The entries end to end: the loader table's modes, with FFCV in its default mode (ffcv.crop=auto:
@@ -46,29 +48,28 @@ DEFAULT_PIPELINES = ("reference", "ffcv", "ffcv_device_decode", "dali")
 def timed_steps(trainer: Trainer, batches: Iterator, steps: int, warmup: int) -> dict[str, Any]:
     """`steps` training steps on `batches` after `warmup` untimed ones: the figures of the module docstring.
 
-    The timeline has a mark before each step asks for its batch, one when the batch is ready, and
-    one after the last step; on CUDA a batch is "ready" when the step's stream may use it.
+    A step lasts from the previous step's end (the clock's start, for the first) to its own end, and
+    waits from there until its batch is ready; on CUDA "ready" is when the step's stream may use it.
     """
     device = trainer.ctx.device
     for _ in range(warmup):
         trainer.train_step(*next(batches))
         trainer.step += 1
     sync(device)
-    timeline, images, shape = Timeline(device), 0, None
+    clock, images, shape = StepClock(device), 0, None
     cpu0, wall0 = tree_cpu_seconds(), time.perf_counter()
+    clock.start()
     for _ in range(steps):
-        timeline.mark()
         y1, y2 = next(batches)
-        timeline.mark()
+        clock.data_ready()
         trainer.train_step(y1, y2)
         trainer.step += 1
+        clock.step_done()
         images += y1.shape[0]
         shape = (tuple(y1.shape), y1.dtype, y1.is_contiguous(memory_format=torch.channels_last))
-    timeline.mark()
-    marks = timeline.seconds()
+    step_and_wait = clock.read()  # on CUDA: waits for the last step
     wall, cpu = time.perf_counter() - wall0, tree_cpu_seconds() - cpu0
-    timed = marks[-1]
-    wait = sum(marks[2 * i + 1] - marks[2 * i] for i in range(steps))
+    timed, wait = (sum(column) for column in zip(*step_and_wait))
     return {"images_per_s": images / timed, "data_wait_fraction": wait / timed, "host_cores_busy": cpu / wall,
             "images": images, "steps": steps, "timed_seconds": timed, "wait_seconds": wait,
             "host_cpu_seconds": cpu, "wall_seconds": wall, "views": shape}

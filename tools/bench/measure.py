@@ -68,30 +68,6 @@ def time_calls(fn: Callable[[], Any], device: torch.device, reps: int, warmup: i
     return seconds
 
 
-class Timeline:
-    """Marks on the device's own timeline: CUDA events on CUDA, recorded without a host sync, so the
-    host may run ahead of the device; the host clock on the CPU, where work runs as it is issued."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.device.type == "cuda":  # GPU only
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def seconds(self) -> list[float]:
-        """Each mark's time after the first mark; on CUDA waits (once) for the last mark to complete."""
-        if self.device.type == "cuda":  # GPU only
-            self.marks[-1].synchronize()
-            return [self.marks[0].elapsed_time(event) / 1000 for event in self.marks]
-        return [t - self.marks[0] for t in self.marks]
-
-
 def time_interleaved(runners: dict[str, Callable[[], Any]], device: torch.device, reps: int) -> dict[str, list[float]]:
     """Wall seconds per runner: one untimed call each, then `reps` rounds timing each runner once.
 

@@ -152,7 +152,7 @@ def end_to_end_lines(section: dict) -> list[str]:
     lines = [f"End to end ({section['model']}, {section['image_size']} px, {section['batch_size']} images per view, "
              f"amp {section['amp']}; {section['steps']} timed steps after {section['warmup_steps']} warm-up; "
              f"{section['device']}, {section['timeline']})"]
-    head = (f"{'pipeline':<20} {'mode':<24} {'images/s':>9} {'synthetic':>10} {'vs synth.':>9} {'data wait':>9}"
+    head = (f"{'pipeline':<20} {'mode':<27} {'images/s':>9} {'synthetic':>10} {'vs synth.':>9} {'data wait':>9}"
             f" {'host cores':>10} {'peak GiB':>9}")
     lines += [head, "-" * len(head)]
     for name, entry in section.items():
@@ -162,7 +162,7 @@ def end_to_end_lines(section: dict) -> list[str]:
             lines.append(f"{name:<20} unavailable: {entry['unavailable']}")
             continue
         peak = entry.get("peak_gpu_memory_gib")
-        lines.append(f"{name:<20} {entry['mode'] or '-':<24} {entry['images_per_s']:>9.1f}"
+        lines.append(f"{name:<20} {entry['mode'] or '-':<27} {entry['images_per_s']:>9.1f}"
                      f" {entry['synthetic']['images_per_s']:>10.1f} {entry['vs_synthetic']:>9.2f}"
                      f" {entry['data_wait_fraction']:>9.1%} {entry['host_cores_busy']:>10.2f}"
                      f" {'-' if peak is None else f'{peak:.1f}':>9}")

@@ -12,6 +12,7 @@ import torch.multiprocessing
 from bt_fast.config import load_config
 from bt_fast.errors import one_line
 from bt_fast.files import write_json
+from bt_fast.step_clock import StepClock
 from tools.gpu_check.data_checks import installed
 from tools.gpu_check.measure import Result
 from tools.gpu_check.train_checks import image_folder, make_trainer, synthetic_views
@@ -37,18 +38,23 @@ def sync_debug_mode(mode: str | None):
 
 def check_no_host_sync(device, sizes, workdir, measured) -> list[Result]:
     """`sizes.steps` trainer steps, none of them a logging step, after a warm-up step, under CUDA's sync
-    debug mode "error": any host-device synchronisation inside a step raises and fails the check. On the
-    CPU the steps run without the mode (it is CUDA's), so the check's code runs and the check is skipped."""
+    debug mode "error": any host-device synchronisation inside a step raises and fails the check. Each
+    step is marked on the step clock as the trainer's loop marks it. On the CPU the steps run without the
+    mode (it is CUDA's), so the check's code runs and the check is skipped."""
     trainer = make_trainer(device, sizes, workdir, f"log_every={10 * sizes.steps}")
     views = synthetic_views(sizes, device)
     cuda = device.type == "cuda"
     trainer.train_step(*views)  # warm-up outside the mode: cuDNN autotuning, lazy initialisation, first allocations
     trainer.step += 1
+    clock = StepClock(device)
     try:
         with sync_debug_mode("error" if cuda else None):
+            clock.start()
             for _ in range(sizes.steps):
+                clock.data_ready()
                 trainer.train_step(*views)
                 trainer.step += 1
+                clock.step_done()
     except RuntimeError as err:
         return [Result("no host sync", f"fail: {one_line(err)}")]
     if not cuda:
@@ -74,12 +80,19 @@ def foreign_allocations(per_rank: list[dict]) -> list[str]:
 
 def rank_memory(rank: int, overrides: list[str], batch: int, workdir: str) -> None:
     """One rank (spawned): NCCL, the FFCV pipeline on cuda:<rank>, two batches, then the bytes the caching
-    allocator of this process holds on every visible GPU, written to <workdir>/rank<r>.json."""
+    allocator of this process holds on every visible GPU, written to <workdir>/rank<r>.json (what the
+    pipeline prints goes to <workdir>/rank<r>.log)."""
+    with open(Path(workdir) / f"rank{rank}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        _rank_memory(rank, overrides, batch, Path(workdir))
+
+
+def _rank_memory(rank: int, overrides: list[str], batch: int, workdir: Path) -> None:
     from pipelines import Placement
     from pipelines.ffcv import FFCVPipeline
     device = torch.device("cuda", rank)  # GPU only: this function runs only where two GPUs are visible
     torch.cuda.set_device(device)
-    dist.init_process_group("nccl", store=dist.FileStore(str(Path(workdir) / "store"), RANKS), rank=rank,
+    dist.init_process_group("nccl", store=dist.FileStore(str(workdir / "store"), RANKS), rank=rank,
                             world_size=RANKS)
     try:
         pipeline = FFCVPipeline(load_config(None, overrides), Placement(device, torch.float16, rank, RANKS), batch)
@@ -90,7 +103,7 @@ def rank_memory(rank: int, overrides: list[str], batch: int, workdir: str) -> No
             dist.all_reduce(total)
             torch.cuda.synchronize(device)
             allocated = [torch.cuda.memory_allocated(index) for index in range(torch.cuda.device_count())]
-        write_json(Path(workdir) / f"rank{rank}.json", {"rank": rank, "allocated": allocated})
+        write_json(workdir / f"rank{rank}.json", {"rank": rank, "allocated": allocated})
     finally:
         dist.destroy_process_group()
 
