@@ -1,0 +1,397 @@
+"""Issue 21: one run per out_dir, storage faults end in one line, impossible settings refused before start."""
+import contextlib
+import errno
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import bt_fast.checkpoint
+import bt_fast.files
+from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, serialized_bytes
+from bt_fast.config import ConfigError, load_config
+from bt_fast.distributed import DistContext
+from bt_fast.errors import StorageError
+from bt_fast.files import atomic_write
+from bt_fast.memory_budget import conv_elements, estimate, parameter_count
+from bt_fast.model import build_model
+from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
+from bt_fast.train import Trainer, check_memory, refuse_changed_finished_run
+from test_reliability import metric_lines, run_main, tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# -- 1. one run per out_dir -------------------------------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from bt_fast.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_locked_out_dir_is_one_line_naming_the_holder_and_kill_9_leaves_no_lock(
+        image_folder, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=1"))
+        assert code == 2
+        assert err.strip().splitlines() == [
+            f"error: out_dir {out_dir} is in use by process {holder.pid} on {socket.gethostname()} (it holds "
+            f"{out_dir / LOCK_NAME}); wait for that run to end, stop it, or choose another out_dir"]
+        assert not (out_dir / CHECKPOINT_NAME).exists() and not (out_dir / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    check_unlocked(out_dir)  # the kernel dropped the dead holder's lock: nothing stale
+    with RunLock(out_dir):
+        pass
+
+
+def test_the_lock_is_exclusive_and_released_with_its_file_and_the_directories_it_made(tmp_path):
+    out_dir = tmp_path / "a" / "b"
+    with RunLock(out_dir) as lock:
+        assert (out_dir / LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with pytest.raises(RunLockError, match=f"in use by process {os.getpid()} on "):
+            RunLock(out_dir).acquire()
+        with pytest.raises(RunLockError):
+            check_unlocked(out_dir)
+    assert lock.fd is None and not (tmp_path / "a").exists()  # made for the lock, empty again: removed
+    (tmp_path / "kept").mkdir()
+    with RunLock(tmp_path / "kept"):
+        (tmp_path / "kept" / "metrics.jsonl").write_text("")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["metrics.jsonl"]
+
+
+# -- 2. a finished run is not rerun with other settings, nor rewritten ---------------------------------------
+
+@pytest.mark.timeout(600)
+def test_a_finished_run_refuses_other_data_and_a_rerun_rewrites_nothing(image_folder, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run_main(capsys, *tiny_args(image_folder, out_dir, "warmup_epochs=1"))
+    assert code == 0 and out.startswith("done: 3 steps"), err
+    assert [line for line in err.splitlines() if line.startswith("warning: warmup_epochs")] == [
+        "warning: warmup_epochs (1) >= epochs (1): the learning rate never reaches its peak; lower warmup_epochs"]
+    before = snapshot(out_dir)
+    assert set(before) >= {"config.yaml", "metrics.jsonl", "summary.json", "metrics.png", CHECKPOINT_NAME}
+    recorded = json.loads(before["summary.json"])["images_per_s"]
+
+    other = tmp_path / "other"
+    shutil.copytree(image_folder, other)
+    code, _, err = run_main(capsys, *tiny_args(other, out_dir, "warmup_epochs=1"))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {out_dir} holds a finished run (3 steps) that this command would change (data ")
+    assert "choose a new OUT= (out_dir=)" in err
+    assert snapshot(out_dir) == before
+
+    code, out, err = run_main(capsys, *tiny_args(image_folder, out_dir, "warmup_epochs=1", "workers=1"))
+    assert code == 0, err
+    assert out.startswith(f"run already complete: 3 steps on 1 process(es), {recorded:.1f} images/s")
+    assert snapshot(out_dir) == before  # config.yaml, summary.json, metrics.png: not one byte rewritten
+
+
+def test_only_more_epochs_may_change_a_finished_run_and_a_paused_run_may_change_anything(tmp_path):
+    finished = {"step": 6, "schedule_steps": 6}
+    refuse_changed_finished_run(tmp_path, finished, ["epochs 2 -> 4"], 6)
+    refuse_changed_finished_run(tmp_path, {"step": 3}, ["data 'a' -> 'b'"], 6)  # paused by max_steps or a stop
+    with pytest.raises(CheckpointError, match=r"holds a finished run \(6 steps\) that this command would change "
+                                              r"\(lr_weights 0.2 -> 0.3\)"):
+        refuse_changed_finished_run(tmp_path, finished, ["epochs 2 -> 4", "lr_weights 0.2 -> 0.3"], 6)
+
+
+# -- 3, 4. storage faults while checkpointing ----------------------------------------------------------------
+
+def _failing_checkpoint_writes(monkeypatch, error: OSError, after: int) -> None:
+    """From the `after`+1-th checkpoint.pth on, the write stores some bytes and then fails with `error`."""
+    real = bt_fast.checkpoint.atomic_write
+    calls = []
+
+    def write(path, content, **options):
+        if Path(path).name == CHECKPOINT_NAME:
+            calls.append(path)
+            if len(calls) > after:
+                def fail(handle):
+                    handle.write(b"x" * 1000)
+                    raise error
+                return real(path, fail, **options)
+        return real(path, content, **options)
+    monkeypatch.setattr(bt_fast.checkpoint, "atomic_write", write)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   OSError(errno.EROFS, "Read-only file system")], ids=["full", "read-only"])
+def test_a_storage_fault_while_checkpointing_is_one_line_and_the_run_resumes_from_the_last_good_one(
+        error, image_folder, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "run"
+    args = tiny_args(image_folder, out_dir, "checkpoint_every=1", "epochs=1")
+    with monkeypatch.context() as patch:
+        _failing_checkpoint_writes(patch, error, after=1)
+        code, _, err = run_main(capsys, *args)
+    assert code == 1
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1, err
+    state = torch.load(out_dir / CHECKPOINT_NAME, weights_only=True)
+    needed = serialized_bytes({**state, "step": 2})
+    assert errors[0].startswith(f"error: cannot write {out_dir / CHECKPOINT_NAME} ({error.strerror}): it needs ")
+    assert f"; the last good checkpoint is step 1 of 3 in {out_dir / CHECKPOINT_NAME}" in errors[0]
+    stated = int(errors[0].split("it needs ")[1].split(" bytes")[0])
+    assert abs(stated - needed) < 64  # the step's own checkpoint, give or take the pickled floats
+    assert state["step"] == 1 and not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]
+
+    code, out, err = run_main(capsys, *args)  # space freed: the same command resumes
+    assert code == 0 and out.startswith("done: 3 steps"), err
+    assert f"resuming {out_dir} from step 1 of 3" in err.splitlines()
+    assert [m["step"] for m in metric_lines(out_dir)] == [1, 2, 3]
+    assert torch.load(out_dir / PREVIOUS_NAME, weights_only=True)["step"] == 2
+
+
+def test_atomic_save_on_a_full_disk_names_the_bytes_and_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT_NAME
+    atomic_save({"step": 1}, path)
+    old = path.read_bytes()
+    new = {"step": 2, "weights": torch.zeros(1000)}
+
+    real_save = torch.save
+
+    def full(obj, handle):  # a file on the full disk fails part-way; counting the bytes still works
+        if not hasattr(handle, "fileno"):
+            return real_save(obj, handle)
+        handle.write(b"x" * 100)
+        raise RuntimeError("PytorchStreamWriter failed writing file") from OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(bt_fast.checkpoint.torch, "save", full)
+    with pytest.raises(StorageError) as raised:
+        atomic_save(new, path)
+    monkeypatch.undo()
+    assert str(raised.value).startswith(f"cannot write {path} (No space left on device): it needs "
+                                        f"{serialized_bytes(new)} bytes")
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
+def test_atomic_write_cleanup_never_masks_the_first_error(tmp_path, monkeypatch):
+    first = OSError(errno.EROFS, "Read-only file system", "the write")
+
+    def write(handle):
+        raise first
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EROFS, "Read-only file system", "the cleanup")
+        return real_unlink(self, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(OSError) as raised:
+        atomic_write(tmp_path / "x.json", write)
+    assert raised.value is first
+
+
+def test_the_previous_checkpoint_is_kept_beside_the_new_one(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    for step in (1, 2, 3):
+        atomic_save({"step": step}, path, keep_previous=True)
+    assert torch.load(path, weights_only=True) == {"step": 3}
+    assert torch.load(tmp_path / PREVIOUS_NAME, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_NAME, PREVIOUS_NAME])
+
+
+# -- 5. batch size -----------------------------------------------------------------------------------------
+
+def test_a_batch_of_one_image_per_rank_is_refused_before_anything_starts(image_folder, tmp_path, capsys):
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "run", "batch_size=1"))
+    assert code == 2 and err.strip().splitlines() == [
+        "error: config key 'batch_size' must be at least 2 (BatchNorm needs 2 images per rank), got 1"]
+    assert not (tmp_path / "run").exists()
+    two_ranks = DistContext(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    config = load_config("configs/demo_cpu.yaml", [f"data={image_folder}", f"out_dir={tmp_path}", "batch_size=2"])
+    with pytest.raises(ConfigError, match=r"'batch_size' \(2\) gives 1 image per rank over 2 ranks; BatchNorm needs "
+                                          r"at least 2 per rank: use batch_size >= 4"):
+        Trainer(config, two_ranks)
+
+
+# -- 6. memory -------------------------------------------------------------------------------------------
+
+def test_the_memory_estimate_is_the_documented_arithmetic():
+    side, batch = 32, 4
+    model = build_model("resnet18", "64-64", channels_last=False).eval()
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+             for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.backbone(torch.zeros(1, 3, side, side))
+    for hook in hooks:
+        hook.remove()
+    assert conv_elements("resnet18", side) == sum(outputs)
+    params = sum(p.numel() for p in model.parameters())
+    assert parameter_count("resnet18", "64-64") == params == sum(
+        p.numel() for p in torchvision.models.resnet18().parameters()) - (512 * 1000 + 1000) + 512 * 64 + 2 * 64 + 64 * 64
+
+    pixels = 2 * batch * 3 * side * side
+    device = pixels * 2 + 2 * batch * sum(outputs) * 2 + 12 * params
+    reference = estimate(arch="resnet18", projector="64-64", pipeline="reference", batch=batch, side=side, dtype_bytes=2)
+    assert (reference.host, reference.device) == (pixels * 4, device)
+    padded = batch * 60 * 80 * 3
+    ffcv = estimate(arch="resnet18", projector="64-64", pipeline="ffcv", batch=batch, side=side, dtype_bytes=2,
+                    ffcv_crop="device", ffcv_decode="host", padded=(60, 80))
+    assert (ffcv.host, ffcv.device) == (padded, device + padded + pixels * 4)
+    host_crop = estimate(arch="resnet18", projector="64-64", pipeline="ffcv", batch=batch, side=side, dtype_bytes=4,
+                         ffcv_crop="host", ffcv_decode="host", padded=(60, 80))
+    assert host_crop.host == padded + pixels
+    assert host_crop.device == pixels * 4 + 2 * batch * sum(outputs) * 4 + 12 * params
+
+
+def test_an_image_size_that_cannot_fit_is_refused_in_one_line_and_leaves_no_out_dir(image_folder, tmp_path, capsys):
+    out_dir = tmp_path / "new" / "run"
+    code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "augment.image_size=100000"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: config keys 'augment.image_size' (100000) and 'batch_size' (8) need at least ")
+    assert "TiB of host memory per step (host views " in err and "lower augment.image_size or batch_size" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_host_crop_sizes_above_what_the_beton_stores_are_refused(image_folder, tmp_path):
+    config = load_config("configs/demo_cpu.yaml", [f"data={tmp_path / 'images'}", "pipeline=ffcv", "ffcv.crop=host",
+                                                   "ffcv.max_resolution=64", "augment.image_size=96", "device=cpu"])
+    with pytest.raises(ConfigError, match=r"'augment.image_size' \(96\) is above ffcv.max_resolution, the largest "
+                                          r"side the first-use conversion stores \(64 px\)"):
+        check_memory(config, CPU)
+    assert not (tmp_path / "images.beton").exists()
+
+
+# -- 7. smaller ----------------------------------------------------------------------------------------------
+
+def test_an_unreadable_checkpoint_is_reported_before_the_first_use_conversion(image_folder, tmp_path, capsys):
+    data = tmp_path / "images"
+    shutil.copytree(image_folder, data)
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    atomic_save({"step": 1, "payload": torch.zeros(10000)}, out_dir / CHECKPOINT_NAME)
+    whole = (out_dir / CHECKPOINT_NAME).read_bytes()
+    (out_dir / CHECKPOINT_NAME).write_bytes(whole[: len(whole) // 2])
+    code, _, err = run_main(capsys, *tiny_args(data, out_dir, "pipeline=ffcv"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: checkpoint {out_dir / CHECKPOINT_NAME} cannot be read (")
+    assert err.strip().endswith("); delete it or choose another out_dir")
+    assert not (tmp_path / "images.beton").exists()
+
+
+def test_check_creates_nothing(image_folder, tmp_path, capsys):
+    code, _, err = run_main(capsys, "--check", *tiny_args(image_folder, tmp_path / "a" / "b"))
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lr_weights=inf"], "config key 'lr_weights' must be a finite number, got inf"),
+    (["lr_biases=.nan"], "config key 'lr_biases' must be a finite number, got nan"),
+    (["epochs=inf"], "config key 'epochs' expects a whole number, got 'inf'"),
+    (["epochs=1", "epochs=7"], "config key 'epochs' is given twice (epochs=1, epochs=7); give each key once"),
+])
+def test_infinite_values_and_keys_given_twice_are_refused(overrides, message, image_folder, tmp_path, capsys):
+    code, _, err = run_main(capsys, "--config", "configs/demo_cpu.yaml", f"data={image_folder}",
+                            f"out_dir={tmp_path / 'run'}", *overrides)
+    assert code == 2 and err.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_summary_versions_are_the_installed_distributions():
+    import ffcv  # noqa: F401  (loaded: its version is reported)
+    from bt_fast.run_log import versions
+    found = versions()
+    for name in ("torch", "torchvision", "numpy", "ffcv"):
+        assert found[name] == importlib.metadata.version(name), name
+
+
+def test_a_file_system_without_locks_gets_a_warning_not_a_refusal(tmp_path, capsys, monkeypatch):
+    import bt_fast.run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(bt_fast.run_lock.fcntl, "flock", no_locks)
+    check_unlocked(tmp_path)
+    (tmp_path / LOCK_NAME).write_text("")
+    check_unlocked(tmp_path)
+    with RunLock(tmp_path / "run"):
+        assert (tmp_path / "run").is_dir() and not (tmp_path / "run" / LOCK_NAME).exists()
+    assert capsys.readouterr().err.startswith(f"warning: the file system of {tmp_path / 'run'} refuses locks "
+                                              f"(No locks available)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_prints_throttled_progress_without_a_terminal(split_folder, capsys, monkeypatch):
+    import bt_fast.progress
+    import tools.evaluate as ev
+    monkeypatch.setattr(bt_fast.progress, "LOG_INTERVAL_S", 0.0)  # every update is due
+    assert ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--mode", "knn",
+                    "--image-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "train features: 100%" in err and "val features: 100%" in err
+
+
+def test_dali_records_given_as_data_are_read_as_records(image_folder, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from pipelines.base import Placement
+    from pipelines.convert import convert
+    from pipelines.dali import DALIPipeline, RecordSource
+    records = tmp_path / "wds"
+    convert(image_folder, records, "dali", workers=1, shard_size=10, progress=False)
+    config = load_config(None, [f"data={records}", "pipeline=dali", "workers=1", "augment.image_size=16"])
+    pipeline = DALIPipeline(config, Placement(torch.device("cpu"), torch.float32, 0, 1), 4)
+    assert isinstance(pipeline.source, RecordSource) and len(pipeline.source) == 24
+    view1, view2 = next(iter(pipeline))
+    assert view1.shape == view2.shape == (4, 3, 16, 16)
+
+
+def test_help_gives_every_key_its_allowed_values_and_what_it_does(capsys):
+    import dataclasses
+    from bt_fast.config import Config
+    from bt_fast.train import main
+
+    def keys(node, prefix=""):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            yield from keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [f"{prefix}{f.name}"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for key in keys(Config()):
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  {key} = "))
+        allowed, _, what = lines[at + 1].strip().partition(": ")
+        assert allowed and what, (key, lines[at + 1])
+    assert any(line.startswith("      auto | bfloat16 | float16 | none: autocast dtype") for line in lines)
+    assert any(line.startswith("      reference | ffcv | dali: ") for line in lines)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_torch_loads_is_one_line():
+    process = subprocess.Popen([sys.executable, "-m", "bt_fast.train", "--help"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    with contextlib.suppress(FileNotFoundError):  # (gone already: the assertions below say so)
+        while process.poll() is None and "libtorch" not in maps.read_text():  # torch's import has begun
+            pass
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.strip().splitlines() == ["error: interrupted while starting (loading torch); nothing was written"]
