@@ -18,8 +18,8 @@ from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"augment float16", "augment bfloat16", "amp float16", "amp bfloat16", "lars", "resume batch",
             "resume step", "ddp", "ffcv crops", "dali ids", "dali view means", "device crop float16",
-            "device crop bfloat16", "device decode", "no host sync", "rank devices"}
-CUDA_ONLY = {"no host sync", "rank devices"}  # skipped on the CPU, with the reason
+            "device crop bfloat16", "device decode", "no host sync", "rank devices", "augment triton"}
+CUDA_ONLY = {"no host sync", "rank devices", "augment triton"}  # skipped on the CPU, with the reason
 
 
 def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):

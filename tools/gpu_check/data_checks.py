@@ -38,6 +38,9 @@ def check_augment(device, sizes, workdir, measured) -> list[Result]:
         got = [fused(crops, p.to(device), spec, dtype=torch.float16) for p in params]
         results.append(compare("augment triton", torch.stack(got), torch.stack(want), relative=False, mean=True))
         backends.append("triton")
+    else:
+        results.append(Result("augment triton", "skipped: the fused kernels need CUDA (tests/test_augment_triton.py "
+                                                 "runs them through Triton's CPU interpreter)"))
     for backend in backends:
         augment = TwoViewAugment(spec, torch.float16 if device.type == "cuda" else torch.float32, backend=backend)
         key = "augment_images_per_s" if backend == "eager" else f"augment_{backend}_images_per_s"
