@@ -17,7 +17,8 @@ Kernels, in launch order (grid: samples x pixel tiles):
    finished here (solarize, normalise, channels-last store); a blurred one is stored planar in
    the storage dtype for the blur.
 3. `_blur_rows_kernel`: the horizontal pass of the separable Gaussian with the sample's own
-   kernel (`augment.gaussian_kernels`) and reflect padding by index arithmetic.
+   kernel (`augment.gaussian_kernels`) and reflect padding through an index table made once per
+   size on the device (`reflect_table`, from torch's own reflect `F.pad`).
 4. `_blur_cols_kernel`: the vertical pass, then solarize, normalise and the channels-last store.
 
 Passes 3 and 4 return at once for samples whose blur was not drawn (an in-kernel branch on the
