@@ -128,10 +128,12 @@ def _signal_one_rank_worker(rank: int, world: int, port: int, data: str, out_dir
 
 
 def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(image_folder, tmp_path):
+    """The request made in step 2 on rank 1 is agreed without blocking (bt_fast.run_control.StopAgreement):
+    every rank learns it one step later and stops after step 3."""
     mp.spawn(_signal_one_rank_worker, args=(2, free_port(), str(image_folder), str(tmp_path)), nprocs=2)
     for rank in range(2):
-        assert torch.load(tmp_path / f"rank{rank}.pt") == {"steps": 2, "stopped_by": "SIGTERM"}
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+        assert torch.load(tmp_path / f"rank{rank}.pt") == {"steps": 3, "stopped_by": "SIGTERM"}
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 3
     assert not (tmp_path / "backbone.pth").exists()  # an interrupted run has no final backbone
 
 
