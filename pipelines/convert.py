@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from multiprocessing import Pool
 from pathlib import Path
@@ -288,14 +289,35 @@ def _prepare_job(job: tuple[ImagePrep, str, bool]) -> Prepared:
 
 @contextmanager
 def _prepared(jobs: Iterator[tuple[ImagePrep, str, bool]], count: int, workers: int) -> Iterator[Iterator[Prepared]]:
-    """`_prepare_job` of every job, in order, over `workers` processes (jobs are read lazily)."""
+    """`_prepare_job` of every job, in order, over `workers` processes.
+
+    At most `window` jobs are out at a time: while the caller pauses (an fsync at the end of a
+    part) the workers stop instead of piling up finished images in this process's memory.
+    """
     if workers <= 1 or count < 2:
         yield map(_prepare_job, jobs)
         return
-    pool = Pool(min(workers, count))
+    workers = min(workers, count)
+    chunksize = max(1, min(16, count // (workers * 8)))
+    window = 4 * chunksize * workers
+    free = threading.Semaphore(window)
+
+    def throttled() -> Iterator[tuple[ImagePrep, str, bool]]:
+        for job in jobs:  # runs in the pool's task thread
+            free.acquire()
+            yield job
+
+    def consumed(results: Iterator[Prepared]) -> Iterator[Prepared]:
+        for result in results:
+            free.release()
+            yield result
+
+    pool = Pool(workers)
     try:
-        yield pool.imap(_prepare_job, jobs, chunksize=max(1, min(16, count // (workers * 8))))
+        yield consumed(pool.imap(_prepare_job, throttled(), chunksize=chunksize))
     finally:
+        for _ in range(window):  # unblock the task thread so that terminate() can join it
+            free.release()
         pool.terminate()
         pool.join()
 

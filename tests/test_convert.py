@@ -617,3 +617,22 @@ def test_a_large_jpeg_is_capped_to_ffcvs_geometry_from_a_reduced_decode(size, or
     from pipelines.images import _decode
     decoded, _, full = _decode(str(path), reduce_to=256)
     assert full == (width, height) and max(decoded.size) < max(size)  # the reduced decode was taken
+
+
+def test_workers_wait_while_the_writer_pauses(source):
+    """Finished images never pile up in the writing process: at most a window of jobs is out."""
+    import time
+    from pipelines.convert import _prepared
+    path, pulled = str(source[0] / "a" / "a0.jpg"), []
+
+    def jobs():
+        for i in range(600):
+            pulled.append(i)
+            yield ImagePrep(max_resolution=MAX_RES), path, False
+
+    with _prepared(jobs(), 600, workers=2) as results:
+        assert next(results).status == "ok"
+        time.sleep(3)  # the writer pauses (an fsync at a part's end)
+        out = len(pulled)
+        assert sum(1 for _ in results) == 599
+    assert out <= 4 * 16 * 2 + 2 and len(pulled) == 600  # window: 4 chunks of 16 per worker
