@@ -213,10 +213,14 @@ class Trainer:
                 f"command to resume from it")
 
     def save_backbone(self) -> Path:
+        """Rank 0 writes backbone.pth; a full or read-only out_dir is a StorageError naming the last checkpoint."""
         path = self.out_dir / BACKBONE_NAME
         if self.ctx.is_main:
             backbone = {k: v.contiguous() for k, v in self.model.backbone.state_dict().items()}
-            atomic_save(backbone, path)
+            try:
+                atomic_save(backbone, path)
+            except StorageError as err:  # the rerun of a complete run writes a missing backbone.pth
+                raise StorageError(f"{err}; {self.last_good()}") from None
         return path
 
     # -- the hot path --------------------------------------------------------------------------------

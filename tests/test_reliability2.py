@@ -395,3 +395,27 @@ def test_ctrl_c_while_torch_loads_is_one_line():
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert err.strip().splitlines() == ["error: interrupted while starting (loading torch); nothing was written"]
+
+
+@pytest.mark.timeout(600)
+def test_a_full_disk_while_writing_the_backbone_names_the_complete_checkpoint(image_folder, tmp_path, capsys,
+                                                                              monkeypatch):
+    out_dir = tmp_path / "run"
+    real = bt_fast.checkpoint.atomic_write
+
+    def write(path, content, **options):
+        if Path(path).name == "backbone.pth":
+            def fail(handle):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, fail, **options)
+        return real(path, content, **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(bt_fast.checkpoint, "atomic_write", write)
+        code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=2"))
+    assert code == 1
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: cannot write {out_dir / 'backbone.pth'} (No space left on device): it needs ")
+    assert line.endswith(f"; the last good checkpoint is step 2 of 2 in {out_dir / CHECKPOINT_NAME}: free space "
+                         f"there (or make it writable) and rerun the same command to resume from it")
+    code, out, _ = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=2"))
+    assert code == 0 and out.startswith("run already complete: 2 steps") and (out_dir / "backbone.pth").is_file()
