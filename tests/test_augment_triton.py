@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 EAGER_BOUND = 2e-5        # float32 against the eager path: the same arithmetic, summed in another order
 TORCHVISION_BOUND = 3e-5  # float32 against torchvision's ops one sample at a time
 # float16 planes (and input, output) against float32 eager: two fp16 roundings of [0, 1] values (2^-12 each)
-# through the blur, times 1 / std, plus the output's rounding (2^-10 at 2.6); eager float16 is ~2.5x worse.
+# through the blur, times 1 / std, plus the output's rounding (2^-10 at 2.6).
 FP16_BOUND = 5e-3
-# GPU only (not run here): the same cases compiled on CUDA. A blurred value within fp16 rounding of the
+# GPU only: the same cases compiled on CUDA. A blurred value within fp16 rounding of the
 # solarize threshold (128/255) may land on the other side: |1 - 2 x| / std, up to 0.018 at one pixel.
 GPU_FLOAT32_BOUND = 1e-4
 GPU_FLOAT16_MAX = 2.5e-2
