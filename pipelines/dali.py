@@ -335,7 +335,8 @@ class DALIPipeline(EpochPipeline):
         super().__init__(config, placement, batch_size)
         self.gpu = placement.device.type == "cuda"
         # data= may name converted records itself (their dataset.json), as it may name a .beton for ffcv
-        records = config.dali.records or (config.data if (Path(config.data) / "dataset.json").is_file() else "")
+        records = config.dali.records or (config.data if config.data and (Path(config.data) / "dataset.json").is_file()
+                                          else "")
         self.source = RecordSource(records) if records else FolderSource(config.data)
         self.per_rank = samples_per_rank(len(self.source), batch_size, placement.world_size, records or config.data)
         out_dtype = types.FLOAT16 if placement.dtype == torch.float16 else types.FLOAT
