@@ -498,6 +498,7 @@ def check_run_inputs(config: Config) -> None:
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
                           f"({err.strerror or err}); choose another out_dir") from None
     check_unlocked(out_dir)
+    check_previous_run(config)  # here too, so that the launcher refuses once, not once per restart
     if config.tensorboard:
         tensorboard_writer_class()
 

@@ -419,3 +419,18 @@ def test_a_full_disk_while_writing_the_backbone_names_the_complete_checkpoint(im
                          f"there (or make it writable) and rerun the same command to resume from it")
     code, out, _ = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=2"))
     assert code == 0 and out.startswith("run already complete: 2 steps") and (out_dir / "backbone.pth").is_file()
+
+
+def test_the_launcher_refuses_a_changed_finished_run_once_before_torchrun(image_folder, tmp_path, capsys):
+    from tools import launch
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    atomic_save({"step": 6, "schedule_steps": 6, "config": {"data": "/elsewhere"}}, out_dir / CHECKPOINT_NAME)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--nproc-per-node", "2", "-m", "bt_fast.train", "--config", "configs/demo_cpu.yaml",
+                     f"data={image_folder}", f"out_dir={out_dir}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out_dir} holds a finished run (6 steps) that this command would change (data '/elsewhere' -> "
+        f"'{image_folder}'); choose a new OUT= (out_dir=) for a new run, or rerun with the run's own settings "
+        f"(raising epochs extends it)"]
