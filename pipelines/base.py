@@ -86,6 +86,11 @@ def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     return classes, samples
 
 
+def _has_image_suffix(name: str) -> bool:
+    """`Path(name).suffix in IMAGE_SUFFIXES` for a lower-case name (a leading dot starts no suffix)."""
+    return name.endswith(IMAGE_SUFFIXES) and name.rfind(".") > 0
+
+
 def _images_below(directory: str) -> list[str]:
     """Image paths below `directory`, ordered as sorted Paths (by their parts); one scandir per
     directory and no stat per file, which is what keeps a million-image scan to seconds."""
@@ -101,7 +106,7 @@ def _images_below(directory: str) -> list[str]:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((entry.path, parts + (entry.name,)))
-                elif (os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                elif (_has_image_suffix(entry.name.lower())
                       and (entry.is_file() or entry.is_symlink())):
                     found.append((parts + (entry.name,), entry.path))
     found.sort(key=lambda item: item[0])

@@ -293,7 +293,7 @@ def test_image_folder_scan_matches_sorted_rglob(tmp_path):
     from pipelines.base import IMAGE_SUFFIXES
     root = tmp_path / "folder"
     for rel in ("b/x.jpg", "b/a.JPEG", "b/a/z.png", "b/a.b/y.jpg", "b/a-b.jpg", "b/.hidden.jpg", "b/deep/er/k.webp",
-                "b/notes.txt", "b/.jpg", "a/1.jpg", "a/10.jpg", "a/2.jpg", "c/only.txt"):
+                "b/notes.txt", "b/.jpg", "b/..jpg", "b/trail.jpg.", "a/1.jpg", "a/10.jpg", "a/2.jpg", "c/only.txt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     (root / "b" / "dir.jpg").mkdir()
@@ -308,7 +308,7 @@ def test_image_folder_scan_matches_sorted_rglob(tmp_path):
                                                                      if d.is_dir() and not d.name.startswith(".")))
                  for p in sorted((root / name).rglob("*"))
                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
-    assert classes == ["a", "b", "c", "elsewhere"] and samples == reference and len(samples) == 12
+    assert classes == ["a", "b", "c", "elsewhere"] and samples == reference and len(samples) == 13
 
 
 def test_text_list_source(source, tmp_path):
