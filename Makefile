@@ -23,17 +23,19 @@ SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
 .PHONY: pretrain test bench gpu-check eval demo-data venv system-deps clean
 
+# With DATA= but no CONFIG=, run_pretrain.sh gets CONFIG empty and says which config it trains.
 pretrain: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	CONFIG="$(CONFIG)" DATA="$(or $(DATA),$(DEMO_DATA)/train)" PIPELINE="$(PIPELINE)" OUT="$(OUT)" \
+	CONFIG="$(if $(and $(DATA),$(filter file,$(origin CONFIG))),,$(CONFIG))" \
+	DATA="$(or $(DATA),$(DEMO_DATA)/train)" PIPELINE="$(PIPELINE)" OUT="$(OUT)" \
 	NODES="$(NODES)" GPUS="$(GPUS)" LOCAL_NODES="$(LOCAL_NODES)" MAX_RESTARTS="$(MAX_RESTARTS)" PYTHON="$(PY)" \
-	  bash run_pretrain.sh $(if $(DATA),,knn_val=$(DEMO_DATA)/val) $(ARGS)
+	  bash run_pretrain.sh $(if $(or $(DATA),$(filter knn_val=%,$(ARGS))),,knn_val=$(DEMO_DATA)/val) $(ARGS)
 
 # Two test processes keep both cores busy while a test waits on its subprocesses (`make test TEST_WORKERS=0`
 # runs in one process).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(ARGS)
 
 bench: $(STAMP)
 	@if [ -z "$(DATA)$(filter --end-to-end,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
