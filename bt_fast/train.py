@@ -415,7 +415,8 @@ class Trainer:
 
 # Keys that may change between a run and its resume without changing what it computes.
 RESUMABLE_KEYS = {"max_steps", "out_dir", "log_every", "checkpoint_every", "knn_every", "knn_train", "knn_val",
-                  "tensorboard", "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch"}
+                  "tensorboard", "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch",
+                  "prefetch", "augment.backend"}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -434,3 +434,11 @@ def test_the_launcher_refuses_a_changed_finished_run_once_before_torchrun(image_
         f"error: {out_dir} holds a finished run (6 steps) that this command would change (data '/elsewhere' -> "
         f"'{image_folder}'); choose a new OUT= (out_dir=) for a new run, or rerun with the run's own settings "
         f"(raising epochs extends it)"]
+
+
+def test_settings_of_how_not_what_may_change_on_a_finished_run(tmp_path):
+    from bt_fast.train import changed_settings
+    saved = load_config(None, ["data=/d"]).to_dict()
+    rerun = load_config(None, ["data=/d", "prefetch=3", "augment.backend=eager", "workers=2"]).to_dict()
+    assert changed_settings(saved, rerun) == []
+    refuse_changed_finished_run(tmp_path, {"step": 6}, changed_settings(saved, rerun), 6)
