@@ -261,7 +261,7 @@ def test_the_device_crop_wiring_adds_nothing_to_resized_crops(dataset, python_mo
     from pipelines.device_crop import resized_crops
     from pipelines.ffcv_decoders import BOXES
     _, beton = dataset
-    pipeline = P.FFCVPipeline(make_config(beton, image_size=20), cpu(), batch_size=8)
+    pipeline = P.FFCVPipeline(make_config(beton, image_size=20, crop="device"), cpu(), batch_size=8)
     for images, rows in pipeline.host_batches():
         expected = resized_crops(images, rows[:, BOXES].reshape(-1, 2, 4), 20)
         assert torch.equal(pipeline.device_crops((images, rows)), expected)
@@ -353,7 +353,7 @@ def test_memory_line_is_printed_once_on_rank_zero(dataset, mode, capsys):
 def test_a_beton_above_the_padded_side_cap_fails_at_start(dataset):
     _, beton = dataset
     with pytest.raises(DataError, match=f"{beton} pads every image to 48x64.*cap of 32 px.*--max-resolution 32") as err:
-        P.FFCVPipeline(make_config(beton, max_padded_side=32), cpu(), batch_size=4)
+        P.FFCVPipeline(make_config(beton, max_padded_side=32, crop="device"), cpu(), batch_size=4)
     assert "\n" not in str(err.value)
     P.FFCVPipeline(make_config(beton, max_padded_side=32, crop="host"), cpu(), batch_size=4)  # no padding there
 
