@@ -6,8 +6,9 @@
   seconds since it first started, summed over resumed segments.
 - config.yaml: the resolved config; `--config <out_dir>/config.yaml` loads the same `Config`.
 - metrics.png: the curves of metrics.jsonl (`bt_fast.plots`), redrawn at each epoch end and at the end.
-- summary.json: written at the end from metrics.jsonl alone, so a resumed run or the rerun of a
-  finished one describes the whole log, not only its own segment.
+- summary.json: written at the end from metrics.jsonl alone, so a resumed run describes the whole
+  log, not only its own segment. The rerun of a complete run rewrites none of these files; it only
+  writes summary.json and metrics.png if a storage fault kept the run from writing them.
 - tensorboard/: with `tensorboard=true`, the same scalars and a grid of the first batch's view pairs.
 
 Every file except the append-only metrics.jsonl is written atomically.
@@ -184,20 +185,33 @@ class RunLog:
         self.plot()
 
     def plot(self) -> None:
-        save_png(plot_runs({self.out_dir.name: read_metrics(self.out_dir / METRICS_NAME)}), self.out_dir / PLOT_NAME)
+        plot_metrics(self.out_dir)
 
     def finish(self, steps_per_epoch: int, total_steps: int, stopped_by: str | None, device: torch.device,
                world_size: int) -> dict:
         """Redraw metrics.png and write summary.json from the whole of metrics.jsonl; returns the summary."""
         self.flush()
-        self.plot()
-        summary = {**summarise(read_metrics(self.out_dir / METRICS_NAME), steps_per_epoch, self.config.batch_size),
-                   "total_steps": total_steps, "stopped_by": stopped_by,
-                   "device": device_description(device, world_size), "versions": versions()}
-        write_json(self.out_dir / SUMMARY_NAME, summary)
-        return summary
+        return write_summary(self.config, steps_per_epoch, total_steps, stopped_by, device, world_size)
 
     def close(self) -> None:
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def plot_metrics(out_dir: Path) -> None:
+    """metrics.png from out_dir's metrics.jsonl."""
+    save_png(plot_runs({out_dir.name: read_metrics(out_dir / METRICS_NAME)}), out_dir / PLOT_NAME)
+
+
+def write_summary(config: Config, steps_per_epoch: int, total_steps: int, stopped_by: str | None,
+                  device: torch.device, world_size: int) -> dict:
+    """Redraw metrics.png and write summary.json from the whole of metrics.jsonl; returns the summary.
+    Also how the rerun of a complete run restores these two if a storage fault cut its end short."""
+    out_dir = Path(config.out_dir)
+    plot_metrics(out_dir)
+    summary = {**summarise(read_metrics(out_dir / METRICS_NAME), steps_per_epoch, config.batch_size),
+               "total_steps": total_steps, "stopped_by": stopped_by,
+               "device": device_description(device, world_size), "versions": versions()}
+    write_json(out_dir / SUMMARY_NAME, summary)
+    return summary

@@ -54,8 +54,8 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.progress import progress
     from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals
     from bt_fast.run_lock import RunLock, check_unlocked
-    from bt_fast.run_log import (METRICS_NAME, RunLog, read_metrics, summarise, tensorboard_writer_class,
-                                 truncate_metrics)
+    from bt_fast.run_log import (METRICS_NAME, PLOT_NAME, SUMMARY_NAME, RunLog, read_metrics, summarise,
+                                 tensorboard_writer_class, truncate_metrics, write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
     from bt_fast.step_clock import StepClock
     from pipelines import PIPELINES, Placement, build_pipeline
@@ -504,6 +504,12 @@ def check_run_inputs(config: Config) -> None:
         tensorboard_writer_class()
 
 
+def metrics_missing(out_dir: Path) -> bool:
+    """True if out_dir has a metrics log but not the summary or plot drawn from it at a run's end."""
+    drawn = all((out_dir / name).is_file() for name in (SUMMARY_NAME, PLOT_NAME))
+    return (out_dir / METRICS_NAME).is_file() and not drawn
+
+
 def check_memory(config: Config, ctx: DistContext) -> None:
     """A ConfigError, before anything is built, if one step cannot fit the memory this rank sees
     (`bt_fast.memory_budget`), or if FFCV's host crop would cut crops larger than any stored image."""
@@ -569,6 +575,8 @@ def train(config: Config) -> dict:
         backbone = trainer.out_dir / BACKBONE_NAME
         if not trainer.stopped_by and not (already_complete and backbone.is_file()):
             backbone = trainer.save_backbone()
+        if already_complete and ctx.is_main and metrics_missing(trainer.out_dir):  # its end was cut short
+            write_summary(config, trainer.steps_per_epoch, trainer.total_steps, None, ctx.device, ctx.world_size)
         if already_complete:  # the figures of the run that trained, from its log
             metrics = trainer.out_dir / METRICS_NAME
             recorded = (summarise(read_metrics(metrics), trainer.steps_per_epoch, config.batch_size)
@@ -589,7 +597,7 @@ def train(config: Config) -> dict:
         if fault is None or isinstance(err, UserError):
             raise
         where = trainer.last_good() if trainer is not None else "nothing was written"
-        raise StorageError(f"cannot write {fault.filename or config.out_dir} ({fault.strerror}); {where}") from None
+        raise StorageError(f"cannot write into {config.out_dir} ({fault.strerror}); {where}") from None
     finally:
         lock.release()
         shutdown_distributed()

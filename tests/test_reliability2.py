@@ -442,3 +442,25 @@ def test_settings_of_how_not_what_may_change_on_a_finished_run(tmp_path):
     rerun = load_config(None, ["data=/d", "prefetch=3", "augment.backend=eager", "workers=2"]).to_dict()
     assert changed_settings(saved, rerun) == []
     refuse_changed_finished_run(tmp_path, {"step": 6}, changed_settings(saved, rerun), 6)
+
+
+@pytest.mark.timeout(600)
+def test_a_full_disk_while_drawing_metrics_png_is_one_line_naming_the_last_checkpoint(image_folder, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import bt_fast.plots
+
+    def full(path, write, **options):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    out_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(bt_fast.plots, "atomic_write", full)
+        code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir))
+    assert code == 1
+    assert [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line] == [
+        f"error: cannot write into {out_dir} (No space left on device); the last good checkpoint is step 3 of 3 in "
+        f"{out_dir / CHECKPOINT_NAME}: free space there (or make it writable) and rerun the same command to resume "
+        f"from it"]
+    assert not (out_dir / "summary.json").exists()
+    code, out, _ = run_main(capsys, *tiny_args(image_folder, out_dir))  # room again: the rerun completes the files
+    assert code == 0 and out.startswith("run already complete: 3 steps")
+    assert json.loads((out_dir / "summary.json").read_text())["steps"] == 3 and (out_dir / "metrics.png").is_file()
