@@ -106,7 +106,7 @@ class FFCVOptions:
     jpeg_quality: int = 90
     os_cache: bool = True
     order: str = "random"        # random | quasi_random
-    decode: str = "host"         # host: libjpeg-turbo in FFCV's loader | device: torchvision decode_jpeg on the device
+    decode: str = "host"         # host: libjpeg-turbo in FFCV's loader | device: TorchCodec decode_jpeg on the device
     crop: str = "auto"           # auto: device on CUDA, host on the CPU | device: batched resize on the device |
                                  # host: in FFCV's loader (only with decode=host)
     max_padded_side: int = 1024  # crop=device: largest stored height/width a .beton may pad every image to

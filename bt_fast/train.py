@@ -286,7 +286,9 @@ class Trainer:
         if log:
             log.flush()
         progress.update(len(pending))
-        progress.set_postfix(epoch=pending[-1]["epoch"], loss=f"{self.last_loss:.2f}", refresh=False)
+        epoch = pending[-1]["epoch"]
+        progress.set_postfix(epoch=epoch, size=self.config.augment.image_size_at(epoch, self.config.epochs),
+                             loss=f"{self.last_loss:.2f}", refresh=False)
 
     def failure(self, pending: list[dict], losses: list[float], skipped_in_row: int) -> TrainingError:
         """What went wrong in the `pending` steps, in one line."""
@@ -498,7 +500,8 @@ def check_run_inputs(config: Config) -> None:
     except OSError as err:
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
                           f"({err.strerror or err}); choose another out_dir") from None
-    check_unlocked(out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # the lock's holder: the other ranks of this run find it held by rank 0
+        check_unlocked(out_dir)
     check_previous_run(config)  # here too, so that the launcher refuses once, not once per restart
     if config.tensorboard:
         tensorboard_writer_class()
