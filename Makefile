@@ -32,11 +32,11 @@ pretrain: $(STAMP)
 	  bash run_pretrain.sh $(if $(or $(DATA),$(filter knn_val=%,$(ARGS))),,knn_val=$(DEMO_DATA)/val) $(ARGS)
 
 # Two test processes keep both cores busy while a test waits on its subprocesses (`make test TEST_WORKERS=0`
-# runs in one process); tests marked with one xdist_group share a worker, and so a module fixture (the
-# demo pretraining of tests/test_learning.py runs once, not once per worker).
+# runs in one process). --dist loadscope keeps each module's tests on one worker, so a module fixture (the
+# demo pretraining of tests/test_learning.py, a converted .beton) is built once, not once per worker.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) $(ARGS)
 
 bench: $(STAMP)
 	@if [ -z "$(DATA)$(filter --end-to-end,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi

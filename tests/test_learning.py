@@ -24,9 +24,9 @@ from bt_fast.train import train
 from pipelines import demo_data
 from tools import evaluate
 
-# One pretraining for the module: its tests share a pytest-xdist worker (`make test` runs --dist loadgroup), and
+# One pretraining for the module: its tests share a pytest-xdist worker (`make test` runs --dist loadscope), and
 # the first of them also waits for the pretraining, so the hang guard is the pretraining's time plus the test's.
-pytestmark = [pytest.mark.xdist_group("demo_pretraining"), pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 MIN_KNN_GAIN_POINTS = 15.0
 MIN_LINEAR_GAIN_POINTS = 10.0
