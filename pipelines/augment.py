@@ -495,3 +495,10 @@ class TwoViewAugment(torch.nn.Module):
     def forward(self, crops1: torch.Tensor, crops2: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(crops1, 0, generator), self.view(crops2, 1, generator)
+
+    def skip(self, batches: int, batch_size: int, generator: torch.Generator, device: torch.device) -> None:
+        """Advance `generator` past `batches` calls of `forward` on `batch_size` images, drawing their
+        parameters only (a run resumed mid-epoch)."""
+        for _ in range(batches):
+            for view in (0, 1):
+                sample_params(batch_size, self.spec, view, generator, device=device)

@@ -62,9 +62,14 @@ class EpochPipeline:
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start batch {start_batch} outside the epoch's {len(self)} batches")
+        check_start_batch(start_batch, len(self))
         self.epoch, self.start_batch = epoch, start_batch
+
+
+def check_start_batch(start_batch: int, batches: int) -> None:
+    """ValueError unless `start_batch` lies in an epoch of `batches` batches (`set_epoch`'s argument)."""
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start batch {start_batch} outside the epoch's {batches} batches")
 
 
 def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -57,7 +57,7 @@ from pipelines.ffcv_host_crop import TwoCropRGBDecoder  # noqa: E402
 torch.set_num_threads(_TORCH_THREADS)
 
 from bt_fast.config import AugmentSpec, Config, ConfigError  # noqa: E402
-from pipelines.augment import TwoViewAugment, sample_params  # noqa: E402
+from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder  # noqa: E402
 from pipelines.convert import convert, report_path, source_state  # noqa: E402
 from pipelines.device_crop import resized_crops  # noqa: E402
@@ -433,7 +433,5 @@ class FFCVPipeline(EpochPipeline):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, AUGMENT_STREAM + self.placement.rank))
-        for _ in range(self.start_batch):  # the skipped batches' draws, without their images
-            for view in (0, 1):
-                sample_params(self.batch_size, self.spec, view, self.generator, device=self.placement.device)
+        self.augment.skip(self.start_batch, self.batch_size, self.generator, self.placement.device)
         return run_ahead(self.host_batches(), self.views, self.config.prefetch, self.placement.device)

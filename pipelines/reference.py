@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines.base import DataError, Placement, find_image_folder, to_device
+from pipelines.base import DataError, Placement, check_start_batch, find_image_folder, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 from pipelines.prefetch import run_ahead
 
@@ -136,8 +136,7 @@ class ReferencePipeline:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         # Each sample's views depend on (seed, epoch, index) only: starting later in the order skips the
         # earlier batches without reading them.
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start batch {start_batch} outside the epoch's {len(self)} batches")
+        check_start_batch(start_batch, len(self))
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
