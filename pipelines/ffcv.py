@@ -42,29 +42,26 @@ import numba
 import numpy as np
 import torch
 
-_TORCH_THREADS = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1; undone below
-from ffcv.loader import Loader, OrderOption  # noqa: E402
-from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
-from ffcv.pipeline import PipelineSpec  # noqa: E402
-from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.reader import Reader  # noqa: E402
-from ffcv.transforms import ToDevice, ToTensor  # noqa: E402
-from ffcv.traversal_order.quasi_random import generate_order_inner  # noqa: E402
+import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.compiler import Compiler
+from ffcv.reader import Reader
+from ffcv.transforms import ToDevice, ToTensor
+from ffcv.traversal_order.quasi_random import generate_order_inner
 
-from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, PaddedLayout, TwoCropBoxes  # noqa: E402
-from pipelines.ffcv_host_crop import TwoCropRGBDecoder  # noqa: E402
-
-torch.set_num_threads(_TORCH_THREADS)
-
-from bt_fast.config import AugmentSpec, Config, ConfigError  # noqa: E402
-from pipelines.augment import TwoViewAugment  # noqa: E402
-from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder  # noqa: E402
-from pipelines.convert import convert, report_path, source_state  # noqa: E402
-from pipelines.device_crop import resized_crops  # noqa: E402
-from pipelines.device_decode import decode_padded  # noqa: E402
-from pipelines.ffcv_format import beton_path, open_beton  # noqa: E402
-from pipelines.prefetch import run_ahead  # noqa: E402
-from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank  # noqa: E402
+from bt_fast.config import AugmentSpec, Config, ConfigError
+from pipelines.augment import TwoViewAugment
+from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder
+from pipelines.convert import convert, report_path, source_state
+from pipelines.device_crop import resized_crops
+from pipelines.device_decode import decode_padded
+from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
+from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, PaddedLayout, TwoCropBoxes
+from pipelines.ffcv_format import beton_path, open_beton
+from pipelines.ffcv_host_crop import TwoCropRGBDecoder
+from pipelines.prefetch import run_ahead
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler

@@ -43,6 +43,7 @@ def beton_path(config: Config) -> Path:
 
 def open_beton(path: Path) -> "Reader":
     """Read and check the header: a DataError naming the file if it is not an FFCV image dataset."""
+    import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
     from ffcv.fields.rgb_image import RGBImageField
     from ffcv.reader import Reader
 
@@ -113,6 +114,7 @@ class BetonPart:
 
 
 def _fields(prep: ImagePrep) -> dict:
+    import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
     from ffcv.fields import IntField, RGBImageField
     return {"image": RGBImageField(write_mode="jpg", max_resolution=prep.max_resolution,
                                    jpeg_quality=prep.jpeg_quality),
@@ -128,6 +130,7 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep) -
     With one part the file is byte-identical to what `DatasetWriter` with one worker writes for the
     same images; each further part starts on a fresh page.
     """
+    import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
                             get_metadata_type)
@@ -198,6 +201,7 @@ def beton_samples(path: Path) -> int | None:
     """The sample count of `path` if it is a `.beton` laid out as the converter writes it (fields
     `image` and `label`); None for anything else. Reads the header only."""
     try:
+        import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
         from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
     except ImportError:
         return None

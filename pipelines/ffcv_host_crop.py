@@ -13,6 +13,8 @@ import math
 from typing import Callable
 
 import numpy as np
+
+import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery

@@ -1,0 +1,47 @@
+"""pipelines.ffcv_import: importing FFCV keeps torch's thread count, and a process that imports FFCV
+after another one has loads the typed-Dict compiles from numba's on-disk cache instead of compiling.
+
+Numba's own per-dispatcher counters (`Dispatcher.stats`) are the reference for what was compiled
+and what was loaded from the cache.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+IMPORT_FFCV = """
+import json, torch
+torch.set_num_threads(3)
+import pipelines.ffcv_import
+from ffcv.fields.rgb_image import IMAGE_MODES
+from numba.typed import typeddict
+helpers = (typeddict._make_dict, typeddict._setitem)
+print(json.dumps({"threads": torch.get_num_threads(), "modes": dict(IMAGE_MODES),
+                  "compiled": sum(sum(h.stats.cache_misses.values()) for h in helpers),
+                  "loaded": sum(sum(h.stats.cache_hits.values()) for h in helpers)}))
+"""
+
+
+def _import_ffcv_in_a_new_process(env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, "-c", IMPORT_FFCV], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.timeout(600)
+def test_a_second_process_loads_ffcvs_import_compiles_from_the_cache_and_keeps_torchs_threads(tmp_path):
+    """Against a cold cache (NUMBA_CACHE_DIR, an empty directory) the first process compiles and
+    the second compiles nothing. Without the cache switched on, both would compile."""
+    import os
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    first, second = _import_ffcv_in_a_new_process(env), _import_ffcv_in_a_new_process(env)
+    for record in (first, second):
+        assert record["threads"] == 3  # FFCV's Compiler sets 1 when imported
+        assert record["modes"] == {"jpg": 0, "raw": 1}
+    assert first["compiled"] >= 2 and first["loaded"] == 0
+    assert second["compiled"] == 0 and second["loaded"] >= 2
