@@ -1,9 +1,17 @@
 """Shared fixtures: a tiny ImageFolder of real-looking JPEGs, built once per session, and a guard that
-fails a test whose ranks would each need a GPU of their own that this machine may not have."""
+fails a test whose ranks would each need a GPU of their own that this machine may not have.
+
+Every process of the suite runs torch on one thread (unless OMP_NUM_THREADS says otherwise): the test
+process, and through the inherited OMP_NUM_THREADS every rank, launcher and `python -m bt_fast.train`
+it starts. `make test` runs two test processes on two cores, each starting ranks of its own: a second
+intra-op thread per process mostly spins waiting for a core, and costs CPU time without saving any.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for every child process
 
 import numpy as np
 import pytest
@@ -12,6 +20,8 @@ import torch.multiprocessing
 from PIL import Image
 
 import bt_fast.distributed
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # (in case torch was imported before this file)
 
 RESOLVE_DEVICE = bt_fast.distributed.resolve_device
 SPAWN = torch.multiprocessing.spawn
@@ -39,7 +49,9 @@ def _pinned_rank(rank: int, fn, args: tuple) -> None:
     fn(rank, *args)
 
 
-def _spawn_pinned(fn, args=(), nprocs=1, **kwargs):
+def spawn_pinned(fn, args=(), nprocs=1, **kwargs):
+    """`torch.multiprocessing.spawn` whose ranks resolve their device through `resolve_device_pinned`
+    (what `mp.spawn` is inside a test; a module-scoped fixture, set up before that patch, calls this)."""
     return SPAWN(_pinned_rank, args=(fn, tuple(args)), nprocs=nprocs, **kwargs)
 
 
@@ -48,7 +60,7 @@ def ranks_pin_their_device(monkeypatch):
     """Every rank a test starts, in this process or through torch.multiprocessing.spawn, resolves its
     device through `resolve_device_pinned`."""
     monkeypatch.setattr(bt_fast.distributed, "resolve_device", resolve_device_pinned)
-    monkeypatch.setattr(torch.multiprocessing, "spawn", _spawn_pinned)
+    monkeypatch.setattr(torch.multiprocessing, "spawn", spawn_pinned)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is visible")
