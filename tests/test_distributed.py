@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_checkpoint_temporaries
 from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
 from bt_fast.schedule import learning_rate
 from bt_fast.train import Trainer, TrainingError, train
+from conftest import spawn_pinned
 from pipelines import Placement, build_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,15 +64,37 @@ def one_step(trainer: Trainer, y1: torch.Tensor, y2: torch.Tensor) -> dict:
             "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if b.is_floating_point()}}
 
 
-def _one_step_worker(rank: int, world: int, port: int, data: str, out_dir: str) -> None:
-    ctx = join_group(rank, world, port)
+def _two_rank_worker(rank: int, world: int, ports: list[int], data: str, out_dir: str) -> None:
+    """Both two-rank checks in one pair of processes (each pays torch's import once): one step on this
+    rank's half of `fixed_batch`, then a 5-step run in which only rank 1 is signalled."""
+    ctx = join_group(rank, world, ports[0])
     try:
-        trainer = Trainer(tiny_config(data, out_dir), ctx)
+        trainer = Trainer(tiny_config(data, Path(out_dir) / "step"), ctx)
         y1, y2 = fixed_batch()
         rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
-        torch.save(one_step(trainer, y1[rows], y2[rows]), Path(out_dir) / f"rank{rank}.pt")
+        torch.save(one_step(trainer, y1[rows], y2[rows]), Path(out_dir) / f"step{rank}.pt")
     finally:
         shutdown_distributed()
+    os.environ["MASTER_PORT"] = str(ports[1])
+    if rank == 1:  # only rank 1 is told to stop, in the middle of its second step
+        real_step = Trainer.train_step
+
+        def step_then_signal(self, y1, y2):
+            loss = real_step(self, y1, y2)
+            if self.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+        Trainer.train_step = step_then_signal
+    summary = train(tiny_config(data, Path(out_dir) / "signal", "max_steps=5", "log_every=1"))
+    torch.save({"steps": summary["steps"], "stopped_by": summary["stopped_by"]}, Path(out_dir) / f"signal{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(image_folder, tmp_path_factory) -> Path:
+    """The directory where `_two_rank_worker`'s two ranks left their results."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    spawn_pinned(_two_rank_worker, args=(2, [free_port(), free_port()], str(image_folder), str(out_dir)), nprocs=2)
+    return out_dir
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -87,15 +109,14 @@ def max_relative_diff(a: dict, b: dict) -> float:
                for k in a)
 
 
-def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(image_folder, tmp_path):
+def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(two_ranks, image_folder, tmp_path):
     """DDP + synchronised BatchNorm + the global loss == plain BatchNorm on one process, after one real step."""
     single = Trainer(tiny_config(image_folder, tmp_path), CPU)
     assert not any("Sync" in type(m).__name__ or "AllReduce" in type(m).__name__ for m in single.model.modules())
     expected = one_step(single, *fixed_batch())
     assert single.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 8 / 256)  # lr from the global batch
 
-    mp.spawn(_one_step_worker, args=(2, free_port(), str(image_folder), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = [torch.load(two_ranks / f"step{r}.pt", weights_only=True) for r in range(2)]
     scale = max(g.abs().max().item() for g in expected["grads"].values())
     for got in ranks:
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
@@ -112,29 +133,14 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(imag
     assert max_abs_diff(ranks[0]["params"], ranks[1]["params"]) == 0  # the replicas stay identical
 
 
-def _signal_one_rank_worker(rank: int, world: int, port: int, data: str, out_dir: str) -> None:
-    join_group(rank, world, port)
-    if rank == 1:  # only rank 1 is told to stop, in the middle of its second step
-        real_step = Trainer.train_step
-
-        def step_then_signal(self, y1, y2):
-            loss = real_step(self, y1, y2)
-            if self.step == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return loss
-        Trainer.train_step = step_then_signal
-    summary = train(tiny_config(data, out_dir, "max_steps=5", "log_every=1"))
-    torch.save({"steps": summary["steps"], "stopped_by": summary["stopped_by"]}, Path(out_dir) / f"rank{rank}.pt")
-
-
-def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(image_folder, tmp_path):
+def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(two_ranks):
     """The request made in step 2 on rank 1 is agreed without blocking (bt_fast.run_control.StopAgreement):
     every rank learns it one step later and stops after step 3."""
-    mp.spawn(_signal_one_rank_worker, args=(2, free_port(), str(image_folder), str(tmp_path)), nprocs=2)
+    run = two_ranks / "signal"
     for rank in range(2):
-        assert torch.load(tmp_path / f"rank{rank}.pt") == {"steps": 3, "stopped_by": "SIGTERM"}
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 3
-    assert not (tmp_path / "backbone.pth").exists()  # an interrupted run has no final backbone
+        assert torch.load(two_ranks / f"signal{rank}.pt") == {"steps": 3, "stopped_by": "SIGTERM"}
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 3
+    assert not (run / "backbone.pth").exists()  # an interrupted run has no final backbone
 
 
 def test_each_image_goes_to_exactly_one_rank_per_epoch(image_folder, tmp_path):
@@ -203,9 +209,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def test_four_simulated_nodes_train_and_rank_0_writes_one_checkpoint(image_folder, tmp_path):
+def test_two_simulated_nodes_of_two_ranks_train_and_rank_0_writes_one_checkpoint(image_folder, tmp_path):
+    """Two torchruns (nodes) of two workers each: on node 1 local rank 0 is global rank 2, which must
+    not write; one `done:` line, one set of run files, every step logged once."""
     run = tmp_path / "run"
-    code, out, err = finish(launch(["max_steps=2", *TINY], LOCAL_NODES=1, NODES=4, DATA=image_folder, OUT=run))
+    code, out, err = finish(launch(["max_steps=2", *TINY], LOCAL_NODES=1, NODES=2, GPUS=2, DATA=image_folder, OUT=run))
     assert code == 0, err[-3000:]
     done = [line for line in out.splitlines() if line.startswith("done:")]
     assert done == [done[0]] and "done: 2 steps on 4 process(es)" in done[0]
@@ -230,43 +238,28 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def worker_of_rank(root: int, rank: int) -> int | None:
-    for pid in process_tree(root):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ and b"bt_fast.train" in cmdline:
-            return pid
-    return None
-
-
-def test_a_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(image_folder, tmp_path):
-    """Rank 1 is SIGKILLed inside step 5 (epoch 2; tests/kill_point); torchrun restarts both workers, which
-    resume at the epoch-1 checkpoint (step 3) and redo step 4 exactly."""
-    run = tmp_path / "run"  # 24 images / batch 8: 3 steps per epoch, 6 in all
-    proc = launch(["log_every=1", *TINY, "epochs=2", "warmup_epochs=1"], LOCAL_NODES=1, NODES=1, GPUS=2,
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_sigterm_to_the_launcher_checkpoints(
+        image_folder, tmp_path):
+    """One launcher run for both faults. Rank 1 is SIGKILLed inside step 5 (epoch 2; tests/kill_point);
+    torchrun restarts both workers, which resume at the epoch-1 checkpoint (step 3) and redo step 4
+    exactly. Once the restarted run has logged step 6, SIGTERM to the launcher ends it with a
+    checkpoint of its last logged step and no temporary file."""
+    run = tmp_path / "run"  # 24 images / batch 8: 3 steps per epoch
+    epochs = 50  # more than the test waits for: only the SIGTERM ends the run
+    proc = launch(["log_every=1", *TINY, f"epochs={epochs}", "warmup_epochs=1"], LOCAL_NODES=1, NODES=1, GPUS=2,
                   MAX_RESTARTS=1, DATA=image_folder, OUT=run, BT_KILL_AT_LOSS=5, BT_KILL_RANK=1,
                   PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "kill_point"), str(REPO)]))
-    code, out, err = finish(proc)
-    assert code == 0, err[-3000:]
-    assert "kill_point: SIGKILL inside step 5" in err
-    after = metrics(run)
-    assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]  # the lost step(s) were redone, not counted twice
-    assert after[3]["lr_weights"] == pytest.approx(0.2 * learning_rate(3, 3, 2, 8, 1))
-    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 6
-
-
-def test_sigterm_to_the_launcher_writes_a_checkpoint_before_exit(image_folder, tmp_path):
-    run = tmp_path / "run"
-    proc = launch(["log_every=1", *TINY, "epochs=50"], LOCAL_NODES=1, NODES=1, GPUS=2, DATA=image_folder, OUT=run)
-    wait_for(lambda: len(metrics(run)) >= 2, proc)
+    # the first attempt logs steps 1..4 at most; 6 lines exist only once the restarted workers trained
+    wait_for(lambda: len(metrics(run)) >= 6, proc, timeout=240)
     os.kill(proc.pid, signal.SIGTERM)
     code, out, err = finish(proc, timeout=120)
+    assert "kill_point: SIGKILL inside step 5" in err
     assert "stopped by SIGTERM after step" in out, err[-3000:]
-    last = metrics(run)[-1]["step"]
-    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == last >= 2
+    after = metrics(run)
+    last = after[-1]["step"]
+    assert last >= 6 and [m["step"] for m in after] == list(range(1, last + 1))  # lost steps redone, not counted twice
+    assert after[3]["lr_weights"] == pytest.approx(0.2 * learning_rate(3, 3, epochs, 8, 1))
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == last
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
