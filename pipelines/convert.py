@@ -30,12 +30,13 @@ lines and lines starting with '#' are ignored).
 
 Formats:
 
-- ffcv: DST is a `.beton` (`pipelines.ffcv_format`), in source order. Every stored JPEG is
-  re-encoded, as FFCV's own writer does.
+- ffcv: DST is a `.beton` (`pipelines.ffcv_format`), in source order.
 - dali: DST is a directory of webdataset tar shards plus DALI index files and `dataset.json`
-  (layout in `pipelines.dali_format`), in a fixed shuffled order. A source file that is already
-  a baseline or progressive RGB JPEG within the size limit and needs no EXIF rotation is stored
-  byte-for-byte (no second lossy generation); everything else is re-encoded as above.
+  (layout in `pipelines.dali_format`), in a fixed shuffled order.
+
+Both store the same bytes per image (`ImagePrep.stored`): a source file that is already a
+baseline RGB JPEG within the size limit and needs no EXIF rotation byte for byte (no second lossy
+generation, and no encode); everything else, progressive JPEGs included, re-encoded as above.
 """
 from __future__ import annotations
 
@@ -282,13 +283,13 @@ def _job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
     return digest.hexdigest()
 
 
-def _prepare_job(job: tuple[ImagePrep, str, bool]) -> Prepared:
-    prep, path, keep_original = job
-    return prep.stored(path, keep_original)
+def _prepare_job(job: tuple[ImagePrep, str]) -> Prepared:
+    prep, path = job
+    return prep.stored(path)
 
 
 @contextmanager
-def _prepared(jobs: Iterator[tuple[ImagePrep, str, bool]], count: int, workers: int) -> Iterator[Iterator[Prepared]]:
+def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, workers: int) -> Iterator[Iterator[Prepared]]:
     """`_prepare_job` of every job, in order, over `workers` processes.
 
     At most `window` jobs are out at a time: while the caller pauses (an fsync at the end of a
@@ -302,7 +303,7 @@ def _prepared(jobs: Iterator[tuple[ImagePrep, str, bool]], count: int, workers: 
     window = 4 * chunksize * workers
     free = threading.Semaphore(window)
 
-    def throttled() -> Iterator[tuple[ImagePrep, str, bool]]:
+    def throttled() -> Iterator[tuple[ImagePrep, str]]:
         for job in jobs:  # runs in the pool's task thread
             free.acquire()
             yield job
@@ -420,7 +421,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
         reports = {k: work.finished(k) for k in range(len(starts))}
         todo = [k for k, report in reports.items() if report is None]
         remaining = sum(len(order[starts[k]:starts[k] + size]) for k in todo)
-        jobs = ((prep, samples[int(i)][0], fmt == "dali") for k in todo for i in order[starts[k]:starts[k] + size])
+        jobs = ((prep, samples[int(i)][0]) for k in todo for i in order[starts[k]:starts[k] + size])
         cv2_module().setNumThreads(1)  # one image per worker process; no nested thread pools on shared cores
         with _prepared(jobs, remaining, workers) as results:
             results = iter(progress_bar(results, total=len(samples), initial=len(samples) - remaining,

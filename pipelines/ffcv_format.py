@@ -2,10 +2,12 @@
 
 A `.beton` written here has fields `image` (`RGBImageField(write_mode='jpg',
 max_resolution=N, jpeg_quality=Q)`) and `label` (`IntField`), samples in the order given.
-The stored JPEGs are `ImagePrep.stored(path, keep_original=False)`: the pixels capped to N on the
-longer side and encoded with OpenCV at quality Q, which is what FFCV's `RGBImageField` stores
-for them. The converter writes the file in parts (`BetonPart`, resumable one part at a time) and
-joins them (`join_parts`) in FFCV 1.0.2's layout; FFCV's own `Reader` and `Loader` read it.
+The stored JPEGs are `ImagePrep.stored(path)`: a baseline RGB JPEG within N that needs no
+rotation is stored byte for byte, with its own width and height (what FFCV's decoders need);
+anything else is capped to N on the longer side and encoded with OpenCV at quality Q, which is
+what FFCV's `RGBImageField` stores for those pixels. The converter writes the file in parts
+(`BetonPart`, resumable one part at a time) and joins them (`join_parts`) in FFCV 1.0.2's layout;
+FFCV's own `Reader` and `Loader` read it.
 FFCV is imported inside the functions that need it, so the converter and its DALI format work
 without it.
 """

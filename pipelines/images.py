@@ -21,9 +21,11 @@ Pixel modes other than 8-bit RGB are converted (`to_rgb`):
   - EXIF orientation other than 1 is applied (the pixels are rotated upright), as DALI's
     decoder would do; such files count as converted too.
 
-`ImagePrep` caps the longer side at `max_resolution` with OpenCV INTER_AREA and FFCV's
-`RGBImageField` size rounding of the full size, so both output formats hold the same geometry,
-and encodes with OpenCV at `jpeg_quality`, exactly as FFCV encodes. A JPEG at least four times
+`ImagePrep.stored` keeps a baseline RGB JPEG within `max_resolution` that needs no rotation byte
+for byte (`ImagePrep.passes_through`) after a validating decode at 1/8 scale. Anything else it
+caps on the longer side at `max_resolution` with OpenCV INTER_AREA and FFCV's `RGBImageField`
+size rounding of the full size, so both output formats hold the same geometry, and encodes with
+OpenCV at `jpeg_quality`, exactly as FFCV encodes. A JPEG at least four times
 the cap is first decoded at a reduced DCT scale (libjpeg's 1/2, 1/4 or 1/8, never below twice
 the capped size), which halves the cost of the few very large inputs and changes the capped
 pixels by one to two levels on average, about what one JPEG generation at quality 90 changes.
@@ -33,8 +35,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -111,47 +114,38 @@ def decode_source_image(source: str | BinaryIO, *, draft: bool = False) -> tuple
     byte of the entropy-coded data is still read, so truncation is caught).
     Raises SkipImage, with a reason, for anything unusable.
     """
-    image, notes, _ = _decode(source, draft=draft)
-    return image, notes
-
-
-def _decode(source: str | BinaryIO, *, draft: bool = False,
-            reduce_to: int | None = None) -> tuple[Image.Image, list[str], tuple[int, int]]:
-    """`decode_source_image`, plus the upright full size. With `reduce_to`, a JPEG at least four
-    times that size is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still keeps twice
-    its capped size: libjpeg skips most of the work, and the caller's INTER_AREA reduction of at
-    least 2x then smooths what the DCT scaling does differently from it."""
     if isinstance(source, str):
-        try:
-            size = os.path.getsize(source)
-        except FileNotFoundError:
-            raise SkipImage("file not found") from None
-        except OSError as err:
-            raise SkipImage(f"cannot read file: {err.strerror}") from None
-        if size == 0:
-            raise SkipImage("empty file (0 bytes)")
-        if not os.path.isfile(source):
-            raise SkipImage("not a regular file")
-    notes: list[str] = []
+        _check_file(source)
+    with _opened(source) as image:
+        if draft and image.format == "JPEG":
+            image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
+        array, notes, _ = _decoded(image)
+    return Image.fromarray(array), notes
+
+
+def _check_file(path: str) -> None:
+    """SkipImage unless `path` is a non-empty regular file."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise SkipImage("file not found") from None
+    except OSError as err:
+        raise SkipImage(f"cannot read file: {err.strerror}") from None
+    if size == 0:
+        raise SkipImage("empty file (0 bytes)")
+    if not os.path.isfile(path):
+        raise SkipImage("not a regular file")
+
+
+@contextmanager
+def _opened(source: str | BinaryIO) -> Iterator[Image.Image]:
+    """`Image.open(source)` (headers parsed, nothing decoded); any failure while it is open, there
+    or in the caller's block (a decode), becomes SkipImage with a reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's EXIF/ICC chatter is not our business
             with Image.open(source) as image:
-                wide = _sixteen_bit_colour(image)
-                full = image.size
-                if draft and image.format == "JPEG":
-                    image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
-                elif reduce_to and image.format == "JPEG" and max(full) >= 4 * reduce_to:
-                    image.draft(None, tuple(2 * side for side in capped_size(*full, reduce_to)))
-                image.load()
-                orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-                if orientation in (5, 6, 7, 8):  # a quarter turn
-                    full = full[::-1]
-                if orientation not in (None, 1):
-                    transposed = ImageOps.exif_transpose(image)
-                    notes.append(f"rotated upright per EXIF orientation {orientation}")
-                else:
-                    transposed = image.copy()
+                yield image
     except UnidentifiedImageError:
         raise SkipImage("not a recognised image file") from None
     except Image.DecompressionBombError as err:
@@ -161,14 +155,36 @@ def _decode(source: str | BinaryIO, *, draft: bool = False,
     except Exception as err:  # noqa: BLE001 - any decoder failure means a corrupt input
         message = " ".join(str(err).split()) or type(err).__name__
         raise SkipImage(f"truncated or corrupt: {message}") from None
-    if transposed.width < 1 or transposed.height < 1:
+
+
+def _decoded(image: Image.Image, reduce_to: int | None = None) -> tuple[np.ndarray, list[str], tuple[int, int]]:
+    """Decode the open `image`: its upright RGB pixels (H, W, 3), the conversion notes and the
+    upright full size. With `reduce_to`, a JPEG at least four times that size is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) that still keeps twice its capped size: libjpeg skips most
+    of the work, and the caller's INTER_AREA reduction of at least 2x then smooths what the DCT
+    scaling does differently from it."""
+    notes: list[str] = []
+    wide = _sixteen_bit_colour(image)
+    full = image.size
+    if reduce_to and image.format == "JPEG" and max(full) >= 4 * reduce_to:
+        image.draft(None, tuple(2 * side for side in capped_size(*full, reduce_to)))
+    image.load()
+    orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    if orientation in (5, 6, 7, 8):  # a quarter turn
+        full = full[::-1]
+    if orientation not in (None, 1):
+        upright = ImageOps.exif_transpose(image)
+        notes.append(f"rotated upright per EXIF orientation {orientation}")
+    else:
+        upright = image
+    if upright.width < 1 or upright.height < 1:
         raise SkipImage("image has no pixels")
-    rgb, note = to_rgb(transposed)
+    rgb, note = to_rgb(upright)
     if note:
         notes.insert(0, note)
     if wide:
         notes.insert(0, f"converted 16-bit {wide} to 8 bits (Pillow keeps the high byte of each sample)")
-    return rgb, notes, full
+    return np.asarray(rgb, dtype=np.uint8), notes, full
 
 
 def _sixteen_bit_colour(image: Image.Image) -> str | None:
@@ -202,11 +218,8 @@ class Prepared:
 
 @dataclass(frozen=True)
 class ImagePrep:
-    """Turns a validated source file into what a writer stores (picklable for worker pools).
-
-    `pixels(path)`: RGB uint8 (H, W, 3), longer side capped at `max_resolution` (FFCV input).
-    `jpeg(path)`:   JPEG bytes with the same pixels; original bytes when they qualify (DALI).
-    """
+    """Turns a source file into what a writer stores (picklable for worker pools): `stored(path)`,
+    the same for both output formats."""
 
     max_resolution: int = DEFAULT_MAX_RESOLUTION
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
@@ -215,20 +228,24 @@ class ImagePrep:
         """(width, height) after capping the longer side; FFCV's rounding (truncation)."""
         return capped_size(width, height, self.max_resolution)
 
-    def _decode_capped(self, source: str | BinaryIO) -> tuple[np.ndarray, list[str]]:
-        """RGB pixels at `target_size` of the full upright size, and the conversion notes."""
-        image, notes, full = _decode(source, reduce_to=self.max_resolution)
-        array = np.asarray(image, dtype=np.uint8)
+    def _capped(self, array: np.ndarray, full: tuple[int, int]) -> np.ndarray:
+        """`array` (decoded from an image whose upright full size is `full`) at `target_size(*full)`."""
         width, height = self.target_size(*full)
-        if (width, height) != image.size:
+        if (width, height) != (array.shape[1], array.shape[0]):
             cv2 = cv2_module()
             array = cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA)
-        return np.ascontiguousarray(array), notes
+        return np.ascontiguousarray(array)
 
     def pixels(self, path: str) -> np.ndarray:
-        return self._decode_capped(path)[0]
+        """RGB uint8 (H, W, 3) of `path`, upright, longer side capped at `max_resolution`: what a
+        re-encoded image stores (before the encode). Raises SkipImage for an unusable file."""
+        _check_file(path)
+        with _opened(path) as image:
+            array, _, full = _decoded(image, reduce_to=self.max_resolution)
+        return self._capped(array, full)
 
     def encode(self, array: np.ndarray) -> bytes:
+        """`array` (RGB uint8) as JPEG bytes, encoded by OpenCV at `jpeg_quality` as FFCV encodes."""
         cv2 = cv2_module()
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(array, cv2.COLOR_RGB2BGR),
                                    [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
@@ -236,26 +253,29 @@ class ImagePrep:
             raise SkipImage("JPEG encoding failed")
         return encoded.tobytes()
 
-    def passes_through(self, data: bytes) -> bool:
-        """True if `data` is an RGB JPEG within the limit that needs no rotation."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(io.BytesIO(data)) as image:
-                    return (image.format == "JPEG" and image.mode == "RGB"
-                            and max(image.size) <= self.max_resolution
-                            and image.getexif().get(_ORIENTATION_TAG, 1) in (None, 1))
-        except Exception:  # noqa: BLE001 - not passable; the full path will report why
-            return False
+    def passes_through(self, image: Image.Image, data: bytes) -> bool:
+        """True if the file `data`, open as `image` (nothing decoded yet), is stored byte for byte:
+        a baseline (sequential, Huffman-coded) 8-bit RGB JPEG within `max_resolution` that needs
+        no EXIF rotation.
 
-    def stored(self, path: str, keep_original: bool) -> "Prepared":
-        """Validate and prepare `path` in one decode: what a writer stores, or why it is skipped.
-
-        The bytes are `jpeg(path)`'s when `keep_original` (DALI), else the capped pixels encoded
-        (`encode(pixels(path))`, exactly what FFCV's `RGBImageField` stores for those pixels). A JPEG
-        kept byte-for-byte is validated by a draft decode, which still reads all its entropy-coded data.
+        Progressive JPEGs are re-encoded once here instead: a progressive file costs a training run
+        roughly twice the CPU of a baseline one on every epoch, and GPU hardware JPEG decoders
+        (nvJPEG's hardware back end) take baseline files only.
         """
-        if not os.path.isfile(path) and os.path.exists(path):
+        return (image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= self.max_resolution
+                and frame_marker(data) in _SEQUENTIAL_HUFFMAN
+                and image.getexif().get(_ORIENTATION_TAG, 1) in (None, 1))
+
+    def stored(self, path: str) -> "Prepared":
+        """Validate and prepare `path`: what a writer stores (ffcv and dali alike), or why it is skipped.
+
+        A file that `passes_through` is stored as its original bytes after a validating decode at
+        1/8 scale (libjpeg's DCT scaling still reads every byte of the entropy-coded data, so a
+        truncated file is caught, and skips the IDCT, upsampling and colour conversion); its size
+        is its own. Anything else is decoded once, converted, capped (`pixels`) and re-encoded
+        (`encode`): exactly what FFCV's `RGBImageField` stores for those pixels.
+        """
+        if not os.path.isfile(path) and os.path.exists(path):  # a directory, a FIFO that would block
             return Prepared("skipped", "not a regular file")
         try:
             with open(path, "rb") as handle:
@@ -267,19 +287,44 @@ class ImagePrep:
         try:
             if not data:
                 raise SkipImage("empty file (0 bytes)")
-            if keep_original and self.passes_through(data):
-                decode_source_image(io.BytesIO(data), draft=True)
-                with Image.open(io.BytesIO(data)) as image:
-                    return Prepared("ok", None, data, image.width, image.height)
-            pixels, notes = self._decode_capped(io.BytesIO(data))
+            with _opened(io.BytesIO(data)) as image:
+                if self.passes_through(image, data):
+                    width, height = image.size
+                    image.draft(None, (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+                    return Prepared("ok", None, data, width, height)
+                array, notes, full = _decoded(image, reduce_to=self.max_resolution)
+            pixels = self._capped(array, full)
             return Prepared("converted" if notes else "ok", "; ".join(notes) or None, self.encode(pixels),
                             pixels.shape[1], pixels.shape[0])
         except SkipImage as skip:
             return Prepared("skipped", str(skip))
 
-    def jpeg(self, path: str) -> bytes:
-        with open(path, "rb") as handle:
-            data = handle.read()
-        if self.passes_through(data):
-            return data
-        return self.encode(self._decode_capped(io.BytesIO(data))[0])
+
+_SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # SOF0 baseline, SOF1 extended sequential
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM, RSTn: markers without a length
+
+
+def frame_marker(data: bytes) -> int | None:
+    """The second byte of the JPEG `data`'s first start-of-frame marker (0xC0 baseline, 0xC2
+    progressive, 0xC9 arithmetic, ...), walking the marker segments from SOI; None if there is none
+    before the first scan or the segments do not parse."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at, end = 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _STANDALONE:
+            at += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            return marker
+        if marker in (0xD9, 0xDA):  # EOI, SOS: no frame before the data
+            return None
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None

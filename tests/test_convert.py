@@ -192,6 +192,73 @@ def test_ffcv_beton_reads_back(outputs, kept):
         assert _mad(image, want) < 4, rel  # same pixels up to one JPEG generation
 
 
+def _encodings(root: Path) -> dict[str, bool]:
+    """RGB JPEGs of SIZE in several encodings under root/k/; returns {file name: stored byte for byte}."""
+    import cv2
+    from PIL.JpegImagePlugin import get_sampling
+    rng = np.random.default_rng(5)
+    (root / "k").mkdir(parents=True)
+    kept = {}
+    for name, subsampling, code in (("s444.jpg", "4:4:4", 0), ("s422.jpg", "4:2:2", 1), ("s420.jpg", "4:2:0", 2)):
+        Image.fromarray(_smooth(rng)).save(root / "k" / name, quality=90, subsampling=subsampling)
+        assert get_sampling(Image.open(root / "k" / name)) == code
+        kept[name] = True
+    # restart markers (Pillow cannot write them): a DRI segment, then RSTn markers in the scan
+    assert cv2.imwrite(str(root / "k" / "restart.jpg"), _smooth(rng)[..., ::-1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])
+    data = (root / "k" / "restart.jpg").read_bytes()
+    assert b"\xff\xdd" in data and any(bytes([0xFF, 0xD0 + n]) in data for n in range(8))
+    kept["restart.jpg"] = True
+    Image.fromarray(_smooth(rng)).save(root / "k" / "progressive.jpg", quality=90, progressive=True)
+    assert Image.open(root / "k" / "progressive.jpg").info.get("progressive")
+    kept["progressive.jpg"] = False
+    exif = Image.Exif()
+    exif[0x0112] = 3  # upside down: same size once rotated
+    Image.fromarray(_smooth(rng)).save(root / "k" / "rotated.jpg", quality=90, exif=exif)
+    kept["rotated.jpg"] = False
+    return kept
+
+
+def test_kept_originals_decode_like_the_source_through_ffcv_and_our_decoder(tmp_path):
+    """Baseline JPEGs of any chroma subsampling, with or without restart markers, are stored byte for
+    byte in both formats and decode, through the stock FFCV Loader and through
+    `pipelines.ffcv_decoders.decode_into`, to the pixels Pillow decodes from the source file (within
+    FFCV's fast IDCT); progressive and EXIF-rotated files are re-encoded."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from PIL import ImageOps
+
+    from pipelines.ffcv_decoders import decode_into
+    from pipelines.images import frame_marker
+
+    kept = _encodings(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "k.beton", "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
+    convert(tmp_path / "src", tmp_path / "shards", "dali", max_resolution=MAX_RES, workers=1, progress=False)
+    assert report["written"] == 6 and report["converted"] == 1  # the rotation is noted
+    paths = [Path(p) for p, _ in find_image_folder(tmp_path / "src")[1]]
+    assert [frame_marker(p.read_bytes()) for p in paths] == [0xC2 if p.name == "progressive.jpg" else 0xC0
+                                                             for p in paths]
+    jpegs, _ = _stored(tmp_path / "k.beton")
+    with tarfile.open(tmp_path / "shards" / "shard-00000.tar") as archive:
+        in_shards = {archive.extractfile(m).read() for m in archive if m.name.endswith(".jpg")}
+    loader = Loader(str(tmp_path / "k.beton"), batch_size=6, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    (images, _), = list(loader)
+    for path, stored, image in zip(paths, jpegs, np.asarray(images)):
+        original = path.read_bytes()
+        assert (stored == original) == kept[path.name], path.name
+        assert (original in in_shards) == kept[path.name], path.name
+        want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        error = np.abs(image.astype(np.int16) - want)
+        if kept[path.name]:  # the original bytes: FFCV's fast IDCT against Pillow's accurate one
+            assert error.max() <= 6 and error.mean() < 1.5, (path.name, error.max(), error.mean())
+        else:  # one JPEG generation at quality 90
+            assert error.mean() < 4, (path.name, error.mean())
+        slot = np.zeros((SIZE[1], SIZE[0], 3), np.uint8)
+        assert decode_into(np.frombuffer(stored, np.uint8), slot, SIZE[1], SIZE[0]) == 0
+        assert np.array_equal(slot, image), path.name
+
+
 # ---------------------------------------------------------------------------------------------
 # DALI read-back with the stock webdataset reader and our index files
 # ---------------------------------------------------------------------------------------------
@@ -244,16 +311,22 @@ def test_dali_shards_read_back(outputs, kept, source):
     assert not unmatched
 
 
-def test_dali_plain_jpegs_stored_byte_for_byte(outputs, source):
+PLAIN = ("a/a0.jpg", "a/a1.jpg", "b/b0.jpg", "c/c0.jpg")  # baseline RGB JPEGs within the cap
+
+
+def test_plain_jpegs_stored_byte_for_byte_in_both_formats(outputs, source):
     out, _, _ = outputs
     root, _ = source
-    originals = {(root / rel).read_bytes() for rel in ("a/a0.jpg", "a/a1.jpg", "b/b0.jpg", "c/c0.jpg")}
+    originals = {(root / rel).read_bytes() for rel in PLAIN}
     stored = set()
     for tar in sorted((out / "shards").glob("*.tar")):
         with tarfile.open(tar) as archive:
             stored |= {archive.extractfile(m).read() for m in archive if m.name.endswith(".jpg")}
-    assert originals <= stored
-    assert (root / "a/a_big.jpg").read_bytes() not in stored
+    beton = set(_stored(out / "data.beton")[0])
+    for kept in (stored, beton):
+        assert originals <= kept
+        assert (root / "a/a_big.jpg").read_bytes() not in kept
+        assert (root / "b/b_cmyk.jpg").read_bytes() not in kept
 
 
 def test_dali_index_matches_tar_and_wds2idx(outputs, tmp_path):
@@ -422,17 +495,10 @@ def _stored(beton: Path) -> tuple[list[bytes], np.ndarray]:
     return [raw[p:p + sizes[p]] for p in image["data_ptr"].tolist()], reader.metadata
 
 
-def test_beton_is_byte_identical_to_ffcv_writer_and_parts_hold_the_same_samples(source, outputs, tmp_path):
-    """One part: the file FFCV's own DatasetWriter (one worker) writes for the same pixels, byte for byte."""
+def _stock_beton(path: Path, pixels: list[tuple[np.ndarray, int]]) -> Path:
+    """What FFCV's own DatasetWriter (one worker) writes for these (pixels, label) samples."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-
-    root, _ = source
-    single = tmp_path / "single.beton"
-    report = convert(root, single, "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
-    prep = ImagePrep(max_resolution=MAX_RES)
-    skipped = {f["path"] for f in report["files"] if f["status"] == "skipped"}
-    pixels = [(prep.pixels(p), label) for p, label in find_image_folder(root)[1] if p not in skipped]
 
     class Indexed:
         def __len__(self):
@@ -441,15 +507,37 @@ def test_beton_is_byte_identical_to_ffcv_writer_and_parts_hold_the_same_samples(
         def __getitem__(self, i):
             return pixels[i]
 
-    stock = tmp_path / "stock.beton"
-    DatasetWriter(str(stock), {"image": RGBImageField(write_mode="jpg", max_resolution=MAX_RES, jpeg_quality=90),
-                               "label": IntField()},
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="jpg", max_resolution=MAX_RES, jpeg_quality=90),
+                              "label": IntField()},
                   page_size=page_size_for(MAX_RES), num_workers=1).from_indexed_dataset(Indexed())
-    assert single.read_bytes() == stock.read_bytes()
+    return path
+
+
+def test_beton_is_byte_identical_to_ffcv_writer_and_parts_hold_the_same_samples(source, outputs, tmp_path):
+    """One part of re-encoded images: the file FFCV's own DatasetWriter (one worker) writes for the
+    same pixels, byte for byte. With originals kept and in parts: the same samples, where each kept
+    original stands in for FFCV's re-encode of it."""
+    import shutil
+    root, _ = source
+    reencoded = tmp_path / "reencoded"
+    shutil.copytree(root, reencoded)
+    for rel in PLAIN:
+        (reencoded / rel).unlink()
+    single = tmp_path / "single.beton"
+    report = convert(reencoded, single, "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
+    prep = ImagePrep(max_resolution=MAX_RES)
+    skipped = {f["path"] for f in report["files"] if f["status"] == "skipped"}
+    pixels = [(prep.pixels(p), label) for p, label in find_image_folder(reencoded)[1] if p not in skipped]
+    assert len(pixels) == 7
+    assert single.read_bytes() == _stock_beton(tmp_path / "stock.beton", pixels).read_bytes()
 
     out, _, _ = outputs  # the fixture's .beton was written in four parts of four images
+    skipped = {f["path"] for f in outputs[1]["files"] if f["status"] == "skipped"}
+    samples = [(p, label) for p, label in find_image_folder(root)[1] if p not in skipped]
+    stock = _stock_beton(tmp_path / "all.beton", [(prep.pixels(p), label) for p, label in samples])
     (jpegs, meta), (want_jpegs, want_meta) = _stored(out / "data.beton"), _stored(stock)
-    assert jpegs == want_jpegs
+    plain = {str(root / rel) for rel in PLAIN}
+    assert [Path(p).read_bytes() if p in plain else want for (p, _), want in zip(samples, want_jpegs)] == jpegs
     for name in ("mode", "width", "height"):
         assert meta["f0"][name].tolist() == want_meta["f0"][name].tolist()
     assert meta["f1"].tolist() == want_meta["f1"].tolist()
@@ -462,11 +550,11 @@ def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_
     calls = []
     original = ImagePrep.stored
 
-    def interrupted(self, path, keep_original):
+    def interrupted(self, path):
         calls.append(path)
         if len(calls) == 8:  # in the second part (parts of 4 or 5 images)
             raise KeyboardInterrupt
-        return original(self, path, keep_original)
+        return original(self, path)
 
     dst = tmp_path / ("data.beton" if fmt == "ffcv" else "shards")
     kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, shard_size=5, progress=False)
@@ -476,7 +564,7 @@ def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_
     assert not dst.exists() and work_dir(dst).is_dir()
 
     calls.clear()
-    monkeypatch.setattr(ImagePrep, "stored", lambda self, path, keep: calls.append(path) or original(self, path, keep))
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
     convert(root, dst, fmt, **kwargs)
     first_part = 4 if fmt == "ffcv" else 5
     assert len(calls) == 14 - first_part  # the finished first part was not redone
@@ -494,18 +582,18 @@ def test_changed_arguments_start_over(source, tmp_path, monkeypatch):
     original = ImagePrep.stored
     calls = []
 
-    def interrupted(self, path, keep_original):
+    def interrupted(self, path):
         calls.append(path)
         if len(calls) == 6:
             raise KeyboardInterrupt
-        return original(self, path, keep_original)
+        return original(self, path)
 
     monkeypatch.setattr(ImagePrep, "stored", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(root, dst, "ffcv", max_resolution=MAX_RES, workers=1, part_size=4, progress=False)
     monkeypatch.setattr(ImagePrep, "stored", original)
     calls.clear()
-    monkeypatch.setattr(ImagePrep, "stored", lambda self, path, keep: calls.append(path) or original(self, path, keep))
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
     convert(root, dst, "ffcv", max_resolution=MAX_RES, jpeg_quality=70, workers=1, part_size=4, progress=False)
     assert len(calls) == 14
 
@@ -614,9 +702,10 @@ def test_a_large_jpeg_is_capped_to_ffcvs_geometry_from_a_reduced_decode(size, or
     got = ImagePrep(max_resolution=256).pixels(str(path))
     assert got.shape == want.shape
     assert _mad(got, want) < 2.5  # about what one JPEG generation at quality 90 changes
-    from pipelines.images import _decode
-    decoded, _, full = _decode(str(path), reduce_to=256)
-    assert full == (width, height) and max(decoded.size) < max(size)  # the reduced decode was taken
+    from pipelines.images import _decoded
+    with Image.open(path) as image:
+        decoded, _, full = _decoded(image, reduce_to=256)
+    assert full == (width, height) and max(decoded.shape) < max(size)  # the reduced decode was taken
 
 
 def test_workers_wait_while_the_writer_pauses(source):
@@ -628,7 +717,7 @@ def test_workers_wait_while_the_writer_pauses(source):
     def jobs():
         for i in range(600):
             pulled.append(i)
-            yield ImagePrep(max_resolution=MAX_RES), path, False
+            yield ImagePrep(max_resolution=MAX_RES), path
 
     with _prepared(jobs(), 600, workers=2) as results:
         assert next(results).status == "ok"
