@@ -1,8 +1,10 @@
-"""pipelines.demo_data: the ImageFolder layout the pipelines and evaluation read, deterministic, reused when complete."""
+"""pipelines.demo_data and tools.make_demo_data: the ImageFolder layout the pipelines and evaluation read, deterministic,
+reused when complete; the command's ImageNet-like set."""
 from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from pipelines.base import find_image_folder
@@ -30,3 +32,17 @@ def test_build_makes_a_deterministic_image_folder_and_reuses_it(tmp_path):
     build(root, train_per_class=1, val_per_class=1, seed=3)  # other arguments: rebuilt from scratch
     assert not marker.exists() and json.loads((root / "manifest.json").read_text())["train_per_class"] == 1
     assert len(list((root / "train").rglob("*.jpg"))) == len(PHOTOGRAPHS)
+
+
+def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_path, monkeypatch, capsys):
+    from tools.make_demo_data import main
+    root = tmp_path / "inl"
+    monkeypatch.setattr("sys.argv", ["make_demo_data", "--imagenet-like", "6", str(root), "--workers", "2"])
+    main()
+    assert capsys.readouterr().out == f"ImageNet-like dataset: {root} (10 classes, 6 JPEGs)\n"
+    assert len(list(root.rglob("*.jpg"))) == 6
+    monkeypatch.setattr("sys.argv", ["make_demo_data", "--imagenet-like", "6", str(root), "--workers", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: --workers must be at least 1, got 0")

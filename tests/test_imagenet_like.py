@@ -30,7 +30,7 @@ def jpeg_quality(image: Image.Image) -> int | None:
 
 @pytest.fixture(scope="module")
 def block(tmp_path_factory):
-    return write_imagenet_like(tmp_path_factory.mktemp("inl") / "set", BLOCK, num_classes=10, seed=0)
+    return write_imagenet_like(tmp_path_factory.mktemp("inl") / "set", BLOCK, num_classes=10, seed=0, workers=2)
 
 
 def test_one_block_has_the_stated_sizes_modes_qualities_and_classes(block):
@@ -99,3 +99,15 @@ def test_refuses_a_directory_it_did_not_write(block, tmp_path):
         write_imagenet_like(tmp_path / "photos", 10)
     with pytest.raises(DataError, match="other settings"):
         write_imagenet_like(block, 10, num_classes=10, seed=1)
+    with pytest.raises(DataError, match="mine.jpg is not a directory"):
+        write_imagenet_like(tmp_path / "photos" / "mine.jpg", 10)
+
+
+def test_the_files_do_not_depend_on_the_number_of_workers(block, tmp_path):
+    one = write_imagenet_like(tmp_path / "one", 24, num_classes=10, seed=0, workers=1)
+    two = write_imagenet_like(tmp_path / "two", 24, num_classes=10, seed=0, workers=2)
+    files = {p.relative_to(one): p.read_bytes() for p in one.rglob("*.jpg")}
+    assert len(files) == 24 and {p.relative_to(two): p.read_bytes() for p in two.rglob("*.jpg")} == files
+    assert all((block / name).read_bytes() == data for name, data in files.items())  # the block's first 24
+    with pytest.raises(DataError, match="workers >= 1"):
+        write_imagenet_like(tmp_path / "none", 4, workers=0)

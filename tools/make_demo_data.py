@@ -1,7 +1,7 @@
 """Build the embedded demo dataset from the real photographs bundled with scikit-image.
 
     python -m tools.make_demo_data data/demo     # -> data/demo/{train,val}/<photo>/*.jpg
-    python -m tools.make_demo_data --imagenet-like 100000 data/in100k [--classes 10]  # -> <class>/<n>.jpg
+    python -m tools.make_demo_data --imagenet-like 100000 data/in100k [--classes 10] [--workers 16]  # -> <class>/<n>.jpg
 
 What it holds and how it is cut: `pipelines.demo_data`; the ImageNet-shaped set (sizes, qualities,
 modes like ImageNet's): `pipelines.imagenet_like`.
@@ -9,6 +9,7 @@ modes like ImageNet's): `pipelines.imagenet_like`.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from bt_fast.errors import cli_errors
@@ -25,13 +26,18 @@ def main() -> None:
     parser.add_argument("--imagenet-like", nargs=2, metavar=("N", "DIR"),
                         help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
     parser.add_argument("--classes", type=int, default=10, help="classes of the --imagenet-like set")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes writing the --imagenet-like set (default: CPUs, %(default)s here)")
     args = parser.parse_args()
     if args.imagenet_like:
         count, root = args.imagenet_like
         if not count.isdigit():
             parser.error(f"--imagenet-like N DIR: N must be a number of images, got {count!r}")
-        with cli_errors():
-            write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed)
+        if args.workers < 1:
+            parser.error(f"--workers must be at least 1, got {args.workers}")
+        with cli_errors(OSError):  # a directory that cannot be written: one line naming it
+            write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
+                                workers=args.workers)
         print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
         return
     build(args.root, args.train_per_class, args.val_per_class, args.seed)

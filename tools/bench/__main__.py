@@ -16,7 +16,7 @@ described in the module that measures it:
 --end-to-end runs one section instead, end_to_end (end_to_end.py): the training step fed by each
 pipeline (reference, ffcv in its default mode, ffcv decode=device, dali) against the same step fed
 synthetic device tensors; JSON by default in runs/bench/end_to_end.json. Without --data it reads an
-ImageNet-like set (`pipelines.imagenet_like`) built once under data/imagenet_like_<--e2e-images>.
+ImageNet-like set (`pipelines.imagenet_like`) built once, on every CPU, under data/imagenet_like_<--e2e-images>.
 On the CPU: resnet18, 64-64-64 projector, 32 px, batch 16, no autocast, 4 timed steps after 2
 warm-up, 256 images; on CUDA: resnet50, 8192-8192-8192, 224 px, batch 256, float16 autocast,
 25 timed steps after 5 warm-up, 8192 images (no epoch ends inside the steps).
@@ -161,7 +161,8 @@ def resolve_data(args: argparse.Namespace) -> None:
     """Without --data: the ImageNet-like set (--end-to-end) or the demo set's train/ split, built on first use."""
     if args.data is None and args.end_to_end:
         from pipelines.imagenet_like import write_imagenet_like
-        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{args.e2e_images}", args.e2e_images))
+        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{args.e2e_images}", args.e2e_images,
+                                            workers=os.cpu_count() or 1))  # every CPU: the same files, sooner
     elif args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
