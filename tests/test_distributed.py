@@ -109,6 +109,7 @@ def max_relative_diff(a: dict, b: dict) -> float:
                for k in a)
 
 
+@pytest.mark.timeout(600)  # (the first of the two also starts the ranks)
 def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(two_ranks, image_folder, tmp_path):
     """DDP + synchronised BatchNorm + the global loss == plain BatchNorm on one process, after one real step."""
     single = Trainer(tiny_config(image_folder, tmp_path), CPU)
@@ -133,6 +134,7 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(two_
     assert max_abs_diff(ranks[0]["params"], ranks[1]["params"]) == 0  # the replicas stay identical
 
 
+@pytest.mark.timeout(600)  # (the first of the two also starts the ranks)
 def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(two_ranks):
     """The request made in step 2 on rank 1 is agreed without blocking (bt_fast.run_control.StopAgreement):
     every rank learns it one step later and stops after step 3."""

@@ -3,19 +3,18 @@ once, under the lock; each rank draws its own augmentations; a run resumed mid-e
 losses of an uninterrupted one."""
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.train import train
+from conftest import spawn_pinned
 from pipelines import Placement, build_pipeline
-from test_distributed import TINY, free_port, tiny_config
+from test_distributed import free_port, tiny_config
 
 
 def identical_images(root: Path, count: int = 24) -> Path:
@@ -39,7 +38,9 @@ def _rank_views(config, rank: int, world: int) -> torch.Tensor:
     return next(iter(pipeline))[0]
 
 
-def _worker(rank: int, world: int, ports: list[int], data: str, root: str, pipeline: str) -> None:
+def _worker(rank: int, world: int, ports: list[int], data: str, root: str) -> None:
+    """Both pipelines in one pair of ranks (each process pays the imports once): for each, a run split
+    at step 2 of 3 (epoch 0) and resumed to step 4, an uninterrupted run to step 4, and this rank's views."""
     import pipelines.ffcv
     real_convert = pipelines.ffcv.convert
 
@@ -50,33 +51,45 @@ def _worker(rank: int, world: int, ports: list[int], data: str, root: str, pipel
     pipelines.ffcv.convert = convert
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    runs = [("split", 2), ("split", 4), ("straight", 4)]  # step 2 of 3 in epoch 0: a mid-epoch resume
-    for (name, steps), port in zip(runs, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        summary = train(tiny_config(data, Path(root) / name, f"pipeline={pipeline}", f"max_steps={steps}",
-                                    "log_every=1", "workers=1"))
-        assert summary["steps"] == steps
-    config = tiny_config(data, Path(root) / "views", f"pipeline={pipeline}", "workers=1")
-    torch.save(_rank_views(config, rank, world), Path(root) / f"views{rank}.pt")
+    ports = iter(ports)
+    for pipeline in PIPELINES:
+        out = Path(root) / pipeline
+        for name, steps in [("split", 2), ("split", 4), ("straight", 4)]:  # step 2 of 3 in epoch 0: a mid-epoch resume
+            os.environ["MASTER_PORT"] = str(next(ports))
+            summary = train(tiny_config(data, out / name, f"pipeline={pipeline}", f"max_steps={steps}",
+                                        "log_every=1", "workers=1"))
+            assert summary["steps"] == steps
+        config = tiny_config(data, out / "views", f"pipeline={pipeline}", "workers=1")
+        torch.save(_rank_views(config, rank, world), out / f"views{rank}.pt")
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("pipeline", ["ffcv", "dali"])
-def test_two_ranks_convert_once_draw_their_own_augmentations_and_resume_mid_epoch(pipeline, tmp_path):
-    data = identical_images(tmp_path / "images")
-    mp.spawn(_worker, args=(2, [free_port() for _ in range(3)], str(data), str(tmp_path), pipeline), nprocs=2)
+PIPELINES = ["ffcv", "dali"]
 
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The directory where `_worker`'s two ranks left their runs, one sub-directory per pipeline."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    data = identical_images(root / "images")
+    spawn_pinned(_worker, args=(2, [free_port() for _ in range(3 * len(PIPELINES))], str(data), str(root)), nprocs=2)
+    return root
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_two_ranks_convert_once_draw_their_own_augmentations_and_resume_mid_epoch(pipeline, two_ranks):
     if pipeline == "ffcv":
-        assert len((tmp_path / "conversions").read_text().split()) == 1  # one rank converted, the other waited
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".images", "images."))) == [
+        assert len((two_ranks / "conversions").read_text().split()) == 1  # one rank converted, the other waited
+        assert sorted(p.name for p in two_ranks.iterdir() if p.name.startswith((".images", "images."))) == [
             "images.beton", "images.beton.report.json"]  # no lock file left beside the data
-    views = [torch.load(tmp_path / f"views{rank}.pt") for rank in range(2)]
+    runs = two_ranks / pipeline
+    views = [torch.load(runs / f"views{rank}.pt") for rank in range(2)]
     assert views[0].shape == views[1].shape == (4, 3, 32, 32)
     assert not torch.equal(views[0], views[1])  # same inputs, different draws on each rank
 
-    split, straight = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    split, straight = ([json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
                        for name in ("split", "straight"))
     assert [m["step"] for m in split] == [m["step"] for m in straight] == [1, 2, 3, 4]
     assert [m["loss"] for m in split] == pytest.approx([m["loss"] for m in straight], rel=1e-5)
-    a, b = (torch.load(tmp_path / name / CHECKPOINT_NAME, weights_only=True)["model"] for name in ("split", "straight"))
+    a, b = (torch.load(runs / name / CHECKPOINT_NAME, weights_only=True)["model"] for name in ("split", "straight"))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-5
