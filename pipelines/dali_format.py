@@ -42,7 +42,6 @@ Reading it (CPU shown; pass device_id for GPU decoding with device="mixed"):
 """
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -60,11 +59,19 @@ _BLOCK = 512
 
 
 class ShardWriter:
-    """One tar shard being written, with the DALI index entries of its samples."""
+    """One tar shard being written, with the DALI index entries of its samples.
+
+    The bytes are those `tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)` with `addfile`
+    writes (each member's header from `TarInfo.tobuf`, its data padded to 512 bytes, two zero
+    blocks and padding to tarfile's 10240-byte record at the end), written straight to the file:
+    `TarFile.addfile`'s per-member copying cost the converter's main process about a quarter of a
+    millisecond per sample.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.handle = open(path, "wb")
+        self.offset = 0
         self.lines: list[str] = []
 
     def _add(self, name: str, data: bytes) -> str:
@@ -72,12 +79,13 @@ class ShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        header_at = self.tar.offset
-        self.tar.addfile(info, io.BytesIO(data))
-        padded = -(-len(data) // _BLOCK) * _BLOCK
-        data_at = self.tar.offset - padded  # the header(s) precede the data
-        if data_at % _BLOCK or data_at <= header_at:
-            raise AssertionError(f"unexpected tar layout for {name} in {self.path}")
+        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        data_at = self.offset + len(header)
+        padding = -len(data) % _BLOCK
+        self.handle.write(header)
+        self.handle.write(data)
+        self.handle.write(bytes(padding))
+        self.offset = data_at + len(data) + padding
         ext = name.split(".", 1)[1]
         return f"{ext} {data_at} {len(data)} {name}"
 
@@ -87,7 +95,9 @@ class ShardWriter:
         self.lines.append(" ".join(parts))
 
     def close(self) -> dict:
-        self.tar.close()
+        end = self.offset + 2 * _BLOCK
+        self.handle.write(bytes(2 * _BLOCK + -end % tarfile.RECORDSIZE))
+        self.handle.close()
         index = self.path.with_suffix(".idx")
         with open(index, "w") as handle:
             handle.write(f"{INDEX_VERSION} {len(self.lines)}\n")

@@ -361,6 +361,27 @@ def test_dali_index_matches_tar_and_wds2idx(outputs, tmp_path):
 # text-list source, --force, CLI errors
 # ---------------------------------------------------------------------------------------------
 
+def test_shard_bytes_are_what_tarfile_writes(tmp_path):
+    """ShardWriter writes the members itself; the file is byte for byte what the standard library's
+    tarfile (USTAR, addfile) writes for the same members."""
+    import io
+    from pipelines.dali_format import ShardWriter
+    rng = np.random.default_rng(2)
+    samples = [(f"{i:08d}", rng.bytes(int(rng.integers(1, 3000))), int(rng.integers(0, 1000))) for i in range(7)]
+    writer = ShardWriter(tmp_path / "ours.tar")
+    for key, data, label in samples:
+        writer.add_sample(key, data, label)
+    assert writer.close()["num_samples"] == 7
+    with tarfile.open(tmp_path / "stdlib.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, data, label in samples:
+            for name, member in ((f"{key}.jpg", data), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(member), 0, 0o644, 0, 0, "", "")
+                tar.addfile(info, io.BytesIO(member))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "stdlib.tar").read_bytes()
+
+
 def test_image_folder_scan_matches_sorted_rglob(tmp_path):
     """The scandir walk lists exactly what the plain pathlib scan it replaced lists, in its order."""
     from pipelines.base import IMAGE_SUFFIXES
