@@ -102,11 +102,13 @@ def _augment_lines(aug: dict) -> list[str]:
             + f", kornia {_fmt(aug['kornia_images_per_s'])} images/s"
             + (f" ({aug['kornia_unavailable']})" if "kornia_unavailable" in aug else "")
             + f", speedup {_fmt(aug.get('speedup'), 1, 2)}x")
-    if "ours_compiled_images_per_s" in aug:
-        line += (f"; compiled {_fmt(aug['ours_compiled_images_per_s'])} images/s, "
-                 f"speedup {_fmt(aug.get('compiled_speedup'), 1, 2)}x")
-    elif "ours_compiled" in aug:
-        line += f"; compiled unavailable: {aug['ours_compiled']['unavailable']}"
+    for label, name, speedup in (("compiled", "ours_compiled", "compiled_speedup"),
+                                 ("fused Triton", "ours_triton", "triton_speedup")):  # when measured (augment.py)
+        if f"{name}_images_per_s" in aug:
+            line += (f"; {label} {_fmt(aug[f'{name}_images_per_s'])} images/s, "
+                     f"speedup {_fmt(aug.get(speedup), 1, 2)}x")
+        elif name in aug:
+            line += f"; {label} unavailable: {aug[name]['unavailable']}"
     return [line]
 
 
