@@ -18,6 +18,7 @@ from tools.bench.__main__ import main, parse_args
 from tools.bench.decode_floor import beton_jpegs, decode_cpu_seconds, shard_jpegs
 from tools.bench.measure import time_interleaved, tree_cpu_seconds
 from tools.bench.optimizer import official_lars_step, optimizer_parameters
+from tools.bench.report import format_table
 
 SECTIONS = ("environment", "decode_floor", "loaders", "augment", "optimizer", "train_step")
 
@@ -31,18 +32,21 @@ def is_figure(value) -> bool:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One quick run: reference measured, dali made unavailable (its import fails), ffcv as it is
-    (measured if it builds here, else reported unavailable: both are checked)."""
+    (measured if it builds here, else reported unavailable: both are checked). The training step fed
+    by reference runs in this process: the child-process path is the end-to-end run's below."""
+    import tools.bench.train_step as train_step
     tmp = tmp_path_factory.mktemp("bench")
     data = write_image_folder(tmp / "train", classes=3, per_class=8, size=(96, 72))
     json_path, plot_path = tmp / "out" / "bench.json", tmp / "out" / "bench.png"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "pipelines.dali", None)  # `from pipelines.dali import ...` raises ImportError
+        mp.setattr(train_step, "train_in_child", train_step.train_with_pipeline)
         code = main(["--quick", "--data", str(data), "--pipelines", "reference,ffcv,dali",
-                           "--train-pipelines", "reference,dali",  # one training-step process: keeps the test short
-                           "--batch-size", "8", "--image-size", "32", "--train-image-size", "32", "--train-batch-size", "8",
-                           "--projector", "32-32", "--loader-batches", "2", "--train-steps", "2",
-                           "--decode-images", "12", "--workers", "1", "--optimizer-params", "small",
-                           "--device", "cpu", "--json", str(json_path), "--plot", str(plot_path)])
+                     "--train-pipelines", "reference,dali",
+                     "--batch-size", "8", "--image-size", "32", "--train-image-size", "16", "--train-batch-size", "4",
+                     "--projector", "32-32", "--loader-batches", "2", "--train-steps", "2",
+                     "--decode-images", "12", "--workers", "1", "--optimizer-params", "small",
+                     "--device", "cpu", "--json", str(json_path), "--plot", str(plot_path)])
     assert code == 0
     return json.loads(json_path.read_text()), plot_path
 
@@ -113,12 +117,27 @@ def test_augment_optimizer_and_train_step_figures(quick_run):
     assert is_figure(ts["synthetic_images_per_s"])
     ref = ts["reference"]
     assert is_figure(ref["images_per_s"]) and is_figure(ref["step_seconds"])
-    assert ref["images_per_s"]["median"] * ref["step_seconds"]["median"] == pytest.approx(8)
+    assert ref["images_per_s"]["median"] * ref["step_seconds"]["median"] == pytest.approx(4)  # --train-batch-size
     stall = ref["data_stall_fraction"]
     assert set(stall) == {"median", "min", "max"} and 0 <= stall["min"] <= stall["median"] <= stall["max"] <= 1
 
     targets = {t["target"]: t for t in result["targets"]}
     assert len(targets) == 7 and all(t["met"] in (True, False, None) for t in targets.values())
+
+
+def test_the_table_prints_the_fused_triton_augmentation_when_measured(quick_run):
+    """The CUDA-only figure (tools.bench.augment on a GPU), added to this CPU run's section."""
+    result, _ = quick_run
+    triton = {"median": 5000.0, "min": 4000.0, "max": 6000.0}
+    speedup = triton["median"] / result["augment"]["kornia_images_per_s"]["median"]
+    measured = {**result, "augment": {**result["augment"], "ours_triton_images_per_s": triton,
+                                      "triton_speedup": speedup}}
+    line = next(line for line in format_table(measured).splitlines() if line.startswith("Augmentation"))
+    assert line.endswith(f"; fused Triton 5000.0 [4000.0-6000.0] images/s, speedup {speedup:.2f}x")
+    failed = {**result, "augment": {**result["augment"], "ours_triton": {"unavailable": "triton: ImportError"}}}
+    line = next(line for line in format_table(failed).splitlines() if line.startswith("Augmentation"))
+    assert line.endswith("; fused Triton unavailable: triton: ImportError")
+    assert "Triton" not in format_table(result)
 
 
 def test_device_crop_section_counts_ops_at_two_batch_sizes_and_its_flops(quick_run):
@@ -202,6 +221,9 @@ def test_bad_arguments_exit_with_one_line():
     with pytest.raises(SystemExit) as exc:
         parse_args(["--arch", "resnet1"])  # choices come from bt_fast.model.BACKBONE_DIM
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--train-warmup", "-1"])
+    assert exc.value.code == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -260,6 +282,8 @@ def test_end_to_end_defaults_follow_the_device():
         ("resnet18", "64-64-64", 32, 16, "none")
     assert args.pipelines == ["reference", "ffcv", "ffcv_device_decode", "dali"] and args.train_pipelines == []
     assert str(args.json) == "runs/bench/end_to_end.json" and args.e2e_images == 256
+    assert (args.train_steps, args.train_warmup) == (4, 2) and parse_args(["--device", "cpu"]).train_warmup == 1
+    assert parse_args(["--end-to-end", "--device", "cpu", "--train-warmup", "0"]).train_warmup == 0
     with pytest.raises(SystemExit):
         parse_args(["--end-to-end", "--device", "cpu", "--e2e-images", "0"])
 
@@ -302,10 +326,10 @@ def test_end_to_end_run_writes_each_pipelines_rates_and_their_ratio(tmp_path, ca
     data = write_image_folder(tmp_path / "train", classes=2, per_class=8, size=(48, 40))
     out = tmp_path / "e2e.json"
     assert main(["--end-to-end", "--data", str(data), *E2E_SIZES, "--pipelines", "reference",
-                 "--train-steps", "2", "--json", str(out)]) == 0
+                 "--train-steps", "2", "--train-warmup", "1", "--json", str(out)]) == 0  # measured in a child process
     section = json.loads(out.read_text())["end_to_end"]
-    assert (section["image_size"], section["batch_size"], section["steps"], section["timeline"]) == \
-        (16, 4, 2, "host clock")
+    assert (section["image_size"], section["batch_size"], section["steps"], section["warmup_steps"],
+            section["timeline"]) == (16, 4, 2, 1, "host clock")
     entry = section["reference"]
     assert entry["images"] == 2 * 4 and entry["synthetic"]["images"] == 2 * 4
     for figures in (entry, entry["synthetic"]):

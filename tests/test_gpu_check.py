@@ -106,7 +106,7 @@ def test_end_to_end_prints_only_its_table(tmp_path, capfd, monkeypatch):
     data = write_image_folder(tmp_path / "train", classes=2, per_class=8, size=(48, 40))
     section = gpu_check.run_end_to_end(torch.device("cpu"), options=[
         "--data", str(data), "--pipelines", "reference", "--train-image-size", "16", "--train-batch-size", "4",
-        "--projector", "16-16", "--workers", "1", "--train-steps", "2"])
+        "--projector", "16-16", "--workers", "1", "--train-steps", "1", "--train-warmup", "1"])
     out, err = capfd.readouterr()
     assert err == ""
     lines = out.splitlines()

@@ -104,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         help="training-step autocast (default none on CPU, auto on CUDA)")
     add("--train-steps", type=int, default=None,
         help="timed training steps (default 3 after one warm-up step; --end-to-end: see below)")
+    add("--train-warmup", type=int, default=None,
+        help="untimed training steps before the timed ones (default 1; --end-to-end: see below)")
     add("--config", default=None, help="YAML config whose pipeline options (ffcv.*, dali.*, augment.*) apply")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton")
@@ -133,12 +135,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.amp = args.amp or ("none" if cpu else "auto")
     if e2e:
         args.train_batch_size = args.train_batch_size or (16 if cpu else 256)
-        steps, args.train_warmup = (4, 2) if cpu else (25, 5)
+        steps, warmup = (4, 2) if cpu else (25, 5)
         args.e2e_images = (256 if cpu else 8192) if args.e2e_images is None else args.e2e_images
     else:
         args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
-        steps, args.train_warmup = 3, 1
+        steps, warmup = 3, 1
     args.train_steps = steps if args.train_steps is None else args.train_steps
+    args.train_warmup = warmup if args.train_warmup is None else args.train_warmup
     args.pipelines = _names(args.pipelines or ",".join(DEFAULT_PIPELINES if e2e else LOADERS))
     unknown = [p for p in args.pipelines if p not in LOADERS]
     if unknown or not args.pipelines:
@@ -152,8 +155,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "train_batch_size", "train_image_size", *(("e2e_images",) if e2e else ())):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.workers < 0 or args.threads < 0:
-        parser.error("--workers and --threads must be at least 0")
+    if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
+        parser.error("--workers, --threads and --train-warmup must be at least 0")
     return args
 
 

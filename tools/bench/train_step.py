@@ -112,7 +112,7 @@ def bench_train_step(args: argparse.Namespace, pipelines: Sequence[str], loaders
     out: dict[str, Any] = {
         "model": f"{args.arch} + {args.projector} projector", "image_size": args.train_image_size,
         "batch_size": args.train_batch_size, "amp": args.amp, "steps": args.train_steps,
-        "timed": "Trainer.train_step (forward, loss, backward, LARS step) after one warm-up step; "
+        "timed": f"Trainer.train_step (forward, loss, backward, LARS step) after {args.train_warmup} warm-up step(s); "
                  "images/s = batch / step time; each pipeline in a fresh process",
         "synthetic_images_per_s": _synthetic_rate(args),
     }
