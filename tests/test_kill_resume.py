@@ -1,8 +1,10 @@
 """kill -9 at a chosen step, then the same command again: for every pipeline the resumed run ends with the
 weights and per-step losses of a run that was never interrupted, and metrics.jsonl holds each step once.
 
-Each run is a separate `python -m bt_fast.train` process (one thread, so that the sums are ordered the
-same); tests/kill_point/sitecustomize.py kills it inside the chosen step.
+The killed run and its resumption are separate `python -m bt_fast.train` processes (one thread, so that
+the sums are ordered the same); tests/kill_point/sitecustomize.py kills the first inside the chosen step.
+The uninterrupted run is the same command line run by `bt_fast.train.main` in the test process (one
+thread too, tests/conftest.py), which spares a third process its imports.
 """
 import json
 import os
@@ -17,10 +19,18 @@ import pytest
 import torch
 
 from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
+from bt_fast.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_POINT = Path(__file__).resolve().parent / "kill_point"
 STEPS = 5  # 24 images / batch 8: 3 steps per epoch, so the runs cross an epoch boundary
+
+
+def train_args(data: Path, out_dir: Path, pipeline: str) -> list[str]:
+    return ["--config", str(REPO / "configs/demo_cpu.yaml"), f"data={data}", f"out_dir={out_dir}",
+            f"pipeline={pipeline}", "arch=resnet18", "projector=32-32", "batch_size=8", "augment.image_size=32",
+            "epochs=2", "warmup_epochs=1", f"max_steps={STEPS}", "checkpoint_every=2", "log_every=1000",
+            "knn_every=0", "workers=1", "device=cpu"]
 
 
 def train_process(data: Path, out_dir: Path, pipeline: str, kill_at_loss: int | None = None) -> subprocess.Popen:
@@ -28,12 +38,8 @@ def train_process(data: Path, out_dir: Path, pipeline: str, kill_at_loss: int | 
     env.pop("BT_KILL_AT_LOSS", None)
     if kill_at_loss is not None:
         env["BT_KILL_AT_LOSS"] = str(kill_at_loss)
-    args = ["--config", "configs/demo_cpu.yaml", f"data={data}", f"out_dir={out_dir}", f"pipeline={pipeline}",
-            "arch=resnet18", "projector=32-32", "batch_size=8", "augment.image_size=32", "epochs=2",
-            "warmup_epochs=1", f"max_steps={STEPS}", "checkpoint_every=2", "log_every=1000", "knn_every=0",
-            "workers=1", "device=cpu"]
-    return subprocess.Popen([sys.executable, "-m", "bt_fast.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "bt_fast.train", *train_args(data, out_dir, pipeline)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finished(process: subprocess.Popen) -> tuple[int, str]:
@@ -57,13 +63,13 @@ def test_kill_9_and_resume_is_bit_exact(pipeline, image_folder, tmp_path):
         from pipelines.convert import convert
         convert(data, tmp_path / "images.beton", "ffcv", workers=1, progress=False)
     kill_at = random.Random(pipeline).randint(3, STEPS)  # a step after the first checkpoint, in either epoch
-    # One thread each, side by side: the uninterrupted run and the one that is killed.
-    straight = train_process(data, tmp_path / "straight", pipeline)
+    # One thread each, side by side: the run that is killed, and here the uninterrupted one.
     killed = train_process(data, tmp_path / "killed", pipeline, kill_at_loss=kill_at)
-    code, err = finished(killed)
+    try:
+        main(train_args(data, tmp_path / "straight", pipeline))
+    finally:
+        code, err = finished(killed)
     assert code == -signal.SIGKILL, err
-    code, err = finished(straight)
-    assert code == 0, err
     checkpoint = torch.load(tmp_path / "killed" / CHECKPOINT_NAME, weights_only=True)
     # checkpoints every 2 steps and at the end of epoch 1 (step 3)
     assert checkpoint["step"] == max(s for s in range(1, kill_at) if s % 2 == 0 or s == 3)
