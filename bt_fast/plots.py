@@ -6,11 +6,12 @@ a run writes as metrics.png and the overlay `tools.plot` writes are the same cod
 from __future__ import annotations
 
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from bt_fast.files import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # (metrics.jsonl key, panel title), in reading order.
 PANELS = (
@@ -32,12 +33,15 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in pairs], [value for _, value in pairs]
 
 
-def plot_runs(runs: dict[str, list[dict]]) -> Figure:
+def plot_runs(runs: dict[str, list[dict]]) -> "Figure":
     """One panel per entry of PANELS; in each, one line per run labelled with its name.
 
     `runs` maps a label to that run's metrics records. A panel no run has data for says so.
     """
     columns = -(-len(PANELS) // ROWS)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: every process imports this module, few draw
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(4 * columns, 7), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(ROWS, columns, sharex=True).ravel()
@@ -64,6 +68,6 @@ def plot_runs(runs: dict[str, list[dict]]) -> Figure:
     return figure
 
 
-def save_png(figure: Figure, path: str | Path) -> Path:
+def save_png(figure: "Figure", path: str | Path) -> Path:
     """Write `figure` to `path` as a PNG, atomically."""
     return atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
