@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,26 @@ def tiny_config(data, out_dir, *extra):
                                                  "knn_every=0", "workers=0", "batch_size=8", "projector=64-64",
                                                  "augment.image_size=32", "epochs=2", "warmup_epochs=0", "device=cpu",
                                                  *extra])
+
+
+@pytest.fixture(scope="module")
+def four_steps(image_folder, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run stopped by max_steps=4 of its 6 (2 epochs of 3): (out_dir, what train() returned)."""
+    out_dir = tmp_path_factory.mktemp("four_steps")
+    return out_dir, train(tiny_config(image_folder, out_dir, "max_steps=4"))
+
+
+@pytest.fixture(scope="module")
+def monitored_run(image_folder, tmp_path_factory) -> tuple[Path, list[int]]:
+    """The whole 2-epoch run with the k-NN monitor after each epoch and checkpoint_every=2:
+    (out_dir, the step of every checkpoint it saved, in order)."""
+    out_dir = tmp_path_factory.mktemp("monitored")
+    saved_at = []
+    original = Trainer.save_checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "save_checkpoint", lambda self: (saved_at.append(self.step), original(self)))
+        train(tiny_config(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}", "checkpoint_every=2"))
+    return out_dir, saved_at
 
 
 def test_train_step_changes_parameters_and_lowers_loss_on_a_fixed_batch(image_folder, tmp_path):
@@ -49,35 +71,42 @@ def test_compiled_model_gives_the_eager_losses(image_folder, tmp_path, monkeypat
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
-def test_resume_gives_the_next_step_loss_of_an_uninterrupted_run(image_folder, tmp_path):
-    train(tiny_config(image_folder, tmp_path / "straight", "max_steps=4"))
-    straight = [json.loads(line)["loss"] for line in open(tmp_path / "straight" / "metrics.jsonl")]
+def test_resume_gives_the_next_step_losses_of_an_uninterrupted_run_and_drops_lines_after_the_checkpoint(
+        four_steps, image_folder, tmp_path):
+    """Stopped at step 2, with the log a run killed inside step 4 leaves behind (a line for step 3, which
+    the checkpoint does not hold, and a torn one), then resumed to step 4: the log holds each step once and
+    steps 3 and 4 have the losses of the uninterrupted run."""
+    straight = [json.loads(line)["loss"] for line in open(four_steps[0] / "metrics.jsonl")]
 
-    train(tiny_config(image_folder, tmp_path / "split", "max_steps=2"))
-    checkpoint = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
+    train(tiny_config(image_folder, tmp_path, "max_steps=2"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["step"] == 2
-    train(tiny_config(image_folder, tmp_path / "split", "max_steps=4"))
-    split = [json.loads(line)["loss"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n" + '{"step": 4, "lo')
+    train(tiny_config(image_folder, tmp_path, "max_steps=4"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    split = [r["loss"] for r in records]
 
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert len(straight) == len(split) == 4
+    assert split[2] != -1.0
     assert split[2] == pytest.approx(straight[2], rel=1e-5)  # first step after the resume
     assert split[3] == pytest.approx(straight[3], rel=1e-5)
 
 
-def test_saved_backbone_loads_into_torchvision(image_folder, tmp_path):
-    summary = train(tiny_config(image_folder, tmp_path, "max_steps=1"))
-    state = torch.load(summary["backbone"], weights_only=True)
+def test_saved_backbone_loads_into_torchvision(four_steps):
+    state = torch.load(four_steps[1]["backbone"], weights_only=True)
     result = torchvision.models.resnet18().load_state_dict(state, strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
     assert result.unexpected_keys == []
 
 
-def test_checkpoint_of_another_model_is_refused_and_kept(image_folder, tmp_path):
-    train(tiny_config(image_folder, tmp_path, "max_steps=1"))
-    before = (tmp_path / "checkpoint.pth").read_bytes()
+def test_checkpoint_of_another_model_is_refused_and_kept(four_steps, image_folder, tmp_path):
+    run = shutil.copytree(four_steps[0], tmp_path / "run")
+    before = (run / "checkpoint.pth").read_bytes()
     with pytest.raises(CheckpointError, match="different model"):
-        train(tiny_config(image_folder, tmp_path, "max_steps=2", "projector=32-32"))
-    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+        train(tiny_config(image_folder, run, "max_steps=5", "projector=32-32"))
+    assert (run / "checkpoint.pth").read_bytes() == before
 
 
 def test_batch_not_divisible_by_world_size_is_a_config_error(image_folder, tmp_path):
@@ -124,21 +153,10 @@ def test_resnet50_smoke_step(image_folder, tmp_path):
     assert sum(p.numel() for p in trainer.model.parameters()) > 170e6
 
 
-def test_resume_drops_metrics_logged_after_the_checkpoint_and_a_torn_last_line(image_folder, tmp_path):
-    train(tiny_config(image_folder, tmp_path, "max_steps=2"))
-    with open(tmp_path / "metrics.jsonl", "a") as log:  # what a run killed after step 3 leaves behind
-        log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n" + '{"step": 4, "lo')
-    train(tiny_config(image_folder, tmp_path, "max_steps=3"))
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[2]["loss"] != -1.0
-
-
-def test_knn_monitor_logs_what_tools_evaluate_measures_on_the_checkpoint(image_folder, tmp_path, capsys):
+def test_knn_monitor_logs_what_tools_evaluate_measures_on_the_checkpoint(monitored_run, image_folder, tmp_path):
     """The monitor (in the training process) and the evaluation tool (from the saved file) agree."""
     from tools.evaluate import main as evaluate
-    run = tmp_path / "run"
-    train(tiny_config(image_folder, run, "knn_every=1", f"knn_val={image_folder}", "checkpoint_every=1"))
+    run = monitored_run[0]
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     knn = [r for r in records if "knn_top1" in r]
     steps_per_epoch = max(r["step"] for r in records) // 2
@@ -149,12 +167,8 @@ def test_knn_monitor_logs_what_tools_evaluate_measures_on_the_checkpoint(image_f
     assert (knn[-1]["knn_top1"], knn[-1]["knn_top5"]) == pytest.approx((measured["top1"], measured["top5"]), abs=1e-3)
 
 
-def test_checkpoint_every_saves_inside_an_epoch_too(image_folder, tmp_path, monkeypatch):
-    saved_at = []
-    original = Trainer.save_checkpoint
-    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: (saved_at.append(self.step), original(self)))
-    train(tiny_config(image_folder, tmp_path, "checkpoint_every=2"))  # 24 images / batch 8: 3 steps per epoch
-    assert saved_at == [2, 3, 4, 6]  # every 2 steps, and at each epoch end (once at step 6)
+def test_checkpoint_every_saves_inside_an_epoch_too(monitored_run):
+    assert monitored_run[1] == [2, 3, 4, 6]  # every 2 steps, and at each epoch end (once at step 6); 3 steps per epoch
 
 
 def test_knn_every_without_knn_val_warns_and_trains(image_folder, tmp_path, capsys):
