@@ -64,6 +64,18 @@ def one_step(trainer: Trainer, y1: torch.Tensor, y2: torch.Tensor) -> dict:
             "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if b.is_floating_point()}}
 
 
+def step_then_signal(signum: int, at_step: int):
+    """`Trainer.train_step` that sends this process `signum` inside the step taken at `self.step == at_step`."""
+    real_step = Trainer.train_step
+
+    def step(self, y1, y2):
+        loss = real_step(self, y1, y2)
+        if self.step == at_step:
+            os.kill(os.getpid(), signum)
+        return loss
+    return step
+
+
 def _two_rank_worker(rank: int, world: int, ports: list[int], data: str, out_dir: str) -> None:
     """Both two-rank checks in one pair of processes (each pays torch's import once): one step on this
     rank's half of `fixed_batch`, then a 5-step run in which only rank 1 is signalled."""
@@ -77,14 +89,7 @@ def _two_rank_worker(rank: int, world: int, ports: list[int], data: str, out_dir
         shutdown_distributed()
     os.environ["MASTER_PORT"] = str(ports[1])
     if rank == 1:  # only rank 1 is told to stop, in the middle of its second step
-        real_step = Trainer.train_step
-
-        def step_then_signal(self, y1, y2):
-            loss = real_step(self, y1, y2)
-            if self.step == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return loss
-        Trainer.train_step = step_then_signal
+        Trainer.train_step = step_then_signal(signal.SIGTERM, at_step=1)
     summary = train(tiny_config(data, Path(out_dir) / "signal", "max_steps=5", "log_every=1"))
     torch.save({"steps": summary["steps"], "stopped_by": summary["stopped_by"]}, Path(out_dir) / f"signal{rank}.pt")
 
@@ -307,14 +312,7 @@ def test_sigusr1_checkpoints_and_requeues_the_slurm_job(image_folder, tmp_path, 
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "777")
-    real_step = Trainer.train_step
-
-    def step_then_signal(self, y1, y2):
-        loss = real_step(self, y1, y2)
-        if self.step == 0:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return loss
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal(signal.SIGUSR1, at_step=0))
     summary = train(tiny_config(image_folder, tmp_path / "run", "max_steps=4"))
     assert (summary["steps"], summary["stopped_by"]) == (1, "SIGUSR1")
     assert torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)["step"] == 1
