@@ -164,8 +164,7 @@ def resolve_data(args: argparse.Namespace) -> None:
     """Without --data: the ImageNet-like set (--end-to-end) or the demo set's train/ split, built on first use."""
     if args.data is None and args.end_to_end:
         from pipelines.imagenet_like import write_imagenet_like
-        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{args.e2e_images}", args.e2e_images,
-                                            workers=os.cpu_count() or 1))  # every CPU: the same files, sooner
+        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{args.e2e_images}", args.e2e_images))
     elif args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
