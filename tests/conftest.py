@@ -9,6 +9,7 @@ intra-op thread per process mostly spins waiting for a core, and costs CPU time 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for every child process
@@ -77,6 +78,22 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: t
             image = Image.fromarray(low).resize(size, Image.BICUBIC)
             image.save(root / f"class{c}" / f"img{i:03d}.jpg", quality=90)
     return root
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`tmp_path_factory.mktemp` for a module's shared fixtures; what it made is removed once the module's
+    tests are done. A module's runs hold hundreds of MB of checkpoints, and CI machines can have little disk:
+    kept to the end of the session, the suite's came to 2.3 GB."""
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,12 @@ def is_figure(value) -> bool:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(module_tmp):
     """One quick run: reference measured, dali made unavailable (its import fails), ffcv as it is
     (measured if it builds here, else reported unavailable: both are checked). The training step fed
     by reference runs in this process: the child-process path is the end-to-end run's below."""
     import tools.bench.train_step as train_step
-    tmp = tmp_path_factory.mktemp("bench")
+    tmp = module_tmp("bench")
     data = write_image_folder(tmp / "train", classes=3, per_class=8, size=(96, 72))
     json_path, plot_path = tmp / "out" / "bench.json", tmp / "out" / "bench.png"
     with pytest.MonkeyPatch.context() as mp:

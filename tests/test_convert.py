@@ -109,8 +109,8 @@ CONVERTED = {"a/a_gray.png", "b/b_cmyk.jpg", "b/b_rgba.png", "c/c16.png", "c/c_p
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convert_src") / "folder"
+def source(module_tmp):
+    root = module_tmp("convert_src") / "folder"
     return root, _build_source(root)
 
 
@@ -124,9 +124,9 @@ def kept(source):
 
 
 @pytest.fixture(scope="module")
-def outputs(source, tmp_path_factory):
+def outputs(source, module_tmp):
     root, _ = source
-    out = tmp_path_factory.mktemp("convert_out")
+    out = module_tmp("convert_out")
     ffcv = convert(root, out / "data.beton", "ffcv", max_resolution=MAX_RES, workers=2, part_size=4, progress=False)
     dali = convert(root, out / "shards", "dali", max_resolution=MAX_RES, workers=1, shard_size=5,
                         progress=False)

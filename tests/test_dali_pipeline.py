@@ -58,8 +58,8 @@ def textured_folder(root: Path, count: int = 12) -> Path:
 
 
 @pytest.fixture(scope="module")
-def colour_folder(tmp_path_factory) -> Path:
-    return constant_folder(tmp_path_factory.mktemp("colours"), {"bright": BRIGHT, "red": RED}, per_class=64)
+def colour_folder(module_tmp) -> Path:
+    return constant_folder(module_tmp("colours"), {"bright": BRIGHT, "red": RED}, per_class=64)
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +300,9 @@ def test_an_epoch_is_reproducible(image_folder):
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, image_folder) -> Path:
+def records(module_tmp, image_folder) -> Path:
     from pipelines.convert import convert
-    dst = tmp_path_factory.mktemp("records") / "wds"
+    dst = module_tmp("records") / "wds"
     report = convert(image_folder, dst, "dali", workers=1, shard_size=5, progress=False)
     assert report["written"] == 24
     return dst

@@ -95,9 +95,9 @@ def _two_rank_worker(rank: int, world: int, ports: list[int], data: str, out_dir
 
 
 @pytest.fixture(scope="module")
-def two_ranks(image_folder, tmp_path_factory) -> Path:
+def two_ranks(image_folder, module_tmp) -> Path:
     """The directory where `_two_rank_worker`'s two ranks left their results."""
-    out_dir = tmp_path_factory.mktemp("two_ranks")
+    out_dir = module_tmp("two_ranks")
     spawn_pinned(_two_rank_worker, args=(2, [free_port(), free_port()], str(image_folder), str(out_dir)), nprocs=2)
     return out_dir
 

@@ -30,9 +30,9 @@ def ids_of(view: torch.Tensor, spec: AugmentSpec) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def constant_images(tmp_path_factory) -> Path:
+def constant_images(module_tmp) -> Path:
     """25 single-colour images; ImageFolder order (sorted) is the id order."""
-    root = tmp_path_factory.mktemp("epochs") / "train"
+    root = module_tmp("epochs") / "train"
     for k in range(IMAGES):
         folder = root / f"class{k // 10}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -273,8 +273,8 @@ def test_random_init_is_seeded():
 
 # -- command line ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def rn18_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+def rn18_file(module_tmp) -> Path:
+    path = module_tmp("ckpt") / "resnet18.pth"
     torch.save({k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("fc.")}, path)
     return path
 

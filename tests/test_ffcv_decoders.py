@@ -59,9 +59,9 @@ def write_beton(path: Path, images: list[np.ndarray], write_mode: str = "jpg") -
 
 
 @pytest.fixture(scope="module")
-def beton(tmp_path_factory) -> Path:
+def beton(module_tmp) -> Path:
     rng = np.random.default_rng(0)
-    return write_beton(tmp_path_factory.mktemp("decoders") / "mixed.beton",
+    return write_beton(module_tmp("decoders") / "mixed.beton",
                        [smooth_image(rng, h, w) for h, w in SIZES])
 
 

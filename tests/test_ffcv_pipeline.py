@@ -49,10 +49,10 @@ def write_traceable_folder(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
+def dataset(module_tmp) -> tuple[Path, Path]:
     """(ImageFolder, beton) written with the project's converter."""
     from pipelines.convert import convert
-    base = tmp_path_factory.mktemp("ffcv")
+    base = module_tmp("ffcv")
     folder = write_traceable_folder(base / "train")
     beton = base / "train.beton"
     convert(folder, beton, "ffcv", jpeg_quality=95, workers=1, progress=False)

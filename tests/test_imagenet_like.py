@@ -29,8 +29,8 @@ def jpeg_quality(image: Image.Image) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def block(tmp_path_factory):
-    return write_imagenet_like(tmp_path_factory.mktemp("inl") / "set", BLOCK, num_classes=10, seed=0, workers=2)
+def block(module_tmp):
+    return write_imagenet_like(module_tmp("inl") / "set", BLOCK, num_classes=10, seed=0, workers=2)
 
 
 def test_one_block_has_the_stated_sizes_modes_qualities_and_classes(block):

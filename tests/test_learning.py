@@ -35,9 +35,9 @@ MIN_FINETUNE_GAIN_POINTS = 4.0
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(module_tmp):
     """(demo root, training summary, run directory) of one demo pretraining shared by the module."""
-    root = tmp_path_factory.mktemp("learning")
+    root = module_tmp("learning")
     demo = demo_data.build(root / "demo", train_per_class=64, val_per_class=16)
     run = root / "run"
     summary = train(load_config("configs/demo_cpu.yaml", [f"data={demo / 'train'}", f"knn_val={demo / 'val'}",

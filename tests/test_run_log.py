@@ -29,9 +29,9 @@ def summary(out_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def knn_run(image_folder, tmp_path_factory) -> tuple[Path, dict]:
+def knn_run(image_folder, module_tmp) -> tuple[Path, dict]:
     """Two epochs with a k-NN evaluation after each and TensorBoard on: (out_dir, what train() returned)."""
-    out_dir = tmp_path_factory.mktemp("knn_run")
+    out_dir = module_tmp("knn_run")
     result = train(tiny_config(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}", "tensorboard=true"))
     return out_dir, result
 

@@ -22,17 +22,17 @@ def tiny_config(data, out_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def four_steps(image_folder, tmp_path_factory) -> tuple[Path, dict]:
+def four_steps(image_folder, module_tmp) -> tuple[Path, dict]:
     """An uninterrupted run stopped by max_steps=4 of its 6 (2 epochs of 3): (out_dir, what train() returned)."""
-    out_dir = tmp_path_factory.mktemp("four_steps")
+    out_dir = module_tmp("four_steps")
     return out_dir, train(tiny_config(image_folder, out_dir, "max_steps=4"))
 
 
 @pytest.fixture(scope="module")
-def monitored_run(image_folder, tmp_path_factory) -> tuple[Path, list[int]]:
+def monitored_run(image_folder, module_tmp) -> tuple[Path, list[int]]:
     """The whole 2-epoch run with the k-NN monitor after each epoch and checkpoint_every=2:
     (out_dir, the step of every checkpoint it saved, in order)."""
-    out_dir = tmp_path_factory.mktemp("monitored")
+    out_dir = module_tmp("monitored")
     saved_at = []
     original = Trainer.save_checkpoint
     with pytest.MonkeyPatch.context() as patch:

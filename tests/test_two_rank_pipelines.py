@@ -67,9 +67,9 @@ PIPELINES = ["ffcv", "dali"]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> Path:
+def two_ranks(module_tmp) -> Path:
     """The directory where `_worker`'s two ranks left their runs, one sub-directory per pipeline."""
-    root = tmp_path_factory.mktemp("two_ranks")
+    root = module_tmp("two_ranks")
     data = identical_images(root / "images")
     spawn_pinned(_worker, args=(2, [free_port() for _ in range(3 * len(PIPELINES))], str(data), str(root)), nprocs=2)
     return root
