@@ -1,19 +1,18 @@
-"""Learning check: the demo pretraining (configs/demo_cpu.yaml, unchanged) learns features that every
-evaluation protocol sees.
+"""Learning check: the demo pretraining (configs/demo_cpu.yaml with epochs=2 instead of 4) learns
+features that every evaluation protocol sees.
 
-Trains the demo once, exactly as `make pretrain` does, then compares the pretrained backbone with the
-same architecture at random initialisation on the demo validation split (crops from parts of the
-photographs that training never saw) by k-NN, the linear probe and fine-tuning. A pipeline, optimizer
-or evaluation that silently stops learning fails here. The slowest tests of the suite: a few CPU minutes.
+Trains the demo once, as `make pretrain` does but for 2 epochs, then compares the pretrained backbone
+with the same architecture at random initialisation on the demo validation split (crops from parts of
+the photographs that training never saw) by k-NN, the linear probe and fine-tuning. A pipeline,
+optimizer or evaluation that silently stops learning fails here. The slowest module of the suite.
 
-Each bar sits below every gain measured on a 2-core CPU (one thread) with the demo pretrained at
-seed 0 (what the fixture trains) and seed 1, evaluated at --seed 0, 1 and 2; docs/evaluation.md
-lists every figure:
-- k-NN: +31.3 points (pretraining seed 0);
-- linear probe on augmented crops, 10 epochs: +21.9 / +25.8 (seed 0, eval seeds 0 / 1), +18.4 (seed 1);
-- fine-tuning on 1%, head lr 0.1: +9.4 / +21.5 / +5.9 (seed 0, eval seeds 0 / 1 / 2), +7.0 / +20.3
-  (seed 1, eval seeds 0 / 1). The test runs eval seed 0: +9.4 and +7.0.
-A run of this module measured +33.6 (k-NN), +20.3 (linear) and +9.0 (fine-tuning).
+Each bar is at most two thirds of the smallest gain measured with the 2-epoch pretraining at seed 0
+(what the fixture trains) and seed 1, one thread on 2-core CPUs; docs/evaluation.md lists every figure,
+and those of the full 4 epochs:
+- k-NN: +22.3 and +33.6 (2026-12-04), +24.2 and +32.0 (2026-12-03);
+- linear probe on augmented crops, 5 epochs: +42.6 and +45.7;
+- fine-tuning on 1%, head lr 0.1, mean over eval seeds 0 / 1 / 2: +11.7 and +10.7 (single seeds
+  from +3.5 to +22.3; the 4-epoch demo's mean on the same CPU was +8.7).
 """
 import json
 
@@ -30,8 +29,9 @@ from tools import evaluate
 pytestmark = [pytest.mark.timeout(900), pytest.mark.collect_first]
 
 MIN_KNN_GAIN_POINTS = 15.0
-MIN_LINEAR_GAIN_POINTS = 10.0
-MIN_FINETUNE_GAIN_POINTS = 4.0
+MIN_LINEAR_GAIN_POINTS = 20.0
+MIN_FINETUNE_MEAN_GAIN_POINTS = 4.0
+FINETUNE_SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +41,15 @@ def pretrained(module_tmp):
     demo = demo_data.build(root / "demo", train_per_class=64, val_per_class=16)
     run = root / "run"
     summary = train(load_config("configs/demo_cpu.yaml", [f"data={demo / 'train'}", f"knn_val={demo / 'val'}",
-                                                          f"out_dir={run}"]))
+                                                          f"out_dir={run}", "epochs=2"]))
     return demo, summary, run
 
 
-def compare(pretrained, tmp_path, *options: str) -> dict:
+def compare(pretrained, work_dir, *options: str) -> dict:
     """`tools.evaluate --compare` of the demo checkpoint against random init; its JSON."""
     demo, summary, _ = pretrained
-    result = tmp_path / "eval.json"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    result = work_dir / "eval.json"
     assert evaluate.main(["--compare", "--checkpoint", summary["checkpoint"], "--data", str(demo),
                           "--json", str(result), *options]) == 0
     return json.loads(result.read_text())
@@ -70,23 +71,32 @@ def test_demo_pretraining_beats_random_init_on_knn(pretrained, tmp_path):
 
 
 def test_demo_pretraining_beats_random_init_on_the_linear_probe(pretrained, tmp_path):
-    """The probe trained on RandomResizedCrop + flip crops, as the official probe is. On cached features of
-    the whole images the demo separates the two by only a few points (docs/evaluation.md)."""
-    measured = compare(pretrained, tmp_path, "--mode", "linear", "--no-cache-features", "--epochs", "10",
+    """The probe trained on RandomResizedCrop + flip crops, as the official probe is, for 5 epochs: where
+    the probe on pretrained features reaches about 60%, the one on random-init features is still near 18%
+    (at 10 epochs, about 41%: a gain of +20). On cached features of the whole images the demo separates
+    the two by only a few points (docs/evaluation.md)."""
+    measured = compare(pretrained, tmp_path, "--mode", "linear", "--no-cache-features", "--epochs", "5",
                        "--device", "cpu")
     assert gain(measured) >= MIN_LINEAR_GAIN_POINTS, measured
 
 
 def test_demo_pretraining_beats_random_init_on_fine_tuning(pretrained, tmp_path):
-    """The official 1% recipe (one image per class here, 20 epochs) with the head's learning rate at 0.1.
+    """The official 1% recipe (one image per class here, 20 epochs) with the head's learning rate at 0.1,
+    at evaluation seeds 0, 1 and 2; the mean gain is held to the bar.
 
-    At the official 0.5, made for ImageNet's 50 steps per epoch, the demo's single step per epoch
-    leaves both runs at the mercy of the last few updates: pretrained and random init came out
-    within -8.6 to +1.6 points of each other (docs/evaluation.md).
+    Which 16 images a seed draws moves one run's gain between +3 and +22 points (docs/evaluation.md),
+    so a single seed is too noisy to hold to a bar. Both arms of a seed share its subset, head
+    initialisation and order: a checkpoint that did not reach the backbone gains exactly 0.
+    At the official head lr 0.5, made for ImageNet's 50 steps per epoch, the demo's single step per
+    epoch leaves both runs at the mercy of the last few updates (-8.6 to +1.6 points).
     """
-    measured = compare(pretrained, tmp_path, "--mode", "finetune", "--lr-classifier", "0.1", "--device", "cpu")
-    for record in measured.values():
-        assert (record["train_images"], record["train_percent"], record["epochs"], record["lr_backbone"]) == \
-            (16, 1, 20, 0.005)
-        assert len(record["epoch_losses"]) == 20
-    assert gain(measured) >= MIN_FINETUNE_GAIN_POINTS, measured
+    gains = []
+    for seed in FINETUNE_SEEDS:
+        measured = compare(pretrained, tmp_path / f"seed{seed}", "--mode", "finetune", "--lr-classifier", "0.1",
+                           "--device", "cpu", "--seed", str(seed))
+        for record in measured.values():
+            assert (record["train_images"], record["train_percent"], record["epochs"], record["lr_backbone"]) == \
+                (16, 1, 20, 0.005)
+            assert len(record["epoch_losses"]) == 20
+        gains.append(gain(measured))
+    assert sum(gains) / len(gains) >= MIN_FINETUNE_MEAN_GAIN_POINTS, gains
