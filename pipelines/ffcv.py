@@ -61,6 +61,7 @@ from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_r
 from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, PaddedLayout, TwoCropBoxes
 from pipelines.ffcv_format import beton_path, open_beton
 from pipelines.ffcv_host_crop import TwoCropRGBDecoder
+from pipelines.ffcv_memory import lazy_page_tables
 from pipelines.prefetch import run_ahead
 
 
@@ -153,8 +154,8 @@ class _SeededEpochIterator(EpochIterator):
 
 
 class _TwoCropLoader(Loader):
-    """FFCV Loader with our epoch order (`EpochSharding`) from any batch of it, per-epoch crop seeds and batch
-    buffers kept across epochs.
+    """FFCV Loader with our epoch order (`EpochSharding`) from any batch of it, per-epoch crop seeds, batch
+    buffers kept across epochs and page tables built only if read (`pipelines.ffcv_memory`).
 
     `pipelines` maps output names to FFCV pipelines or `PipelineSpec`s (unnamed fields are not
     read); `seeded` is the operation that draws the boxes (it has `set_epoch_seed`).
@@ -169,10 +170,11 @@ class _TwoCropLoader(Loader):
         self.start_batch = 0  # the next epoch starts at this batch (a resumed run's position)
         self._epoch: _SeededEpochIterator | None = None
         self._buffers = None
-        super().__init__(fname, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                         order=OrderOption.SEQUENTIAL, distributed=False, seed=0,
-                         pipelines={**{name: None for name in Reader(fname).handlers}, **pipelines},
-                         drop_last=True, batches_ahead=batches_ahead)
+        with lazy_page_tables():
+            super().__init__(fname, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                             order=OrderOption.SEQUENTIAL, distributed=False, seed=0,
+                             pipelines={**{name: None for name in Reader(fname).handlers}, **pipelines},
+                             drop_last=True, batches_ahead=batches_ahead)
         self._allocate = self.graph.allocate_memory
         self.graph.allocate_memory = self._kept_buffers  # EpochIterator.__init__ asks the graph each epoch
 
@@ -333,9 +335,9 @@ class FFCVPipeline(EpochPipeline):
         finally:
             torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count
         self.loader.crop_seed_base = self.seed
+        page_to_samples = self.loader.memory_manager.page_to_samples if config.ffcv.order == "quasi_random" else None
         self.loader.sharding = EpochSharding(int(reader.num_samples), placement.rank, placement.world_size,
-                                             self.seed, config.ffcv.order,
-                                             self.loader.memory_manager.page_to_samples, batch_size)
+                                             self.seed, config.ffcv.order, page_to_samples, batch_size)
         self.augment = TwoViewAugment(self.spec, placement.dtype, backend=config.augment.backend)
         self.generator = torch.Generator(device=placement.device)
         self.crop_dtype = torch.float16 if placement.device.type == "cuda" else torch.float32  # GPU only: half

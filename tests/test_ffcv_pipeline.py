@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -423,6 +424,42 @@ def test_quasi_random_order_gives_each_image_to_exactly_one_rank_per_epoch(datas
         assert sorted(np.concatenate(ids)) == list(range(IMAGES))  # ... and together everything
         seen.append(np.concatenate(ids))
     assert not np.array_equal(seen[0], seen[1])  # a new order each epoch
+
+
+def synthetic_reader(samples: int = 300, page_size: int = 4096, seed: int = 0) -> SimpleNamespace:
+    """What a memory manager reads of a `Reader`: an allocation table (1-3 allocations per sample, rows
+    shuffled, spanning many pages) and the page size."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 4, samples)
+    table = np.zeros(counts.sum(), dtype=ALLOC_TABLE_TYPE)
+    table["sample_id"] = np.repeat(np.arange(samples), counts)
+    table["size"] = rng.integers(100, 3000, len(table))
+    table["ptr"] = 64 + np.concatenate([[0], np.cumsum(table["size"][:-1])])
+    return SimpleNamespace(alloc_table=table[rng.permutation(len(table))], page_size=page_size, file_name="-")
+
+
+def test_lazy_page_tables_are_ffcvs_own(dataset):
+    from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
+    import ffcv.loader.loader
+    from pipelines.ffcv_memory import LazyOSCacheManager, LazyProcessCacheManager
+    reader = synthetic_reader()
+    for stock, lazy in ((OSCacheManager, LazyOSCacheManager), (ProcessCacheManager, LazyProcessCacheManager)):
+        want, got = stock(reader), lazy(reader)
+        assert np.array_equal(got.ptrs, want.ptrs) and np.array_equal(got.sizes, want.sizes)
+        assert len(want.page_to_samples) > 50  # the table spans many pages
+        for table in ("ptr_to_size", "sample_to_pages", "page_to_samples"):
+            assert getattr(got, table) == getattr(want, table), table
+
+    # The default (OS cache, random order) never builds the page tables; the stock names are put back.
+    _, beton = dataset
+    pipeline = P.FFCVPipeline(make_config(beton), cpu(), batch_size=4)
+    pipeline.set_epoch(0)
+    next(iter(pipeline))
+    manager = pipeline.loader.memory_manager
+    assert type(manager) is LazyOSCacheManager and "_page_tables" not in vars(manager)
+    assert (ffcv.loader.loader.OSCacheManager, ffcv.loader.loader.ProcessCacheManager) == \
+        (OSCacheManager, ProcessCacheManager)
 
 
 def test_epoch_sharding_deals_contiguous_blocks_of_one_global_order():
