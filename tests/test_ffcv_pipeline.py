@@ -602,7 +602,7 @@ def test_an_epoch_closed_early_ends_its_loader_thread_so_a_fork_is_clean(dataset
     folder, beton = dataset
     args = ["--config", "configs/demo_cpu.yaml", f"data={folder}", f"ffcv.beton={beton}", f"out_dir={tmp_path}",
             "pipeline=ffcv", "batch_size=4", "max_steps=2", "knn_every=1", f"knn_val={folder}", "workers=2",
-            "projector=32-32", "augment.image_size=16", "device=cpu"]
+            "projector=32-32", "augment.image_size=32", "device=cpu"]
     result = subprocess.run([sys.executable, "-m", "bt_fast.train", *args], capture_output=True, text=True,
                             timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
