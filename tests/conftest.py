@@ -9,6 +9,7 @@ intra-op thread per process mostly spins waiting for a core, and costs CPU time 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,24 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: t
             image = Image.fromarray(low).resize(size, Image.BICUBIC)
             image.save(root / f"class{c}" / f"img{i:03d}.jpg", quality=90)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_finished_runs_left(tmp_path_factory):
+    """Remove the base directories of earlier, finished test sessions (pytest-of-<user>/pytest-<N> with no
+    `.lock`: pytest removes that lock when a session ends) at the start. pytest itself removes them only
+    when a run exits, so on a machine that keeps /tmp between jobs a run starts beside the earlier runs'
+    files (CI ran out of disk once, at pytest-156). Sessions still running keep their lock and files."""
+    numbered = re.compile(r"pytest-(\d+)")
+    base = tmp_path_factory.getbasetemp()
+    run = base.parent if base.name.startswith("popen-gw") else base  # an xdist worker's is inside the run's
+    this = numbered.fullmatch(run.name)
+    if not (this and run.parent.name.startswith("pytest-of-")):
+        return  # a --basetemp of the user's choosing
+    for old in run.parent.iterdir():
+        earlier = numbered.fullmatch(old.name)
+        if earlier and int(earlier[1]) < int(this[1]) and not old.is_symlink() and not (old / ".lock").exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
