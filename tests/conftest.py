@@ -102,8 +102,8 @@ def no_finished_runs_left(tmp_path_factory):
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory):
     """`tmp_path_factory.mktemp` for a module's shared fixtures; what it made is removed once the module's
-    tests are done. A module's runs hold hundreds of MB of checkpoints, and CI machines can have little disk:
-    kept to the end of the session, the suite's came to 2.3 GB."""
+    tests are done. A module's runs hold hundreds of MB of checkpoints, and CI machines can have little disk
+    (docs/performance.md has the suite's peak before and after)."""
     made = []
 
     def mktemp(name: str) -> Path:

@@ -436,7 +436,7 @@ def synthetic_reader(samples: int = 300, page_size: int = 4096, seed: int = 0) -
     table["sample_id"] = np.repeat(np.arange(samples), counts)
     table["size"] = rng.integers(100, 3000, len(table))
     table["ptr"] = 64 + np.concatenate([[0], np.cumsum(table["size"][:-1])])
-    return SimpleNamespace(alloc_table=table[rng.permutation(len(table))], page_size=page_size, file_name="-")
+    return SimpleNamespace(alloc_table=table[rng.permutation(len(table))], page_size=page_size)
 
 
 def test_lazy_page_tables_are_ffcvs_own(dataset):

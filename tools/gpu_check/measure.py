@@ -30,8 +30,8 @@ class Sizes:
 # The CPU run only exercises each check's code: the smallest sizes that do (a batch of 4 is the fewest that
 # device decode's four JPEG shapes fill; 2 steps: the second starts from the first's update, under the
 # GradScaler and the momentum it made). 32 px, not 16: at 16 px layer4's first convolution sees a 1x1 map, and
-# torch 2.14.1's CPU backward then left some of its weight gradient unwritten (whatever the memory held: NaN in
-# 3 of 8 processes), which failed the resume check at random; at 32 px it was bit-exact in 8 of 8.
+# torch 2.14.1's CPU backward then leaves some of its weight gradient unwritten (whatever the memory held, NaN
+# in some processes), which failed the resume check at random; at 32 px the resume step is bit-exact.
 SIZES = {"cuda": Sizes("resnet50", "8192-8192-8192", 224, 64, 3),  # the paper's network at 64 images per GPU
          "cpu": Sizes("resnet18", "64-64", 32, 4, 2)}
 
