@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from bt_fast.config import Config, ConfigError
+from bt_fast.config import Config
 from bt_fast.files import atomic_write_text, write_json
 from bt_fast.plots import plot_runs, save_png
+from bt_fast.preflight import tensorboard_writer_class
 from pipelines.views import pair_grid
 
 METRICS_NAME = "metrics.jsonl"
@@ -70,16 +71,6 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     if path.is_file():
         kept = [record for record in read_metrics(path) if record["step"] <= step]
         atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-def tensorboard_writer_class() -> type:
-    """torch's SummaryWriter, or a ConfigError naming the missing package."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("config key 'tensorboard' is true, but the package 'tensorboard' is not installed: "
-                          "pip install tensorboard (requirements.txt pins it) or set tensorboard=false") from None
-    return SummaryWriter
 
 
 def _installed(distribution: str) -> str:

@@ -44,7 +44,7 @@ with exit_on_interrupt("while starting (loading torch)"):
                                     remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
     from bt_fast.config import CHOICES, KEY_HELP, MIN_BATCH_PER_RANK, Config, ConfigError, load_config
     from bt_fast.errors import StorageError, UserError, cli_errors, print_error
-    from bt_fast.files import check_writable_directory, storage_fault
+    from bt_fast.files import storage_fault
     from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
     from bt_fast.knn import KnnMonitor
     from bt_fast.loss import barlow_twins_loss
@@ -53,9 +53,11 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.optim import LARS, param_groups
     from bt_fast.progress import progress
     from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals
-    from bt_fast.run_lock import RunLock, check_unlocked
+    from bt_fast.run_lock import RunLock
+    from bt_fast.preflight import (changed_settings, check_previous_run, check_run_inputs,
+                                   refuse_changed_finished_run, schedule_steps)
     from bt_fast.run_log import (METRICS_NAME, PLOT_NAME, SUMMARY_NAME, RunLog, read_metrics, summarise,
-                                 tensorboard_writer_class, truncate_metrics, write_summary)
+                                 truncate_metrics, write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
     from bt_fast.step_clock import StepClock
     from pipelines import PIPELINES, Placement, build_pipeline
@@ -415,98 +417,6 @@ class Trainer:
             dist.barrier()
 
 
-# Keys that may change between a run and its resume without changing what it computes.
-RESUMABLE_KEYS = {"max_steps", "out_dir", "log_every", "checkpoint_every", "knn_every", "knn_train", "knn_val",
-                  "tensorboard", "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch",
-                  "prefetch", "augment.backend"}
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """'key old -> new' for the settings of `current` that differ from a checkpoint's `saved` config."""
-    old, new = _flatten(saved), _flatten(current)
-    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
-            if key not in RESUMABLE_KEYS and old[key] != new[key]]
-
-
-# Settings a finished run may be rerun with although they change what it computes: more epochs extend it.
-EXTENDING_KEYS = ("epochs",)
-
-
-def schedule_steps(state: dict, steps_per_epoch: int | None = None) -> int | None:
-    """The steps of all the epochs of the run that wrote checkpoint `state`: recorded since
-    `schedule_steps` was, otherwise (older checkpoints) its epochs x `steps_per_epoch`, or None."""
-    if "schedule_steps" in state:
-        return state["schedule_steps"]
-    return state.get("config", {}).get("epochs", 0) * steps_per_epoch if steps_per_epoch else None
-
-
-def refuse_changed_finished_run(out_dir: Path, state: dict, changed: list[str], schedule: int | None) -> None:
-    """A CheckpointError if checkpoint `state` finished its run (trained all `schedule` steps of its
-    epochs) and `changed` (from `changed_settings`) holds a setting other than EXTENDING_KEYS: such a
-    rerun would describe, in a finished run's files, a run it never was. A run paused by max_steps
-    or a stop may resume with changes (the caller warns)."""
-    if schedule is None or state.get("step", 0) < schedule:
-        return
-    different = [change for change in changed if change.split(" ", 1)[0] not in EXTENDING_KEYS]
-    if different:
-        raise CheckpointError(f"{out_dir} holds a finished run ({state['step']} steps) that this command would "
-                              f"change ({'; '.join(different)}); choose a new OUT= (out_dir=) for a new run, or "
-                              f"rerun with the run's own settings (raising epochs extends it)")
-
-
-def check_previous_run(config: Config) -> None:
-    """Before anything is built (a first-use conversion can take hours): a checkpoint in out_dir must be
-    readable (its zip directory, read with mmap), and a finished run may not be rerun with other settings."""
-    path = Path(config.out_dir) / CHECKPOINT_NAME
-    if path.is_file():
-        state = load_checkpoint(path, mmap=True)
-        refuse_changed_finished_run(Path(config.out_dir), state,
-                                    changed_settings(state.get("config", {}), config.to_dict()), schedule_steps(state))
-
-
-def check_data_given(config: Config) -> None:
-    """A ConfigError unless the config names a dataset for its pipeline."""
-    own_dataset = ((config.pipeline == "ffcv" and config.ffcv.beton) or
-                   (config.pipeline == "dali" and config.dali.records))
-    if not config.data and not own_dataset:
-        raise ConfigError("config key 'data' is required: data=/path/to/ImageFolder (with make: DATA=...; "
-                          "`make pretrain` without DATA trains on the demo data)")
-
-
-def check_run_inputs(config: Config) -> None:
-    """What a run needs from the file system, checked before anything is built (one ConfigError each);
-    creates nothing."""
-    check_data_given(config)
-    for key in ("knn_train", "knn_val"):
-        path = getattr(config, key)
-        if path and not Path(path).is_dir():
-            raise ConfigError(f"config key '{key}' names {path}, which is not a directory; point it at a labelled "
-                              f"ImageFolder or leave it empty")
-    out_dir = Path(config.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"config key 'out_dir' names {out_dir}, which is a file; choose a directory")
-    try:
-        check_writable_directory(out_dir)
-    except OSError as err:
-        raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
-                          f"({err.strerror or err}); choose another out_dir") from None
-    if int(os.environ.get("RANK", "0")) == 0:  # the lock's holder: the other ranks of this run find it held by rank 0
-        check_unlocked(out_dir)
-    check_previous_run(config)  # here too, so that the launcher refuses once, not once per restart
-    if config.tensorboard:
-        tensorboard_writer_class()
-
-
 def metrics_missing(out_dir: Path) -> bool:
     """True if out_dir has a metrics log but not the summary or plot drawn from it at a run's end."""
     drawn = all((out_dir / name).is_file() for name in (SUMMARY_NAME, PLOT_NAME))
@@ -528,7 +438,7 @@ def check_memory(config: Config, ctx: DistContext) -> None:
             padded = (layout.max_height, layout.max_width)
         largest = max(padded) if padded else config.ffcv.max_resolution
         stored = (f"the largest side stored in {path}" if padded else
-                  f"ffcv.max_resolution, the largest side the first-use conversion stores")
+                  "ffcv.max_resolution, the largest side the first-use conversion stores")
         if crop == "host" and side > largest:
             raise ConfigError(f"config key 'augment.image_size' ({side}) is above {stored} ({largest} px): FFCV's "
                               f"host crop would upsample every crop; lower augment.image_size (or reconvert with a "

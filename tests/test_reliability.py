@@ -184,6 +184,16 @@ def test_launcher_reports_a_config_error_once_without_starting_torchrun(tmp_path
     assert result.stderr.strip().splitlines() == ["error: config key 'epochs' expects a number, got 'abc'"]
 
 
+def test_launcher_checks_a_run_without_loading_the_trainer():
+    """The launcher's checks (bt_fast.preflight) leave torchvision, the pipelines and the trainer to the ranks:
+    loading them would double the launcher's start-up before every run and restart."""
+    heavy = ("torchvision", "pipelines", "bt_fast.train")
+    probe = f"import sys, tools.launch; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # -- first-use conversion and tools.convert --------------------------------------------------------
 def _folder_with_problems(root: Path, image_folder: Path) -> Path:
     import shutil

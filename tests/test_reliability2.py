@@ -26,7 +26,8 @@ from bt_fast.files import atomic_write
 from bt_fast.memory_budget import conv_elements, estimate, parameter_count
 from bt_fast.model import build_model
 from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
-from bt_fast.train import Trainer, check_memory, refuse_changed_finished_run
+from bt_fast.preflight import refuse_changed_finished_run
+from bt_fast.train import Trainer, check_memory
 from test_reliability import metric_lines, run_main, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -437,7 +438,7 @@ def test_the_launcher_refuses_a_changed_finished_run_once_before_torchrun(image_
 
 
 def test_settings_of_how_not_what_may_change_on_a_finished_run(tmp_path):
-    from bt_fast.train import changed_settings
+    from bt_fast.preflight import changed_settings
     saved = load_config(None, ["data=/d"]).to_dict()
     rerun = load_config(None, ["data=/d", "prefetch=3", "augment.backend=eager", "workers=2"]).to_dict()
     assert changed_settings(saved, rerun) == []

@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import Config, load_config
 from bt_fast.errors import cli_errors, print_error
-from bt_fast.train import check_run_inputs
+from bt_fast.preflight import check_run_inputs
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 

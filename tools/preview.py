@@ -14,7 +14,7 @@ from pathlib import Path
 from bt_fast.config import load_config
 from bt_fast.distributed import resolve_device
 from bt_fast.errors import UserError, cli_errors
-from bt_fast.train import check_data_given
+from bt_fast.preflight import check_data_given
 from pipelines.views import first_pairs, pair_grid, write_png
 
 

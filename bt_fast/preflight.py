@@ -1,0 +1,116 @@
+"""A run's inputs and its out_dir's previous run, checked before anything is built.
+
+`bt_fast.train` runs these checks on every rank, and `tools.launch` once before it starts any,
+so a wrong path or a forbidden rerun is one line, not one per rank and restart. This module
+imports neither torchvision nor the pipelines, which would double the launcher's start-up.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from bt_fast.config import Config, ConfigError
+from bt_fast.files import check_writable_directory
+from bt_fast.run_lock import check_unlocked
+
+# Keys that may change between a run and its resume without changing what it computes.
+RESUMABLE_KEYS = {"max_steps", "out_dir", "log_every", "checkpoint_every", "knn_every", "knn_train", "knn_val",
+                  "tensorboard", "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch",
+                  "prefetch", "augment.backend"}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'key old -> new' for the settings of `current` that differ from a checkpoint's `saved` config."""
+    old, new = _flatten(saved), _flatten(current)
+    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+            if key not in RESUMABLE_KEYS and old[key] != new[key]]
+
+
+# Settings a finished run may be rerun with although they change what it computes: more epochs extend it.
+EXTENDING_KEYS = ("epochs",)
+
+
+def schedule_steps(state: dict, steps_per_epoch: int | None = None) -> int | None:
+    """The steps of all the epochs of the run that wrote checkpoint `state`: recorded since
+    `schedule_steps` was, otherwise (older checkpoints) its epochs x `steps_per_epoch`, or None."""
+    if "schedule_steps" in state:
+        return state["schedule_steps"]
+    return state.get("config", {}).get("epochs", 0) * steps_per_epoch if steps_per_epoch else None
+
+
+def refuse_changed_finished_run(out_dir: Path, state: dict, changed: list[str], schedule: int | None) -> None:
+    """A CheckpointError if checkpoint `state` finished its run (trained all `schedule` steps of its
+    epochs) and `changed` (from `changed_settings`) holds a setting other than EXTENDING_KEYS: such a
+    rerun would describe, in a finished run's files, a run it never was. A run paused by max_steps
+    or a stop may resume with changes (the caller warns)."""
+    if schedule is None or state.get("step", 0) < schedule:
+        return
+    different = [change for change in changed if change.split(" ", 1)[0] not in EXTENDING_KEYS]
+    if different:
+        raise CheckpointError(f"{out_dir} holds a finished run ({state['step']} steps) that this command would "
+                              f"change ({'; '.join(different)}); choose a new OUT= (out_dir=) for a new run, or "
+                              f"rerun with the run's own settings (raising epochs extends it)")
+
+
+def check_previous_run(config: Config) -> None:
+    """Before anything is built (a first-use conversion can take hours): a checkpoint in out_dir must be
+    readable (its zip directory, read with mmap), and a finished run may not be rerun with other settings."""
+    path = Path(config.out_dir) / CHECKPOINT_NAME
+    if path.is_file():
+        state = load_checkpoint(path, mmap=True)
+        refuse_changed_finished_run(Path(config.out_dir), state,
+                                    changed_settings(state.get("config", {}), config.to_dict()), schedule_steps(state))
+
+
+def check_data_given(config: Config) -> None:
+    """A ConfigError unless the config names a dataset for its pipeline."""
+    own_dataset = ((config.pipeline == "ffcv" and config.ffcv.beton) or
+                   (config.pipeline == "dali" and config.dali.records))
+    if not config.data and not own_dataset:
+        raise ConfigError("config key 'data' is required: data=/path/to/ImageFolder (with make: DATA=...; "
+                          "`make pretrain` without DATA trains on the demo data)")
+
+
+def check_run_inputs(config: Config) -> None:
+    """What a run needs from the file system, checked before anything is built (one ConfigError each);
+    creates nothing."""
+    check_data_given(config)
+    for key in ("knn_train", "knn_val"):
+        path = getattr(config, key)
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"config key '{key}' names {path}, which is not a directory; point it at a labelled "
+                              f"ImageFolder or leave it empty")
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"config key 'out_dir' names {out_dir}, which is a file; choose a directory")
+    try:
+        check_writable_directory(out_dir)
+    except OSError as err:
+        raise ConfigError(f"config key 'out_dir' names {out_dir}, which is not writable "
+                          f"({err.strerror or err}); choose another out_dir") from None
+    if int(os.environ.get("RANK", "0")) == 0:  # the lock's holder: the other ranks of this run find it held by rank 0
+        check_unlocked(out_dir)
+    check_previous_run(config)  # here too, so that the launcher refuses once, not once per restart
+    if config.tensorboard:
+        tensorboard_writer_class()
+
+
+def tensorboard_writer_class() -> type:
+    """torch's SummaryWriter, or a ConfigError naming the missing package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("config key 'tensorboard' is true, but the package 'tensorboard' is not installed: "
+                          "pip install tensorboard (requirements.txt pins it) or set tensorboard=false") from None
+    return SummaryWriter
