@@ -36,22 +36,23 @@ FINETUNE_SEEDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def pretrained(module_tmp):
-    """(demo root, training summary, run directory) of one demo pretraining shared by the module."""
+    """(demo root, training summary, run directory) of one demo pretraining shared by the module, on the CPU
+    where the bars were calibrated (docs/evaluation.md), also where CUDA is visible."""
     root = module_tmp("learning")
     demo = demo_data.build(root / "demo", train_per_class=64, val_per_class=16)
     run = root / "run"
     summary = train(load_config("configs/demo_cpu.yaml", [f"data={demo / 'train'}", f"knn_val={demo / 'val'}",
-                                                          f"out_dir={run}", "epochs=2"]))
+                                                          f"out_dir={run}", "epochs=2", "device=cpu"]))
     return demo, summary, run
 
 
 def compare(pretrained, work_dir, *options: str) -> dict:
-    """`tools.evaluate --compare` of the demo checkpoint against random init; its JSON."""
+    """`tools.evaluate --compare` of the demo checkpoint against random init, on the CPU; its JSON."""
     demo, summary, _ = pretrained
     work_dir.mkdir(parents=True, exist_ok=True)
     result = work_dir / "eval.json"
     assert evaluate.main(["--compare", "--checkpoint", summary["checkpoint"], "--data", str(demo),
-                          "--json", str(result), *options]) == 0
+                          "--device", "cpu", "--json", str(result), *options]) == 0
     return json.loads(result.read_text())
 
 
@@ -75,8 +76,7 @@ def test_demo_pretraining_beats_random_init_on_the_linear_probe(pretrained, tmp_
     the probe on pretrained features reaches about 60%, the one on random-init features is still near 18%
     (at 10 epochs, about 41%: a gain of +20). On cached features of the whole images the demo separates
     the two by only a few points (docs/evaluation.md)."""
-    measured = compare(pretrained, tmp_path, "--mode", "linear", "--no-cache-features", "--epochs", "5",
-                       "--device", "cpu")
+    measured = compare(pretrained, tmp_path, "--mode", "linear", "--no-cache-features", "--epochs", "5")
     assert gain(measured) >= MIN_LINEAR_GAIN_POINTS, measured
 
 
@@ -93,7 +93,7 @@ def test_demo_pretraining_beats_random_init_on_fine_tuning(pretrained, tmp_path)
     gains = []
     for seed in FINETUNE_SEEDS:
         measured = compare(pretrained, tmp_path / f"seed{seed}", "--mode", "finetune", "--lr-classifier", "0.1",
-                           "--device", "cpu", "--seed", str(seed))
+                           "--seed", str(seed))
         for record in measured.values():
             assert (record["train_images"], record["train_percent"], record["epochs"], record["lr_backbone"]) == \
                 (16, 1, 20, 0.005)

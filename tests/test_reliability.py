@@ -29,9 +29,10 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def tiny_args(data, out_dir, *extra) -> list[str]:
-    """A tiny run's command line; a key in `extra` replaces the tiny value (the CLI refuses a key given twice)."""
-    tiny = [f"data={data}", f"out_dir={out_dir}", "pipeline=reference", "knn_every=0", "workers=0", "batch_size=8",
-            "projector=64-64", "augment.image_size=32", "epochs=1", "warmup_epochs=0"]
+    """A tiny run's command line, on the CPU also where CUDA is visible; a key in `extra` replaces the tiny value
+    (the CLI refuses a key given twice)."""
+    tiny = [f"data={data}", f"out_dir={out_dir}", "device=cpu", "pipeline=reference", "knn_every=0", "workers=0",
+            "batch_size=8", "projector=64-64", "augment.image_size=32", "epochs=1", "warmup_epochs=0"]
     given = {pair.split("=", 1)[0] for pair in extra}
     return ["--config", "configs/demo_cpu.yaml", *[p for p in tiny if p.split("=", 1)[0] not in given], *extra]
 

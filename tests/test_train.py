@@ -162,7 +162,8 @@ def test_knn_monitor_logs_what_tools_evaluate_measures_on_the_checkpoint(monitor
     steps_per_epoch = max(r["step"] for r in records) // 2
     assert [(r["epoch"], r["step"]) for r in knn] == [(0, steps_per_epoch), (1, 2 * steps_per_epoch)]
     assert evaluate(["--mode", "knn", "--checkpoint", str(run / "checkpoint.pth"), "--data", str(image_folder),
-                     "--val-data", str(image_folder), "--workers", "0", "--json", str(tmp_path / "eval.json")]) == 0
+                     "--val-data", str(image_folder), "--workers", "0", "--device", "cpu",
+                     "--json", str(tmp_path / "eval.json")]) == 0
     measured = json.loads((tmp_path / "eval.json").read_text())
     assert (knn[-1]["knn_top1"], knn[-1]["knn_top5"]) == pytest.approx((measured["top1"], measured["top5"]), abs=1e-3)
 
