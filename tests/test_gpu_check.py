@@ -12,7 +12,7 @@ import bt_fast.optim
 import bt_fast.train
 from conftest import requires_cuda
 from tools.gpu_check import __main__ as gpu_check
-from tools.gpu_check.measure import SIZES, compare
+from tools.gpu_check.measure import SIZES, Result, compare
 from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,35 @@ def test_compiled_lars_with_a_perturbed_learning_rate_fails_the_run(monkeypatch,
         gpu_check.main(["--device", "cpu"])
     assert exit_.value.code == 1
     assert "lars               fail" in capsys.readouterr().out
+
+
+def test_only_runs_the_named_checks_and_refuses_an_unknown_name(monkeypatch, capsys):
+    """`--only` (to rerun what failed within a GPU session's time): the named checks alone, the throughput
+    only when named, and a name that is no check is argparse's error, exit 2, before anything runs."""
+    ran = []
+
+    def check_crop(device, sizes, workdir, measured):
+        ran.append("crop")
+        return [Result("crop", "pass", 0.0, 0.0)]
+
+    def check_no_sync(device, sizes, workdir, measured):
+        ran.append("no sync")
+        return [Result("no sync", "pass", 0.0, 0.0)]
+
+    monkeypatch.setattr(gpu_check, "CHECKS", [check_crop, check_no_sync])
+    monkeypatch.setattr(gpu_check, "measure_training", lambda *args: ran.append("throughput"))
+    for only, expected in (("no-sync", ["no sync"]), ("crop,throughput", ["crop", "throughput"]),
+                           (None, ["crop", "no sync", "throughput"])):
+        ran.clear()
+        with pytest.raises(SystemExit) as exit_:
+            gpu_check.main(["--device", "cpu", *(["--only", only] if only else [])])
+        assert exit_.value.code == 0 and ran == expected, only
+    ran.clear()
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cpu", "--only", "crop,bogus"])
+    assert exit_.value.code == 2 and ran == []
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m tools.gpu_check: error: --only takes names from crop, no-sync, throughput; got 'crop,bogus'")
 
 
 def test_a_step_that_syncs_fails_the_no_host_sync_check(monkeypatch, tmp_path):

@@ -25,6 +25,26 @@ from tools.gpu_check.train_checks import check_amp, check_ddp, check_lars, check
 
 CHECKS: list[Callable] = [check_augment, check_device_crop, check_device_decode, check_amp, check_lars, check_resume,
                           check_ddp, check_no_host_sync, check_ffcv, check_dali, check_rank_devices]
+THROUGHPUT = "throughput"  # the training-speed part, selectable by --only as a check is
+
+
+def check_name(check: Callable) -> str:
+    """A check's name on the command line and in a crashed check's line: check_no_host_sync -> "no host sync"."""
+    return check.__name__.removeprefix("check_").replace("_", " ")
+
+
+def selected(only: str | None) -> tuple[list[Callable], bool]:
+    """(the checks, whether to measure throughput) that `--only a,b` names ("no-host-sync" or "no host sync"
+    name check_no_host_sync); every check and the throughput without it. ValueError for an unknown name."""
+    if only is None:
+        return CHECKS, True
+    names = {name.strip().replace("-", " ").replace("_", " ") for name in only.split(",") if name.strip()}
+    known = {check_name(check): check for check in CHECKS}
+    unknown = sorted(names - known.keys() - {THROUGHPUT})
+    if unknown or not names:
+        raise ValueError(f"--only takes names from {', '.join(n.replace(' ', '-') for n in [*known, THROUGHPUT])}; "
+                         f"got {only!r}")
+    return [check for name, check in known.items() if name in names], THROUGHPUT in names
 
 
 @contextlib.contextmanager
@@ -40,11 +60,12 @@ def held_output():
         raise
 
 
-def run_checks(device: torch.device, report: Callable[[str], None] = print) -> dict:
+def run_checks(device: torch.device, report: Callable[[str], None] = print, checks: Sequence[Callable] = CHECKS,
+               throughput: bool = True) -> dict:
     sizes = SIZES[device.type]
     results, measured = [], {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        for index, check in enumerate(CHECKS):
+        for index, check in enumerate(checks):
             workdir = Path(tmp) / str(index)
             workdir.mkdir()
             try:
@@ -54,14 +75,16 @@ def run_checks(device: torch.device, report: Callable[[str], None] = print) -> d
                     # FFCV host crop's compiled decoder, is printed when that is collected and is no finding.
                     gc.collect()
             except Exception as err:  # noqa: BLE001 - a crashing check is a failed check; the others still run
-                outcome = [Result(check.__name__.removeprefix("check_").replace("_", " "), f"fail: {one_line(err)}")]
+                outcome = [Result(check_name(check), f"fail: {one_line(err)}")]
             for result in outcome:
                 results.append(result)
                 error = "" if result.error is None else f"  error {result.error:.3g} (tolerance {result.tolerance:g})"
                 report(f"{result.check:<18} {result.status}{error}")
-        with held_output():
-            measure_training(device, sizes, Path(tmp), measured)
-    report("\nthroughput")
+        if throughput:
+            with held_output():
+                measure_training(device, sizes, Path(tmp), measured)
+    if measured:
+        report("\nthroughput")
     for key, value in measured.items():
         report(f"  {key:<40} {value if isinstance(value, str) else f'{value:.4g}'}")
     return {"device": str(device), "sizes": asdict(sizes), "checks": [asdict(r) for r in results],
@@ -92,7 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the results and throughput here")
     parser.add_argument("--end-to-end", action="store_true",
                         help="then train end to end with every pipeline (python -m tools.bench --end-to-end)")
+    parser.add_argument("--only", default=None, metavar="NAMES",
+                        help="run only these checks, comma-separated, e.g. no-host-sync,augment,throughput "
+                             "(to rerun what failed); default: every check and the throughput")
     args = parser.parse_args(argv)
+    try:
+        checks, throughput = selected(args.only)
+    except ValueError as err:
+        parser.error(str(err))
     if args.device is None and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible, nothing to check (--device cpu runs the checks on the CPU)")
         return
@@ -101,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with cli_errors():
         device = resolve_device(args.device or "cuda", setting="--device")
-        summary = run_checks(device)
+        summary = run_checks(device, checks=checks, throughput=throughput)
         if args.end_to_end:
             summary["end_to_end"] = run_end_to_end(device)
         if args.json:
