@@ -156,7 +156,11 @@ def scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], dtype: torc
 
 def batch_last(ws: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
-    """A tensor of logical `shape` (B, ...) whose memory has the batch dimension innermost."""
+    """A tensor of logical `shape` (B, ...) whose memory has the batch dimension innermost, except while
+    torch.compile traces (`augment.backend=compile`): it cannot write a strided tensor through `out=`, and
+    the compiled code picks its own layouts."""
+    if torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=device)
     rest = tuple(shape[1:])
     storage = scratch(ws, name, rest + (shape[0],), dtype, device)
     return storage.permute(len(rest), *range(len(rest)))
@@ -265,7 +269,7 @@ def adjust_hue_(x: torch.Tensor, hue: torch.Tensor, mask: torch.Tensor, workspac
         (a.neg_().add_(2.0) if rising else a.sub_(1.0)).clamp_(0.0, 1.0)
         torch.addcmul(minc, chroma, a, out=a)
         plane = x[:, channel]
-        torch.where(keep, a, plane, out=plane)
+        plane.copy_(torch.where(keep, a, plane))  # not out=plane: torch.compile cannot write a strided slice
     return x
 
 
@@ -438,8 +442,8 @@ class TwoViewAugment(torch.nn.Module):
     a resolution schedule's epoch. `backend` (config key `augment.backend`) says how:
 
     - `eager`: `apply`, on reused buffers;
-    - `compile`: `apply` through `torch.compile` with `compile_backend` (fresh buffers; the first
-      call at each size compiles);
+    - `compile`: `apply` through `torch.compile` with `compile_backend` (a backend name or callable),
+      traced as one graph (fresh buffers; the first call at each size compiles);
     - `triton`: the fused kernels of `pipelines.augment_triton` (CUDA; on the CPU only under
       `TRITON_INTERPRET=1`, else a ConfigError);
     - `auto`: triton for images on CUDA, eager otherwise.
@@ -449,7 +453,7 @@ class TwoViewAugment(torch.nn.Module):
     """
 
     def __init__(self, spec: AugmentSpec, dtype: torch.dtype = torch.float32, *, backend: str = "eager",
-                 compute_dtype: torch.dtype | None = None, compile_backend: str = "inductor"):
+                 compute_dtype: torch.dtype | None = None, compile_backend: str | Callable = "inductor"):
         super().__init__()
         check_choice("augment.backend", backend, BACKENDS)
         if backend == "triton" and not torch.cuda.is_available():

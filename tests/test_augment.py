@@ -1,7 +1,6 @@
 """Device augmentations against torchvision's functional ops, sample by sample, and their statistics."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -274,13 +273,23 @@ def test_bad_input_is_rejected():
         A.gaussian_blur(torch.rand(2, 3, 8, 8), torch.ones(2), torch.ones(2, dtype=torch.bool), 23)
 
 
-def test_compiled_augmentation_matches_eager():
-    """Traced by dynamo and functionalised (aot_eager: the inductor C++ build takes ~40 s on 2 cores)."""
+def test_compiled_augmentation_matches_eager_and_is_one_graph():
+    """Traced by dynamo and functionalised (aot_eager: the inductor C++ build takes ~40 s on 2 cores), as
+    one graph: a graph break (an op dynamo cannot trace, such as an `out=` into a strided view) would
+    leave the compiled backend running dozens of small graphs with eager code between them."""
+    from torch._dynamo.backends.registry import lookup_backend
+    graphs = []
+
+    def counting_aot_eager(graph, example_inputs):
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, example_inputs)
+
     spec = strong_spec(image_size=16, grayscale_p=0.5, solarize_p=(0.5, 0.5))
     images = make_images(8, size=16)
     eager = A.TwoViewAugment(spec)(images, images, torch.Generator().manual_seed(2))
-    compiled = A.TwoViewAugment(spec, backend="compile", compile_backend="aot_eager")(
+    compiled = A.TwoViewAugment(spec, backend="compile", compile_backend=counting_aot_eager)(
         images, images, torch.Generator().manual_seed(2))
+    assert len(graphs) == 1  # both views' calls run the one graph
     for a, b in zip(eager, compiled):
         assert b.is_contiguous(memory_format=torch.channels_last) and b.dtype == torch.float32
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
