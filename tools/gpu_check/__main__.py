@@ -60,8 +60,10 @@ def held_output():
         raise
 
 
-def run_checks(device: torch.device, report: Callable[[str], None] = print, checks: Sequence[Callable] = CHECKS,
+def run_checks(device: torch.device, report: Callable[[str], None] = print, checks: Sequence[Callable] | None = None,
                throughput: bool = True) -> dict:
+    """Each of `checks` (default CHECKS) in turn, then the throughput part if asked; the summary for the JSON."""
+    checks = CHECKS if checks is None else checks
     sizes = SIZES[device.type]
     results, measured = [], {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
