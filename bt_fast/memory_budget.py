@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bt_fast.config import Config, ConfigError
+from bt_fast.distributed import DistContext
 from bt_fast.model import build_model
 
 VIEWS = 2
@@ -118,3 +120,41 @@ def visible_device_memory(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).total_memory  # GPU only
+
+
+def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) -> None:
+    """A ConfigError, before anything is built, if one step cannot fit the memory this rank sees (the
+    estimate above; `dtype` is the run's autocast dtype, None without), or if FFCV's host crop would cut
+    crops larger than any stored image."""
+    side = config.augment.image_size  # the largest size of a resolution schedule
+    crop, padded = "device", None
+    if config.pipeline == "ffcv":  # imported for FFCV runs only: FFCV's import is heavy
+        from pipelines.ffcv import resolve_crop
+        from pipelines.ffcv_decoders import PaddedLayout
+        from pipelines.ffcv_format import beton_path, open_beton
+        crop, path = resolve_crop(config, ctx.device), beton_path(config)
+        if path.is_file():
+            layout = PaddedLayout.of(open_beton(path))
+            padded = (layout.max_height, layout.max_width)
+        largest = max(padded) if padded else config.ffcv.max_resolution
+        stored = (f"the largest side stored in {path}" if padded else
+                  "ffcv.max_resolution, the largest side the first-use conversion stores")
+        if crop == "host" and side > largest:
+            raise ConfigError(f"config key 'augment.image_size' ({side}) is above {stored} ({largest} px): FFCV's "
+                              f"host crop would upsample every crop; lower augment.image_size (or reconvert with a "
+                              f"larger --max-resolution)")
+    footprint = estimate(arch=config.arch, projector=config.projector, pipeline=config.pipeline,
+                         batch=config.batch_size // ctx.world_size, side=side,
+                         dtype_bytes=dtype.itemsize if dtype is not None else 4, ffcv_crop=crop,
+                         ffcv_decode=config.ffcv.decode, padded=padded)
+    device_memory = visible_device_memory(ctx.device)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # they share this node's host memory
+    needs = [("device", footprint.device, device_memory)] if device_memory is not None else []
+    host = footprint.host + (footprint.device if device_memory is None else 0)
+    needs.append(("host", host * ranks_here, visible_host_memory()))
+    for where, need, memory in needs:
+        if need > memory:
+            ranks = f" for {ranks_here} ranks" if where == "host" and ranks_here > 1 else ""
+            raise ConfigError(f"config keys 'augment.image_size' ({side}) and 'batch_size' ({config.batch_size}) need "
+                              f"at least {gib(need)} of {where} memory per step{ranks} ({footprint.describe()}), "
+                              f"but it has {gib(memory)}; lower augment.image_size or batch_size")

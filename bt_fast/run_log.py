@@ -73,6 +73,12 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
+def metrics_missing(out_dir: Path) -> bool:
+    """True if out_dir has a metrics log but not the summary or plot drawn from it at a run's end."""
+    drawn = all((out_dir / name).is_file() for name in (SUMMARY_NAME, PLOT_NAME))
+    return (out_dir / METRICS_NAME).is_file() and not drawn
+
+
 def _installed(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)

@@ -48,7 +48,7 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
     from bt_fast.knn import KnnMonitor
     from bt_fast.loss import barlow_twins_loss
-    from bt_fast.memory_budget import estimate, gib, visible_device_memory, visible_host_memory
+    from bt_fast.memory_budget import check_memory
     from bt_fast.model import BACKBONE_DIM, BarlowTwins, build_model
     from bt_fast.optim import LARS, param_groups
     from bt_fast.progress import progress
@@ -56,8 +56,8 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.run_lock import RunLock
     from bt_fast.preflight import (changed_settings, check_previous_run, check_run_inputs,
                                    refuse_changed_finished_run, schedule_steps)
-    from bt_fast.run_log import (METRICS_NAME, PLOT_NAME, SUMMARY_NAME, RunLog, read_metrics, summarise,
-                                 truncate_metrics, write_summary)
+    from bt_fast.run_log import (METRICS_NAME, RunLog, metrics_missing, read_metrics, summarise, truncate_metrics,
+                                 write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
     from bt_fast.step_clock import StepClock
     from pipelines import PIPELINES, Placement, build_pipeline
@@ -417,50 +417,6 @@ class Trainer:
             dist.barrier()
 
 
-def metrics_missing(out_dir: Path) -> bool:
-    """True if out_dir has a metrics log but not the summary or plot drawn from it at a run's end."""
-    drawn = all((out_dir / name).is_file() for name in (SUMMARY_NAME, PLOT_NAME))
-    return (out_dir / METRICS_NAME).is_file() and not drawn
-
-
-def check_memory(config: Config, ctx: DistContext) -> None:
-    """A ConfigError, before anything is built, if one step cannot fit the memory this rank sees
-    (`bt_fast.memory_budget`), or if FFCV's host crop would cut crops larger than any stored image."""
-    side = config.augment.image_size  # the largest size of a resolution schedule
-    crop, padded = "device", None
-    if config.pipeline == "ffcv":
-        from pipelines.ffcv import resolve_crop
-        from pipelines.ffcv_decoders import PaddedLayout
-        from pipelines.ffcv_format import beton_path, open_beton
-        crop, path = resolve_crop(config, ctx.device), beton_path(config)
-        if path.is_file():
-            layout = PaddedLayout.of(open_beton(path))
-            padded = (layout.max_height, layout.max_width)
-        largest = max(padded) if padded else config.ffcv.max_resolution
-        stored = (f"the largest side stored in {path}" if padded else
-                  "ffcv.max_resolution, the largest side the first-use conversion stores")
-        if crop == "host" and side > largest:
-            raise ConfigError(f"config key 'augment.image_size' ({side}) is above {stored} ({largest} px): FFCV's "
-                              f"host crop would upsample every crop; lower augment.image_size (or reconvert with a "
-                              f"larger --max-resolution)")
-    dtype = amp_dtype(config, ctx.device)
-    footprint = estimate(arch=config.arch, projector=config.projector, pipeline=config.pipeline,
-                         batch=config.batch_size // ctx.world_size, side=side,
-                         dtype_bytes=dtype.itemsize if dtype is not None else 4, ffcv_crop=crop,
-                         ffcv_decode=config.ffcv.decode, padded=padded)
-    device_memory = visible_device_memory(ctx.device)
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # they share this node's host memory
-    needs = [("device", footprint.device, device_memory)] if device_memory is not None else []
-    host = footprint.host + (footprint.device if device_memory is None else 0)
-    needs.append(("host", host * ranks_here, visible_host_memory()))
-    for where, need, memory in needs:
-        if need > memory:
-            ranks = f" for {ranks_here} ranks" if where == "host" and ranks_here > 1 else ""
-            raise ConfigError(f"config keys 'augment.image_size' ({side}) and 'batch_size' ({config.batch_size}) need "
-                              f"at least {gib(need)} of {where} memory per step{ranks} ({footprint.describe()}), "
-                              f"but it has {gib(memory)}; lower augment.image_size or batch_size")
-
-
 def train(config: Config) -> dict:
     """Run (or resume) pretraining; returns the summary printed at the end.
 
@@ -476,7 +432,7 @@ def train(config: Config) -> dict:
         if ctx.is_main:
             lock.acquire()
         check_previous_run(config)
-        check_memory(config, ctx)
+        check_memory(config, ctx, amp_dtype(config, ctx.device))
         if ctx.is_main and config.warmup_epochs >= config.epochs:
             print(f"warning: warmup_epochs ({config.warmup_epochs}) >= epochs ({config.epochs}): the learning "
                   f"rate never reaches its peak; lower warmup_epochs", file=sys.stderr)

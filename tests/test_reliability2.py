@@ -23,11 +23,11 @@ from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
 from bt_fast.errors import StorageError
 from bt_fast.files import atomic_write
-from bt_fast.memory_budget import conv_elements, estimate, parameter_count
+from bt_fast.memory_budget import check_memory, conv_elements, estimate, parameter_count
 from bt_fast.model import build_model
-from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
 from bt_fast.preflight import refuse_changed_finished_run
-from bt_fast.train import Trainer, check_memory
+from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
+from bt_fast.train import Trainer
 from test_reliability import metric_lines, run_main, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ def test_host_crop_sizes_above_what_the_beton_stores_are_refused(image_folder, t
                                                    "ffcv.max_resolution=64", "augment.image_size=96", "device=cpu"])
     with pytest.raises(ConfigError, match=r"'augment.image_size' \(96\) is above ffcv.max_resolution, the largest "
                                           r"side the first-use conversion stores \(64 px\)"):
-        check_memory(config, CPU)
+        check_memory(config, CPU, None)
     assert not (tmp_path / "images.beton").exists()
 
 
