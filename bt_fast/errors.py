@@ -18,6 +18,10 @@ class UserError(RuntimeError):
     exit_code = 2
 
 
+class DataError(UserError):
+    """Unusable input data; the message names the file or directory and what to do."""
+
+
 class StorageError(UserError):
     """The file system refused a write the run needed (full, over quota, read-only); nothing
     already complete was lost, and the message says where the last good state is."""

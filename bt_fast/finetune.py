@@ -34,12 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bt_fast.checkpoint import CheckpointError, atomic_save, load_checkpoint, restore_model
+from bt_fast.errors import DataError
 from bt_fast.files import remove_stale_temporaries
 from bt_fast.knn import LabelledImageFolder, eval_loader, extract_features_multi, train_transform
 from bt_fast.linear_probe import linear_topk, new_linear
 from bt_fast.progress import progress
 from bt_fast.schedule import epoch_cosine
-from pipelines.base import DataError
 from pipelines.epochs import sample_rng
 from pipelines.reference import EpochIndexSampler, load_rgb
 

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.base import DataError, find_image_folder
+from bt_fast.errors import DataError
+from pipelines.image_folder import find_image_folder
 from pipelines.reference import load_rgb
 
 DEFAULT_K = 200

@@ -43,9 +43,9 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
                                     remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
     from bt_fast.config import CHOICES, KEY_HELP, MIN_BATCH_PER_RANK, Config, ConfigError, load_config
+    from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
     from bt_fast.errors import StorageError, UserError, cli_errors, print_error
     from bt_fast.files import storage_fault
-    from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
     from bt_fast.knn import KnnMonitor
     from bt_fast.loss import barlow_twins_loss
     from bt_fast.memory_budget import check_memory
@@ -60,7 +60,8 @@ with exit_on_interrupt("while starting (loading torch)"):
                                  write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
     from bt_fast.step_clock import StepClock
-    from pipelines import PIPELINES, Placement, build_pipeline
+    from pipelines import PIPELINES, build_pipeline
+    from pipelines.base import Placement
 
 
 MAX_SKIPPED_STEPS = 20

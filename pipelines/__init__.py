@@ -6,10 +6,12 @@ first use (FFCV and DALI are heavy imports), and every class is built the same w
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bt_fast.config import Config, check_choice
-from pipelines.base import DataError, Placement, TwoViewPipeline
+
+if TYPE_CHECKING:  # the package itself stays free of torch: the converter and the data tools do not need it
+    from pipelines.base import Placement, TwoViewPipeline
 
 
 def _reference() -> type:
@@ -35,5 +37,3 @@ def build_pipeline(config: Config, placement: Placement, batch_size: int) -> Two
     check_choice("pipeline", config.pipeline, PIPELINES)
     return PIPELINES[config.pipeline]()(config, placement, batch_size)
 
-
-__all__ = ["PIPELINES", "DataError", "Placement", "TwoViewPipeline", "build_pipeline"]

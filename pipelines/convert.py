@@ -1,7 +1,7 @@
 """Convert an ImageFolder or a `path label` list into an FFCV `.beton` or DALI webdataset shards.
 
 The source is an ImageFolder (SRC/<class>/<image>, labels = index of the sorted class names,
-exactly as `pipelines.base.find_image_folder`) or a text file whose lines are `<path> <label>`
+exactly as `pipelines.image_folder.find_image_folder`) or a text file whose lines are `<path> <label>`
 (path relative to the list file's directory or absolute, label a non-negative int; blank
 lines and lines starting with '#' are ignored).
 
@@ -53,12 +53,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from bt_fast.errors import DataError
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, fsync_directory, remove_orphaned_temporaries,
                            temporary_name, write_json)
 from bt_fast.progress import progress as progress_bar
-from pipelines.base import DataError, find_image_folder
 from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import BetonPart, beton_samples, join_parts, page_size_for
+from pipelines.image_folder import find_image_folder
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep, Prepared, cv2_module
 
 DEFAULT_SHARD_SIZE = 1000

@@ -50,7 +50,9 @@ import numpy as np
 import torch
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder
+from bt_fast.errors import DataError
+from pipelines.base import EpochPipeline, Placement
+from pipelines.image_folder import find_image_folder
 
 try:
     from nvidia.dali import fn, pipeline_def, types

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.base import DataError
+from bt_fast.errors import DataError
 
 
 def _decoder():

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipelines.base import DataError
+from bt_fast.errors import DataError
 
 ORDER_STREAM = 0
 

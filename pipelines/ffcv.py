@@ -52,8 +52,9 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.quasi_random import generate_order_inner
 
 from bt_fast.config import AugmentSpec, Config, ConfigError
+from bt_fast.errors import DataError
 from pipelines.augment import TwoViewAugment
-from pipelines.base import DataError, EpochPipeline, Placement, find_image_folder
+from pipelines.base import EpochPipeline, Placement
 from pipelines.convert import convert, report_path, source_state
 from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
@@ -62,6 +63,7 @@ from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, Padd
 from pipelines.ffcv_format import beton_path, open_beton
 from pipelines.ffcv_host_crop import TwoCropRGBDecoder
 from pipelines.ffcv_memory import lazy_page_tables
+from pipelines.image_folder import find_image_folder
 from pipelines.prefetch import run_ahead
 
 

@@ -44,7 +44,7 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 
-from pipelines.base import DataError
+from bt_fast.errors import DataError
 from pipelines.crop_sampling import random_resized_crop, sample_seed
 
 __all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",

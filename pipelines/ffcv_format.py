@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from bt_fast.config import Config
-from pipelines.base import DataError
+from bt_fast.errors import DataError
 from pipelines.images import ImagePrep
 
 if TYPE_CHECKING:

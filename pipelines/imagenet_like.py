@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bt_fast.errors import DataError
 from bt_fast.files import temporary_name, write_json
-from pipelines.base import DataError
 from pipelines.demo_data import PHOTOGRAPHS, load_photograph
 
 VERSION = 1

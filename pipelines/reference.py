@@ -19,8 +19,10 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines.base import DataError, Placement, check_start_batch, find_image_folder, to_device
+from bt_fast.errors import DataError
+from pipelines.base import Placement, check_start_batch, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
+from pipelines.image_folder import find_image_folder
 from pipelines.prefetch import run_ahead
 
 

@@ -11,9 +11,10 @@ import torchvision.utils
 from PIL import Image
 
 from bt_fast.config import AugmentSpec, Config
+from bt_fast.errors import DataError
 from bt_fast.files import atomic_write
 from pipelines import build_pipeline
-from pipelines.base import DataError, Placement
+from pipelines.base import Placement
 
 PAIRS_PER_ROW = 4
 

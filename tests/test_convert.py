@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.base import DataError, find_image_folder
 from pipelines.convert import convert, work_dir
 from pipelines.ffcv_format import page_size_for
+from pipelines.image_folder import find_image_folder
 from pipelines.images import ImagePrep, decode_source_image
 from tools.convert import main as convert_main
 
@@ -384,7 +384,7 @@ def test_shard_bytes_are_what_tarfile_writes(tmp_path):
 
 def test_image_folder_scan_matches_sorted_rglob(tmp_path):
     """The scandir walk lists exactly what the plain pathlib scan it replaced lists, in its order."""
-    from pipelines.base import IMAGE_SUFFIXES
+    from pipelines.image_folder import IMAGE_SUFFIXES
     root = tmp_path / "folder"
     for rel in ("b/x.jpg", "b/a.JPEG", "b/a/z.png", "b/a.b/y.jpg", "b/a-b.jpg", "b/.hidden.jpg", "b/deep/er/k.webp",
                 "b/notes.txt", "b/.jpg", "b/..jpg", "b/trail.jpg.", "a/1.jpg", "a/10.jpg", "a/2.jpg", "c/only.txt"):
@@ -482,6 +482,18 @@ def test_cli_subprocess_missing_source(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: source") and str(tmp_path / "nope") in result.stderr
+
+
+def test_dali_conversion_and_the_data_tools_never_load_torch(source, tmp_path):
+    """Neither format needs torch to write (about 2 s of start-up and 650 MB in every process, the
+    forked workers included); only the ffcv join imports FFCV (and with it torch) for its layout types."""
+    probe = ("import sys, tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
+             f"report = convert({str(source[0])!r}, {str(tmp_path / 'out')!r}, 'dali', workers=2, progress=False); "
+             "print(report['written'], [m for m in ('torch', 'ffcv', 'nvidia.dali') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    written, loaded = result.stdout.strip().split(" ", 1)
+    assert int(written) > 0 and loaded == "[]"
 
 
 def test_all_skipped_is_an_error_with_report(tmp_path, capsys):

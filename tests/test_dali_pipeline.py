@@ -14,7 +14,8 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
-from pipelines.base import DataError, Placement  # noqa: E402
+from bt_fast.errors import DataError  # noqa: E402
+from pipelines.base import Placement  # noqa: E402
 from pipelines.dali import (LUMA, DALIPipeline, EpochPlan, FolderSource, GraphOptions,  # noqa: E402
                             brightness_contrast, two_view_graph)
 from pipelines.dali_debug import grey_views, replay_view, to_pixels  # noqa: E402

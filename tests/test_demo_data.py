@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.base import find_image_folder
 from pipelines.demo_data import PHOTOGRAPHS, build
+from pipelines.image_folder import find_image_folder
 
 
 def test_build_makes_a_deterministic_image_folder_and_reuses_it(tmp_path):

@@ -21,7 +21,8 @@ from bt_fast.distributed import DistContext, init_distributed, shutdown_distribu
 from bt_fast.schedule import learning_rate
 from bt_fast.train import Trainer, TrainingError, train
 from conftest import spawn_pinned
-from pipelines import Placement, build_pipeline
+from pipelines import build_pipeline
+from pipelines.base import Placement
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo config with the paper's learning rates and a tiny model, on the reference pipeline.

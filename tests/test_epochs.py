@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines import PIPELINES, DataError, Placement, build_pipeline
+from bt_fast.errors import DataError
+from pipelines import PIPELINES, build_pipeline
+from pipelines.base import Placement
 from pipelines.epochs import epoch_seed, rank_block, samples_per_rank
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers (FFCV)

@@ -15,12 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bt_fast.checkpoint import CheckpointError
 from bt_fast.config import Config
-from bt_fast.errors import one_line
+from bt_fast.errors import DataError, one_line
 from bt_fast.knn import extract_features, knn_predict, knn_scores, topk_accuracy
 from bt_fast.linear_probe import linear_topk, train_linear
 from bt_fast.model import BarlowTwins
 from bt_fast.weights import infer_arch, load_backbone, mismatch, random_backbone
-from pipelines.base import DataError
 from tests.conftest import write_image_folder
 from tools import evaluate as ev
 

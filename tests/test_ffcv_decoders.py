@@ -22,8 +22,8 @@ from numba.core.errors import NumbaPerformanceWarning
 from PIL import Image
 from torchcodec.decoders import decode_jpeg
 
+from bt_fast.errors import DataError
 from pipelines import ffcv_decoders as D
-from pipelines.base import DataError
 from pipelines.crop_sampling import random_resized_crop, sample_seed
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),

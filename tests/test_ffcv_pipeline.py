@@ -16,9 +16,11 @@ import torchvision.transforms as T
 from PIL import Image
 
 from bt_fast.config import Config
+from bt_fast.errors import DataError
 from pipelines import ffcv as P
+from pipelines.base import Placement
 from pipelines.crop_sampling import random_resized_crop, sample_seed
-from pipelines.base import DataError, Placement, find_image_folder
+from pipelines.image_folder import find_image_folder
 
 # numba 0.68's dispatcher finalizer sometimes raises KeyError while garbage-collecting the
 # per-loader dispatchers FFCV (and our decoder, like FFCV's own) compile; it is ignored by

@@ -13,9 +13,10 @@ import torch
 
 import bt_fast.finetune as ft
 from bt_fast.checkpoint import CheckpointError
+from bt_fast.errors import DataError
 from bt_fast.schedule import epoch_cosine
 from bt_fast.weights import random_backbone
-from pipelines.base import DataError, find_image_folder
+from pipelines.image_folder import find_image_folder
 from tools import evaluate as ev
 
 

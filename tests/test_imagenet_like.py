@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.base import DataError, find_image_folder
+from bt_fast.errors import DataError
+from pipelines.image_folder import find_image_folder
 from pipelines.imagenet_like import BLOCK, MANIFEST, write_imagenet_like
 
 # JPEG standard (ITU T.81 Annex K.1) luminance table, natural order, and libjpeg's quality scaling.

@@ -8,7 +8,8 @@ from PIL import Image
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD, load_config
 from conftest import write_image_folder
-from pipelines import PIPELINES, Placement
+from pipelines import PIPELINES
+from pipelines.base import Placement
 from tools import preview
 
 SIZE, PAIRS = 32, 4

@@ -5,8 +5,9 @@ import torch
 import torchvision.transforms.functional as TF
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines import DataError, Placement
+from bt_fast.errors import DataError
 from pipelines import reference
+from pipelines.base import Placement
 from pipelines.reference import PILGaussianBlur, ReferencePipeline, TwoViewImageFolder
 
 SPEC = AugmentSpec(image_size=32)

@@ -205,8 +205,8 @@ def _folder_with_problems(root: Path, image_folder: Path) -> Path:
 
 
 def test_convert_checks_source_and_output_before_doing_any_work(image_folder, tmp_path, monkeypatch):
+    from bt_fast.errors import DataError
     from pipelines import convert as conversion
-    from pipelines.base import DataError
     with pytest.raises(DataError, match="does not exist"):
         conversion.convert(tmp_path / "missing", tmp_path / "deep" / "out.beton", "ffcv", workers=1)
     assert not (tmp_path / "deep").exists()
@@ -252,7 +252,7 @@ def test_first_use_conversion_says_what_it_skipped_and_leaves_no_lock(image_fold
 
 
 def test_first_use_conversion_on_read_only_storage_is_one_line(image_folder, tmp_path):
-    from pipelines.base import DataError
+    from bt_fast.errors import DataError
     from pipelines.ffcv import ensure_beton
     (tmp_path / ".images.beton.lock").mkdir()  # stands in for storage where the lock cannot be created
     config = load_config(None, [f"data={tmp_path / 'images'}", "pipeline=ffcv"])
@@ -263,7 +263,8 @@ def test_first_use_conversion_on_read_only_storage_is_one_line(image_folder, tmp
 
 
 def test_a_file_as_data_is_named_as_a_file(tmp_path):
-    from pipelines.base import DataError, find_image_folder
+    from bt_fast.errors import DataError
+    from pipelines.image_folder import find_image_folder
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="is a file; give the ImageFolder directory"):
         find_image_folder(tmp_path / "x.jpg")

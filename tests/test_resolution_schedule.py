@@ -11,8 +11,9 @@ import torch
 
 from bt_fast.config import AugmentSpec, ConfigError, load_config
 from bt_fast.train import Trainer, train
-from pipelines import Placement, build_pipeline
+from pipelines import build_pipeline
 from pipelines.augment import TwoViewAugment, apply, sample_params
+from pipelines.base import Placement
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers (FFCV)
 

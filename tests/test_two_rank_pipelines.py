@@ -13,7 +13,8 @@ from PIL import Image
 from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.train import train
 from conftest import spawn_pinned
-from pipelines import Placement, build_pipeline
+from pipelines import build_pipeline
+from pipelines.base import Placement
 from test_distributed import free_port, tiny_config
 
 

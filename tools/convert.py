@@ -14,8 +14,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import cli_errors, print_error
-from pipelines.base import DataError
+from bt_fast.errors import DataError, cli_errors, print_error
 from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, report_path, work_dir
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 

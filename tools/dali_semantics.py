@@ -42,9 +42,10 @@ import torchvision.transforms as T
 from PIL import Image
 
 from bt_fast.config import AugmentSpec, Config
-from pipelines.base import Placement, find_image_folder
+from pipelines.base import Placement
 from pipelines.dali import DALIPipeline
 from pipelines.dali_debug import FLAG_NAMES, grey_views, replay_view, to_pixels
+from pipelines.image_folder import find_image_folder
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "train"
 STATS = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "luma", "saturation", "value", "grey_pixels")

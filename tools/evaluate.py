@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from bt_fast.distributed import resolve_device
-from bt_fast.errors import UserError, cli_errors, print_error
+from bt_fast.errors import DataError, UserError, cli_errors, print_error
 from bt_fast.evaluation import EvalSettings, evaluate_backbones
-from bt_fast.finetune import CHECKPOINT_NAME, TRAIN_PERCENTS, FinetuneSettings, finetune
 from bt_fast.files import write_json
+from bt_fast.finetune import CHECKPOINT_NAME, TRAIN_PERCENTS, FinetuneSettings, finetune
 from bt_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE
 from bt_fast.model import BACKBONE_DIM
 from bt_fast.weights import load_backbone, random_backbone
-from pipelines.base import DataError
 
 DEFAULT_IMAGE_SIZE = 224
 MODES = ("knn", "linear", "finetune")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bt_fast.config import Config
-from pipelines.base import find_image_folder
+from pipelines.image_folder import find_image_folder
 from tools.bench.measure import BenchError, stats
 
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from bt_fast.config import AugmentSpec, load_config
-from pipelines import Placement
 from pipelines.augment import TwoViewAugment, apply, sample_params
+from pipelines.base import Placement
 from tools.gpu_check.measure import Result, compare, timed
 from tools.gpu_check.train_checks import image_folder
 

@@ -88,7 +88,7 @@ def rank_memory(rank: int, overrides: list[str], batch: int, workdir: str) -> No
 
 
 def _rank_memory(rank: int, overrides: list[str], batch: int, workdir: Path) -> None:
-    from pipelines import Placement
+    from pipelines.base import Placement
     from pipelines.ffcv import FFCVPipeline
     device = torch.device("cuda", rank)  # GPU only: this function runs only where two GPUs are visible
     torch.cuda.set_device(device)
