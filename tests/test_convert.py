@@ -744,7 +744,7 @@ def test_a_large_jpeg_is_capped_to_ffcvs_geometry_from_a_reduced_decode(size, or
 def test_workers_wait_while_the_writer_pauses(source):
     """Finished images never pile up in the writing process: at most a window of jobs is out."""
     import time
-    from pipelines.convert import _prepared
+    from pipelines.convert import _prepared, _worker_pool
     path, pulled = str(source[0] / "a" / "a0.jpg"), []
 
     def jobs():
@@ -752,7 +752,7 @@ def test_workers_wait_while_the_writer_pauses(source):
             pulled.append(i)
             yield ImagePrep(max_resolution=MAX_RES), path
 
-    with _prepared(jobs(), 600, workers=2) as results:
+    with _worker_pool(2) as pool, _prepared(jobs(), 600, pool, workers=2) as results:
         assert next(results).status == "ok"
         time.sleep(3)  # the writer pauses (an fsync at a part's end)
         out = len(pulled)
