@@ -368,7 +368,7 @@ def test_resolve_splits():
 def test_errors_from_dataloader_workers_are_reduced_to_the_original_message():
     """What the CLI prints for a corrupt image found inside a DataLoader worker (bt_fast.errors.one_line)."""
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                        '  File "x.py", line 1, in f\npipelines.base.DataError: cannot read image a.jpg: bad; '
+                        '  File "x.py", line 1, in f\nbt_fast.errors.DataError: cannot read image a.jpg: bad; '
                         "remove or replace the file\n")
     assert one_line(wrapped) == "cannot read image a.jpg: bad; remove or replace the file"
     assert one_line(DataError("first line\nsecond")) == "first line second"
