@@ -53,7 +53,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, ignore_interrupts
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, fsync_directory, remove_orphaned_temporaries,
                            temporary_name, write_json)
 from bt_fast.progress import progress as progress_bar
@@ -300,7 +300,7 @@ def _worker_pool(workers: int) -> Iterator[Pool | None]:
     if workers <= 1:
         yield None
         return
-    pool = Pool(workers)
+    pool = Pool(workers, initializer=ignore_interrupts)
     try:
         yield pool
     finally:
@@ -322,10 +322,13 @@ def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: Pool | No
     chunksize = max(1, min(16, count // (workers * 8)))
     window = 4 * chunksize * workers
     free = threading.Semaphore(window)
+    closing = threading.Event()
 
     def throttled() -> Iterator[tuple[ImagePrep, str]]:
         for job in jobs:  # runs in the pool's task thread
             free.acquire()
+            if closing.is_set():  # stop feeding: the pool's shutdown joins this thread
+                return
             yield job
 
     def consumed(results: Iterator[Prepared]) -> Iterator[Prepared]:
@@ -336,8 +339,8 @@ def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: Pool | No
     try:
         yield consumed(pool.imap(_prepare_job, throttled(), chunksize=chunksize))
     finally:
-        for _ in range(window):  # unblock the task thread so that the pool can be terminated
-            free.release()
+        closing.set()
+        free.release()  # the task thread may be waiting for a slot: it wakes, sees `closing` and ends
 
 
 def _sync(path: Path) -> None:

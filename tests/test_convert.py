@@ -758,3 +758,59 @@ def test_workers_wait_while_the_writer_pauses(source):
         out = len(pulled)
         assert sum(1 for _ in results) == 599
     assert out <= 4 * 16 * 2 + 2 and len(pulled) == 600  # window: 4 chunks of 16 per worker
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_that_stops_early_shuts_the_workers_down(source):
+    """The writer leaves with jobs still queued (an error, Ctrl-C): the pool's task thread, waiting for a
+    free slot in the window, must end too, or terminating the pool waits for it forever."""
+    import time
+    from pipelines.convert import _prepared, _worker_pool
+    job = (ImagePrep(max_resolution=MAX_RES), str(source[0] / "a" / "a0.jpg"))
+    with _worker_pool(2) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            with _prepared(iter([job] * 2000), 2000, pool, workers=2) as results:
+                for _ in range(300):
+                    assert next(results).status == "ok"
+                raise KeyboardInterrupt
+        time.sleep(1)  # the converter closes its work directory before it stops the pool
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_the_converter_and_its_workers_with_one_line_and_the_rerun_finishes(tmp_path):
+    """Ctrl-C reaches the whole process group: exit 130 with one error line, no worker traceback; the
+    same command then finishes from the kept shards."""
+    import os
+    import signal
+    import time
+    from conftest import write_image_folder
+    src = write_image_folder(tmp_path / "src", classes=2, per_class=60)
+    dst = tmp_path / "shards"
+    command = [str(src), str(dst), "--format", "dali", "--workers", "2", "--shard-size", "10"]
+    slowed = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest set\n"
+              "from pipelines.images import ImagePrep\n"
+              "stored = ImagePrep.stored\n"
+              "ImagePrep.stored = lambda self, path: time.sleep(0.02) or stored(self, path)  # still running at the signal\n"
+              "from tools.convert import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slowed, *command], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first_shard, deadline = work_dir(dst) / "part-00000.json", time.monotonic() + 60
+    while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the converter hung after Ctrl-C")
+    assert proc.returncode == 130, err
+    assert err.splitlines() == [f"error: interrupted; no output was written; the finished parts are kept in "
+                                f"{work_dir(dst)} and the same command finishes the rest"]
+    assert not dst.exists() and first_shard.exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "tools.convert", *command], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.startswith(f"wrote 120 images to {dst}") and not work_dir(dst).exists()

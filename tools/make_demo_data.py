@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from bt_fast.errors import cli_errors
+from bt_fast.errors import cli_errors, print_error
 from pipelines.demo_data import PHOTOGRAPHS, build
 from pipelines.imagenet_like import write_imagenet_like
 
@@ -36,8 +36,13 @@ def main() -> None:
         if args.workers < 1:
             parser.error(f"--workers must be at least 1, got {args.workers}")
         with cli_errors(OSError):  # a directory that cannot be written: one line naming it
-            write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
-                                workers=args.workers)
+            try:
+                write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
+                                    workers=args.workers)
+            except KeyboardInterrupt:
+                print_error(f"interrupted; the images written to {root} are kept and the same command "
+                            f"writes the rest")
+                raise SystemExit(130) from None
         print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
         return
     build(args.root, args.train_per_class, args.val_per_class, args.seed)
