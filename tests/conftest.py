@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny ImageFolder of real-looking JPEGs, built once per session, and a guard that
-fails a test whose ranks would each need a GPU of their own that this machine may not have.
+"""Shared fixtures: a tiny ImageFolder of real-looking JPEGs, built once per session, a guard that
+fails a test whose ranks would each need a GPU of their own that this machine may not have, and a
+terminal's Ctrl-C (`ctrl_c_once`).
 
 Every process of the suite runs torch on one thread (unless OMP_NUM_THREADS says otherwise): the test
 process, and through the inherited OMP_NUM_THREADS every rank, launcher and `python -m bt_fast.train`
@@ -11,7 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for every child process
 
@@ -25,6 +31,7 @@ import bt_fast.distributed
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # (in case torch was imported before this file)
 
+REPO = Path(__file__).resolve().parents[1]
 RESOLVE_DEVICE = bt_fast.distributed.resolve_device
 SPAWN = torch.multiprocessing.spawn
 
@@ -66,6 +73,28 @@ def ranks_pin_their_device(monkeypatch):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is visible")
+
+
+def ctrl_c_once(script: str, args: list[str], ready: Callable[[], bool]) -> subprocess.CompletedProcess:
+    """Run the Python `script` with `args` from the repository root in a process group of its own, as
+    a terminal runs a command; once `ready()` holds, send SIGINT to the whole group, as Ctrl-C does.
+    Fails the test if the command then does not end within a minute."""
+    command = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               + script, *args]  # a terminal's SIGINT handling, whatever the test runner set
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if proc.poll() is not None:  # nothing left to interrupt (unreaped, the group still exists until now)
+        pytest.fail(f"{args} ended (exit {proc.returncode}) before Ctrl-C: {proc.communicate()[1][-2000:]}")
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{args} hung after Ctrl-C")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (80, 60),

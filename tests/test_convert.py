@@ -780,34 +780,21 @@ def test_a_writer_that_stops_early_shuts_the_workers_down(source):
 def test_ctrl_c_stops_the_converter_and_its_workers_with_one_line_and_the_rerun_finishes(tmp_path):
     """Ctrl-C reaches the whole process group: exit 130 with one error line, no worker traceback; the
     same command then finishes from the kept shards."""
-    import os
-    import signal
-    import time
-    from conftest import write_image_folder
+    from conftest import ctrl_c_once, write_image_folder
     src = write_image_folder(tmp_path / "src", classes=2, per_class=60)
     dst = tmp_path / "shards"
     command = [str(src), str(dst), "--format", "dali", "--workers", "2", "--shard-size", "10"]
-    slowed = ("import signal, sys, time\n"
-              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest set\n"
+    slowed = ("import sys, time\n"
               "from pipelines.images import ImagePrep\n"
               "stored = ImagePrep.stored\n"
               "ImagePrep.stored = lambda self, path: time.sleep(0.02) or stored(self, path)  # still running at the signal\n"
               "from tools.convert import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.Popen([sys.executable, "-c", slowed, *command], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    first_shard, deadline = work_dir(dst) / "part-00000.json", time.monotonic() + 60
-    while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the converter hung after Ctrl-C")
-    assert proc.returncode == 130, err
-    assert err.splitlines() == [f"error: interrupted; no output was written; the finished parts are kept in "
-                                f"{work_dir(dst)} and the same command finishes the rest"]
+    first_shard = work_dir(dst) / "part-00000.json"
+    stopped = ctrl_c_once(slowed, command, first_shard.exists)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.splitlines() == [f"error: interrupted; no output was written; the finished parts are "
+                                           f"kept in {work_dir(dst)} and the same command finishes the rest"]
     assert not dst.exists() and first_shard.exists()
 
     rerun = subprocess.run([sys.executable, "-m", "tools.convert", *command], cwd=REPO, capture_output=True,

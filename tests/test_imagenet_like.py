@@ -118,14 +118,11 @@ def test_the_files_do_not_depend_on_the_number_of_workers(block, tmp_path):
 def test_ctrl_c_is_one_line_and_the_same_command_completes_the_set(block, tmp_path):
     """Ctrl-C reaches the tool and its worker processes (one process group): exit 130 with one error line
     and no worker traceback; the same command then completes the set with the block's files."""
-    import signal
     import subprocess
     import sys
-    import time
-    from pathlib import Path
+    from conftest import REPO, ctrl_c_once
     root = tmp_path / "set"
-    slowed = ("import signal, sys, time\n"
-              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest set\n"
+    slowed = ("import sys, time\n"
               "import pipelines.imagenet_like as gen\n"
               "write = gen._write_image\n"
               "def slowed(*args):  # still running at the signal\n"
@@ -136,24 +133,13 @@ def test_ctrl_c_is_one_line_and_the_same_command_completes_the_set(block, tmp_pa
               "from tools.make_demo_data import main\n"
               "main()\n")
     command = ["--imagenet-like", "40", str(root), "--workers", "2"]
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", slowed, *command], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not any(root.rglob("*.jpg")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("make_demo_data hung after Ctrl-C")
-    assert proc.returncode == 130, err
-    assert err.splitlines() == [f"error: interrupted; the images written to {root} are kept and the same "
-                                f"command writes the rest"]
+    stopped = ctrl_c_once(slowed, command, lambda: any(root.rglob("*.jpg")))
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.splitlines() == [f"error: interrupted; the images written to {root} are kept and the "
+                                           f"same command writes the rest"]
     assert 0 < len(list(root.rglob("*.jpg"))) < 40
 
-    rerun = subprocess.run([sys.executable, "-m", "tools.make_demo_data", *command], cwd=repo,
+    rerun = subprocess.run([sys.executable, "-m", "tools.make_demo_data", *command], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     written = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")}
