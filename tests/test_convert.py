@@ -485,8 +485,9 @@ def test_cli_subprocess_missing_source(tmp_path):
 
 
 def test_dali_conversion_and_the_data_tools_never_load_torch(source, tmp_path):
-    """Neither format needs torch to write (about 2 s of start-up and 650 MB in every process, the
-    forked workers included); only the ffcv join imports FFCV (and with it torch) for its layout types."""
+    """Preparing and writing images needs no torch (about 2 s of start-up and 650 MB in every process,
+    the forked workers included); of the two formats only ffcv's join imports FFCV (and with it torch),
+    for FFCV's layout types."""
     probe = ("import sys, tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
              f"report = convert({str(source[0])!r}, {str(tmp_path / 'out')!r}, 'dali', workers=2, progress=False); "
              "print(report['written'], [m for m in ('torch', 'ffcv', 'nvidia.dali') if m in sys.modules])")
