@@ -51,11 +51,11 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.memory_budget import check_memory
     from bt_fast.model import BACKBONE_DIM, BarlowTwins, build_model
     from bt_fast.optim import LARS, param_groups
+    from bt_fast.preflight import (changed_settings, check_previous_run, check_run_inputs,
+                                   refuse_changed_finished_run, schedule_steps)
     from bt_fast.progress import progress
     from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals
     from bt_fast.run_lock import RunLock
-    from bt_fast.preflight import (changed_settings, check_previous_run, check_run_inputs,
-                                   refuse_changed_finished_run, schedule_steps)
     from bt_fast.run_log import (METRICS_NAME, RunLog, metrics_missing, read_metrics, summarise, truncate_metrics,
                                  write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
