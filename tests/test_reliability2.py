@@ -350,6 +350,33 @@ def test_evaluate_prints_throttled_progress_without_a_terminal(split_folder, cap
     assert "train features: 100%" in err and "val features: 100%" in err
 
 
+def test_progress_in_a_log_is_whole_lines_and_none_for_a_short_job(capsys, monkeypatch):
+    import bt_fast.progress
+    from bt_fast.progress import progress
+
+    def job():  # what the trainer does: updates, a postfix, a line written through the bar, close
+        bar = progress(total=4, unit="step")
+        for step in range(4):
+            bar.update(1)
+            bar.set_postfix(loss=f"{10 - step:.2f}", refresh=step == 1)
+            if step == 2:
+                bar.write("epoch 0: k-NN top-1 50.00%")
+        bar.close()
+        print("done: 4 steps")
+
+    job()  # far shorter than LOG_INTERVAL_S
+    out, err = capsys.readouterr()
+    assert out == "epoch 0: k-NN top-1 50.00%\ndone: 4 steps\n" and err == ""
+
+    monkeypatch.setattr(bt_fast.progress, "LOG_INTERVAL_S", 0.0)  # every update is due
+    job()
+    out, err = capsys.readouterr()
+    assert out == "epoch 0: k-NN top-1 50.00%\ndone: 4 steps\n"
+    assert "\r" not in err and err.endswith("\n")
+    counts = [line.split("|")[2].split()[0] for line in err.splitlines()]  # '<n>/4' of each line
+    assert counts[-1] == "4/4" and "loss=7.00" in err.splitlines()[-1]  # the final state, postfix included
+
+
 def test_dali_records_given_as_data_are_read_as_records(image_folder, tmp_path):
     pytest.importorskip("nvidia.dali")
     from pipelines.base import Placement
