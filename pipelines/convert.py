@@ -218,6 +218,12 @@ def install_output(tmp: Path, dst: Path) -> None:
     fsync_directory(dst.parent)
 
 
+def outcome(report: dict) -> str:
+    """One line saying what `convert` wrote, from its report."""
+    return (f"wrote {report['written']} images to {report['output']} ({report['skipped']} skipped, "
+            f"{report['converted']} converted; report: {report_path(report['output'])})")
+
+
 def write_report(path: Path, report: dict) -> None:
     """The report as UTF-8 JSON with paths as text; a path that is not valid Unicode stays escaped."""
     try:

@@ -55,7 +55,7 @@ from bt_fast.config import AugmentSpec, Config, ConfigError
 from bt_fast.errors import DataError
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
-from pipelines.convert import convert, report_path, source_state
+from pipelines.convert import convert, outcome, report_path, source_state
 from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
@@ -258,7 +258,8 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
             say(f"converting {config.data} to {path} for the FFCV pipeline (first use)")
             report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
                              jpeg_quality=config.ffcv.jpeg_quality,
-                             workers=max(1, min(config.workers, os.cpu_count() or 1)), progress=False)
+                             workers=max(1, min(config.workers, os.cpu_count() or 1)))
+            say(outcome(report))
             if report["skipped"]:
                 say(f"warning: {report['skipped']} of {report['written'] + report['skipped']} images in "
                     f"{config.data} are unreadable and were left out; they are listed in {report_path(path)}")

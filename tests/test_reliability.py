@@ -244,7 +244,10 @@ def test_first_use_conversion_says_what_it_skipped_and_leaves_no_lock(image_fold
     path = ensure_beton(config)
     err = capsys.readouterr().err
     assert path == tmp_path / "train.beton" and path.is_file()
-    assert "warning: 2 of 26 images" in err and str(tmp_path / "train.beton.report.json") in err
+    assert err.splitlines()[1:] == [
+        f"wrote 24 images to {tmp_path / 'train.beton'} (2 skipped, 0 converted; report: {tmp_path / 'train.beton.report.json'})",
+        f"warning: 2 of 26 images in {source} are unreadable and were left out; they are listed in "
+        f"{tmp_path / 'train.beton.report.json'}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "train.beton", "train.beton.report.json"]
     # A .beton given as data= is used as it is, not converted again into train.beton.beton.
     beton_as_data = load_config(None, [f"data={path}", "pipeline=ffcv"])

@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from bt_fast.errors import DataError, cli_errors, print_error
-from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, report_path, work_dir
+from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, outcome, work_dir
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
@@ -58,12 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
         except KeyboardInterrupt:
             kept = work_dir(args.dst)
-            print_error(f"interrupted; no output was written" + (
+            print_error("interrupted; no output was written" + (
                 f"; the finished parts are kept in {kept} and the same command finishes the rest"
                 if kept.is_dir() else ""))
             raise SystemExit(130) from None
-    print(f"wrote {report['written']} images to {args.dst} ({report['skipped']} skipped, "
-          f"{report['converted']} converted; report: {report_path(args.dst)})")
+    print(outcome(report))
     return 0
 
 
