@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from bt_fast.errors import StorageError, UserError
-from bt_fast.files import atomic_write, free_bytes, remove_stale_temporaries, storage_fault, temporary_name
+from bt_fast.files import (atomic_write, free_bytes, mebibytes, remove_stale_temporaries, storage_fault,
+                           temporary_name)
 
 CHECKPOINT_NAME = "checkpoint.pth"
 PREVIOUS_NAME = "checkpoint.prev.pth"  # the checkpoint before the last, kept by `atomic_save(keep_previous=True)`
@@ -42,10 +43,6 @@ def serialized_bytes(obj: Any) -> int:
     counter = _ByteCounter()
     torch.save(obj, counter)
     return counter.count
-
-
-def mebibytes(count: int | None) -> str:
-    return "an unknown amount" if count is None else f"{count / 2**20:.1f} MiB"
 
 
 def previous_path(path: Path) -> Path:

@@ -115,6 +115,10 @@ def free_bytes(directory: str | Path) -> int | None:
         return None
 
 
+def mebibytes(count: int | None) -> str:
+    return "an unknown amount" if count is None else f"{count / 2**20:.1f} MiB"
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 

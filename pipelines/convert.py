@@ -21,7 +21,9 @@ lines and lines starting with '#' are ignored).
    the same source listing redoes only the parts it had not finished (a source file rewritten
    in place between the two runs is not noticed). Nothing but that directory is held per image:
    memory is flat in the number of images, apart from the source listing and, for ffcv, the
-   metadata the `.beton` header holds (`pipelines.ffcv_format.join_parts`).
+   metadata the `.beton` header holds (`pipelines.ffcv_format.join_parts`). When the storage
+   refuses a write (full, over quota, read-only), the unfinished part's files are removed and a
+   StorageError names DST, says how many parts are kept and, for a failed join, how much room it needs.
 4. The parts are put together under a hidden temporary name in DST's directory, moved into
    place only when complete, and the work directory removed.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
@@ -53,9 +55,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, ignore_interrupts
-from bt_fast.files import (atomic_write_text, ensure_writable_directory, fsync_directory, remove_orphaned_temporaries,
-                           temporary_name, write_json)
+from bt_fast.errors import DataError, StorageError, ignore_interrupts
+from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
+                           remove_orphaned_temporaries, storage_fault, temporary_name, write_json)
 from bt_fast.progress import progress as progress_bar
 from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import BetonPart, beton_samples, join_parts, page_size_for
@@ -263,6 +265,15 @@ class _WorkDir:
     def part(self, k: int, suffix: str) -> Path:
         return self.root / f"part-{k:05d}{suffix}"
 
+    def shard(self, k: int) -> Path:
+        """Part `k`'s tar shard (dali); its index is beside it as `.idx`."""
+        return self.root / f"shard-{k:05d}.tar"
+
+    def discard(self, k: int) -> None:
+        """Remove what the unfinished part `k` has written so far: it only takes room."""
+        for path in (self.part(k, ".pages"), self.part(k, ".rows.npy"), self.shard(k), self.shard(k).with_suffix(".idx")):
+            path.unlink(missing_ok=True)
+
     def finished(self, k: int) -> dict | None:
         """Part `k`'s report if the part is finished and its data is all here; None otherwise."""
         try:
@@ -349,6 +360,15 @@ def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: Pool | No
         free.release()  # the task thread may be waiting for a slot: it wakes, sees `closing` and ends
 
 
+@contextmanager
+def _closed_on_error(handle) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        handle.close()
+        raise
+
+
 def _sync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -361,25 +381,27 @@ def _write_part(fmt: str, work: _WorkDir, k: int, start: int, positions: np.ndar
     files: list[dict] = []
     written = 0
     if fmt == "dali":
-        writer = ShardWriter(work.root / f"shard-{k:05d}.tar")
+        writer = ShardWriter(work.shard(k))
     else:
         writer = BetonPart(work.part(k, ".pages"), page_size=page_size_for(prep.max_resolution))
-    for offset, position in enumerate(positions):
-        path, label = samples[int(position)]
-        result = next(results)
-        if result.status != "ok":
-            files.append({"path": path, "status": result.status, "reason": result.reason})
-        if result.status == "skipped":
-            continue
-        written += 1
-        if fmt == "dali":
-            writer.add_sample(f"{start + offset:08d}", result.data, label)
-        else:
-            writer.add(result.data, result.width, result.height, label)
+    with _closed_on_error(writer.handle):  # an unlinked file that is still open keeps its room
+        for offset, position in enumerate(positions):
+            path, label = samples[int(position)]
+            result = next(results)
+            if result.status != "ok":
+                files.append({"path": path, "status": result.status, "reason": result.reason})
+            if result.status == "skipped":
+                continue
+            written += 1
+            if fmt == "dali":
+                writer.add_sample(f"{start + offset:08d}", result.data, label)
+            else:
+                writer.add(result.data, result.width, result.height, label)
+        finished = writer.close()  # dali: the shard's description; ffcv: the rows
     report = {"written": written, "skipped": len(positions) - written,
               "converted": sum(1 for entry in files if entry["status"] == "converted"), "files": files}
     if fmt == "dali":
-        shard = writer.close()
+        shard = finished
         if shard["num_samples"]:
             _sync(work.root / shard["tar"])
             _sync(work.root / shard["index"])
@@ -388,8 +410,7 @@ def _write_part(fmt: str, work: _WorkDir, k: int, start: int, positions: np.ndar
             _remove(work.root / shard["index"])
         report["shard"] = shard if shard["num_samples"] else None
     else:
-        rows = writer.close()
-        np.save(work.part(k, ".rows.npy"), rows)
+        np.save(work.part(k, ".rows.npy"), finished)
         _sync(work.part(k, ".pages"))
         _sync(work.part(k, ".rows.npy"))
     write_json(work.part(k, ".json"), report)
@@ -450,7 +471,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
     order = shuffled_order(len(samples)) if fmt == "dali" else np.arange(len(samples))
     starts = range(0, len(samples), size)
     work = _WorkDir(dst, job)
-    complete = False
+    complete, writing = False, None
     try:
         reports = {k: work.finished(k) for k in range(len(starts))}
         todo = [k for k, report in reports.items() if report is None]
@@ -459,18 +480,41 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
         with _prepared(jobs, remaining, pool, workers) as results:
             results = iter(progress_bar(results, total=len(samples), initial=len(samples) - remaining,
                                         desc="converting", unit="img", enabled=progress))
-            for k in todo:
-                reports[k] = _write_part(fmt, work, k, starts[k], order[starts[k]:starts[k] + size], samples,
-                                         results, prep)
+            for writing in todo:
+                reports[writing] = _write_part(fmt, work, writing, starts[writing],
+                                               order[starts[writing]:starts[writing] + size], samples, results, prep)
+            writing = None
         report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force,
                            state)
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
         complete = True
         raise
+    except OSError as err:
+        fault = storage_fault(err)
+        if fault is None:
+            raise
+        if writing is not None:
+            work.discard(writing)
+        complete = not any(reports.values())  # nothing to go on from: no work directory left behind
+        raise StorageError(_storage_fault_message(dst, fault, work, reports, fmt)) from None
     finally:
         work.close(remove=complete)
     return report
+
+
+def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, reports: dict[int, dict | None],
+                           fmt: str) -> str:
+    """What a StorageError says: DST, the cause, what is kept and what the rest needs."""
+    finished = sum(report is not None for report in reports.values())
+    message = f"cannot write {dst} ({fault.strerror or fault}; {mebibytes(free_bytes(work.root))} free there)"
+    if not finished:
+        return message + "; nothing was written"
+    message += f": {finished} of {len(reports)} parts are finished and kept in {work.root}"
+    if finished == len(reports) and fmt == "ffcv":  # the join copies every part into the .beton
+        needed = sum(work.part(k, ".pages").stat().st_size for k in reports)
+        message += f", and putting them together into {dst.name} needs {mebibytes(needed)} there"
+    return message + "; once there is room (or write access) the same command goes on from them"
 
 
 def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: _WorkDir,

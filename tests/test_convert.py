@@ -2,7 +2,10 @@
 and read-back of both formats with the stock FFCV Loader and the stock DALI webdataset reader (CPU)."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -12,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bt_fast.errors import StorageError
 from pipelines.convert import convert, work_dir
-from pipelines.ffcv_format import page_size_for
+from pipelines.dali_format import ShardWriter
+from pipelines.ffcv_format import BetonPart, page_size_for
 from pipelines.image_folder import find_image_folder
 from pipelines.images import ImagePrep, decode_source_image
 from tools.convert import main as convert_main
@@ -608,6 +613,76 @@ def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_
     else:
         assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in (out / "shards").iterdir())
         assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
+
+
+def _full_disk_at(writer, method: str, part: str, monkeypatch) -> None:
+    """`writer.method` fails with ENOSPC (as a write to a full file system does) in the part whose file name
+    holds `part`, and behaves as before elsewhere."""
+    original = getattr(writer, method)
+
+    def full(self, *args):
+        if part in self.handle.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, *args)
+    monkeypatch.setattr(writer, method, full)
+
+
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_a_full_disk_is_one_line_keeps_the_finished_parts_and_the_rerun_finishes(fmt, source, outputs, tmp_path,
+                                                                              monkeypatch):
+    root, _ = source
+    out, _, _ = outputs
+    dst = tmp_path / ("data.beton" if fmt == "ffcv" else "shards")
+    kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, shard_size=5, progress=False)
+    writer, method = (BetonPart, "add") if fmt == "ffcv" else (ShardWriter, "add_sample")
+    parts = 4 if fmt == "ffcv" else 3  # 14 samples
+
+    with monkeypatch.context() as patch:  # the disk fills up in the first part: nothing to keep
+        _full_disk_at(writer, method, "-00000.", patch)
+        with pytest.raises(StorageError, match=rf"^cannot write {re.escape(str(dst))} \(No space left on device; "
+                                               rf"[0-9.]+ MiB free there\); nothing was written$"):
+            convert(root, dst, fmt, **kwargs)
+    assert not dst.exists() and not work_dir(dst).exists()
+
+    with monkeypatch.context() as patch:  # ... in the second part
+        _full_disk_at(writer, method, "-00001.", patch)
+        with pytest.raises(StorageError) as raised:
+            convert(root, dst, fmt, **kwargs)
+    assert re.fullmatch(rf"cannot write {re.escape(str(dst))} \(No space left on device; [0-9.]+ MiB free there\): "
+                        rf"1 of {parts} parts are finished and kept in {re.escape(str(work_dir(dst)))}; once there is "
+                        rf"room \(or write access\) the same command goes on from them", str(raised.value))
+    assert not dst.exists() and not [p for p in work_dir(dst).iterdir() if "-00001." in p.name]  # its files removed
+
+    calls = []
+    original = ImagePrep.stored
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
+    convert(root, dst, fmt, **kwargs)
+    assert len(calls) == 14 - (4 if fmt == "ffcv" else 5)  # the finished first part was not redone
+    assert not work_dir(dst).exists()
+    if fmt == "ffcv":
+        assert dst.read_bytes() == (out / "data.beton").read_bytes()
+    else:
+        assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
+
+
+def test_a_full_disk_while_joining_says_how_much_room_the_join_needs(source, outputs, tmp_path, monkeypatch):
+    import pipelines.convert
+    root, _ = source
+    out, _, _ = outputs
+    dst = tmp_path / "data.beton"
+    kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, progress=False)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.convert, "join_parts", full)
+        with pytest.raises(StorageError, match=r"4 of 4 parts are finished and kept in .*, and putting them together "
+                                               r"into data.beton needs ([0-9.]+) MiB there; ") as raised:
+            convert(root, dst, "ffcv", **kwargs)
+    pages = sum(p.stat().st_size for p in work_dir(dst).glob("*.pages"))
+    assert f"needs {pages / 2**20:.1f} MiB there" in str(raised.value)
+    convert(root, dst, "ffcv", **kwargs)
+    assert dst.read_bytes() == (out / "data.beton").read_bytes()
 
 
 def test_changed_arguments_start_over(source, tmp_path, monkeypatch):

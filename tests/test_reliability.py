@@ -254,6 +254,22 @@ def test_first_use_conversion_says_what_it_skipped_and_leaves_no_lock(image_fold
     assert ensure_beton(beton_as_data) == path
 
 
+def test_a_full_disk_in_the_first_use_conversion_names_the_beton_not_out_dir(image_folder, tmp_path, monkeypatch):
+    import errno
+    from bt_fast.errors import StorageError
+    from pipelines.ffcv_format import BetonPart
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(BetonPart, "add", full)
+    beton = tmp_path / "elsewhere" / "train.beton"
+    beton.parent.mkdir()
+    config = tiny_config(image_folder, tmp_path / "run", "pipeline=ffcv", f"ffcv.beton={beton}")
+    with pytest.raises(StorageError, match=rf"^cannot write {beton} \(No space left on device; .*\); nothing was "
+                                           rf"written$"):
+        train_module.train(config)
+
+
 def test_first_use_conversion_on_read_only_storage_is_one_line(image_folder, tmp_path):
     from bt_fast.errors import DataError
     from pipelines.ffcv import ensure_beton
