@@ -23,9 +23,12 @@ lines and lines starting with '#' are ignored).
    memory is flat in the number of images, apart from the source listing and, for ffcv, the
    metadata the `.beton` header holds (`pipelines.ffcv_format.join_parts`). When the storage
    refuses a write (full, over quota, read-only), the unfinished part's files are removed and a
-   StorageError names DST, says how many parts are kept and, for a failed join, how much room it needs.
-4. The parts are put together under a hidden temporary name in DST's directory, moved into
-   place only when complete, and the work directory removed.
+   StorageError names DST, says how many parts are kept and, for a failed join, the room it needs.
+4. The parts are put together and moved into place only when complete; then the work directory
+   is removed. dali: the shards move into a directory under a hidden temporary name in DST's
+   directory. ffcv: the parts are joined into `joined.beton` in the work directory one at a time,
+   each part's pages deleted once the `.beton` holds them durably (`joined.json` counts them), so
+   the disk never holds the data twice and a killed join goes on where it stopped.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
    counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
    `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since).
@@ -286,7 +289,26 @@ class _WorkDir:
         """The data files of finished part `k`."""
         if "shard" in report:
             return [report["shard"]["tar"], report["shard"]["index"]] if report["shard"] else []
+        if k < self.joined():  # its pages are in `beton` now
+            return [self.part(k, ".rows.npy").name]
         return [self.part(k, ".pages").name, self.part(k, ".rows.npy").name]
+
+    @property
+    def beton(self) -> Path:
+        """ffcv: the `.beton` the finished parts are joined into, part by part, before it becomes DST."""
+        return self.root / "joined.beton"
+
+    def joined(self) -> int:
+        """How many parts `beton` holds (`mark_joined`); 0 before the join."""
+        try:
+            return int(json.loads((self.root / "joined.json").read_text())["parts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def mark_joined(self, k: int) -> None:
+        """Part `k` is durably in `beton`: record it, then free its pages' room."""
+        write_json(self.root / "joined.json", {"parts": k + 1})
+        self.part(k, ".pages").unlink()
 
     def close(self, remove: bool) -> None:
         self.lock.close()
@@ -511,9 +533,9 @@ def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, reports: d
     if not finished:
         return message + "; nothing was written"
     message += f": {finished} of {len(reports)} parts are finished and kept in {work.root}"
-    if finished == len(reports) and fmt == "ffcv":  # the join copies every part into the .beton
-        needed = sum(work.part(k, ".pages").stat().st_size for k in reports)
-        message += f", and putting them together into {dst.name} needs {mebibytes(needed)} there"
+    if finished == len(reports) and fmt == "ffcv":  # the join goes on part by part, freeing each part's room
+        needed = max((path.stat().st_size for path in work.root.glob("part-*.pages")), default=0)
+        message += f", and joining them into {dst.name} needs room for one more part ({mebibytes(needed)})"
     return message + "; once there is room (or write access) the same command goes on from them"
 
 
@@ -532,23 +554,29 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
         write_report(report_path(dst), report)
         raise DataError(f"no usable images in {src}: all {report['skipped']} files were skipped "
                         f"(see {report_path(dst)})")
-    tmp = temporary_name(dst)
-    try:
-        if fmt == "dali":
+    if fmt == "dali":
+        tmp = temporary_name(dst)
+        try:
             tmp.mkdir()
             shards = [part["shard"] for part in parts if part["shard"]]
             for shard in shards:
                 for name in (shard["tar"], shard["index"]):
                     os.replace(work.root / name, tmp / name)
             write_meta(tmp, shards, classes, prep)
-        else:
-            join_parts(tmp, [(work.part(k, ".pages"), work.part(k, ".rows.npy")) for k in range(len(parts))], prep)
-            _sync(tmp)
-        if dst.exists() or dst.is_symlink():  # appeared or changed while we were writing
-            check_destination(src, dst, force)
-        install_output(tmp, dst)
-    finally:
-        if tmp.exists() or tmp.is_symlink():
-            _remove(tmp)
+            _install(src, dst, force, tmp)
+        finally:
+            if tmp.exists() or tmp.is_symlink():
+                _remove(tmp)
+    else:  # joined in the work directory, which a rerun goes on from: the parts' room is freed as they go in
+        join_parts(work.beton, [(work.part(k, ".pages"), work.part(k, ".rows.npy")) for k in range(len(parts))],
+                   prep, joined=work.joined(), part_joined=work.mark_joined)
+        _sync(work.beton)
+        _install(src, dst, force, work.beton)
     write_report(report_path(dst), report)
     return report
+
+
+def _install(src: Path, dst: Path, force: bool, finished: Path) -> None:
+    if dst.exists() or dst.is_symlink():  # appeared or changed while we were writing
+        check_destination(src, dst, force)
+    install_output(finished, dst)

@@ -13,10 +13,11 @@ without it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -123,7 +124,8 @@ def _fields(prep: ImagePrep) -> dict:
             "label": IntField()}
 
 
-def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep) -> int:
+def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *, joined: int = 0,
+               part_joined: Callable[[int], None] | None = None) -> int:
     """Write the `.beton` `dst` from `parts` ((pages file, rows `.npy` file) in order); returns the
     sample count. One part's rows are in memory at a time, beside the header's metadata.
 
@@ -131,6 +133,11 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep) -
     metadata row per sample, the data region from the next page boundary, the allocation table.
     With one part the file is byte-identical to what `DatasetWriter` with one worker writes for the
     same images; each further part starts on a fresh page.
+
+    The parts' pages are appended one part at a time, each made durable before `part_joined(k)` is
+    called, after which the caller may delete part k's pages. `joined=j` goes on from a `dst` that
+    holds at least the first j parts (anything after them is cut off): their pages are no longer
+    needed, their rows are. A `dst` too short for that is a DataError.
     """
     import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -154,8 +161,9 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep) -
     alloc = np.zeros(total, dtype=ALLOC_TABLE_TYPE)
     data_start = align_to_page(HeaderType.itemsize + descriptors.nbytes + metadata.nbytes, page_size)
     image, label = metadata.dtype.names
-    at, offset = 0, data_start
-    for pages, rows_file in parts:
+    at, offset, starts = 0, data_start, []
+    for _, rows_file in parts:
+        starts.append(offset)
         rows = np.load(rows_file)
         block = slice(at, at + len(rows))
         metadata[image]["mode"][block] = IMAGE_MODES["jpg"]
@@ -165,20 +173,45 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep) -
         alloc["sample_id"][block] = np.arange(at, at + len(rows))
         alloc["ptr"][block], alloc["size"][block] = rows["ptr"] + offset, rows["size"]
         at += len(rows)
-        offset += os.path.getsize(pages)
-    with open(dst, "wb") as out:
-        out.write(header.tobytes())
-        out.write(descriptors.tobytes())
-        out.write(metadata.tobytes())
-        out.write(bytes(data_start - out.tell()))
-        for pages, _ in parts:
-            with open(pages, "rb") as source:
-                _copy(source, out)
+        offset += part_bytes(rows, page_size)
+    starts.append(offset)  # starts[k]: where part k's pages begin in dst; starts[-1]: the end of the data
+    if joined and os.path.getsize(dst) < starts[joined]:
+        raise DataError(f"{dst} holds less than the {joined} parts recorded as joined in it; run the same "
+                        f"command again to convert from the start")
+    with open(dst, "r+b" if joined else "wb") as out:
+        if joined:
+            out.truncate(starts[joined])
+            out.seek(starts[joined])
+        else:
+            out.write(header.tobytes())
+            out.write(descriptors.tobytes())
+            out.write(metadata.tobytes())
+            out.seek(data_start)  # the zeros up to the data region: a hole where the file system allows
+        for k, (pages, _) in enumerate(parts[joined:], start=joined):
+            try:
+                with open(pages, "rb") as source:
+                    _copy(source, out)
+                out.flush()
+                os.fsync(out.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    out.truncate(starts[k])  # a part copied in half only takes room
+                raise
+            if part_joined:
+                part_joined(k)
         header["alloc_table_ptr"] = out.tell()
         out.write(alloc.tobytes())
         out.seek(0)
         out.write(header.tobytes())
     return total
+
+
+def part_bytes(rows: np.ndarray, page_size: int) -> int:
+    """The size of the pages file `BetonPart` wrote for `rows`: whole pages up to its last sample's."""
+    if not len(rows):
+        return 0
+    end = int(rows["ptr"][-1] + rows["size"][-1])
+    return -(-end // page_size) * page_size
 
 
 def _copy(source, out) -> None:

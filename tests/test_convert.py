@@ -672,16 +672,51 @@ def test_a_full_disk_while_joining_says_how_much_room_the_join_needs(source, out
     dst = tmp_path / "data.beton"
     kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, progress=False)
 
-    def full(*args):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with monkeypatch.context() as patch:
         patch.setattr(pipelines.convert, "join_parts", full)
-        with pytest.raises(StorageError, match=r"4 of 4 parts are finished and kept in .*, and putting them together "
-                                               r"into data.beton needs ([0-9.]+) MiB there; ") as raised:
+        with pytest.raises(StorageError, match=r"4 of 4 parts are finished and kept in .*, and joining them into "
+                                               r"data.beton needs room for one more part \(([0-9.]+) MiB\); ") as raised:
             convert(root, dst, "ffcv", **kwargs)
-    pages = sum(p.stat().st_size for p in work_dir(dst).glob("*.pages"))
-    assert f"needs {pages / 2**20:.1f} MiB there" in str(raised.value)
+    largest = max(p.stat().st_size for p in work_dir(dst).glob("*.pages"))
+    assert f"one more part ({largest / 2**20:.1f} MiB)" in str(raised.value)
     convert(root, dst, "ffcv", **kwargs)
+    assert dst.read_bytes() == (out / "data.beton").read_bytes()
+
+
+def test_the_join_frees_each_parts_room_and_a_killed_join_goes_on_where_it_stopped(source, outputs, tmp_path,
+                                                                                    monkeypatch):
+    """The .beton's parts are copied into it one at a time and deleted once it holds them durably, so a
+    conversion never needs room for two copies of the data; killed in the middle (here after two of the
+    four parts), the same command joins the other two and decodes no image again."""
+    import pipelines.ffcv_format
+    root, _ = source
+    out, _, _ = outputs
+    dst = tmp_path / "data.beton"
+    kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, progress=False)
+    copy, copies = pipelines.ffcv_format._copy, []
+
+    def killed_at_the_third(source_file, out_file):
+        copies.append(Path(source_file.name).name)
+        if len(copies) == 3:
+            copy(source_file, out_file)  # half of it reaches the disk, and the kill comes before its fsync
+            raise KeyboardInterrupt
+        copy(source_file, out_file)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.ffcv_format, "_copy", killed_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            convert(root, dst, "ffcv", **kwargs)
+    work = work_dir(dst)
+    assert not dst.exists() and copies == ["part-00000.pages", "part-00001.pages", "part-00002.pages"]
+    assert json.loads((work / "joined.json").read_text()) == {"parts": 2}
+    assert sorted(p.name for p in work.glob("*.pages")) == ["part-00002.pages", "part-00003.pages"]
+
+    calls = []
+    original = ImagePrep.stored
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
+    convert(root, dst, "ffcv", **kwargs)
+    assert calls == [] and not work.exists()
     assert dst.read_bytes() == (out / "data.beton").read_bytes()
 
 
