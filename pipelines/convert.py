@@ -518,22 +518,21 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
             raise
         if writing is not None:
             work.discard(writing)
-        complete = not any(reports.values())  # nothing to go on from: no work directory left behind
-        raise StorageError(_storage_fault_message(dst, fault, work, reports, fmt)) from None
+        kept = sum(work.finished(k) is not None for k in range(len(starts)))
+        complete = not kept  # nothing to go on from: no work directory left behind
+        raise StorageError(_storage_fault_message(dst, fault, work, kept, len(starts), fmt)) from None
     finally:
         work.close(remove=complete)
     return report
 
 
-def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, reports: dict[int, dict | None],
-                           fmt: str) -> str:
-    """What a StorageError says: DST, the cause, what is kept and what the rest needs."""
-    finished = sum(report is not None for report in reports.values())
+def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, kept: int, parts: int, fmt: str) -> str:
+    """What a StorageError says: DST, the cause, the `kept` finished parts of `parts` and what the rest needs."""
     message = f"cannot write {dst} ({fault.strerror or fault}; {mebibytes(free_bytes(work.root))} free there)"
-    if not finished:
+    if not kept:
         return message + "; nothing was written"
-    message += f": {finished} of {len(reports)} parts are finished and kept in {work.root}"
-    if finished == len(reports) and fmt == "ffcv":  # the join goes on part by part, freeing each part's room
+    message += f": {kept} of {parts} parts are finished and kept in {work.root}"
+    if kept == parts and fmt == "ffcv":  # the join goes on part by part, freeing each part's room
         needed = max((path.stat().st_size for path in work.root.glob("part-*.pages")), default=0)
         message += f", and joining them into {dst.name} needs room for one more part ({mebibytes(needed)})"
     return message + "; once there is room (or write access) the same command goes on from them"

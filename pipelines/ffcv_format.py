@@ -188,6 +188,9 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *
             out.write(metadata.tobytes())
             out.seek(data_start)  # the zeros up to the data region: a hole where the file system allows
         for k, (pages, _) in enumerate(parts[joined:], start=joined):
+            if os.path.getsize(pages) != starts[k + 1] - starts[k]:
+                raise DataError(f"{pages} does not hold the pages its rows point into; run the same command "
+                                f"again to convert from the start")
             try:
                 with open(pages, "rb") as source:
                     _copy(source, out)
