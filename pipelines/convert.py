@@ -564,6 +564,10 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
             write_meta(tmp, shards, classes, prep)
             _install(src, dst, force, tmp)
         finally:
+            if tmp.is_dir() and not tmp.is_symlink():  # not installed: the shards go back to their parts
+                for entry in tmp.iterdir():
+                    if entry.name != "dataset.json":
+                        os.replace(entry, work.root / entry.name)
             if tmp.exists() or tmp.is_symlink():
                 _remove(tmp)
     else:  # joined in the work directory, which a rerun goes on from: the parts' room is freed as they go in

@@ -720,6 +720,29 @@ def test_the_join_frees_each_parts_room_and_a_killed_join_goes_on_where_it_stopp
     assert dst.read_bytes() == (out / "data.beton").read_bytes()
 
 
+def test_dali_shards_go_back_to_their_parts_when_the_assembly_stops(source, outputs, tmp_path, monkeypatch):
+    import pipelines.convert
+    root, _ = source
+    out, _, _ = outputs
+    dst = tmp_path / "shards"
+    kwargs = dict(max_resolution=MAX_RES, workers=1, shard_size=5, progress=False)
+
+    def stopped(directory, *args):  # the shards are in the directory that would become DST
+        assert len(list(directory.glob("*.tar"))) == 3
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.convert, "write_meta", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            convert(root, dst, "dali", **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [work_dir(dst).name]
+
+    calls = []
+    original = ImagePrep.stored
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
+    convert(root, dst, "dali", **kwargs)
+    assert calls == [] and all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
+
+
 def test_changed_arguments_start_over(source, tmp_path, monkeypatch):
     root, _ = source
     dst = tmp_path / "data.beton"
