@@ -41,6 +41,7 @@ from bt_fast.linear_probe import linear_topk, new_linear
 from bt_fast.progress import progress
 from bt_fast.schedule import epoch_cosine
 from pipelines.epochs import sample_rng
+from pipelines.image_folder import SampleList
 from pipelines.reference import EpochIndexSampler, load_rgb
 
 CHECKPOINT_NAME = "finetune.pth"
@@ -130,7 +131,7 @@ class AugmentedSubset(Dataset):
     image's crop and flip depend only on (seed, epoch, position), in any worker."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], image_size: int, seed: int):
-        self.samples, self.transform, self.seed = list(samples), train_transform(image_size), seed
+        self.samples, self.transform, self.seed = SampleList(samples), train_transform(image_size), seed
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from bt_fast.errors import DataError
-from pipelines.image_folder import find_image_folder
+from pipelines.image_folder import SampleList, find_image_folder
 from pipelines.reference import load_rgb
 
 DEFAULT_K = 200
@@ -169,7 +169,7 @@ class LabelledImageFolder(Dataset):
             raise DataError(f"{root} has classes not in the training folder: {unknown[:3]}; "
                             f"train and val must use the same class sub-directories")
         index = {name: i for i, name in enumerate(self.classes)}
-        self.samples = [(path, index[own[label]]) for path, label in samples]
+        self.samples = SampleList((path, index[own[label]]) for path, label in samples)  # read by every worker
         self.transform = transform
 
     def __len__(self) -> int:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence, overload
+
+import numpy as np
 
 from bt_fast.errors import DataError
 
@@ -56,3 +59,44 @@ def _images_below(directory: str) -> list[str]:
                     found.append((parts + (entry.name,), entry.path))
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
+
+
+class SampleList(Sequence[tuple[str, int]]):
+    """(path, label) samples held in three numpy arrays instead of a list of Python tuples.
+
+    A read of a Python object writes its reference count, so a DataLoader worker (a forked copy of
+    the process) that reads every sample of a list in an epoch copies every page the list's objects
+    sit on: each worker comes to hold its own copy of the listing, about 140 MB per worker for
+    ImageNet's 1.28 M paths (docs/performance.md; pytorch/pytorch#13246). Reading numpy arrays writes
+    nothing. Paths are kept as UTF-8 (undecodable bytes as surrogate escapes, as `os` gives them).
+    """
+
+    def __init__(self, samples: Iterable[tuple[str, int]]):
+        encoded, labels = [], []
+        for path, label in samples:
+            encoded.append(path.encode("utf-8", "surrogateescape"))
+            labels.append(label)
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._ends = np.cumsum([len(path) for path in encoded], dtype=np.int64)
+        self._labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, int]]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        index %= len(self)
+        start = int(self._ends[index - 1]) if index else 0
+        path = self._bytes[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
+        return path, int(self._labels[index])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[i] for i in range(len(self)))
