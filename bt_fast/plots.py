@@ -1,12 +1,18 @@
 """Training curves of one or more runs as one matplotlib figure (Agg; no display or pyplot state).
 
 Each panel plots one metric of metrics.jsonl against the step, one line per run, so the figure
-a run writes as metrics.png and the overlay `tools.plot` writes are the same code.
+a run writes as metrics.png and the overlay `tools.plot` writes are the same code. A line of more
+than MAX_POINTS points is drawn as the means of MAX_POINTS runs of consecutive points: an ImageNet
+run logs 625 steps an epoch, 625,000 over 1,000 epochs, and drawing them all cost seconds at every
+epoch end for curves no wider than 400 pixels.
 """
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
 
 from bt_fast.files import atomic_write
 
@@ -25,22 +31,50 @@ PANELS = (
 )
 ROWS = 2
 SPARSE_KEYS = {"knn_top1"}  # logged once per k-NN evaluation: drawn with markers
+MAX_POINTS = 2000
 
 
-def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of the records that hold `key`, in log order."""
-    pairs = [(record["step"], record[key]) for record in records if record.get(key) is not None]
-    return [step for step, _ in pairs], [value for _, value in pairs]
+class Curves:
+    """The plotted metrics of one run as (step, value) columns of machine numbers (16 bytes a point), not
+    records: what a run keeps to redraw metrics.png at each epoch end without reading metrics.jsonl again."""
+
+    def __init__(self, records: Iterable[dict] = ()):
+        self._points = {key: (array("q"), array("d")) for key, _ in PANELS}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: dict) -> None:
+        for key, (steps, values) in self._points.items():
+            if record.get(key) is not None:
+                steps.append(record["step"])
+                values.append(record[key])
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of `key` in log order (copies: the columns keep growing)."""
+        steps, values = self._points[key]
+        return np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64)
 
 
-def plot_runs(runs: dict[str, list[dict]]) -> "Figure":
+def thinned(steps: np.ndarray, values: np.ndarray, points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """The series itself if it has at most `points` points; else the means of step and value over `points`
+    runs of consecutive points, as equal in length as whole points allow."""
+    if len(steps) <= points:
+        return steps, values
+    starts = np.arange(points, dtype=np.int64) * len(steps) // points
+    counts = np.diff(np.append(starts, len(steps)))
+    return np.add.reduceat(steps.astype(np.float64), starts) / counts, np.add.reduceat(values, starts) / counts
+
+
+def plot_runs(runs: dict[str, list[dict] | Curves]) -> "Figure":
     """One panel per entry of PANELS; in each, one line per run labelled with its name.
 
-    `runs` maps a label to that run's metrics records. A panel no run has data for says so.
+    `runs` maps a label to that run's metrics records or `Curves`. A panel no run has data for says so.
     """
+    columns_of = {label: run if isinstance(run, Curves) else Curves(run) for label, run in runs.items()}
     columns = -(-len(PANELS) // ROWS)
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: every process imports this module, few draw
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
     figure = Figure(figsize=(4 * columns, 7))
     # fixed margins: a constrained layout measured every label again on each draw, most of a plot's CPU time
@@ -54,18 +88,19 @@ def plot_runs(runs: dict[str, list[dict]]) -> "Figure":
         ax.set_title(title)
         ax.grid(alpha=0.3)
         drawn = False
-        for label, records in runs.items():
-            steps, values = series(records, key)
-            if steps:
+        for label, curves in columns_of.items():
+            steps, values = curves.series(key)
+            if len(steps):
                 style = dict(marker="o") if key in SPARSE_KEYS else dict(linewidth=0.9)
-                ax.plot(steps, values, label=label, **style)
+                ax.plot(*thinned(steps, values), label=label, **style)
                 drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     for ax in axes[-columns:]:  # the bottom of each column
         ax.set_xlabel("step")
         ax.tick_params(labelbottom=True)
-    if len(runs) > 1:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 600k, not 600000 run into its neighbours
+    if len(columns_of) > 1:
         axes[0].legend(fontsize="small")
     return figure
 

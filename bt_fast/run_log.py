@@ -23,13 +23,14 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import yaml
 
 from bt_fast.config import Config
-from bt_fast.files import atomic_write_text, write_json
-from bt_fast.plots import plot_runs, save_png
+from bt_fast.files import atomic_write, atomic_write_text, write_json
+from bt_fast.plots import Curves, plot_runs, save_png
 from bt_fast.preflight import tensorboard_writer_class
 from pipelines.views import pair_grid
 
@@ -52,25 +53,25 @@ def config_yaml(config: Config) -> str:
     return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, skipping a torn last line (a killed writer's)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
+def read_metrics(path: str | Path) -> Iterator[dict]:
+    """The records of a metrics.jsonl, one at a time (a 1,000-epoch ImageNet run logs 625,000), skipping a
+    torn last line (a killed writer's)."""
+    with open(path) as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                yield record
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:
     """Drop the records of steps after `step` (a killed run's lost work) and any torn line."""
     path = out_dir / METRICS_NAME
     if path.is_file():
-        kept = [record for record in read_metrics(path) if record["step"] <= step]
-        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        atomic_write(path, lambda handle: handle.writelines(
+            (json.dumps(record) + "\n").encode() for record in read_metrics(path) if record["step"] <= step))
 
 
 def metrics_missing(out_dir: Path) -> bool:
@@ -107,27 +108,32 @@ def device_description(device: torch.device, world_size: int) -> dict:
     return {"type": device.type, "name": name, "world_size": world_size}
 
 
-def summarise(records: list[dict], steps_per_epoch: int, batch_size: int) -> dict:
-    """Figures of a whole run from its metrics records.
+def summarise(records: Iterable[dict], steps_per_epoch: int, batch_size: int) -> dict:
+    """Figures of a whole run from its metrics records, read once.
 
     images/s is the images of all logged steps over the summed time of those steps (each step's time is
     batch_size / its images_per_s), which is what the trainer measures for one uninterrupted segment.
     """
-    steps = [record for record in records if "loss" in record]
-    knn = [record for record in records if "knn_top1" in record]
-    last_step = steps[-1]["step"] if steps else 0
-    step_seconds = sum(batch_size / record["images_per_s"] for record in steps)
+    count, step_seconds, first, last, knn, final = 0, 0.0, None, None, None, None
+    for record in records:
+        final = record
+        if "loss" in record:
+            count += 1
+            step_seconds += batch_size / record["images_per_s"]
+            first, last = first or record, record
+        if "knn_top1" in record:
+            knn = record
+    last_step = last["step"] if last else 0
     return {
         "steps": last_step,
         "epochs": last_step / steps_per_epoch,
-        "images": len(steps) * batch_size,
-        "images_per_s": len(steps) * batch_size / step_seconds if steps else None,
-        "first_loss": steps[0]["loss"] if steps else None,
-        "last_loss": steps[-1]["loss"] if steps else None,
-        "last_knn": ({"step": knn[-1]["step"], "top1": knn[-1]["knn_top1"], "top5": knn[-1]["knn_top5"]}
-                     if knn else None),
-        "wall_time_s": records[-1]["elapsed_s"] if records else 0.0,
-        "finished_at": records[-1]["time"] if records else None,
+        "images": count * batch_size,
+        "images_per_s": count * batch_size / step_seconds if count else None,
+        "first_loss": first["loss"] if first else None,
+        "last_loss": last["loss"] if last else None,
+        "last_knn": {"step": knn["step"], "top1": knn["knn_top1"], "top5": knn["knn_top5"]} if knn else None,
+        "wall_time_s": final["elapsed_s"] if final else 0.0,
+        "finished_at": final["time"] if final else None,
     }
 
 
@@ -141,7 +147,9 @@ class RunLog:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / CONFIG_NAME, config_yaml(config))
         self.started = time.monotonic() - elapsed_s
-        self.metrics = open(self.out_dir / METRICS_NAME, "a")
+        metrics = self.out_dir / METRICS_NAME
+        self.curves = Curves(read_metrics(metrics) if metrics.is_file() else ())  # earlier segments' too
+        self.metrics = open(metrics, "a")
         self.tensorboard = None
         if config.tensorboard:
             # purge_step hides events a killed segment wrote after the checkpoint it resumes from
@@ -158,6 +166,7 @@ class RunLog:
         stamped = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                    "elapsed_s": round(self.elapsed(), 3)}
         self.metrics.write(json.dumps(stamped) + "\n")
+        self.curves.add(stamped)
         if self.tensorboard is not None:
             for key in SCALAR_KEYS:
                 if key in record:
@@ -182,7 +191,8 @@ class RunLog:
         self.plot()
 
     def plot(self) -> None:
-        plot_metrics(self.out_dir)
+        """metrics.png from the curves in memory: at an epoch end every rank waits for this."""
+        save_png(plot_runs({self.out_dir.name: self.curves}), self.out_dir / PLOT_NAME)
 
     def finish(self, steps_per_epoch: int, total_steps: int, stopped_by: str | None, device: torch.device,
                world_size: int) -> dict:

@@ -104,6 +104,41 @@ def test_metrics_png_plots_the_logged_series(knn_run):
     assert len(figure.axes[PANELS.index(("knn_top1", "k-NN top-1 (%)"))].get_lines()[0].get_xdata()) == 2
 
 
+def test_a_long_series_is_drawn_as_the_means_of_runs_of_consecutive_points():
+    from statistics import fmean
+    from bt_fast.plots import MAX_POINTS
+    n = 5 * MAX_POINTS + 3  # runs of 5 and of 6 points
+    lines = [{"step": step, "loss": float(step % 7) + step / n} for step in range(1, n + 1)]
+    [line] = plot_runs({"run": lines}).axes[0].get_lines()
+    bounds = [i * n // MAX_POINTS for i in range(MAX_POINTS + 1)]
+    runs = [lines[start:end] for start, end in zip(bounds, bounds[1:])]
+    assert {len(run) for run in runs} == {5, 6}
+    assert list(line.get_xdata()) == pytest.approx([fmean(entry["step"] for entry in run) for run in runs], rel=1e-12)
+    assert list(line.get_ydata()) == pytest.approx([fmean(entry["loss"] for entry in run) for run in runs], rel=1e-12)
+
+
+def test_the_epoch_end_redraw_reads_no_metrics_file(tmp_path, monkeypatch):
+    """A 1,000-epoch ImageNet run logs 625,000 records, and every rank waits while rank 0 redraws metrics.png at
+    an epoch end: the redraw uses the curves the log keeps (the earlier segments' read once, at the start)."""
+    import bt_fast.run_log
+    from bt_fast.run_log import RunLog
+    earlier = {"step": 1, "epoch": 0, "loss": 5.0, "lr_weights": 0.1, "lr_biases": 0.01, "images_per_s": 9.0,
+               "data_wait_fraction": 0.5, "image_size": 32}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(earlier) + "\n")
+    log = RunLog(load_config(None, [f"out_dir={tmp_path}", "augment.image_size=32"]), 1, 0.0)
+
+    def unread(path):
+        raise AssertionError(f"{path} read at an epoch end")
+    monkeypatch.setattr(bt_fast.run_log, "read_metrics", unread)
+    log.write({**earlier, "step": 2, "loss": 4.0})
+    log.epoch_end()
+    log.close()
+    with Image.open(tmp_path / "metrics.png") as image:
+        assert image.size == (1600, 700)
+    [line] = plot_runs({"run": log.curves}).axes[0].get_lines()
+    assert list(zip(line.get_xdata(), line.get_ydata())) == [(1, 5.0), (2, 4.0)]
+
+
 def test_tensorboard_holds_the_logged_scalars_and_a_view_grid(knn_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out_dir, _ = knn_run

@@ -11,19 +11,19 @@ import argparse
 from pathlib import Path
 
 from bt_fast.errors import UserError, cli_errors
-from bt_fast.plots import plot_runs, save_png
+from bt_fast.plots import Curves, plot_runs, save_png
 from bt_fast.run_log import METRICS_NAME, read_metrics
 
 
-def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
-    """label -> metrics records; the label is the run directory's name, or its path where names repeat."""
+def load_runs(paths: list[Path]) -> dict[str, Curves]:
+    """label -> the run's curves; the label is the run directory's name, or its path where names repeat."""
     files = [path / METRICS_NAME if path.is_dir() else path for path in paths]
     for path, file in zip(paths, files):
         if not file.is_file():
             raise UserError(f"run {path} has no {METRICS_NAME}; give a run's out_dir or its {METRICS_NAME}")
     names = [file.parent.name for file in files]
     labels = [name if names.count(name) == 1 else str(file.parent) for name, file in zip(names, files)]
-    return {label: read_metrics(file) for label, file in zip(labels, files)}
+    return {label: Curves(read_metrics(file)) for label, file in zip(labels, files)}
 
 
 def main(argv: list[str] | None = None) -> None:
