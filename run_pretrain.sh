@@ -80,8 +80,9 @@ if [ "$LOCAL_NODES" = 1 ]; then
       --rdzv-conf "is_host=$([ "$node" = 0 ] && echo true || echo false)" --local-addr 127.0.0.1 "${train[@]}" &
     pids+=("$!")
   done
-  stop_all() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
-  trap stop_all TERM INT
+  stop_all() { kill -"${1:-TERM}" "${pids[@]}" 2>/dev/null || true; }
+  trap 'stop_all TERM' TERM
+  trap 'stop_all INT' INT  # a Ctrl-C stays a Ctrl-C: the runs report SIGINT
   # A node that fails for good would leave the others waiting in the rendezvous: stop them all.
   status=0
   running=("${pids[@]}")
