@@ -5,6 +5,7 @@ SRC/<class>/<image>: labels are the indices of the sorted class directories.
 from __future__ import annotations
 
 import os
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, overload
 
@@ -15,12 +16,13 @@ from bt_fast.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
-def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
     """Classes (sorted sub-directories) and (path, label) samples of an ImageFolder.
 
     A class's images are the files (and symbolic links) with an image suffix anywhere below its
     directory, not following linked directories, in `sorted(Path.rglob('*'))` order. Raises
-    DataError with the directory named if it is missing or holds no images.
+    DataError with the directory named if it is missing or holds no images. The samples are a
+    `SampleList`, built one class at a time: no list of every path is ever held.
     """
     root = Path(root)
     if root.is_file():
@@ -28,7 +30,7 @@ def find_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist; pass DATA=/path/to/imagefolder or omit it for the demo")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    samples = [(path, label) for label, name in enumerate(classes) for path in _images_below(str(root / name))]
+    samples = SampleList((path, label) for label, name in enumerate(classes) for path in _images_below(str(root / name)))
     if not samples:
         raise DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
     return classes, samples
@@ -62,7 +64,8 @@ def _images_below(directory: str) -> list[str]:
 
 
 class SampleList(Sequence[tuple[str, int]]):
-    """(path, label) samples held in three numpy arrays instead of a list of Python tuples.
+    """(path, label) samples held in three numpy arrays instead of a list of Python tuples: what
+    `find_image_folder` returns; equal to a list of the same tuples.
 
     A read of a Python object writes its reference count, so a DataLoader worker (a forked copy of
     the process) that reads every sample of a list in an epoch copies every page the list's objects
@@ -71,14 +74,26 @@ class SampleList(Sequence[tuple[str, int]]):
     nothing. Paths are kept as UTF-8 (undecodable bytes as surrogate escapes, as `os` gives them).
     """
 
+    _CHUNK = 1 << 16  # samples encoded at a time: the Python objects of more never exist at once
+
     def __init__(self, samples: Iterable[tuple[str, int]]):
-        encoded, labels = [], []
-        for path, label in samples:
-            encoded.append(path.encode("utf-8", "surrogateescape"))
-            labels.append(label)
-        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self._ends = np.cumsum([len(path) for path in encoded], dtype=np.int64)
-        self._labels = np.asarray(labels, dtype=np.int64)
+        data, ends, labels = bytearray(), [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        remaining = iter(samples)
+        while batch := list(islice(remaining, self._CHUNK)):
+            encoded = [path.encode("utf-8", "surrogateescape") for path, _ in batch]
+            ends.append(len(data) + np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded))))
+            data += b"".join(encoded)
+            labels.append(np.fromiter((label for _, label in batch), np.int64, len(batch)))
+        self._bytes = np.frombuffer(data, dtype=np.uint8)
+        self._ends = np.concatenate(ends)
+        self._labels = np.concatenate(labels)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(mine == theirs for mine, theirs in zip(self, other))
+
+    __hash__ = None  # equal to lists, which are unhashable
 
     def __len__(self) -> int:
         return len(self._labels)

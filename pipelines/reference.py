@@ -22,7 +22,7 @@ from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
 from pipelines.base import Placement, check_start_batch, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
-from pipelines.image_folder import SampleList, find_image_folder
+from pipelines.image_folder import find_image_folder
 from pipelines.prefetch import run_ahead
 
 
@@ -76,8 +76,7 @@ class TwoViewImageFolder(Dataset):
     """
 
     def __init__(self, root: str, spec: AugmentSpec, seed: int = 0, epochs: int = 1):
-        self.classes, samples = find_image_folder(root)
-        self.samples = SampleList(samples)  # read by every DataLoader worker: no per-sample Python objects
+        self.classes, self.samples = find_image_folder(root)  # a SampleList: workers read it without copying it
         self.spec, self.seed, self.epochs = spec, seed, epochs
         self._views: dict[int, tuple[T.Compose, T.Compose]] = {}  # crop size -> the two views' transforms
 

@@ -107,13 +107,14 @@ def test_starting_mid_epoch_reads_only_the_remaining_images_and_gives_their_batc
 # -- the listing the DataLoader workers read ----------------------------------------------------------
 def test_sample_list_holds_what_the_list_holds(image_folder):
     from pipelines.image_folder import SampleList, find_image_folder
-    listed = find_image_folder(image_folder)[1] + [("caf\u00e9/\udcff.jpg", 7)]  # a non-UTF-8 name, as os gives it
+    listed = list(find_image_folder(image_folder)[1]) + [("caf\u00e9/\udcff.jpg", 7)]  # a non-UTF-8 name, as os gives it
     compact = SampleList(listed)
     assert len(compact) == len(listed) and list(compact) == listed
     assert compact[-1] == listed[-1] and compact[3] == listed[3] and compact[2:9:3] == listed[2:9:3]
     with pytest.raises(IndexError):
         compact[len(listed)]
-    assert list(SampleList([])) == []
+    assert list(SampleList([])) == [] and SampleList(listed) == listed and listed == SampleList(listed)
+    assert SampleList(listed) != listed[:-1] and SampleList(listed) != "x"
     dataset = TwoViewImageFolder(str(image_folder), AugmentSpec())
     assert list(dataset.samples) == find_image_folder(image_folder)[1]
 
