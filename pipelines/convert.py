@@ -64,7 +64,7 @@ from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_by
 from bt_fast.progress import progress as progress_bar
 from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import BetonPart, beton_samples, join_parts, page_size_for
-from pipelines.image_folder import find_image_folder
+from pipelines.image_folder import SampleList, find_image_folder
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep, Prepared, cv2_module
 
 DEFAULT_SHARD_SIZE = 1000
@@ -76,38 +76,42 @@ FORMATS = ("ffcv", "dali")
 # Sources
 # --------------------------------------------------------------------------------------------
 
-def read_list_file(list_file: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names '0'..'max label', [(path, label)]) from a `<path> <label>` list file."""
-    try:
-        text = list_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"source {list_file} is neither a directory nor a UTF-8 '<path> <label>' list file") from None
-    base = list_file.parent
-    samples: list[tuple[str, int]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2:
-            raise DataError(f"{list_file} line {number}: expected '<path> <label>', got {line[:80]!r}")
-        name, raw_label = parts
+def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
+    """(class names '0'..'max label', (path, label) samples) from a `<path> <label>` list file, read a
+    line at a time."""
+    base, top = list_file.parent, [-1]
+
+    def parsed() -> Iterator[tuple[str, int]]:
         try:
-            label = int(raw_label)
-        except ValueError:
-            raise DataError(f"{list_file} line {number}: label {raw_label!r} is not an integer") from None
-        if label < 0:
-            raise DataError(f"{list_file} line {number}: label {label} is negative")
-        path = Path(name)
-        samples.append((str(path if path.is_absolute() else base / path), label))
+            with open(list_file, encoding="utf-8") as lines:
+                for number, line in enumerate(lines, start=1):
+                    line = line.strip()
+                    if not line or line.startswith("#"):
+                        continue
+                    parts = line.rsplit(None, 1)
+                    if len(parts) != 2:
+                        raise DataError(f"{list_file} line {number}: expected '<path> <label>', got {line[:80]!r}")
+                    name, raw_label = parts
+                    try:
+                        label = int(raw_label)
+                    except ValueError:
+                        raise DataError(f"{list_file} line {number}: label {raw_label!r} is not an integer") from None
+                    if label < 0:
+                        raise DataError(f"{list_file} line {number}: label {label} is negative")
+                    top[0] = max(top[0], label)
+                    path = Path(name)
+                    yield str(path if path.is_absolute() else base / path), label
+        except UnicodeDecodeError:
+            raise DataError(f"source {list_file} is neither a directory nor a UTF-8 '<path> <label>' list file") from None
+
+    samples = SampleList(parsed())
     if not samples:
         raise DataError(f"list file {list_file} names no images (expected lines '<path> <label>')")
-    classes = [str(i) for i in range(max(label for _, label in samples) + 1)]
-    return classes, samples
+    return [str(i) for i in range(top[0] + 1)], samples
 
 
-def scan_source(src: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names indexed by label, [(path, label)]) from an ImageFolder or a list file."""
+def scan_source(src: str | Path) -> tuple[list[str], SampleList]:
+    """(class names indexed by label, (path, label) samples) from an ImageFolder or a list file."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"source {src} does not exist (expected an ImageFolder directory or a '<path> <label>' list file)")
