@@ -69,9 +69,8 @@ class SampleList(Sequence[tuple[str, int]]):
 
     A read of a Python object writes its reference count, so a DataLoader worker (a forked copy of
     the process) that reads every sample of a list in an epoch copies every page the list's objects
-    sit on: each worker comes to hold its own copy of the listing, about 140 MB per worker for
-    ImageNet's 1.28 M paths (docs/performance.md; pytorch/pytorch#13246). Reading numpy arrays writes
-    nothing. Paths are kept as UTF-8 (undecodable bytes as surrogate escapes, as `os` gives them).
+    sit on: each worker comes to hold its own copy of the listing, about 250 MB for ImageNet's
+    1.28 M paths (docs/performance.md; pytorch/pytorch#13246). Reading numpy arrays writes nothing. Paths are kept as UTF-8 (undecodable bytes as surrogate escapes, as `os` gives them).
     """
 
     _CHUNK = 1 << 16  # samples encoded at a time: the Python objects of more never exist at once
