@@ -82,7 +82,7 @@ if [ "$LOCAL_NODES" = 1 ]; then
   done
   stop_all() { kill -"${1:-TERM}" "${pids[@]}" 2>/dev/null || true; }
   trap 'stop_all TERM' TERM
-  trap 'stop_all INT' INT  # a Ctrl-C stays a Ctrl-C: the runs report SIGINT
+  trap 'stop_all INT' INT  # a Ctrl-C stays one: the node launchers say SIGINT and exit 130
   # A node that fails for good would leave the others waiting in the rendezvous: stop them all.
   status=0
   running=("${pids[@]}")
