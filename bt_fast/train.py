@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from bt_fast.errors import exit_on_interrupt
 
@@ -40,8 +41,9 @@ with exit_on_interrupt("while starting (loading torch)"):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, atomic_save, load_checkpoint,
-                                    remove_stale_checkpoint_temporaries, restore_model, rng_state, set_rng_state)
+    from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, BackgroundSave, CheckpointError, atomic_save,
+                                    load_checkpoint, remove_stale_checkpoint_temporaries, restore_model, rng_state,
+                                    set_rng_state)
     from bt_fast.config import CHOICES, KEY_HELP, MIN_BATCH_PER_RANK, Config, ConfigError, load_config
     from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
     from bt_fast.errors import StorageError, UserError, cli_errors, print_error
@@ -121,6 +123,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.step = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk (None: there is none)
+        self.checkpoints, self._writing_step = BackgroundSave(), None  # the step being written, if any
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
@@ -184,28 +187,50 @@ class Trainer:
             raise CheckpointError(f"ranks resumed from different steps ({-steps[1].item()} to {steps[0].item()}) of "
                                   f"{path}; out_dir must be on a file system shared by all nodes")
 
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes checkpoint.pth (the one it replaces becomes checkpoint.prev.pth). A full or
-        read-only out_dir ends the run with a StorageError naming the last good checkpoint."""
+    def save_checkpoint(self, wait: bool = True) -> None:
+        """Rank 0 writes checkpoint.pth (the one it replaces becomes checkpoint.prev.pth); with `wait=False`
+        on a thread of its own (`BackgroundSave`), while training goes on. A full or read-only out_dir ends
+        the run with a StorageError naming the last good checkpoint; for a save in the background, at the
+        next save or the end of the run."""
         if not self.ctx.is_main:
             return
-        try:
+        with self._checkpoint_faults():
+            self._await_checkpoint()
             if self.run_log is not None:  # every step the checkpoint covers is in the log before it exists
                 self.run_log.flush(durable=True)
-            atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
-                         "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
-                         "config": self.config.to_dict(),
-                         "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
-                         "elapsed_s": self.run_log.elapsed() if self.run_log else None},
-                        self.out_dir / CHECKPOINT_NAME, keep_previous=True)
+            self.checkpoints.start({
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
+                "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
+                "config": self.config.to_dict(),
+                "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "elapsed_s": self.run_log.elapsed() if self.run_log else None},
+                self.out_dir / CHECKPOINT_NAME, keep_previous=True)
+            self._writing_step = self.step
+            if wait:
+                self._await_checkpoint()
+
+    def checkpoint_written(self) -> None:
+        """Wait until the checkpoint being written (if any) is on disk; a storage fault is a StorageError."""
+        with self._checkpoint_faults():
+            self._await_checkpoint()
+
+    def _await_checkpoint(self) -> None:
+        step, self._writing_step = self._writing_step, None
+        self.checkpoints.wait()
+        if step is not None:
+            self.saved_step = step
+
+    @contextlib.contextmanager
+    def _checkpoint_faults(self) -> Iterator[None]:
+        try:
+            yield
         except Exception as err:
             fault = storage_fault(err)
             if fault is None and not isinstance(err, StorageError):
                 raise
             cause = err if isinstance(err, StorageError) else f"cannot write into {self.out_dir} ({fault.strerror})"
             raise StorageError(f"{cause}; {self.last_good()}") from None
-        self.saved_step = self.step
 
     def last_good(self) -> str:
         """Where the run can resume from, for a storage error's message."""
@@ -340,11 +365,14 @@ class Trainer:
         try:
             with StopSignals() as signals:
                 self._epochs(signals, self.run_log, bar)
+            self.checkpoint_written()
             self.stops.close()
             if self.run_log:
                 self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
                                     self.ctx.world_size)
         finally:
+            with contextlib.suppress(Exception):  # on the way out of an error: the checkpoint still completes
+                self._await_checkpoint()
             bar.close()
             if self.run_log:
                 self.run_log.close()
@@ -361,7 +389,7 @@ class Trainer:
                 if not self._epoch(epoch, epoch_batches, signals, log, progress):
                     return
             start_batch = 0
-            self.save_checkpoint()
+            self.save_checkpoint(wait=False)  # written while the next epoch trains
             if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
                 self.monitor_knn(epoch, log, progress)
             if log:
@@ -398,7 +426,7 @@ class Trainer:
                     dist.barrier()
                 return False
             if checkpoint:
-                self.save_checkpoint()
+                self.save_checkpoint(wait=False)
                 self.clock.start()  # the checkpoint's time is not the next step's data wait
         self.settle(log, progress)  # before the epoch's checkpoint
         return True

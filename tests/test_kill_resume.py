@@ -70,9 +70,12 @@ def test_kill_9_and_resume_is_bit_exact(pipeline, image_folder, tmp_path):
     finally:
         code, err = finished(killed)
     assert code == -signal.SIGKILL, err
-    checkpoint = torch.load(tmp_path / "killed" / CHECKPOINT_NAME, weights_only=True)
-    # checkpoints every 2 steps and at the end of epoch 1 (step 3)
-    assert checkpoint["step"] == max(s for s in range(1, kill_at) if s % 2 == 0 or s == 3)
+    # checkpoints every 2 steps and at the end of epoch 1 (step 3), written while training goes on: on disk is
+    # the last one started before the kill, or the one before it if the kill came while it was being written
+    started = [s for s in range(1, kill_at) if s % 2 == 0 or s == 3]
+    path = tmp_path / "killed" / CHECKPOINT_NAME
+    on_disk = torch.load(path, weights_only=True)["step"] if path.exists() else None
+    assert on_disk in started[-2:] or (on_disk is None and len(started) == 1), (on_disk, started)
     code, err = finished(train_process(data, tmp_path / "killed", pipeline))
     assert code == 0, err
 

@@ -85,14 +85,16 @@ def test_a_second_ctrl_c_aborts_at_once_with_one_line(image_folder, tmp_path, ca
 
 
 def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folder, tmp_path, monkeypatch):
+    """Counted when the checkpoint's state is taken (it is written on a thread of its own after that)."""
+    from bt_fast.checkpoint import BackgroundSave
     seen = []
-    real_save = train_module.atomic_save
+    real_start = BackgroundSave.start
 
-    def save(obj, path, **options):
+    def start(self, obj, path, **options):
         if path.name == CHECKPOINT_NAME:
             seen.append((obj["step"], len((tmp_path / "metrics.jsonl").read_text().splitlines())))
-        real_save(obj, path, **options)
-    monkeypatch.setattr(train_module, "atomic_save", save)
+        real_start(self, obj, path, **options)
+    monkeypatch.setattr(BackgroundSave, "start", start)
     train_module.train(tiny_config(image_folder, tmp_path, "checkpoint_every=2", "log_every=1000", "epochs=1"))
     assert seen and all(step == lines for step, lines in seen), seen
 

@@ -36,7 +36,8 @@ def monitored_run(image_folder, module_tmp) -> tuple[Path, list[int]]:
     saved_at = []
     original = Trainer.save_checkpoint
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "save_checkpoint", lambda self: (saved_at.append(self.step), original(self)))
+        patch.setattr(Trainer, "save_checkpoint",
+                      lambda self, wait=True: (saved_at.append(self.step), original(self, wait)))
         train(tiny_config(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}", "checkpoint_every=2"))
     return out_dir, saved_at
 
@@ -175,3 +176,35 @@ def test_checkpoint_every_saves_inside_an_epoch_too(monitored_run):
 def test_knn_every_without_knn_val_warns_and_trains(image_folder, tmp_path, capsys):
     train(tiny_config(image_folder, tmp_path, "knn_every=1", "max_steps=1"))
     assert "k-NN monitor off" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_own_step(image_folder, tmp_path,
+                                                                              monkeypatch):
+    """The end-of-epoch checkpoint goes to disk on a thread of its own: here its write waits until the next
+    epoch has trained two steps, which a save in the training thread could never see, and what it writes is
+    still the state at its own step."""
+    import threading
+    import bt_fast.checkpoint
+    from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME
+    two_steps_later, at_step_3 = threading.Event(), {}
+    real_save, real_step = bt_fast.checkpoint.atomic_save, Trainer.train_step
+
+    def slow_save(obj, path, **options):
+        if obj["step"] == 3:  # the end of epoch 1: 3 steps an epoch
+            assert two_steps_later.wait(timeout=60), "training waited for the checkpoint to be written"
+        real_save(obj, path, **options)
+
+    def step(self, y1, y2):
+        if self.step == 3:  # the state that step 3 left
+            at_step_3.update({key: value.clone() for key, value in self.model.state_dict().items()})
+        loss = real_step(self, y1, y2)
+        if self.step == 4:  # step 5 issued
+            two_steps_later.set()
+        return loss
+    monkeypatch.setattr(bt_fast.checkpoint, "atomic_save", slow_save)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    train(tiny_config(image_folder, tmp_path, "epochs=2"))
+    previous = torch.load(tmp_path / PREVIOUS_NAME, weights_only=True)
+    assert previous["step"] == 3 and previous["model"].keys() == at_step_3.keys()
+    assert all(torch.equal(previous["model"][key], value) for key, value in at_step_3.items())
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 6
