@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -48,6 +48,12 @@ class Curves:
             if record.get(key) is not None:
                 steps.append(record["step"])
                 values.append(record[key])
+
+    def adding(self, records: Iterable[dict]) -> Iterator[dict]:
+        """Each of `records`, added as it passes: the curves of a file read once for something else too."""
+        for record in records:
+            self.add(record)
+            yield record
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of `key` in log order (copies: the columns keep growing)."""

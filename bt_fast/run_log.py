@@ -206,19 +206,16 @@ class RunLog:
             self.tensorboard.close()
 
 
-def plot_metrics(out_dir: Path) -> None:
-    """metrics.png from out_dir's metrics.jsonl."""
-    save_png(plot_runs({out_dir.name: read_metrics(out_dir / METRICS_NAME)}), out_dir / PLOT_NAME)
-
-
 def write_summary(config: Config, steps_per_epoch: int, total_steps: int, stopped_by: str | None,
                   device: torch.device, world_size: int) -> dict:
     """Redraw metrics.png and write summary.json from the whole of metrics.jsonl; returns the summary.
     Also how the rerun of a complete run restores these two if a storage fault cut its end short."""
     out_dir = Path(config.out_dir)
-    plot_metrics(out_dir)
-    summary = {**summarise(read_metrics(out_dir / METRICS_NAME), steps_per_epoch, config.batch_size),
+    curves = Curves()
+    records = read_metrics(out_dir / METRICS_NAME)
+    summary = {**summarise(curves.adding(records), steps_per_epoch, config.batch_size),
                "total_steps": total_steps, "stopped_by": stopped_by,
                "device": device_description(device, world_size), "versions": versions()}
+    save_png(plot_runs({out_dir.name: curves}), out_dir / PLOT_NAME)
     write_json(out_dir / SUMMARY_NAME, summary)
     return summary
