@@ -23,17 +23,20 @@ Pixel modes other than 8-bit RGB are converted (`to_rgb`):
 
 `ImagePrep.stored` keeps a baseline RGB JPEG within `max_resolution` that needs no rotation byte
 for byte (`ImagePrep.passes_through`) after a validating decode at 1/8 scale. Anything else it
-caps on the longer side at `max_resolution` with OpenCV INTER_AREA and FFCV's `RGBImageField`
-size rounding of the full size, so both output formats hold the same geometry, and encodes with
-OpenCV at `jpeg_quality`, exactly as FFCV encodes. A JPEG at least four times
-the cap is first decoded at a reduced DCT scale (libjpeg's 1/2, 1/4 or 1/8, never below twice
-the capped size), which halves the cost of the few very large inputs and changes the capped
-pixels by one to two levels on average, about what one JPEG generation at quality 90 changes.
+decodes (an upright colour JPEG with OpenCV straight into one BGR array, the same pixels as
+Pillow's decode; any other file with Pillow and the rules above), caps on the longer side at
+`max_resolution` with OpenCV INTER_AREA and FFCV's `RGBImageField` size rounding of the full size,
+so both output formats hold the same geometry, and encodes with OpenCV at `jpeg_quality`, exactly
+as FFCV encodes. A JPEG at least four times the cap is first decoded at a reduced DCT scale
+(libjpeg's 1/2, 1/4 or 1/8, never below twice the capped size), which halves the cost of the few
+very large inputs and changes the capped pixels by one to two levels on average, about what one
+JPEG generation at quality 90 changes.
 """
 from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,8 +169,8 @@ def _decoded(image: Image.Image, reduce_to: int | None = None) -> tuple[np.ndarr
     notes: list[str] = []
     wide = _sixteen_bit_colour(image)
     full = image.size
-    if reduce_to and image.format == "JPEG" and max(full) >= 4 * reduce_to:
-        image.draft(None, tuple(2 * side for side in capped_size(*full, reduce_to)))
+    if reduce_to:
+        _draft_for_cap(image, reduce_to)
     image.load()
     orientation = image.getexif().get(_ORIENTATION_TAG, 1)
     if orientation in (5, 6, 7, 8):  # a quarter turn
@@ -185,6 +188,14 @@ def _decoded(image: Image.Image, reduce_to: int | None = None) -> tuple[np.ndarr
     if wide:
         notes.insert(0, f"converted 16-bit {wide} to 8 bits (Pillow keeps the high byte of each sample)")
     return np.asarray(rgb, dtype=np.uint8), notes, full
+
+
+def _draft_for_cap(image: Image.Image, reduce_to: int) -> int:
+    """Set up `image` (open, not loaded) for `_decoded`'s reduced decode; the DCT scale taken (1: none)."""
+    if image.format != "JPEG" or max(image.size) < 4 * reduce_to:
+        return 1
+    image.draft(None, tuple(2 * side for side in capped_size(*image.size, reduce_to)))
+    return image.decoderconfig[0]
 
 
 def _sixteen_bit_colour(image: Image.Image) -> str | None:
@@ -247,8 +258,11 @@ class ImagePrep:
     def encode(self, array: np.ndarray) -> bytes:
         """`array` (RGB uint8) as JPEG bytes, encoded by OpenCV at `jpeg_quality` as FFCV encodes."""
         cv2 = cv2_module()
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(array, cv2.COLOR_RGB2BGR),
-                                   [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
+        return self._encoded_bgr(cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+
+    def _encoded_bgr(self, bgr: np.ndarray) -> bytes:
+        cv2 = cv2_module()
+        ok, encoded = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
         if not ok:
             raise SkipImage("JPEG encoding failed")
         return encoded.tobytes()
@@ -293,12 +307,56 @@ class ImagePrep:
                     image.draft(None, (max(1, width // 8), max(1, height // 8)))
                     image.load()
                     return Prepared("ok", None, data, width, height)
+                if _plain_jpeg(image):
+                    full = image.size
+                    bgr = _opencv_decoded(data, _draft_for_cap(image, self.max_resolution))
+                    if bgr is not None and bgr.shape[:2] == image.size[::-1]:  # the size Pillow would decode
+                        bgr = self._capped(bgr, full)
+                        return Prepared("ok", None, self._encoded_bgr(bgr), bgr.shape[1], bgr.shape[0])
                 array, notes, full = _decoded(image, reduce_to=self.max_resolution)
             pixels = self._capped(array, full)
             return Prepared("converted" if notes else "ok", "; ".join(notes) or None, self.encode(pixels),
                             pixels.shape[1], pixels.shape[0])
         except SkipImage as skip:
             return Prepared("skipped", str(skip))
+
+
+def _plain_jpeg(image: Image.Image) -> bool:
+    """An 8-bit colour JPEG that needs no EXIF rotation: what OpenCV decodes to the same pixels as Pillow."""
+    return (image.format == "JPEG" and image.mode == "RGB" and not _sixteen_bit_colour(image)
+            and image.getexif().get(_ORIENTATION_TAG, 1) in (None, 1))
+
+
+def _opencv_decoded(data: bytes, scale: int) -> np.ndarray | None:
+    """The plain JPEG `data` decoded by OpenCV at DCT scale 1/`scale`: BGR uint8 (H, W, 3), the
+    same pixels as Pillow's decode at that scale (both are libjpeg-turbo with its defaults), without
+    Pillow's RGBX image and the copy out of it. None where OpenCV refuses the file (truncated, for
+    one): Pillow then decodes it and says why.
+
+    libjpeg prints its warnings on corrupt data (which both decoders accept) to stderr itself, where
+    Pillow keeps quiet, so fd 2 points at /dev/null while OpenCV decodes."""
+    cv2 = cv2_module()
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[scale] | cv2.IMREAD_IGNORE_ORIENTATION
+    with _stderr_silenced():
+        try:
+            return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        except cv2.error:
+            return None
+
+
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 _SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # SOF0 baseline, SOF1 extended sequential

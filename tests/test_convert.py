@@ -3,6 +3,7 @@ and read-back of both formats with the stock FFCV Loader and the stock DALI webd
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -873,6 +874,35 @@ def test_a_large_jpeg_is_capped_to_ffcvs_geometry_from_a_reduced_decode(size, or
     with Image.open(path) as image:
         decoded, _, full = _decoded(image, reduce_to=256)
     assert full == (width, height) and max(decoded.shape) < max(size)  # the reduced decode was taken
+
+
+def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp_path, capfd, monkeypatch):
+    """Colour JPEGs that are re-encoded (over the cap, progressive) are decoded by OpenCV: the same
+    bytes as Pillow's decode (`pixels`, the path FFCV's writer is checked against above), silent on
+    corrupt data that both accept, and a truncated one is skipped with Pillow's reason."""
+    import pipelines.images as images
+    decoded = []
+    opencv = images._opencv_decoded
+    monkeypatch.setattr(images, "_opencv_decoded", lambda data, scale: decoded.append(scale) or opencv(data, scale))
+    from pipelines.demo_data import load_photograph
+    photo = Image.fromarray(load_photograph("chelsea"))
+    cases = {"over.jpg": ((100, 75), {}), "reduced.jpg": ((300, 220), {}), "444.jpg": ((90, 70), {"subsampling": 0}),
+             "progressive.jpg": ((64, 40), {"progressive": True})}
+    for name, (size, kw) in cases.items():
+        photo.resize(size, Image.BICUBIC).save(tmp_path / name, quality=90, **kw)
+    data = (tmp_path / "over.jpg").read_bytes()
+    (tmp_path / "corrupt.jpg").write_bytes(data[:len(data) // 2] + b"\xff\xd0" + data[len(data) // 2:])
+    (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    prep = ImagePrep(max_resolution=MAX_RES)
+    for name in [*cases, "corrupt.jpg"]:
+        path = str(tmp_path / name)
+        got = prep.stored(path)
+        assert (got.status, got.data) == ("ok", prep.encode(prep.pixels(path))), name
+        assert (got.width, got.height) == Image.open(io.BytesIO(got.data)).size
+    assert decoded == [1, 2, 1, 1, 1]  # every one through OpenCV; the 300 px one at a DCT scale of 1/2
+    truncated = prep.stored(str(tmp_path / "truncated.jpg"))
+    assert truncated.status == "skipped" and truncated.reason.startswith("truncated or corrupt: image file is truncated")
+    assert capfd.readouterr().err == ""  # libjpeg's "Corrupt JPEG data" warning did not reach stderr
 
 
 def test_workers_wait_while_the_writer_pauses(source):
