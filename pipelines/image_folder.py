@@ -73,7 +73,8 @@ class SampleList(Sequence[tuple[str, int]]):
     1.28 M paths (docs/performance.md; pytorch/pytorch#13246). Reading numpy arrays writes nothing. Paths are kept as UTF-8 (undecodable bytes as surrogate escapes, as `os` gives them).
     """
 
-    _CHUNK = 1 << 16  # samples encoded at a time: the Python objects of more never exist at once
+    _CHUNK = 1 << 12  # samples encoded at a time: the Python objects of more never exist at once (their
+    # memory, about 200 bytes a sample, stays with the process once freed)
 
     def __init__(self, samples: Iterable[tuple[str, int]]):
         data, ends, labels = bytearray(), [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]

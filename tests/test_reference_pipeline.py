@@ -119,6 +119,25 @@ def test_sample_list_holds_what_the_list_holds(image_folder):
     assert list(dataset.samples) == find_image_folder(image_folder)[1]
 
 
+def test_a_sample_list_is_built_without_the_python_objects_of_the_whole_listing():
+    """Built from a stream (a directory scan, a list file), a SampleList holds the Python objects of a few
+    thousand samples at a time: the memory that allocating them takes stays with the process afterwards.
+    200,000 ImageNet-like paths take about 40 MB as (path, label) tuples; the arrays take 15."""
+    import tracemalloc
+    from pipelines.image_folder import SampleList
+    streamed = ((f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG", i % 1000) for i in range(200_000))
+    tracemalloc.start()
+    try:
+        compact = SampleList(streamed)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    columns = compact._ends.nbytes + compact._labels.nbytes  # concatenated from the chunks' at the end
+    arrays = compact._bytes.nbytes + columns
+    assert held >= arrays and peak - arrays - columns < 2 * 2**20, (held, peak, arrays)  # + what one chunk needs
+    assert compact[123_457] == (f"/data/imagenet/train/n{457:08d}/n{457:08d}_123457.JPEG", 457)
+
+
 def _worker_private_growth(samples) -> float:
     """MB of private memory a DataLoader worker gains reading every (path, label) of `samples` once."""
     from torch.utils.data import DataLoader, Dataset
