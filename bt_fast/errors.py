@@ -7,7 +7,6 @@ storage fault met while running); nothing else turns exceptions into text.
 """
 from __future__ import annotations
 
-import signal
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -45,13 +44,6 @@ def one_line(err: BaseException) -> str:
 
 def print_error(err: BaseException | str) -> None:
     print(f"error: {err if isinstance(err, str) else one_line(err)}", file=sys.stderr)
-
-
-def ignore_interrupts() -> None:
-    """Initializer of a worker process (`multiprocessing.Pool(initializer=...)`): Ctrl-C reaches the
-    whole process group, and only the parent acts on it (it stops the pool); a worker would print a
-    KeyboardInterrupt traceback of its own."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager

@@ -52,16 +52,16 @@ import os
 import shutil
 import threading
 from contextlib import contextmanager
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, StorageError, ignore_interrupts
+from bt_fast.errors import DataError, StorageError
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, storage_fault, temporary_name, write_json)
 from bt_fast.progress import progress as progress_bar
+from bt_fast.worker_pool import WorkerPool
 from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import BetonPart, beton_samples, join_parts, page_size_for
 from pipelines.image_folder import SampleList, find_image_folder
@@ -333,7 +333,7 @@ def _prepare_job(job: tuple[ImagePrep, str]) -> Prepared:
 
 
 @contextmanager
-def _worker_pool(workers: int) -> Iterator[Pool | None]:
+def _worker_pool(workers: int) -> Iterator[WorkerPool | None]:
     """`workers` processes for `_prepared`, or None for one (this process prepares the images).
 
     Start it before listing the source: a worker forked later maps the whole listing (a `SampleList`,
@@ -343,7 +343,7 @@ def _worker_pool(workers: int) -> Iterator[Pool | None]:
     if workers <= 1:
         yield None
         return
-    pool = Pool(workers, initializer=ignore_interrupts)
+    pool = WorkerPool(workers)
     try:
         yield pool
     finally:
@@ -352,7 +352,7 @@ def _worker_pool(workers: int) -> Iterator[Pool | None]:
 
 
 @contextmanager
-def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: Pool | None,
+def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: WorkerPool | None,
               workers: int) -> Iterator[Iterator[Prepared]]:
     """`_prepare_job` of every job, in order, over the `workers` processes of `pool` (here if None).
 
@@ -483,8 +483,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
                                workers, progress)
 
 
-def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool, size: int, pool: Pool | None,
-                    workers: int, progress: bool) -> dict:
+def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool, size: int,
+                    pool: WorkerPool | None, workers: int, progress: bool) -> dict:
     """`convert` from listing the source on, with the workers started; `size` is images per part."""
     state = source_state(src) if src.exists() else None  # before the scan: a change made during it is newer
     classes, samples = scan_source(src)  # a missing source fails before anything is written

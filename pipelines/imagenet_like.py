@@ -30,14 +30,14 @@ import json
 import math
 import os
 from functools import lru_cache, partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bt_fast.errors import DataError, ignore_interrupts
+from bt_fast.errors import DataError
 from bt_fast.files import temporary_name, write_json
+from bt_fast.worker_pool import WorkerPool
 from pipelines.demo_data import PHOTOGRAPHS, load_photograph
 
 VERSION = 1
@@ -147,7 +147,7 @@ def _write_images(root: Path, indices: list[int], num_classes: int, seed: int, w
         return
     # Small chunks: 2% of the images are up to 4000 px and cost far more than the rest.
     chunksize = max(1, min(8, len(indices) // (workers * 8)))
-    with Pool(workers, initializer=ignore_interrupts) as pool:  # leaving the block terminates the workers
+    with WorkerPool(workers) as pool:  # leaving the block terminates the workers
         for _ in pool.imap_unordered(write, indices, chunksize=chunksize):
             pass
 

@@ -905,6 +905,28 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
     assert capfd.readouterr().err == ""  # libjpeg's "Corrupt JPEG data" warning did not reach stderr
 
 
+def _handler_wakeups(pool_class, monkeypatch) -> int:
+    """How often the pool's worker-handler thread woke while 400 results of 256 KB streamed in."""
+    import multiprocessing.pool
+    wakeups = []
+    wait = multiprocessing.pool.Pool._wait_for_updates
+    monkeypatch.setattr(multiprocessing.pool.Pool, "_wait_for_updates",
+                        staticmethod(lambda *args, **kw: wakeups.append(1) or wait(*args, **kw)))
+    with pool_class(2) as pool:
+        assert sum(len(block) for block in pool.imap(bytes, [1 << 18] * 400)) == 400 << 18
+    return len(wakeups)
+
+
+def test_the_worker_pool_does_not_spin_while_results_stream_in(monkeypatch):
+    """CPython's Pool wakes its worker handler whenever a result is waiting in the pipe; WorkerPool's
+    handler wakes for workers that exit and for changes of state only (the pool's start and end)."""
+    import multiprocessing.pool
+    from bt_fast.worker_pool import WorkerPool
+    stock = _handler_wakeups(multiprocessing.pool.Pool, monkeypatch)
+    ours = _handler_wakeups(WorkerPool, monkeypatch)
+    assert stock > 20 and ours <= 3, (stock, ours)
+
+
 def test_workers_wait_while_the_writer_pauses(source):
     """Finished images never pile up in the writing process: at most a window of jobs is out."""
     import time
