@@ -3,7 +3,7 @@
 Library code raises a `UserError` subclass whose message names the file or config key and
 says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
 `error: <message>` on one line and exits with the error's `exit_code` (2 for bad input, 1 for a
-storage fault met while running); nothing else turns exceptions into text.
+storage fault or a lost worker process met while running); nothing else turns exceptions into text.
 """
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ class DataError(UserError):
 class StorageError(UserError):
     """The file system refused a write the run needed (full, over quota, read-only); nothing
     already complete was lost, and the message says where the last good state is."""
+
+    exit_code = 1
+
+
+class WorkerLost(UserError):
+    """A worker process died while it ran (the out-of-memory killer, for one); the message says what
+    finished work is kept."""
 
     exit_code = 1
 

@@ -1,9 +1,15 @@
 """The process pool of the converter and the data generator: `multiprocessing.Pool` without CPython's
-busy worker handler, and with Ctrl-C left to the parent."""
+busy worker handler, with Ctrl-C left to the parent, and an error where a worker dies."""
 from __future__ import annotations
 
 import signal
+from functools import partial
+from itertools import islice
+from multiprocessing import TimeoutError as ResultNotReady
 from multiprocessing.pool import Pool
+from typing import Iterable, Iterator
+
+from bt_fast.errors import WorkerLost
 
 
 def ignore_interrupts() -> None:
@@ -14,7 +20,8 @@ def ignore_interrupts() -> None:
 
 class WorkerPool(Pool):
     """`multiprocessing.Pool(processes, initializer=ignore_interrupts)` whose worker-handler thread
-    sleeps while results stream in.
+    sleeps while results stream in, and whose `imap`/`imap_unordered` raise `WorkerLost` where a
+    worker process dies.
 
     CPython's handler (3.8+, bpo-35493) also wakes whenever the result pipe is readable, which it is
     for as long as results arrive faster than the result thread takes them: it loops, rebuilds its
@@ -22,10 +29,55 @@ class WorkerPool(Pool):
     CPU-seconds per 20,000 images, on cores the workers need. The handler has work only when a
     worker exits (their sentinels, which it adds itself) or the pool changes state (the change
     notifier): that is all it waits for here.
+
+    A worker that dies (the kernel's out-of-memory killer sends SIGKILL) takes its task with it;
+    CPython's pool starts another worker and waits for that task's result forever.
     """
+
+    WATCH_S = 1.0  # how long a wait for the next result lasts before the workers are checked
 
     def __init__(self, processes: int):
         super().__init__(processes, initializer=ignore_interrupts)
+        self._started = list(self._pool)  # the pool only replaces a worker that has died
 
     def _get_sentinels(self) -> list:
         return [self._change_notifier._reader]
+
+    def imap(self, func, iterable, chunksize: int = 1) -> Iterator:
+        return self._watched(super().imap(partial(_each, func), _chunks(iterable, chunksize)))
+
+    def imap_unordered(self, func, iterable, chunksize: int = 1) -> Iterator:
+        return self._watched(super().imap_unordered(partial(_each, func), _chunks(iterable, chunksize)))
+
+    def _watched(self, chunks) -> Iterator:
+        """The results of `chunks` (an IMapIterator over lists of results), one at a time."""
+        while True:
+            try:
+                yield from chunks.next(timeout=self.WATCH_S)
+            except ResultNotReady:
+                self._check_workers()
+            except StopIteration:
+                return
+
+    def _check_workers(self) -> None:
+        for worker in self._started:
+            code = worker.exitcode
+            if code is None:
+                continue
+            if code < 0:
+                how = f"was killed by {signal.Signals(-code).name}"
+                if -code == signal.SIGKILL:
+                    how += " (what the kernel's out-of-memory killer sends)"
+            else:
+                how = f"exited with status {code}"
+            raise WorkerLost(f"worker process {worker.pid} {how}")
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    items = iter(items)
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def _each(func, chunk: list) -> list:
+    return [func(item) for item in chunk]

@@ -57,7 +57,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, StorageError
+from bt_fast.errors import DataError, StorageError, WorkerLost
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, storage_fault, temporary_name, write_json)
 from bt_fast.progress import progress as progress_bar
@@ -525,6 +525,14 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
         kept = sum(work.finished(k) is not None for k in range(len(starts)))
         complete = not kept  # nothing to go on from: no work directory left behind
         raise StorageError(_storage_fault_message(dst, fault, work, kept, len(starts), fmt)) from None
+    except WorkerLost as err:
+        if writing is not None:
+            work.discard(writing)
+        kept = sum(work.finished(k) is not None for k in range(len(starts)))
+        complete = not kept
+        where = f"{kept} of {len(starts)} parts are finished and kept in {work.root}; " if kept else ""
+        raise WorkerLost(f"converting {src}: {err}. {where}the same command goes on from "
+                         f"{'them' if kept else 'the start'} (with fewer --workers if memory ran out)") from None
     finally:
         work.close(remove=complete)
     return report

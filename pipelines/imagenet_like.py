@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, WorkerLost
 from bt_fast.files import temporary_name, write_json
 from bt_fast.worker_pool import WorkerPool
 from pipelines.demo_data import PHOTOGRAPHS, load_photograph
@@ -148,8 +148,12 @@ def _write_images(root: Path, indices: list[int], num_classes: int, seed: int, w
     # Small chunks: 2% of the images are up to 4000 px and cost far more than the rest.
     chunksize = max(1, min(8, len(indices) // (workers * 8)))
     with WorkerPool(workers) as pool:  # leaving the block terminates the workers
-        for _ in pool.imap_unordered(write, indices, chunksize=chunksize):
-            pass
+        try:
+            for _ in pool.imap_unordered(write, indices, chunksize=chunksize):
+                pass
+        except WorkerLost as err:
+            raise WorkerLost(f"writing the ImageNet-like set {root}: {err}. The images written so far are kept; "
+                             f"the same command writes the rest (with fewer --workers if memory ran out)") from None
 
 
 def write_imagenet_like(root: str | Path, count: int, num_classes: int = 10, seed: int = 0,

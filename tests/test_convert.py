@@ -616,6 +616,39 @@ def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_
         assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
 
 
+@pytest.mark.timeout(60)  # CPython's pool waits forever for the task of a worker that died
+def test_a_worker_killed_by_the_oom_killer_is_one_line_keeps_the_finished_parts_and_the_rerun_finishes(
+        source, outputs, tmp_path, monkeypatch, capsys):
+    import signal
+    from pipelines.dali_format import shuffled_order
+    root, _ = source
+    out, _, _ = outputs
+    samples = find_image_folder(root)[1]
+    last = samples[int(shuffled_order(len(samples))[-1])][0]  # in the third and last shard of 5, 5 and 4
+    original = ImagePrep.stored
+
+    def killed(self, path):
+        if path == last:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, path)
+
+    dst = tmp_path / "shards"
+    monkeypatch.setattr(ImagePrep, "stored", killed)  # the workers are forked with it
+    assert _cli([str(root), str(dst), "--format", "dali", "--max-resolution", str(MAX_RES), "--workers", "2",
+                 "--shard-size", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: converting {root}: worker process ")
+    assert "was killed by SIGKILL" in err and f"2 of 3 parts are finished and kept in {work_dir(dst)}" in err
+    assert not dst.exists()
+
+    calls = []
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
+    convert(root, dst, "dali", max_resolution=MAX_RES, workers=1, shard_size=5, progress=False)
+    assert len(calls) == 4 and last in calls  # only the lost shard was redone
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in (out / "shards").iterdir())
+    assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
+
+
 def _full_disk_at(writer, method: str, part: str, monkeypatch) -> None:
     """`writer.method` fails with ENOSPC (as a write to a full file system does) in the part whose file name
     holds `part`, and behaves as before elsewhere."""
@@ -903,28 +936,6 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
     truncated = prep.stored(str(tmp_path / "truncated.jpg"))
     assert truncated.status == "skipped" and truncated.reason.startswith("truncated or corrupt: image file is truncated")
     assert capfd.readouterr().err == ""  # libjpeg's "Corrupt JPEG data" warning did not reach stderr
-
-
-def _handler_wakeups(pool_class, monkeypatch) -> int:
-    """How often the pool's worker-handler thread woke while 400 results of 256 KB streamed in."""
-    import multiprocessing.pool
-    wakeups = []
-    wait = multiprocessing.pool.Pool._wait_for_updates
-    monkeypatch.setattr(multiprocessing.pool.Pool, "_wait_for_updates",
-                        staticmethod(lambda *args, **kw: wakeups.append(1) or wait(*args, **kw)))
-    with pool_class(2) as pool:
-        assert sum(len(block) for block in pool.imap(bytes, [1 << 18] * 400)) == 400 << 18
-    return len(wakeups)
-
-
-def test_the_worker_pool_does_not_spin_while_results_stream_in(monkeypatch):
-    """CPython's Pool wakes its worker handler whenever a result is waiting in the pipe; WorkerPool's
-    handler wakes for workers that exit and for changes of state only (the pool's start and end)."""
-    import multiprocessing.pool
-    from bt_fast.worker_pool import WorkerPool
-    stock = _handler_wakeups(multiprocessing.pool.Pool, monkeypatch)
-    ours = _handler_wakeups(WorkerPool, monkeypatch)
-    assert stock > 20 and ours <= 3, (stock, ours)
 
 
 def test_workers_wait_while_the_writer_pauses(source):

@@ -1,0 +1,61 @@
+"""bt_fast.worker_pool.WorkerPool: the results of CPython's Pool, without its busy handler, and an error
+instead of a hang where a worker dies."""
+from __future__ import annotations
+
+import multiprocessing.pool
+import os
+import signal
+
+import pytest
+
+from bt_fast.errors import WorkerLost
+from bt_fast.worker_pool import WorkerPool
+
+
+def _square_or_die(x: int) -> int:
+    if x == 37:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+def _handler_wakeups(pool_class, monkeypatch) -> int:
+    """How often the pool's worker-handler thread woke while 400 results of 256 KB streamed in."""
+    wakeups = []
+    wait = multiprocessing.pool.Pool._wait_for_updates
+    monkeypatch.setattr(multiprocessing.pool.Pool, "_wait_for_updates",
+                        staticmethod(lambda *args, **kw: wakeups.append(1) or wait(*args, **kw)))
+    with pool_class(2) as pool:
+        assert sum(len(block) for block in pool.imap(bytes, [1 << 18] * 400)) == 400 << 18
+    return len(wakeups)
+
+
+def test_the_worker_pool_does_not_spin_while_results_stream_in(monkeypatch):
+    """CPython's Pool wakes its worker handler whenever a result is waiting in the pipe; WorkerPool's
+    handler wakes for workers that exit and for changes of state only (the pool's start and end)."""
+    stock = _handler_wakeups(multiprocessing.pool.Pool, monkeypatch)
+    ours = _handler_wakeups(WorkerPool, monkeypatch)
+    assert stock > 20 and ours <= 3, (stock, ours)
+
+
+@pytest.mark.parametrize("chunksize", [1, 4, 7])
+def test_results_are_the_stock_pools(chunksize):
+    items = list(range(30)) + [5, 5]
+    with multiprocessing.pool.Pool(2) as stock, WorkerPool(2) as ours:
+        assert list(ours.imap(abs, items, chunksize)) == list(stock.imap(abs, items, chunksize))
+        assert sorted(ours.imap_unordered(abs, items, chunksize)) == sorted(items)
+        assert list(ours.imap(abs, [], chunksize)) == []
+
+
+@pytest.mark.timeout(60)  # CPython's pool waits forever for the task of a worker that died
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_a_worker_that_dies_is_an_error_not_a_hang(ordered, chunksize):
+    with WorkerPool(2) as pool:
+        results = (pool.imap if ordered else pool.imap_unordered)(_square_or_die, range(100), chunksize)
+        got = []
+        with pytest.raises(WorkerLost, match=r"^worker process \d+ was killed by SIGKILL \(what the kernel's out-of"):
+            for value in results:
+                got.append(value)
+    assert set(got) <= {x * x for x in range(100)} - {37 * 37} and len(set(got)) == len(got)
+    if ordered:
+        assert got == [x * x for x in range(len(got))] and len(got) <= 37
