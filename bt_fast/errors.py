@@ -36,6 +36,19 @@ class WorkerLost(UserError):
     exit_code = 1
 
 
+def lost_dataloader_worker(err: BaseException) -> str | None:
+    """What torch's error says where a DataLoader worker process died ("DataLoader worker (pid 17) is
+    killed by signal: Killed.", "DataLoader worker (pid(s) 17) exited unexpectedly"), with what likely
+    killed it; None for any other error."""
+    text = " ".join(str(err).split())
+    if not isinstance(err, RuntimeError) or not text.startswith("DataLoader worker (pid"):
+        return None
+    text = text.rstrip(". ")
+    if text.endswith(("killed by signal: Killed", "exited unexpectedly")):
+        text += " (the kernel's out-of-memory killer ends a worker this way)"
+    return text
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line.
 

@@ -46,7 +46,7 @@ with exit_on_interrupt("while starting (loading torch)"):
                                     set_rng_state)
     from bt_fast.config import CHOICES, KEY_HELP, MIN_BATCH_PER_RANK, Config, ConfigError, load_config
     from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed, sync_batchnorm
-    from bt_fast.errors import StorageError, UserError, cli_errors, print_error
+    from bt_fast.errors import StorageError, UserError, WorkerLost, cli_errors, lost_dataloader_worker, print_error
     from bt_fast.files import storage_fault
     from bt_fast.knn import KnnMonitor
     from bt_fast.loss import barlow_twins_loss
@@ -232,13 +232,12 @@ class Trainer:
             cause = err if isinstance(err, StorageError) else f"cannot write into {self.out_dir} ({fault.strerror})"
             raise StorageError(f"{cause}; {self.last_good()}") from None
 
-    def last_good(self) -> str:
-        """Where the run can resume from, for a storage error's message."""
+    def last_good(self, fix: str = "free space there (or make it writable)") -> str:
+        """Where the run can resume from, for an error's message: `fix`, then rerun."""
         if self.saved_step is None:
-            return f"no checkpoint was written yet in {self.out_dir}: free space there (or make it writable) and rerun"
+            return f"no checkpoint was written yet in {self.out_dir}: {fix} and rerun"
         return (f"the last good checkpoint is step {self.saved_step} of {self.total_steps} in "
-                f"{self.out_dir / CHECKPOINT_NAME}: free space there (or make it writable) and rerun the same "
-                f"command to resume from it")
+                f"{self.out_dir / CHECKPOINT_NAME}: {fix} and rerun the same command to resume from it")
 
     def save_backbone(self) -> Path:
         """Rank 0 writes backbone.pth; a full or read-only out_dir is a StorageError naming the last checkpoint."""
@@ -363,7 +362,7 @@ class Trainer:
         self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
         self._start_skip_count()
         try:
-            with StopSignals() as signals:
+            with StopSignals() as signals, self._lost_workers():
                 self._epochs(signals, self.run_log, bar)
             self.checkpoint_written()
             self.stops.close()
@@ -377,6 +376,21 @@ class Trainer:
             if self.run_log:
                 self.run_log.close()
                 self.run_log = None
+
+    @contextlib.contextmanager
+    def _lost_workers(self) -> Iterator[None]:
+        """A DataLoader worker that died (torch raises from wherever the loop is) is a WorkerLost
+        naming the last checkpoint."""
+        try:
+            yield
+        except RuntimeError as err:
+            lost = lost_dataloader_worker(err)
+            if lost is None:
+                raise
+            with contextlib.suppress(Exception):  # a checkpoint being written counts once it is on disk
+                self._await_checkpoint()
+            raise WorkerLost(f"{lost}; {self.last_good(f'lower workers (now {self.config.workers}) or free memory')}"
+                             ) from None
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)

@@ -132,6 +132,39 @@ def test_bad_input_is_one_clear_line(override, message, image_folder, tmp_path, 
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
 
 
+@pytest.mark.timeout(120)
+def test_a_dataloader_worker_killed_by_the_oom_killer_is_one_line_naming_the_checkpoint(image_folder, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """torch raises from wherever the loop is (here: its SIGCHLD handler) with a traceback; the run
+    ends in one line naming the last checkpoint, and the same command resumes from it."""
+    import os
+    import signal
+    import pipelines.reference as reference
+    load_rgb = reference.load_rgb
+    checkpoint = tmp_path / "checkpoint.pth"
+
+    def oom_killed_once_checkpointed(path):
+        if checkpoint.exists() and os.getpid() != parent:  # in the DataLoader worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return load_rgb(path)
+
+    parent = os.getpid()
+    monkeypatch.setattr(reference, "load_rgb", oom_killed_once_checkpointed)  # the worker is forked with it
+    args = ["--config", "configs/demo_cpu.yaml", f"data={image_folder}", f"out_dir={tmp_path}", "pipeline=reference",
+            "knn_every=0", "workers=1", "batch_size=8", "projector=64-64", "augment.image_size=32", "epochs=2",
+            "warmup_epochs=0", "device=cpu", "checkpoint_every=1", "max_steps=6"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # torch says "is killed by signal: Killed" or "exited unexpectedly", depending on where it notices
+    assert err.startswith("error: DataLoader worker (pid") and "(the kernel's out-of-memory killer ends a worker" in err
+    assert "the last good checkpoint is step " in err and f"in {checkpoint}: lower workers (now 1)" in err
+    monkeypatch.setattr(reference, "load_rgb", load_rgb)
+    main(args)
+    assert "done: 6 steps" in capsys.readouterr().out
+
+
 def test_paper_configs_load_with_the_paper_recipe():
     for name in ("paper_rn50", "paper_rn50_300ep"):
         config = load_config(f"configs/{name}.yaml")
