@@ -80,9 +80,15 @@ def exit_on_interrupt(what: str) -> Iterator[None]:
 @contextmanager
 def cli_errors(*also: type[BaseException]) -> Iterator[None]:
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
-    `exit_code` (2 for `also`)."""
+    `exit_code` (2 for `also`); likewise a DataLoader worker that died, exit 1."""
     try:
         yield
     except (UserError, *also) as err:
         print_error(err)
         raise SystemExit(getattr(err, "exit_code", 2)) from None
+    except RuntimeError as err:
+        lost = lost_dataloader_worker(err)
+        if lost is None:
+            raise
+        print_error(f"{lost}; run again with fewer workers")
+        raise SystemExit(WorkerLost.exit_code) from None

@@ -1,5 +1,5 @@
-"""bt_fast.worker_pool.WorkerPool: the results of CPython's Pool, without its busy handler, and an error
-instead of a hang where a worker dies."""
+"""Worker processes that die. `bt_fast.worker_pool.WorkerPool`: the results of CPython's Pool without its
+busy handler, and an error instead of a hang. A DataLoader worker's death: one line through `cli_errors`."""
 from __future__ import annotations
 
 import multiprocessing.pool
@@ -59,3 +59,21 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(ordered, chunksize):
     assert set(got) <= {x * x for x in range(100)} - {37 * 37} and len(set(got)) == len(got)
     if ordered:
         assert got == [x * x for x in range(len(got))] and len(got) <= 37
+
+
+@pytest.mark.parametrize("torch_says, likely", [
+    ("DataLoader worker (pid 4242) is killed by signal: Killed. ", True),
+    ("DataLoader worker (pid(s) 4242) exited unexpectedly", True),
+    ("DataLoader worker (pid 4242) is killed by signal: Segmentation fault. ", False),
+])
+def test_a_command_whose_dataloader_worker_died_says_so_in_one_line(torch_says, likely, capsys):
+    """torch's RuntimeError (what `torch.utils.data` raises, from wherever the loop is) through `cli_errors`."""
+    from bt_fast.errors import cli_errors
+    with pytest.raises(SystemExit) as exit_info, cli_errors():
+        raise RuntimeError(torch_says)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {torch_says.strip().rstrip('.')}")
+    assert ("out-of-memory killer" in err) == likely and err.endswith("run again with fewer workers")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"), cli_errors():
+        raise RuntimeError("CUDA out of memory")
