@@ -10,7 +10,7 @@ from PIL import Image
 
 from bt_fast.errors import DataError
 from pipelines.image_folder import find_image_folder
-from pipelines.imagenet_like import BLOCK, MANIFEST, write_imagenet_like
+from pipelines.imagenet_like import BLOCK, MANIFEST, _write_image, write_imagenet_like
 
 # JPEG standard (ITU T.81 Annex K.1) luminance table, natural order, and libjpeg's quality scaling.
 ANNEX_K_LUMINANCE = np.array([
@@ -144,3 +144,27 @@ def test_ctrl_c_is_one_line_and_the_same_command_completes_the_set(block, tmp_pa
     assert rerun.returncode == 0, rerun.stderr
     written = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")}
     assert len(written) == 40 and all((block / name).read_bytes() == data for name, data in written.items())
+
+
+def _killed_at_seven(root, num_classes, seed, index):
+    """`_write_image`, except that the worker writing image 7 dies as the out-of-memory killer ends it."""
+    import signal
+    if index == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _write_image(root, num_classes, seed, index)
+
+
+@pytest.mark.timeout(120)  # CPython's pool waits forever for the images of a worker that died
+def test_a_worker_killed_by_the_oom_killer_is_an_error_and_the_rerun_completes_the_set(block, tmp_path, monkeypatch):
+    import pipelines.imagenet_like as imagenet_like
+    from bt_fast.errors import WorkerLost
+    monkeypatch.setattr(imagenet_like, "_write_image", _killed_at_seven)  # the workers are forked with it
+    root = tmp_path / "set"
+    with pytest.raises(WorkerLost, match=rf"^writing the ImageNet-like set {root}: worker process \d+ was killed by "
+                                         r"SIGKILL .*The images written so far are kept; the same command writes"):
+        write_imagenet_like(root, 24, num_classes=10, seed=0, workers=2)
+    monkeypatch.setattr(imagenet_like, "_write_image", _write_image)
+    write_imagenet_like(root, 24, num_classes=10, seed=0, workers=2)
+    assert json.loads((root / MANIFEST).read_text())["complete"] is True
+    files = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")}
+    assert len(files) == 24 and all((block / name).read_bytes() == data for name, data in files.items())
