@@ -73,6 +73,21 @@ def page_size_for(max_resolution: int) -> int:
     return page
 
 
+# FFCV 1.0.2's file layout (ffcv/types.py, ffcv/fields), for the two fields written here; written
+# without importing FFCV, which brings torch and numba (seconds, and most of 800 MB). Checked against
+# FFCV's own definitions and its DatasetWriter's bytes in tests/test_convert.py.
+BETON_VERSION = 2
+HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+                   ("alloc_table_ptr", "<u8")], align=True)
+FIELD_DESCRIPTOR = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                            align=True)
+ALLOCATION = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+IMAGE_METADATA = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+LABEL_METADATA = np.dtype("<i8")
+SAMPLE_METADATA = np.dtype([("", IMAGE_METADATA), ("", LABEL_METADATA)], align=True)
+FIELD_TYPE_IDS = {"image": 2, "label": 1}  # RGBImageField, IntField; neither has arguments (all zeros)
+JPEG_MODE = 0  # the `mode` of a sample stored as JPEG (ffcv.fields.rgb_image.IMAGE_MODES["jpg"])
+
 PART_ROW = np.dtype([("width", "<u2"), ("height", "<u2"), ("ptr", "<u8"), ("size", "<u8"), ("label", "<i8")])
 
 
@@ -116,14 +131,6 @@ class BetonPart:
         return np.array(self.rows, dtype=PART_ROW)
 
 
-def _fields(prep: ImagePrep) -> dict:
-    import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
-    from ffcv.fields import IntField, RGBImageField
-    return {"image": RGBImageField(write_mode="jpg", max_resolution=prep.max_resolution,
-                                   jpeg_quality=prep.jpeg_quality),
-            "label": IntField()}
-
-
 def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *, joined: int = 0,
                part_joined: Callable[[int], None] | None = None) -> int:
     """Write the `.beton` `dst` from `parts` ((pages file, rows `.npy` file) in order); returns the
@@ -139,34 +146,25 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *
     holds at least the first j parts (anything after them is cut off): their pages are no longer
     needed, their rows are. A `dst` too short for that is a DataError.
     """
-    import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
-    from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
-                            get_metadata_type)
-    from ffcv.utils import align_to_page
-
     page_size = page_size_for(prep.max_resolution)
-    fields = _fields(prep)
     total = sum(len(np.load(rows, mmap_mode="r")) for _, rows in parts)
-    header = np.zeros(1, dtype=HeaderType)[0]
-    header["version"], header["num_fields"] = CURRENT_VERSION, len(fields)
+    header = np.zeros(1, dtype=HEADER)[0]
+    header["version"], header["num_fields"] = BETON_VERSION, len(FIELD_TYPE_IDS)
     header["page_size"], header["num_samples"] = page_size, total
-    descriptors = np.zeros(len(fields), dtype=FieldDescType)
-    type_ids = {handler: type_id for type_id, handler in TYPE_ID_HANDLER.items()}
-    for i, (name, field) in enumerate(fields.items()):
-        descriptors[i]["type_id"] = type_ids[type(field)]
+    descriptors = np.zeros(len(FIELD_TYPE_IDS), dtype=FIELD_DESCRIPTOR)
+    for i, (name, type_id) in enumerate(FIELD_TYPE_IDS.items()):
+        descriptors[i]["type_id"] = type_id
         descriptors[i]["name"][:len(name)] = np.frombuffer(name.encode("ascii"), dtype="<u1")
-        descriptors[i]["arguments"][:] = field.to_binary()[0]
-    metadata = np.zeros(total, dtype=get_metadata_type(list(fields.values())))
-    alloc = np.zeros(total, dtype=ALLOC_TABLE_TYPE)
-    data_start = align_to_page(HeaderType.itemsize + descriptors.nbytes + metadata.nbytes, page_size)
+    metadata = np.zeros(total, dtype=SAMPLE_METADATA)
+    alloc = np.zeros(total, dtype=ALLOCATION)
+    data_start = -(-(HEADER.itemsize + descriptors.nbytes + metadata.nbytes) // page_size) * page_size
     image, label = metadata.dtype.names
     at, offset, starts = 0, data_start, []
     for _, rows_file in parts:
         starts.append(offset)
         rows = np.load(rows_file)
         block = slice(at, at + len(rows))
-        metadata[image]["mode"][block] = IMAGE_MODES["jpg"]
+        metadata[image]["mode"][block] = JPEG_MODE
         metadata[image]["width"][block], metadata[image]["height"][block] = rows["width"], rows["height"]
         metadata[image]["data_ptr"][block] = rows["ptr"] + offset
         metadata[label][block] = rows["label"]
@@ -239,20 +237,15 @@ def beton_samples(path: Path) -> int | None:
     """The sample count of `path` if it is a `.beton` laid out as the converter writes it (fields
     `image` and `label`); None for anything else. Reads the header only."""
     try:
-        import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
-        from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
-    except ImportError:
-        return None
-    try:
         with open(path, "rb") as handle:
-            raw = handle.read(HeaderType.itemsize + 2 * FieldDescType.itemsize)
+            raw = handle.read(HEADER.itemsize + 2 * FIELD_DESCRIPTOR.itemsize)
     except OSError:
         return None
-    if len(raw) < HeaderType.itemsize + 2 * FieldDescType.itemsize:
+    if len(raw) < HEADER.itemsize + 2 * FIELD_DESCRIPTOR.itemsize:
         return None
-    header = np.frombuffer(raw, dtype=HeaderType, count=1)[0]
-    descriptors = np.frombuffer(raw, dtype=FieldDescType, count=2, offset=HeaderType.itemsize)
+    header = np.frombuffer(raw, dtype=HEADER, count=1)[0]
+    descriptors = np.frombuffer(raw, dtype=FIELD_DESCRIPTOR, count=2, offset=HEADER.itemsize)
     names = [bytes(d["name"]).rstrip(b"\0") for d in descriptors]
-    if header["version"] != CURRENT_VERSION or header["num_fields"] != 2 or names != [b"image", b"label"]:
+    if header["version"] != BETON_VERSION or header["num_fields"] != 2 or names != [b"image", b"label"]:
         return None
     return int(header["num_samples"])

@@ -490,12 +490,12 @@ def test_cli_subprocess_missing_source(tmp_path):
     assert result.stderr.startswith("error: source") and str(tmp_path / "nope") in result.stderr
 
 
-def test_dali_conversion_and_the_data_tools_never_load_torch(source, tmp_path):
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_a_conversion_and_the_data_tools_never_load_torch(fmt, source, tmp_path):
     """Preparing and writing images needs no torch (about 2 s of start-up and 650 MB in every process,
-    the forked workers included); of the two formats only ffcv's join imports FFCV (and with it torch),
-    for FFCV's layout types."""
+    the forked workers included), nor FFCV (which loads torch and numba) for the `.beton`'s layout."""
     probe = ("import sys, tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
-             f"report = convert({str(source[0])!r}, {str(tmp_path / 'out')!r}, 'dali', workers=2, progress=False); "
+             f"report = convert({str(source[0])!r}, {str(tmp_path / 'out')!r}, {fmt!r}, workers=2, progress=False); "
              "print(report['written'], [m for m in ('torch', 'ffcv', 'nvidia.dali') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -551,6 +551,23 @@ def _stock_beton(path: Path, pixels: list[tuple[np.ndarray, int]]) -> Path:
                               "label": IntField()},
                   page_size=page_size_for(MAX_RES), num_workers=1).from_indexed_dataset(Indexed())
     return path
+
+
+def test_the_beton_layout_is_ffcvs():
+    """The converter writes a `.beton` without importing FFCV: its layout constants are FFCV's own."""
+    import pipelines.ffcv_format as layout
+    import pipelines.ffcv_import  # noqa: F401
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
+                            get_metadata_type)
+    fields = {"image": RGBImageField(write_mode="jpg"), "label": IntField()}
+    assert (layout.HEADER, layout.FIELD_DESCRIPTOR, layout.ALLOCATION) == (HeaderType, FieldDescType, ALLOC_TABLE_TYPE)
+    assert layout.SAMPLE_METADATA == get_metadata_type(list(fields.values()))
+    assert (layout.BETON_VERSION, layout.JPEG_MODE) == (CURRENT_VERSION, IMAGE_MODES["jpg"])
+    assert {name: TYPE_ID_HANDLER[type_id] for name, type_id in layout.FIELD_TYPE_IDS.items()} == \
+        {name: type(field) for name, field in fields.items()}
+    assert not any(field.to_binary()[0].any() for field in fields.values())  # no arguments: zeros
 
 
 def test_beton_is_byte_identical_to_ffcv_writer_and_parts_hold_the_same_samples(source, outputs, tmp_path):
