@@ -8,8 +8,8 @@ anything else is capped to N on the longer side and encoded with OpenCV at quali
 what FFCV's `RGBImageField` stores for those pixels. The converter writes the file in parts
 (`BetonPart`, resumable one part at a time) and joins them (`join_parts`) in FFCV 1.0.2's layout;
 FFCV's own `Reader` and `Loader` read it.
-FFCV is imported inside the functions that need it, so the converter and its DALI format work
-without it.
+The converter writes the layout from its own description of it (`HEADER`, ... below) and never
+imports FFCV; reading a `.beton` (`open_beton`) does.
 """
 from __future__ import annotations
 
