@@ -254,12 +254,29 @@ def _host_copies_of_device_results(outputs) -> tuple[list[str], set[str]]:
     return transfers, gpu_nodes
 
 
+def test_the_graph_reads_the_files_its_plan_lists_without_looping_over_the_listing(image_folder):
+    """The graph's function runs under DALI's autograph, which turns a loop over the listing into one
+    converted call per file (seconds per 100,000 files, every epoch): the plan lists the files."""
+    source = FolderSource(str(image_folder))
+    block = source.block(0, 3, 0, 1)
+    plan = EpochPlan(0, 3, 0, 1, block, source.paths(block))
+    source.samples = None  # nothing in the graph reads the listing
+    options = GraphOptions("once", gpu=False, out_dtype=types.FLOAT, debug=True)
+    pipe = two_view_graph(source, plan, AugmentSpec(image_size=16), options, batch_size=4, num_threads=1,
+                          device_id=None, seed=0)
+    pipe.build()
+    for batch in range(2):
+        ids = np.array(pipe.run()[2].as_tensor()).reshape(-1)
+        assert ids.tolist() == block[4 * batch:4 * batch + 4].tolist()
+
+
 @pytest.mark.parametrize("decode", ["once", "roi"])
 def test_the_gpu_graph_never_copies_a_device_result_to_the_host(image_folder, decode):
     """The graph built for a GPU placement (traced only, so no GPU is needed) has no GPU->host copy;
     the contrast centre is reduced on the GPU."""
     source = FolderSource(str(image_folder))
-    plan = EpochPlan(0, 0, 0, 1, source.block(0, 0, 0, 1))
+    block = source.block(0, 0, 0, 1)
+    plan = EpochPlan(0, 0, 0, 1, block, source.paths(block))
     options = GraphOptions(decode, gpu=True, out_dtype=types.FLOAT16, debug=False)
     pipe = two_view_graph(source, plan, AugmentSpec(image_size=32), options, batch_size=4, num_threads=1, device_id=0)
     transfers, gpu_nodes = _host_copies_of_device_results(pipe._graph_out)
