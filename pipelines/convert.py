@@ -532,7 +532,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
         complete = not kept
         where = f"{kept} of {len(starts)} parts are finished and kept in {work.root}; " if kept else ""
         raise WorkerLost(f"converting {src}: {err}. {where}the same command goes on from "
-                         f"{'them' if kept else 'the start'} (with fewer --workers if memory ran out)") from None
+                         f"{'them' if kept else 'the start'} (with fewer workers if memory ran out)") from None
     finally:
         work.close(remove=complete)
     return report

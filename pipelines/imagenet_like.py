@@ -153,7 +153,7 @@ def _write_images(root: Path, indices: list[int], num_classes: int, seed: int, w
                 pass
         except WorkerLost as err:
             raise WorkerLost(f"writing the ImageNet-like set {root}: {err}. The images written so far are kept; "
-                             f"the same command writes the rest (with fewer --workers if memory ran out)") from None
+                             f"the same command writes the rest (with fewer workers if memory ran out)") from None
 
 
 def write_imagenet_like(root: str | Path, count: int, num_classes: int = 10, seed: int = 0,
