@@ -931,10 +931,10 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
     bytes as Pillow's decode (`pixels`, the path FFCV's writer is checked against above), silent on
     corrupt data that both accept, and a truncated one is skipped with Pillow's reason."""
     import pipelines.images as images
+    from pipelines.demo_data import load_photograph
     decoded = []
     opencv = images._opencv_decoded
     monkeypatch.setattr(images, "_opencv_decoded", lambda data, scale: decoded.append(scale) or opencv(data, scale))
-    from pipelines.demo_data import load_photograph
     photo = Image.fromarray(load_photograph("chelsea"))
     cases = {"over.jpg": ((100, 75), {}), "reduced.jpg": ((300, 220), {}), "444.jpg": ((90, 70), {"subsampling": 0}),
              "progressive.jpg": ((64, 40), {"progressive": True})}
