@@ -96,7 +96,7 @@ class FolderSource:
         return rank_indices(len(self.samples), seed, epoch, rank, world_size)
 
     def paths(self, ids: np.ndarray) -> list[str]:
-        return [self.samples[i][0] for i in ids]
+        return self.samples.paths(ids)
 
     def read(self, plan: "EpochPlan"):
         jpegs, labels = fn.readers.file(

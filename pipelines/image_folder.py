@@ -113,5 +113,13 @@ class SampleList(Sequence[tuple[str, int]]):
         path = self._bytes[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
         return path, int(self._labels[index])
 
+    def paths(self, indices: np.ndarray) -> list[str]:
+        """The paths of the samples `indices` (non-negative), in that order: a DALI epoch's file list."""
+        indices = np.asarray(indices, dtype=np.int64)
+        ends = self._ends[indices]
+        starts = np.where(indices > 0, self._ends[indices - 1], 0)
+        data = memoryview(self._bytes)
+        return [str(data[start:end], "utf-8", "surrogateescape") for start, end in zip(starts.tolist(), ends.tolist())]
+
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return (self[i] for i in range(len(self)))

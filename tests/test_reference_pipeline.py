@@ -1,6 +1,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -115,6 +116,8 @@ def test_sample_list_holds_what_the_list_holds(image_folder):
         compact[len(listed)]
     assert list(SampleList([])) == [] and SampleList(listed) == listed and listed == SampleList(listed)
     assert SampleList(listed) != listed[:-1] and SampleList(listed) != "x"
+    order = np.random.default_rng(0).permutation(len(listed))
+    assert compact.paths(order) == [listed[i][0] for i in order] and compact.paths(order[:0]) == []
     dataset = TwoViewImageFolder(str(image_folder), AugmentSpec())
     assert list(dataset.samples) == find_image_folder(image_folder)[1]
 
