@@ -71,12 +71,11 @@ def thinned(steps: np.ndarray, values: np.ndarray, points: int = MAX_POINTS) -> 
     return np.add.reduceat(steps.astype(np.float64), starts) / counts, np.add.reduceat(values, starts) / counts
 
 
-def plot_runs(runs: dict[str, list[dict] | Curves]) -> "Figure":
+def plot_runs(runs: dict[str, Curves]) -> "Figure":
     """One panel per entry of PANELS; in each, one line per run labelled with its name.
 
-    `runs` maps a label to that run's metrics records or `Curves`. A panel no run has data for says so.
+    `runs` maps a label to that run's `Curves`. A panel no run has data for says so.
     """
-    columns_of = {label: run if isinstance(run, Curves) else Curves(run) for label, run in runs.items()}
     columns = -(-len(PANELS) // ROWS)
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: every process imports this module, few draw
     from matplotlib.figure import Figure
@@ -94,7 +93,7 @@ def plot_runs(runs: dict[str, list[dict] | Curves]) -> "Figure":
         ax.set_title(title)
         ax.grid(alpha=0.3)
         drawn = False
-        for label, curves in columns_of.items():
+        for label, curves in runs.items():
             steps, values = curves.series(key)
             if len(steps):
                 style = dict(marker="o") if key in SPARSE_KEYS else dict(linewidth=0.9)
@@ -106,7 +105,7 @@ def plot_runs(runs: dict[str, list[dict] | Curves]) -> "Figure":
         ax.set_xlabel("step")
         ax.tick_params(labelbottom=True)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 600k, not 600000 run into its neighbours
-    if len(columns_of) > 1:
+    if len(runs) > 1:
         axes[0].legend(fontsize="small")
     return figure
 

@@ -79,7 +79,7 @@ FORMATS = ("ffcv", "dali")
 def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
     """(class names '0'..'max label', (path, label) samples) from a `<path> <label>` list file, read a
     line at a time."""
-    base, top = list_file.parent, [-1]
+    base = list_file.parent
 
     def parsed() -> Iterator[tuple[str, int]]:
         try:
@@ -98,7 +98,6 @@ def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
                         raise DataError(f"{list_file} line {number}: label {raw_label!r} is not an integer") from None
                     if label < 0:
                         raise DataError(f"{list_file} line {number}: label {label} is negative")
-                    top[0] = max(top[0], label)
                     path = Path(name)
                     yield str(path if path.is_absolute() else base / path), label
         except UnicodeDecodeError:
@@ -107,7 +106,7 @@ def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
     samples = SampleList(parsed())
     if not samples:
         raise DataError(f"list file {list_file} names no images (expected lines '<path> <label>')")
-    return [str(i) for i in range(top[0] + 1)], samples
+    return [str(i) for i in range(int(samples.labels.max()) + 1)], samples
 
 
 def scan_source(src: str | Path) -> tuple[list[str], SampleList]:
@@ -280,6 +279,13 @@ class _WorkDir:
         """Remove what the unfinished part `k` has written so far: it only takes room."""
         for path in (self.part(k, ".pages"), self.part(k, ".rows.npy"), self.shard(k), self.shard(k).with_suffix(".idx")):
             path.unlink(missing_ok=True)
+
+    def kept_after_fault(self, writing: int | None, parts: int) -> int:
+        """After a fault: the unfinished part `writing`'s files removed (they only take room), how many
+        of the `parts` are finished and kept for the rerun."""
+        if writing is not None:
+            self.discard(writing)
+        return sum(self.finished(k) is not None for k in range(parts))
 
     def finished(self, k: int) -> dict | None:
         """Part `k`'s report if the part is finished and its data is all here; None otherwise."""
@@ -520,15 +526,11 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
         fault = storage_fault(err)
         if fault is None:
             raise
-        if writing is not None:
-            work.discard(writing)
-        kept = sum(work.finished(k) is not None for k in range(len(starts)))
+        kept = work.kept_after_fault(writing, len(starts))
         complete = not kept  # nothing to go on from: no work directory left behind
         raise StorageError(_storage_fault_message(dst, fault, work, kept, len(starts), fmt)) from None
     except WorkerLost as err:
-        if writing is not None:
-            work.discard(writing)
-        kept = sum(work.finished(k) is not None for k in range(len(starts)))
+        kept = work.kept_after_fault(writing, len(starts))
         complete = not kept
         where = f"{kept} of {len(starts)} parts are finished and kept in {work.root}; " if kept else ""
         raise WorkerLost(f"converting {src}: {err}. {where}the same command goes on from "

@@ -113,6 +113,13 @@ class SampleList(Sequence[tuple[str, int]]):
         path = self._bytes[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
         return path, int(self._labels[index])
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Every sample's label, in order (int64; read-only)."""
+        labels = self._labels.view()
+        labels.flags.writeable = False
+        return labels
+
     def paths(self, indices: np.ndarray) -> list[str]:
         """The paths of the samples `indices` (non-negative), in that order: a DALI epoch's file list."""
         indices = np.asarray(indices, dtype=np.int64)

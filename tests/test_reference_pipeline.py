@@ -118,6 +118,7 @@ def test_sample_list_holds_what_the_list_holds(image_folder):
     assert SampleList(listed) != listed[:-1] and SampleList(listed) != "x"
     order = np.random.default_rng(0).permutation(len(listed))
     assert compact.paths(order) == [listed[i][0] for i in order] and compact.paths(order[:0]) == []
+    assert compact.labels.tolist() == [label for _, label in listed] and not compact.labels.flags.writeable
     dataset = TwoViewImageFolder(str(image_folder), AugmentSpec())
     assert list(dataset.samples) == find_image_folder(image_folder)[1]
 

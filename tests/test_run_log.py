@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from bt_fast.config import load_config
-from bt_fast.plots import PANELS, plot_runs
+from bt_fast.plots import PANELS, Curves, plot_runs
 from bt_fast.run_log import config_yaml, truncate_metrics
 from bt_fast.train import train
 from test_reliability import run_main, tiny_args
@@ -95,7 +95,7 @@ def test_metrics_png_plots_the_logged_series(knn_run):
     lines = records(out_dir)
     with Image.open(out_dir / "metrics.png") as image:
         assert image.format == "PNG" and image.size == (1600, 700)  # 2 rows of 4 panels
-    figure = plot_runs({"run": lines})
+    figure = plot_runs({"run": Curves(lines)})
     for ax, (key, title) in zip(figure.axes, PANELS):
         assert ax.get_title() == title
         [line] = ax.get_lines()
@@ -109,7 +109,7 @@ def test_a_long_series_is_drawn_as_the_means_of_runs_of_consecutive_points():
     from bt_fast.plots import MAX_POINTS
     n = 5 * MAX_POINTS + 3  # runs of 5 and of 6 points
     lines = [{"step": step, "loss": float(step % 7) + step / n} for step in range(1, n + 1)]
-    [line] = plot_runs({"run": lines}).axes[0].get_lines()
+    [line] = plot_runs({"run": Curves(lines)}).axes[0].get_lines()
     bounds = [i * n // MAX_POINTS for i in range(MAX_POINTS + 1)]
     runs = [lines[start:end] for start, end in zip(bounds, bounds[1:])]
     assert {len(run) for run in runs} == {5, 6}
