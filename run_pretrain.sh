@@ -43,6 +43,14 @@ if [ -z "${GPUS:-}" ]; then
 fi
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "GPUS=$GPUS must be a positive whole number"
 
+# Several workers per node: torchrun would set one OpenMP thread each and print a four-line banner
+# saying so. Simulated nodes share this machine's cores instead.
+if [ "$LOCAL_NODES" = 1 ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (NODES * GPUS) > 0 ? $(nproc) / (NODES * GPUS) : 1 ))}
+elif [ "$GPUS" -gt 1 ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+
 # Elastic restarts otherwise reuse the rendezvous store and read the previous attempt's addresses
 # (pytorch/pytorch#135712, #167288): "connection refused" on every restart.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
@@ -72,18 +80,21 @@ fi
 
 if [ "$LOCAL_NODES" = 1 ]; then
   port=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-  # torchrun only limits threads when it starts several workers itself; here they would oversubscribe the cores.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (NODES * GPUS) > 0 ? $(nproc) / (NODES * GPUS) : 1 ))}
+  # Each node's torchrun gets a session of its own, so that a Ctrl-C reaches it once, from the trap
+  # below, as on a real node. A second signal would cut torchrun's graceful stop short: it then
+  # sends its workers SIGTERM on top of the SIGINT.
   pids=()
   for ((node = 0; node < NODES; node++)); do
-    "${torchrun[@]}" --nnodes "$NODES" --rdzv-backend c10d --rdzv-endpoint "127.0.0.1:$port" --rdzv-id "local-$port" \
-      --rdzv-conf "is_host=$([ "$node" = 0 ] && echo true || echo false)" --local-addr 127.0.0.1 "${train[@]}" &
+    setsid "${torchrun[@]}" --nnodes "$NODES" --rdzv-backend c10d --rdzv-endpoint "127.0.0.1:$port" \
+      --rdzv-id "local-$port" --rdzv-conf "is_host=$([ "$node" = 0 ] && echo true || echo false)" \
+      --local-addr 127.0.0.1 "${train[@]}" &
     pids+=("$!")
   done
-  stop_all() { kill -"${1:-TERM}" "${pids[@]}" 2>/dev/null || true; }
-  trap 'stop_all TERM' TERM
-  trap 'stop_all INT' INT  # a Ctrl-C stays one: the node launchers say SIGINT and exit 130
+  stopping=
+  stop_all() { stopping=1; kill -"$1" "${pids[@]}" 2>/dev/null || true; }
+  for sig in TERM INT HUP USR1; do trap "stop_all $sig" "$sig"; done
   # A node that fails for good would leave the others waiting in the rendezvous: stop them all.
+  # This waits for every node, so nothing prints after the command has returned.
   status=0
   running=("${pids[@]}")
   while [ "${#running[@]}" -gt 0 ]; do
@@ -91,10 +102,13 @@ if [ "$LOCAL_NODES" = 1 ]; then
     for pid in "${running[@]}"; do
       if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
       rc=0; wait "$pid" || rc=$?
-      if [ "$rc" != 0 ] && [ "$status" = 0 ]; then status=$rc; stop_all; fi
+      if [ "$rc" != 0 ] && [ "$status" = 0 ]; then
+        status=$rc
+        [ -n "$stopping" ] || stop_all TERM
+      fi
     done
     running=("${still[@]}")
-    [ "${#running[@]}" -gt 0 ] && sleep 1
+    if [ "${#running[@]}" -gt 0 ]; then sleep 1 || true; fi  # a Ctrl-C also ends the sleep
   done
   exit "$status"
 fi

@@ -8,13 +8,17 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Three things differ from 
   group up to --max-restarts times, which would print a config error that many times.
 - When torchrun is stopped by a signal (SLURM's SIGTERM or SIGUSR1, Ctrl-C), it passes the signal
   on to the workers, which checkpoint at the next step boundary, and then raises. Here that ends
-  as a single-process run does: one line, exit 0 (130 for SIGINT) when this launch wrote a checkpoint.
+  as a single-process run does: exit 0 (130 for SIGINT) when this launch wrote a checkpoint, with
+  rank 0's "stopped by ... after step N" as the last line. On several nodes each launcher says
+  where the checkpoint is, as rank 0 may print on another machine. torchrun's warnings narrating
+  the stop are left out.
 - A worker group that failed for good ends in one line naming the rank and its error; the
   workers' own `error:` lines are above it.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -30,6 +34,26 @@ from bt_fast.errors import cli_errors, print_error
 from bt_fast.preflight import check_run_inputs
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
+
+# What torch's elastic agent logs, as warnings, while it passes a stop signal on to the workers.
+SHUTDOWN_NARRATION = {
+    "torch.distributed.elastic.agent.server.api": "Received %s death signal, shutting down workers",
+    "torch.distributed.elastic.multiprocessing.api": "Sending process %s closing signal %s",
+}
+
+
+class _Without(logging.Filter):
+    def __init__(self, template: str):
+        super().__init__()
+        self.template = template
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.template
+
+
+def quiet_shutdown_narration() -> None:
+    for name, template in SHUTDOWN_NARRATION.items():
+        logging.getLogger(name).addFilter(_Without(template))
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -56,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         config = training_config(train_args)
     checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
     started = time.time()
+    options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
+    quiet_shutdown_narration()
     try:
-        torchrun.run(torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args]))
+        torchrun.run(options)
     except SignalException as stop:
         name = signal.Signals(stop.sigval).name
         code = 130 if stop.sigval == signal.SIGINT else 0
         if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
+            if torchrun.parse_min_max_nnodes(options.nnodes)[1] == 1:
+                return code  # rank 0 ran here and has said where it stopped
             print(f"stopped by {name}\ncheckpoint: {checkpoint} (run the same command again to resume)")
             return code
         print_error(f"stopped by {name} before this launch wrote a checkpoint; the command resumes from "
