@@ -24,16 +24,22 @@ def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
     DataError with the directory named if it is missing or holds no images. The samples are a
     `SampleList`, built one class at a time: no list of every path is ever held.
     """
-    root = Path(root)
-    if root.is_file():
-        raise DataError(f"data {root} is a file; give the ImageFolder directory (or, with pipeline=ffcv, a .beton)")
-    if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist; pass DATA=/path/to/imagefolder or omit it for the demo")
+    root = image_folder_root(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     samples = SampleList((path, label) for label, name in enumerate(classes) for path in _images_below(str(root / name)))
     if not samples:
         raise DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
     return classes, samples
+
+
+def image_folder_root(root: str | Path) -> Path:
+    """`root` as a Path if it is a directory; DataError naming it otherwise (a file, or nothing there)."""
+    root = Path(root)
+    if root.is_file():
+        raise DataError(f"data {root} is a file; give the ImageFolder directory (or, with pipeline=ffcv, a .beton)")
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist; pass DATA=/path/to/imagefolder or omit it for the demo")
+    return root
 
 
 def _has_image_suffix(name: str) -> bool:

@@ -235,6 +235,15 @@ def test_unavailable_device_is_one_error_line(capsys):
     assert len(err) == 1 and err[0].startswith("error: --device is cuda")
 
 
+def test_a_missing_data_folder_is_one_error_line_before_any_section(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--device", "cpu", "--data", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: data directory {tmp_path / 'missing'} does not exist; pass DATA=/path/to/imagefolder "
+                   f"or omit it for the demo"]
+
+
 def test_interleaved_timing_warms_up_each_runner_then_alternates():
     calls = []
     runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}

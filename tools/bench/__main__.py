@@ -42,6 +42,7 @@ from bt_fast.distributed import resolve_device
 from bt_fast.errors import cli_errors
 from bt_fast.files import write_json
 from bt_fast.model import BACKBONE_DIM
+from pipelines.image_folder import image_folder_root
 from tools.bench.augment import bench_augment
 from tools.bench.decode_floor import bench_decode_floor
 from tools.bench.device_crop import bench_device_crop
@@ -168,6 +169,8 @@ def resolve_data(args: argparse.Namespace) -> None:
     elif args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
+    else:
+        image_folder_root(args.data)  # before any section: each would report the missing folder on its own
 
 
 def run(args: argparse.Namespace) -> dict:
