@@ -172,6 +172,9 @@ class Trainer:
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
         self.elapsed_before = state.get("elapsed_s") or 0.0  # absent in checkpoints of older versions
+        positions = state.get("pipeline_positions")  # per rank; written mid-epoch by pipelines that need it
+        if positions is not None and len(positions) == self.ctx.world_size:
+            self.pipeline.restore_position(positions[self.ctx.rank])
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
         refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
         if changed and self.ctx.is_main:
@@ -188,10 +191,12 @@ class Trainer:
                                   f"{path}; out_dir must be on a file system shared by all nodes")
 
     def save_checkpoint(self, wait: bool = True) -> None:
-        """Rank 0 writes checkpoint.pth (the one it replaces becomes checkpoint.prev.pth); with `wait=False`
-        on a thread of its own (`BackgroundSave`), while training goes on. A full or read-only out_dir ends
+        """Every rank calls it at the same step. Rank 0 writes checkpoint.pth (the one it replaces becomes
+        checkpoint.prev.pth), with every rank's pipeline position; with `wait=False` on a thread of its own
+        (`BackgroundSave`), while training goes on. A full or read-only out_dir ends
         the run with a StorageError naming the last good checkpoint; for a save in the background, at the
         next save or the end of the run."""
+        positions = self._pipeline_positions()
         if not self.ctx.is_main:
             return
         with self._checkpoint_faults():
@@ -202,13 +207,26 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                 "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
-                "config": self.config.to_dict(),
+                "config": self.config.to_dict(), "pipeline_positions": positions,
                 "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
                 "elapsed_s": self.run_log.elapsed() if self.run_log else None},
                 self.out_dir / CHECKPOINT_NAME, keep_previous=True)
             self._writing_step = self.step
             if wait:
                 self._await_checkpoint()
+
+    def _pipeline_positions(self) -> list | None:
+        """Every rank's `pipeline.position_state()`, gathered on all ranks (None: nothing to keep). It is None
+        on every rank or on none (between epochs, or a pipeline whose batches follow from the step), so the
+        ranks enter the gather together."""
+        local = self.pipeline.position_state()
+        if local is None:
+            return None
+        if self.ctx.world_size == 1:
+            return [local]
+        positions = [None] * self.ctx.world_size
+        dist.all_gather_object(positions, local)
+        return positions
 
     def checkpoint_written(self) -> None:
         """Wait until the checkpoint being written (if any) is on disk; a storage fault is a StorageError."""
@@ -402,8 +420,10 @@ class Trainer:
             with contextlib.closing(iter(self.pipeline)) as epoch_batches:  # a stop mid-epoch ends its loader now
                 if not self._epoch(epoch, epoch_batches, signals, log, progress):
                     return
+                # Written while the next epoch trains. Saved before the loader closes: a run that max_steps
+                # ends mid-epoch keeps the pipeline's position.
+                self.save_checkpoint(wait=False)
             start_batch = 0
-            self.save_checkpoint(wait=False)  # written while the next epoch trains
             if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
                 self.monitor_knn(epoch, log, progress)
             if log:

@@ -39,9 +39,18 @@ class TwoViewPipeline(Protocol):
         """Yield (view1, view2), each (B, 3, H, W) on the device, channels-last, normalised. Closing the
         iterator early ends the epoch's background work."""
 
+    def position_state(self) -> dict | None:
+        """Between two batches of an epoch being iterated: what, beyond (seed, epoch, batch), a resumed run
+        needs to go on from here exactly (picklable; a checkpoint keeps it). None when nothing more is
+        needed, as between epochs."""
+
+    def restore_position(self, state: dict | None) -> None:
+        """A `position_state` for the next `set_epoch`: used if that names the same epoch and batch."""
+
 
 class EpochPipeline:
-    """The state a pipeline that is rebuilt or reseeded per epoch keeps from its construction."""
+    """The state a pipeline that is rebuilt or reseeded per epoch keeps from its construction. Its
+    batches are functions of (seed, epoch, batch) unless it overrides `position_state`."""
 
     def __init__(self, config: Config, placement: Placement, batch_size: int):
         self.config = config
@@ -55,6 +64,12 @@ class EpochPipeline:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         check_start_batch(start_batch, len(self))
         self.epoch, self.start_batch = epoch, start_batch
+
+    def position_state(self) -> dict | None:
+        return None
+
+    def restore_position(self, state: dict | None) -> None:
+        pass
 
 
 def check_start_batch(start_batch: int, batches: int) -> None:

@@ -30,7 +30,13 @@ for every epoch with everything derived from (config.seed, epoch):
   batch_size full batches on every rank (the reader pads its shard, so it never wraps into the
   next epoch's data).
 - The graph's seed is derived from (seed, epoch, rank): an epoch is reproducible (same ids and
-  pixels), so a run resumed mid-epoch continues exactly where it stopped.
+  pixels).
+- Its readers and random operators draw in sequence from that seed, so a graph cannot start
+  mid-epoch on its own. A checkpoint taken mid-epoch keeps the graph's state instead
+  (`position_state`: DALI's pipeline checkpoint, the readers' positions and the generators'
+  states), and the resumed run's graph starts from it (`restore_position`): it reads none of the
+  batches before. Without that state (a checkpoint from another DALI version, another world size)
+  those batches are run and dropped.
 - The graph is built with the epoch's spec (`AugmentSpec.at_epoch`): its crop size, and the blur
   window that follows it, come from the resolution schedule when one is set.
 
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +357,9 @@ class DALIPipeline(EpochPipeline):
         self.options = GraphOptions(decode, self.gpu, out_dtype, debug)
         self.torch_dtype = torch.float16 if placement.dtype == torch.float16 else torch.float32
         self.threads = max(1, config.workers)
+        self._live: tuple | None = None  # (graph, its position key) while an epoch is iterated
+        self._batches_run = 0  # by that graph, counted from the epoch's start
+        self._restore: dict | None = None
 
     def __len__(self) -> int:
         return self.per_rank // self.batch_size
@@ -366,7 +376,8 @@ class DALIPipeline(EpochPipeline):
         """The spec the graph of `epoch` (default: the current one) applies: its crop size is the schedule's."""
         return self.spec.at_epoch(self.epoch if epoch is None else epoch, self.config.epochs)
 
-    def build(self, plan: EpochPlan):
+    def build(self, plan: EpochPlan, checkpoint: bytes | None = None):
+        """The epoch's graph, built; with `checkpoint` (from `position_state`), in the state it was taken in."""
         device_id = None
         if self.gpu:  # GPU only
             device_id = self.placement.device.index if self.placement.device.index is not None else torch.cuda.current_device()
@@ -374,9 +385,38 @@ class DALIPipeline(EpochPipeline):
             self.source, plan, self.epoch_spec(plan.epoch), self.options,
             batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
             seed=epoch_seed(self.seed, plan.epoch, GRAPH_STREAM + plan.rank),
-            prefetch_queue_depth=max(1, self.config.dali.prefetch))
+            prefetch_queue_depth=max(1, self.config.dali.prefetch), enable_checkpointing=True, checkpoint=checkpoint)
         pipe.build()
         return pipe
+
+    def _position_key(self, plan: EpochPlan) -> dict:
+        """What a saved graph state must match to be used: the same graph (seed, epoch, shard, samples)."""
+        return {"seed": epoch_seed(self.seed, plan.epoch, GRAPH_STREAM + plan.rank), "epoch": plan.epoch,
+                "rank": plan.rank, "world_size": plan.world_size, "samples": len(self.source),
+                "batch_size": self.batch_size}
+
+    def position_state(self) -> dict | None:
+        """The iterated epoch's graph state after the batches it has delivered (None between epochs)."""
+        if self._live is None:
+            return None
+        pipe, key = self._live
+        return {**key, "batch": self._batches_run, "dali": pipe.checkpoint()}
+
+    def restore_position(self, state: dict | None) -> None:
+        self._restore = state
+
+    def _start(self, plan: EpochPlan):
+        """The epoch's graph and the batch it delivers first: from a restored state at `start_batch`, or
+        from batch 0 (the caller drops the batches before `start_batch`)."""
+        state, self._restore = self._restore, None
+        key = self._position_key(plan)
+        if state and state.get("batch") == self.start_batch and all(state.get(k) == v for k, v in key.items()):
+            try:
+                return self.build(plan, checkpoint=state["dali"]), self.start_batch
+            except Exception as err:  # noqa: BLE001 - any refusal of the saved state means: start over
+                print(f"warning: DALI cannot restore its state from the checkpoint ({' '.join(str(err).split())[:200]}); "
+                      f"running the epoch's first {self.start_batch} batches again", file=sys.stderr)
+        return self.build(plan), 0
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         batch = tensor_list.as_tensor()
@@ -411,18 +451,19 @@ class DALIPipeline(EpochPipeline):
     def _run(self) -> Iterator:
         """The epoch's batches from `start_batch` on: (view1, view2), or DebugBatches when built with debug=True.
 
-        DALI's readers and operators draw their random numbers in sequence from the pipeline's seed, so a
-        graph cannot start mid-epoch with the draws of an uninterrupted one: the batches before
-        `start_batch` are run and dropped (docs/pipelines.md).
+        A graph restored from `restore_position`'s state starts there; any other runs the batches before
+        `start_batch` and drops them (its random draws come in sequence from the graph's seed).
         """
         plan = self.plan()
-        pipe = self.build(plan)
+        pipe, first = self._start(plan)
+        self._live, self._batches_run = (pipe, self._position_key(plan)), first
         try:
-            for batch in range(len(self)):
+            for batch in range(first, len(self)):
                 try:
                     outputs = pipe.run()
                 except RuntimeError as err:
                     raise self._error(err, plan, batch) from None
+                self._batches_run = batch + 1
                 if batch < self.start_batch:
                     continue
                 views = (self._to_torch(outputs[0]), self._to_torch(outputs[1]))
@@ -431,6 +472,7 @@ class DALIPipeline(EpochPipeline):
                 else:
                     yield views
         finally:
+            self._live = None
             del pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

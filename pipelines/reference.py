@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
-from pipelines.base import Placement, check_start_batch, to_device
+from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 from pipelines.image_folder import find_image_folder
 from pipelines.prefetch import run_ahead
@@ -117,14 +117,13 @@ class EpochIndexSampler(Sampler):
         return ((self.epoch, int(index)) for index in indices)
 
 
-class ReferencePipeline:
+class ReferencePipeline(EpochPipeline):
     """ImageFolder -> two PIL-augmented views -> device, through a torch DataLoader."""
 
     def __init__(self, config: Config, placement: Placement, batch_size: int):
+        super().__init__(config, placement, batch_size)
         root, workers, seed = config.data, config.workers, config.seed
         self.dataset = TwoViewImageFolder(root, config.augment, seed, config.epochs)
-        self.batch_size = batch_size
-        self.placement = placement
         self.prefetch = config.prefetch
         samples_per_rank(len(self.dataset), batch_size, placement.world_size, f"data directory {root}")
         self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
@@ -138,7 +137,7 @@ class ReferencePipeline:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         # Each sample's views depend on (seed, epoch, index) only: starting later in the order skips the
         # earlier batches without reading them.
-        check_start_batch(start_batch, len(self))
+        super().set_epoch(epoch, start_batch)
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

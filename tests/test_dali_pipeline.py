@@ -1,7 +1,9 @@
 """DALI pipeline on the CPU: output contract, per-sample probabilities, operator wiring, sharding, records, errors."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +315,50 @@ def test_an_epoch_is_reproducible(image_folder):
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
 
 
+def _epoch_views(p: DALIPipeline) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(v1.clone(), v2.clone()) for v1, v2 in p]
+
+
+def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_before(tmp_path, image_folder):
+    """A graph restored from `position_state` delivers the rest of the epoch exactly, without running the
+    batches before the resume point: their files are damaged here, and a replay (what a graph without the
+    state does, and what a state for another position leads to) stops on them."""
+    data = shutil.copytree(image_folder, tmp_path / "images")
+    config = make_config(str(data), size=24, seed=3)
+    whole = pipeline(config, batch=4)
+    whole.set_epoch(2)
+    expected = _epoch_views(whole)
+    assert len(expected) == 6 and whole.position_state() is None  # between epochs: nothing to keep
+
+    stopped = pipeline(config, batch=4)
+    stopped.set_epoch(2)
+    with contextlib.closing(iter(stopped)) as batches:
+        for _ in range(3):
+            next(batches)
+        state = stopped.position_state()
+    assert state["epoch"] == 2 and state["batch"] == 3
+
+    elsewhere = pipeline(config, batch=4)  # the state names batch 3: resuming at 2 replays 0 and 1
+    elsewhere.restore_position(state)
+    elsewhere.set_epoch(2, 2)
+    got = _epoch_views(elsewhere)
+    assert all(torch.equal(a, b) for pair, want in zip(got, expected[2:]) for a, b in zip(pair, want))
+
+    for path in stopped.plan().files[:3 * 4]:  # the files of batches 0-2 of this rank's epoch
+        Path(path).write_bytes(b"\xff\xd8 not a JPEG any more")
+    replay = pipeline(config, batch=4)
+    replay.set_epoch(2, 3)
+    with pytest.raises(DataError, match="cannot read image"):
+        _epoch_views(replay)
+
+    resumed = pipeline(config, batch=4)
+    resumed.restore_position(state)
+    resumed.set_epoch(2, 3)
+    got = _epoch_views(resumed)
+    assert len(got) == 3
+    assert all(torch.equal(a, b) for pair, want in zip(got, expected[3:]) for a, b in zip(pair, want))
+
+
 # --------------------------------------------------------------------------------------------
 # Webdataset records written by tools.convert
 # --------------------------------------------------------------------------------------------
@@ -339,6 +385,28 @@ def test_records_are_read_and_sharded(records):
     view1, view2 = next(iter(pipeline(config, batch=4, dtype=torch.float16)))
     assert view1.shape == view2.shape == (4, 3, 24, 24) and view1.dtype == torch.float16
     assert view1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_records_resume_mid_epoch_from_the_graph_state(records):
+    """The webdataset reader's position and its shuffle buffer are part of the graph state too."""
+    config = make_config(records=str(records), size=24, seed=2)
+    whole = pipeline(config, batch=4)
+    whole.set_epoch(1)
+    expected = _epoch_views(whole)
+    stopped = pipeline(config, batch=4)
+    stopped.set_epoch(1)
+    with contextlib.closing(iter(stopped)) as batches:
+        for _ in range(2):
+            next(batches)
+        state = stopped.position_state()
+    resumed = pipeline(config, batch=4)
+    restored, build = [], resumed.build
+    resumed.build = lambda plan, checkpoint=None: restored.append(checkpoint is not None) or build(plan, checkpoint)
+    resumed.restore_position(state)
+    resumed.set_epoch(1, 2)
+    got = _epoch_views(resumed)
+    assert restored == [True] and len(got) == len(expected) - 2 == 4
+    assert all(torch.equal(a, b) for pair, want in zip(got, expected[2:]) for a, b in zip(pair, want))
 
 
 def test_records_errors_name_the_problem(tmp_path, records):

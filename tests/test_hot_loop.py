@@ -68,6 +68,12 @@ class SyntheticBatches:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start = start_batch
 
+    def position_state(self) -> None:  # its batches follow from the step
+        return None
+
+    def restore_position(self, state) -> None:
+        pass
+
     def __iter__(self):
         yield from self.batches[self.start:]
 

@@ -241,3 +241,41 @@ def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_own_step(i
     assert previous["step"] == 3 and previous["model"].keys() == at_step_3.keys()
     assert all(torch.equal(previous["model"][key], value) for key, value in at_step_3.items())
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 6
+
+
+def test_a_dali_run_stopped_mid_epoch_resumes_from_its_graph_state_without_reading_the_batches_before(
+        image_folder, tmp_path, monkeypatch):
+    """A stop after step 4 (epoch 1, batch 1 of 3) keeps the DALI graph's state in the checkpoint, and the
+    resumed run's graph starts from it: the files of the epoch's batch 0 are damaged before the resume
+    (a replay would stop on them), and steps 5 and 6 have the losses of an uninterrupted run."""
+    import itertools
+    import signal
+
+    from bt_fast.checkpoint import CHECKPOINT_NAME
+    from bt_fast.run_control import STOP_SIGNALS, StopAgreement
+    from pipelines.base import Placement
+    from pipelines.dali import DALIPipeline
+
+    data = shutil.copytree(image_folder, tmp_path / "images")
+    extra = ("pipeline=dali", "log_every=1")
+    train(tiny_config(data, tmp_path / "straight", *extra))
+    straight = [json.loads(line)["loss"] for line in open(tmp_path / "straight" / "metrics.jsonl")]
+
+    polls, real_poll = itertools.count(1), StopAgreement.poll
+    with monkeypatch.context() as patch:  # SIGTERM seen after step 4, as the stop agreement reports it
+        patch.setattr(StopAgreement, "poll", lambda self, code: STOP_SIGNALS[signal.SIGTERM] if next(polls) == 4
+                      else real_poll(self, code))
+        assert train(tiny_config(data, tmp_path / "split", *extra))["stopped_by"] == "SIGTERM"
+    saved = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=True)
+    (position,) = saved["pipeline_positions"]
+    assert saved["step"] == 4 and (position["epoch"], position["batch"]) == (1, 1)
+
+    config = tiny_config(data, tmp_path / "unused", *extra)
+    epoch_1 = DALIPipeline(config, Placement(torch.device("cpu")), config.batch_size)
+    epoch_1.set_epoch(1)
+    for path in epoch_1.plan().files[:config.batch_size]:
+        Path(path).write_bytes(b"\xff\xd8 not a JPEG any more")
+    train(tiny_config(data, tmp_path / "split", *extra))
+    split = [json.loads(line)["loss"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert len(straight) == len(split) == 6
+    assert split[4:] == pytest.approx(straight[4:], rel=1e-5)
