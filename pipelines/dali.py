@@ -414,8 +414,9 @@ class DALIPipeline(EpochPipeline):
             try:
                 return self.build(plan, checkpoint=state["dali"]), self.start_batch
             except Exception as err:  # noqa: BLE001 - any refusal of the saved state means: start over
-                print(f"warning: DALI cannot restore its state from the checkpoint ({' '.join(str(err).split())[:200]}); "
-                      f"running the epoch's first {self.start_batch} batches again", file=sys.stderr)
+                reason = " ".join(str(err).split())[:200]
+                print(f"warning: DALI cannot restore its state from the checkpoint ({reason}); running the "
+                      f"epoch's first {self.start_batch} batches again", file=sys.stderr)
         return self.build(plan), 0
 
     def _to_torch(self, tensor_list) -> torch.Tensor:

@@ -319,7 +319,7 @@ def _epoch_views(p: DALIPipeline) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(v1.clone(), v2.clone()) for v1, v2 in p]
 
 
-def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_before(tmp_path, image_folder):
+def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_before(tmp_path, image_folder, capsys):
     """A graph restored from `position_state` delivers the rest of the epoch exactly, without running the
     batches before the resume point: their files are damaged here, and a replay (what a graph without the
     state does, and what a state for another position leads to) stops on them."""
@@ -343,6 +343,13 @@ def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_befor
     elsewhere.set_epoch(2, 2)
     got = _epoch_views(elsewhere)
     assert all(torch.equal(a, b) for pair, want in zip(got, expected[2:]) for a, b in zip(pair, want))
+
+    refused = pipeline(config, batch=4)  # a state this DALI cannot read (another version's, say): a replay
+    refused.restore_position({**state, "dali": b"not a DALI checkpoint"})
+    refused.set_epoch(2, 3)
+    got = _epoch_views(refused)
+    assert "warning: DALI cannot restore its state from the checkpoint" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for pair, want in zip(got, expected[3:]) for a, b in zip(pair, want))
 
     for path in stopped.plan().files[:3 * 4]:  # the files of batches 0-2 of this rank's epoch
         Path(path).write_bytes(b"\xff\xd8 not a JPEG any more")
