@@ -319,6 +319,20 @@ def _epoch_views(p: DALIPipeline) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(v1.clone(), v2.clone()) for v1, v2 in p]
 
 
+def _same_views(got: list, want: list) -> bool:
+    return len(got) == len(want) and all(torch.equal(a, b) for pair, other in zip(got, want) for a, b in zip(pair, other))
+
+
+def _state_after(config: Config, epoch: int, batches: int) -> dict:
+    """`position_state` of a batch-4 pipeline that has delivered `batches` batches of `epoch`."""
+    stopped = pipeline(config, batch=4)
+    stopped.set_epoch(epoch)
+    with contextlib.closing(iter(stopped)) as delivered:
+        for _ in range(batches):
+            next(delivered)
+        return stopped.position_state()
+
+
 def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_before(tmp_path, image_folder, capsys):
     """A graph restored from `position_state` delivers the rest of the epoch exactly, without running the
     batches before the resume point: their files are damaged here, and a replay (what a graph without the
@@ -330,28 +344,21 @@ def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_befor
     expected = _epoch_views(whole)
     assert len(expected) == 6 and whole.position_state() is None  # between epochs: nothing to keep
 
-    stopped = pipeline(config, batch=4)
-    stopped.set_epoch(2)
-    with contextlib.closing(iter(stopped)) as batches:
-        for _ in range(3):
-            next(batches)
-        state = stopped.position_state()
+    state = _state_after(config, 2, 3)
     assert state["epoch"] == 2 and state["batch"] == 3
 
     elsewhere = pipeline(config, batch=4)  # the state names batch 3: resuming at 2 replays 0 and 1
     elsewhere.restore_position(state)
     elsewhere.set_epoch(2, 2)
-    got = _epoch_views(elsewhere)
-    assert all(torch.equal(a, b) for pair, want in zip(got, expected[2:]) for a, b in zip(pair, want))
+    assert _same_views(_epoch_views(elsewhere), expected[2:])
 
     refused = pipeline(config, batch=4)  # a state this DALI cannot read (another version's, say): a replay
     refused.restore_position({**state, "dali": b"not a DALI checkpoint"})
     refused.set_epoch(2, 3)
-    got = _epoch_views(refused)
+    assert _same_views(_epoch_views(refused), expected[3:])
     assert "warning: DALI cannot restore its state from the checkpoint" in capsys.readouterr().err
-    assert all(torch.equal(a, b) for pair, want in zip(got, expected[3:]) for a, b in zip(pair, want))
 
-    for path in stopped.plan().files[:3 * 4]:  # the files of batches 0-2 of this rank's epoch
+    for path in elsewhere.plan().files[:3 * 4]:  # the files of batches 0-2 of this rank's epoch
         Path(path).write_bytes(b"\xff\xd8 not a JPEG any more")
     replay = pipeline(config, batch=4)
     replay.set_epoch(2, 3)
@@ -361,9 +368,7 @@ def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_befor
     resumed = pipeline(config, batch=4)
     resumed.restore_position(state)
     resumed.set_epoch(2, 3)
-    got = _epoch_views(resumed)
-    assert len(got) == 3
-    assert all(torch.equal(a, b) for pair, want in zip(got, expected[3:]) for a, b in zip(pair, want))
+    assert _same_views(_epoch_views(resumed), expected[3:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,20 +405,13 @@ def test_records_resume_mid_epoch_from_the_graph_state(records):
     whole = pipeline(config, batch=4)
     whole.set_epoch(1)
     expected = _epoch_views(whole)
-    stopped = pipeline(config, batch=4)
-    stopped.set_epoch(1)
-    with contextlib.closing(iter(stopped)) as batches:
-        for _ in range(2):
-            next(batches)
-        state = stopped.position_state()
     resumed = pipeline(config, batch=4)
     restored, build = [], resumed.build
     resumed.build = lambda plan, checkpoint=None: restored.append(checkpoint is not None) or build(plan, checkpoint)
-    resumed.restore_position(state)
+    resumed.restore_position(_state_after(config, 1, 2))
     resumed.set_epoch(1, 2)
-    got = _epoch_views(resumed)
-    assert restored == [True] and len(got) == len(expected) - 2 == 4
-    assert all(torch.equal(a, b) for pair, want in zip(got, expected[2:]) for a, b in zip(pair, want))
+    assert _same_views(_epoch_views(resumed), expected[2:]) and len(expected) == 6
+    assert restored == [True]
 
 
 def test_records_errors_name_the_problem(tmp_path, records):
