@@ -7,7 +7,7 @@ import random
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -144,6 +144,49 @@ class BackgroundSave:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+class RunCheckpoint:
+    """A run's checkpoint.pth as rank 0 writes it, in the background (`BackgroundSave`), and the step of
+    the one on disk, which error messages name as where the run can resume."""
+
+    def __init__(self, out_dir: Path, total_steps: int):
+        self.out_dir, self.total_steps = out_dir, total_steps
+        self.path = out_dir / CHECKPOINT_NAME
+        self.saved_step: int | None = None  # None: there is none
+        self._save, self._writing_step = BackgroundSave(), None
+
+    def start(self, state: dict[str, Any]) -> None:
+        """Start writing `state` (the previous checkpoint becomes checkpoint.prev.pth)."""
+        self.wait()
+        self._save.start(state, self.path, keep_previous=True)
+        self._writing_step = state["step"]
+
+    def wait(self) -> None:
+        """Return once the checkpoint being written (if any) is on disk; raise what its write raised."""
+        step, self._writing_step = self._writing_step, None
+        self._save.wait()
+        if step is not None:
+            self.saved_step = step
+
+    @contextlib.contextmanager
+    def faults(self) -> Iterator[None]:
+        """A full or read-only out_dir inside the block is a StorageError naming the last good checkpoint."""
+        try:
+            yield
+        except Exception as err:
+            fault = storage_fault(err)
+            if fault is None and not isinstance(err, StorageError):
+                raise
+            cause = err if isinstance(err, StorageError) else f"cannot write into {self.out_dir} ({fault.strerror})"
+            raise StorageError(f"{cause}; {self.last_good()}") from None
+
+    def last_good(self, fix: str = "free space there (or make it writable)") -> str:
+        """Where the run can resume from, for an error's message: `fix`, then rerun."""
+        if self.saved_step is None:
+            return f"no checkpoint was written yet in {self.out_dir}: {fix} and rerun"
+        return (f"the last good checkpoint is step {self.saved_step} of {self.total_steps} in {self.path}: "
+                f"{fix} and rerun the same command to resume from it")
 
 
 def rng_state() -> dict[str, Any]:

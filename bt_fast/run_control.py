@@ -2,10 +2,14 @@
 
 SIGINT, SIGTERM and SIGUSR1 only record a request (`StopSignals`); the training loop acts on it at a
 step boundary, after `StopAgreement.poll` has made every rank see the same request at the same step.
+After SIGUSR1's checkpoint, `requeue_slurm_job` puts the job back in SLURM's queue.
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -79,3 +83,18 @@ class StopAgreement:
     def close(self) -> None:
         """Complete the last posted all-reduce (every rank has posted the same number)."""
         self._collect()
+
+
+def requeue_slurm_job() -> None:
+    """SIGUSR1 is SLURM's warning before preemption or the time limit: put the job back in the queue
+    (rank 0 only), or say that it must be resubmitted."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        ok, detail = result.returncode == 0, result.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        ok, detail = False, str(err)
+    print(f"requeued SLURM job {job}" if ok else f"warning: scontrol requeue {job} failed: {detail}; "
+          f"resubmit the job to resume", file=sys.stderr)

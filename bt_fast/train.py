@@ -25,9 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ with exit_on_interrupt("while starting (loading torch)"):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, BackgroundSave, CheckpointError, atomic_save,
+    from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, RunCheckpoint, atomic_save,
                                     load_checkpoint, remove_stale_checkpoint_temporaries, restore_model, rng_state,
                                     set_rng_state)
     from bt_fast.config import CHOICES, KEY_HELP, MIN_BATCH_PER_RANK, Config, ConfigError, load_config
@@ -56,7 +54,7 @@ with exit_on_interrupt("while starting (loading torch)"):
     from bt_fast.preflight import (changed_settings, check_previous_run, check_run_inputs,
                                    refuse_changed_finished_run, schedule_steps)
     from bt_fast.progress import progress
-    from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals
+    from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals, requeue_slurm_job
     from bt_fast.run_lock import RunLock
     from bt_fast.run_log import (METRICS_NAME, RunLog, metrics_missing, read_metrics, summarise, truncate_metrics,
                                  write_summary)
@@ -122,8 +120,7 @@ class Trainer:
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.step = 0
-        self.saved_step: int | None = None  # the step of the checkpoint on disk (None: there is none)
-        self.checkpoints, self._writing_step = BackgroundSave(), None  # the step being written, if any
+        self.checkpoint = RunCheckpoint(self.out_dir, self.total_steps)
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
@@ -168,7 +165,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.step = self.saved_step = state["step"]
+        self.step = self.checkpoint.saved_step = state["step"]
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
         self.elapsed_before = state.get("elapsed_s") or 0.0  # absent in checkpoints of older versions
@@ -192,28 +189,26 @@ class Trainer:
 
     def save_checkpoint(self, wait: bool = True) -> None:
         """Every rank calls it at the same step. Rank 0 writes checkpoint.pth (the one it replaces becomes
-        checkpoint.prev.pth), with every rank's pipeline position; with `wait=False` on a thread of its own
-        (`BackgroundSave`), while training goes on. A full or read-only out_dir ends
-        the run with a StorageError naming the last good checkpoint; for a save in the background, at the
-        next save or the end of the run."""
+        checkpoint.prev.pth), with every rank's pipeline position; with `wait=False` in the background
+        (`RunCheckpoint`), while training goes on. A full or read-only out_dir ends the run with a
+        StorageError naming the last good checkpoint; for a save in the background, at the next save or
+        the end of the run."""
         positions = self._pipeline_positions()
         if not self.ctx.is_main:
             return
-        with self._checkpoint_faults():
-            self._await_checkpoint()
+        with self.checkpoint.faults():
+            self.checkpoint.wait()
             if self.run_log is not None:  # every step the checkpoint covers is in the log before it exists
                 self.run_log.flush(durable=True)
-            self.checkpoints.start({
+            self.checkpoint.start({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                 "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
                 "config": self.config.to_dict(), "pipeline_positions": positions,
                 "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
-                "elapsed_s": self.run_log.elapsed() if self.run_log else None},
-                self.out_dir / CHECKPOINT_NAME, keep_previous=True)
-            self._writing_step = self.step
+                "elapsed_s": self.run_log.elapsed() if self.run_log else None})
             if wait:
-                self._await_checkpoint()
+                self.checkpoint.wait()
 
     def _pipeline_positions(self) -> list | None:
         """Every rank's `pipeline.position_state()`, gathered on all ranks (None: nothing to keep). It is None
@@ -228,35 +223,6 @@ class Trainer:
         dist.all_gather_object(positions, local)
         return positions
 
-    def checkpoint_written(self) -> None:
-        """Wait until the checkpoint being written (if any) is on disk; a storage fault is a StorageError."""
-        with self._checkpoint_faults():
-            self._await_checkpoint()
-
-    def _await_checkpoint(self) -> None:
-        step, self._writing_step = self._writing_step, None
-        self.checkpoints.wait()
-        if step is not None:
-            self.saved_step = step
-
-    @contextlib.contextmanager
-    def _checkpoint_faults(self) -> Iterator[None]:
-        try:
-            yield
-        except Exception as err:
-            fault = storage_fault(err)
-            if fault is None and not isinstance(err, StorageError):
-                raise
-            cause = err if isinstance(err, StorageError) else f"cannot write into {self.out_dir} ({fault.strerror})"
-            raise StorageError(f"{cause}; {self.last_good()}") from None
-
-    def last_good(self, fix: str = "free space there (or make it writable)") -> str:
-        """Where the run can resume from, for an error's message: `fix`, then rerun."""
-        if self.saved_step is None:
-            return f"no checkpoint was written yet in {self.out_dir}: {fix} and rerun"
-        return (f"the last good checkpoint is step {self.saved_step} of {self.total_steps} in "
-                f"{self.out_dir / CHECKPOINT_NAME}: {fix} and rerun the same command to resume from it")
-
     def save_backbone(self) -> Path:
         """Rank 0 writes backbone.pth; a full or read-only out_dir is a StorageError naming the last checkpoint."""
         path = self.out_dir / BACKBONE_NAME
@@ -265,7 +231,7 @@ class Trainer:
             try:
                 atomic_save(backbone, path)
             except StorageError as err:  # the rerun of a complete run writes a missing backbone.pth
-                raise StorageError(f"{err}; {self.last_good()}") from None
+                raise StorageError(f"{err}; {self.checkpoint.last_good()}") from None
         return path
 
     # -- the hot path --------------------------------------------------------------------------------
@@ -358,19 +324,6 @@ class Trainer:
                              f"as of step {pending[-1]['step']}); stopped without saving, so {CHECKPOINT_NAME} is "
                              f"the last good state: lower lr_weights/lr_biases or use amp=none")
 
-    def requeue(self) -> None:
-        """SIGUSR1 is SLURM's warning before preemption or the time limit: put the job back in the queue."""
-        job = os.environ.get("SLURM_JOB_ID")
-        if not job or not self.ctx.is_main:
-            return
-        try:
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-            ok, detail = result.returncode == 0, result.stderr.strip()
-        except (OSError, subprocess.TimeoutExpired) as err:
-            ok, detail = False, str(err)
-        print(f"requeued SLURM job {job}" if ok else f"warning: scontrol requeue {job} failed: {detail}; "
-              f"resubmit the job to resume", file=sys.stderr)
-
     def fit(self) -> None:
         """Train up to `total_steps` (or a stop signal); on rank 0, then write the run's summary."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,14 +335,15 @@ class Trainer:
         try:
             with StopSignals() as signals, self._lost_workers():
                 self._epochs(signals, self.run_log, bar)
-            self.checkpoint_written()
+            with self.checkpoint.faults():
+                self.checkpoint.wait()
             self.stops.close()
             if self.run_log:
                 self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
                                     self.ctx.world_size)
         finally:
             with contextlib.suppress(Exception):  # on the way out of an error: the checkpoint still completes
-                self._await_checkpoint()
+                self.checkpoint.wait()
             bar.close()
             if self.run_log:
                 self.run_log.close()
@@ -406,9 +360,9 @@ class Trainer:
             if lost is None:
                 raise
             with contextlib.suppress(Exception):  # a checkpoint being written counts once it is on disk
-                self._await_checkpoint()
-            raise WorkerLost(f"{lost}; {self.last_good(f'lower workers (now {self.config.workers}) or free memory')}"
-                             ) from None
+                self.checkpoint.wait()
+            fix = f"lower workers (now {self.config.workers}) or free memory"
+            raise WorkerLost(f"{lost}; {self.checkpoint.last_good(fix)}") from None
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -452,8 +406,8 @@ class Trainer:
             if stop:
                 self.stopped_by = STOP_NAMES[stop]
                 self.save_checkpoint()
-                if stop == STOP_SIGNALS[signal.SIGUSR1]:
-                    self.requeue()
+                if stop == STOP_SIGNALS[signal.SIGUSR1] and self.ctx.is_main:
+                    requeue_slurm_job()
                 if self.ctx.world_size > 1:
                     # No rank exits before the checkpoint is on disk: a launcher that sees one node
                     # finish (srun --kill-on-bad-exit) may kill the others, rank 0 among them.
@@ -528,7 +482,7 @@ def train(config: Config) -> dict:
         fault = storage_fault(err)
         if fault is None or isinstance(err, UserError):
             raise
-        where = trainer.last_good() if trainer is not None else "nothing was written"
+        where = trainer.checkpoint.last_good() if trainer is not None else "nothing was written"
         raise StorageError(f"cannot write into {config.out_dir} ({fault.strerror}); {where}") from None
     finally:
         lock.release()
