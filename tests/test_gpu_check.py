@@ -17,7 +17,7 @@ from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"augment float16", "augment bfloat16", "amp float16", "amp bfloat16", "lars", "resume batch",
-            "resume step", "ddp", "ffcv crops", "dali ids", "dali view means", "device crop float16",
+            "resume step", "ddp", "ffcv crops", "dali ids", "dali view means", "dali resume", "device crop float16",
             "device crop bfloat16", "device decode", "no host sync", "rank devices", "augment triton"}
 CUDA_ONLY = {"no host sync", "rank devices", "augment triton"}  # skipped on the CPU, with the reason
 
@@ -149,6 +149,17 @@ def test_resume_without_restoring_the_rng_state_fails(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         results = check_resume(torch.device("cpu"), SIZES["cpu"], Path(tmp), {})
     assert [r.status for r in results] == ["fail", "fail"]
+
+
+def test_dali_resume_fails_when_the_saved_graph_state_is_not_used(monkeypatch, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali import DALIPipeline
+    from tools.gpu_check.data_checks import check_dali
+    ignore_state = DALIPipeline.restore_position
+    monkeypatch.setattr(DALIPipeline, "restore_position", lambda self, state: ignore_state(self, None))
+    results = {r.check: r for r in check_dali(torch.device("cpu"), SIZES["cpu"], tmp_path, {})}
+    assert results["dali ids"].status == "pass"
+    assert results["dali resume"].status == "fail: the saved graph state was not used"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows the notice of a machine without CUDA")

@@ -1,6 +1,7 @@
 """Checks of the data path on the device: augmentation, device crop and decode, FFCV and DALI."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 
@@ -137,15 +138,41 @@ def check_ffcv(device, sizes, workdir, measured) -> list[Result]:
 
 def check_dali(device, sizes, workdir, measured) -> list[Result]:
     """DALI on the device (the mixed decoder on CUDA) against DALI on the CPU, same seed: the same images
-    in the same order, and per-image view means within TOLERANCE (the JPEG decoders differ slightly)."""
+    in the same order, and per-image view means within TOLERANCE (the JPEG decoders differ slightly).
+    Then, on the device, an epoch resumed at its second batch from the graph's saved state against the
+    whole epoch: the same views exactly, from a restored graph (not a replay)."""
     if not installed("nvidia.dali"):
-        return [Result("dali ids", "skipped: not installed")]
+        return [Result(name, "skipped: not installed") for name in ("dali ids", "dali view means", "dali resume")]
     from pipelines.dali import DALIPipeline
     config = loader_config(sizes, workdir, "dali")
     batches = [next(DALIPipeline(config, Placement(where), sizes.batch, debug=True).debug_batches())
                for where in (device, torch.device("cpu"))]
     means = [torch.stack([b.view1, b.view2]).float().mean(dim=(2, 3, 4)) for b in batches]
     return [compare("dali ids", torch.as_tensor(batches[0].ids), torch.as_tensor(batches[1].ids), relative=False),
-            compare("dali view means", means[0], means[1], relative=False)]
+            compare("dali view means", means[0], means[1], relative=False), dali_resume(config, device, sizes)]
+
+
+def dali_resume(config, device, sizes) -> Result:
+    from pipelines.dali import DALIPipeline
+    batch = max(1, sizes.batch // 4)  # the folder holds sizes.batch images: four batches an epoch
+
+    def epoch(pipeline: DALIPipeline, start: int = 0) -> torch.Tensor:
+        pipeline.set_epoch(0, start)
+        return torch.stack([torch.stack([v1, v2]).float().cpu() for v1, v2 in pipeline])
+
+    whole = epoch(DALIPipeline(config, Placement(device), batch))
+    stopped = DALIPipeline(config, Placement(device), batch)
+    stopped.set_epoch(0)
+    with contextlib.closing(iter(stopped)) as delivered:
+        next(delivered)
+        state = stopped.position_state()
+    resumed, restored = DALIPipeline(config, Placement(device), batch), []
+    build = resumed.build
+    resumed.build = lambda plan, checkpoint=None: restored.append(checkpoint is not None) or build(plan, checkpoint)
+    resumed.restore_position(state)
+    got = epoch(resumed, 1)
+    if restored != [True]:
+        return Result("dali resume", "fail: the saved graph state was not used")
+    return compare("dali resume", got, whole[1:], relative=False)
 
 

@@ -13,7 +13,7 @@ import torch
 TOLERANCE = {"augment float16": 0.005, "augment bfloat16": 0.04, "augment triton": 0.005,
              "amp float16": 0.02, "amp bfloat16": 0.05,
              "lars": 1e-5, "resume batch": 0.0, "resume step": 1e-6, "ddp": 1e-5,
-             "ffcv crops": 1 / 255, "dali ids": 0.0, "dali view means": 0.05,
+             "ffcv crops": 1 / 255, "dali ids": 0.0, "dali view means": 0.05, "dali resume": 0.0,
              "device crop float16": 0.5 / 255, "device crop bfloat16": 3.0 / 255,
              "device decode": 3.0 / 255}  # nvJPEG vs libjpeg-turbo (IDCT, chroma upsampling): 1.9 levels on an H200
 
