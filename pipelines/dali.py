@@ -396,11 +396,19 @@ class DALIPipeline(EpochPipeline):
                 "batch_size": self.batch_size}
 
     def position_state(self) -> dict | None:
-        """The iterated epoch's graph state after the batches it has delivered (None between epochs)."""
+        """The iterated epoch's graph state after the batches it has delivered (None between epochs). If
+        DALI cannot save it, the state says so (`"dali": None`: a resume replays) and a warning why."""
         if self._live is None:
             return None
         pipe, key = self._live
-        return {**key, "batch": self._batches_run, "dali": pipe.checkpoint()}
+        try:
+            saved = pipe.checkpoint()
+        except Exception as err:  # noqa: BLE001 - a checkpoint of the run matters more than DALI's part of it
+            reason = " ".join(str(err).split())[:200]
+            print(f"warning: DALI cannot save its graph state ({reason}); a run resumed from this checkpoint runs "
+                  f"the epoch's first {self._batches_run} batches again", file=sys.stderr)
+            saved = None
+        return {**key, "batch": self._batches_run, "dali": saved}
 
     def restore_position(self, state: dict | None) -> None:
         self._restore = state
@@ -410,7 +418,8 @@ class DALIPipeline(EpochPipeline):
         from batch 0 (the caller drops the batches before `start_batch`)."""
         state, self._restore = self._restore, None
         key = self._position_key(plan)
-        if state and state.get("batch") == self.start_batch and all(state.get(k) == v for k, v in key.items()):
+        if (state and state.get("dali") is not None and state.get("batch") == self.start_batch
+                and all(state.get(k) == v for k, v in key.items())):
             try:
                 return self.build(plan, checkpoint=state["dali"]), self.start_batch
             except Exception as err:  # noqa: BLE001 - any refusal of the saved state means: start over

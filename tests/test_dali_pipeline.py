@@ -13,7 +13,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali import Pipeline, fn, pipeline_def, types  # noqa: E402
 
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from bt_fast.errors import DataError  # noqa: E402
@@ -397,6 +397,27 @@ def test_records_are_read_and_sharded(records):
     view1, view2 = next(iter(pipeline(config, batch=4, dtype=torch.float16)))
     assert view1.shape == view2.shape == (4, 3, 24, 24) and view1.dtype == torch.float16
     assert view1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_graph_state_dali_cannot_save_is_a_warning_and_a_resume_replays(image_folder, capsys, monkeypatch):
+    """The run's checkpoint is written all the same (every rank keeps entering the gather with a state)."""
+    config = make_config(str(image_folder), size=24, seed=3)
+    whole = pipeline(config, batch=4)
+    whole.set_epoch(0)
+    expected = _epoch_views(whole)
+    stopped = pipeline(config, batch=4)
+    stopped.set_epoch(0)
+    with contextlib.closing(iter(stopped)) as delivered:
+        next(delivered)
+        monkeypatch.setattr(Pipeline, "checkpoint", lambda self: (_ for _ in ()).throw(RuntimeError("no state")))
+        state = stopped.position_state()
+    assert state["batch"] == 1 and state["dali"] is None
+    assert "warning: DALI cannot save its graph state (no state)" in capsys.readouterr().err
+    monkeypatch.undo()
+    resumed = pipeline(config, batch=4)
+    resumed.restore_position(state)
+    resumed.set_epoch(0, 1)
+    assert _same_views(_epoch_views(resumed), expected[1:])
 
 
 def test_records_resume_mid_epoch_from_the_graph_state(records):
