@@ -21,6 +21,12 @@ from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for every child process
 
+# A suite started in the background by a shell without job control (`make test &` in a script) inherits
+# SIGINT ignored, and an ignored signal stays ignored across exec: every command a test interrupts the way
+# a terminal's Ctrl-C does would ignore it too. A handler, unlike SIG_IGN, is reset to the default at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import numpy as np
 import pytest
 import torch
@@ -79,8 +85,7 @@ def ctrl_c_once(script: str, args: list[str], ready: Callable[[], bool]) -> subp
     """Run the Python `script` with `args` from the repository root in a process group of its own, as
     a terminal runs a command; once `ready()` holds, send SIGINT to the whole group, as Ctrl-C does.
     Fails the test if the command then does not end within a minute."""
-    command = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-               + script, *args]  # a terminal's SIGINT handling, whatever the test runner set
+    command = [sys.executable, "-c", script, *args]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 60
