@@ -1,12 +1,13 @@
 """The process pool of the converter and the data generator: `multiprocessing.Pool` without CPython's
-busy worker handler, with Ctrl-C left to the parent, and an error where a worker dies."""
+busy worker handler, with Ctrl-C left to the parent, an error where a worker dies, and a stop that
+cannot hang."""
 from __future__ import annotations
 
 import signal
 from functools import partial
 from itertools import islice
 from multiprocessing import TimeoutError as ResultNotReady
-from multiprocessing.pool import Pool
+from multiprocessing.pool import TERMINATE, Pool
 from typing import Iterable, Iterator
 
 from bt_fast.errors import WorkerLost
@@ -32,6 +33,11 @@ class WorkerPool(Pool):
 
     A worker that dies (the kernel's out-of-memory killer sends SIGKILL) takes its task with it;
     CPython's pool starts another worker and waits for that task's result forever.
+
+    `terminate` (and leaving a `with` block) stops the workers first. CPython's puts an end marker on
+    the result pipe before it stops them, and its result thread stops reading that pipe once it is
+    told to end: a worker then blocked writing a large result (an encoded image) holds the pipe's
+    lock, and the marker waits for it forever. That is what a Ctrl-C early in a conversion met.
     """
 
     WATCH_S = 1.0  # how long a wait for the next result lasts before the workers are checked
@@ -42,6 +48,33 @@ class WorkerPool(Pool):
 
     def _get_sentinels(self) -> list:
         return [self._change_notifier._reader]
+
+    def terminate(self) -> None:
+        """Stop the workers now (SIGTERM), however far their tasks are, and wait for them to exit.
+
+        The pool's threads are daemons: after a complete run they end by themselves; after a stop
+        mid-run one may wait on a pipe the stopped workers left behind, until the process exits.
+        """
+        if self._state == TERMINATE:
+            return
+        self._state = TERMINATE
+        self._worker_handler._state = TERMINATE  # it starts no worker in place of the ones stopped below
+        self._change_notifier.put(None)
+        self._worker_handler.join()
+        for worker in self._pool:
+            if worker.exitcode is None:
+                worker.terminate()
+        for worker in self._pool:
+            worker.join()
+        self._terminate.cancel()  # CPython's own stop, which the process's exit would otherwise run
+
+    def join(self) -> None:
+        """Wait for the workers' exit (`terminate` or `close` first); not for the pool's threads (`terminate`)."""
+        if self._state == TERMINATE:
+            for worker in self._pool:
+                worker.join()
+        else:
+            super().join()
 
     def imap(self, func, iterable, chunksize: int = 1) -> Iterator:
         return self._watched(super().imap(partial(_each, func), _chunks(iterable, chunksize)))

@@ -349,12 +349,8 @@ def _worker_pool(workers: int) -> Iterator[WorkerPool | None]:
     if workers <= 1:
         yield None
         return
-    pool = WorkerPool(workers)
-    try:
+    with WorkerPool(workers) as pool:  # leaving the block stops the workers
         yield pool
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 @contextmanager

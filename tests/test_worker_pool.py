@@ -5,11 +5,16 @@ from __future__ import annotations
 import multiprocessing.pool
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bt_fast.errors import WorkerLost
 from bt_fast.worker_pool import WorkerPool
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _square_or_die(x: int) -> int:
@@ -77,3 +82,40 @@ def test_a_command_whose_dataloader_worker_died_says_so_in_one_line(torch_says, 
     assert ("out-of-memory killer" in err) == likely and err.endswith("run again with fewer workers")
     with pytest.raises(RuntimeError, match="CUDA out of memory"), cli_errors():
         raise RuntimeError("CUDA out of memory")
+
+
+_STOP_WHILE_A_WORKER_WRITES = """
+import sys, threading, time
+from bt_fast.worker_pool import WorkerPool
+
+def megabyte(_):
+    return bytes(1 << 20)
+
+class UnreadPool(WorkerPool):  # its result thread reads nothing, as once CPython's has been told to end
+    def _setup_queues(self):
+        super()._setup_queues()
+        self._quick_get = lambda: threading.Event().wait()
+
+pool = UnreadPool(2)
+workers = list(pool._pool)
+results = pool.imap(megabyte, range(8))
+deadline = time.monotonic() + 10
+while pool._outqueue._wlock.acquire(block=False):  # until a worker, blocked writing, holds the pipe's lock
+    pool._outqueue._wlock.release()
+    if time.monotonic() > deadline:
+        sys.exit("no worker ever blocked writing its result")
+    time.sleep(0.01)
+pool.terminate()
+pool.join()
+print(sorted(worker.exitcode for worker in workers))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_terminate_returns_while_a_worker_is_blocked_writing_a_result_nobody_reads():
+    """CPython's terminate first puts an end marker on the result pipe, under the lock that a worker blocked
+    writing a large result holds: it waited forever (a Ctrl-C early in a conversion)."""
+    done = subprocess.run([sys.executable, "-c", _STOP_WHILE_A_WORKER_WRITES], cwd=REPO, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [f"[-{signal.SIGTERM.value},", f"-{signal.SIGTERM.value}]"]
