@@ -69,7 +69,7 @@ class WorkerPool(Pool):
         self._terminate.cancel()  # CPython's own stop, which the process's exit would otherwise run
 
     def join(self) -> None:
-        """Wait for the workers' exit (`terminate` or `close` first); not for the pool's threads (`terminate`)."""
+        """After `close`, CPython's join; after `terminate`, the workers' exit only, not the pool's threads."""
         if self._state == TERMINATE:
             for worker in self._pool:
                 worker.join()
