@@ -66,14 +66,18 @@ def print_error(err: BaseException | str) -> None:
     print(f"error: {err if isinstance(err, str) else one_line(err)}", file=sys.stderr)
 
 
+STARTING = "while starting (loading torch)"  # `exit_on_interrupt` around a command's imports: seconds
+
+
 @contextmanager
-def exit_on_interrupt(what: str) -> Iterator[None]:
-    """Around a command's slow start-up (importing torch takes seconds): Ctrl-C there ends in one
-    `error:` line and exit 130, not a KeyboardInterrupt traceback."""
+def exit_on_interrupt(what: str = "", outcome: str = "nothing was written") -> Iterator[None]:
+    """Ctrl-C in the block ends the command with one `error:` line, `interrupted <what>; <outcome>`,
+    and exit 130, not a KeyboardInterrupt traceback. Around a command's imports (`STARTING`) and around
+    its work, `outcome` saying what is left of it."""
     try:
         yield
     except KeyboardInterrupt:
-        print_error(f"interrupted {what}; nothing was written")
+        print_error(f"interrupted{' ' + what if what else ''}; {outcome}")
         raise SystemExit(130) from None
 
 

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.errors import exit_on_interrupt
+from bt_fast.errors import STARTING, exit_on_interrupt
 
 # Loading torch, torchvision and the pipelines takes seconds; Ctrl-C meanwhile is one line, exit 130.
-with exit_on_interrupt("while starting (loading torch)"):
+with exit_on_interrupt(STARTING):
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel

@@ -411,18 +411,44 @@ def test_help_gives_every_key_its_allowed_values_and_what_it_does(capsys):
     assert any(line.startswith("      reference | ffcv | dali: ") for line in lines)
 
 
+# Every command that loads torch at start-up, with arguments it would accept.
+COMMANDS_LOADING_TORCH = {"bt_fast.train": ["--help"], "tools.evaluate": ["--help"], "tools.bench": ["--help"],
+                          "tools.gpu_check": ["--help"], "tools.preview": ["--help"], "tools.plot": ["--help"],
+                          "tools.launch": ["--help"], "tools.dali_semantics": ["--help"]}
+# A process killed by SIGINT (-2) is what the shell reports as 130 too. CPython ends that way, message and
+# all, when the KeyboardInterrupt met code that torch's import runs through PyRun_String.
+INTERRUPTED = (130, -signal.SIGINT)
+
+
 @pytest.mark.timeout(120)
-def test_ctrl_c_while_torch_loads_is_one_line():
-    process = subprocess.Popen([sys.executable, "-m", "bt_fast.train", "--help"], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("module", COMMANDS_LOADING_TORCH)
+def test_ctrl_c_while_torch_loads_is_one_line(module):
+    process = subprocess.Popen([sys.executable, "-m", module, *COMMANDS_LOADING_TORCH[module]], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     maps = Path(f"/proc/{process.pid}/maps")
     with contextlib.suppress(FileNotFoundError):  # (gone already: the assertions below say so)
         while process.poll() is None and "libtorch" not in maps.read_text():  # torch's import has begun
             pass
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode in INTERRUPTED
     assert err.strip().splitlines() == ["error: interrupted while starting (loading torch); nothing was written"]
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_the_gpu_checks_is_one_line(tmp_path):
+    """On the CPU the checks run for tens of seconds; interrupted after the first check's line."""
+    out = tmp_path / "checks.json"
+    process = subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--json", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    first = process.stdout.readline()
+    os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the command
+    rest, err = process.communicate(timeout=120)
+    assert first.startswith("augment float16 ") and " pass " in first, first
+    assert process.returncode in INTERRUPTED, err[-2000:]
+    assert err.strip().splitlines() == ["error: interrupted; nothing was written (the JSON comes at the end)"]
+    assert "Traceback" not in rest and not out.exists()
 
 
 @pytest.mark.timeout(600)

@@ -36,16 +36,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torchvision.transforms as T
-from PIL import Image
+from bt_fast.errors import STARTING, exit_on_interrupt
 
-from bt_fast.config import AugmentSpec, Config
-from pipelines.base import Placement
-from pipelines.dali import DALIPipeline
-from pipelines.dali_debug import FLAG_NAMES, grey_views, replay_view, to_pixels
-from pipelines.image_folder import find_image_folder
+with exit_on_interrupt(STARTING):
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from bt_fast.config import AugmentSpec, Config
+    from pipelines.base import Placement
+    from pipelines.dali import DALIPipeline
+    from pipelines.dali_debug import FLAG_NAMES, grey_views, replay_view, to_pixels
+    from pipelines.image_folder import find_image_folder
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "train"
 STATS = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "luma", "saturation", "value", "grey_pixels")
@@ -304,4 +307,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_interrupt():
+        sys.exit(main())

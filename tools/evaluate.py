@@ -31,14 +31,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bt_fast.distributed import resolve_device
-from bt_fast.errors import DataError, UserError, cli_errors, print_error
-from bt_fast.evaluation import EvalSettings, evaluate_backbones
-from bt_fast.files import write_json
-from bt_fast.finetune import CHECKPOINT_NAME, TRAIN_PERCENTS, FinetuneSettings, finetune
-from bt_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE
-from bt_fast.model import BACKBONE_DIM
-from bt_fast.weights import load_backbone, random_backbone
+from bt_fast.errors import STARTING, DataError, UserError, cli_errors, exit_on_interrupt, print_error
+
+with exit_on_interrupt(STARTING):
+    from bt_fast.distributed import resolve_device
+    from bt_fast.evaluation import EvalSettings, evaluate_backbones
+    from bt_fast.files import write_json
+    from bt_fast.finetune import CHECKPOINT_NAME, TRAIN_PERCENTS, FinetuneSettings, finetune
+    from bt_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE
+    from bt_fast.model import BACKBONE_DIM
+    from bt_fast.weights import load_backbone, random_backbone
 
 DEFAULT_IMAGE_SIZE = 224
 MODES = ("knn", "linear", "finetune")

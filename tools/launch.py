@@ -24,14 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-from torch.distributed import run as torchrun
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt, print_error
 
-from bt_fast.checkpoint import CHECKPOINT_NAME
-from bt_fast.config import Config, load_config
-from bt_fast.errors import cli_errors, print_error
-from bt_fast.preflight import check_run_inputs
+with exit_on_interrupt(STARTING):
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from bt_fast.checkpoint import CHECKPOINT_NAME
+    from bt_fast.config import Config, load_config
+    from bt_fast.preflight import check_run_inputs
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 
@@ -76,7 +78,7 @@ def training_config(train_args: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
-    with cli_errors():
+    with cli_errors(), exit_on_interrupt("while checking the config"):
         config = training_config(train_args)
     checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
     started = time.time()

@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from bt_fast.errors import cli_errors, print_error
+from bt_fast.errors import cli_errors, exit_on_interrupt, print_error
 from pipelines.demo_data import PHOTOGRAPHS, build
 from pipelines.imagenet_like import write_imagenet_like
 
@@ -45,7 +45,8 @@ def main() -> None:
                 raise SystemExit(130) from None
         print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
         return
-    build(args.root, args.train_per_class, args.val_per_class, args.seed)
+    with exit_on_interrupt(outcome=f"the same command builds {args.root} again"):
+        build(args.root, args.train_per_class, args.val_per_class, args.seed)
     count = sum(1 for _ in args.root.rglob("*.jpg"))
     print(f"demo dataset: {args.root} ({len(PHOTOGRAPHS)} classes, {count} JPEGs)")
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bt_fast.errors import UserError, cli_errors
-from bt_fast.plots import Curves, plot_runs, save_png
-from bt_fast.run_log import METRICS_NAME, read_metrics
+from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt
+
+with exit_on_interrupt(STARTING):
+    from bt_fast.plots import Curves, plot_runs, save_png
+    from bt_fast.run_log import METRICS_NAME, read_metrics
 
 
 def load_runs(paths: list[Path]) -> dict[str, Curves]:
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's out_dir or its metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("runs/compare.png"), help="PNG to write")
     args = parser.parse_args(argv)
-    with cli_errors():
+    with cli_errors(), exit_on_interrupt():
         save_png(plot_runs(load_runs(args.runs)), args.out)
     print(f"wrote {args.out}")
 

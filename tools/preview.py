@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bt_fast.config import load_config
-from bt_fast.distributed import resolve_device
-from bt_fast.errors import UserError, cli_errors
-from bt_fast.preflight import check_data_given
-from pipelines.views import first_pairs, pair_grid, write_png
+from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt
+
+with exit_on_interrupt(STARTING):
+    from bt_fast.config import load_config
+    from bt_fast.distributed import resolve_device
+    from bt_fast.preflight import check_data_given
+    from pipelines.views import first_pairs, pair_grid, write_png
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("views.png"), help="PNG to write")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. augment.image_size=160")
     args = parser.parse_args(argv)
-    with cli_errors():
+    with cli_errors(), exit_on_interrupt():
         overrides = [f"{key}={value}" for key, value in (("pipeline", args.pipeline), ("data", args.data))
                      if value is not None]
         config = load_config(args.config, overrides + args.overrides)

@@ -36,22 +36,24 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt
 
-from bt_fast.distributed import resolve_device
-from bt_fast.errors import cli_errors
-from bt_fast.files import write_json
-from bt_fast.model import BACKBONE_DIM
-from pipelines.image_folder import image_folder_root
-from tools.bench.augment import bench_augment
-from tools.bench.decode_floor import bench_decode_floor
-from tools.bench.device_crop import bench_device_crop
-from tools.bench.end_to_end import DEFAULT_PIPELINES, bench_end_to_end, end_to_end_pipeline
-from tools.bench.loaders import LOADERS, bench_loader
-from tools.bench.measure import environment, ratio
-from tools.bench.optimizer import OPTIMIZER_SETS, bench_optimizer
-from tools.bench.report import evaluate_targets, write_report
-from tools.bench.train_step import bench_train_step, train_with_pipeline
+with exit_on_interrupt(STARTING):
+    import torch
+
+    from bt_fast.distributed import resolve_device
+    from bt_fast.files import write_json
+    from bt_fast.model import BACKBONE_DIM
+    from pipelines.image_folder import image_folder_root
+    from tools.bench.augment import bench_augment
+    from tools.bench.decode_floor import bench_decode_floor
+    from tools.bench.device_crop import bench_device_crop
+    from tools.bench.end_to_end import DEFAULT_PIPELINES, bench_end_to_end, end_to_end_pipeline
+    from tools.bench.loaders import LOADERS, bench_loader
+    from tools.bench.measure import environment, ratio
+    from tools.bench.optimizer import OPTIMIZER_SETS, bench_optimizer
+    from tools.bench.report import evaluate_targets, write_report
+    from tools.bench.train_step import bench_train_step, train_with_pipeline
 
 DEMO_ROOT = Path("data/demo")
 IMAGENET_LIKE_ROOT = Path("data")  # --end-to-end's set of N images: data/imagenet_like_<N>
@@ -215,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with cli_errors():
+    with cli_errors(), exit_on_interrupt(outcome="nothing was written (the JSON and the plot come at the end)"):
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)

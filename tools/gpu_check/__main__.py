@@ -12,16 +12,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
+from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt, one_line
 
-from bt_fast.distributed import resolve_device
-from bt_fast.errors import cli_errors, one_line
-from bt_fast.files import write_json
-from tools.gpu_check.data_checks import (check_augment, check_dali, check_device_crop, check_device_decode,
-                                         check_ffcv)
-from tools.gpu_check.hot_path_checks import check_no_host_sync, check_rank_devices
-from tools.gpu_check.measure import SIZES, Result
-from tools.gpu_check.train_checks import check_amp, check_ddp, check_lars, check_resume, measure_training
+with exit_on_interrupt(STARTING):
+    import torch
+
+    from bt_fast.distributed import resolve_device
+    from bt_fast.files import write_json
+    from tools.gpu_check.data_checks import (check_augment, check_dali, check_device_crop, check_device_decode,
+                                             check_ffcv)
+    from tools.gpu_check.hot_path_checks import check_no_host_sync, check_rank_devices
+    from tools.gpu_check.measure import SIZES, Result
+    from tools.gpu_check.train_checks import check_amp, check_ddp, check_lars, check_resume, measure_training
 
 CHECKS: list[Callable] = [check_augment, check_device_crop, check_device_decode, check_amp, check_lars, check_resume,
                           check_ddp, check_no_host_sync, check_ffcv, check_dali, check_rank_devices]
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     # torch warns once, on importing its C++-extension helper (inductor does), that a CPU-only machine has no
     # CUDA runtime: not a finding of any check.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with cli_errors():
+    with cli_errors(), exit_on_interrupt(outcome="nothing was written (the JSON comes at the end)"):
         device = resolve_device(args.device or "cuda", setting="--device")
         summary = run_checks(device, checks=checks, throughput=throughput)
         if args.end_to_end:
