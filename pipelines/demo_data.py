@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bt_fast.errors import DataError
 from bt_fast.files import write_json
 
 PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
@@ -57,16 +58,22 @@ def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> lis
 def build(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
     """`root` holding train/ and val/ ImageFolders with one class per photograph; returns `root`.
 
-    A `manifest.json` written last marks a complete set; a set built with other arguments is
-    deleted and rebuilt.
+    `manifest.json` says what the folder holds: written first with `"complete": false`, then again
+    when the set is complete. A set built with other arguments, or not finished, is deleted and
+    rebuilt; a non-empty folder without a manifest is not ours, and is refused (DataError).
     """
     manifest = root / "manifest.json"
     wanted = {"version": VERSION, "photographs": list(PHOTOGRAPHS), "train_per_class": train_per_class,
               "val_per_class": val_per_class, "seed": seed}
     if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
         return root
+    if root.is_dir() and not manifest.is_file() and any(root.iterdir()):
+        raise DataError(f"{root} holds files that are not a demo set (it has no manifest.json); name a new or "
+                        f"empty directory for the demo data")
     if root.exists():
         shutil.rmtree(root)
+    root.mkdir(parents=True)
+    write_json(manifest, {**wanted, "complete": False})
     rng = np.random.default_rng(seed)
     for name in PHOTOGRAPHS:
         image = load_photograph(name)

@@ -34,6 +34,40 @@ def test_build_makes_a_deterministic_image_folder_and_reuses_it(tmp_path):
     assert len(list((root / "train").rglob("*.jpg"))) == len(PHOTOGRAPHS)
 
 
+def test_a_folder_that_is_not_a_demo_set_is_never_deleted(tmp_path, monkeypatch, capsys):
+    from tools.make_demo_data import main
+    theirs = tmp_path / "photos"
+    theirs.mkdir()
+    (theirs / "holiday.jpg").write_bytes(b"not ours")
+    monkeypatch.setattr("sys.argv", ["make_demo_data", str(theirs)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and (theirs / "holiday.jpg").read_bytes() == b"not ours"
+    assert capsys.readouterr().err == (f"error: {theirs} holds files that are not a demo set (it has no manifest.json); "
+                                       f"name a new or empty directory for the demo data\n")
+
+    empty = build(tmp_path / "empty", train_per_class=1, val_per_class=1)  # an empty folder is used
+    assert json.loads((empty / "manifest.json").read_text())["train_per_class"] == 1
+
+
+def test_a_set_cut_short_is_rebuilt(tmp_path, monkeypatch):
+    """A build stopped part-way (Ctrl-C) leaves a manifest that says so; the next build starts again."""
+    import pipelines.demo_data
+    root = tmp_path / "demo"
+    real = pipelines.demo_data.random_crops
+    with monkeypatch.context() as patch:
+        def stopped(*args):
+            yield from list(real(*args))[:1]
+            raise KeyboardInterrupt
+        patch.setattr(pipelines.demo_data, "random_crops", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            build(root, train_per_class=2, val_per_class=1)
+    assert json.loads((root / "manifest.json").read_text())["complete"] is False
+    build(root, train_per_class=2, val_per_class=1)
+    assert "complete" not in json.loads((root / "manifest.json").read_text())
+    assert len(list((root / "train").rglob("*.jpg"))) == 2 * len(PHOTOGRAPHS)
+
+
 def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_path, monkeypatch, capsys):
     from tools.make_demo_data import main
     root = tmp_path / "inl"

@@ -45,7 +45,7 @@ def main() -> None:
                 raise SystemExit(130) from None
         print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
         return
-    with exit_on_interrupt(outcome=f"the same command builds {args.root} again"):
+    with cli_errors(OSError), exit_on_interrupt(outcome=f"the same command builds {args.root} again"):
         build(args.root, args.train_per_class, args.val_per_class, args.seed)
     count = sum(1 for _ in args.root.rglob("*.jpg"))
     print(f"demo dataset: {args.root} ({len(PHOTOGRAPHS)} classes, {count} JPEGs)")
