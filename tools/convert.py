@@ -58,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
         except KeyboardInterrupt:
             kept = work_dir(args.dst)
-            print_error("interrupted; no output was written" + (
-                f"; the finished parts are kept in {kept} and the same command finishes the rest"
-                if kept.is_dir() else ""))
+            parts = len(list(kept.glob("part-*.json")))  # a part's report is written last
+            print_error("interrupted; no output was written; " + (
+                f"{parts} finished part(s) are kept in {kept} and the same command finishes the rest" if parts
+                else "no part was finished yet"))
             raise SystemExit(130) from None
     print(outcome(report))
     return 0
