@@ -29,6 +29,12 @@ class StorageError(UserError):
     exit_code = 1
 
 
+class Interrupted(UserError):
+    """Ctrl-C, raised where the code that met it knows what is kept of its work; the message says so."""
+
+    exit_code = 130
+
+
 class WorkerLost(UserError):
     """A worker process died while it ran (the out-of-memory killer, for one); the message says what
     finished work is kept."""

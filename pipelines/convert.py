@@ -149,6 +149,14 @@ def work_dir(dst: str | Path) -> Path:
     return dst.with_name(f".{dst.name}.parts")
 
 
+def kept_after_interrupt(dst: str | Path) -> str:
+    """What a conversion to `dst` that was interrupted keeps, for the user's one line."""
+    kept = work_dir(dst)
+    parts = len(list(kept.glob("part-*.json")))  # a part's report is written last
+    return (f"{parts} finished part(s) are kept in {kept} and the same command finishes the rest" if parts
+            else "no part was finished yet")
+
+
 def previous_output(dst: Path) -> str | None:
     """In words, the previous output of the converter that `dst` holds; None if it holds something else.
 

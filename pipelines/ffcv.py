@@ -52,10 +52,10 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.quasi_random import generate_order_inner
 
 from bt_fast.config import AugmentSpec, Config, ConfigError
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, Interrupted
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
-from pipelines.convert import convert, outcome, report_path, source_state
+from pipelines.convert import convert, kept_after_interrupt, outcome, report_path, source_state
 from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
@@ -256,9 +256,13 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
     with _file_lock(path, config.data):
         if not path.is_file():  # another rank may have finished while we waited
             say(f"converting {config.data} to {path} for the FFCV pipeline (first use)")
-            report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
-                             jpeg_quality=config.ffcv.jpeg_quality,
-                             workers=max(1, min(config.workers, os.cpu_count() or 1)))
+            try:
+                report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
+                                 jpeg_quality=config.ffcv.jpeg_quality,
+                                 workers=max(1, min(config.workers, os.cpu_count() or 1)))
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted while converting {config.data} to {path} (first use); "
+                                  f"{kept_after_interrupt(path)}") from None
             say(outcome(report))
             if report["skipped"]:
                 say(f"warning: {report['skipped']} of {report['written'] + report['skipped']} images in "

@@ -451,6 +451,36 @@ def test_ctrl_c_during_the_gpu_checks_is_one_line(tmp_path):
     assert "Traceback" not in rest and not out.exists()
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_in_the_first_use_conversion_says_what_is_kept_and_the_rerun_trains(image_folder, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from pipelines.convert import work_dir
+    from pipelines.images import ImagePrep
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    args = tiny_args(data, tmp_path / "run", "pipeline=ffcv", "max_steps=1")
+    stored, calls = ImagePrep.stored, []
+
+    def interrupted_at_the_fifth(self, path):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the converting process
+        return stored(self, path)
+    with monkeypatch.context() as patch:
+        patch.setattr(ImagePrep, "stored", interrupted_at_the_fifth)
+        code, _, err = run_main(capsys, *args)
+    beton = Path(f"{data}.beton")
+    assert code == 130
+    assert err.strip().splitlines() == [
+        f"converting {data} to {beton} for the FFCV pipeline (first use)",
+        f"error: interrupted while converting {data} to {beton} (first use); no part was finished yet"]
+    assert not beton.exists() and work_dir(beton).is_dir()
+
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and out.startswith("done: 1 steps"), err
+    assert beton.is_file() and not work_dir(beton).exists()
+
+
 @pytest.mark.timeout(600)
 def test_a_full_disk_while_writing_the_backbone_names_the_complete_checkpoint(image_folder, tmp_path, capsys,
                                                                               monkeypatch):

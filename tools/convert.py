@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from bt_fast.errors import DataError, cli_errors, print_error
-from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, outcome, work_dir
+from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt, outcome
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
@@ -57,11 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
         except KeyboardInterrupt:
-            kept = work_dir(args.dst)
-            parts = len(list(kept.glob("part-*.json")))  # a part's report is written last
-            print_error("interrupted; no output was written; " + (
-                f"{parts} finished part(s) are kept in {kept} and the same command finishes the rest" if parts
-                else "no part was finished yet"))
+            print_error(f"interrupted; no output was written; {kept_after_interrupt(args.dst)}")
             raise SystemExit(130) from None
     print(outcome(report))
     return 0
