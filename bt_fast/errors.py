@@ -3,7 +3,8 @@
 Library code raises a `UserError` subclass whose message names the file or config key and
 says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
 `error: <message>` on one line and exits with the error's `exit_code` (2 for bad input, 1 for a
-storage fault or a lost worker process met while running); nothing else turns exceptions into text.
+storage fault or a lost worker process met while running, 130 for a Ctrl-C whose code says what it
+kept); nothing else turns exceptions into text.
 """
 from __future__ import annotations
 
