@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from bt_fast.errors import cli_errors, exit_on_interrupt, print_error
+from bt_fast.errors import cli_errors, exit_on_interrupt
 from pipelines.demo_data import PHOTOGRAPHS, build
 from pipelines.imagenet_like import write_imagenet_like
 
@@ -35,14 +35,10 @@ def main() -> None:
             parser.error(f"--imagenet-like N DIR: N must be a number of images, got {count!r}")
         if args.workers < 1:
             parser.error(f"--workers must be at least 1, got {args.workers}")
-        with cli_errors(OSError):  # a directory that cannot be written: one line naming it
-            try:
-                write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
-                                    workers=args.workers)
-            except KeyboardInterrupt:
-                print_error(f"interrupted; the images written to {root} are kept and the same command "
-                            f"writes the rest")
-                raise SystemExit(130) from None
+        kept = f"the images written to {root} are kept and the same command writes the rest"
+        with cli_errors(OSError), exit_on_interrupt(outcome=kept):  # OSError: a directory that cannot be written
+            write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
+                                workers=args.workers)
         print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
         return
     with cli_errors(OSError), exit_on_interrupt(outcome=f"the same command builds {args.root} again"):
