@@ -6,6 +6,13 @@ of every rank: seconds of each start at ImageNet's size (docs/performance.md, st
 through the OS page cache (`ffcv.os_cache=true`, the default) with the random order uses only the
 sorted pointer and size arrays. The dicts are read by FFCV's own process cache (`os_cache=false`)
 and the quasi-random order, which now build them on first use, with FFCV's loop.
+
+The OS-cache manager also types its reader without FFCV's side effect: FFCV 1.0.2's
+`OSCacheManager.state_type` sets `mutable = False` on `numba.uint8[::1]`, which is numba's one shared
+(interned) type of every writable contiguous uint8 vector in the process. Its hash changes under the
+dispatchers keyed by it, and every later `typeof` of a writable uint8 buffer says read-only. Seen as
+"Exception ignored ... KeyError" from numba's dispatcher finalizer once a second loader is built in a
+process (the benchmark, the GPU checks). Here the read-only types are types of their own.
 """
 from __future__ import annotations
 
@@ -14,12 +21,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 from functools import cached_property
 
+import numba
 import numpy as np
 
 import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
 import ffcv.loader.loader as ffcv_loader
 from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
 from ffcv.memory_managers.base import MemoryManager
+from ffcv.pipeline.compiler import Compiler
 
 
 class LazyPageTables(MemoryManager):
@@ -56,8 +65,24 @@ class LazyPageTables(MemoryManager):
         return self._page_tables[1]
 
 
+def _read_only_vector(dtype) -> numba.types.Array:
+    return numba.types.Array(dtype, 1, "C", readonly=True)
+
+
 class LazyOSCacheManager(OSCacheManager, LazyPageTables):
-    pass
+    """The OS-cache manager; its state is (the file's bytes, read-only; sample pointers; their sizes)."""
+
+    @property
+    def state_type(self) -> numba.types.Tuple:
+        pointers = numba.types.Array(numba.uint64, 1, "C")
+        return numba.types.Tuple([_read_only_vector(numba.uint8), pointers, pointers])
+
+    def compile_reader(self):
+        def read(address, state):
+            data, pointers, sizes = state
+            return data[address:address + sizes[np.searchsorted(pointers, address)]]
+
+        return Compiler.compile(read, _read_only_vector(numba.uint8)(numba.uint64, self.state_type))
 
 
 class LazyProcessCacheManager(ProcessCacheManager, LazyPageTables):

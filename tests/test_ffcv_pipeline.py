@@ -464,6 +464,36 @@ def test_lazy_page_tables_are_ffcvs_own(dataset):
         (OSCacheManager, ProcessCacheManager)
 
 
+def test_the_os_cache_reader_leaves_numbas_shared_array_type_writable(dataset, monkeypatch):
+    """FFCV's own OSCacheManager marks numba's one interned type of writable uint8 vectors read-only
+    when it compiles its reader; ours must not, and must still read each sample's bytes."""
+    import numba
+    from ffcv.memory_managers import OSCacheManager
+    from pipelines.ffcv_memory import LazyOSCacheManager
+    shared = numba.uint8[::1]
+    assert shared is numba.typeof(np.zeros(3, np.uint8))  # numba's interning: one object for the type
+    monkeypatch.setattr(shared, "mutable", True)  # as numba made it, whatever a stock loader did before
+    reader = synthetic_reader()
+    stock_flips_it = OSCacheManager(reader).state_type
+    assert not shared.mutable and not stock_flips_it[0].mutable  # the side effect, in FFCV 1.0.2
+    shared.mutable = True
+
+    manager = LazyOSCacheManager(reader)
+    read = manager.compile_reader()
+    assert shared.mutable and numba.typeof(np.zeros(3, np.uint8)).mutable
+    data = np.arange(reader.alloc_table["ptr"].max() + reader.alloc_table["size"].max(), dtype=np.uint64)
+    data = (data % 251).astype(np.uint8)
+    data.flags.writeable = False
+    for ptr, size in reader.alloc_table[["ptr", "size"]][:20].tolist():
+        assert np.array_equal(read(np.uint64(ptr), (data, manager.ptrs, manager.sizes)), data[ptr:ptr + size])
+
+    _, beton = dataset  # and a whole pipeline's first batch
+    pipeline = P.FFCVPipeline(make_config(beton), cpu(), batch_size=4)
+    pipeline.set_epoch(0)
+    next(iter(pipeline))
+    assert shared.mutable
+
+
 def test_epoch_sharding_deals_contiguous_blocks_of_one_global_order():
     parts = [P.EpochSharding(10, rank, 3, seed=0).indices(4) for rank in range(3)]
     # The convention written out: one permutation of range(10) seeded by (seed, epoch), 10 // 3 per rank.
