@@ -60,6 +60,7 @@ import numpy as np
 from bt_fast.errors import DataError, StorageError, WorkerLost
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, storage_fault, temporary_name, write_json)
+from bt_fast.host import usable_cores
 from bt_fast.progress import progress as progress_bar
 from bt_fast.worker_pool import WorkerPool
 from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
@@ -479,11 +480,11 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
             progress: bool = True) -> dict:
     """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`).
 
-    `workers` defaults to `os.cpu_count()`; `shard_size` is samples per tar shard (dali), which
+    `workers` defaults to the cores this process may use (`usable_cores()`); `shard_size` is samples per tar shard (dali), which
     is also its resumable part; `part_size` is images per resumable part (ffcv).
     Raises DataError (one-line message) for unusable arguments or input.
     """
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)

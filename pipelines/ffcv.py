@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import queue
 import sys
 from contextlib import contextmanager, suppress
@@ -53,6 +52,7 @@ from ffcv.traversal_order.quasi_random import generate_order_inner
 
 from bt_fast.config import AugmentSpec, Config, ConfigError
 from bt_fast.errors import DataError, Interrupted
+from bt_fast.host import usable_cores
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
 from pipelines.convert import convert, kept_after_interrupt, outcome, report_path, source_state
@@ -259,7 +259,7 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
             try:
                 report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
                                  jpeg_quality=config.ffcv.jpeg_quality,
-                                 workers=max(1, min(config.workers, os.cpu_count() or 1)))
+                                 workers=max(1, min(config.workers, usable_cores())))
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted while converting {config.data} to {path} (first use); "
                                   f"{kept_after_interrupt(path)}") from None
@@ -333,7 +333,7 @@ class FFCVPipeline(EpochPipeline):
                 print(self.memory_line(), file=sys.stderr)
         pipelines, seeded = self._host_stage()
         # numba cannot run more threads than it started with (NUMBA_NUM_THREADS, the core count).
-        workers = max(1, min(config.workers if config.workers > 0 else os.cpu_count() or 1,
+        workers = max(1, min(config.workers if config.workers > 0 else usable_cores(),
                              numba.config.NUMBA_NUM_THREADS))
         threads = torch.get_num_threads()
         try:

@@ -37,6 +37,7 @@ from PIL import Image
 
 from bt_fast.errors import DataError, WorkerLost
 from bt_fast.files import temporary_name, write_json
+from bt_fast.host import usable_cores
 from bt_fast.worker_pool import WorkerPool
 from pipelines.demo_data import PHOTOGRAPHS, load_photograph
 
@@ -160,14 +161,14 @@ def write_imagenet_like(root: str | Path, count: int, num_classes: int = 10, see
                         workers: int | None = None) -> Path:
     """Write (or complete) the `count`-image set described above under `root`; returns `root`.
 
-    The missing images are rendered and written by `workers` processes (default: `os.cpu_count()`);
+    The missing images are rendered and written by `workers` processes (default: `usable_cores()`);
     the files are the same whatever their number. Raises DataError if `root` holds anything but such
     a set with the same `num_classes` and `seed` (a set with another `count` is grown or trimmed to
     `count`), is not a directory, or if `workers` is below 1.
     """
     if count < 1 or num_classes < 1:
         raise DataError(f"an ImageNet-like set needs count >= 1 and num_classes >= 1, got {count} and {num_classes}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise DataError(f"writing an ImageNet-like set needs workers >= 1, got {workers}")
     root = Path(root)

@@ -4,6 +4,7 @@ The same grid goes to TensorBoard at the start of a run and to `python -m tools.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from PIL import Image
 from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
 from bt_fast.files import atomic_write
+from bt_fast.host import usable_cores
 from pipelines import build_pipeline
 from pipelines.base import Placement
 
@@ -37,7 +39,11 @@ def pair_grid(view1: torch.Tensor, view2: torch.Tensor, spec: AugmentSpec, pairs
 
 
 def first_pairs(config: Config, device: torch.device, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first batch of `pairs` view pairs of epoch 0 from the pipeline `config` names, as training sees them."""
+    """The first batch of `pairs` view pairs of epoch 0 from the pipeline `config` names, as training sees them.
+
+    With at most one worker per core: the views do not depend on the count, and for one batch more
+    workers than cores only start slower."""
+    config = dataclasses.replace(config, workers=min(config.workers, usable_cores()))
     pipeline = build_pipeline(config, Placement(device), pairs)
     pipeline.set_epoch(0)
     batch = next(iter(pipeline), None)

@@ -1,5 +1,6 @@
 """tools.preview: the first batch's view pairs of every pipeline, de-normalised, in one PNG."""
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD, load_config
+from bt_fast.host import usable_cores
 from conftest import write_image_folder
 from pipelines import PIPELINES
 from pipelines.base import Placement
@@ -29,13 +31,15 @@ def test_preview_shows_the_pipelines_first_pairs(name, tmp_path, capsys):
         pytest.skip(f"{NEEDS[name]} is not installed")
     data = write_image_folder(tmp_path / "images", classes=2, per_class=4)
     out = tmp_path / "views.png"
-    overrides = [f"augment.image_size={SIZE}", "workers=1"]
-    preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", name, "--data", str(data),
-                  "--pairs", str(PAIRS), "--out", str(out), *overrides])
+    overrides = [f"augment.image_size={SIZE}"]
+    with warnings.catch_warnings():  # more workers than cores: one per core, without torch's warning about it
+        warnings.simplefilter("error", UserWarning)
+        preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", name, "--data", str(data),
+                      "--pairs", str(PAIRS), "--out", str(out), f"workers={usable_cores() + 1}", *overrides])
     assert f"from the {name} pipeline" in capsys.readouterr().out
 
-    # the same batch, drawn again from a pipeline built here
-    config = load_config("configs/demo_cpu.yaml", [f"pipeline={name}", f"data={data}", *overrides])
+    # the same batch, drawn again from a pipeline built here, with one worker
+    config = load_config("configs/demo_cpu.yaml", [f"pipeline={name}", f"data={data}", "workers=1", *overrides])
     pipeline = PIPELINES[name]()(config, Placement(torch.device("cpu")), PAIRS)
     pipeline.set_epoch(0)
     view1, view2 = next(iter(pipeline))

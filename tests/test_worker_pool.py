@@ -119,3 +119,18 @@ def test_terminate_returns_while_a_worker_is_blocked_writing_a_result_nobody_rea
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [f"[-{signal.SIGTERM.value},", f"-{signal.SIGTERM.value}]"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_worker_counts_default_to_the_cores_the_process_may_use():
+    """Under SLURM's --cpus-per-task or taskset, the process may run on fewer cores than the machine has."""
+    script = ("import os; from bt_fast.host import usable_cores; "
+              "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(usable_cores(), os.cpu_count())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    assert done.stdout.split()[0] == "1"
+    help_text = subprocess.run([sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                                "sys.argv = ['make_demo_data', '--help']; import runpy; "
+                                "runpy.run_module('tools.make_demo_data', run_name='__main__')"],
+                               capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert "(default: the usable cores, 1 here)" in " ".join(help_text.stdout.split())

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="JPEG quality for re-encoded images (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes (default: os.cpu_count())")
+                        help="worker processes (default: the cores this process may use)")
     parser.add_argument("--force", action="store_true",
                         help="replace a previous output of tools.convert at DST (nothing else is ever replaced)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,

@@ -26,12 +26,12 @@ checkpoint's 48 px) they finish in a couple of minutes. With --out-dir the run k
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from bt_fast.errors import STARTING, DataError, UserError, cli_errors, exit_on_interrupt, print_error
+from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
     from bt_fast.distributed import resolve_device
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="k-NN vote temperature")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="linear probe on features computed once without augmentation (default: on for CPU)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int, default=min(8, usable_cores()))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0,
                    help="random-init weights, head init, data order, augmentation and the finetune subset")

@@ -9,10 +9,10 @@ modes like ImageNet's): `pipelines.imagenet_like`.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from bt_fast.errors import cli_errors, exit_on_interrupt
+from bt_fast.host import usable_cores
 from pipelines.demo_data import PHOTOGRAPHS, build
 from pipelines.imagenet_like import write_imagenet_like
 
@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--imagenet-like", nargs=2, metavar=("N", "DIR"),
                         help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
     parser.add_argument("--classes", type=int, default=10, help="classes of the --imagenet-like set")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes writing the --imagenet-like set (default: CPUs, %(default)s here)")
+    parser.add_argument("--workers", type=int, default=usable_cores(),
+                        help="processes writing the --imagenet-like set (default: the usable cores, %(default)s here)")
     args = parser.parse_args()
     if args.imagenet_like:
         count, root = args.imagenet_like

@@ -30,13 +30,13 @@ only (unless --train-pipelines names pipelines); the optimizer keeps the paper's
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt
+from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
     import torch
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         help="--end-to-end without --data: images of the ImageNet-like set built once under "
              "data/imagenet_like_<N> (default 256 on the CPU, 8192 on CUDA)")
     add("--batch-size", type=int, default=None, help="per-device batch (default 64; --quick 32)")
-    add("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: CPUs)")
+    add("--workers", type=int, default=usable_cores(), help="loader workers (default: the usable cores)")
     add("--image-size", type=int, default=None, help="crop size for loaders and augmentation (default 224; --quick 128)")
     add("--train-pipelines", default=None,
         help="pipelines that feed the training step, each in a fresh process (default: the entries of --pipelines "
