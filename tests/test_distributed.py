@@ -220,9 +220,12 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_two_simulated_nodes_of_two_ranks_train_and_rank_0_writes_one_checkpoint(image_folder, tmp_path):
     """Two torchruns (nodes) of two workers each: on node 1 local rank 0 is global rank 2, which must
     not write; one `done:` line, one set of run files, every step logged once."""
-    run = tmp_path / "run"
-    code, out, err = finish(launch(["max_steps=2", *TINY], LOCAL_NODES=1, NODES=2, GPUS=2, DATA=image_folder, OUT=run))
+    run, temporary = tmp_path / "run", tmp_path / "tmp"
+    temporary.mkdir()
+    code, out, err = finish(launch(["max_steps=2", *TINY], LOCAL_NODES=1, NODES=2, GPUS=2, DATA=image_folder, OUT=run,
+                                   TMPDIR=temporary))
     assert code == 0, err[-3000:]
+    assert list(temporary.iterdir()) == []  # torchrun's own would leave a torchelastic_* directory per node
     done = [line for line in out.splitlines() if line.startswith("done:")]
     assert done == [done[0]] and "done: 2 steps on 4 process(es)" in done[0]
     assert sorted(p.name for p in run.iterdir()) == sorted(["backbone.pth", CHECKPOINT_NAME, "config.yaml", "metrics.jsonl",

@@ -14,13 +14,18 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Three things differ from 
   the stop are left out.
 - A worker group that failed for good ends in one line naming the rank and its error; the
   workers' own `error:` lines are above it.
+- Without `--log-dir`, torchrun's per-rank error files go into a temporary directory that is
+  removed at the end; plain torchrun leaves a `torchelastic_*` directory in the temporary
+  directory after every launch.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
     quiet_shutdown_narration()
+    log_dir = None if options.log_dir else tempfile.mkdtemp(prefix="torchelastic_")
+    options.log_dir = options.log_dir or log_dir
+    try:
+        return _run(options, checkpoint, started)
+    finally:
+        if log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _run(options: argparse.Namespace, checkpoint: Path, started: float) -> int:
+    """torchrun with `options`; the launcher's exit code, having said how it ended where torchrun would not."""
     try:
         torchrun.run(options)
     except SignalException as stop:
