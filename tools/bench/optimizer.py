@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from typing import Any, Callable
 
@@ -75,6 +76,9 @@ def count_compiled_ops(fn: Callable[[], Any], device: torch.device) -> tuple[int
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+    # The profiler's own log (read when it first starts) says "gpuGetDeviceCount failed" on a machine
+    # without CUDA and narrates every start and stop: none of it is about the measurement.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
