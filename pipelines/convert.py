@@ -21,14 +21,15 @@ lines and lines starting with '#' are ignored).
    the same source listing redoes only the parts it had not finished (a source file rewritten
    in place between the two runs is not noticed). Nothing but that directory is held per image:
    memory is flat in the number of images, apart from the source listing and, for ffcv, the
-   metadata the `.beton` header holds (`pipelines.ffcv_format.join_parts`). When the storage
-   refuses a write (full, over quota, read-only), the unfinished part's files are removed and a
-   StorageError names DST, says how many parts are kept and, for a failed join, the room it needs.
+   metadata the `.beton` header holds (`pipelines.ffcv_format.finish_beton`). When the storage
+   refuses a write (full, over quota, read-only), the unfinished part's data is removed and a
+   StorageError names DST and says how many parts are kept.
 4. The parts are put together and moved into place only when complete; then the work directory
    is removed. dali: the shards move into a directory under a hidden temporary name in DST's
-   directory. ffcv: the parts are joined into `joined.beton` in the work directory one at a time,
-   each part's pages deleted once the `.beton` holds them durably (`joined.json` counts them), so
-   the disk never holds the data twice and a killed join goes on where it stopped.
+   directory. ffcv: the parts' pages are written in place, one part after another, into the
+   `.beton` in the work directory (`output.beton`, its data region placed for every listed
+   sample), and its tables go around them at the end: the data is written once and the disk
+   never holds it twice.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
    counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
    `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since).
@@ -53,7 +54,7 @@ import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
@@ -64,7 +65,7 @@ from bt_fast.host import usable_cores
 from bt_fast.progress import progress as progress_bar
 from bt_fast.worker_pool import WorkerPool
 from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
-from pipelines.ffcv_format import BetonPart, beton_samples, join_parts, page_size_for
+from pipelines.ffcv_format import BetonPart, beton_samples, data_start, finish_beton, page_size_for
 from pipelines.image_folder import SampleList, find_image_folder
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep, Prepared, cv2_module
 
@@ -254,12 +255,14 @@ def write_report(path: Path, report: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 class _WorkDir:
-    """`work_dir(dst)`: `job.json` (what is being converted) and, per finished part k,
-    `part-k.json` (its report, written last) beside its data (ffcv: `part-k.pages` and
-    `part-k.rows.npy`; dali: the shard's `.tar` and `.idx`)."""
+    """`work_dir(dst)`: `job.json` (what is being converted) and, per finished part k, `part-k.json`
+    (its report, written last) beside its data. dali: the shard's `.tar` and `.idx`. ffcv: the part's
+    pages in `beton`, the `.beton` being written in place, and the part's rows (`part-k.rows.npy`)
+    for its tables."""
 
     def __init__(self, dst: Path, job: dict):
         self.root = work_dir(dst)
+        self.job = job
         self.root.mkdir(exist_ok=True)
         self.lock = open(self.root / ".lock", "w")
         try:
@@ -284,50 +287,50 @@ class _WorkDir:
         """Part `k`'s tar shard (dali); its index is beside it as `.idx`."""
         return self.root / f"shard-{k:05d}.tar"
 
+    @property
+    def beton(self) -> Path:
+        """ffcv: the `.beton` the parts are written into, one after another, before it becomes DST."""
+        return self.root / "output.beton"
+
     def discard(self, k: int) -> None:
         """Remove what the unfinished part `k` has written so far: it only takes room."""
-        for path in (self.part(k, ".pages"), self.part(k, ".rows.npy"), self.shard(k), self.shard(k).with_suffix(".idx")):
+        for path in (self.part(k, ".json"), self.part(k, ".rows.npy"), self.shard(k), self.shard(k).with_suffix(".idx")):
             path.unlink(missing_ok=True)
+        if self.beton.is_file() and self.beton.stat().st_size > self.data_end(k):
+            os.truncate(self.beton, self.data_end(k))
 
     def kept_after_fault(self, writing: int | None, parts: int) -> int:
-        """After a fault: the unfinished part `writing`'s files removed (they only take room), how many
+        """After a fault: the unfinished part `writing`'s data removed (it only takes room), how many
         of the `parts` are finished and kept for the rerun."""
         if writing is not None:
             self.discard(writing)
-        return sum(self.finished(k) is not None for k in range(parts))
+        return len(self.finished(parts))
 
-    def finished(self, k: int) -> dict | None:
-        """Part `k`'s report if the part is finished and its data is all here; None otherwise."""
-        try:
-            report = json.loads(self.part(k, ".json").read_text())
-        except (OSError, ValueError):
-            return None
-        return report if all((self.root / name).is_file() for name in self.data_files(report, k)) else None
+    def finished(self, parts: int) -> dict[int, dict]:
+        """The reports of the finished parts among the first `parts`, by part: those whose data is all
+        here. The parts of a `.beton` lie back to back in it, so there they are the first few."""
+        reports = {}
+        for k in range(parts):
+            try:
+                report = json.loads(self.part(k, ".json").read_text())
+            except (OSError, ValueError):
+                report = None
+            if report is not None and "shard" in report:
+                files = [report["shard"]["tar"], report["shard"]["index"]] if report["shard"] else []
+                if all((self.root / name).is_file() for name in files):
+                    reports[k] = report
+            elif (report is not None and self.part(k, ".rows.npy").is_file() and self.beton.is_file()
+                  and self.beton.stat().st_size >= report.get("beton_end", float("inf"))):
+                reports[k] = report
+            elif self.job["format"] == "ffcv":
+                break
+        return reports
 
-    def data_files(self, report: dict, k: int) -> list[str]:
-        """The data files of finished part `k`."""
-        if "shard" in report:
-            return [report["shard"]["tar"], report["shard"]["index"]] if report["shard"] else []
-        if k < self.joined():  # its pages are in `beton` now
-            return [self.part(k, ".rows.npy").name]
-        return [self.part(k, ".pages").name, self.part(k, ".rows.npy").name]
-
-    @property
-    def beton(self) -> Path:
-        """ffcv: the `.beton` the finished parts are joined into, part by part, before it becomes DST."""
-        return self.root / "joined.beton"
-
-    def joined(self) -> int:
-        """How many parts `beton` holds (`mark_joined`); 0 before the join."""
-        try:
-            return int(json.loads((self.root / "joined.json").read_text())["parts"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
-
-    def mark_joined(self, k: int) -> None:
-        """Part `k` is durably in `beton`: record it, then free its pages' room."""
-        write_json(self.root / "joined.json", {"parts": k + 1})
-        self.part(k, ".pages").unlink()
+    def data_end(self, k: int) -> int:
+        """ffcv: where the data region of `beton` ends after the first `k` parts (its start for k = 0)."""
+        if k:
+            return json.loads(self.part(k - 1, ".json").read_text())["beton_end"]
+        return data_start(self.job["num_samples"], page_size_for(self.job["max_resolution"]))
 
     def close(self, remove: bool) -> None:
         self.lock.close()
@@ -402,7 +405,8 @@ def _closed_on_error(handle) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        handle.close()
+        if handle is not None:
+            handle.close()
         raise
 
 
@@ -411,17 +415,19 @@ def _sync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_part(fmt: str, work: _WorkDir, k: int, start: int, positions: np.ndarray,
-                samples: Sequence[tuple[str, int]], results: Iterator[Prepared], prep: ImagePrep) -> dict:
+def _write_part(work: _WorkDir, k: int, start: int, positions: np.ndarray, samples: Sequence[tuple[str, int]],
+                results: Iterator[Prepared], prep: ImagePrep, beton: BinaryIO | None) -> dict:
     """Write part `k` (output positions start.., holding the samples `positions`) from `results`
-    and its report; returns the report."""
+    and its report; returns the report. ffcv: into `beton`, open at the end of part k - 1."""
     files: list[dict] = []
     written = 0
+    fmt = "dali" if beton is None else "ffcv"
     if fmt == "dali":
         writer = ShardWriter(work.shard(k))
     else:
-        writer = BetonPart(work.part(k, ".pages"), page_size=page_size_for(prep.max_resolution))
-    with _closed_on_error(writer.handle):  # an unlinked file that is still open keeps its room
+        writer = BetonPart(beton, page_size=page_size_for(prep.max_resolution))
+    # dali: an unlinked shard that is still open keeps its room (ffcv: the part's pages are cut off the file)
+    with _closed_on_error(writer.handle if fmt == "dali" else None):
         for offset, position in enumerate(positions):
             path, label = samples[int(position)]
             result = next(results)
@@ -447,8 +453,10 @@ def _write_part(fmt: str, work: _WorkDir, k: int, start: int, positions: np.ndar
             _remove(work.root / shard["index"])
         report["shard"] = shard if shard["num_samples"] else None
     else:
+        beton.flush()
+        os.fsync(beton.fileno())
+        report["beton_end"] = beton.tell()
         np.save(work.part(k, ".rows.npy"), finished)
-        _sync(work.part(k, ".pages"))
         _sync(work.part(k, ".rows.npy"))
     write_json(work.part(k, ".json"), report)
     return report
@@ -505,21 +513,24 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
     job = {"source": str(src), "format": fmt, "max_resolution": prep.max_resolution,
            "jpeg_quality": prep.jpeg_quality, "part_size": size, "num_samples": len(samples),
            "listing_sha256": _job_fingerprint(src, samples)}
+    if fmt == "ffcv":
+        job["beton"] = "written in place"  # a work directory of parts joined afterwards is not reused
     order = shuffled_order(len(samples)) if fmt == "dali" else np.arange(len(samples))
     starts = range(0, len(samples), size)
     work = _WorkDir(dst, job)
     complete, writing = False, None
     try:
-        reports = {k: work.finished(k) for k in range(len(starts))}
-        todo = [k for k, report in reports.items() if report is None]
+        reports = work.finished(len(starts))
+        todo = [k for k in range(len(starts)) if k not in reports]
         remaining = sum(len(order[starts[k]:starts[k] + size]) for k in todo)
         jobs = ((prep, samples[int(i)][0]) for k in todo for i in order[starts[k]:starts[k] + size])
-        with _prepared(jobs, remaining, pool, workers) as results:
+        with _prepared(jobs, remaining, pool, workers) as results, _beton_from(work, todo) as beton:
             results = iter(progress_bar(results, total=len(samples), initial=len(samples) - remaining,
                                         desc="converting", unit="img", enabled=progress))
             for writing in todo:
-                reports[writing] = _write_part(fmt, work, writing, starts[writing],
-                                               order[starts[writing]:starts[writing] + size], samples, results, prep)
+                reports[writing] = _write_part(work, writing, starts[writing],
+                                               order[starts[writing]:starts[writing] + size], samples, results, prep,
+                                               beton)
             writing = None
         report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force,
                            state)
@@ -533,7 +544,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
             raise
         kept = work.kept_after_fault(writing, len(starts))
         complete = not kept  # nothing to go on from: no work directory left behind
-        raise StorageError(_storage_fault_message(dst, fault, work, kept, len(starts), fmt)) from None
+        raise StorageError(_storage_fault_message(dst, fault, work, kept, len(starts))) from None
     except WorkerLost as err:
         kept = work.kept_after_fault(writing, len(starts))
         complete = not kept
@@ -545,16 +556,27 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
     return report
 
 
-def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, kept: int, parts: int, fmt: str) -> str:
-    """What a StorageError says: DST, the cause, the `kept` finished parts of `parts` and what the rest needs."""
+def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, kept: int, parts: int) -> str:
+    """What a StorageError says: DST, the cause and the `kept` finished parts of `parts`."""
     message = f"cannot write {dst} ({fault.strerror or fault}; {mebibytes(free_bytes(work.root))} free there)"
     if not kept:
         return message + "; nothing was written"
-    message += f": {kept} of {parts} parts are finished and kept in {work.root}"
-    if kept == parts and fmt == "ffcv":  # the join goes on part by part, freeing each part's room
-        needed = max((path.stat().st_size for path in work.root.glob("part-*.pages")), default=0)
-        message += f", and joining them into {dst.name} needs room for one more part ({mebibytes(needed)})"
-    return message + "; once there is room (or write access) the same command goes on from them"
+    return (message + f": {kept} of {parts} parts are finished and kept in {work.root}; once there is room "
+            f"(or write access) the same command goes on from them")
+
+
+@contextmanager
+def _beton_from(work: _WorkDir, todo: Sequence[int]) -> Iterator[BinaryIO | None]:
+    """ffcv: the `.beton` being written, open at the end of the finished parts (whatever an unfinished
+    part left after them cut off) for the parts `todo` to follow; dali: None."""
+    if work.job["format"] != "ffcv" or not todo:
+        yield None
+        return
+    end = work.data_end(todo[0])
+    with open(work.beton, "r+b" if work.beton.is_file() else "w+b") as beton:
+        beton.truncate(end)  # from the start: a hole (zeros) where the tables go last
+        beton.seek(end)
+        yield beton
 
 
 def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: _WorkDir,
@@ -589,10 +611,11 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
                         os.replace(entry, work.root / entry.name)
             if tmp.exists() or tmp.is_symlink():
                 _remove(tmp)
-    else:  # joined in the work directory, which a rerun goes on from: the parts' room is freed as they go in
-        join_parts(work.beton, [(work.part(k, ".pages"), work.part(k, ".rows.npy")) for k in range(len(parts))],
-                   prep, joined=work.joined(), part_joined=work.mark_joined)
-        _sync(work.beton)
+    else:  # the parts' pages are in place: the tables go around them
+        with open(work.beton, "r+b") as beton:
+            finish_beton(beton, work.data_end(len(parts)), [work.part(k, ".rows.npy") for k in range(len(parts))],
+                         prep)
+            os.fsync(beton.fileno())
         _install(src, dst, force, work.beton)
     write_report(report_path(dst), report)
     return report

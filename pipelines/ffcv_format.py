@@ -5,19 +5,16 @@ max_resolution=N, jpeg_quality=Q)`) and `label` (`IntField`), samples in the ord
 The stored JPEGs are `ImagePrep.stored(path)`: a baseline RGB JPEG within N that needs no
 rotation is stored byte for byte, with its own width and height (what FFCV's decoders need);
 anything else is capped to N on the longer side and encoded with OpenCV at quality Q, which is
-what FFCV's `RGBImageField` stores for those pixels. The converter writes the file in parts
-(`BetonPart`, resumable one part at a time) and joins them (`join_parts`) in FFCV 1.0.2's layout;
-FFCV's own `Reader` and `Loader` read it.
+what FFCV's `RGBImageField` stores for those pixels. The converter writes the data region in place,
+one resumable part after another (`BetonPart`), then the tables before and after it
+(`finish_beton`), in FFCV 1.0.2's layout; FFCV's own `Reader` and `Loader` read it.
 The converter writes the layout from its own description of it (`HEADER`, ... below) and never
 imports FFCV; reading a `.beton` (`open_beton`) does.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 
@@ -96,58 +93,67 @@ class BetonPart:
     writes its data region: each sample's JPEG goes into the current page if it fits, else into a
     new zero-filled page (a sample never spans pages), and every page is written whole.
 
-    `pages` holds the pages; `close()` returns one `PART_ROW` per sample with `ptr` relative to
-    the part's first page. `join_parts` puts parts together into one `.beton`.
+    The pages go to `handle` from its current position, a page boundary; `close()` returns one
+    `PART_ROW` per sample with `ptr` relative to the part's first page and leaves `handle` open,
+    after the part's last page. `finish_beton` writes the tables that make the pages a `.beton`.
     """
 
-    def __init__(self, pages: Path, page_size: int):
+    def __init__(self, handle: BinaryIO, page_size: int):
         self.page_size = page_size
-        self.handle = open(pages, "wb")
-        self.page = bytearray(page_size)
-        self.used = 0
+        self.handle = handle
+        self.used = 0  # bytes of the current page written
         self.pages_written = 0
         self.rows: list[tuple[int, int, int, int, int]] = []
 
-    def _flush(self) -> None:
-        self.handle.write(self.page)
+    def _end_page(self) -> None:
+        self.handle.write(bytes(self.page_size - self.used))
         self.pages_written += 1
-        self.page = bytearray(self.page_size)
         self.used = 0
 
     def add(self, jpeg: bytes, width: int, height: int, label: int) -> None:
         if len(jpeg) > self.page_size:
             raise DataError(f"a {len(jpeg)}-byte JPEG does not fit FFCV's {self.page_size}-byte page")
         if self.rows and self.used + len(jpeg) > self.page_size:
-            self._flush()
-        ptr = self.pages_written * self.page_size + self.used
-        self.page[self.used:self.used + len(jpeg)] = jpeg
+            self._end_page()
+        self.rows.append((width, height, self.pages_written * self.page_size + self.used, len(jpeg), label))
+        self.handle.write(jpeg)
         self.used += len(jpeg)
-        self.rows.append((width, height, ptr, len(jpeg), label))
 
     def close(self) -> np.ndarray:
         if self.rows:
-            self._flush()
-        self.handle.close()
+            self._end_page()
         return np.array(self.rows, dtype=PART_ROW)
 
 
-def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *, joined: int = 0,
-               part_joined: Callable[[int], None] | None = None) -> int:
-    """Write the `.beton` `dst` from `parts` ((pages file, rows `.npy` file) in order); returns the
-    sample count. One part's rows are in memory at a time, beside the header's metadata.
+def data_start(num_samples: int, page_size: int) -> int:
+    """Where the data region of a `.beton` with a table of `num_samples` rows begins: the first page
+    boundary after the header, the field descriptors and the table (FFCV's `DatasetWriter`)."""
+    tables = HEADER.itemsize + len(FIELD_TYPE_IDS) * FIELD_DESCRIPTOR.itemsize + num_samples * SAMPLE_METADATA.itemsize
+    return -(-tables // page_size) * page_size
 
-    The layout is FFCV 1.0.2's (`ffcv.writer.DatasetWriter`): header, field descriptors, one
-    metadata row per sample, the data region from the next page boundary, the allocation table.
-    With one part the file is byte-identical to what `DatasetWriter` with one worker writes for the
-    same images; each further part starts on a fresh page.
 
-    The parts' pages are appended one part at a time, each made durable before `part_joined(k)` is
-    called, after which the caller may delete part k's pages. `joined=j` goes on from a `dst` that
-    holds at least the first j parts (anything after them is cut off): their pages are no longer
-    needed, their rows are. A `dst` too short for that is a DataError.
+def finish_beton(handle: BinaryIO, data_end: int, parts: Sequence[Path], prep: ImagePrep) -> int:
+    """Make the file `handle`, whose data region ends at `data_end`, a `.beton`; returns its sample count.
+
+    The pages of `parts` (their rows `.npy` files, in order) lie back to back from the data region's
+    start, which `data_start` placed for at least as many samples as the rows hold. Writes the
+    allocation table at `data_end` (anything after it is cut off first, so this may be redone), then
+    the header, the field descriptors and one metadata row per sample at the start. One part's rows
+    are in memory at a time, beside the tables. With the data region where `data_start` puts it for
+    the rows' own count (no sample listed but skipped, or too few to move it by a page), the file is
+    byte-identical to what FFCV 1.0.2's `DatasetWriter` with one worker writes for the same images
+    when they fit in one part; each further part starts on a fresh page. FFCV's reader takes the table
+    by count from the header and the samples by pointer, so unused table room before the data is
+    never read.
     """
     page_size = page_size_for(prep.max_resolution)
-    total = sum(len(np.load(rows, mmap_mode="r")) for _, rows in parts)
+    mapped = [np.load(rows, mmap_mode="r") for rows in parts]
+    total = sum(len(rows) for rows in mapped)
+    offset = data_end - sum(part_bytes(rows, page_size) for rows in mapped)  # where the first part's pages begin
+    del mapped
+    if offset < data_start(total, page_size):
+        raise DataError("the parts' pages overlap the .beton's tables; run the same command again to convert "
+                        "from the start")
     header = np.zeros(1, dtype=HEADER)[0]
     header["version"], header["num_fields"] = BETON_VERSION, len(FIELD_TYPE_IDS)
     header["page_size"], header["num_samples"] = page_size, total
@@ -157,11 +163,9 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *
         descriptors[i]["name"][:len(name)] = np.frombuffer(name.encode("ascii"), dtype="<u1")
     metadata = np.zeros(total, dtype=SAMPLE_METADATA)
     alloc = np.zeros(total, dtype=ALLOCATION)
-    data_start = -(-(HEADER.itemsize + descriptors.nbytes + metadata.nbytes) // page_size) * page_size
     image, label = metadata.dtype.names
-    at, offset, starts = 0, data_start, []
-    for _, rows_file in parts:
-        starts.append(offset)
+    at = 0
+    for rows_file in parts:
         rows = np.load(rows_file)
         block = slice(at, at + len(rows))
         metadata[image]["mode"][block] = JPEG_MODE
@@ -172,65 +176,24 @@ def join_parts(dst: Path, parts: Sequence[tuple[Path, Path]], prep: ImagePrep, *
         alloc["ptr"][block], alloc["size"][block] = rows["ptr"] + offset, rows["size"]
         at += len(rows)
         offset += part_bytes(rows, page_size)
-    starts.append(offset)  # starts[k]: where part k's pages begin in dst; starts[-1]: the end of the data
-    if joined and os.path.getsize(dst) < starts[joined]:
-        raise DataError(f"{dst} holds less than the {joined} parts recorded as joined in it; run the same "
-                        f"command again to convert from the start")
-    with open(dst, "r+b" if joined else "wb") as out:
-        if joined:
-            out.truncate(starts[joined])
-            out.seek(starts[joined])
-        else:
-            out.write(header.tobytes())
-            out.write(descriptors.tobytes())
-            out.write(metadata.tobytes())
-            out.seek(data_start)  # the zeros up to the data region: a hole where the file system allows
-        for k, (pages, _) in enumerate(parts[joined:], start=joined):
-            if os.path.getsize(pages) != starts[k + 1] - starts[k]:
-                raise DataError(f"{pages} does not hold the pages its rows point into; run the same command "
-                                f"again to convert from the start")
-            try:
-                with open(pages, "rb") as source:
-                    _copy(source, out)
-                out.flush()
-                os.fsync(out.fileno())
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    out.truncate(starts[k])  # a part copied in half only takes room
-                raise
-            if part_joined:
-                part_joined(k)
-        header["alloc_table_ptr"] = out.tell()
-        out.write(alloc.tobytes())
-        out.seek(0)
-        out.write(header.tobytes())
+    handle.truncate(data_end)
+    handle.seek(data_end)
+    header["alloc_table_ptr"] = data_end
+    handle.write(alloc.tobytes())
+    handle.seek(0)
+    handle.write(header.tobytes())
+    handle.write(descriptors.tobytes())
+    handle.write(metadata.tobytes())
+    handle.flush()
     return total
 
 
 def part_bytes(rows: np.ndarray, page_size: int) -> int:
-    """The size of the pages file `BetonPart` wrote for `rows`: whole pages up to its last sample's."""
+    """The bytes `BetonPart` wrote for `rows`: whole pages up to its last sample's."""
     if not len(rows):
         return 0
     end = int(rows["ptr"][-1] + rows["size"][-1])
     return -(-end // page_size) * page_size
-
-
-def _copy(source, out) -> None:
-    """Append all of `source` to `out` (in the kernel where it can)."""
-    size = os.fstat(source.fileno()).st_size
-    out.flush()
-    done = 0
-    try:
-        while done < size:
-            copied = os.copy_file_range(source.fileno(), out.fileno(), size - done)
-            if copied == 0:
-                break
-            done += copied
-        out.seek(0, os.SEEK_END)
-    except (AttributeError, OSError):
-        source.seek(done)
-        out.seek(0, os.SEEK_END)
-        shutil.copyfileobj(source, out, 1 << 24)
 
 
 def beton_samples(path: Path) -> int | None:

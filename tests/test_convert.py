@@ -666,15 +666,21 @@ def test_a_worker_killed_by_the_oom_killer_is_one_line_keeps_the_finished_parts_
     assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
 
 
-def _full_disk_at(writer, method: str, part: str, monkeypatch) -> None:
-    """`writer.method` fails with ENOSPC (as a write to a full file system does) in the part whose file name
-    holds `part`, and behaves as before elsewhere."""
-    original = getattr(writer, method)
+def _full_disk_at(writer, method: str, part: int, monkeypatch) -> None:
+    """`writer.method` fails with ENOSPC (as a write to a full file system does) in part `part`, the
+    writer made `part`-th from now, and behaves as before elsewhere."""
+    original_init, original = writer.__init__, getattr(writer, method)
+    made = []
+
+    def counted(self, *args, **kwargs):
+        made.append(self)
+        original_init(self, *args, **kwargs)
 
     def full(self, *args):
-        if part in self.handle.name:
+        if made.index(self) == part:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(self, *args)
+    monkeypatch.setattr(writer, "__init__", counted)
     monkeypatch.setattr(writer, method, full)
 
 
@@ -689,20 +695,23 @@ def test_a_full_disk_is_one_line_keeps_the_finished_parts_and_the_rerun_finishes
     parts = 4 if fmt == "ffcv" else 3  # 14 samples
 
     with monkeypatch.context() as patch:  # the disk fills up in the first part: nothing to keep
-        _full_disk_at(writer, method, "-00000.", patch)
+        _full_disk_at(writer, method, 0, patch)
         with pytest.raises(StorageError, match=rf"^cannot write {re.escape(str(dst))} \(No space left on device; "
                                                rf"[0-9.]+ MiB free there\); nothing was written$"):
             convert(root, dst, fmt, **kwargs)
     assert not dst.exists() and not work_dir(dst).exists()
 
     with monkeypatch.context() as patch:  # ... in the second part
-        _full_disk_at(writer, method, "-00001.", patch)
+        _full_disk_at(writer, method, 1, patch)
         with pytest.raises(StorageError) as raised:
             convert(root, dst, fmt, **kwargs)
     assert re.fullmatch(rf"cannot write {re.escape(str(dst))} \(No space left on device; [0-9.]+ MiB free there\): "
                         rf"1 of {parts} parts are finished and kept in {re.escape(str(work_dir(dst)))}; once there is "
                         rf"room \(or write access\) the same command goes on from them", str(raised.value))
     assert not dst.exists() and not [p for p in work_dir(dst).iterdir() if "-00001." in p.name]  # its files removed
+    if fmt == "ffcv":  # and its pages: the .beton ends with the first part
+        assert (work_dir(dst) / "output.beton").stat().st_size == json.loads(
+            (work_dir(dst) / "part-00000.json").read_text())["beton_end"]
 
     calls = []
     original = ImagePrep.stored
@@ -716,7 +725,8 @@ def test_a_full_disk_is_one_line_keeps_the_finished_parts_and_the_rerun_finishes
         assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
 
 
-def test_a_full_disk_while_joining_says_how_much_room_the_join_needs(source, outputs, tmp_path, monkeypatch):
+def test_a_full_disk_while_the_tables_are_written_keeps_every_part_and_the_rerun_finishes(source, outputs, tmp_path,
+                                                                                      monkeypatch):
     import pipelines.convert
     root, _ = source
     out, _, _ = outputs
@@ -726,42 +736,43 @@ def test_a_full_disk_while_joining_says_how_much_room_the_join_needs(source, out
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with monkeypatch.context() as patch:
-        patch.setattr(pipelines.convert, "join_parts", full)
-        with pytest.raises(StorageError, match=r"4 of 4 parts are finished and kept in .*, and joining them into "
-                                               r"data.beton needs room for one more part \(([0-9.]+) MiB\); ") as raised:
+        patch.setattr(pipelines.convert, "finish_beton", full)
+        with pytest.raises(StorageError, match=r": 4 of 4 parts are finished and kept in .*; once there is room "
+                                               r"\(or write access\) the same command goes on from them$"):
             convert(root, dst, "ffcv", **kwargs)
-    largest = max(p.stat().st_size for p in work_dir(dst).glob("*.pages"))
-    assert f"one more part ({largest / 2**20:.1f} MiB)" in str(raised.value)
+    calls = []
+    original = ImagePrep.stored
+    monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
     convert(root, dst, "ffcv", **kwargs)
-    assert dst.read_bytes() == (out / "data.beton").read_bytes()
+    assert calls == [] and dst.read_bytes() == (out / "data.beton").read_bytes()
 
 
-def test_the_join_frees_each_parts_room_and_a_killed_join_goes_on_where_it_stopped(source, outputs, tmp_path,
-                                                                                    monkeypatch):
-    """The .beton's parts are copied into it one at a time and deleted once it holds them durably, so a
-    conversion never needs room for two copies of the data; killed in the middle (here after two of the
-    four parts), the same command joins the other two and decodes no image again."""
-    import pipelines.ffcv_format
+def test_the_beton_is_written_once_in_place_and_a_kill_while_its_tables_are_written_is_finished_by_the_rerun(
+        source, outputs, tmp_path, monkeypatch):
+    """The parts' pages go straight into the one `.beton` of the work directory, so a conversion never needs
+    room for two copies of the data; killed while the tables are written (here after the allocation table,
+    before the header), the same command writes them again and decodes no image."""
+    import pipelines.convert
+    from pipelines.ffcv_format import HEADER
     root, _ = source
     out, _, _ = outputs
     dst = tmp_path / "data.beton"
     kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, progress=False)
-    copy, copies = pipelines.ffcv_format._copy, []
+    finish = pipelines.convert.finish_beton
 
-    def killed_at_the_third(source_file, out_file):
-        copies.append(Path(source_file.name).name)
-        if len(copies) == 3:
-            copy(source_file, out_file)  # half of it reaches the disk, and the kill comes before its fsync
-            raise KeyboardInterrupt
-        copy(source_file, out_file)
+    def killed(handle, *args):
+        finish(handle, *args)
+        handle.seek(0)
+        handle.write(bytes(HEADER.itemsize))  # the header did not reach the disk
+        raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(pipelines.ffcv_format, "_copy", killed_at_the_third)
+        patch.setattr(pipelines.convert, "finish_beton", killed)
         with pytest.raises(KeyboardInterrupt):
             convert(root, dst, "ffcv", **kwargs)
     work = work_dir(dst)
-    assert not dst.exists() and copies == ["part-00000.pages", "part-00001.pages", "part-00002.pages"]
-    assert json.loads((work / "joined.json").read_text()) == {"parts": 2}
-    assert sorted(p.name for p in work.glob("*.pages")) == ["part-00002.pages", "part-00003.pages"]
+    assert not dst.exists()
+    assert sorted(p.name for p in work.iterdir() if p.stat().st_size > 4096) == ["output.beton"]  # no other copy
+    assert (work / "output.beton").stat().st_size == (out / "data.beton").stat().st_size
 
     calls = []
     original = ImagePrep.stored
