@@ -2,7 +2,7 @@
 
     python -m tools.launch [torchrun options] -m bt_fast.train [--config FILE] [key=value ...]
 
-Used by `run_pretrain.sh` wherever it starts torchrun. Three things differ from plain torchrun:
+Used by `run_pretrain.sh` wherever it starts torchrun. Four things differ from plain torchrun:
 
 - The config and the paths it names are checked here first. torchrun restarts a failed worker
   group up to --max-restarts times, which would print a config error that many times.
@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
     quiet_shutdown_narration()
-    log_dir = None if options.log_dir else tempfile.mkdtemp(prefix="torchelastic_")
-    options.log_dir = options.log_dir or log_dir
+    own_log_dir = not options.log_dir
+    if own_log_dir:
+        options.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
     try:
         return _run(options, checkpoint, started)
     finally:
-        if log_dir:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        if own_log_dir:
+            shutil.rmtree(options.log_dir, ignore_errors=True)
 
 
 def _run(options: argparse.Namespace, checkpoint: Path, started: float) -> int:
