@@ -600,6 +600,33 @@ def test_beton_is_byte_identical_to_ffcv_writer_and_parts_hold_the_same_samples(
     assert meta["f1"].tolist() == want_meta["f1"].tolist()
 
 
+def test_a_data_region_placed_for_more_samples_than_were_kept_reads_back_through_ffcv(source, outputs, tmp_path):
+    """Skipped images leave table room unused before the data region, which `data_start` placed for
+    every listed sample: here room for 400,000 rows (a page and more) holds the fixture's samples, and
+    FFCV's reader finds each one by its table and allocation table as in the converter's own output."""
+    from pipelines.ffcv_format import BetonPart, data_start, finish_beton
+    out, _, _ = outputs
+    want_jpegs, want_meta = _stored(out / "data.beton")
+    page = page_size_for(MAX_RES)
+    start = data_start(400_000, page)
+    assert start > data_start(len(want_jpegs), page)  # the case: the data does not start where FFCV would put it
+    path = tmp_path / "roomy.beton"
+    with open(path, "w+b") as handle:
+        handle.truncate(start)
+        handle.seek(start)
+        writer = BetonPart(handle, page)
+        for jpeg, row in zip(want_jpegs, want_meta):
+            writer.add(jpeg, int(row["f0"]["width"]), int(row["f0"]["height"]), int(row["f1"]))
+        np.save(tmp_path / "rows.npy", writer.close())
+        assert finish_beton(handle, handle.tell(), [tmp_path / "rows.npy"], ImagePrep(max_resolution=MAX_RES)) \
+            == len(want_jpegs)
+    jpegs, meta = _stored(path)
+    assert jpegs == want_jpegs
+    for name in ("mode", "width", "height"):
+        assert meta["f0"][name].tolist() == want_meta["f0"][name].tolist()
+    assert meta["f1"].tolist() == want_meta["f1"].tolist()
+
+
 @pytest.mark.parametrize("fmt", ["ffcv", "dali"])
 def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_path, monkeypatch):
     root, _ = source
