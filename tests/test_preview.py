@@ -33,7 +33,7 @@ def test_preview_shows_the_pipelines_first_pairs(name, tmp_path, capsys):
     out = tmp_path / "views.png"
     overrides = [f"augment.image_size={SIZE}"]
     with warnings.catch_warnings():  # more workers than cores: one per core, without torch's warning about it
-        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("error", message=".*worker processes in total", category=UserWarning)
         preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", name, "--data", str(data),
                       "--pairs", str(PAIRS), "--out", str(out), f"workers={usable_cores() + 1}", *overrides])
     assert f"from the {name} pipeline" in capsys.readouterr().out
