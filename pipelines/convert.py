@@ -421,7 +421,7 @@ def _write_part(work: _WorkDir, k: int, start: int, positions: np.ndarray, sampl
     and its report; returns the report. ffcv: into `beton`, open at the end of part k - 1."""
     files: list[dict] = []
     written = 0
-    fmt = "dali" if beton is None else "ffcv"
+    fmt = work.job["format"]
     if fmt == "dali":
         writer = ShardWriter(work.shard(k))
     else:
