@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import DataError, cli_errors, print_error
+from bt_fast.errors import DataError, Interrupted, cli_errors
 from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt, outcome
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
@@ -57,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
         except KeyboardInterrupt:
-            print_error(f"interrupted; no output was written; {kept_after_interrupt(args.dst)}")
-            raise SystemExit(130) from None
+            raise Interrupted(f"interrupted; no output was written; {kept_after_interrupt(args.dst)}") from None
     print(outcome(report))
     return 0
 
