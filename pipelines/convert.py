@@ -52,7 +52,7 @@ import json
 import os
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
@@ -405,8 +405,7 @@ def _closed_on_error(handle) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if handle is not None:
-            handle.close()
+        handle.close()
         raise
 
 
@@ -427,7 +426,7 @@ def _write_part(work: _WorkDir, k: int, start: int, positions: np.ndarray, sampl
     else:
         writer = BetonPart(beton, page_size=page_size_for(prep.max_resolution))
     # dali: an unlinked shard that is still open keeps its room (ffcv: the part's pages are cut off the file)
-    with _closed_on_error(writer.handle if fmt == "dali" else None):
+    with _closed_on_error(writer.handle) if fmt == "dali" else nullcontext():
         for offset, position in enumerate(positions):
             path, label = samples[int(position)]
             result = next(results)
