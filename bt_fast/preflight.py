@@ -82,10 +82,27 @@ def check_data_given(config: Config) -> None:
                           "`make pretrain` without DATA trains on the demo data)")
 
 
+def check_data_exists(config: Config) -> None:
+    """A ConfigError if `data` names nothing and the pipeline has no dataset of its own to read instead
+    (ffcv: an existing .beton, `pipelines.ffcv_format.beton_path`; dali: `dali.records`). Checked before
+    out_dir's previous run, whose refusal would otherwise name the typo as a change of data."""
+    if not config.data or Path(config.data).exists():
+        return
+    if config.pipeline == "dali" and config.dali.records:
+        return
+    if config.pipeline == "ffcv":
+        from pipelines.ffcv_format import beton_path
+        if beton_path(config).is_file():
+            return
+    raise ConfigError(f"config key 'data' names {config.data}, which does not exist; pass DATA=/path/to/imagefolder "
+                      f"or omit it for the demo")
+
+
 def check_run_inputs(config: Config) -> None:
     """What a run needs from the file system, checked before anything is built (one ConfigError each);
     creates nothing."""
     check_data_given(config)
+    check_data_exists(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)
         if path and not Path(path).is_dir():

@@ -25,7 +25,7 @@ from bt_fast.errors import StorageError
 from bt_fast.files import atomic_write
 from bt_fast.memory_budget import check_memory, conv_elements, estimate, parameter_count
 from bt_fast.model import build_model
-from bt_fast.preflight import refuse_changed_finished_run
+from bt_fast.preflight import check_run_inputs, refuse_changed_finished_run
 from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
 from bt_fast.train import Trainer
 from test_reliability import metric_lines, run_main, tiny_args
@@ -111,6 +111,25 @@ def test_a_finished_run_refuses_other_data_and_a_rerun_rewrites_nothing(image_fo
     assert code == 0, err
     assert out.startswith(f"run already complete: 3 steps on 1 process(es), {recorded:.1f} images/s")
     assert snapshot(out_dir) == before  # config.yaml, summary.json, metrics.png: not one byte rewritten
+
+
+def test_a_missing_data_path_is_named_before_a_finished_run_it_would_change(image_folder, tmp_path):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    atomic_save({"step": 6, "schedule_steps": 6, "config": {"data": str(image_folder)}}, out_dir / CHECKPOINT_NAME)
+    typo = tmp_path / "typo"
+    for pipeline in ("reference", "ffcv", "dali"):
+        config = load_config(None, [f"data={typo}", f"out_dir={out_dir}", f"pipeline={pipeline}"])
+        with pytest.raises(ConfigError) as refused:
+            check_run_inputs(config)
+        assert str(refused.value) == (f"config key 'data' names {typo}, which does not exist; pass "
+                                      f"DATA=/path/to/imagefolder or omit it for the demo")
+    # where the pipeline has a dataset of its own, data need not exist: the next check (the finished run) speaks
+    (tmp_path / "typo.beton").touch()
+    for pipeline, extra in (("ffcv", []), ("dali", [f"dali.records={image_folder}"])):
+        config = load_config(None, [f"data={typo}", f"out_dir={out_dir}", f"pipeline={pipeline}", *extra])
+        with pytest.raises(CheckpointError, match="holds a finished run"):
+            check_run_inputs(config)
 
 
 def test_only_more_epochs_may_change_a_finished_run_and_a_paused_run_may_change_anything(tmp_path):

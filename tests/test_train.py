@@ -120,7 +120,7 @@ def test_batch_not_divisible_by_world_size_is_a_config_error(image_folder, tmp_p
     ("batchsize=8", "unknown config key 'batchsize' (did you mean 'batch_size'?)"),
     ("augment.flip=0.5", "unknown config key 'augment.flip'"),
     ("epochs=many", "config key 'epochs' expects a number"),
-    ("data=/does/not/exist", "data directory /does/not/exist does not exist"),
+    ("data=/does/not/exist", "config key 'data' names /does/not/exist, which does not exist"),
 ])
 def test_bad_input_is_one_clear_line(override, message, image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
