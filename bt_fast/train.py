@@ -10,21 +10,15 @@ there (`bt_fast.run_log`).
 
 The hot loop issues steps without reading the device: losses, step times (`bt_fast.step_clock`) and
 the float16 skip count stay there until `Trainer.settle`, the one deliberate host sync, every
-`log_every` steps, before a checkpoint, at a stop and at the end. Stop signals are agreed across ranks
-on the host (`bt_fast.run_control`).
-
-A non-finite loss stops the run with a diagnostic at the next settle, before any checkpoint could
-hold it. Under float16 the GradScaler skips steps whose gradients overflow; that is normal, but more
-than MAX_SKIPPED_STEPS in a row is not (the scale has fallen by 2**MAX_SKIPPED_STEPS, so the overflow
-is not a scaling problem) and stops the run too. Every rank takes these decisions together, from one
-all-reduce per settle.
+`log_every` steps, before a checkpoint, at a stop and at the end. There a non-finite loss, or too many
+float16 steps skipped in a row, stops every rank together (`bt_fast.step_health`). Stop signals are
+agreed across ranks on the host (`bt_fast.run_control`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import math
 import signal
 import sys
 import time
@@ -60,15 +54,9 @@ with exit_on_interrupt(STARTING):
                                  write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
     from bt_fast.step_clock import StepClock
+    from bt_fast.step_health import StepHealth
     from pipelines import PIPELINES, build_pipeline
     from pipelines.base import Placement
-
-
-MAX_SKIPPED_STEPS = 20
-
-
-class TrainingError(UserError):
-    """The run cannot continue (e.g. a non-finite loss); the message says where and why."""
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -111,7 +99,8 @@ class Trainer:
                               weight_decay_filter=True, lars_adaptation_filter=True,
                               compile=config.compile_optimizer)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
-        self._start_skip_count()  # fit() restarts it; train_step also runs without fit (tools.bench, tools.gpu_check)
+        # fit() restarts it; train_step also runs without fit (tools.bench, tools.gpu_check)
+        self.health = StepHealth(self.scaler, ctx.device)
 
         placement = Placement(ctx.device, self.amp_dtype or torch.float32, ctx.rank, ctx.world_size)
         self.pipeline = build_pipeline(config, placement, self.local_batch)
@@ -124,7 +113,6 @@ class Trainer:
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
-        self.skipped_in_row = 0
         self.elapsed_before = 0.0  # wall seconds of the segments before a resume
         self.run_log: RunLog | None = None  # rank 0, while fit() runs
         self.knn_monitor = self._knn_monitor()
@@ -247,24 +235,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # LARS takes the scaler's inf check on the device (bt_fast.optim)
         self.scaler.update()
-        if self.scaler.is_enabled():
-            self._count_skips()
+        self.health.after_step()
         return loss.detach()
-
-    def _start_skip_count(self) -> None:
-        """The float16 skip streak's state on the device, from the scaler's current scale."""
-        if self.scaler.is_enabled():
-            device = self.ctx.device
-            self._last_scale = torch.full((), self.scaler.get_scale(), device=device)
-            self._skipped_in_row = torch.zeros((), dtype=torch.int64, device=device)
-            self._worst_in_row = torch.zeros((), dtype=torch.int64, device=device)
-
-    def _count_skips(self) -> None:
-        """A step the float16 scaler skipped lowered its scale: count them in a row, on the device."""
-        scale = self.scaler._get_scale_async()  # the scale tensor itself (get_scale() would sync)
-        self._skipped_in_row = torch.where(scale < self._last_scale, self._skipped_in_row + 1, 0)
-        torch.maximum(self._worst_in_row, self._skipped_in_row, out=self._worst_in_row)
-        self._last_scale.copy_(scale)
 
     def settle(self, log: RunLog | None, progress) -> None:
         """The loop's one deliberate host sync, every `log_every` steps, before a checkpoint, at a stop and at
@@ -273,18 +245,12 @@ class Trainer:
             return
         pending, self._pending = self._pending, []
         losses = torch.stack([record["loss"] for record in pending]).float()
-        if self.scaler.is_enabled():
-            failed = (self._worst_in_row > MAX_SKIPPED_STEPS).float()
-        else:
-            failed = (~torch.isfinite(losses)).any().float()
-        status = torch.stack([failed, self._worst_in_row.float() if self.scaler.is_enabled() else failed])
+        status = self.health.status(losses)
         if self.ctx.world_size > 1:
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        *values, failed_any, worst = torch.cat([losses, status]).tolist()
-        if self.scaler.is_enabled():
-            self._worst_in_row.copy_(self._skipped_in_row)  # the next window's streak continues this one's
-        if failed_any > 0:
-            raise self.failure(pending, values, int(worst))
+        *values, failed, worst = torch.cat([losses, status]).tolist()
+        if failed > 0:
+            raise self.health.failure(pending, values, int(worst), self.model, self._views)
         for record, loss, (seconds, waited) in zip(pending, values, self.clock.read()):
             record.update(loss=loss, images_per_s=self.config.batch_size / seconds,
                           data_wait_fraction=waited / seconds)
@@ -301,29 +267,6 @@ class Trainer:
         progress.set_postfix(epoch=epoch, size=self.config.augment.image_size_at(epoch, self.config.epochs),
                              loss=f"{self.last_loss:.2f}", refresh=False)
 
-    def failure(self, pending: list[dict], losses: list[float], skipped_in_row: int) -> TrainingError:
-        """What went wrong in the `pending` steps, in one line."""
-        if self.scaler.is_enabled():
-            where = f"step {pending[-1]['step']} (epoch {pending[-1]['epoch']})"
-            return TrainingError(f"{skipped_in_row} steps in a row up to {where} were skipped by the float16 "
-                                 f"GradScaler (loss {losses[-1]}, scale now {self.scaler.get_scale():g}): the "
-                                 f"overflow does not go away with scaling; lower lr_weights/lr_biases or use "
-                                 f"amp=bfloat16 or amp=none")
-        first = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
-        where = f"step {pending[first]['step']} (epoch {pending[first]['epoch']})"
-
-        def non_finite(named) -> str:
-            bad = [name for name, t in named if t is not None and not torch.isfinite(t).all()]
-            return f"{len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else "none"
-        inputs = [name for name, y in zip(("view1", "view2"), self._views) if not torch.isfinite(y).all()]
-        grads = non_finite((n, p.grad) for n, p in self.model.named_parameters())
-        params = non_finite(self.model.named_parameters())
-        return TrainingError(f"loss is {losses[first]} at {where}, lr_weights {pending[first]['lr_weights']:.4g}; "
-                             f"non-finite inputs: {', '.join(inputs) or 'none'}; non-finite gradients: {grads}; "
-                             f"non-finite parameters after the update: {params} (inputs, gradients and parameters "
-                             f"as of step {pending[-1]['step']}); stopped without saving, so {CHECKPOINT_NAME} is "
-                             f"the last good state: lower lr_weights/lr_biases or use amp=none")
-
     def fit(self) -> None:
         """Train up to `total_steps` (or a stop signal); on rank 0, then write the run's summary."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +274,7 @@ class Trainer:
         bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
         self.images_seen, self.train_time = 0, 0.0
         self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
-        self._start_skip_count()
+        self.health.restart()
         try:
             with StopSignals() as signals, self._lost_workers():
                 self._epochs(signals, self.run_log, bar)

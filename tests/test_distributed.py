@@ -19,7 +19,8 @@ from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_checkp
 from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
 from bt_fast.schedule import learning_rate
-from bt_fast.train import Trainer, TrainingError, train
+from bt_fast.step_health import TrainingError
+from bt_fast.train import Trainer, train
 from conftest import spawn_pinned
 from pipelines import build_pipeline
 from pipelines.base import Placement
@@ -365,7 +366,7 @@ def test_non_finite_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(i
 
 
 def test_many_consecutive_float16_skips_stop_the_run(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("bt_fast.train.MAX_SKIPPED_STEPS", 2)
+    monkeypatch.setattr("bt_fast.step_health.MAX_SKIPPED_STEPS", 2)
     # log_every=1: the streak is read at every step's settle, so the run stops at the third skip
     trainer = Trainer(tiny_config(image_folder, tmp_path, "max_steps=5", "amp=float16", "log_every=1"), CPU)
     assert trainer.scaler.is_enabled()
