@@ -55,11 +55,13 @@ fi
 # (pytorch/pytorch#135712, #167288): "connection refused" on every restart.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # SIGUSR1 is SLURM's preemption / time-limit warning: torchrun must pass it on rather than die of it.
-# The shutdown timeout is how long torchrun lets the workers write their checkpoint before SIGKILL.
+# The shutdown timeout is how long torchrun lets the workers write their checkpoint before SIGKILL
+# (the default of torchrun's --shutdown-timeout; torch before 2.13 has no such setting and waits 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 # tools.launch is torchrun that checks the config once before starting (so a config error is not
 # retried MAX_RESTARTS times) and ends a signalled or failed run in one line.
 torchrun=("$PYTHON" -m tools.launch --nproc-per-node "$GPUS" --max-restarts "$MAX_RESTARTS"
-          --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 120)
+          --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ "$LOCAL_NODES" != 1 ]; then
   nodes=${SLURM_NNODES:-1}

@@ -2,6 +2,7 @@
 BatchNorm over the global batch on either device."""
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -63,7 +64,13 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
 
 
 def shutdown_distributed() -> None:
+    """Destroy the process group once nothing else holds it. A DDP reducer that outlives it drops the
+    last reference to the group itself, holding the GIL; with torch 2.11, destroying a gloo group then
+    waits for its worker thread, which may be waiting for the GIL to free a finished all-reduce's
+    tensors, and the rank hangs at exit. Collected first, the reducer leaves the group to
+    `destroy_process_group`, which releases the GIL while it destroys it."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

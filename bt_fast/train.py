@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import signal
 import sys
 import time
@@ -89,9 +90,12 @@ class Trainer:
         self.ddp = None
         if ctx.world_size > 1:
             self.model = sync_batchnorm(self.model, ctx.device)
-            # SyncBatchNorm already keeps running statistics identical on all ranks: no buffer broadcast.
+            # SyncBatchNorm already keeps running statistics identical on all ranks: no buffer broadcast
+            # (`forward_sync_buffers` since torch 2.13, which deprecates `broadcast_buffers`; 2.11 has only that).
+            ddp_options = inspect.signature(DistributedDataParallel).parameters
+            no_broadcast = "forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers"
             self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                               forward_sync_buffers=False)
+                                               **{no_broadcast: False})
         self.network = self.ddp or self.model
         if config.compile_model:
             self.network = torch.compile(self.network)
@@ -429,6 +433,7 @@ def train(config: Config) -> dict:
         raise StorageError(f"cannot write into {config.out_dir} ({fault.strerror}); {where}") from None
     finally:
         lock.release()
+        trainer = None  # DDP's reducer goes first: see shutdown_distributed
         shutdown_distributed()
 
 

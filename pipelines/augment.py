@@ -374,7 +374,8 @@ def normalization_affine(mean, std, dtype: torch.dtype,
 
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
               workspace: Workspace | None = None) -> torch.Tensor:
-    """(x - mean) / std as a new channels-last tensor of `dtype`.
+    """(x - mean) / std as a new channels-last tensor of `dtype` (while torch.compile traces it, in the
+    layout the compiler picks: the compiled backend makes its output channels-last).
 
     With a workspace, scale and bias are made on the device once and kept there.
     """
@@ -383,9 +384,11 @@ def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
     else:
         key = ("normalize", tuple(mean), tuple(std), x.dtype, x.device)
         scale, bias = workspace.constant(key, lambda: normalization_affine(mean, std, x.dtype, x.device))
+    if torch.compiler.is_compiling():  # no `out=` into a channels-last tensor: torch 2.11's dynamo breaks the graph
+        return torch.addcmul(bias, x, scale).to(dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
     B, C, H, W = x.shape
-    if B > 1 and x.permute(1, 2, 3, 0).is_contiguous() and not torch.compiler.is_compiling():
+    if B > 1 and x.permute(1, 2, 3, 0).is_contiguous():
         # Batch-last (C, H, W, B) -> (B, H, W, C) in two cheap steps instead of one scattered
         # copy: (C, HW, B) -> (HW, C, B) while normalising, then a 2-D transpose of (HW*C, B).
         staged = scratch(workspace, "normalize", (H * W, C, B), x.dtype, x.device)
