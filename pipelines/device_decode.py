@@ -38,8 +38,9 @@ def decode_padded(jpegs: torch.Tensor, sizes: list[tuple[int, int, int]], max_he
     stored JPEG that does not decode, or not to its recorded size, raises DataError naming `path`.
     """
     encoded = [jpegs[i, :length] for i, (_, _, length) in enumerate(sizes)]
+    decode_jpeg = _decoder()  # outside the `try`: TorchCodec missing is not a bad JPEG
     try:
-        decoded = _decoder()(encoded, mode="RGB", device=device)
+        decoded = decode_jpeg(encoded, mode="RGB", device=device)
     except RuntimeError as err:
         raise DataError(f"a JPEG stored in FFCV dataset {path} cannot be decoded ({' '.join(str(err).split())}); "
                         f"reconvert it with `python -m tools.convert`") from None

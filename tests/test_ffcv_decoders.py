@@ -324,3 +324,16 @@ def test_padding_decoded_images_takes_the_same_kernels_at_any_batch_size():
         return ops
 
     assert kernels(3) == kernels(9)
+
+
+def test_device_decode_without_torchcodec_says_so_and_blames_no_jpeg(beton, monkeypatch):
+    import sys
+    from pipelines.device_decode import decode_padded
+    layout, _, rows, jpegs, _ = padded_and_bytes(beton)
+    sizes = [tuple(row) for row in rows[:, :3].tolist()]
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # what an import that fails sees
+    with pytest.raises(DataError) as refused:
+        decode_padded(jpegs, sizes, layout.max_height, layout.max_width, torch.device("cpu"), beton)
+    assert str(refused.value).startswith("ffcv.decode=device needs TorchCodec (")
+    assert str(refused.value).endswith("install the torchcodec release matching this torch (requirements.txt) or "
+                                       "use ffcv.decode=host")
