@@ -9,7 +9,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from bt_fast.config import load_config
-from bt_fast.distributed import DistContext, sync_batchnorm
+from bt_fast.distributed import DistContext, shutdown_distributed, sync_batchnorm
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import build_model
 from bt_fast.optim import LARS, param_groups
@@ -47,7 +47,7 @@ def check_amp(device, sizes, workdir, measured) -> list[Result]:
     for amp in ("none", "float16", "bfloat16"):
         trainer = make_trainer(device, sizes, workdir, f"amp={amp}")
         losses[amp] = torch.stack([trainer.train_step(y1, y2) for y1, y2 in batches]).float()
-        del trainer
+        trainer = None  # its memory goes before the next configuration is built
     return [compare(f"amp {amp}", losses[amp], losses["none"]) for amp in ("float16", "bfloat16")]
 
 
@@ -114,7 +114,8 @@ def check_ddp(device, sizes, workdir, measured) -> list[Result]:
             barlow_twins_loss(*model(*views)).backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     finally:
-        dist.destroy_process_group()
+        model = None  # DDP's reducer goes before the group (see shutdown_distributed)
+        shutdown_distributed()
     return [compare("ddp", grads[1], grads[0])]
 
 
@@ -135,7 +136,7 @@ def measure_training(device, sizes, workdir, measured) -> None:
         torch.backends.cudnn.benchmark = benchmark
         views = synthetic_views(sizes, device)
         measured[key] = sizes.batch / timed(lambda: trainer.train_step(*views), device, 10)
-        del trainer
+        trainer = None  # its memory goes before the next configuration is built
     measured["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
                                        if device.type == "cuda" else "n/a")
 
