@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import queue
 import sys
+import threading
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
@@ -155,6 +158,19 @@ class _SeededEpochIterator(EpochIterator):
             raise
 
 
+def wait_os_thread_exit(thread: threading.Thread, timeout: float = 2.0) -> None:
+    """Return once the joined `thread` has left the OS as well (Linux; elsewhere at once).
+
+    `Thread.join` returns before the thread's C-level thread-local destructors run. TBB detaches a
+    thread that ran numba's parallel code in one of them, and until it has, a fork (the k-NN
+    monitor's DataLoader workers) makes numba print "Unable to join threads to shut down before fork()".
+    """
+    task = f"/proc/self/task/{thread.native_id}"
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 class _TwoCropLoader(Loader):
     """FFCV Loader with our epoch order (`EpochSharding`) from any batch of it, per-epoch crop seeds, batch
     buffers kept across epochs and page tables built only if read (`pipelines.ffcv_memory`).
@@ -195,6 +211,7 @@ class _TwoCropLoader(Loader):
             epoch.join(timeout=1.0)
             with suppress(queue.Empty):  # room for the end marker, which FFCV puts without a timeout
                 epoch.output_queue.get_nowait()
+        wait_os_thread_exit(epoch)
         if getattr(epoch, "current_stream", None) is not None:  # GPU only: the consumer's last reads are done
             epoch.current_stream.synchronize()
 

@@ -616,6 +616,29 @@ def test_decoder_loop_compiles_parallel_with_two_workers(dataset):
 
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc/self/task")
+def test_wait_os_thread_exit_outlasts_the_thread_local_destructors():
+    """Thread.join returns before pthread's thread-local destructors run (TBB's detach is one): here a
+    destructor that is libc's usleep keeps the finished thread in the OS for 0.3 s after join."""
+    import ctypes
+    import threading
+    import time
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = ctypes.c_uint()
+    assert libc.pthread_key_create(ctypes.byref(key), ctypes.cast(libc.usleep, ctypes.c_void_p)) == 0
+    try:
+        thread = threading.Thread(target=libc.pthread_setspecific, args=(key, ctypes.c_void_p(300_000)))
+        thread.start()
+        thread.join()
+        task = Path(f"/proc/self/task/{thread.native_id}")
+        assert task.exists()  # the window the fix closes; if this fails the test shows nothing
+        started = time.monotonic()
+        P.wait_os_thread_exit(thread)
+        assert not task.exists() and time.monotonic() - started < 1.0
+    finally:
+        libc.pthread_key_delete(key)
+
+
 
 @pytest.mark.timeout(300)
 def test_an_epoch_closed_early_ends_its_loader_thread_so_a_fork_is_clean(dataset, tmp_path):
