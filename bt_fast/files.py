@@ -142,6 +142,14 @@ def _writer_is_gone(temporary: Path) -> bool:
     return False
 
 
+def remove_path(path: Path) -> None:
+    """Delete the file, link or directory tree at `path`, if any (a link, not what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_orphaned_temporaries(directory: str | Path, names: tuple[str, ...]) -> list[Path]:
     """Delete the temporaries (files or directories) for `names` in `directory` whose writer on this
     host was killed. Safe while other processes write: a live writer's temporary is kept."""
@@ -149,7 +157,7 @@ def remove_orphaned_temporaries(directory: str | Path, names: tuple[str, ...]) -
     orphans = [p for name in names for p in directory.glob(f".{name}.*.tmp") if _writer_is_gone(p)] \
         if directory.is_dir() else []
     for p in orphans:
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        remove_path(p)
     return orphans
 
 

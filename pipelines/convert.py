@@ -46,28 +46,24 @@ generation, and no encode); everything else, progressive JPEGs included, re-enco
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
-import shutil
-import threading
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from bt_fast.errors import DataError, StorageError, WorkerLost
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
-                           remove_orphaned_temporaries, storage_fault, temporary_name, write_json)
+                           remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
 from bt_fast.host import usable_cores
 from bt_fast.progress import progress as progress_bar
 from bt_fast.worker_pool import WorkerPool
-from pipelines.dali_format import ShardWriter, shuffled_order, write_meta, written_files
-from pipelines.ffcv_format import BetonPart, beton_samples, data_start, finish_beton, page_size_for
+from pipelines.convert_parts import WorkDir, job_fingerprint, open_beton, prepared, work_dir, worker_pool, write_part
+from pipelines.dali_format import shuffled_order, write_meta, written_files
+from pipelines.ffcv_format import beton_samples, finish_beton
 from pipelines.image_folder import SampleList, find_image_folder
-from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep, Prepared, cv2_module
+from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_PART_SIZE = 10_000  # ffcv: images per resumable part
@@ -145,12 +141,6 @@ def report_path(dst: str | Path) -> Path:
     return dst.with_name(dst.name + ".report.json")
 
 
-def work_dir(dst: str | Path) -> Path:
-    """Where `convert` keeps the finished parts of output `dst` until it is complete."""
-    dst = Path(dst)
-    return dst.with_name(f".{dst.name}.parts")
-
-
 def kept_after_interrupt(dst: str | Path) -> str:
     """What a conversion to `dst` that was interrupted keeps, for the user's one line."""
     kept = work_dir(dst)
@@ -208,13 +198,6 @@ def check_writable(directory: Path) -> None:
                         f"writable storage") from None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def install_output(tmp: Path, dst: Path) -> None:
     """Move the finished file or directory `tmp` to `dst`, replacing whatever `dst` is.
 
@@ -230,7 +213,7 @@ def install_output(tmp: Path, dst: Path) -> None:
         except BaseException:
             os.replace(parked, dst)
             raise
-        _remove(parked)
+        remove_path(parked)
     else:
         os.replace(tmp, dst)
     fsync_directory(dst.parent)
@@ -248,217 +231,6 @@ def write_report(path: Path, report: dict) -> None:
         atomic_write_text(path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     except UnicodeEncodeError:  # a file name with undecodable bytes (surrogate escapes)
         write_json(path, report)
-
-
-# --------------------------------------------------------------------------------------------
-# Parts: the unit of work that survives a kill
-# --------------------------------------------------------------------------------------------
-
-class _WorkDir:
-    """`work_dir(dst)`: `job.json` (what is being converted) and, per finished part k, `part-k.json`
-    (its report, written last) beside its data. dali: the shard's `.tar` and `.idx`. ffcv: the part's
-    pages in `beton`, the `.beton` being written in place, and the part's rows (`part-k.rows.npy`)
-    for its tables."""
-
-    def __init__(self, dst: Path, job: dict):
-        self.root = work_dir(dst)
-        self.job = job
-        self.root.mkdir(exist_ok=True)
-        self.lock = open(self.root / ".lock", "w")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            raise DataError(f"another conversion to {dst} is running (it holds {self.root}); wait for it") from None
-        try:
-            previous = json.loads((self.root / "job.json").read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != job:  # other arguments or another source: nothing here can be reused
-            for entry in self.root.iterdir():
-                if entry.name != ".lock":
-                    _remove(entry)
-            write_json(self.root / "job.json", job)
-
-    def part(self, k: int, suffix: str) -> Path:
-        return self.root / f"part-{k:05d}{suffix}"
-
-    def shard(self, k: int) -> Path:
-        """Part `k`'s tar shard (dali); its index is beside it as `.idx`."""
-        return self.root / f"shard-{k:05d}.tar"
-
-    @property
-    def beton(self) -> Path:
-        """ffcv: the `.beton` the parts are written into, one after another, before it becomes DST."""
-        return self.root / "output.beton"
-
-    def discard(self, k: int) -> None:
-        """Remove what the unfinished part `k` has written so far: it only takes room."""
-        for path in (self.part(k, ".json"), self.part(k, ".rows.npy"), self.shard(k), self.shard(k).with_suffix(".idx")):
-            path.unlink(missing_ok=True)
-        if self.beton.is_file() and self.beton.stat().st_size > self.data_end(k):
-            os.truncate(self.beton, self.data_end(k))
-
-    def kept_after_fault(self, writing: int | None, parts: int) -> int:
-        """After a fault: the unfinished part `writing`'s data removed (it only takes room), how many
-        of the `parts` are finished and kept for the rerun."""
-        if writing is not None:
-            self.discard(writing)
-        return len(self.finished(parts))
-
-    def finished(self, parts: int) -> dict[int, dict]:
-        """The reports of the finished parts among the first `parts`, by part: those whose data is all
-        here. The parts of a `.beton` lie back to back in it, so there they are the first few."""
-        reports = {}
-        for k in range(parts):
-            try:
-                report = json.loads(self.part(k, ".json").read_text())
-            except (OSError, ValueError):
-                report = None
-            if report is not None and "shard" in report:
-                files = [report["shard"]["tar"], report["shard"]["index"]] if report["shard"] else []
-                if all((self.root / name).is_file() for name in files):
-                    reports[k] = report
-            elif (report is not None and self.part(k, ".rows.npy").is_file() and self.beton.is_file()
-                  and self.beton.stat().st_size >= report.get("beton_end", float("inf"))):
-                reports[k] = report
-            elif self.job["format"] == "ffcv":
-                break
-        return reports
-
-    def data_end(self, k: int) -> int:
-        """ffcv: where the data region of `beton` ends after the first `k` parts (its start for k = 0)."""
-        if k:
-            return json.loads(self.part(k - 1, ".json").read_text())["beton_end"]
-        return data_start(self.job["num_samples"], page_size_for(self.job["max_resolution"]))
-
-    def close(self, remove: bool) -> None:
-        self.lock.close()
-        if remove:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
-    digest = hashlib.sha256(str(src.resolve()).encode("utf-8", "surrogateescape"))
-    for path, label in samples:
-        digest.update(f"{path}\0{label}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
-def _prepare_job(job: tuple[ImagePrep, str]) -> Prepared:
-    prep, path = job
-    return prep.stored(path)
-
-
-@contextmanager
-def _worker_pool(workers: int) -> Iterator[WorkerPool | None]:
-    """`workers` processes for `_prepared`, or None for one (this process prepares the images).
-
-    Start it before listing the source: a worker forked later maps the whole listing (a `SampleList`,
-    about 70 bytes per image, 83 MiB for ImageNet) into its own memory.
-    """
-    cv2_module().setNumThreads(1)  # one image per process; no nested thread pools on shared cores
-    if workers <= 1:
-        yield None
-        return
-    with WorkerPool(workers) as pool:  # leaving the block stops the workers
-        yield pool
-
-
-@contextmanager
-def _prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: WorkerPool | None,
-              workers: int) -> Iterator[Iterator[Prepared]]:
-    """`_prepare_job` of every job, in order, over the `workers` processes of `pool` (here if None).
-
-    At most `window` jobs are out at a time: while the caller pauses (an fsync at the end of a
-    part) the workers stop instead of piling up finished images in this process's memory.
-    """
-    if pool is None or count < 2:
-        yield map(_prepare_job, jobs)
-        return
-    chunksize = max(1, min(16, count // (workers * 8)))
-    window = 4 * chunksize * workers
-    free = threading.Semaphore(window)
-    closing = threading.Event()
-
-    def throttled() -> Iterator[tuple[ImagePrep, str]]:
-        for job in jobs:  # runs in the pool's task thread
-            free.acquire()
-            if closing.is_set():  # stop feeding: the pool's shutdown joins this thread
-                return
-            yield job
-
-    def consumed(results: Iterator[Prepared]) -> Iterator[Prepared]:
-        for result in results:
-            free.release()
-            yield result
-
-    try:
-        yield consumed(pool.imap(_prepare_job, throttled(), chunksize=chunksize))
-    finally:
-        closing.set()
-        free.release()  # the task thread may be waiting for a slot: it wakes, sees `closing` and ends
-
-
-@contextmanager
-def _closed_on_error(handle) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        handle.close()
-        raise
-
-
-def _sync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _write_part(work: _WorkDir, k: int, start: int, positions: np.ndarray, samples: Sequence[tuple[str, int]],
-                results: Iterator[Prepared], prep: ImagePrep, beton: BinaryIO | None) -> dict:
-    """Write part `k` (output positions start.., holding the samples `positions`) from `results`
-    and its report; returns the report. ffcv: into `beton`, open at the end of part k - 1."""
-    files: list[dict] = []
-    written = 0
-    fmt = work.job["format"]
-    if fmt == "dali":
-        writer = ShardWriter(work.shard(k))
-    else:
-        writer = BetonPart(beton, page_size=page_size_for(prep.max_resolution))
-    # dali: an unlinked shard that is still open keeps its room (ffcv: the part's pages are cut off the file)
-    with _closed_on_error(writer.handle) if fmt == "dali" else nullcontext():
-        for offset, position in enumerate(positions):
-            path, label = samples[int(position)]
-            result = next(results)
-            if result.status != "ok":
-                files.append({"path": path, "status": result.status, "reason": result.reason})
-            if result.status == "skipped":
-                continue
-            written += 1
-            if fmt == "dali":
-                writer.add_sample(f"{start + offset:08d}", result.data, label)
-            else:
-                writer.add(result.data, result.width, result.height, label)
-        finished = writer.close()  # dali: the shard's description; ffcv: the rows
-    report = {"written": written, "skipped": len(positions) - written,
-              "converted": sum(1 for entry in files if entry["status"] == "converted"), "files": files}
-    if fmt == "dali":
-        shard = finished
-        if shard["num_samples"]:
-            _sync(work.root / shard["tar"])
-            _sync(work.root / shard["index"])
-        else:
-            _remove(work.root / shard["tar"])
-            _remove(work.root / shard["index"])
-        report["shard"] = shard if shard["num_samples"] else None
-    else:
-        beton.flush()
-        os.fsync(beton.fileno())
-        report["beton_end"] = beton.tell()
-        np.save(work.part(k, ".rows.npy"), finished)
-        _sync(work.part(k, ".rows.npy"))
-    write_json(work.part(k, ".json"), report)
-    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +268,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
-    with _worker_pool(workers) as pool:
+    with worker_pool(workers) as pool:
         return _convert_listed(src, dst, fmt, prep, force, shard_size if fmt == "dali" else part_size, pool,
                                workers, progress)
 
@@ -511,23 +283,23 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
 
     job = {"source": str(src), "format": fmt, "max_resolution": prep.max_resolution,
            "jpeg_quality": prep.jpeg_quality, "part_size": size, "num_samples": len(samples),
-           "listing_sha256": _job_fingerprint(src, samples)}
+           "listing_sha256": job_fingerprint(src, samples)}
     if fmt == "ffcv":
         job["beton"] = "written in place"  # a work directory of parts joined afterwards is not reused
     order = shuffled_order(len(samples)) if fmt == "dali" else np.arange(len(samples))
     starts = range(0, len(samples), size)
-    work = _WorkDir(dst, job)
+    work = WorkDir(dst, job)
     complete, writing = False, None
     try:
         reports = work.finished(len(starts))
         todo = [k for k in range(len(starts)) if k not in reports]
         remaining = sum(len(order[starts[k]:starts[k] + size]) for k in todo)
         jobs = ((prep, samples[int(i)][0]) for k in todo for i in order[starts[k]:starts[k] + size])
-        with _prepared(jobs, remaining, pool, workers) as results, _beton_from(work, todo) as beton:
+        with prepared(jobs, remaining, pool, workers) as results, open_beton(work, todo) as beton:
             results = iter(progress_bar(results, total=len(samples), initial=len(samples) - remaining,
                                         desc="converting", unit="img", enabled=progress))
             for writing in todo:
-                reports[writing] = _write_part(work, writing, starts[writing],
+                reports[writing] = write_part(work, writing, starts[writing],
                                                order[starts[writing]:starts[writing] + size], samples, results, prep,
                                                beton)
             writing = None
@@ -555,7 +327,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
     return report
 
 
-def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, kept: int, parts: int) -> str:
+def _storage_fault_message(dst: Path, fault: OSError, work: WorkDir, kept: int, parts: int) -> str:
     """What a StorageError says: DST, the cause and the `kept` finished parts of `parts`."""
     message = f"cannot write {dst} ({fault.strerror or fault}; {mebibytes(free_bytes(work.root))} free there)"
     if not kept:
@@ -564,21 +336,7 @@ def _storage_fault_message(dst: Path, fault: OSError, work: _WorkDir, kept: int,
             f"(or write access) the same command goes on from them")
 
 
-@contextmanager
-def _beton_from(work: _WorkDir, todo: Sequence[int]) -> Iterator[BinaryIO | None]:
-    """ffcv: the `.beton` being written, open at the end of the finished parts (whatever an unfinished
-    part left after them cut off) for the parts `todo` to follow; dali: None."""
-    if work.job["format"] != "ffcv" or not todo:
-        yield None
-        return
-    end = work.data_end(todo[0])
-    with open(work.beton, "r+b" if work.beton.is_file() else "w+b") as beton:
-        beton.truncate(end)  # from the start: a hole (zeros) where the tables go last
-        beton.seek(end)
-        yield beton
-
-
-def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: _WorkDir,
+def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: WorkDir,
               parts: list[dict], force: bool, state: list[list] | None) -> dict:
     """Put the finished parts together into DST and write the report; returns it."""
     files = sorted((entry for part in parts for entry in part["files"]), key=lambda entry: entry["path"])
@@ -609,7 +367,7 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
                     if entry.name != "dataset.json":
                         os.replace(entry, work.root / entry.name)
             if tmp.exists() or tmp.is_symlink():
-                _remove(tmp)
+                remove_path(tmp)
     else:  # the parts' pages are in place: the tables go around them
         with open(work.beton, "r+b") as beton:
             finish_beton(beton, work.data_end(len(parts)), [work.part(k, ".rows.npy") for k in range(len(parts))],

@@ -996,7 +996,7 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
 def test_workers_wait_while_the_writer_pauses(source):
     """Finished images never pile up in the writing process: at most a window of jobs is out."""
     import time
-    from pipelines.convert import _prepared, _worker_pool
+    from pipelines.convert_parts import prepared, worker_pool
     path, pulled = str(source[0] / "a" / "a0.jpg"), []
 
     def jobs():
@@ -1004,7 +1004,7 @@ def test_workers_wait_while_the_writer_pauses(source):
             pulled.append(i)
             yield ImagePrep(max_resolution=MAX_RES), path
 
-    with _worker_pool(2) as pool, _prepared(jobs(), 600, pool, workers=2) as results:
+    with worker_pool(2) as pool, prepared(jobs(), 600, pool, workers=2) as results:
         assert next(results).status == "ok"
         time.sleep(3)  # the writer pauses (an fsync at a part's end)
         out = len(pulled)
@@ -1017,11 +1017,11 @@ def test_a_writer_that_stops_early_shuts_the_workers_down(source):
     """The writer leaves with jobs still queued (an error, Ctrl-C): the pool's task thread, waiting for a
     free slot in the window, must end too, or terminating the pool waits for it forever."""
     import time
-    from pipelines.convert import _prepared, _worker_pool
+    from pipelines.convert_parts import prepared, worker_pool
     job = (ImagePrep(max_resolution=MAX_RES), str(source[0] / "a" / "a0.jpg"))
-    with _worker_pool(2) as pool:
+    with worker_pool(2) as pool:
         with pytest.raises(KeyboardInterrupt):
-            with _prepared(iter([job] * 2000), 2000, pool, workers=2) as results:
+            with prepared(iter([job] * 2000), 2000, pool, workers=2) as results:
                 for _ in range(300):
                     assert next(results).status == "ok"
                 raise KeyboardInterrupt

@@ -212,7 +212,7 @@ def test_convert_checks_source_and_output_before_doing_any_work(image_folder, tm
     with pytest.raises(DataError, match="does not exist"):
         conversion.convert(tmp_path / "missing", tmp_path / "deep" / "out.beton", "ffcv", workers=1)
     assert not (tmp_path / "deep").exists()
-    monkeypatch.setattr(conversion, "_WorkDir", lambda *a, **k: pytest.fail("converted before the output check"))
+    monkeypatch.setattr(conversion, "WorkDir", lambda *a, **k: pytest.fail("converted before the output check"))
     (tmp_path / "blocked").write_text("a file where a directory is needed")
     with pytest.raises(DataError, match="cannot write into"):
         conversion.convert(image_folder, tmp_path / "blocked" / "out.beton", "ffcv", workers=1)
