@@ -22,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE = 8  # the smallest crop whose blur kernel (3 taps) still fits its reflect padding
 SIZE_STEP = 32       # progressive resizing moves between multiples of this
 MIN_BATCH_PER_RANK = 2  # BatchNorm's training statistics need more than one value per channel
+PROJECTOR_WIDTHS = re.compile(r"[1-9][0-9]*(-[1-9][0-9]*)*")  # e.g. 8192-8192-8192
 
 
 class ConfigError(UserError, ValueError):
@@ -243,15 +244,37 @@ def parse_overrides(pairs: list[str], unique_keys: bool = False) -> dict[str, An
     return tree
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+            seen[key if isinstance(key, str) else id(key_node)] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, unique_keys: bool = False) -> Config:
     """The defaults, then the YAML file at `path`, then `overrides` (`parse_overrides`), validated."""
     config = Config()
     if path:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}; "
+                              f"give a YAML file (see configs/)")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text; give a YAML file (see configs/)") from None
+        except _DuplicateKey as err:
+            raise ConfigError(f"config file {path}: {err}; give each key once") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(values, dict):
@@ -290,7 +313,7 @@ KEY_HELP: dict[str, tuple[str | None, str]] = {
     "device": (None, "where to train; auto takes a GPU when one is visible"),
     "amp": (None, "autocast dtype; auto is bfloat16 on the CPU and float16 (GradScaler) on CUDA"),
     "channels_last": ("true or false", "channels-last memory format for the network and its inputs"),
-    "seed": ("a whole number", "seed of the initial weights and of every random choice of the pipeline"),
+    "seed": ("0 to 4294967295", "seed of the initial weights and of every random choice of the pipeline"),
     "prefetch": ("0 or a positive whole number", "batches whose device work runs ahead of the step (0: off)"),
     "max_steps": ("0 or a positive whole number", "stop after this many steps in total (0: all epochs)"),
     "out_dir": ("a directory", "where checkpoints, metrics and the summary go (OUT= with make); one run each"),
@@ -383,8 +406,10 @@ def validate(config: Config) -> None:
     for key in ("checkpoint_every", "knn_every", "max_steps", "workers", "prefetch", "warmup_epochs", "lr_weights",
                 "lr_biases", "weight_decay", "lambd"):
         _require(getattr(config, key) >= 0, key, "0 or positive", getattr(config, key))
-    _require(bool(re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)*", config.projector)), "projector",
+    _require(bool(PROJECTOR_WIDTHS.fullmatch(config.projector)), "projector",
              "layer widths joined by '-', e.g. 8192-8192-8192", config.projector)
+    _require(0 <= config.seed < 2**32, "seed", "an integer in 0..4294967295 (the pipelines' generators take 32 bits)",
+             config.seed)
     _require(bool(config.out_dir.strip()), "out_dir", "a directory", config.out_dir)
     _require(config.ffcv.max_resolution > 0, "ffcv.max_resolution", "positive", config.ffcv.max_resolution)
     _require(config.ffcv.max_padded_side > 0, "ffcv.max_padded_side", "positive", config.ffcv.max_padded_side)

@@ -4,13 +4,18 @@ Library code raises a `UserError` subclass whose message names the file or confi
 says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
 `error: <message>` on one line and exits with the error's `exit_code` (2 for bad input, 1 for a
 storage fault or a lost worker process met while running, 130 for a Ctrl-C whose code says what it
-kept); nothing else turns exceptions into text.
+kept); nothing else turns exceptions into text. They parse their arguments with `CliParser`,
+whose errors are one line too.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
+
+from bt_fast.files import check_output_file
 
 
 class UserError(RuntimeError):
@@ -103,3 +108,22 @@ def cli_errors(*also: type[BaseException]) -> Iterator[None]:
             raise
         print_error(f"{lost}; run again with fewer workers")
         raise SystemExit(WorkerLost.exit_code) from None
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one `error:` line (exit 2), like every other error of a command."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def output_file(text: str) -> Path:
+    """argparse `type` of an option naming a file to write: checked when the command starts, so that
+    an unwritable path fails at once, not after the work whose result it was to hold."""
+    path = Path(text)
+    try:
+        check_output_file(path)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {path} ({err.strerror or err}); give a file path in a "
+                                         f"writable directory") from None
+    return path

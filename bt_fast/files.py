@@ -60,6 +60,15 @@ def check_writable_directory(directory: str | Path) -> None:
         pass
 
 
+def check_output_file(path: str | Path) -> None:
+    """OSError unless `atomic_write` can write `path`: not a directory, and its directory, or where
+    that does not exist yet its nearest existing ancestor, writable. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    check_writable_directory(path.parent)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
                  before_replace: Callable[[], None] | None = None) -> Path:
     """Call `write(handle)` on a temporary sibling of `path`, fsync it, then rename it over `path`.

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.errors import STARTING, exit_on_interrupt
+from bt_fast.errors import STARTING, CliParser, exit_on_interrupt
 
 # Loading torch, torchvision and the pipelines takes seconds; Ctrl-C meanwhile is one line, exit 130.
 with exit_on_interrupt(STARTING):
@@ -458,7 +458,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m bt_fast.train", description="Barlow Twins pretraining (resumes from <out_dir>/checkpoint.pth).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (set in the YAML file or as key=value, each once; default, then allowed values: meaning):\n" + "\n".join(_config_keys()))

@@ -14,19 +14,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import DataError, Interrupted, cli_errors
+from bt_fast.errors import CliParser, DataError, Interrupted, cli_errors
 from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt, outcome
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m tools.convert",
-                     description="Convert an ImageFolder or '<path> <label>' list to FFCV .beton or DALI webdataset shards.")
+    parser = CliParser(prog="python -m tools.convert",
+                       description="Convert an ImageFolder or '<path> <label>' list to FFCV .beton or DALI webdataset shards.")
     parser.add_argument("src", metavar="SRC", help="ImageFolder directory or '<path> <label>' list file")
     parser.add_argument("dst", metavar="DST", help="output .beton file (ffcv) or directory (dali)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")

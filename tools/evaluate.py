@@ -30,7 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bt_fast.errors import STARTING, DataError, UserError, cli_errors, exit_on_interrupt, print_error
+from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt, output_file,
+                             print_error)
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -167,9 +168,8 @@ def _epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=_epilog())
+    p = CliParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     p.add_argument("--checkpoint", help="bt_fast checkpoint.pth / backbone.pth, or a ResNet state dict")
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or the train folder")
     p.add_argument("--val-data", help="validation ImageFolder when --data has no train/ and val/")
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--random-init", action="store_true", help="evaluate the untrained arch (the baseline)")
     group.add_argument("--compare", action="store_true",
                        help="evaluate (or fine-tune) --checkpoint and the random-init baseline side by side")
-    p.add_argument("--json", help="write the result(s) to this JSON file")
+    p.add_argument("--json", type=output_file, help="write the result(s) to this JSON file")
     return p
 
 

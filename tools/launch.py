@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt, print_error
+from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt, print_error
 
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
@@ -81,6 +81,16 @@ def training_config(train_args: list[str]) -> Config:
     return config
 
 
+def check_processes_per_node(value: str) -> None:
+    """UserError in one line where torchrun would fail on `--nproc-per-node` with an assertion or a traceback."""
+    try:
+        count = torchrun.determine_local_world_size(value)
+    except ValueError as err:
+        raise UserError(f"--nproc-per-node {value}: {err}; give a number of processes, or auto, cpu or gpu") from None
+    if count < 1:
+        raise UserError(f"--nproc-per-node must be at least 1, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
     with cli_errors(), exit_on_interrupt("while checking the config"):
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
+    with cli_errors():
+        check_processes_per_node(options.nproc_per_node)
     quiet_shutdown_narration()
     own_log_dir = not options.log_dir
     if own_log_dir:

@@ -8,33 +8,43 @@ modes like ImageNet's): `pipelines.imagenet_like`.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from bt_fast.errors import cli_errors, exit_on_interrupt
+from bt_fast.errors import CliParser, cli_errors, exit_on_interrupt
 from bt_fast.host import usable_cores
 from pipelines.demo_data import PHOTOGRAPHS, build
 from pipelines.imagenet_like import write_imagenet_like
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _flags(names: list[str]) -> str:
+    return " and ".join("--" + name.replace("_", "-") for name in names)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, nargs="?", default=Path("data/demo"))
-    parser.add_argument("--train-per-class", type=int, default=64)
-    parser.add_argument("--val-per-class", type=int, default=16)
+    parser.add_argument("--train-per-class", type=int, default=None, help="demo set: training images per class (default 64)")
+    parser.add_argument("--val-per-class", type=int, default=None, help="demo set: validation images per class (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--imagenet-like", nargs=2, metavar=("N", "DIR"),
                         help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
-    parser.add_argument("--classes", type=int, default=10, help="classes of the --imagenet-like set")
-    parser.add_argument("--workers", type=int, default=usable_cores(),
-                        help="processes writing the --imagenet-like set (default: the usable cores, %(default)s here)")
-    args = parser.parse_args()
+    parser.add_argument("--classes", type=int, default=None, help="classes of the --imagenet-like set (default 10)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"processes writing the --imagenet-like set (default: the usable cores, {usable_cores()} here)")
+    args = parser.parse_args(argv)
+    own = {"classes": 10, "workers": usable_cores()} if args.imagenet_like else {"train_per_class": 64, "val_per_class": 16}
+    other = tuple({"classes", "workers", "train_per_class", "val_per_class"} - set(own))
+    if any(getattr(args, name) is not None for name in other):
+        parser.error(f"{_flags(sorted(other))} are for {'the demo set' if args.imagenet_like else '--imagenet-like'} only")
+    for name, default in own.items():
+        value = default if getattr(args, name) is None else getattr(args, name)
+        if value < 1:
+            parser.error(f"{_flags([name])} must be at least 1, got {value}")
+        setattr(args, name, value)
     if args.imagenet_like:
         count, root = args.imagenet_like
         if not count.isdigit():
             parser.error(f"--imagenet-like N DIR: N must be a number of images, got {count!r}")
-        if args.workers < 1:
-            parser.error(f"--workers must be at least 1, got {args.workers}")
         kept = f"the images written to {root} are kept and the same command writes the rest"
         with cli_errors(OSError), exit_on_interrupt(outcome=kept):  # OSError: a directory that cannot be written
             write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,

@@ -7,10 +7,9 @@ labelled with its directory name.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt
+from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, output_file
 
 with exit_on_interrupt(STARTING):
     from bt_fast.plots import Curves, plot_runs, save_png
@@ -29,9 +28,9 @@ def load_runs(paths: list[Path]) -> dict[str, Curves]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m tools.plot", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's out_dir or its metrics.jsonl")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare.png"), help="PNG to write")
+    parser.add_argument("--out", type=output_file, default="runs/compare.png", help="PNG to write")
     args = parser.parse_args(argv)
     with cli_errors(), exit_on_interrupt():
         save_png(plot_runs(load_runs(args.runs)), args.out)

@@ -8,10 +8,8 @@ would see it. Trailing key=value arguments override the config as for `bt_fast.t
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt
+from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, output_file
 
 with exit_on_interrupt(STARTING):
     from bt_fast.config import load_config
@@ -21,13 +19,13 @@ with exit_on_interrupt(STARTING):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.preview", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m tools.preview", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("--pipeline", default=None, help="reference | ffcv | dali (default: the config's)")
     parser.add_argument("--data", default=None, help="ImageFolder to read (default: the config's data)")
     parser.add_argument("--pairs", type=int, default=8, help="number of view pairs")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
-    parser.add_argument("--out", type=Path, default=Path("views.png"), help="PNG to write")
+    parser.add_argument("--out", type=output_file, default="views.png", help="PNG to write")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. augment.image_size=160")
     args = parser.parse_args(argv)
     with cli_errors(), exit_on_interrupt():

@@ -35,12 +35,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt
+from bt_fast.errors import STARTING, CliParser, cli_errors, exit_on_interrupt, output_file
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
     import torch
 
+    from bt_fast.config import PROJECTOR_WIDTHS
     from bt_fast.distributed import resolve_device
     from bt_fast.files import write_json
     from bt_fast.model import BACKBONE_DIM
@@ -64,9 +65,8 @@ def _names(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data", default=None, help="ImageFolder (default: the demo dataset, built on first use)")
     add("--pipelines", default=None,
@@ -83,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         help="pipelines that feed the training step, each in a fresh process (default: the entries of --pipelines "
              "that are a pipeline's default mode; "
              "--quick: none; 'none': synthetic batches only)")
-    add("--json", type=Path, default=None,
+    add("--json", type=output_file, default=None,
         help="results (default runs/bench/bench.json; --end-to-end: runs/bench/end_to_end.json)")
-    add("--plot", type=Path, default=Path("runs/bench/bench.png"), help="loader plot (default %(default)s)")
+    add("--plot", type=output_file, default="runs/bench/bench.png", help="loader plot (default %(default)s)")
     add("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
     add("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
     add("--loader-batches", type=int, default=4, help="batches per loader repetition (default 4)")
@@ -119,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default(value: int | None, default: int) -> int:
+    """An option's value, or `default` where it was not given (0 given stays 0, to be refused)."""
+    return default if value is None else value
+
+
+def _checked_default(parser: argparse.ArgumentParser, flag: str, path: str) -> Path:
+    try:
+        return output_file(path)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument {flag}: {err}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parsed options with every default resolved; `args.device` is a torch.device."""
     parser = _parser()
@@ -127,21 +139,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.argv = argv  # for the training-step processes (they get the resolved --data appended)
     args.device = resolve_device(args.device, setting="--device")
     cpu, quick, e2e = args.device.type == "cpu", args.quick, args.end_to_end
-    args.json = args.json or Path("runs/bench/end_to_end.json" if e2e else "runs/bench/bench.json")
-    args.batch_size = args.batch_size or (32 if quick else 64)
-    args.image_size = args.image_size or (128 if quick else 224)
-    args.reps = args.reps or (2 if quick else 3)
+    if args.json is None:
+        args.json = _checked_default(parser, "--json", "runs/bench/end_to_end.json" if e2e else "runs/bench/bench.json")
+    args.batch_size = _default(args.batch_size, 32 if quick else 64)
+    args.image_size = _default(args.image_size, 128 if quick else 224)
+    args.reps = _default(args.reps, 2 if quick else 3)
     args.loader_warmup = 2
     args.arch = args.arch or ("resnet18" if cpu else "resnet50")
     args.projector = args.projector or ("64-64-64" if cpu and e2e else "512-512-512" if cpu else "8192-8192-8192")
-    args.train_image_size = args.train_image_size or ((32 if e2e else 64) if cpu else args.image_size)
+    if not PROJECTOR_WIDTHS.fullmatch(args.projector):
+        parser.error(f"--projector takes layer widths joined by '-', e.g. 8192-8192-8192; got {args.projector!r}")
+    args.train_image_size = _default(args.train_image_size, (32 if e2e else 64) if cpu else args.image_size)
     args.amp = args.amp or ("none" if cpu else "auto")
     if e2e:
-        args.train_batch_size = args.train_batch_size or (16 if cpu else 256)
+        args.train_batch_size = _default(args.train_batch_size, 16 if cpu else 256)
         steps, warmup = (4, 2) if cpu else (25, 5)
         args.e2e_images = (256 if cpu else 8192) if args.e2e_images is None else args.e2e_images
     else:
-        args.train_batch_size = args.train_batch_size or ((16 if quick else 32) if cpu else args.batch_size)
+        args.train_batch_size = _default(args.train_batch_size, (16 if quick else 32) if cpu else args.batch_size)
         steps, warmup = 3, 1
     args.train_steps = steps if args.train_steps is None else args.train_steps
     args.train_warmup = warmup if args.train_warmup is None else args.train_warmup
@@ -160,6 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
         parser.error("--workers, --threads and --train-warmup must be at least 0")
+    if not args.child_timeout > 0:
+        parser.error(f"--child-timeout must be a positive number of seconds, got {args.child_timeout}")
     return args
 
 

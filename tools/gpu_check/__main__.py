@@ -1,7 +1,6 @@
 """`python -m tools.gpu_check`: run every check, print pass/fail and the throughput table, write JSON."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
@@ -12,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt, one_line
+from bt_fast.errors import STARTING, CliParser, cli_errors, exit_on_interrupt, one_line, output_file
 
 with exit_on_interrupt(STARTING):
     import torch
@@ -112,11 +111,11 @@ def run_end_to_end(device: torch.device, report: Callable[[str], None] = print, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check",
-                                     description="check bt_fast's CUDA code paths and measure their speed")
+    parser = CliParser(prog="python -m tools.gpu_check",
+                       description="check bt_fast's CUDA code paths and measure their speed")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda, or a one-line notice and exit 0 when no CUDA device is visible")
-    parser.add_argument("--json", default=None, help="also write the results and throughput here")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the results and throughput here")
     parser.add_argument("--end-to-end", action="store_true",
                         help="then train end to end with every pipeline (python -m tools.bench --end-to-end)")
     parser.add_argument("--only", default=None, metavar="NAMES",

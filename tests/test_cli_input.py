@@ -1,0 +1,125 @@
+"""Bad input to the command-line programs: one `error:` line, exit 2, before any work and with nothing written."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from bt_fast.config import ConfigError, load_config
+from bt_fast.files import check_output_file
+from test_reliability import tiny_args
+
+COMMANDS = ("bt_fast.train", "tools.convert", "tools.evaluate", "tools.plot", "tools.preview",
+            "tools.bench.__main__", "tools.gpu_check.__main__", "tools.make_demo_data")
+
+
+def run_command(module: str, argv: list[str], capsys) -> tuple[int, list[str]]:
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_an_argument_error_is_one_line_not_the_usage_block(module, capsys):
+    code, err = run_command(module, ["--no-such-option"], capsys)  # or the required arguments it lacks
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and err[0].endswith(" (see --help)")
+
+
+@pytest.mark.parametrize("module, flag", [("tools.evaluate", "--json"), ("tools.plot", "--out"),
+                                          ("tools.preview", "--out"), ("tools.bench.__main__", "--json"),
+                                          ("tools.bench.__main__", "--plot"), ("tools.gpu_check.__main__", "--json")])
+@pytest.mark.parametrize("where", ["a directory", "below a file"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(module, flag, where, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    target = tmp_path if where == "a directory" else tmp_path / "file" / "out.json"
+    # The output option first: argparse checks it as it reads it, before the positional RUN (plot) or the
+    # required --data (evaluate) it would otherwise miss, and before anything runs.
+    code, err = run_command(module, [flag, str(target)], capsys)
+    reason = "Is a directory" if where == "a directory" else "Not a directory"
+    assert code == 2 and err == [f"error: argument {flag}: cannot write {target} ({reason}); give a file path in "
+                                 f"a writable directory (see --help)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_output_file_may_be_new_in_directories_still_to_create(tmp_path):
+    check_output_file(tmp_path / "a" / "b" / "out.json")  # atomic_write creates the directories
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: 4\nbatch_size: 8\n", "key 'batch_size' is given twice (lines 1 and 2); give each key once"),
+    ("augment:\n  image_size: 32\n  blur_p: 0.1\n  image_size: 64\n",
+     "key 'image_size' is given twice (lines 2 and 4); give each key once"),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused(text, message, tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"config file {path}: {message}"
+
+
+def test_a_config_file_that_is_not_text_or_is_a_directory_is_named(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=f"^config file {binary} is not UTF-8 text; give a YAML file"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a directory; give a YAML file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("seed, accepted", [(0, True), (2**32 - 1, True), (2**32, False), (-1, False),
+                                            (10**20, False)])
+def test_seeds_are_the_32_bit_values_the_generators_take(seed, accepted):
+    # Beyond 32 bits two seeds would give the same run (the pipelines' generators keep the low 32 bits);
+    # 10**20 overflowed torch.manual_seed with a traceback.
+    if accepted:
+        assert load_config(overrides=[f"seed={seed}"]).seed == seed
+    else:
+        with pytest.raises(ConfigError, match="config key 'seed'.*0..4294967295"):
+            load_config(overrides=[f"seed={seed}"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
+    (["--projector", "abc"], "--projector takes layer widths joined by '-', e.g. 8192-8192-8192; got 'abc'"),
+    (["--child-timeout", "-1"], "--child-timeout must be a positive number of seconds, got -1.0"),
+])
+def test_bench_refuses_zero_sizes_and_a_bad_projector_as_it_starts(argv, message, capsys):
+    from tools.bench.__main__ import parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message} (see --help)"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "--nproc-per-node must be at least 1, got 0"),
+    ("abc", "--nproc-per-node abc: Unsupported nproc_per_node value: abc; give a number of processes, or auto, "
+            "cpu or gpu"),
+])
+def test_the_launcher_refuses_a_bad_process_count_in_one_line(value, message, image_folder, tmp_path, capsys):
+    code, err = run_command("tools.launch", ["--nproc-per-node", value, "-m", "bt_fast.train",
+                                             *tiny_args(image_folder, tmp_path / "run")], capsys)
+    assert code == 2 and err == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-per-class", "-1"], "--train-per-class must be at least 1, got -1"),
+    (["--val-per-class", "0"], "--val-per-class must be at least 1, got 0"),
+    (["--classes", "3"], "--classes and --workers are for --imagenet-like only"),
+    (["--imagenet-like", "10", "X", "--train-per-class", "2"],
+     "--train-per-class and --val-per-class are for the demo set only"),
+    (["--imagenet-like", "10", "X", "--classes", "0"], "--classes must be at least 1, got 0"),
+])
+def test_make_demo_data_refuses_counts_it_would_ignore_or_misuse(argv, message, tmp_path, capsys):
+    root = str(tmp_path / "demo")
+    argv = [root if a == "X" else a for a in argv] if "X" in argv else [*argv, root]
+    code, err = run_command("tools.make_demo_data", argv, capsys)
+    assert code == 2 and err == [f"error: {message} (see --help)"]
+    assert list(tmp_path.iterdir()) == []
