@@ -40,6 +40,7 @@ from bt_fast.knn import LabelledImageFolder, eval_loader, extract_features_multi
 from bt_fast.linear_probe import linear_topk, new_linear
 from bt_fast.progress import progress
 from bt_fast.schedule import epoch_cosine
+from bt_fast.weights import weights_digest
 from pipelines.epochs import sample_rng
 from pipelines.image_folder import SampleList
 from pipelines.reference import EpochIndexSampler, load_rgb
@@ -158,11 +159,25 @@ def sgd(model: nn.Sequential, settings: FinetuneSettings) -> torch.optim.SGD:
                            lr=settings.lr_classifier, momentum=0.9, weight_decay=settings.weight_decay)
 
 
-def run_record(settings: FinetuneSettings, subset: Sequence[str], models: int) -> dict[str, Any]:
-    """What decides a run's result; a checkpoint written with other values cannot be resumed."""
+def run_record(settings: FinetuneSettings, subset: Sequence[str], backbones: Sequence[str]) -> dict[str, Any]:
+    """What decides a run's result; a checkpoint written with other values cannot be resumed.
+
+    `backbones`: the `weights_digest` of each backbone before fine-tuning, so a checkpoint is never
+    resumed for other weights (another file, or random init instead of a checkpoint)."""
     return {"image_size": settings.image_size, "batch_size": settings.batch_size, "epochs": settings.epochs,
             "lr_backbone": settings.lr_backbone, "lr_classifier": settings.lr_classifier,
-            "weight_decay": settings.weight_decay, "seed": settings.seed, "models": models, "subset": list(subset)}
+            "weight_decay": settings.weight_decay, "seed": settings.seed, "models": len(backbones),
+            "subset": list(subset), "backbones": list(backbones)}
+
+
+def _change(key: str, saved: Any, value: Any) -> str:
+    """One difference between a checkpoint's run record and this run's, for the refusal."""
+    if key == "subset":
+        return "the training subset"
+    if key == "backbones":  # a checkpoint from before digests were recorded has none
+        then, now = (", ".join(d[:12] for d in digests) if digests else "unrecorded" for digests in (saved, value))
+        return f"the backbone weights (sha256 {then} -> {now})"
+    return f"{key} {saved!r} -> {value!r}"
 
 
 def resume(path: Path, record: dict[str, Any], models: Sequence[nn.Module],
@@ -172,11 +187,10 @@ def resume(path: Path, record: dict[str, Any], models: Sequence[nn.Module],
         return 0, []
     state = load_checkpoint(path, device)
     saved = state.get("run", {})
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" if key != "subset" else "the training subset"
-               for key, value in record.items() if saved.get(key) != value]
+    changed = [_change(key, saved.get(key), value) for key, value in record.items() if saved.get(key) != value]
     if changed:
         raise CheckpointError(f"checkpoint {path} was written by a different fine-tuning run ({'; '.join(changed)}); "
-                              f"use a new --out-dir or the same settings")
+                              f"use a new --out-dir or the same settings and backbone")
     for model, optimizer, model_state, optimizer_state in zip(models, optimizers, state["models"],
                                                                state["optimizers"]):
         restore_model(model, model_state, path)
@@ -211,13 +225,14 @@ def finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str | 
                         pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
                         drop_last=len(dataset) % settings.batch_size == 1)  # BatchNorm needs two images per batch
 
+    digests = [weights_digest(b) for b in backbones]  # before training changes them in place
     models = [classifier(b, feature_dim, len(classes), settings.seed).to(device, memory_format=torch.channels_last)
               for b in backbones]
     optimizers = [sgd(model, settings) for model in models]
     base_lrs = [settings.lr_classifier, settings.lr_backbone]
 
     checkpoint = Path(settings.out_dir) / CHECKPOINT_NAME if settings.out_dir is not None else None
-    record = run_record(settings, [Path(path).relative_to(train_dir).as_posix() for path, _ in subset], len(models))
+    record = run_record(settings, [Path(path).relative_to(train_dir).as_posix() for path, _ in subset], digests)
     done, losses = 0, []
     if checkpoint is not None:
         remove_stale_temporaries(checkpoint.parent, (CHECKPOINT_NAME,))

@@ -13,6 +13,7 @@ the keys. Every unusable file raises a `CheckpointError` that names it.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,13 @@ def random_backbone(arch: str, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make_backbone(arch)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 hex of `module`'s state dict (every name, dtype, shape and value, in order): two modules
+    share it exactly when they hold the same weights, on any device."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

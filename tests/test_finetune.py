@@ -145,6 +145,28 @@ def test_cli_finetune_compare_writes_both_records(split_folder, tmp_path, capsys
     assert result["random_init"]["random_init"] and result["pretrained"]["checkpoint"] == str(checkpoint)
 
 
+def test_cli_resumes_only_for_the_same_backbone_weights(split_folder, tmp_path, capsys):
+    """finetune.pth of one backbone is refused for random init or another file, and resumed for a copy."""
+    checkpoint, other = tmp_path / "rn18.pth", tmp_path / "other.pth"
+    torch.save(random_backbone("resnet18", 7).state_dict(), checkpoint)
+    torch.save(random_backbone("resnet18", 8).state_dict(), other)
+    common = ["--mode", "finetune", "--data", str(split_folder), "--train-percent", "100", "--epochs", "1",
+              "--out-dir", str(tmp_path / "ft"), *COMMON]
+    assert ev.main(["--checkpoint", str(checkpoint), *common]) == 0
+    capsys.readouterr()
+    for backbone in (["--random-init", "--arch", "resnet18"], ["--checkpoint", str(other)]):
+        with pytest.raises(SystemExit) as exit:
+            ev.main([*backbone, *common])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1, err
+        assert "finetune.pth was written by a different fine-tuning run (the backbone weights (sha256 " in err
+
+    moved = tmp_path / "moved.pth"
+    moved.write_bytes(checkpoint.read_bytes())
+    assert ev.main(["--checkpoint", str(moved), *common]) == 0
+    assert "resumed after epoch 1" in capsys.readouterr().out
+
+
 def test_cli_rejects_options_of_another_mode(split_folder, capsys):
     with pytest.raises(SystemExit) as exit:
         ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--lr-backbone", "0.1", *COMMON])
