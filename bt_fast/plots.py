@@ -49,6 +49,10 @@ class Curves:
                 steps.append(record["step"])
                 values.append(record[key])
 
+    def empty(self) -> bool:
+        """True while no metric has a point."""
+        return not any(len(steps) for steps, _ in self._points.values())
+
     def adding(self, records: Iterable[dict]) -> Iterator[dict]:
         """Each of `records`, added as it passes: the curves of a file read once for something else too."""
         for record in records:
@@ -59,6 +63,17 @@ class Curves:
         """(steps, values) of `key` in log order (copies: the columns keep growing)."""
         steps, values = self._points[key]
         return np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64)
+
+
+def unplottable(record: dict) -> str | None:
+    """The first field `Curves.add` cannot take from `record`: a step that is not an integer, or a plotted
+    metric that is neither a number nor null; None if it can take them all."""
+    def number(value, kinds) -> bool:
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    if not number(record.get("step"), int):
+        return "step"
+    return next((key for key, _ in PANELS if record.get(key) is not None and not number(record[key], (int, float))),
+                None)
 
 
 def thinned(steps: np.ndarray, values: np.ndarray, points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:

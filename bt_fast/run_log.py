@@ -53,17 +53,23 @@ def config_yaml(config: Config) -> str:
     return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
 
 
-def read_metrics(path: str | Path) -> Iterator[dict]:
-    """The records of a metrics.jsonl, one at a time (a 1,000-epoch ImageNet run logs 625,000), skipping a
-    torn last line (a killed writer's)."""
-    with open(path) as lines:
-        for line in lines:
+def numbered_metrics(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number from 1, record) of each record of a metrics.jsonl, one at a time (a 1,000-epoch ImageNet
+    run logs 625,000): each line holding a JSON object with a step. Any other line is skipped, such as a torn
+    last line (a killed writer's); a file of no such lines yields nothing."""
+    with open(path, errors="replace") as lines:  # not UTF-8 text: no records, not a UnicodeDecodeError
+        for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
             if isinstance(record, dict) and "step" in record:
-                yield record
+                yield number, record
+
+
+def read_metrics(path: str | Path) -> Iterator[dict]:
+    """The records of a metrics.jsonl, one at a time, as `numbered_metrics` finds them."""
+    return (record for _, record in numbered_metrics(path))
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:

@@ -218,6 +218,34 @@ def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
                                                 f"out_dir or its metrics.jsonl\n"
 
 
+def test_plot_tool_refuses_a_file_of_no_metrics_records(tmp_path, capsys):
+    """Text, an empty file, JSON that is no object with a step and a metric, a PNG: one line, no plot."""
+    files = {"README.md": b"# bt_fast\n\nBarlow Twins.\n", "empty.jsonl": b"", "list.jsonl": b"[1, 2]\n",
+             "steps.jsonl": b'{"step": 1}\n', "metrics.png": b"\x89PNG\r\n\x1a\n\xff\xd8\x00"}
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(SystemExit) as exit_info:
+            plot_tool.main([str(path), "--out", str(tmp_path / "x.png")])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == (
+            f"error: {path} holds no metrics records (JSON objects of a step and its loss, one a line); "
+            f"give a run's out_dir or its metrics.jsonl\n"), name
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_tool_names_the_line_and_field_that_is_not_a_number(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    for lines, problem in (([{"step": "x", "loss": "y"}], "line 1: 'step' holds a string, not an integer"),
+                           ([{"step": 1, "loss": 2.0}, {"step": 2, "loss": [1.5]}],
+                            "line 2: 'loss' holds a list, not a number")):
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(SystemExit) as exit_info:
+            plot_tool.main([str(path), "--out", str(tmp_path / "x.png")])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == (
+            f"error: {path} {problem}; give a metrics.jsonl that training wrote\n")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_each_step_line_holds_its_epochs_crop_side(tmp_path):
     from bt_fast.run_log import RunLog
     config = load_config(None, [f"out_dir={tmp_path}", "epochs=4", "augment.start_image_size=32",

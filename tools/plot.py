@@ -3,17 +3,44 @@
     python -m tools.plot runs/demo runs/demo_reference --out compare.png
 
 A RUN is a run's out_dir (holding metrics.jsonl) or a metrics.jsonl itself; each run's lines are
-labelled with its directory name.
+labelled with its directory name. A file with no metrics records in it, or a record whose step or
+plotted metric is not a number, is refused in one line naming the file (and the line and field).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, output_file
+from bt_fast.errors import STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt, output_file
 
 with exit_on_interrupt(STARTING):
-    from bt_fast.plots import Curves, plot_runs, save_png
-    from bt_fast.run_log import METRICS_NAME, read_metrics
+    from bt_fast.plots import Curves, plot_runs, save_png, unplottable
+    from bt_fast.run_log import METRICS_NAME, numbered_metrics
+
+
+def read_curves(file: Path) -> Curves:
+    """The curves of one metrics.jsonl; a DataError naming the file if it holds no plotted metric, or the
+    file, line and field where a record's field is not a number."""
+    curves = Curves()
+    for number, record in numbered_metrics(file):
+        field = unplottable(record)
+        if field is not None:
+            kind = "an integer" if field == "step" else "a number"
+            raise DataError(f"{file} line {number}: '{field}' holds {json_type(record.get(field))}, not {kind}; "
+                            f"give a {METRICS_NAME} that training wrote")
+        curves.add(record)
+    if curves.empty():
+        raise DataError(f"{file} holds no metrics records (JSON objects of a step and its loss, one a line); "
+                        f"give a run's out_dir or its {METRICS_NAME}")
+    return curves
+
+
+JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+              list: "a list", dict: "an object"}
+
+
+def json_type(value: object) -> str:
+    """What a value `json.loads` returned is, in JSON's words ('a string', 'null')."""
+    return JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def load_runs(paths: list[Path]) -> dict[str, Curves]:
@@ -24,7 +51,7 @@ def load_runs(paths: list[Path]) -> dict[str, Curves]:
             raise UserError(f"run {path} has no {METRICS_NAME}; give a run's out_dir or its {METRICS_NAME}")
     names = [file.parent.name for file in files]
     labels = [name if names.count(name) == 1 else str(file.parent) for name, file in zip(names, files)]
-    return {label: Curves(read_metrics(file)) for label, file in zip(labels, files)}
+    return {label: read_curves(file) for label, file in zip(labels, files)}
 
 
 def main(argv: list[str] | None = None) -> None:
