@@ -47,18 +47,63 @@ def open_beton(path: Path) -> "Reader":
     from ffcv.fields.rgb_image import RGBImageField
     from ffcv.reader import Reader
 
+    size = path.stat().st_size
     try:
         reader = Reader(str(path))
     except Exception as err:  # noqa: BLE001 - FFCV raises anything from AssertionError to IndexError
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"cannot read FFCV dataset {path} ({reason}); delete it to reconvert from data=..., "
-                        f"or point ffcv.beton at a file written by `python -m tools.convert`") from None
+        raise _unreadable(path, _ends_before_table(path, size) or " ".join(str(err).split())
+                          or type(err).__name__) from None
+    cut_short = _cut_short(reader, size)
+    if cut_short:
+        raise _unreadable(path, cut_short)
     if not isinstance(reader.handlers.get("image"), RGBImageField):
         raise DataError(f"FFCV dataset {path} has no RGB 'image' field (fields: {', '.join(reader.handlers)}); "
                         f"write it with `python -m tools.convert SRC {path} --format ffcv`")
     if reader.num_samples == 0:
         raise DataError(f"FFCV dataset {path} holds no samples; reconvert it from a non-empty ImageFolder")
     return reader
+
+
+def _unreadable(path: Path, reason: str) -> DataError:
+    return DataError(f"cannot read FFCV dataset {path} ({reason}); delete it to reconvert from data=..., "
+                     f"or point ffcv.beton at a file written by `python -m tools.convert`")
+
+
+def _ends_before_table(path: Path, size: int) -> str | None:
+    """Why FFCV's `Reader` failed if the file of `size` bytes ends before its header's allocation table."""
+    header = np.fromfile(path, dtype=HEADER, count=1)
+    if not len(header):
+        return f"{size} bytes, shorter than its header"
+    if int(header[0]["alloc_table_ptr"]) > size:
+        return f"{size} bytes, cut short before its allocation table at byte {int(header[0]['alloc_table_ptr'])}"
+    return None
+
+
+def _cut_short(reader: "Reader", size: int) -> str | None:
+    """Why a file of `size` bytes does not hold everything `reader`'s header and tables point to (the
+    sample table, the allocation table, each sample's bytes); None if it does. Reads no sample.
+
+    FFCV's `Reader` takes what the file holds of each table without complaint (`np.fromfile` stops at
+    the end), so a file cut short opens and fails later, deep in whatever looks a sample up.
+    """
+    tables_end = HEADER.itemsize + reader.field_descriptors.nbytes + reader.num_samples * reader.metadata_type.itemsize
+    if size < tables_end:
+        return f"{size} bytes, cut short inside its sample table, which ends at byte {tables_end}"
+    table_at, row = int(reader.header["alloc_table_ptr"]), ALLOCATION.itemsize
+    if table_at < tables_end:
+        return f"its allocation table at byte {table_at} overlaps its sample table, which ends at byte {tables_end}"
+    if table_at > size or (size - table_at) % row:
+        return f"{size} bytes, cut short inside its allocation table at byte {table_at}"
+    table = reader.alloc_table
+    if len(table) and int((table["ptr"] + table["size"]).max()) > table_at:
+        return f"a sample's bytes run past the data region, which ends at byte {table_at}"
+    for name in reader.metadata.dtype.names:
+        field = reader.metadata[name]
+        if field.dtype.names and "data_ptr" in field.dtype.names:
+            missing = int((~np.isin(field["data_ptr"], table["ptr"])).sum())
+            if missing:
+                return f"{size} bytes, cut short: its allocation table lacks {missing} sample(s)"
+    return None
 
 
 def page_size_for(max_resolution: int) -> int:

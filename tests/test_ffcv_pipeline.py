@@ -20,6 +20,7 @@ from bt_fast.errors import DataError
 from pipelines import ffcv as P
 from pipelines.base import Placement
 from pipelines.crop_sampling import random_resized_crop, sample_seed
+from pipelines.ffcv_format import open_beton
 from pipelines.image_folder import find_image_folder
 
 # numba 0.68's dispatcher finalizer sometimes raises KeyError while garbage-collecting the
@@ -368,6 +369,22 @@ def broken_beton(beton: Path, path: Path, keep: int) -> Path:
     blob[start:start + 64] = bytes(64)
     path.write_bytes(bytes(blob))
     return path
+
+
+def test_a_beton_cut_short_anywhere_is_one_data_error_on_open(dataset, tmp_path):
+    """However few bytes are missing, opening says so and what to do: FFCV's `Reader` takes a partial
+    allocation table without complaint, which failed later as an IndexError in `stored_bytes`."""
+    _, beton = dataset
+    blob = beton.read_bytes()
+    table_at = int(P.Reader(str(beton)).header["alloc_table_ptr"])
+    open_beton(beton)  # the whole file opens
+    for cut in (1, 10, 24, 50, 200, len(blob) - table_at, len(blob) - table_at + 1, len(blob) - 100, len(blob)):
+        short = tmp_path / "short.beton"
+        short.write_bytes(blob[:len(blob) - cut])
+        with pytest.raises(DataError, match=rf"^cannot read FFCV dataset {short} \({len(blob) - cut} bytes, "
+                                            r"(cut short|shorter).*\); delete it to reconvert") as err:
+            open_beton(short)
+        assert "\n" not in str(err.value), cut
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
