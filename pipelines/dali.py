@@ -59,6 +59,7 @@ import torch
 from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
 from pipelines.base import EpochPipeline, Placement
+from pipelines.dali_format import index_problem
 from pipelines.image_folder import find_image_folder
 
 try:
@@ -141,6 +142,10 @@ class RecordSource:
             for path in (tar, index):
                 if not path.is_file():
                     raise DataError(f"{path} listed in {meta_path} is missing; rewrite the records with tools.convert")
+            problem = index_problem(index, int(shard["num_samples"]))
+            if problem:  # DALI would refuse it while building the graph, in a traceback
+                raise DataError(f"{index} is not the DALI index of its shard ({problem}); reconvert the records "
+                                f"with `python -m tools.convert SRC {root} --format dali --force`")
             self.shards.append((str(tar), str(index), int(shard["num_samples"])))
         self.num_samples = sum(n for _, _, n in self.shards)
         if self.num_samples != int(meta.get("num_samples", self.num_samples)):
@@ -426,7 +431,12 @@ class DALIPipeline(EpochPipeline):
                 reason = " ".join(str(err).split())[:200]
                 print(f"warning: DALI cannot restore its state from the checkpoint ({reason}); running the "
                       f"epoch's first {self.start_batch} batches again", file=sys.stderr)
-        return self.build(plan), 0
+        try:
+            return self.build(plan), 0
+        except RuntimeError as err:
+            if not isinstance(self.source, RecordSource):
+                raise
+            raise self._error(err, plan, 0) from None  # DALI parses every index entry here (a malformed one)
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         batch = tensor_list.as_tensor()

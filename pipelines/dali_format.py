@@ -136,6 +136,20 @@ def written_files(root: Path) -> tuple[list[str], int] | None:
         return None
 
 
+def index_problem(path: Path, num_samples: int) -> str | None:
+    """Why `path` is not the index of a shard of `num_samples` samples: its first line must be
+    `v1.2 <num_samples>`, then one whole line per sample; None if it is. Counts lines, parses no entry."""
+    data = path.read_bytes()
+    first, _, entries = data.partition(b"\n")
+    expected = f"{INDEX_VERSION} {num_samples}"
+    if first.decode("utf-8", "replace").strip() != expected:
+        return f"its first line is {first[:40].decode('utf-8', 'replace')!r}, not '{expected}'"
+    lines = entries.count(b"\n")
+    if lines != num_samples or not data.endswith(b"\n"):
+        return f"it holds {lines} whole lines of samples, not {num_samples}"
+    return None
+
+
 def shuffled_order(num_samples: int) -> np.ndarray:
     """The source positions in the order the shards store them (fixed seed `SHUFFLE_SEED`)."""
     return np.random.default_rng(SHUFFLE_SEED).permutation(num_samples)

@@ -445,6 +445,29 @@ def test_records_errors_name_the_problem(tmp_path, records):
         pipeline(make_config(records=str(broken)), batch=4)
 
 
+def test_a_corrupt_shard_index_is_one_data_error_naming_it(tmp_path, records, capsys):
+    """Found when the pipeline is made (before a run writes to out_dir), not as DALI's traceback from
+    building the graph; an entry DALI cannot parse is one line when the graph is built."""
+    index = (records / "shard-00000.idx").read_bytes()
+    lines = index.split(b"\n")
+    damages = {"junk": b"junk\n", "empty": b"", "lines cut": b"\n".join(lines[:3]) + b"\n",
+               "cut mid-line": index[:len(index) // 2], "header count": index.replace(b"v1.2 5", b"v1.2 4", 1)}
+    for damage, data in damages.items():
+        broken = tmp_path / damage.replace(" ", "_")
+        shutil.copytree(records, broken)
+        (broken / "shard-00000.idx").write_bytes(data)
+        with pytest.raises(DataError, match=rf"^{broken / 'shard-00000.idx'} is not the DALI index of its shard "
+                                            r"\(.*\); reconvert .* --format dali --force`$") as err:
+            pipeline(make_config(records=str(broken)), batch=4)
+        assert "\n" not in str(err.value), damage
+    garbled = tmp_path / "garbled"
+    shutil.copytree(records, garbled)
+    (garbled / "shard-00000.idx").write_bytes(index.replace(lines[2], b"not an entry"))
+    with pytest.raises(DataError, match=r"shard-00000.idx.* line 2 .*; rewrite them with tools.convert") as err:
+        next(iter(pipeline(make_config(records=str(garbled)), batch=4)))
+    assert "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
