@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, exit_on_interrupt
+from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt
 
 with exit_on_interrupt(STARTING):
     import numpy as np
@@ -44,7 +44,7 @@ with exit_on_interrupt(STARTING):
     import torchvision.transforms as T
     from PIL import Image
 
-    from bt_fast.config import AugmentSpec, Config
+    from bt_fast.config import MIN_IMAGE_SIZE, AugmentSpec, Config
     from pipelines.base import Placement
     from pipelines.dali import DALIPipeline
     from pipelines.dali_debug import FLAG_NAMES, grey_views, replay_view, to_pixels
@@ -268,22 +268,8 @@ def _print(report: dict) -> None:
                 print(f"  {size:6s} decode={decode:5s} {s['images_per_s']:7.1f} images/s  {s['cpu_ms_per_image']:6.2f} CPU ms/image")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DEMO), help="ImageFolder (default: the demo training set)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")
-    parser.add_argument("--replay", type=int, default=256, help="samples per view recomputed with PIL")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--speed", action="store_true", help="also measure throughput and the decode strategies")
-    parser.add_argument("--json", default=None, help="write the report here")
-    args = parser.parse_args(argv)
-    if not Path(args.data).is_dir():
-        print(f"error: {args.data} is not a directory; build the demo data with `make demo-data` or pass --data",
-              file=sys.stderr)
-        return 2
+def measure(args: argparse.Namespace) -> dict:
+    """Every section's figures for the parsed command line; a DataError for an unusable --data."""
     spec = AugmentSpec(image_size=args.image_size)
     torch.set_num_threads(max(1, args.workers))
     dali_pixels, ids, shapes, choices = collect_dali(args.data, spec, args.samples, args.batch_size, args.workers,
@@ -300,6 +286,37 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.speed:
         report["speed"] = section_speed(args.data, spec, args.workers)
+    return report
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A one-line argparse error for a number no section can use (a 0 batch divides by zero, 0 samples
+    leaves nothing to compare, a crop below MIN_IMAGE_SIZE fails inside DALI)."""
+    least = {"image_size": MIN_IMAGE_SIZE, "samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.dali_semantics", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DEMO), help="ImageFolder (default: the demo training set)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")
+    parser.add_argument("--replay", type=int, default=256, help="samples per view recomputed with PIL")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed", action="store_true", help="also measure throughput and the decode strategies")
+    parser.add_argument("--json", default=None, help="write the report here")
+    args = parser.parse_args(argv)
+    check_numbers(parser, args)
+    if not Path(args.data).is_dir():
+        print(f"error: {args.data} is not a directory; build the demo data with `make demo-data` or pass --data",
+              file=sys.stderr)
+        return 2
+    with cli_errors():
+        report = measure(args)
     _print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,39 @@
+"""tools.dali_semantics: bad arguments and unusable data are one `error:` line, not a traceback."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+from tools.dali_semantics import main  # noqa: E402
+
+
+def error_lines(capsys, *args: str) -> list[str]:
+    """The `error:` lines of a run of `main(args)` that exits 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    assert exc.value.code == 2
+    return [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize("option, value, least", [("--batch-size", "0", 1), ("--samples", "0", 1),
+                                                  ("--image-size", "0", 8), ("--replay", "-1", 0),
+                                                  ("--workers", "-1", 0)])
+def test_an_unusable_number_is_one_argparse_error(option, value, least, capsys):
+    assert error_lines(capsys, option, value) == [
+        f"python -m tools.dali_semantics: error: {option} must be at least {least}, got {value}"]
+
+
+def test_unusable_data_is_one_error_line(image_folder, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert error_lines(capsys, "--data", str(empty)) == [
+        f"error: data directory {empty} holds no images in class sub-directories (expected {empty}/<class>/<image>.jpg)"]
+    folder = tmp_path / "corrupt"
+    shutil.copytree(image_folder, folder)
+    (folder / "class1" / "zz_bad.jpg").write_bytes(b"plain text, not a JPEG")
+    [line] = error_lines(capsys, "--data", str(folder), "--batch-size", "5", "--samples", "25", "--image-size", "16",
+                         "--replay", "0", "--workers", "1")
+    assert line.startswith(f"error: cannot read image(s) in {folder}: {folder / 'class1' / 'zz_bad.jpg'}: ")
