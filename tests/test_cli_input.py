@@ -10,7 +10,7 @@ from bt_fast.files import check_output_file
 from test_reliability import tiny_args
 
 COMMANDS = ("bt_fast.train", "tools.convert", "tools.evaluate", "tools.plot", "tools.preview",
-            "tools.bench.__main__", "tools.gpu_check.__main__", "tools.make_demo_data")
+            "tools.bench.__main__", "tools.gpu_check.__main__", "tools.make_demo_data", "tools.dali_semantics")
 
 
 def run_command(module: str, argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -29,7 +29,8 @@ def test_an_argument_error_is_one_line_not_the_usage_block(module, capsys):
 
 @pytest.mark.parametrize("module, flag", [("tools.evaluate", "--json"), ("tools.plot", "--out"),
                                           ("tools.preview", "--out"), ("tools.bench.__main__", "--json"),
-                                          ("tools.bench.__main__", "--plot"), ("tools.gpu_check.__main__", "--json")])
+                                          ("tools.bench.__main__", "--plot"), ("tools.gpu_check.__main__", "--json"),
+                                          ("tools.dali_semantics", "--json")])
 @pytest.mark.parametrize("where", ["a directory", "below a file"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(module, flag, where, tmp_path, capsys):
     (tmp_path / "file").write_text("")

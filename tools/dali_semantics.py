@@ -28,7 +28,6 @@ speed         (--speed) images/s and CPU ms per image (both views, batch 64) of 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import statistics
@@ -36,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, cli_errors, exit_on_interrupt
+from bt_fast.errors import STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, output_file
 
 with exit_on_interrupt(STARTING):
     import numpy as np
@@ -45,6 +44,7 @@ with exit_on_interrupt(STARTING):
     from PIL import Image
 
     from bt_fast.config import MIN_IMAGE_SIZE, AugmentSpec, Config
+    from bt_fast.files import write_json
     from pipelines.base import Placement
     from pipelines.dali import DALIPipeline
     from pipelines.dali_debug import FLAG_NAMES, grey_views, replay_view, to_pixels
@@ -233,7 +233,7 @@ def section_speed(data: str, spec: AugmentSpec, workers: int, batch: int = 64, r
 
 def _print(report: dict) -> None:
     replay = report["replay"]
-    print(f"== replay: DALI view vs PIL/torchvision with the same choices, mean |diff| in grey levels (0..255)")
+    print("== replay: DALI view vs PIL/torchvision with the same choices, mean |diff| in grey levels (0..255)")
     for name, row in replay.items():
         if row["n"]:
             print(f"  {name:28s} n={row['n']:5d}  mad {row['mad']:6.2f}  p90 {row['p90']:6.2f}")
@@ -299,7 +299,7 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.dali_semantics", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m tools.dali_semantics", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEMO), help="ImageFolder (default: the demo training set)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")
@@ -308,18 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed", action="store_true", help="also measure throughput and the decode strategies")
-    parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--json", type=output_file, default=None, help="write the report here")
     args = parser.parse_args(argv)
     check_numbers(parser, args)
-    if not Path(args.data).is_dir():
-        print(f"error: {args.data} is not a directory; build the demo data with `make demo-data` or pass --data",
-              file=sys.stderr)
-        return 2
     with cli_errors():
+        if not Path(args.data).is_dir():
+            raise DataError(f"{args.data} is not a directory; build the demo data with `make demo-data` or pass --data")
         report = measure(args)
-    _print(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        _print(report)
+        if args.json:
+            write_json(args.json, report)
     return 0
 
 
