@@ -79,4 +79,4 @@ def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_pa
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith("error: --workers must be at least 1, got 0")
+    assert capsys.readouterr().err.splitlines() == ["error: --workers must be at least 1, got 0 (see --help)"]
