@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -211,15 +212,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at `path`, or a CheckpointError saying what to do. With `mmap`, tensors stay on
-    disk until used: a cheap check that the file is complete (its zip directory sits at the end)."""
+    disk until used: a cheap check that the file is complete (its zip directory sits at the end).
+    Without it, every byte is also checked against the CRC-32 torch.save wrote (`damaged_entry`)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        damaged = None if mmap else damaged_entry(Path(path))
+        if damaged is None:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        reason = f"is damaged (its entry {damaged} fails the CRC-32 it was written with)"
     except Exception as err:  # unpickling errors come in many types; all mean the same to the user
-        previous = previous_path(Path(path))
-        way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
-                   f"delete it to start afresh," if previous.is_file() else "delete it")
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
-                              f"{way_out} or choose another out_dir") from None
+        reason = f"cannot be read ({type(err).__name__})"
+    previous = previous_path(Path(path))
+    way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
+               f"delete it to start afresh," if previous.is_file() else "delete it")
+    raise CheckpointError(f"checkpoint {path} {reason}; {way_out} or choose another out_dir")
+
+
+def damaged_entry(path: Path) -> str | None:
+    """The first entry of torch.save's zip archive at `path` whose bytes do not match the CRC-32 stored
+    for them, or None (also for a file that is no zip archive: torch.load judges those). torch.load
+    does not check the CRCs, so bytes changed on disk would otherwise be trained on. Entries written
+    without a CRC (`torch.serialization.set_crc32_options(False)` stores 0) are not checked."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0:
+                continue
+            try:
+                with archive.open(info) as entry:  # zipfile compares the CRC once the entry is read to its end
+                    while entry.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile:
+                return info.filename
+    return None
 
 
 def restore_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from torch import nn
 
 import bt_fast.checkpoint
 import bt_fast.files
-from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, serialized_bytes
+from bt_fast.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, load_checkpoint,
+                               serialized_bytes)
 from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
 from bt_fast.errors import StorageError
@@ -314,6 +316,41 @@ def test_an_unreadable_checkpoint_is_reported_before_the_first_use_conversion(im
     assert err.startswith(f"error: checkpoint {out_dir / CHECKPOINT_NAME} cannot be read (")
     assert err.strip().endswith("); delete it or choose another out_dir")
     assert not (tmp_path / "images.beton").exists()
+
+
+def test_a_checkpoint_whose_bytes_changed_on_disk_is_refused_not_trained_on(image_folder, tmp_path, capsys):
+    """torch.load does not check the CRC-32s torch.save writes into its zip archive (zipfile does): a
+    changed byte inside a tensor resumed the run from wrong weights."""
+    out_dir = tmp_path / "run"
+    code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=2", "checkpoint_every=1"))
+    assert code == 0, err
+    path = out_dir / CHECKPOINT_NAME
+    weight = torch.load(path, weights_only=True)["model"]["projector.0.weight"]
+    whole = bytearray(path.read_bytes())
+    at = bytes(whole).index(weight.numpy().tobytes()) + weight.numel() * 2  # a byte in the middle of the tensor
+    whole[at] ^= 0xFF
+    path.write_bytes(bytes(whole))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is not None  # the stdlib sees the damage
+    code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=3", "checkpoint_every=1"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: checkpoint {path} is damaged (its entry ")
+    assert err.strip().endswith(f"fails the CRC-32 it was written with); rename {PREVIOUS_NAME} (the one before it) "
+                                f"to {CHECKPOINT_NAME} to resume from there, delete it to start afresh, or choose "
+                                f"another out_dir")
+
+
+def test_a_checkpoint_written_without_crcs_still_loads(tmp_path):
+    state = {"step": 1, "weights": torch.arange(1000.0)}
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        atomic_save(state, tmp_path / CHECKPOINT_NAME)
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    with zipfile.ZipFile(tmp_path / CHECKPOINT_NAME) as archive:
+        assert {info.CRC for info in archive.infolist()} == {0}  # nothing to check against
+    assert torch.equal(load_checkpoint(tmp_path / CHECKPOINT_NAME)["weights"], state["weights"])
 
 
 def test_check_creates_nothing(image_folder, tmp_path, capsys):
