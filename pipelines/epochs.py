@@ -55,10 +55,18 @@ def rank_indices(num_samples: int, seed: int, epoch: int, rank: int, world_size:
     return rank_block(epoch_order(num_samples, seed, epoch), rank, world_size)
 
 
+class TooFewSamples(DataError):
+    """Fewer samples per rank than one batch; `where` and `num_samples` say which data and how many."""
+
+    def __init__(self, where: str, num_samples: int, batch_size: int, world_size: int):
+        super().__init__(f"{where} has {num_samples} images: too few for one batch of {batch_size} per rank "
+                         f"on {world_size} rank(s); lower batch_size")
+        self.where, self.num_samples = where, num_samples
+
+
 def samples_per_rank(num_samples: int, batch_size: int, world_size: int, where: str) -> int:
-    """Samples each rank reads per epoch; a DataError naming `where` if that is less than one batch."""
+    """Samples each rank reads per epoch; TooFewSamples if that is less than one batch."""
     per_rank = num_samples // world_size
     if per_rank < batch_size:
-        raise DataError(f"{where} has {num_samples} images: too few for one batch of {batch_size} per rank "
-                        f"on {world_size} rank(s); lower batch_size")
+        raise TooFewSamples(where, num_samples, batch_size, world_size)
     return per_rank

@@ -17,6 +17,7 @@ from bt_fast.files import atomic_write
 from bt_fast.host import usable_cores
 from pipelines import build_pipeline
 from pipelines.base import Placement
+from pipelines.epochs import TooFewSamples
 
 PAIRS_PER_ROW = 4
 
@@ -44,7 +45,11 @@ def first_pairs(config: Config, device: torch.device, pairs: int) -> tuple[torch
     With at most one worker per core: the views do not depend on the count, and for one batch more
     workers than cores only start slower."""
     config = dataclasses.replace(config, workers=min(config.workers, usable_cores()))
-    pipeline = build_pipeline(config, Placement(device), pairs)
+    try:
+        pipeline = build_pipeline(config, Placement(device), pairs)
+    except TooFewSamples as err:  # the batch here is the pairs asked for, not batch_size
+        raise DataError(f"{err.where} has {err.num_samples} images: fewer than the {pairs} pairs asked for; "
+                        f"ask for at most {err.num_samples}") from None
     pipeline.set_epoch(0)
     batch = next(iter(pipeline), None)
     if batch is None:

@@ -60,3 +60,14 @@ def test_preview_without_data_is_one_line(tmp_path, capsys):
         preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", "reference", "--out", str(tmp_path / "v.png")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: config key 'data' is required") and err.count("\n") == 1
+
+
+def test_more_pairs_than_images_names_the_pairs_not_batch_size(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=4)
+    with pytest.raises(SystemExit) as exit_info:
+        preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", "reference", "--data", str(data),
+                      "--pairs", "9", "--out", str(tmp_path / "v.png")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: data directory {data} has 8 images: fewer than the 9 pairs asked for; ask for at most 8"]
+    assert not (tmp_path / "v.png").exists()
