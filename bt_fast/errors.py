@@ -10,6 +10,7 @@ whose errors are one line too.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +109,13 @@ def cli_errors(*also: type[BaseException]) -> Iterator[None]:
             raise
         print_error(f"{lost}; run again with fewer workers")
         raise SystemExit(WorkerLost.exit_code) from None
+
+
+def ignore_interrupts_while_exiting() -> None:
+    """For a command whose work is done and said: a Ctrl-C while the interpreter shuts down (atexit
+    handlers such as tqdm's, loader threads) has nothing left to stop and would only print
+    "Exception ignored ... KeyboardInterrupt" tracebacks after the result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class CliParser(argparse.ArgumentParser):

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.errors import STARTING, CliParser, exit_on_interrupt
+from bt_fast.errors import STARTING, CliParser, exit_on_interrupt, ignore_interrupts_while_exiting
 
 # Loading torch, torchvision and the pipelines takes seconds; Ctrl-C meanwhile is one line, exit 130.
 with exit_on_interrupt(STARTING):
@@ -495,3 +495,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    ignore_interrupts_while_exiting()

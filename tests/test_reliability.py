@@ -84,6 +84,21 @@ def test_a_second_ctrl_c_aborts_at_once_with_one_line(image_folder, tmp_path, ca
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
+@pytest.mark.timeout(240)
+def test_ctrl_c_after_the_result_is_printed_leaves_it_the_last_output(image_folder, tmp_path):
+    """A Ctrl-C while the interpreter shuts down (tqdm's atexit handler, loader threads) printed
+    "Exception ignored ... KeyboardInterrupt" tracebacks after a finished run's result."""
+    command = [sys.executable, "-m", "bt_fast.train", *tiny_args(image_folder, tmp_path / "run", "workers=2")]
+    run = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in run.stdout:
+        if line.startswith("backbone:"):
+            os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends, to the whole group
+            break
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folder, tmp_path, monkeypatch):
     """Counted when the checkpoint's state is taken (it is written on a thread of its own after that)."""
     from bt_fast.checkpoint import BackgroundSave

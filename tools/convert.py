@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import CliParser, DataError, Interrupted, cli_errors
+from bt_fast.errors import CliParser, DataError, Interrupted, cli_errors, ignore_interrupts_while_exiting
 from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt, outcome
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
@@ -58,4 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    ignore_interrupts_while_exiting()
+    sys.exit(code)

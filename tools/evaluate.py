@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt, output_file,
-                             print_error)
+from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
+                             ignore_interrupts_while_exiting, output_file, print_error)
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -242,4 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    ignore_interrupts_while_exiting()
+    sys.exit(code)
