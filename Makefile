@@ -81,6 +81,8 @@ OFFLINE_PYTHON ?= python3.12
 WHEELS         ?= wheels
 FFCV_PY_DEPS   := terminaltables assertpy fastargs pytorch-pfn-extras psutil tqdm
 offline-wheels: | system-deps
+	@$(OFFLINE_PYTHON) -c '' 2>/dev/null || { echo "error: OFFLINE_PYTHON=$(OFFLINE_PYTHON) does not run here;" \
+	  "set it to an interpreter of the offline node's Python version, e.g. OFFLINE_PYTHON=/usr/bin/python3.12" >&2; exit 2; }
 	@set -euo pipefail; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	pins=$$(grep -E '^(ffcv|nvidia-dali-cuda130|torchcodec)==' requirements.txt); \
 	$(OFFLINE_PYTHON) -m venv "$$tmp/venv"; pip="$$tmp/venv/bin/python -m pip"; \

@@ -23,6 +23,18 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}
 die() { echo "error: $*" >&2; exit 2; }
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES must be a positive whole number"
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS must be a whole number"
+[[ $LOCAL_NODES =~ ^[01]$ ]] || die "LOCAL_NODES=$LOCAL_NODES must be 0 or 1 (1: simulate NODES nodes on this machine)"
+if [ -n "${MASTER_PORT:-}" ]; then
+  [[ $MASTER_PORT =~ ^[0-9]+$ ]] && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
+    || die "MASTER_PORT=$MASTER_PORT must be a port number, 1..65535"
+fi
+# Where this host opens the rendezvous store (node 0, or the simulated nodes): torchrun would otherwise
+# fail with a two-part traceback (EADDRINUSE).
+check_port_free() {
+  "$PYTHON" -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$1" \
+    2>/dev/null || die "MASTER_PORT=$1 is already in use on this host; choose another port"
+}
 
 args=(--config "$CONFIG")
 [ -n "${DATA:-}" ] && args+=("data=$DATA")
@@ -81,6 +93,7 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ "$LOCAL_NODES" != 1 ]; then
 fi
 
 if [ "$LOCAL_NODES" = 1 ]; then
+  [ -z "${MASTER_PORT:-}" ] || check_port_free "$MASTER_PORT"
   port=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
   # Each node's torchrun gets a session of its own, so that a Ctrl-C reaches it once, from the trap
   # below, as on a real node. A second signal would cut torchrun's graceful stop short: it then
@@ -132,6 +145,10 @@ if [ "$NODES" != 1 ]; then
     exit 2
   fi
   [[ $NODE_RANK =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NODES" ] || die "NODE_RANK=$NODE_RANK must be 0..$((NODES - 1))"
+  # A host name that does not resolve would be retried for minutes, then end in a traceback.
+  "$PYTHON" -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "$MASTER_ADDR" 2>/dev/null \
+    || die "MASTER_ADDR=$MASTER_ADDR does not resolve on this host; give the host name or address of node 0"
+  [ "$NODE_RANK" != 0 ] || check_port_free "$MASTER_PORT"
   # Node 0 hosts the rendezvous store; saying so beats guessing from host names.
   exec "${torchrun[@]}" --nnodes "$NODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id "bt_fast-$MASTER_PORT" --rdzv-conf "is_host=$([ "$NODE_RANK" = 0 ] && echo true || echo false)" \

@@ -314,6 +314,32 @@ def test_several_nodes_without_a_rendezvous_print_the_command_for_each_node(tmp_
                    for line in err.splitlines())
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"LOCAL_NODES": "yes"}, "LOCAL_NODES=yes must be 0 or 1 (1: simulate NODES nodes on this machine)"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc", "NODE_RANK": "0"},
+     "MASTER_PORT=abc must be a port number, 1..65535"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999", "NODE_RANK": "0"},
+     "MASTER_PORT=99999 must be a port number, 1..65535"),
+    # .invalid never resolves (RFC 2606)
+    ({"MASTER_ADDR": "nonexistent.invalid", "MASTER_PORT": "29544", "NODE_RANK": "1"},
+     "MASTER_ADDR=nonexistent.invalid does not resolve on this host; give the host name or address of node 0"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "BUSY", "NODE_RANK": "0"},
+     "MASTER_PORT=BUSY is already in use on this host; choose another port"),
+    ({"LOCAL_NODES": "1", "MASTER_PORT": "BUSY"}, "MASTER_PORT=BUSY is already in use on this host; choose another port"),
+])
+def test_a_rendezvous_that_cannot_work_is_one_line_before_torchrun(settings, message, image_folder, tmp_path):
+    """torchrun retried an unresolvable MASTER_ADDR for minutes and ended each of these in a traceback."""
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        settings = {key: port if value == "BUSY" else value for key, value in settings.items()}
+        code, out, err = finish(launch(["max_steps=2"], NODES=2, GPUS=1, DATA=image_folder, OUT=tmp_path / "run",
+                                       **settings), timeout=60)
+    assert code == 2 and err.strip().splitlines() == [f"error: {message.replace('BUSY', port)}"], err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_under_slurm_one_torchrun_per_node_meets_at_the_first_host(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -29,12 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt, print_error
+from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error
 
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
@@ -126,6 +127,11 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float) -> int:
         print_error(f"stopped by {name} before this launch wrote a checkpoint; the command resumes from "
                     f"{checkpoint if checkpoint.is_file() else 'the start'}")
         return code or 1
+    except RendezvousConnectionError as err:  # node 0 unreachable, or its store could not open its port
+        cause = one_line(err.__cause__) if err.__cause__ is not None else one_line(err)
+        print_error(f"cannot reach the rendezvous at {options.rdzv_endpoint} ({cause}); check that node 0 runs "
+                    f"and that MASTER_ADDR and MASTER_PORT name it and a free port")
+        return 1
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
         reason = " ".join(str(failure.message).split()) if isinstance(failure.message, str) else ""
