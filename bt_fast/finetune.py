@@ -100,7 +100,8 @@ def read_train_list(path: str | Path, train_dir: str | Path, samples: Sequence[t
     """
     path, train_dir = Path(path), Path(train_dir)
     if not path.is_file():
-        raise DataError(f"train list {path} does not exist; pass a text file naming one training image per line")
+        raise DataError(f"train list {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass a text "
+                        f"file naming one training image per line")
     by_path: dict[str, int] = {}
     by_name: dict[str, list[int]] = {}
     for index, (image, _) in enumerate(samples):

@@ -64,6 +64,8 @@ def test_train_list_names_images_by_path_or_unique_name(split_folder, tmp_path):
         ft.read_train_list(unknown, train, samples)
     with pytest.raises(DataError, match=r"missing\.txt does not exist"):
         ft.read_train_list(tmp_path / "missing.txt", train, samples)
+    with pytest.raises(DataError, match=f"^train list {tmp_path} is a directory; pass a text file"):
+        ft.read_train_list(tmp_path, train, samples)
 
     # SimCLR's ImageNet lists name files alone (n01440764_10026.JPEG): unique names resolve
     renamed = [(str(train / "class1" / "n01_7.jpg"), 1), *samples]
