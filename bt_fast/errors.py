@@ -112,8 +112,8 @@ def cli_errors(*also: type[BaseException]) -> Iterator[None]:
 
 
 def ignore_interrupts_while_exiting() -> None:
-    """For a command whose work is done and said: a Ctrl-C while the interpreter shuts down (atexit
-    handlers such as tqdm's, loader threads) has nothing left to stop and would only print
+    """For a command whose work is done: a Ctrl-C while it prints its result or the interpreter shuts
+    down (atexit handlers such as tqdm's, loader threads) has nothing left to stop and would only print
     "Exception ignored ... KeyboardInterrupt" tracebacks after the result."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

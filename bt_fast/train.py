@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from bt_fast.errors import STARTING, CliParser, exit_on_interrupt, ignore_interrupts_while_exiting
 
@@ -457,7 +457,8 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = None) -> None:
+    """The command line; `work_done` is called once training has returned, before its result is printed."""
     parser = CliParser(
         prog="python -m bt_fast.train", description="Barlow Twins pretraining (resumes from <out_dir>/checkpoint.pth).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -478,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         print_error(f"interrupted; stopped without writing a checkpoint (the last one, if any, is in "
                     f"{Path(config.out_dir) / CHECKPOINT_NAME if 'config' in locals() else 'out_dir'})")
         sys.exit(130)
+    if work_done is not None:
+        work_done()
     if not summary.pop("is_main"):
         sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
     if summary["stopped_by"]:
@@ -494,5 +497,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    ignore_interrupts_while_exiting()
+    main(work_done=ignore_interrupts_while_exiting)
