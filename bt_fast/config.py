@@ -252,12 +252,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.safe_load`'s loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
-        seen: dict = {}
+        lines: dict[str, int] = {}  # key -> the line it was first given on
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str) and key in seen:
-                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
-            seen[key if isinstance(key, str) else id(key_node)] = key_node.start_mark.line + 1
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, str) and key in lines:
+                raise _DuplicateKey(f"key '{key}' is given twice (lines {lines[key]} and {line})")
+            if isinstance(key, str):
+                lines[key] = line
         return super().construct_mapping(node, deep)
 
 
