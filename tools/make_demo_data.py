@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help=f"processes writing the --imagenet-like set (default: the usable cores, {usable_cores()} here)")
     args = parser.parse_args(argv)
-    own = {"classes": 10, "workers": usable_cores()} if args.imagenet_like else {"train_per_class": 64, "val_per_class": 16}
-    other = tuple({"classes", "workers", "train_per_class", "val_per_class"} - set(own))
+    demo, imagenet_like = {"train_per_class": 64, "val_per_class": 16}, {"classes": 10, "workers": usable_cores()}
+    own, other = (imagenet_like, demo) if args.imagenet_like else (demo, imagenet_like)
     if any(getattr(args, name) is not None for name in other):
-        parser.error(f"{_flags(sorted(other))} are for {'the demo set' if args.imagenet_like else '--imagenet-like'} only")
-    for name, default in own.items():
+        parser.error(f"{_flags(list(other))} are for {'the demo set' if args.imagenet_like else '--imagenet-like'} only")
+    for name, default in own.items():  # each option's default, and at least 1
         value = default if getattr(args, name) is None else getattr(args, name)
         if value < 1:
             parser.error(f"{_flags([name])} must be at least 1, got {value}")

@@ -154,12 +154,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if e2e:
         args.train_batch_size = _default(args.train_batch_size, 16 if cpu else 256)
         steps, warmup = (4, 2) if cpu else (25, 5)
-        args.e2e_images = (256 if cpu else 8192) if args.e2e_images is None else args.e2e_images
+        args.e2e_images = _default(args.e2e_images, 256 if cpu else 8192)
     else:
         args.train_batch_size = _default(args.train_batch_size, (16 if quick else 32) if cpu else args.batch_size)
         steps, warmup = 3, 1
-    args.train_steps = steps if args.train_steps is None else args.train_steps
-    args.train_warmup = warmup if args.train_warmup is None else args.train_warmup
+    args.train_steps = _default(args.train_steps, steps)
+    args.train_warmup = _default(args.train_warmup, warmup)
     args.pipelines = _names(args.pipelines or ",".join(DEFAULT_PIPELINES if e2e else LOADERS))
     unknown = [p for p in args.pipelines if p not in LOADERS]
     if unknown or not args.pipelines:
