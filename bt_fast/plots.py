@@ -32,6 +32,7 @@ PANELS = (
 ROWS = 2
 SPARSE_KEYS = {"knn_top1"}  # logged once per k-NN evaluation: drawn with markers
 MAX_POINTS = 2000
+STEP_TYPE, VALUE_TYPE = "q", "d"  # the `array` type codes of a curve's columns: int64 steps, float64 values
 
 
 class Curves:
@@ -39,7 +40,7 @@ class Curves:
     records: what a run keeps to redraw metrics.png at each epoch end without reading metrics.jsonl again."""
 
     def __init__(self, records: Iterable[dict] = ()):
-        self._points = {key: (array("q"), array("d")) for key, _ in PANELS}
+        self._points = {key: (array(STEP_TYPE), array(VALUE_TYPE)) for key, _ in PANELS}
         for record in records:
             self.add(record)
 
@@ -67,13 +68,20 @@ class Curves:
 
 def unplottable(record: dict) -> str | None:
     """The first field `Curves.add` cannot take from `record`: a step that is not an integer, or a plotted
-    metric that is neither a number nor null; None if it can take them all."""
-    def number(value, kinds) -> bool:
-        return isinstance(value, kinds) and not isinstance(value, bool)
-    if not number(record.get("step"), int):
+    metric that is neither a number nor null, or either out of its column's range (a step beyond 64 bits, an
+    integer metric beyond a float's); None if it can take them all."""
+    def fits(value, kinds, column: str) -> bool:
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            return False
+        try:
+            array(column, [value])
+        except OverflowError:
+            return False
+        return True
+    if not fits(record.get("step"), int, STEP_TYPE):
         return "step"
-    return next((key for key, _ in PANELS if record.get(key) is not None and not number(record[key], (int, float))),
-                None)
+    return next((key for key, _ in PANELS
+                 if record.get(key) is not None and not fits(record[key], (int, float), VALUE_TYPE)), None)
 
 
 def thinned(steps: np.ndarray, values: np.ndarray, points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:

@@ -246,6 +246,33 @@ def test_plot_tool_names_the_line_and_field_that_is_not_a_number(tmp_path, capsy
     assert not (tmp_path / "x.png").exists()
 
 
+STEP_OUT_OF_RANGE = "'step' holds an integer outside -2**63..2**63 - 1, the 64-bit range of a step"
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"step": 2**63, "loss": 1.0}, STEP_OUT_OF_RANGE),
+    ({"step": -2**63 - 1, "loss": 1.0}, STEP_OUT_OF_RANGE),
+    ({"step": 2, "loss": 10**400}, "'loss' holds an integer beyond the range of a 64-bit float (about 1.8e308)"),
+])
+def test_plot_tool_names_the_line_and_field_out_of_range(bad, problem, tmp_path, capsys):
+    # These overflowed the curves' int64 / float64 columns with an OverflowError traceback.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_tool.main([str(path), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: {path} line 2: {problem}; give a metrics.jsonl that training wrote\n")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_tool_takes_the_extreme_steps_and_values_a_curve_can_hold(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": -2**63, "loss": 10**308}, {"step": 2**63 - 1, "loss": 1}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    steps, values = plot_tool.read_curves(path).series("loss")
+    assert steps.tolist() == [-2**63, 2**63 - 1] and values.tolist() == [1e308, 1.0]
+
+
 def test_each_step_line_holds_its_epochs_crop_side(tmp_path):
     from bt_fast.run_log import RunLog
     config = load_config(None, [f"out_dir={tmp_path}", "epochs=4", "augment.start_image_size=32",

@@ -4,7 +4,8 @@
 
 A RUN is a run's out_dir (holding metrics.jsonl) or a metrics.jsonl itself; each run's lines are
 labelled with its directory name. A file with no metrics records in it, or a record whose step or
-plotted metric is not a number, is refused in one line naming the file (and the line and field).
+plotted metric is not a number (or one out of range: a step beyond 64 bits), is refused in one line naming
+the file (and the line and field).
 """
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ def read_curves(file: Path) -> Curves:
     for number, record in numbered_metrics(file):
         field = unplottable(record)
         if field is not None:
-            kind = "an integer" if field == "step" else "a number"
-            raise DataError(f"{file} line {number}: '{field}' holds {json_type(record.get(field))}, not {kind}; "
+            raise DataError(f"{file} line {number}: '{field}' holds {problem(field, record.get(field))}; "
                             f"give a {METRICS_NAME} that training wrote")
         curves.add(record)
     if curves.empty():
@@ -41,6 +41,14 @@ JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a 
 def json_type(value: object) -> str:
     """What a value `json.loads` returned is, in JSON's words ('a string', 'null')."""
     return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def problem(field: str, value: object) -> str:
+    """What is wrong with the value `unplottable` found in `field`, as the rest of the sentence "'field' holds"."""
+    if isinstance(value, int) and not isinstance(value, bool):  # an integer it refused is out of range
+        return ("an integer outside -2**63..2**63 - 1, the 64-bit range of a step" if field == "step"
+                else "an integer beyond the range of a 64-bit float (about 1.8e308)")
+    return f"{json_type(value)}, not {'an integer' if field == 'step' else 'a number'}"
 
 
 def load_runs(paths: list[Path]) -> dict[str, Curves]:
