@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -256,11 +256,13 @@ def _check_args(fmt: str, max_resolution: int, jpeg_quality: int, workers: int, 
 def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int = DEFAULT_MAX_RESOLUTION,
             jpeg_quality: int = DEFAULT_JPEG_QUALITY, workers: int | None = None, force: bool = False,
             shard_size: int = DEFAULT_SHARD_SIZE, part_size: int = DEFAULT_PART_SIZE,
-            progress: bool = True) -> dict:
+            progress: bool = True, starting: Callable[[], None] | None = None) -> dict:
     """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`).
 
     `workers` defaults to the cores this process may use (`usable_cores()`); `shard_size` is samples per tar shard (dali), which
-    is also its resumable part; `part_size` is images per resumable part (ffcv).
+    is also its resumable part; `part_size` is images per resumable part (ffcv). `starting` is called once SRC
+    is listed and DST found usable, before anything is written: where a caller announces the work, which an
+    unusable input then never shows.
     Raises DataError (one-line message) for unusable arguments or input.
     """
     workers = workers if workers is not None else usable_cores()
@@ -270,15 +272,18 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     with worker_pool(workers) as pool:
         return _convert_listed(src, dst, fmt, prep, force, shard_size if fmt == "dali" else part_size, pool,
-                               workers, progress)
+                               workers, progress, starting)
 
 
 def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool, size: int,
-                    pool: WorkerPool | None, workers: int, progress: bool) -> dict:
+                    pool: WorkerPool | None, workers: int, progress: bool,
+                    starting: Callable[[], None] | None) -> dict:
     """`convert` from listing the source on, with the workers started; `size` is images per part."""
     state = source_state(src) if src.exists() else None  # before the scan: a change made during it is newer
     classes, samples = scan_source(src)  # a missing source fails before anything is written
     check_writable(dst.parent)
+    if starting is not None:
+        starting()
     remove_orphaned_temporaries(dst.parent, (dst.name,))  # left by a conversion that was killed
 
     job = {"source": str(src), "format": fmt, "max_resolution": prep.max_resolution,

@@ -272,11 +272,12 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
     say = log or (lambda message: print(message, file=sys.stderr))
     with _file_lock(path, config.data):
         if not path.is_file():  # another rank may have finished while we waited
-            say(f"converting {config.data} to {path} for the FFCV pipeline (first use)")
             try:
                 report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
                                  jpeg_quality=config.ffcv.jpeg_quality,
-                                 workers=max(1, min(config.workers, usable_cores())))
+                                 workers=max(1, min(config.workers, usable_cores())),
+                                 starting=lambda: say(f"converting {config.data} to {path} for the FFCV pipeline "
+                                                      f"(first use)"))
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted while converting {config.data} to {path} (first use); "
                                   f"{kept_after_interrupt(path)}") from None

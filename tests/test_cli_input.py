@@ -124,3 +124,14 @@ def test_make_demo_data_refuses_counts_it_would_ignore_or_misuse(argv, message, 
     code, err = run_command("tools.make_demo_data", argv, capsys)
     assert code == 2 and err == [f"error: {message} (see --help)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_path, capsys):
+    # The conversion was announced ("converting ... (first use)") before the listing found no images.
+    empty = tmp_path / "train"
+    (empty / "some_class").mkdir(parents=True)
+    code, err = run_command("bt_fast.train", tiny_args(empty, tmp_path / "run", "pipeline=ffcv"), capsys)
+    assert code == 2 and err == [f"error: data directory {empty} holds no images in class sub-directories "
+                                 f"(expected {empty}/<class>/<image>.jpg)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no .beton, report, lock or out_dir
+    assert [p.name for p in empty.iterdir()] == ["some_class"]
