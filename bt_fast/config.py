@@ -20,6 +20,12 @@ from bt_fast.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE = 8  # the smallest crop whose blur kernel (3 taps) still fits its reflect padding
+# The largest --image-size tools.evaluate and tools.bench take: about twice the largest evaluation crop of
+# torchvision's pretrained weights (600 px, EfficientNet-B7), and the largest stored side the FFCV pipeline
+# takes by default (ffcv.max_padded_side). Past it an ImageNet photograph (under 500 px a side on average)
+# is only upsampled, and a batch of such images outgrows a DataLoader worker's memory. A config's
+# augment.image_size is bounded by the memory check at start instead.
+MAX_IMAGE_SIZE = 1024
 SIZE_STEP = 32       # progressive resizing moves between multiples of this
 MIN_BATCH_PER_RANK = 2  # BatchNorm's training statistics need more than one value per channel
 PROJECTOR_WIDTHS = re.compile(r"[1-9][0-9]*(-[1-9][0-9]*)*")  # e.g. 8192-8192-8192

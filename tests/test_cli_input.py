@@ -86,16 +86,32 @@ def test_seeds_are_the_32_bit_values_the_generators_take(seed, accepted):
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--reps", "0"], "--reps must be at least 1"),
-    (["--image-size", "0"], "--image-size must be at least 1"),
+    (["--image-size", "0"], "--image-size must lie in 8..1024 pixels, got 0"),
+    (["--image-size", "100000"], "--image-size must lie in 8..1024 pixels, got 100000"),
+    (["--train-image-size", "1025"], "--train-image-size must lie in 8..1024 pixels, got 1025"),
     (["--projector", "abc"], "--projector takes layer widths joined by '-', e.g. 8192-8192-8192; got 'abc'"),
     (["--child-timeout", "-1"], "--child-timeout must be a positive number of seconds, got -1.0"),
 ])
-def test_bench_refuses_zero_sizes_and_a_bad_projector_as_it_starts(argv, message, capsys):
+def test_bench_refuses_sizes_out_of_range_and_a_bad_projector_as_it_starts(argv, message, capsys):
     from tools.bench.__main__ import parse_args
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--device", "cpu", *argv])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {message} (see --help)"]
+
+
+@pytest.mark.parametrize("size", ["0", "1025", "100000"])
+def test_evaluate_refuses_an_image_size_that_cannot_work_before_any_work(size, tmp_path, capsys):
+    # 100000 px went on to resize every image to 114286 px a side, until the out-of-memory killer ended a
+    # DataLoader worker and the error advised fewer workers.
+    argv = ["--random-init", "--arch", "resnet18", "--data", str(tmp_path / "missing"), "--workers", "0"]
+    code, err = run_command("tools.evaluate", [*argv, "--image-size", size], capsys)
+    assert code == 2 and err == [f"error: --image-size must lie in 1..1024 pixels, got {size} (see --help)"]
+    # the bounds themselves pass, on to the first check of the work: the data directory
+    for bound in ("1", "1024"):
+        code, err = run_command("tools.evaluate", [*argv, "--image-size", bound], capsys)
+        assert code == 2 and err == [f"error: data directory {tmp_path / 'missing'} does not exist; pass --data DIR "
+                                     f"with train/ and val/ sub-folders"]
 
 
 @pytest.mark.parametrize("value, message", [

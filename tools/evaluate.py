@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bt_fast.config import MAX_IMAGE_SIZE
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
                              ignore_interrupts_while_exiting, output_file, print_error)
 from bt_fast.host import usable_cores
@@ -176,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="knn")
     p.add_argument("--arch", choices=sorted(BACKBONE_DIM), help="default: the checkpoint's config or its keys")
     p.add_argument("--image-size", type=int,
-                   help="default: augment.image_size of the checkpoint's config, or of its run's config.yaml or "
-                        "checkpoint.pth beside a backbone.pth, else 224")
+                   help=f"crop side in pixels, 1 to {MAX_IMAGE_SIZE}; default: augment.image_size of the checkpoint's "
+                        f"config, or of its run's config.yaml or checkpoint.pth beside a backbone.pth, else 224. "
+                        f"Evaluation resizes images to 8/7 of it (256 for 224, torchvision's ImageNet recipe) and "
+                        f"centre-crops them; past {MAX_IMAGE_SIZE}, about twice torchvision's largest pretrained crop "
+                        f"(600), ImageNet photographs are only upsampled and a batch outgrows memory")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, help="training epochs (default: linear 100, finetune 20)")
     p.add_argument("--lr", type=float, help="linear probe learning rate (default 0.3)")
@@ -220,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in {**DEFAULTS, **(FINETUNE_DEFAULTS if args.mode == "finetune" else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("image_size", "batch_size", "epochs", "k", "workers"):
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        parser.error(f"--image-size must lie in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
+    for name in ("batch_size", "epochs", "k", "workers"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")

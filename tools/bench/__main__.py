@@ -41,7 +41,7 @@ from bt_fast.host import usable_cores
 with exit_on_interrupt(STARTING):
     import torch
 
-    from bt_fast.config import PROJECTOR_WIDTHS
+    from bt_fast.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PROJECTOR_WIDTHS
     from bt_fast.distributed import resolve_device
     from bt_fast.files import write_json
     from bt_fast.model import BACKBONE_DIM
@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
              "data/imagenet_like_<N> (default 256 on the CPU, 8192 on CUDA)")
     add("--batch-size", type=int, default=None, help="per-device batch (default 64; --quick 32)")
     add("--workers", type=int, default=usable_cores(), help="loader workers (default: the usable cores)")
-    add("--image-size", type=int, default=None, help="crop size for loaders and augmentation (default 224; --quick 128)")
+    add("--image-size", type=int, default=None,
+        help=f"crop size for loaders and augmentation, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 224; --quick "
+             f"128): the pipelines' smallest crop, and tools.evaluate's largest, about twice torchvision's largest "
+             f"pretrained crop (600)")
     add("--train-pipelines", default=None,
         help="pipelines that feed the training step, each in a fresh process (default: the entries of --pipelines "
              "that are a pipeline's default mode; "
@@ -100,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         help="training-step model (default: resnet18 on CPU, resnet50 on CUDA)")
     add("--projector", default=None, help="training-step projector (default 512-512-512 on CPU, 8192-8192-8192 on CUDA)")
     add("--train-image-size", type=int, default=None,
-        help="training-step crop size (default 64 on CPU, --image-size on CUDA)")
+        help=f"training-step crop size, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 64 on CPU, --image-size on CUDA)")
     add("--train-batch-size", type=int, default=None,
         help="training-step batch (default 32 on CPU, --quick 16; --batch-size on CUDA)")
     add("--amp", choices=("auto", "bfloat16", "float16", "none"), default=None,
@@ -169,8 +172,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.train_pipelines = default_modes if train is None else [] if train.strip() == "none" else _names(train)
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
-    for flag in ("batch_size", "image_size", "reps", "loader_batches", "train_steps", "decode_images",
-                 "train_batch_size", "train_image_size", *(("e2e_images",) if e2e else ())):
+    for flag in ("image_size", "train_image_size"):  # the pipelines' augment.image_size
+        if not MIN_IMAGE_SIZE <= getattr(args, flag) <= MAX_IMAGE_SIZE:
+            parser.error(f"--{flag.replace('_', '-')} must lie in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels, "
+                         f"got {getattr(args, flag)}")
+    for flag in ("batch_size", "reps", "loader_batches", "train_steps", "decode_images", "train_batch_size",
+                 *(("e2e_images",) if e2e else ())):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
