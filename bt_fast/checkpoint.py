@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
 import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -145,6 +147,36 @@ class BackgroundSave:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far the pretraining run that saved a checkpoint had come: `step` of the `total_steps` of all its
+    epochs, and `epoch` (the epochs complete) of `epochs`. A run paused by max_steps is not finished."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "finished": self.finished}
+
+
+def saved_progress(state: Any) -> Progress | None:
+    """The progress a bt_fast checkpoint (`state` as torch.load returned it) records; None for anything
+    that records none: a state dict, another trainer's checkpoint, or a bt_fast checkpoint written before
+    checkpoints recorded their `schedule_steps`."""
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        return None
+    found = (state.get("step"), state.get("schedule_steps"), state.get("epoch"), state["config"].get("epochs"))
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in found):
+        return None
+    return Progress(*found)
 
 
 class RunCheckpoint:

@@ -1,7 +1,8 @@
 """Frozen-evaluation backbones: read out of saved weights, or freshly initialised as a baseline.
 
 `load_backbone(path)` accepts
-- a bt_fast `checkpoint.pth` (the `backbone.*` weights of its `model`; arch and image size from its `config`),
+- a bt_fast `checkpoint.pth` (the `backbone.*` weights of its `model`; arch and image size from its `config`,
+  and how far its run had come: `bt_fast.checkpoint.saved_progress`),
 - a bt_fast `backbone.pth` (a plain torchvision state dict; arch from its keys, training image size
   from the run's `config.yaml` or `checkpoint.pth` beside it),
 - any torchvision-style ResNet state dict, such as the official Barlow Twins `resnet50.pth`
@@ -23,7 +24,7 @@ from torch import nn
 
 import yaml
 
-from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError
+from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, Progress, saved_progress
 from bt_fast.config import check_choice
 from bt_fast.model import BACKBONE_DIM, make_backbone
 
@@ -37,6 +38,7 @@ class LoadedBackbone:
     arch: str
     kind: str                    # "bt_fast checkpoint", "checkpoint" or "state dict"
     image_size: int | None       # training image size from the file's config or its run's (see run_config)
+    progress: Progress | None = None  # how far its pretraining run had come, where the file records it
 
 
 def strip_prefixes(key: str) -> str:
@@ -138,7 +140,10 @@ def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
                               f"written by training, or a ResNet state dict")
     if arch is not None:
         check_choice("arch", arch, BACKBONE_DIM)
-    state, kind, config = backbone_state(_read(path), path)
+    saved = _read(path)
+    state, kind, config = backbone_state(saved, path)
+    progress = saved_progress(saved)
+    del saved  # a checkpoint's optimizer state, as large as its model, is of no use past here
     config_arch = config.get("arch") if config else None
     if arch and config_arch and arch != config_arch:
         raise CheckpointError(f"checkpoint {path} was trained as {config_arch} (its config), not {arch}; "
@@ -159,7 +164,7 @@ def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
     image_size = None
     if config and isinstance(config.get("augment"), dict):
         image_size = config["augment"].get("image_size")
-    return LoadedBackbone(backbone, chosen, kind, int(image_size) if image_size else None)
+    return LoadedBackbone(backbone, chosen, kind, int(image_size) if image_size else None, progress)
 
 
 def random_backbone(arch: str, seed: int = 0) -> nn.Module:

@@ -311,6 +311,31 @@ def test_cli_compare_matches_separate_runs(split_folder, rn18_file, tmp_path, ca
     assert result["random_init"]["random_init"] is True and result["random_init"]["checkpoint"] is None
 
 
+def test_cli_notes_a_checkpoint_of_an_unfinished_run_and_records_its_progress(split_folder, tmp_path, capsys):
+    from bt_fast.train import train
+    from tests.test_train import tiny_config
+    run = tmp_path / "run"
+    train(tiny_config(split_folder / "train", run, "max_steps=4"))  # 4 of 2 epochs x 3 steps (24 images, batch 8)
+    checkpoint, out = run / "checkpoint.pth", tmp_path / "eval.json"
+    capsys.readouterr()
+    argv = ["--compare", "--checkpoint", str(checkpoint), "--data", str(split_folder), "--json", str(out), *COMMON]
+    assert ev.main(argv) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {checkpoint} is from an unfinished pretraining run, saved at step 4 of 6 (1 of 2 epochs complete); "
+        f"evaluating its weights as they were then"]
+    result = json.loads(out.read_text())
+    assert result["pretrained"]["pretraining"] == {"step": 4, "total_steps": 6, "epoch": 1, "epochs": 2,
+                                                   "finished": False}
+    assert result["random_init"]["pretraining"] is None
+
+    train(tiny_config(split_folder / "train", run))  # the same run, finished
+    capsys.readouterr()
+    assert ev.main(argv[1:]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads(out.read_text())["pretraining"] == {"step": 6, "total_steps": 6, "epoch": 2, "epochs": 2,
+                                                          "finished": True}
+
+
 @pytest.mark.parametrize("cache", ["--cache-features", "--no-cache-features"])
 def test_cli_linear_probe_runs_both_ways(split_folder, rn18_file, tmp_path, capsys, cache):
     out = tmp_path / "linear.json"

@@ -8,7 +8,8 @@
 
 Checkpoints: a bt_fast checkpoint.pth or backbone.pth, or any torchvision-style ResNet state dict such as
 the official Barlow Twins resnet50.pth (the formats `bt_fast.weights` reads). The arch is inferred
-unless --arch is given.
+unless --arch is given. The checkpoint.pth of an unfinished run (stopped, or paused by max_steps) is evaluated
+as it is, after a `note:` line naming the step and epoch it reached; --json records that as `pretraining`.
 
 Data: `--data DIR` with `train/` and `val/` sub-folders (the demo layout), or `--data TRAIN --val-data VAL`.
 
@@ -36,6 +37,7 @@ from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_error
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
+    from bt_fast.checkpoint import Progress
     from bt_fast.distributed import resolve_device
     from bt_fast.evaluation import EvalSettings, evaluate_backbones
     from bt_fast.files import write_json
@@ -69,10 +71,12 @@ def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tupl
 
 def _record(mode: str, accuracy: tuple[float, float], checkpoint: str | None, arch: str,
             settings: EvalSettings | FinetuneSettings, facts: dict[str, Any], random_init: bool,
-            index: int) -> dict[str, Any]:
-    """What --json writes for backbone `index` of the run."""
+            index: int, progress: Progress | None = None) -> dict[str, Any]:
+    """What --json writes for backbone `index` of the run; `progress`: how far the checkpoint's pretraining
+    run had come, where it records that."""
     record = {"mode": mode, "top1": round(accuracy[0], 4), "top5": round(accuracy[1], 4),
-              "checkpoint": checkpoint, "random_init": random_init, "arch": arch,
+              "checkpoint": checkpoint, "random_init": random_init,
+              "pretraining": progress.to_dict() if progress is not None else None, "arch": arch,
               "image_size": settings.image_size, "train_images": facts["train_images"],
               "val_images": facts["val_images"], "classes": facts["classes"]}
     if mode == "knn":
@@ -118,6 +122,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"warning: {args.checkpoint} records no training image size (nor does a config.yaml or checkpoint.pth "
               f"beside it); evaluating at {DEFAULT_IMAGE_SIZE} px, pass --image-size if it was trained at another",
               file=sys.stderr)
+    progress = loaded.progress if loaded and not args.random_init else None
+    if progress is not None and not progress.finished:  # legitimate, but its accuracy is not the run's
+        print(f"note: {args.checkpoint} is from an unfinished pretraining run, saved at step {progress.step} of "
+              f"{progress.total_steps} ({progress.epoch} of {progress.epochs} epochs complete); evaluating its "
+              f"weights as they were then", file=sys.stderr)
     train_dir, val_dir = resolve_splits(args.data, args.val_data)
     checkpoint = str(args.checkpoint) if args.checkpoint else None
 
@@ -146,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{facts['val_images']} val images, {facts['classes']} classes | {facts['seconds']:.1f} s")
 
     if args.compare:
-        pretrained = _record(args.mode, results[0], checkpoint, arch, settings, facts, False, 0)
+        pretrained = _record(args.mode, results[0], checkpoint, arch, settings, facts, False, 0, progress)
         baseline = _record(args.mode, results[1], None, arch, settings, facts, True, 1)
         print(header)
         print(f"{format_line('pretrained', pretrained)}  {checkpoint}")
@@ -155,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"top5 {pretrained['top5'] - baseline['top5']:+6.2f}")
         return {"pretrained": pretrained, "random_init": baseline}
     record = _record(args.mode, results[0], None if args.random_init else checkpoint, arch, settings, facts,
-                     args.random_init, 0)
+                     args.random_init, 0, progress)
     source = f"random init (seed {args.seed})" if args.random_init else checkpoint
     print(f"{format_line(args.mode, record)}  {source} | {header}")
     return record
