@@ -21,6 +21,7 @@ import numpy as np
 
 from bt_fast.errors import DataError
 from bt_fast.files import remove_path, write_json
+from bt_fast.host import HeapTrim
 from bt_fast.worker_pool import WorkerPool
 from pipelines.dali_format import ShardWriter
 from pipelines.ffcv_format import BetonPart, data_start, page_size_for
@@ -124,9 +125,14 @@ def job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
     return digest.hexdigest()
 
 
+_heap = HeapTrim()  # each worker process's own, from its first job
+
+
 def _prepare_job(job: tuple[ImagePrep, str]) -> Prepared:
     prep, path = job
-    return prep.stored(path)
+    result = prep.stored(path)
+    _heap.after_task()  # a large image's memory does not stay with the worker (HeapTrim)
+    return result
 
 
 @contextmanager
@@ -168,8 +174,10 @@ def prepared(jobs: Iterator[tuple[ImagePrep, str]], count: int, pool: WorkerPool
             yield job
 
     def consumed(results: Iterator[Prepared]) -> Iterator[Prepared]:
+        received = HeapTrim(4 << 20)  # the results' bytes pass through this process's heap too
         for result in results:
             free.release()
+            received.after_task()
             yield result
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing.pool
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -134,3 +135,52 @@ def test_worker_counts_default_to_the_cores_the_process_may_use():
                                 "runpy.run_module('tools.make_demo_data', run_name='__main__')"],
                                capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert "(default: the usable cores, 1 here)" in " ".join(help_text.stdout.split())
+
+
+_HEAP_AFTER_TASKS = """
+import ctypes, os, sys
+from bt_fast.host import HeapTrim
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+MiB = 1 << 20
+
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) // 1024
+
+def task(blocks):  # what a large image leaves: glibc maps a 24 MiB block, then puts the next ones on its heap
+    for size in (24 * MiB,) + (4 * MiB,) * blocks:
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block) if size > 4 * MiB else held.append(block)
+    while held:
+        libc.free(held.pop())
+
+held = []
+heap = HeapTrim(growth=16 * MiB)
+heap.after_task()  # in the parent, as the converter's module-level one may be before the pool forks
+if os.fork() == 0:
+    floor = resident()
+    task(2)
+    small = resident()
+    heap.after_task()
+    after_small = resident()
+    task(10)
+    large = resident()
+    heap.after_task()
+    print(floor, small, after_small, large, resident())
+    sys.stdout.flush()
+    os._exit(0)
+os.wait()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="HeapTrim acts on glibc's heap only")
+def test_a_worker_gives_back_the_heap_a_large_task_left_and_keeps_a_small_one():
+    """The premise is checked too: without the trim glibc keeps what the task freed resident."""
+    done = subprocess.run([sys.executable, "-c", _HEAP_AFTER_TASKS], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=True)
+    floor, small, after_small, large, after_large = map(int, done.stdout.split())
+    assert small >= floor + 7 and after_small == small  # 8 MiB kept: under the 16 MiB growth, no trim
+    assert large >= floor + 38  # 40 MiB freed and still resident
+    assert after_large <= floor + 2
