@@ -182,14 +182,14 @@ def finish_beton(handle: BinaryIO, data_end: int, parts: Sequence[Path], prep: I
 
     The pages of `parts` (their rows `.npy` files, in order) lie back to back from the data region's
     start, which `data_start` placed for at least as many samples as the rows hold. Writes the
-    allocation table at `data_end` (anything after it is cut off first, so this may be redone), then
-    the header, the field descriptors and one metadata row per sample at the start. One part's rows
-    are in memory at a time, beside the tables. With the data region where `data_start` puts it for
-    the rows' own count (no sample listed but skipped, or too few to move it by a page), the file is
-    byte-identical to what FFCV 1.0.2's `DatasetWriter` with one worker writes for the same images
-    when they fit in one part; each further part starts on a fresh page. FFCV's reader takes the table
-    by count from the header and the samples by pointer, so unused table room before the data is
-    never read.
+    allocation table at `data_end` (anything after it is cut off first, so this may be redone), then the
+    header, the field descriptors and one metadata row per sample at the start. One part's rows, and its
+    rows of the two tables, are in memory at a time: memory does not grow with the sample count. With
+    the data region where `data_start` puts it for the rows' own count (no sample listed but skipped, or
+    too few to move it by a page), the file is byte-identical to what FFCV 1.0.2's `DatasetWriter` with
+    one worker writes for the same images when they fit in one part; each further part starts on a fresh
+    page. FFCV's reader takes the table by count from the header and the samples by pointer, so unused
+    table room before the data is never read.
     """
     page_size = page_size_for(prep.max_resolution)
     mapped = [np.load(rows, mmap_mode="r") for rows in parts]
@@ -206,29 +206,30 @@ def finish_beton(handle: BinaryIO, data_end: int, parts: Sequence[Path], prep: I
     for i, (name, type_id) in enumerate(FIELD_TYPE_IDS.items()):
         descriptors[i]["type_id"] = type_id
         descriptors[i]["name"][:len(name)] = np.frombuffer(name.encode("ascii"), dtype="<u1")
-    metadata = np.zeros(total, dtype=SAMPLE_METADATA)
-    alloc = np.zeros(total, dtype=ALLOCATION)
-    image, label = metadata.dtype.names
+    handle.truncate(data_end)
+    header["alloc_table_ptr"] = data_end
+    metadata_start = HEADER.itemsize + descriptors.nbytes
     at = 0
-    for rows_file in parts:
+    for rows_file in parts:  # each part's rows of both tables, written in place
         rows = np.load(rows_file)
-        block = slice(at, at + len(rows))
-        metadata[image]["mode"][block] = JPEG_MODE
-        metadata[image]["width"][block], metadata[image]["height"][block] = rows["width"], rows["height"]
-        metadata[image]["data_ptr"][block] = rows["ptr"] + offset
-        metadata[label][block] = rows["label"]
-        alloc["sample_id"][block] = np.arange(at, at + len(rows))
-        alloc["ptr"][block], alloc["size"][block] = rows["ptr"] + offset, rows["size"]
+        metadata = np.zeros(len(rows), dtype=SAMPLE_METADATA)
+        image, label = metadata.dtype.names
+        metadata[image]["mode"] = JPEG_MODE
+        metadata[image]["width"], metadata[image]["height"] = rows["width"], rows["height"]
+        metadata[image]["data_ptr"] = rows["ptr"] + offset
+        metadata[label] = rows["label"]
+        alloc = np.zeros(len(rows), dtype=ALLOCATION)
+        alloc["sample_id"] = np.arange(at, at + len(rows))
+        alloc["ptr"], alloc["size"] = rows["ptr"] + offset, rows["size"]
+        handle.seek(metadata_start + at * SAMPLE_METADATA.itemsize)
+        handle.write(metadata.data)
+        handle.seek(data_end + at * ALLOCATION.itemsize)
+        handle.write(alloc.data)
         at += len(rows)
         offset += part_bytes(rows, page_size)
-    handle.truncate(data_end)
-    handle.seek(data_end)
-    header["alloc_table_ptr"] = data_end
-    handle.write(alloc.tobytes())
     handle.seek(0)
     handle.write(header.tobytes())
-    handle.write(descriptors.tobytes())
-    handle.write(metadata.tobytes())
+    handle.write(descriptors.data)
     handle.flush()
     return total
 
