@@ -36,6 +36,9 @@ def train_args(data: Path, out_dir: Path, pipeline: str) -> list[str]:
 def train_process(data: Path, out_dir: Path, pipeline: str, kill_at_loss: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(KILL_POINT), str(REPO)])}
     env.pop("BT_KILL_AT_LOSS", None)
+    # SIGKILL skips the exit handlers that remove the temporary files DALI's autograph writes, one per
+    # pipeline function: they go to the test's directory, not /tmp
+    env["TMPDIR"] = str(out_dir.parent)
     if kill_at_loss is not None:
         env["BT_KILL_AT_LOSS"] = str(kill_at_loss)
     return subprocess.Popen([sys.executable, "-m", "bt_fast.train", *train_args(data, out_dir, pipeline)], cwd=REPO,
