@@ -19,10 +19,21 @@ def error_lines(capsys, *args: str) -> list[str]:
 
 
 @pytest.mark.parametrize("option, value, least", [("--batch-size", "0", 1), ("--samples", "0", 1),
-                                                  ("--image-size", "0", 8), ("--replay", "-1", 0),
-                                                  ("--workers", "-1", 0)])
+                                                  ("--replay", "-1", 0), ("--workers", "-1", 0)])
 def test_an_unusable_number_is_one_error_line(option, value, least, capsys):
     assert error_lines(capsys, option, value) == [f"error: {option} must be at least {least}, got {value} (see --help)"]
+
+
+@pytest.mark.parametrize("size", ["0", "7", "1025", "100000"])
+def test_an_image_size_out_of_range_is_one_error_line_before_any_work(size, tmp_path, capsys):
+    # 100000 px went on to build DALI and PIL views of that side until memory ran out, with a traceback
+    report, missing = tmp_path / "report.json", tmp_path / "missing"
+    assert error_lines(capsys, "--image-size", size, "--data", str(missing), "--json", str(report)) == [
+        f"error: --image-size must lie in 8..1024 pixels, got {size} (see --help)"]
+    assert list(tmp_path.iterdir()) == []
+    for bound in ("8", "1024"):  # the bounds pass, on to the first check of the work: the data directory
+        assert error_lines(capsys, "--image-size", bound, "--data", str(missing), "--json", str(report)) == [
+            f"error: {missing} is not a directory; build the demo data with `make demo-data` or pass --data"]
 
 
 def test_unusable_data_is_one_error_line(image_folder, tmp_path, capsys):

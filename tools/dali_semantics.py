@@ -43,7 +43,7 @@ with exit_on_interrupt(STARTING):
     import torchvision.transforms as T
     from PIL import Image
 
-    from bt_fast.config import MIN_IMAGE_SIZE, AugmentSpec, Config
+    from bt_fast.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, AugmentSpec, Config
     from bt_fast.files import write_json
     from pipelines.base import Placement
     from pipelines.dali import DALIPipeline
@@ -291,8 +291,11 @@ def measure(args: argparse.Namespace) -> dict:
 
 def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A one-line argparse error for a number no section can use (a 0 batch divides by zero, 0 samples
-    leaves nothing to compare, a crop below MIN_IMAGE_SIZE fails inside DALI)."""
-    least = {"image_size": MIN_IMAGE_SIZE, "samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
+    leaves nothing to compare, a crop below MIN_IMAGE_SIZE fails inside DALI, one beyond MAX_IMAGE_SIZE
+    outgrows memory)."""
+    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        parser.error(f"--image-size must lie in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
+    least = {"samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
     for name, low in least.items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -301,7 +304,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m tools.dali_semantics", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEMO), help="ImageFolder (default: the demo training set)")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224,
+                        help=f"crop side in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 224)")
     parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")
     parser.add_argument("--replay", type=int, default=256, help="samples per view recomputed with PIL")
     parser.add_argument("--batch-size", type=int, default=64)
