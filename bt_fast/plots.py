@@ -66,22 +66,45 @@ class Curves:
         return np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64)
 
 
+def _fits(value: object, kinds: type | tuple[type, ...], column: str) -> bool:
+    """True if `value` is one of `kinds` (not a bool) that an `array` of type code `column` can hold."""
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        return False
+    try:
+        array(column, [value])
+    except OverflowError:
+        return False
+    return True
+
+
+def curve_step(record: dict) -> int | None:
+    """The step of `record` if a curve can take it (an integer within 64 bits), else None."""
+    step = record.get("step")
+    return step if _fits(step, int, STEP_TYPE) else None
+
+
+JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+              list: "a list", dict: "an object"}
+
+
+def _problem(field: str, value: object) -> str:
+    """What is wrong with the value of `field` that a curve refused, as the rest of "'field' holds"."""
+    if isinstance(value, int) and not isinstance(value, bool):  # an integer refused is out of range
+        return ("an integer outside -2**63..2**63 - 1, the 64-bit range of a step" if field == "step"
+                else "an integer beyond the range of a 64-bit float (about 1.8e308)")
+    kind = JSON_TYPES.get(type(value), type(value).__name__)
+    return f"{kind}, not {'an integer' if field == 'step' else 'a number'}"
+
+
 def unplottable(record: dict) -> str | None:
-    """The first field `Curves.add` cannot take from `record`: a step that is not an integer, or a plotted
-    metric that is neither a number nor null, or either out of its column's range (a step beyond 64 bits, an
-    integer metric beyond a float's); None if it can take them all."""
-    def fits(value, kinds, column: str) -> bool:
-        if not isinstance(value, kinds) or isinstance(value, bool):
-            return False
-        try:
-            array(column, [value])
-        except OverflowError:
-            return False
-        return True
-    if not fits(record.get("step"), int, STEP_TYPE):
-        return "step"
-    return next((key for key, _ in PANELS
-                 if record.get(key) is not None and not fits(record[key], (int, float), VALUE_TYPE)), None)
+    """Why `Curves.add` cannot take `record`, as "'field' holds ..." for the first field it cannot take: a
+    step that is not an integer, or a plotted metric that is neither a number nor null, or either out of its
+    column's range (a step beyond 64 bits, an integer metric beyond a float's); None if it can take them all."""
+    if curve_step(record) is None:
+        return f"'step' holds {_problem('step', record.get('step'))}"
+    field = next((key for key, _ in PANELS
+                  if record.get(key) is not None and not _fits(record[key], (int, float), VALUE_TYPE)), None)
+    return None if field is None else f"'{field}' holds {_problem(field, record[field])}"
 
 
 def thinned(steps: np.ndarray, values: np.ndarray, points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:

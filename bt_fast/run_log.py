@@ -30,7 +30,7 @@ import yaml
 
 from bt_fast.config import Config
 from bt_fast.files import atomic_write, atomic_write_text, write_json
-from bt_fast.plots import Curves, plot_runs, save_png
+from bt_fast.plots import Curves, curve_step, plot_runs, save_png, unplottable
 from bt_fast.preflight import tensorboard_writer_class
 from pipelines.views import pair_grid
 
@@ -53,31 +53,50 @@ def config_yaml(config: Config) -> str:
     return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
 
 
-def numbered_metrics(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number from 1, record) of each record of a metrics.jsonl, one at a time (a 1,000-epoch ImageNet
-    run logs 625,000): each line holding a JSON object with a step. Any other line is skipped, such as a torn
-    last line (a killed writer's); a file of no such lines yields nothing."""
+def _numbered_lines(path: str | Path) -> Iterator[tuple[int, str, dict | None]]:
+    """(line number from 1, line, record) of each line of a metrics.jsonl, one at a time (a 1,000-epoch
+    ImageNet run logs 625,000): the record is the line's JSON object if it holds a step, else None, as for a
+    torn last line (a killed writer's)."""
     with open(path, errors="replace") as lines:  # not UTF-8 text: no records, not a UnicodeDecodeError
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
             except ValueError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                yield number, record
+                record = None
+            yield number, line, record if isinstance(record, dict) and "step" in record else None
 
 
-def read_metrics(path: str | Path) -> Iterator[dict]:
-    """The records of a metrics.jsonl, one at a time, as `numbered_metrics` finds them."""
-    return (record for _, record in numbered_metrics(path))
+def numbered_metrics(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number from 1, record) of each record of a metrics.jsonl: each line holding a JSON object with
+    a step. Any other line is skipped; a file of no such lines yields nothing."""
+    return ((number, record) for number, _, record in _numbered_lines(path) if record is not None)
+
+
+def plotted_metrics(path: str | Path, warn: bool = True) -> Iterator[dict]:
+    """The records of a metrics.jsonl that the curves can take (`bt_fast.plots.unplottable`), one at a time.
+
+    Training writes no other, so any other was edited by hand: it is left out of metrics.png and
+    summary.json but stays in the file, and the run goes on; with `warn`, a one-line warning on stderr
+    names the file, the line and the field.
+    """
+    for number, record in numbered_metrics(path):
+        reason = unplottable(record)
+        if reason is None:
+            yield record
+        elif warn:
+            print(f"warning: {path} line {number}: {reason}; the record stays in the file but is left out of "
+                  f"{PLOT_NAME} and {SUMMARY_NAME}", file=sys.stderr)
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:
-    """Drop the records of steps after `step` (a killed run's lost work) and any torn line."""
+    """Drop the records of steps after `step` (a killed run's lost work) and any line that is no record,
+    such as a torn one. A record whose step is no step a curve can take (edited by hand) has no place in
+    that order: it is kept, as the other records are, line for line."""
     path = out_dir / METRICS_NAME
     if path.is_file():
-        atomic_write(path, lambda handle: handle.writelines(
-            (json.dumps(record) + "\n").encode() for record in read_metrics(path) if record["step"] <= step))
+        lines = (line if line.endswith("\n") else line + "\n" for _, line, record in _numbered_lines(path)
+                 if record is not None and (curve_step(record) is None or record["step"] <= step))
+        atomic_write(path, lambda handle: handle.writelines(line.encode() for line in lines))
 
 
 def metrics_missing(out_dir: Path) -> bool:
@@ -154,7 +173,7 @@ class RunLog:
         atomic_write_text(self.out_dir / CONFIG_NAME, config_yaml(config))
         self.started = time.monotonic() - elapsed_s
         metrics = self.out_dir / METRICS_NAME
-        self.curves = Curves(read_metrics(metrics) if metrics.is_file() else ())  # earlier segments' too
+        self.curves = Curves(plotted_metrics(metrics) if metrics.is_file() else ())  # earlier segments' too
         self.metrics = open(metrics, "a")
         self.tensorboard = None
         if config.tensorboard:
@@ -204,7 +223,8 @@ class RunLog:
                world_size: int) -> dict:
         """Redraw metrics.png and write summary.json from the whole of metrics.jsonl; returns the summary."""
         self.flush()
-        return write_summary(self.config, steps_per_epoch, total_steps, stopped_by, device, world_size)
+        return write_summary(self.config, steps_per_epoch, total_steps, stopped_by, device, world_size,
+                             warn=False)  # the start of this segment warned of the records left out
 
     def close(self) -> None:
         self.metrics.close()
@@ -213,12 +233,13 @@ class RunLog:
 
 
 def write_summary(config: Config, steps_per_epoch: int, total_steps: int, stopped_by: str | None,
-                  device: torch.device, world_size: int) -> dict:
-    """Redraw metrics.png and write summary.json from the whole of metrics.jsonl; returns the summary.
-    Also how the rerun of a complete run restores these two if a storage fault cut its end short."""
+                  device: torch.device, world_size: int, warn: bool = True) -> dict:
+    """Redraw metrics.png and write summary.json from the records of metrics.jsonl that the curves can take
+    (`plotted_metrics`, warning of the others with `warn`); returns the summary. Also how the rerun of a
+    complete run restores these two if a storage fault cut its end short."""
     out_dir = Path(config.out_dir)
     curves = Curves()
-    records = read_metrics(out_dir / METRICS_NAME)
+    records = plotted_metrics(out_dir / METRICS_NAME, warn)
     summary = {**summarise(curves.adding(records), steps_per_epoch, config.batch_size),
                "total_steps": total_steps, "stopped_by": stopped_by,
                "device": device_description(device, world_size), "versions": versions()}

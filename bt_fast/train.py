@@ -51,7 +51,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.progress import progress
     from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals, requeue_slurm_job
     from bt_fast.run_lock import RunLock
-    from bt_fast.run_log import (METRICS_NAME, RunLog, metrics_missing, read_metrics, summarise, truncate_metrics,
+    from bt_fast.run_log import (METRICS_NAME, RunLog, metrics_missing, plotted_metrics, summarise, truncate_metrics,
                                  write_summary)
     from bt_fast.schedule import learning_rate, set_learning_rates
     from bt_fast.step_clock import StepClock
@@ -408,12 +408,14 @@ def train(config: Config) -> dict:
         backbone = trainer.out_dir / BACKBONE_NAME
         if not trainer.stopped_by and not (already_complete and backbone.is_file()):
             backbone = trainer.save_backbone()
-        if already_complete and ctx.is_main and metrics_missing(trainer.out_dir):  # its end was cut short
-            write_summary(config, trainer.steps_per_epoch, trainer.total_steps, None, ctx.device, ctx.world_size)
         if already_complete:  # the figures of the run that trained, from its log
             metrics = trainer.out_dir / METRICS_NAME
-            recorded = (summarise(read_metrics(metrics), trainer.steps_per_epoch, config.batch_size)
-                        if metrics.is_file() else {})
+            if ctx.is_main and metrics_missing(trainer.out_dir):  # its end was cut short
+                recorded = write_summary(config, trainer.steps_per_epoch, trainer.total_steps, None, ctx.device,
+                                         ctx.world_size)
+            else:
+                recorded = (summarise(plotted_metrics(metrics, warn=ctx.is_main), trainer.steps_per_epoch,
+                                      config.batch_size) if metrics.is_file() else {})
             images_per_s = recorded.get("images_per_s")
             first_loss = trainer.first_loss if trainer.first_loss is not None else recorded.get("first_loss")
             last_loss = trainer.last_loss if trainer.last_loss is not None else recorded.get("last_loss")

@@ -129,7 +129,7 @@ def test_the_epoch_end_redraw_reads_no_metrics_file(tmp_path, monkeypatch):
 
     def unread(path):
         raise AssertionError(f"{path} read at an epoch end")
-    monkeypatch.setattr(bt_fast.run_log, "read_metrics", unread)
+    monkeypatch.setattr(bt_fast.run_log, "numbered_metrics", unread)
     log.write({**earlier, "step": 2, "loss": 4.0})
     log.epoch_end()
     log.close()
@@ -271,6 +271,36 @@ def test_plot_tool_takes_the_extreme_steps_and_values_a_curve_can_hold(tmp_path)
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     steps, values = plot_tool.read_curves(path).series("loss")
     assert steps.tolist() == [-2**63, 2**63 - 1] and values.tolist() == [1e308, 1.0]
+
+
+@pytest.mark.parametrize("edit, reason", [({"step": 2**63}, STEP_OUT_OF_RANGE),
+                                          ({"step": -2**63 - 1}, STEP_OUT_OF_RANGE),
+                                          ({"loss": "abc"}, "'loss' holds a string, not a number")])
+def test_a_resumed_run_keeps_a_hand_edited_record_the_plots_cannot_take_and_warns_of_it(edit, reason, image_folder,
+                                                                                       tmp_path, capsys):
+    # These stopped the resumed run with an OverflowError or TypeError traceback from the curves, or (a step of
+    # 2**63) were dropped from metrics.jsonl without a word, as if they were lost work after the checkpoint.
+    args = tiny_args(image_folder, tmp_path, "epochs=2", "max_steps=3")
+    run_main(capsys, *args[:-1], "max_steps=2")
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), **edit})
+    path.write_text("".join(line + "\n" for line in lines))
+    warning = (f"warning: {path} line 1: {reason}; the record stays in the file but is left out of metrics.png and "
+               f"summary.json")
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and out.startswith("done: 3 steps")
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [warning]
+    after = path.read_text().splitlines()
+    assert after[:2] == lines and [json.loads(line)["step"] for line in after[2:]] == [3]
+    found = summary(tmp_path)
+    assert (found["steps"], found["images"], found["first_loss"]) == (3, 2 * 8, json.loads(lines[1])["loss"])
+    # the rerun of the complete run says so again, and rewrites nothing
+    kept = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "metrics.png")}
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and out.startswith("run already complete: 3 steps")
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [warning]
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
 
 
 def test_each_step_line_holds_its_epochs_crop_side(tmp_path):

@@ -23,32 +23,14 @@ def read_curves(file: Path) -> Curves:
     file, line and field where a record's field is not a number."""
     curves = Curves()
     for number, record in numbered_metrics(file):
-        field = unplottable(record)
-        if field is not None:
-            raise DataError(f"{file} line {number}: '{field}' holds {problem(field, record.get(field))}; "
-                            f"give a {METRICS_NAME} that training wrote")
+        reason = unplottable(record)
+        if reason is not None:
+            raise DataError(f"{file} line {number}: {reason}; give a {METRICS_NAME} that training wrote")
         curves.add(record)
     if curves.empty():
         raise DataError(f"{file} holds no metrics records (JSON objects of a step and its loss, one a line); "
                         f"give a run's out_dir or its {METRICS_NAME}")
     return curves
-
-
-JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-              list: "a list", dict: "an object"}
-
-
-def json_type(value: object) -> str:
-    """What a value `json.loads` returned is, in JSON's words ('a string', 'null')."""
-    return JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def problem(field: str, value: object) -> str:
-    """What is wrong with the value `unplottable` found in `field`, as the rest of the sentence "'field' holds"."""
-    if isinstance(value, int) and not isinstance(value, bool):  # an integer it refused is out of range
-        return ("an integer outside -2**63..2**63 - 1, the 64-bit range of a step" if field == "step"
-                else "an integer beyond the range of a 64-bit float (about 1.8e308)")
-    return f"{json_type(value)}, not {'an integer' if field == 'step' else 'a number'}"
 
 
 def load_runs(paths: list[Path]) -> dict[str, Curves]:
