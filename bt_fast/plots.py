@@ -70,6 +70,8 @@ def _fits(value: object, kinds: type | tuple[type, ...], column: str) -> bool:
     """True if `value` is one of `kinds` (not a bool) that an `array` of type code `column` can hold."""
     if not isinstance(value, kinds) or isinstance(value, bool):
         return False
+    if isinstance(value, float):  # every float fits the float64 column: most metrics, checked without an array
+        return True
     try:
         array(column, [value])
     except OverflowError:
