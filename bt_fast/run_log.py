@@ -57,7 +57,7 @@ def _numbered_lines(path: str | Path) -> Iterator[tuple[int, str, dict | None]]:
     """(line number from 1, line, record) of each line of a metrics.jsonl, one at a time (a 1,000-epoch
     ImageNet run logs 625,000): the record is the line's JSON object if it holds a step, else None, as for a
     torn last line (a killed writer's)."""
-    with open(path, errors="replace") as lines:  # not UTF-8 text: no records, not a UnicodeDecodeError
+    with open(path, errors="surrogateescape") as lines:  # not UTF-8: no record, and written back unchanged
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
@@ -89,14 +89,31 @@ def plotted_metrics(path: str | Path, warn: bool = True) -> Iterator[dict]:
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:
-    """Drop the records of steps after `step` (a killed run's lost work) and any line that is no record,
-    such as a torn one. A record whose step is no step a curve can take (edited by hand) has no place in
-    that order: it is kept, as the other records are, line for line."""
+    """Drop the records of steps after `step` (a killed run's lost work) and a torn last line (one without
+    its newline: a killed writer's). Every other line is kept as it was: a record whose step no curve can
+    take (edited by hand) has no place in the order of steps, and a line that is no record (not JSON, or no
+    step) is not training's to drop; one warning names such lines."""
     path = out_dir / METRICS_NAME
-    if path.is_file():
-        lines = (line if line.endswith("\n") else line + "\n" for _, line, record in _numbered_lines(path)
-                 if record is not None and (curve_step(record) is None or record["step"] <= step))
-        atomic_write(path, lambda handle: handle.writelines(line.encode() for line in lines))
+    if not path.is_file():
+        return
+    foreign: list[int] = []
+
+    def kept() -> Iterator[bytes]:
+        for number, line, record in _numbered_lines(path):
+            if record is None:
+                if not line.endswith("\n"):  # torn; the last line, as only the last can lack its newline
+                    continue
+                foreign.append(number)
+            elif curve_step(record) is not None and record["step"] > step:
+                continue
+            yield (line if line.endswith("\n") else line + "\n").encode("utf-8", "surrogateescape")
+
+    atomic_write(path, lambda handle: handle.writelines(kept()))
+    if foreign:
+        which = f"line {foreign[0]} holds" if len(foreign) == 1 else \
+            f"{len(foreign)} lines, the first line {foreign[0]}, hold"
+        print(f"warning: {path} {which} no metrics record (a JSON object with a step); kept in the file, left out "
+              f"of {PLOT_NAME} and {SUMMARY_NAME}", file=sys.stderr)
 
 
 def metrics_missing(out_dir: Path) -> bool:

@@ -52,6 +52,20 @@ def test_resume_drops_the_lines_after_the_checkpoint_and_a_torn_one(tmp_path):
     assert records(tmp_path) == kept
 
 
+def test_resume_keeps_lines_that_are_no_record_where_they_are_and_says_so(tmp_path, capsys):
+    """Training writes only records; other lines were written by someone else, and are not its to drop.
+    Bytes that are not UTF-8 come back as they were."""
+    lines = [b'{"step": 1, "loss": 5.0}\n', b"# lr halved by hand here\n", b'{"note": "no step"}\n',
+             b'{"step": 2, "loss": 4.0, "tag": "\xff"}\n', b'{"step": 3, "loss": 3.0}\n', b"not json \xfe\n",
+             b'{"step": 4, "loss": 2.0}\n', b'{"step": 5, "lo']
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b"".join(lines))
+    truncate_metrics(tmp_path, step=2)
+    assert metrics.read_bytes() == b"".join(lines[:4] + lines[5:6])
+    assert capsys.readouterr().err == (f"warning: {metrics} 3 lines, the first line 2, hold no metrics record (a JSON "
+                                       f"object with a step); kept in the file, left out of metrics.png and summary.json\n")
+
+
 def test_a_run_writes_its_resolved_config(knn_run, image_folder):
     out_dir, _ = knn_run
     expected = tiny_config(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}", "tensorboard=true")
