@@ -24,8 +24,8 @@ class HeapTrim:
     its mapping threshold to that block's size (up to 32 MiB) and places later large blocks on the
     heap, where freed memory stays resident. A converter worker that decoded one 12-megapixel
     progressive JPEG (libjpeg holds the whole image's DCT coefficients, 36 MB) then holds that
-    memory, and the next large image lands beside it. The check costs one read of
-    /proc/self/statm (about 2 us). Where that file or glibc is missing, it does nothing.
+    memory, and the next large image lands beside it. The check is one read of /proc/self/statm
+    (its cost and effect: docs/performance.md). Where that file or glibc is missing, it does nothing.
     """
 
     def __init__(self, growth: int = 16 << 20):
@@ -38,6 +38,8 @@ class HeapTrim:
     def _start(self) -> bool:
         """Open this process's statm (after a fork, the child's own) and find malloc_trim."""
         self._pid = os.getpid()
+        if self._statm >= 0:  # the parent's, inherited
+            os.close(self._statm)
         try:
             self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
             self._trim = ctypes.CDLL(None).malloc_trim
