@@ -155,13 +155,19 @@ def summarise(records: Iterable[dict], steps_per_epoch: int, batch_size: int) ->
 
     images/s is the images of all logged steps over the summed time of those steps (each step's time is
     batch_size / its images_per_s), which is what the trainer measures for one uninterrupted segment.
+    A field that a hand-edited record lacks (or an images_per_s that is not positive) leaves that record
+    out of the one figure it feeds: the wall time and end time are those of the last record holding them.
     """
-    count, step_seconds, first, last, knn, final = 0, 0.0, None, None, None, None
+    count, timed, step_seconds, first, last, knn, clock = 0, 0, 0.0, None, None, None, None
     for record in records:
-        final = record
+        if "elapsed_s" in record and "time" in record:
+            clock = record
         if "loss" in record:
             count += 1
-            step_seconds += batch_size / record["images_per_s"]
+            rate = record.get("images_per_s")
+            if isinstance(rate, (int, float)) and rate > 0:
+                timed += 1
+                step_seconds += batch_size / rate
             first, last = first or record, record
         if "knn_top1" in record:
             knn = record
@@ -170,12 +176,12 @@ def summarise(records: Iterable[dict], steps_per_epoch: int, batch_size: int) ->
         "steps": last_step,
         "epochs": last_step / steps_per_epoch,
         "images": count * batch_size,
-        "images_per_s": count * batch_size / step_seconds if count else None,
+        "images_per_s": timed * batch_size / step_seconds if timed else None,
         "first_loss": first["loss"] if first else None,
         "last_loss": last["loss"] if last else None,
-        "last_knn": {"step": knn["step"], "top1": knn["knn_top1"], "top5": knn["knn_top5"]} if knn else None,
-        "wall_time_s": final["elapsed_s"] if final else 0.0,
-        "finished_at": final["time"] if final else None,
+        "last_knn": {"step": knn["step"], "top1": knn["knn_top1"], "top5": knn.get("knn_top5")} if knn else None,
+        "wall_time_s": clock["elapsed_s"] if clock else 0.0,
+        "finished_at": clock["time"] if clock else None,
     }
 
 

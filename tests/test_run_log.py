@@ -11,7 +11,7 @@ from PIL import Image
 
 from bt_fast.config import load_config
 from bt_fast.plots import PANELS, Curves, plot_runs
-from bt_fast.run_log import config_yaml, truncate_metrics
+from bt_fast.run_log import config_yaml, summarise, truncate_metrics
 from bt_fast.train import train
 from test_reliability import run_main, tiny_args
 from test_train import tiny_config
@@ -64,6 +64,19 @@ def test_resume_keeps_lines_that_are_no_record_where_they_are_and_says_so(tmp_pa
     assert metrics.read_bytes() == b"".join(lines[:4] + lines[5:6])
     assert capsys.readouterr().err == (f"warning: {metrics} 3 lines, the first line 2, hold no metrics record (a JSON "
                                        f"object with a step); kept in the file, left out of metrics.png and summary.json\n")
+
+
+def test_the_summary_of_hand_edited_records_leaves_out_only_the_fields_they_lack():
+    records = [{"step": 1, "loss": 5.0, "images_per_s": 8.0, "elapsed_s": 1.0, "time": "t1"},
+               {"step": 2, "loss": 4.0, "elapsed_s": 2.0, "time": "t2"},  # no images_per_s
+               {"step": 3, "loss": 3.0, "images_per_s": 0, "elapsed_s": 3.0, "time": "t3"},
+               {"step": 4, "loss": 2.0, "images_per_s": 16.0, "elapsed_s": 4.0, "time": "t4"},
+               {"step": 4, "knn_top1": 40.0}]  # no top-5, no clock
+    assert summarise(records, steps_per_epoch=2, batch_size=8) == {
+        "steps": 4, "epochs": 2.0, "images": 4 * 8,
+        "images_per_s": pytest.approx(2 * 8 / (8 / 8.0 + 8 / 16.0)),  # the two steps that give a rate
+        "first_loss": 5.0, "last_loss": 2.0, "last_knn": {"step": 4, "top1": 40.0, "top5": None},
+        "wall_time_s": 4.0, "finished_at": "t4"}
 
 
 def test_a_run_writes_its_resolved_config(knn_run, image_folder):
