@@ -124,6 +124,11 @@ class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message} (see --help)\n")
 
+    def check_range(self, flag: str, value: int, low: int, high: int, unit: str) -> None:
+        """The error line for option `flag`'s `value` unless it lies in `low`..`high` (`unit`s)."""
+        if not low <= value <= high:
+            self.error(f"{flag} must lie in {low}..{high} {unit}, got {value}")
+
 
 def output_file(text: str) -> Path:
     """argparse `type` of an option naming a file to write: checked when the command starts, so that

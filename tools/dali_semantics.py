@@ -289,12 +289,11 @@ def measure(args: argparse.Namespace) -> dict:
     return report
 
 
-def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_numbers(parser: CliParser, args: argparse.Namespace) -> None:
     """A one-line argparse error for a number no section can use (a 0 batch divides by zero, 0 samples
     leaves nothing to compare, a crop below MIN_IMAGE_SIZE fails inside DALI, one beyond MAX_IMAGE_SIZE
     outgrows memory)."""
-    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
-        parser.error(f"--image-size must lie in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
+    parser.check_range("--image-size", args.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
     least = {"samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
     for name, low in least.items():
         if getattr(args, name) < low:

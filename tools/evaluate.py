@@ -177,7 +177,7 @@ def _epilog() -> str:
     return "\n".join(lines[2:8] + [""] + lines[start:]).rstrip()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CliParser:
     p = CliParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0],
                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     p.add_argument("--checkpoint", help="bt_fast checkpoint.pth / backbone.pth, or a ResNet state dict")
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in {**DEFAULTS, **(FINETUNE_DEFAULTS if args.mode == "finetune" else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
-        parser.error(f"--image-size must lie in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
+    if args.image_size is not None:
+        parser.check_range("--image-size", args.image_size, 1, MAX_IMAGE_SIZE, "pixels")
     for name in ("batch_size", "epochs", "k", "workers"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):

@@ -8,7 +8,6 @@ would see it. Trailing key=value arguments override the config as for `bt_fast.t
 """
 from __future__ import annotations
 
-
 from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, output_file
 
 with exit_on_interrupt(STARTING):

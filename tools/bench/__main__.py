@@ -64,7 +64,7 @@ def _names(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> CliParser:
     parser = CliParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -173,9 +173,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
     for flag in ("image_size", "train_image_size"):  # the pipelines' augment.image_size
-        if not MIN_IMAGE_SIZE <= getattr(args, flag) <= MAX_IMAGE_SIZE:
-            parser.error(f"--{flag.replace('_', '-')} must lie in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels, "
-                         f"got {getattr(args, flag)}")
+        parser.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
     for flag in ("batch_size", "reps", "loader_batches", "train_steps", "decode_images", "train_batch_size",
                  *(("e2e_images",) if e2e else ())):
         if getattr(args, flag) < 1:
