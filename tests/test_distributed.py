@@ -20,7 +20,8 @@ from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
 from bt_fast.schedule import learning_rate
 from bt_fast.step_health import TrainingError
-from bt_fast.train import Trainer, train
+from bt_fast.train import train
+from bt_fast.trainer import Trainer
 from conftest import spawn_pinned
 from pipelines import build_pipeline
 from pipelines.base import Placement

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bt_fast.optim
-import bt_fast.train
+import bt_fast.trainer
 from conftest import requires_cuda
 from tools.gpu_check import __main__ as gpu_check
 from tools.gpu_check.measure import SIZES, Result, compare
@@ -104,7 +104,7 @@ def test_only_runs_the_named_checks_and_refuses_an_unknown_name(monkeypatch, cap
 def test_a_step_that_syncs_fails_the_no_host_sync_check(monkeypatch, tmp_path):
     """The steps after the warm-up raise as CUDA's sync debug mode does: the check reports the failure."""
     from tools.gpu_check.hot_path_checks import check_no_host_sync
-    step = bt_fast.train.Trainer.train_step
+    step = bt_fast.trainer.Trainer.train_step
     calls = []
 
     def syncing_step(self, y1, y2):
@@ -112,7 +112,7 @@ def test_a_step_that_syncs_fails_the_no_host_sync_check(monkeypatch, tmp_path):
         if len(calls) > 1:
             raise RuntimeError("called a synchronizing CUDA operation")
         return step(self, y1, y2)
-    monkeypatch.setattr(bt_fast.train.Trainer, "train_step", syncing_step)
+    monkeypatch.setattr(bt_fast.trainer.Trainer, "train_step", syncing_step)
     [result] = check_no_host_sync(torch.device("cpu"), SIZES["cpu"], tmp_path, {})
     assert result.check == "no host sync" and result.status == "fail: called a synchronizing CUDA operation"
     assert calls == [0, 1]
@@ -145,7 +145,7 @@ def test_end_to_end_prints_only_its_table(tmp_path, capfd, monkeypatch):
 
 
 def test_resume_without_restoring_the_rng_state_fails(monkeypatch):
-    monkeypatch.setattr(bt_fast.train, "set_rng_state", lambda state: None)
+    monkeypatch.setattr(bt_fast.trainer, "set_rng_state", lambda state: None)
     with tempfile.TemporaryDirectory() as tmp:
         results = check_resume(torch.device("cpu"), SIZES["cpu"], Path(tmp), {})
     assert [r.status for r in results] == ["fail", "fail"]

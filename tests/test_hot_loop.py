@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bt_fast.distributed import DistContext
 from bt_fast.step_clock import StepClock
-from bt_fast.train import Trainer
+from bt_fast.trainer import Trainer
 from test_train import tiny_config
 
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

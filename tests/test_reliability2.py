@@ -29,7 +29,7 @@ from bt_fast.memory_budget import check_memory, conv_elements, estimate, paramet
 from bt_fast.model import build_model
 from bt_fast.preflight import check_run_inputs, refuse_changed_finished_run
 from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
-from bt_fast.train import Trainer
+from bt_fast.trainer import Trainer
 from test_reliability import metric_lines, run_main, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bt_fast.config import AugmentSpec, ConfigError, load_config
-from bt_fast.train import Trainer, train
+from bt_fast.train import train
+from bt_fast.trainer import Trainer
 from pipelines import build_pipeline
 from pipelines.augment import TwoViewAugment, apply, sample_params
 from pipelines.base import Placement

@@ -9,7 +9,8 @@ import torchvision
 from bt_fast.checkpoint import CheckpointError
 from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
-from bt_fast.train import Trainer, main, train
+from bt_fast.train import main, train
+from bt_fast.trainer import Trainer
 
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

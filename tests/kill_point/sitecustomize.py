@@ -13,7 +13,7 @@ if (os.environ.get("BT_KILL_AT_LOSS") and os.environ.get("RANK", "0") == os.envi
     import signal
     import sys
 
-    import bt_fast.loss  # before bt_fast.train binds the name
+    import bt_fast.loss  # before bt_fast.trainer binds the name
 
     _real_loss = bt_fast.loss.barlow_twins_loss
     _calls = 0

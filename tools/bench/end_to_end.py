@@ -2,7 +2,7 @@
 the same step fed synthetic device tensors of the same shape.
 
 Each pipeline runs in a fresh process (`train_step.train_in_child`), as training runs it. There the
-trainer (`bt_fast.train.Trainer`, its model, optimizer and pipeline, built from the run's config)
+trainer (`bt_fast.trainer.Trainer`, its model, optimizer and pipeline, built from the run's config)
 first takes its warm-up and timed steps on synthetic views already on the device, then the same
 numbers of steps on the pipeline's batches. Per pipeline:
 
@@ -34,7 +34,7 @@ import torch
 
 from bt_fast.errors import one_line
 from bt_fast.step_clock import StepClock
-from bt_fast.train import Trainer
+from bt_fast.trainer import Trainer
 from tools.bench.loaders import LOADERS, batch_stream
 from tools.bench.measure import BenchError, sync, tree_cpu_seconds
 from tools.bench.train_step import make_trainer, train_in_child

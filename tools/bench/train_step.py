@@ -22,7 +22,7 @@ import torch
 
 from bt_fast.distributed import DistContext
 from bt_fast.errors import one_line
-from bt_fast.train import Trainer
+from bt_fast.trainer import Trainer
 from tools.bench.loaders import LOADERS, batch_stream, pipeline_config
 from tools.bench.measure import rate_stats, stats
 

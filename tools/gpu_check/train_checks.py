@@ -13,7 +13,7 @@ from bt_fast.distributed import DistContext, shutdown_distributed, sync_batchnor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import build_model
 from bt_fast.optim import LARS, param_groups
-from bt_fast.train import Trainer
+from bt_fast.trainer import Trainer
 from tools.gpu_check.measure import Result, compare, timed
 
 def image_folder(root: Path, count: int) -> Path:

@@ -1,0 +1,362 @@
+"""The Barlow Twins trainer: model, optimizer and pipeline of one rank, its checkpoints, and the loop.
+
+The hot loop issues steps without reading the device: losses, step times (`bt_fast.step_clock`) and
+the float16 skip count stay there until `Trainer.settle`, the one deliberate host sync, every
+`log_every` steps, before a checkpoint, at a stop and at the end. There a non-finite loss, or too many
+float16 steps skipped in a row, stops every rank together (`bt_fast.step_health`). Stop signals are
+agreed across ranks on the host (`bt_fast.run_control`).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, RunCheckpoint, atomic_save,
+                                load_checkpoint, remove_stale_checkpoint_temporaries, restore_model, rng_state,
+                                set_rng_state)
+from bt_fast.config import MIN_BATCH_PER_RANK, Config, ConfigError
+from bt_fast.distributed import DistContext, sync_batchnorm
+from bt_fast.errors import StorageError, WorkerLost, lost_dataloader_worker
+from bt_fast.knn import KnnMonitor
+from bt_fast.loss import barlow_twins_loss
+from bt_fast.model import BarlowTwins, build_model
+from bt_fast.optim import LARS, param_groups
+from bt_fast.preflight import changed_settings, refuse_changed_finished_run, schedule_steps
+from bt_fast.progress import progress
+from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals, requeue_slurm_job
+from bt_fast.run_log import RunLog, truncate_metrics
+from bt_fast.schedule import learning_rate, set_learning_rates
+from bt_fast.step_clock import StepClock
+from bt_fast.step_health import StepHealth
+from pipelines import build_pipeline
+from pipelines.base import Placement
+
+
+def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bfloat16 on CPU, float16 (with GradScaler) on CUDA, unless the config says otherwise."""
+    if config.amp == "none":
+        return None
+    if config.amp == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return getattr(torch, config.amp)
+
+
+class Trainer:
+    def __init__(self, config: Config, ctx: DistContext):
+        if config.batch_size % ctx.world_size:
+            raise ConfigError(f"config key 'batch_size' ({config.batch_size}) must be divisible by the "
+                              f"world size ({ctx.world_size})")
+        if config.batch_size // ctx.world_size < MIN_BATCH_PER_RANK:
+            raise ConfigError(f"config key 'batch_size' ({config.batch_size}) gives {config.batch_size // ctx.world_size} "
+                              f"image per rank over {ctx.world_size} ranks; BatchNorm needs at least "
+                              f"{MIN_BATCH_PER_RANK} per rank: use batch_size >= {MIN_BATCH_PER_RANK * ctx.world_size}")
+        self.config, self.ctx = config, ctx
+        self.out_dir = Path(config.out_dir)
+        self.local_batch = config.batch_size // ctx.world_size
+        self.amp_dtype = amp_dtype(config, ctx.device)
+        torch.manual_seed(config.seed)  # same initial weights on every rank
+        if ctx.device.type == "cuda":  # GPU only: input shapes fixed per epoch, so the autotuned kernels are reused
+            torch.backends.cudnn.benchmark = True
+
+        self.model: BarlowTwins = build_model(config.arch, config.projector, config.channels_last).to(ctx.device)
+        self.ddp = None
+        if ctx.world_size > 1:
+            self.model = sync_batchnorm(self.model, ctx.device)
+            # SyncBatchNorm already keeps running statistics identical on all ranks: no buffer broadcast
+            # (`forward_sync_buffers` since torch 2.13, which deprecates `broadcast_buffers`; 2.11 has only that).
+            ddp_options = inspect.signature(DistributedDataParallel).parameters
+            no_broadcast = "forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers"
+            self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                               **{no_broadcast: False})
+        self.network = self.ddp or self.model
+        if config.compile_model:
+            self.network = torch.compile(self.network)
+        self.optimizer = LARS(param_groups(self.model), lr=0, weight_decay=config.weight_decay,
+                              weight_decay_filter=True, lars_adaptation_filter=True,
+                              compile=config.compile_optimizer)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        # fit() restarts it; train_step also runs without fit (tools.bench, tools.gpu_check)
+        self.health = StepHealth(self.scaler, ctx.device)
+
+        placement = Placement(ctx.device, self.amp_dtype or torch.float32, ctx.rank, ctx.world_size)
+        self.pipeline = build_pipeline(config, placement, self.local_batch)
+        self.steps_per_epoch = len(self.pipeline)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.step = 0
+        self.checkpoint = RunCheckpoint(self.out_dir, self.total_steps)
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.stopped_by: str | None = None  # signal name when a signal ended the run early
+        self.elapsed_before = 0.0  # wall seconds of the segments before a resume
+        self.run_log: RunLog | None = None  # rank 0, while fit() runs
+        self.knn_monitor = self._knn_monitor()
+
+    def _knn_monitor(self) -> KnnMonitor | None:
+        if not self.config.knn_every or not self.ctx.is_main:
+            return None
+        if not self.config.knn_val:
+            print(f"warning: k-NN monitor off: knn_every={self.config.knn_every} needs knn_val=<a labelled "
+                  f"validation ImageFolder with the training classes>", file=sys.stderr)
+            return None
+        return KnnMonitor(self.config.knn_train or self.config.data, self.config.knn_val,
+                          self.config.augment.image_size, self.ctx.device, workers=min(self.config.workers, 2),
+                          amp_dtype=self.amp_dtype)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from `<out_dir>/checkpoint.pth` if there is one; the step counter decides everything."""
+        path = self.out_dir / CHECKPOINT_NAME
+        if self.ctx.is_main:
+            for stale in remove_stale_checkpoint_temporaries(self.out_dir):
+                print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
+        if path.is_file():
+            self._load(path)
+        self._check_ranks_agree_on_step(path)
+        if self.ctx.is_main and 0 < self.step < self.total_steps:
+            print(f"resuming {self.out_dir} from step {self.step} of {self.total_steps}", file=sys.stderr)
+        if self.ctx.is_main and self.step < self.total_steps:  # a complete run's files are never rewritten
+            truncate_metrics(self.out_dir, self.step)
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path, self.ctx.device)
+        restore_model(self.model, state["model"], path)
+        saved_batch = state.get("config", {}).get("batch_size")
+        if saved_batch != self.config.batch_size:
+            raise CheckpointError(f"checkpoint {path} was written with batch_size {saved_batch}, this run uses "
+                                  f"{self.config.batch_size}; use a new out_dir or the same batch size")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = self.checkpoint.saved_step = state["step"]
+        self.first_loss = state.get("first_loss")
+        self.last_loss = state.get("last_loss")
+        self.elapsed_before = state.get("elapsed_s") or 0.0  # absent in checkpoints of older versions
+        positions = state.get("pipeline_positions")  # per rank; written mid-epoch by pipelines that need it
+        if positions is not None and len(positions) == self.ctx.world_size:
+            self.pipeline.restore_position(positions[self.ctx.rank])
+        changed = changed_settings(state.get("config", {}), self.config.to_dict())
+        refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
+        if changed and self.ctx.is_main:
+            print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
+                  f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)
+
+    def _check_ranks_agree_on_step(self, path: Path) -> None:
+        if self.ctx.world_size == 1:
+            return
+        steps = torch.tensor([self.step, -self.step], device=self.ctx.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise CheckpointError(f"ranks resumed from different steps ({-steps[1].item()} to {steps[0].item()}) of "
+                                  f"{path}; out_dir must be on a file system shared by all nodes")
+
+    def save_checkpoint(self, wait: bool = True) -> None:
+        """Every rank calls it at the same step. Rank 0 writes checkpoint.pth (the one it replaces becomes
+        checkpoint.prev.pth), with every rank's pipeline position; with `wait=False` in the background
+        (`RunCheckpoint`), while training goes on. A full or read-only out_dir ends the run with a
+        StorageError naming the last good checkpoint; for a save in the background, at the next save or
+        the end of the run."""
+        positions = self._pipeline_positions()
+        if not self.ctx.is_main:
+            return
+        with self.checkpoint.faults():
+            self.checkpoint.wait()
+            if self.run_log is not None:  # every step the checkpoint covers is in the log before it exists
+                self.run_log.flush(durable=True)
+            self.checkpoint.start({
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
+                "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
+                "config": self.config.to_dict(), "pipeline_positions": positions,
+                "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "elapsed_s": self.run_log.elapsed() if self.run_log else None})
+            if wait:
+                self.checkpoint.wait()
+
+    def _pipeline_positions(self) -> list | None:
+        """Every rank's `pipeline.position_state()`, gathered on all ranks (None: nothing to keep). It is None
+        on every rank or on none (between epochs, or a pipeline whose batches follow from the step), so the
+        ranks enter the gather together."""
+        local = self.pipeline.position_state()
+        if local is None:
+            return None
+        if self.ctx.world_size == 1:
+            return [local]
+        positions = [None] * self.ctx.world_size
+        dist.all_gather_object(positions, local)
+        return positions
+
+    def save_backbone(self) -> Path:
+        """Rank 0 writes backbone.pth; a full or read-only out_dir is a StorageError naming the last checkpoint."""
+        path = self.out_dir / BACKBONE_NAME
+        if self.ctx.is_main:
+            backbone = {k: v.contiguous() for k, v in self.model.backbone.state_dict().items()}
+            try:
+                atomic_save(backbone, path)
+            except StorageError as err:  # the rerun of a complete run writes a missing backbone.pth
+                raise StorageError(f"{err}; {self.checkpoint.last_good()}") from None
+        return path
+
+    # -- the hot path --------------------------------------------------------------------------------
+    def train_step(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch of view pairs, issued without reading anything on the host."""
+        lr = learning_rate(self.step, self.steps_per_epoch, self.config.epochs, self.config.batch_size,
+                           self.config.warmup_epochs)
+        set_learning_rates(self.optimizer, lr, self.config.lr_weights, self.config.lr_biases)
+        with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            z1, z2 = self.network(y1, y2)
+        loss = barlow_twins_loss(z1, z2, self.config.lambd)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # LARS takes the scaler's inf check on the device (bt_fast.optim)
+        self.scaler.update()
+        self.health.after_step()
+        return loss.detach()
+
+    def settle(self, log: RunLog | None, progress) -> None:
+        """The loop's one deliberate host sync, every `log_every` steps, before a checkpoint, at a stop and at
+        the end: read the pending steps' losses and times, stop every rank if one failed, log the steps."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        losses = torch.stack([record["loss"] for record in pending]).float()
+        status = self.health.status(losses)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        *values, failed, worst = torch.cat([losses, status]).tolist()
+        if failed > 0:
+            raise self.health.failure(pending, values, int(worst), self.model, self._views)
+        for record, loss, (seconds, waited) in zip(pending, values, self.clock.read()):
+            record.update(loss=loss, images_per_s=self.config.batch_size / seconds,
+                          data_wait_fraction=waited / seconds)
+            self.train_time += seconds
+            if log:
+                log.write(record)
+        self.images_seen += self.config.batch_size * len(pending)
+        self.first_loss = values[0] if self.first_loss is None else self.first_loss
+        self.last_loss = values[-1]
+        if log:
+            log.flush()
+        progress.update(len(pending))
+        epoch = pending[-1]["epoch"]
+        progress.set_postfix(epoch=epoch, size=self.config.augment.image_size_at(epoch, self.config.epochs),
+                             loss=f"{self.last_loss:.2f}", refresh=False)
+
+    def fit(self) -> None:
+        """Train up to `total_steps` (or a stop signal); on rank 0, then write the run's summary."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.run_log = RunLog(self.config, self.step, self.elapsed_before) if self.ctx.is_main else None
+        bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
+        self.images_seen, self.train_time = 0, 0.0
+        self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
+        self.health.restart()
+        try:
+            with StopSignals() as signals, self._lost_workers():
+                self._epochs(signals, self.run_log, bar)
+            with self.checkpoint.faults():
+                self.checkpoint.wait()
+            self.stops.close()
+            if self.run_log:
+                self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
+                                    self.ctx.world_size)
+        finally:
+            with contextlib.suppress(Exception):  # on the way out of an error: the checkpoint still completes
+                self.checkpoint.wait()
+            bar.close()
+            if self.run_log:
+                self.run_log.close()
+                self.run_log = None
+
+    @contextlib.contextmanager
+    def _lost_workers(self) -> Iterator[None]:
+        """A DataLoader worker that died (torch raises from wherever the loop is) is a WorkerLost
+        naming the last checkpoint."""
+        try:
+            yield
+        except RuntimeError as err:
+            lost = lost_dataloader_worker(err)
+            if lost is None:
+                raise
+            with contextlib.suppress(Exception):  # a checkpoint being written counts once it is on disk
+                self.checkpoint.wait()
+            fix = f"lower workers (now {self.config.workers}) or free memory"
+            raise WorkerLost(f"{lost}; {self.checkpoint.last_good(fix)}") from None
+
+    def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
+        start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+        for epoch in range(start_epoch, self.config.epochs):
+            if self.step >= self.total_steps:
+                return
+            # A resumed run's epoch starts at its next batch; the pipeline reads none of the ones before.
+            self.pipeline.set_epoch(epoch, start_batch)
+            with contextlib.closing(iter(self.pipeline)) as epoch_batches:  # a stop mid-epoch ends its loader now
+                if not self._epoch(epoch, epoch_batches, signals, log, progress):
+                    return
+                # Written while the next epoch trains. Saved before the loader closes: a run that max_steps
+                # ends mid-epoch keeps the pipeline's position.
+                self.save_checkpoint(wait=False)
+            start_batch = 0
+            if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
+                self.monitor_knn(epoch, log, progress)
+            if log:
+                log.epoch_end()
+
+    def _epoch(self, epoch: int, batches, signals: StopSignals, log: RunLog | None, progress) -> bool:
+        """Train on `batches` (the rest of `epoch`); False if a stop request ended the run."""
+        self.clock.start()
+        for self._views in batches:
+            self.clock.data_ready()
+            if log and self.step == 0:
+                log.write_views(*self._views, step=0)
+            loss = self.train_step(*self._views)
+            self.step += 1
+            self.clock.step_done()
+            self._pending.append({"step": self.step, "epoch": epoch, "loss": loss,
+                                  "lr_weights": self.optimizer.param_groups[0]["lr"],
+                                  "lr_biases": self.optimizer.param_groups[1]["lr"]})
+            stop = self.stops.poll(signals.code)
+            last = self.step >= self.total_steps
+            checkpoint = bool(self.config.checkpoint_every) and self.step % self.config.checkpoint_every == 0
+            if last or stop or checkpoint or self.step % self.config.log_every == 0:
+                self.settle(log, progress)
+            if last:
+                break
+            if stop:
+                self.stopped_by = STOP_NAMES[stop]
+                self.save_checkpoint()
+                if stop == STOP_SIGNALS[signal.SIGUSR1] and self.ctx.is_main:
+                    requeue_slurm_job()
+                if self.ctx.world_size > 1:
+                    # No rank exits before the checkpoint is on disk: a launcher that sees one node
+                    # finish (srun --kill-on-bad-exit) may kill the others, rank 0 among them.
+                    dist.barrier()
+                return False
+            if checkpoint:
+                self.save_checkpoint(wait=False)
+                self.clock.start()  # the checkpoint's time is not the next step's data wait
+        self.settle(log, progress)  # before the epoch's checkpoint
+        return True
+
+    def monitor_knn(self, epoch: int, log: RunLog | None, progress) -> None:
+        """k-NN accuracy of the current backbone, logged beside the losses (rank 0; the others wait)."""
+        if self.knn_monitor is not None:
+            tick = time.perf_counter()
+            accuracy = self.knn_monitor(self.model.backbone)
+            seconds = time.perf_counter() - tick
+            log.write({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
+                       "knn_top5": accuracy["top5"], "knn_seconds": seconds})
+            log.flush()
+            progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
+                           f"({seconds:.0f} s)")
+        if self.ctx.world_size > 1 and self.config.knn_val:
+            dist.barrier()
