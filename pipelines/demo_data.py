@@ -55,21 +55,35 @@ def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> lis
     return crops
 
 
+def _demo_manifest(path: Path) -> dict | None:
+    """The manifest `build` wrote at `path` (complete or not); None if there is none or it is not one."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = {"version", "photographs", "train_per_class", "val_per_class", "seed"}
+    return manifest if isinstance(manifest, dict) and set(manifest) - {"complete"} == keys else None
+
+
 def build(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
     """`root` holding train/ and val/ ImageFolders with one class per photograph; returns `root`.
 
     `manifest.json` says what the folder holds: written first with `"complete": false`, then again
     when the set is complete. A set built with other arguments, or not finished, is deleted and
-    rebuilt; a non-empty folder without a manifest is not ours, and is refused (DataError).
+    rebuilt; a non-empty folder without a demo set's manifest (none, or a `manifest.json` that is
+    not one) is not ours, and is refused (DataError), as is a `root` that is not a directory.
     """
     manifest = root / "manifest.json"
     wanted = {"version": VERSION, "photographs": list(PHOTOGRAPHS), "train_per_class": train_per_class,
               "val_per_class": val_per_class, "seed": seed}
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
+    previous = _demo_manifest(manifest)
+    if previous == wanted:
         return root
-    if root.is_dir() and not manifest.is_file() and any(root.iterdir()):
-        raise DataError(f"{root} holds files that are not a demo set (it has no manifest.json); name a new or "
-                        f"empty directory for the demo data")
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is not a directory; name a new or empty directory for the demo data")
+    if root.is_dir() and previous is None and any(root.iterdir()):
+        raise DataError(f"{root} holds files that are not a demo set (it has no demo set's manifest.json); "
+                        f"name a new or empty directory for the demo data")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)

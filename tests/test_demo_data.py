@@ -43,11 +43,39 @@ def test_a_folder_that_is_not_a_demo_set_is_never_deleted(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and (theirs / "holiday.jpg").read_bytes() == b"not ours"
-    assert capsys.readouterr().err == (f"error: {theirs} holds files that are not a demo set (it has no manifest.json); "
+    assert capsys.readouterr().err == (f"error: {theirs} holds files that are not a demo set (it has no demo set's manifest.json); "
                                        f"name a new or empty directory for the demo data\n")
 
     empty = build(tmp_path / "empty", train_per_class=1, val_per_class=1)  # an empty folder is used
     assert json.loads((empty / "manifest.json").read_text())["train_per_class"] == 1
+
+
+@pytest.mark.parametrize("manifest", ['{"name": "my project"}', "not JSON", "[1]"])
+def test_a_folder_with_a_manifest_json_of_its_own_is_never_deleted(tmp_path, monkeypatch, capsys, manifest):
+    from tools.make_demo_data import main
+    theirs = tmp_path / "project"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text(manifest)
+    (theirs / "thesis.tex").write_text("precious")
+    monkeypatch.setattr("sys.argv", ["make_demo_data", str(theirs), "--train-per-class", "1", "--val-per-class", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and (theirs / "thesis.tex").read_text() == "precious"
+    assert (theirs / "manifest.json").read_text() == manifest and sorted(p.name for p in theirs.iterdir()) == [
+        "manifest.json", "thesis.tex"]
+    assert capsys.readouterr().err.startswith(f"error: {theirs} holds files that are not a demo set")
+
+
+def test_a_file_given_as_the_demo_folder_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from tools.make_demo_data import main
+    theirs = tmp_path / "notes.txt"
+    theirs.write_text("precious")
+    monkeypatch.setattr("sys.argv", ["make_demo_data", str(theirs)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and theirs.read_text() == "precious"
+    assert capsys.readouterr().err == (f"error: {theirs} is not a directory; name a new or empty directory for the "
+                                       f"demo data\n")
 
 
 def test_a_set_cut_short_is_rebuilt(tmp_path, monkeypatch):
