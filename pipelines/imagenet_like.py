@@ -157,6 +157,17 @@ def _write_images(root: Path, indices: list[int], num_classes: int, seed: int, w
                              f"the same command writes the rest (with fewer workers if memory ran out)") from None
 
 
+def _read_manifest(path: Path) -> dict:
+    """The manifest a `write_imagenet_like` wrote at `path`; DataError naming it if it is not one."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int):
+        raise DataError(f"{path} is not the manifest of an ImageNet-like set; choose another directory or delete it")
+    return manifest
+
+
 def write_imagenet_like(root: str | Path, count: int, num_classes: int = 10, seed: int = 0,
                         workers: int | None = None) -> Path:
     """Write (or complete) the `count`-image set described above under `root`; returns `root`.
@@ -178,7 +189,7 @@ def write_imagenet_like(root: str | Path, count: int, num_classes: int = 10, see
     wanted = {"version": VERSION, "count": count, "num_classes": num_classes, "seed": seed}
     existing = None
     if manifest.is_file():
-        existing = json.loads(manifest.read_text())
+        existing = _read_manifest(manifest)
         if existing == {**wanted, "complete": True}:
             return root
         if {k: existing.get(k) for k in ("version", "num_classes", "seed")} != \

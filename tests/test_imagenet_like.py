@@ -104,6 +104,15 @@ def test_refuses_a_directory_it_did_not_write(block, tmp_path):
         write_imagenet_like(tmp_path / "photos" / "mine.jpg", 10)
 
 
+@pytest.mark.parametrize("manifest", ["not JSON", "[1]", '{"version": 1, "num_classes": 10, "seed": 0, "count": "x"}'])
+def test_a_manifest_it_did_not_write_is_refused_in_one_line(tmp_path, manifest):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / MANIFEST).write_text(manifest)
+    with pytest.raises(DataError, match=f"^{tmp_path / 'set' / MANIFEST} is not the manifest of an ImageNet-like set"):
+        write_imagenet_like(tmp_path / "set", 3, workers=1)
+    assert [p.name for p in (tmp_path / "set").iterdir()] == [MANIFEST]
+
+
 def test_the_files_do_not_depend_on_the_number_of_workers(block, tmp_path):
     one = write_imagenet_like(tmp_path / "one", 24, num_classes=10, seed=0, workers=1)
     two = write_imagenet_like(tmp_path / "two", 24, num_classes=10, seed=0, workers=2)
