@@ -75,13 +75,13 @@ FORMATS = ("ffcv", "dali")
 # --------------------------------------------------------------------------------------------
 
 def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
-    """(class names '0'..'max label', (path, label) samples) from a `<path> <label>` list file, read a
-    line at a time."""
+    """(class names '0'..'max label', (path, label) samples) from a `<path> <label>` list file (UTF-8, a
+    leading byte-order mark ignored), read a line at a time."""
     base = list_file.parent
 
     def parsed() -> Iterator[tuple[str, int]]:
         try:
-            with open(list_file, encoding="utf-8") as lines:
+            with open(list_file, encoding="utf-8-sig") as lines:
                 for number, line in enumerate(lines, start=1):
                     line = line.strip()
                     if not line or line.startswith("#"):

@@ -435,6 +435,19 @@ def test_text_list_source(source, tmp_path):
         assert _mad(image, expected[rel][1]) < 4
 
 
+def test_a_list_file_with_a_byte_order_mark_loses_no_image(source, tmp_path):
+    """Windows editors start a UTF-8 file with U+FEFF; it is no part of the first line's path."""
+    root, expected = source
+    lst = root.parent / "bom.txt"
+    lst.write_bytes(b"\xef\xbb\xbf" + "folder/a/a0.jpg 0\nfolder/c/c0.jpg 1\n".encode())
+    report = convert(lst, tmp_path / "bom", "dali", max_resolution=MAX_RES, workers=1, progress=False)
+    assert report["written"] == 2 and report["skipped"] == 0 and report["files"] == []
+    images, labels = _read_dali(tmp_path / "bom")
+    assert sorted(labels) == [0, 1]
+    for image, label in zip(images, labels):
+        assert _mad(image, expected[["a/a0.jpg", "c/c0.jpg"][label]][1]) < 4
+
+
 def test_existing_output_needs_force(source, tmp_path, capsys):
     root, _ = source
     dst = tmp_path / "out"
