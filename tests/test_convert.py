@@ -516,6 +516,34 @@ def test_a_conversion_and_the_data_tools_never_load_torch(fmt, source, tmp_path)
     assert int(written) > 0 and loaded == "[]"
 
 
+@pytest.mark.parametrize("module, imports", [("tools.convert", "pipelines.convert"),
+                                             ("tools.make_demo_data", "pipelines.demo_data")])
+def test_ctrl_c_while_a_data_tool_starts_is_one_line(module, imports, monkeypatch, capsys):
+    """Ctrl-C while the command still imports its modules: the one line of a Ctrl-C, not a traceback."""
+    import importlib.abc
+    import runpy
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == imports:
+                raise KeyboardInterrupt
+            return None
+
+    for name in (module, imports):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    try:
+        runpy.run_module(module, run_name="__main__")
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped: a traceback")
+    except SystemExit as exit_:
+        assert exit_.code == 130
+    else:
+        pytest.fail("the command ran on")
+    assert capsys.readouterr().err.splitlines() == ["error: interrupted while starting; nothing was written"]
+
+
 def test_all_skipped_is_an_error_with_report(tmp_path, capsys):
     (tmp_path / "src" / "k").mkdir(parents=True)
     (tmp_path / "src" / "k" / "x.jpg").write_bytes(b"")

@@ -14,9 +14,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import CliParser, DataError, Interrupted, cli_errors, ignore_interrupts_while_exiting
-from pipelines.convert import DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt, outcome
-from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
+from bt_fast.errors import (CliParser, DataError, Interrupted, cli_errors, exit_on_interrupt,
+                           ignore_interrupts_while_exiting)
+
+with exit_on_interrupt("while starting"):
+    from pipelines.convert import (DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt,
+                                   outcome)
+    from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
 def build_parser() -> argparse.ArgumentParser:

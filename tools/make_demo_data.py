@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from bt_fast.errors import CliParser, cli_errors, exit_on_interrupt
-from bt_fast.host import usable_cores
-from pipelines.demo_data import PHOTOGRAPHS, build
-from pipelines.imagenet_like import write_imagenet_like
+
+with exit_on_interrupt("while starting"):
+    from bt_fast.host import usable_cores
+    from pipelines.demo_data import PHOTOGRAPHS, build
+    from pipelines.imagenet_like import write_imagenet_like
 
 
 def _flags(names: list[str]) -> str:
