@@ -9,7 +9,8 @@ lines and lines starting with '#' are ignored).
 
 1. DST is checked: a path that does not exist or an empty directory is used; a previous output
    of the converter (a `.beton` header, or a directory whose `dataset.json` names every file in
-   it) is replaced only with `force`; anything else is refused, `force` or not.
+   it) is replaced only with `force`; anything else is refused, `force` or not, and so is a dali
+   DST inside an ImageFolder source (it would become one of its classes).
 2. The samples are split into parts of consecutive output positions (`part_size` for ffcv, one
    tar shard of `shard_size` for dali). Each file is read, validated and prepared in one decode
    over `workers` processes (`pipelines.images.ImagePrep.stored`): zero-byte, missing,
@@ -189,6 +190,14 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise DataError(f"output {dst} contains the source {src}; refusing to overwrite it")
 
 
+def check_outside_source(src: Path, dst: Path, fmt: str) -> None:
+    """Refuse a dali DST inside the source ImageFolder `src` (DataError in one line): its directory would
+    be listed as one more class of `src` by the next listing, shifting the labels of the classes after it."""
+    if fmt == "dali" and src.is_dir() and src.resolve() in dst.resolve().parents:
+        raise DataError(f"output {dst} is inside the source {src}, where its directory would be read as one more "
+                        f"class; choose a DST outside {src}")
+
+
 def check_writable(directory: Path) -> None:
     """Create `directory` if needed and make sure a file can be written there (DataError otherwise)."""
     try:
@@ -268,6 +277,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
     src, dst = Path(src), Path(dst)
+    check_outside_source(src, dst, fmt)
     check_destination(src, dst, force)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     with worker_pool(workers) as pool:

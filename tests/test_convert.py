@@ -899,6 +899,20 @@ def test_changed_arguments_start_over(source, tmp_path, monkeypatch):
 # --force replaces only what the converter wrote; the report
 # ---------------------------------------------------------------------------------------------
 
+def test_dali_shards_inside_the_source_folder_are_refused(source, tmp_path, capsys):
+    """Their directory would be one more (empty) class of the folder: a rerun would shift every label."""
+    root, _ = source
+    folder = tmp_path / "folder"
+    for path, _ in find_image_folder(root)[1][:2]:
+        (folder / Path(path).parent.name).mkdir(parents=True, exist_ok=True)
+        (folder / Path(path).parent.name / Path(path).name).write_bytes(Path(path).read_bytes())
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert _cli([str(folder), str(folder / "shards"), "--format", "dali", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: output {folder / 'shards'} is inside the source {folder}, where its "
+                                       f"directory would be read as one more class; choose a DST outside {folder}\n")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_force_never_replaces_what_the_converter_did_not_write(source, tmp_path, capsys):
     root, _ = source
     base = [str(root), "--max-resolution", str(MAX_RES), "--workers", "1"]
