@@ -96,6 +96,17 @@ def test_a_set_cut_short_is_rebuilt(tmp_path, monkeypatch):
     assert len(list((root / "train").rglob("*.jpg"))) == 2 * len(PHOTOGRAPHS)
 
 
+def test_a_demo_folder_given_with_imagenet_like_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
+    from tools.make_demo_data import main
+    monkeypatch.setattr("sys.argv", ["make_demo_data", str(tmp_path / "demo"), "--imagenet-like", "3",
+                                     str(tmp_path / "inl"), "--workers", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == (f"error: --imagenet-like N DIR writes into DIR; the folder {tmp_path / 'demo'} "
+                                       f"is for the demo set only (see --help)\n")
+
+
 def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_path, monkeypatch, capsys):
     from tools.make_demo_data import main
     root = tmp_path / "inl"

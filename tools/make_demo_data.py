@@ -24,7 +24,7 @@ def _flags(names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, nargs="?", default=Path("data/demo"))
+    parser.add_argument("root", type=Path, nargs="?", default=None, help="demo set: its folder (default data/demo)")
     parser.add_argument("--train-per-class", type=int, default=None, help="demo set: training images per class (default 64)")
     parser.add_argument("--val-per-class", type=int, default=None, help="demo set: validation images per class (default 16)")
     parser.add_argument("--seed", type=int, default=0)
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     own, other = (imagenet_like, demo) if args.imagenet_like else (demo, imagenet_like)
     if any(getattr(args, name) is not None for name in other):
         parser.error(f"{_flags(list(other))} are for {'the demo set' if args.imagenet_like else '--imagenet-like'} only")
+    if args.imagenet_like and args.root is not None:
+        parser.error(f"--imagenet-like N DIR writes into DIR; the folder {args.root} is for the demo set only")
+    args.root = Path("data/demo") if args.root is None else args.root
     for name, default in own.items():  # each option's default, and at least 1
         value = default if getattr(args, name) is None else getattr(args, name)
         if value < 1:
