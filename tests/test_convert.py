@@ -495,6 +495,21 @@ def test_cli_errors_are_one_line(case, tmp_path, capsys, source):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("empty", ["SRC", "DST"])
+def test_an_empty_path_argument_is_refused_not_read_as_the_current_directory(empty, source, tmp_path, monkeypatch,
+                                                                             capsys):
+    root, _ = source
+    (tmp_path / "cwd" / "class").mkdir(parents=True)
+    (tmp_path / "cwd" / "class" / "x.jpg").write_bytes((root / "a" / "a0.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path / "cwd")
+    src, dst = ("", str(tmp_path / "out.beton")) if empty == "SRC" else (str(root), "")
+    assert _cli([src, dst, "--format", "ffcv", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {empty} is empty (an unset shell variable?); give a path, '.' for the "
+                                       f"current directory (see --help)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+    assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == ["class"]
+
+
 def test_cli_subprocess_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.convert", str(tmp_path / "nope"), str(tmp_path / "o"),
                              "--format", "dali"], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the conversion; 0 on success, SystemExit(2) with one `error:` line for unusable input."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, value in (("SRC", args.src), ("DST", args.dst)):
+        if not value:
+            parser.error(f"{name} is empty (an unset shell variable?); give a path, '.' for the current directory")
     with cli_errors():
         try:
             report = convert(args.src, args.dst, args.fmt, max_resolution=args.max_resolution,
