@@ -276,13 +276,19 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     """
     workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), _named(Path(dst))
     check_outside_source(src, dst, fmt)
     check_destination(src, dst, force)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     with worker_pool(workers) as pool:
         return _convert_listed(src, dst, fmt, prep, force, shard_size if fmt == "dali" else part_size, pool,
                                workers, progress, starting)
+
+
+def _named(path: Path) -> Path:
+    """`path`, absolute where it is '.' (the current directory), which has no name for the work directory
+    and the report to be named after."""
+    return path if path.name else path.absolute()
 
 
 def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool, size: int,

@@ -510,6 +510,19 @@ def test_an_empty_path_argument_is_refused_not_read_as_the_current_directory(emp
     assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == ["class"]
 
 
+def test_an_empty_current_directory_as_dst_holds_the_shards(source, outputs, tmp_path, monkeypatch):
+    root, _ = source
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert _cli([str(root), ".", "--format", "dali", "--max-resolution", str(MAX_RES), "--workers", "1",
+                 "--shard-size", "5"]) == 0
+    reference = outputs[0] / "shards"
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert all((tmp_path / "here" / p.name).read_bytes() == p.read_bytes() for p in reference.iterdir())
+    assert json.loads((tmp_path / "here.report.json").read_text())["written"] == outputs[2]["written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "here.report.json"]
+
+
 def test_cli_subprocess_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.convert", str(tmp_path / "nope"), str(tmp_path / "o"),
                              "--format", "dali"], cwd=REPO, capture_output=True, text=True, timeout=120)
