@@ -203,6 +203,10 @@ def check_writable(directory: Path) -> None:
     try:
         ensure_writable_directory(directory)
     except OSError as err:
+        blocking = next((path for path in (directory, *directory.parents) if path.is_file()), None)
+        if blocking is not None:
+            raise DataError(f"cannot write into {directory}: {blocking} is a file, not a directory; choose a DST "
+                            f"whose directory is a directory or can be created") from None
         raise DataError(f"cannot write into {directory} ({err.strerror or err}); choose an output on "
                         f"writable storage") from None
 

@@ -523,6 +523,17 @@ def test_an_empty_current_directory_as_dst_holds_the_shards(source, outputs, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "here.report.json"]
 
 
+@pytest.mark.parametrize("below", ["out.beton", "sub/out.beton"])
+def test_a_file_where_dsts_directory_should_be_is_named_as_such(below, source, tmp_path, capsys):
+    root, _ = source
+    (tmp_path / "notes").write_text("precious")
+    dst = tmp_path / "notes" / below
+    assert _cli([str(root), str(dst), "--format", "ffcv", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write into {dst.parent}: {tmp_path / 'notes'} is a file, not a "
+                                       f"directory; choose a DST whose directory is a directory or can be created\n")
+    assert (tmp_path / "notes").read_text() == "precious" and sorted(tmp_path.iterdir()) == [tmp_path / "notes"]
+
+
 def test_cli_subprocess_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.convert", str(tmp_path / "nope"), str(tmp_path / "o"),
                              "--format", "dali"], cwd=REPO, capture_output=True, text=True, timeout=120)
