@@ -107,6 +107,15 @@ def test_a_demo_folder_given_with_imagenet_like_is_refused_not_ignored(tmp_path,
                                        f"is for the demo set only (see --help)\n")
 
 
+def test_a_negative_seed_is_one_error_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from tools.make_demo_data import main
+    monkeypatch.setattr("sys.argv", ["make_demo_data", str(tmp_path / "demo"), "--seed", "-1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == "error: --seed must be at least 0, got -1 (see --help)\n"
+
+
 def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_path, monkeypatch, capsys):
     from tools.make_demo_data import main
     root = tmp_path / "inl"

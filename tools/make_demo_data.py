@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, nargs="?", default=None, help="demo set: its folder (default data/demo)")
     parser.add_argument("--train-per-class", type=int, default=None, help="demo set: training images per class (default 64)")
     parser.add_argument("--val-per-class", type=int, default=None, help="demo set: validation images per class (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images' draws, at least 0 (default 0)")
     parser.add_argument("--imagenet-like", nargs=2, metavar=("N", "DIR"),
                         help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
     parser.add_argument("--classes", type=int, default=None, help="classes of the --imagenet-like set (default 10)")
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.imagenet_like and args.root is not None:
         parser.error(f"--imagenet-like N DIR writes into DIR; the folder {args.root} is for the demo set only")
     args.root = Path("data/demo") if args.root is None else args.root
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
     for name, default in own.items():  # each option's default, and at least 1
         value = default if getattr(args, name) is None else getattr(args, name)
         if value < 1:
