@@ -27,6 +27,14 @@ def test_an_argument_error_is_one_line_not_the_usage_block(module, capsys):
     assert err[0].startswith("error: ") and err[0].endswith(" (see --help)")
 
 
+@pytest.mark.parametrize("module", COMMANDS)
+def test_the_usage_line_names_the_command_as_it_is_typed(module, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    typed = module.removesuffix(".__main__")
+    assert capsys.readouterr().out.startswith(f"usage: python -m {typed} ")
+
+
 @pytest.mark.parametrize("module, flag", [("tools.evaluate", "--json"), ("tools.plot", "--out"),
                                           ("tools.preview", "--out"), ("tools.bench.__main__", "--json"),
                                           ("tools.bench.__main__", "--plot"), ("tools.gpu_check.__main__", "--json"),

@@ -23,7 +23,7 @@ def _flags(names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CliParser(description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m tools.make_demo_data", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, nargs="?", default=None, help="demo set: its folder (default data/demo)")
     parser.add_argument("--train-per-class", type=int, default=None, help="demo set: training images per class (default 64)")
     parser.add_argument("--val-per-class", type=int, default=None, help="demo set: validation images per class (default 16)")
