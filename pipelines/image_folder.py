@@ -38,7 +38,7 @@ def image_folder_root(root: str | Path) -> Path:
     if root.is_file():
         raise DataError(f"data {root} is a file; give the ImageFolder directory (or, with pipeline=ffcv, a .beton)")
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist; pass DATA=/path/to/imagefolder or omit it for the demo")
+        raise DataError(f"data directory {root} does not exist; give an existing ImageFolder (a directory of class folders)")
     return root
 
 

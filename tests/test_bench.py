@@ -240,8 +240,8 @@ def test_a_missing_data_folder_is_one_error_line_before_any_section(tmp_path, ca
         main(["--quick", "--device", "cpu", "--data", str(tmp_path / "missing")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: data directory {tmp_path / 'missing'} does not exist; pass DATA=/path/to/imagefolder "
-                   f"or omit it for the demo"]
+    assert err == [f"error: data directory {tmp_path / 'missing'} does not exist; give an existing ImageFolder "
+                   f"(a directory of class folders)"]
 
 
 def test_interleaved_timing_warms_up_each_runner_then_alternates():
