@@ -2,7 +2,7 @@
 
 The source is an ImageFolder (SRC/<class>/<image>, labels = index of the sorted class names,
 exactly as `pipelines.image_folder.find_image_folder`) or a text file whose lines are `<path> <label>`
-(path relative to the list file's directory or absolute, label a non-negative int; blank
+(path relative to the list file's directory or absolute, label an int 0..`MAX_LIST_LABEL`; blank
 lines and lines starting with '#' are ignored).
 
 `convert` does, in order:
@@ -75,9 +75,15 @@ FORMATS = ("ffcv", "dali")
 # Sources
 # --------------------------------------------------------------------------------------------
 
+# A list file names its classes '0'..'max label'; a larger "label" is another column (a size, a time stamp)
+# and would make that many names.
+MAX_LIST_LABEL = 999_999
+
+
 def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
     """(class names '0'..'max label', (path, label) samples) from a `<path> <label>` list file (UTF-8, a
-    leading byte-order mark ignored), read a line at a time."""
+    leading byte-order mark ignored), read a line at a time. A label is an integer 0..`MAX_LIST_LABEL`;
+    anything else is a DataError naming the line."""
     base = list_file.parent
 
     def parsed() -> Iterator[tuple[str, int]]:
@@ -97,6 +103,9 @@ def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
                         raise DataError(f"{list_file} line {number}: label {raw_label!r} is not an integer") from None
                     if label < 0:
                         raise DataError(f"{list_file} line {number}: label {label} is negative")
+                    if label > MAX_LIST_LABEL:
+                        raise DataError(f"{list_file} line {number}: label {raw_label[:30]} is above {MAX_LIST_LABEL:,}; "
+                                        f"the last column is the class index, counted from 0")
                     path = Path(name)
                     yield str(path if path.is_absolute() else base / path), label
         except UnicodeDecodeError:

@@ -448,6 +448,19 @@ def test_a_list_file_with_a_byte_order_mark_loses_no_image(source, tmp_path):
         assert _mad(image, expected[["a/a0.jpg", "c/c0.jpg"][label]][1]) < 4
 
 
+@pytest.mark.parametrize("label, problem", [
+    ("x", "label 'x' is not an integer"), ("-1", "label -1 is negative"),
+    ("1000000", "label 1000000 is above 999,999; the last column is the class index, counted from 0"),
+    ("9" * 23, f"label {'9' * 23} is above 999,999; the last column is the class index, counted from 0")])
+def test_a_list_file_label_that_is_no_class_index_names_its_line(label, problem, source, tmp_path, capsys):
+    root, _ = source
+    lst = root.parent / "labels.txt"
+    lst.write_text(f"# images\nfolder/a/a0.jpg 0\nfolder/c/c0.jpg {label}\n")
+    assert _cli([str(lst), str(tmp_path / "out"), "--format", "dali", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {lst} line 3: {problem}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_needs_force(source, tmp_path, capsys):
     root, _ = source
     dst = tmp_path / "out"
