@@ -159,3 +159,15 @@ def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_
                                  f"(expected {empty}/<class>/<image>.jpg)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no .beton, report, lock or out_dir
     assert [p.name for p in empty.iterdir()] == ["some_class"]
+
+
+@pytest.mark.parametrize("mode, flag, value, shown", [
+    ("knn", "--temperature", "nan", "nan"), ("knn", "--temperature", "inf", "inf"),
+    ("linear", "--lr", "nan", "nan"), ("linear", "--lr", "1e400", "inf"), ("linear", "--weight-decay", "nan", "nan"),
+    ("finetune", "--lr-backbone", "inf", "inf"), ("finetune", "--lr-classifier", "nan", "nan"),
+])
+def test_evaluate_refuses_a_rate_that_is_not_a_finite_number(mode, flag, value, shown, tmp_path, capsys):
+    # nan passed `<= 0` and evaluated on, printing an accuracy (T=nan: 8.59% top-1) as if it were a result.
+    argv = ["--random-init", "--arch", "resnet18", "--data", str(tmp_path / "missing"), "--workers", "0"]
+    code, err = run_command("tools.evaluate", [*argv, "--mode", mode, flag, value], capsys)
+    assert code == 2 and err == [f"error: {flag} must be a finite number, got {shown} (see --help)"]

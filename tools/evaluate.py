@@ -27,6 +27,7 @@ checkpoint's 48 px) they finish in a couple of minutes. With --out-dir the run k
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("lr", "lr_backbone", "lr_classifier", "temperature", "weight_decay"):
+        if not math.isfinite(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if min(args.lr, args.lr_backbone, args.lr_classifier, args.temperature) <= 0 or args.weight_decay < 0:
         parser.error("learning rates and --temperature must be positive and --weight-decay non-negative")
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
