@@ -27,6 +27,7 @@ MIN_IMAGE_SIZE = 8  # the smallest crop whose blur kernel (3 taps) still fits it
 # augment.image_size is bounded by the memory check at start instead.
 MAX_IMAGE_SIZE = 1024
 SIZE_STEP = 32       # progressive resizing moves between multiples of this
+MAX_SEED = 2**32 - 1  # the pipelines' generators keep 32 bits of a seed: past it two seeds give one run
 MIN_BATCH_PER_RANK = 2  # BatchNorm's training statistics need more than one value per channel
 PROJECTOR_WIDTHS = re.compile(r"[1-9][0-9]*(-[1-9][0-9]*)*")  # e.g. 8192-8192-8192
 
@@ -415,7 +416,7 @@ def validate(config: Config) -> None:
         _require(getattr(config, key) >= 0, key, "0 or positive", getattr(config, key))
     _require(bool(PROJECTOR_WIDTHS.fullmatch(config.projector)), "projector",
              "layer widths joined by '-', e.g. 8192-8192-8192", config.projector)
-    _require(0 <= config.seed < 2**32, "seed", "an integer in 0..4294967295 (the pipelines' generators take 32 bits)",
+    _require(0 <= config.seed <= MAX_SEED, "seed", "an integer in 0..4294967295 (the pipelines' generators take 32 bits)",
              config.seed)
     _require(bool(config.out_dir.strip()), "out_dir", "a directory", config.out_dir)
     _require(config.ffcv.max_resolution > 0, "ffcv.max_resolution", "positive", config.ffcv.max_resolution)

@@ -171,3 +171,14 @@ def test_evaluate_refuses_a_rate_that_is_not_a_finite_number(mode, flag, value, 
     argv = ["--random-init", "--arch", "resnet18", "--data", str(tmp_path / "missing"), "--workers", "0"]
     code, err = run_command("tools.evaluate", [*argv, "--mode", mode, flag, value], capsys)
     assert code == 2 and err == [f"error: {flag} must be a finite number, got {shown} (see --help)"]
+
+
+@pytest.mark.parametrize("module", ["tools.evaluate", "tools.dali_semantics"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(10**20)])
+def test_evaluate_and_dali_semantics_refuse_a_seed_beyond_32_bits(module, seed, tmp_path, capsys):
+    # -1 ended dali_semantics in numpy's "expected non-negative integer" traceback, 10**20 the linear probe
+    # in torch.manual_seed's "Overflow when unpacking long long"; the config's seed takes 0..2**32-1.
+    argv = (["--random-init", "--arch", "resnet18", "--mode", "linear", "--data", str(tmp_path / "missing")]
+            if module == "tools.evaluate" else ["--data", str(tmp_path / "missing")])
+    code, err = run_command(module, [*argv, "--seed", seed], capsys)
+    assert code == 2 and err == [f"error: --seed must lie in 0..4294967295 (32 bits), got {seed} (see --help)"]

@@ -43,7 +43,7 @@ with exit_on_interrupt(STARTING):
     import torchvision.transforms as T
     from PIL import Image
 
-    from bt_fast.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, AugmentSpec, Config
+    from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, AugmentSpec, Config
     from bt_fast.files import write_json
     from pipelines.base import Placement
     from pipelines.dali import DALIPipeline
@@ -292,8 +292,9 @@ def measure(args: argparse.Namespace) -> dict:
 def check_numbers(parser: CliParser, args: argparse.Namespace) -> None:
     """A one-line argparse error for a number no section can use (a 0 batch divides by zero, 0 samples
     leaves nothing to compare, a crop below MIN_IMAGE_SIZE fails inside DALI, one beyond MAX_IMAGE_SIZE
-    outgrows memory)."""
+    outgrows memory, a negative seed fails inside numpy's generator)."""
     parser.check_range("--image-size", args.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
+    parser.check_range("--seed", args.seed, 0, MAX_SEED, "(32 bits)")
     least = {"samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
     for name, low in least.items():
         if getattr(args, name) < low:
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=int, default=256, help="samples per view recomputed with PIL")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     parser.add_argument("--speed", action="store_true", help="also measure throughput and the decode strategies")
     parser.add_argument("--json", type=output_file, default=None, help="write the report here")
     args = parser.parse_args(argv)

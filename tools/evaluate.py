@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bt_fast.config import MAX_IMAGE_SIZE
+from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
                              ignore_interrupts_while_exiting, output_file, print_error)
 from bt_fast.host import usable_cores
@@ -212,7 +212,7 @@ def build_parser() -> CliParser:
     p.add_argument("--workers", type=int, default=min(8, usable_cores()))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0,
-                   help="random-init weights, head init, data order, augmentation and the finetune subset")
+                   help=f"0 to {MAX_SEED}: random-init weights, head init, data order, augmentation and the finetune subset")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--random-init", action="store_true", help="evaluate the untrained arch (the baseline)")
     group.add_argument("--compare", action="store_true",
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     if args.image_size is not None:
         parser.check_range("--image-size", args.image_size, 1, MAX_IMAGE_SIZE, "pixels")
+    parser.check_range("--seed", args.seed, 0, MAX_SEED, "(32 bits)")
     for name in ("batch_size", "epochs", "k", "workers"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):
