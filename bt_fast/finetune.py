@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bt_fast.checkpoint import CheckpointError, atomic_save, load_checkpoint, restore_model
+from bt_fast.config import MIN_BATCH_PER_RANK
 from bt_fast.errors import DataError
 from bt_fast.files import remove_stale_temporaries
 from bt_fast.knn import LabelledImageFolder, eval_loader, extract_features_multi, train_transform
@@ -127,6 +128,20 @@ def read_train_list(path: str | Path, train_dir: str | Path, samples: Sequence[t
     return chosen
 
 
+def check_subset_size(images: int, train_dir: Path, settings: FinetuneSettings) -> None:
+    """A DataError naming where the subset came from unless it holds MIN_BATCH_PER_RANK images: BatchNorm in
+    training mode needs two per batch, and the loader drops a last batch of one."""
+    if images >= MIN_BATCH_PER_RANK:
+        return
+    if settings.train_list is not None:
+        source, remedy = f"train list {settings.train_list} names", "list more"
+    else:
+        source = f"--train-percent {settings.train_percent} of {train_dir} draws"
+        remedy = "use a larger --train-percent or a folder with more images"
+    raise DataError(f"{source} {images} image; fine-tuning needs at least {MIN_BATCH_PER_RANK} (BatchNorm trains on "
+                    f"the statistics of a batch): {remedy}")
+
+
 # -- data -----------------------------------------------------------------------------------------
 class AugmentedSubset(Dataset):
     """(augmented image, label) of the chosen samples, keyed (epoch, position in the subset); an
@@ -218,6 +233,7 @@ def finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str | 
     else:
         chosen = per_class_subset([label for _, label in folder.samples], settings.train_percent, settings.seed)
     subset = [folder.samples[i] for i in chosen]
+    check_subset_size(len(subset), train_dir, settings)
     classes = folder.classes
 
     dataset = AugmentedSubset(subset, settings.image_size, settings.seed)

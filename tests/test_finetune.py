@@ -173,3 +173,24 @@ def test_cli_rejects_options_of_another_mode(split_folder, capsys):
     with pytest.raises(SystemExit) as exit:
         ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--lr-backbone", "0.1", *COMMON])
     assert exit.value.code == 2 and "--lr-backbone applies to --mode finetune only" in capsys.readouterr().err
+
+
+def test_a_subset_of_one_image_or_a_batch_of_one_is_one_error_line(split_folder, tmp_path, capsys):
+    # One image in the subset: its only batch (of one) was dropped for BatchNorm, and the epoch's mean loss
+    # divided by zero (ZeroDivisionError traceback); --batch-size 1 failed inside BatchNorm at 32 px.
+    one_class = tmp_path / "one" / "train" / "class0"
+    one_class.mkdir(parents=True)
+    (one_class / "img000.jpg").write_bytes((split_folder / "train" / "class0" / "img000.jpg").read_bytes())
+    listing = _write(tmp_path / "one.txt", "class0/img000.jpg\n")
+    for data, extra, message in [
+            (tmp_path / "one" / "train", [], f"--train-percent 1 of {one_class.parent} draws 1 image; fine-tuning "
+             f"needs at least 2 (BatchNorm trains on the statistics of a batch): use a larger --train-percent or a "
+             f"folder with more images"),
+            (split_folder / "train", ["--train-list", str(listing)], f"train list {listing} names 1 image; "
+             f"fine-tuning needs at least 2 (BatchNorm trains on the statistics of a batch): list more"),
+            (split_folder / "train", ["--batch-size", "1"], "--batch-size must be at least 2 for --mode finetune "
+             "(BatchNorm trains on the statistics of a batch), got 1 (see --help)")]:
+        with pytest.raises(SystemExit) as exit:
+            ev.main(["--random-init", "--arch", "resnet18", "--mode", "finetune", "--data", str(data), "--val-data",
+                     str(split_folder / "val"), "--epochs", "1", *COMMON, *extra])
+        assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"]

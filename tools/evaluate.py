@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED
+from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_BATCH_PER_RANK
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
                              ignore_interrupts_while_exiting, output_file, print_error)
 from bt_fast.host import usable_cores
@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lr", "lr_backbone", "lr_classifier", "temperature", "weight_decay"):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.mode == "finetune" and args.batch_size < MIN_BATCH_PER_RANK:
+        parser.error(f"--batch-size must be at least {MIN_BATCH_PER_RANK} for --mode finetune (BatchNorm trains on "
+                     f"the statistics of a batch), got {args.batch_size}")
     if min(args.lr, args.lr_backbone, args.lr_classifier, args.temperature) <= 0 or args.weight_decay < 0:
         parser.error("learning rates and --temperature must be positive and --weight-decay non-negative")
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
