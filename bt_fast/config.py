@@ -172,12 +172,23 @@ class CommandLineValue(str):
     """The text of a `key=value` override, parsed as YAML only where the key is not a string."""
 
 
+def _yaml_value(text: str) -> Any:
+    """The YAML value `text` spells ("" for blank text); text that is no YAML value (`[1`, a `!!python` tag)
+    stays text, which the key's type then refuses by name."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(text)
+
+
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Convert `value` to the type of the field's default, or fail naming the key."""
     if isinstance(value, CommandLineValue):
         if isinstance(current, str):  # a string key keeps its text: out_dir=010 stays "010"
             return str(value)
-        value = yaml.safe_load(value) if value.strip() else ""
+        value = _yaml_value(value)
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value

@@ -182,3 +182,16 @@ def test_evaluate_and_dali_semantics_refuse_a_seed_beyond_32_bits(module, seed, 
             if module == "tools.evaluate" else ["--data", str(tmp_path / "missing")])
     code, err = run_command(module, [*argv, "--seed", seed], capsys)
     assert code == 2 and err == [f"error: --seed must lie in 0..4294967295 (32 bits), got {seed} (see --help)"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=[1", "config key 'epochs' expects a number, got '[1'"),
+    ("augment.crop_scale=[0.1,", "config key 'augment.crop_scale' expects a list of 2 numbers, got '[0.1,'"),
+    ("tensorboard={", "config key 'tensorboard' expects true/false (or 1/0), got '{'"),
+    ("seed=!!python/object:os.system", "config key 'seed' expects a number, got '!!python/object:os.system'"),
+])
+def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, message):
+    # These ended in PyYAML's ScannerError / ParserError / ConstructorError traceback.
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert str(err.value) == message
