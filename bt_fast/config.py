@@ -221,7 +221,7 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
+            close = difflib.get_close_matches(str(name), fields, n=1)  # YAML keys may be numbers or booleans
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
         current = getattr(target, name)

@@ -195,3 +195,14 @@ def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, messa
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("text, key", [("1: 2\n", "1"), ("augment:\n  224: 48\n", "augment.224"),
+                                       ("yes: 1\n", "True")])
+def test_a_config_file_key_that_is_not_text_is_an_unknown_key(text, key, tmp_path):
+    # A number or boolean as key ended in difflib's "TypeError: 'int' object is not iterable" traceback.
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"unknown config key '{key}'"
