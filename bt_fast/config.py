@@ -280,6 +280,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where (line and column counted from 1), on one line; its message's first
+    line is only the context ("while scanning for the next token")."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem:
+        return str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, unique_keys: bool = False) -> Config:
     """The defaults, then the YAML file at `path`, then `overrides` (`parse_overrides`), validated."""
     config = Config()
@@ -295,7 +304,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except _DuplicateKey as err:
             raise ConfigError(f"config file {path}: {err}; give each key once") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         _apply(config, values)

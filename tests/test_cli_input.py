@@ -206,3 +206,17 @@ def test_a_config_file_key_that_is_not_text_is_an_unknown_key(text, key, tmp_pat
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == f"unknown config key '{key}'"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("workers: 2\nepochs:\t4\n", "found character '\\t' that cannot start any token (line 2, column 8)"),
+    ("augment:\n  crop_scale: [0.2, 1.0\n", "expected ',' or ']', but got '<stream end>' (line 3, column 1)"),
+])
+def test_a_config_file_that_is_not_yaml_names_the_problem_and_its_line(text, problem, tmp_path):
+    # Only the first line of PyYAML's message came out ("while scanning for the next token"), not what is
+    # wrong nor where.
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"config file {path} is not valid YAML: {problem}"
