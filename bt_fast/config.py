@@ -212,6 +212,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             return int(number)
         return number
     if isinstance(current, str):
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"config key '{key}' expects text (one path or name), got {value!r}")
         return "" if value is None else str(value)
     raise ConfigError(f"config key '{key}' has an unsupported value {value!r}")
 

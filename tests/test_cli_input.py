@@ -220,3 +220,16 @@ def test_a_config_file_that_is_not_yaml_names_the_problem_and_its_line(text, pro
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == f"config file {path} is not valid YAML: {problem}"
+
+
+@pytest.mark.parametrize("text, key, value", [("out_dir: [runs, demo]\n", "out_dir", ['runs', 'demo']),
+                                              ("data: {train: /data}\n", "data", {'train': '/data'}),
+                                              ("ffcv:\n  beton: [a.beton, b.beton]\n", "ffcv.beton",
+                                               ['a.beton', 'b.beton'])])
+def test_a_list_or_mapping_for_a_text_key_is_refused(text, key, value, tmp_path):
+    # It became the text of the list: out_dir "['runs', 'demo']", a directory created under that name.
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"config key '{key}' expects text (one path or name), got {value!r}"
