@@ -24,7 +24,7 @@ from torch import nn
 
 import yaml
 
-from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, Progress, saved_progress
+from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, Progress, saved_progress
 from bt_fast.config import check_choice
 from bt_fast.model import BACKBONE_DIM, make_backbone
 
@@ -135,6 +135,9 @@ def run_config(path: Path) -> dict | None:
 def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
     """The backbone stored in `path`, on the CPU; `arch` None: from the file's config or keys."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the {CHECKPOINT_NAME} or {BACKBONE_NAME} "
+                              f"in it (a run's out_dir holds both), or a ResNet state dict file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the checkpoint.pth or backbone.pth "
                               f"written by training, or a ResNet state dict")

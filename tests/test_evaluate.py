@@ -263,6 +263,12 @@ def test_wrong_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing\.pth does not exist"):
         load_backbone(tmp_path / "missing.pth")
 
+    # a run's out_dir given for its checkpoint was said not to exist
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(tmp_path)
+    assert str(err.value) == (f"checkpoint {tmp_path} is a directory; pass the checkpoint.pth or backbone.pth in it "
+                              f"(a run's out_dir holds both), or a ResNet state dict file")
+
 
 def test_random_init_is_seeded():
     a, b, c = random_backbone("resnet18", 0), random_backbone("resnet18", 0), random_backbone("resnet18", 1)
