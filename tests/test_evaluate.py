@@ -390,10 +390,28 @@ def test_cli_errors_are_one_line_naming_the_file(split_folder, tmp_path, capsys)
     assert len(err) == 1 and str(corrupt) in err[0]
 
 
-def test_resolve_splits():
+def test_resolve_splits(split_folder):
     with pytest.raises(DataError, match="does not exist"):
         ev.resolve_splits("/nonexistent/data")
-    assert ev.resolve_splits("a", "b") == (Path("a"), Path("b"))
+    train, val = split_folder / "train", split_folder / "val"
+    assert ev.resolve_splits(train, val) == (train, val)
+    assert ev.resolve_splits(split_folder) == (train, val)
+
+
+def test_a_data_option_naming_a_file_or_nothing_is_named(split_folder, tmp_path):
+    # A missing --val-data was reported with training's remedy ("pass DATA=/path/to/imagefolder or omit it
+    # for the demo"), a .beton given as --data alone as a directory that "does not exist".
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"")
+    folder = "pass an ImageFolder directory (a sub-directory of images per class)"
+    for data, val, message in [
+            (split_folder / "train", tmp_path / "missing", f"--val-data {tmp_path / 'missing'} does not exist; {folder}"),
+            (split_folder / "train", beton, f"--val-data {beton} is a file; {folder}"),
+            (beton, split_folder / "val", f"--data {beton} is a file; {folder}"),
+            (beton, None, f"--data {beton} is a file; pass a directory with train/ and val/ sub-folders (ImageFolders)")]:
+        with pytest.raises(DataError) as err:
+            ev.resolve_splits(data, val)
+        assert str(err.value) == message
 
 
 def test_errors_from_dataloader_workers_are_reduced_to_the_original_message():

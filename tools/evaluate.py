@@ -59,12 +59,20 @@ MODE_ONLY = {"linear": ("lr", "cache_features"),
 
 
 def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tuple[Path, Path]:
-    """(train dir, val dir): DATA/train + DATA/val when present, else DATA + --val-data."""
+    """(train dir, val dir): DATA/train + DATA/val when present, else DATA + --val-data; a DataError naming
+    the option whose path is a file or nothing."""
     data = Path(data)
     if val_data is not None:
+        for flag, path in (("--data", data), ("--val-data", Path(val_data))):
+            if not path.is_dir():
+                what = "is a file" if path.is_file() else "does not exist"
+                raise DataError(f"{flag} {path} {what}; pass an ImageFolder directory (a sub-directory of images "
+                                f"per class)")
         return data, Path(val_data)
     if (data / "train").is_dir() and (data / "val").is_dir():
         return data / "train", data / "val"
+    if data.is_file():
+        raise DataError(f"--data {data} is a file; pass a directory with train/ and val/ sub-folders (ImageFolders)")
     if not data.is_dir():
         raise DataError(f"data directory {data} does not exist; pass --data DIR with train/ and val/ sub-folders")
     raise DataError(f"data directory {data} has no train/ and val/ sub-folders; pass them as --data TRAIN --val-data VAL")
