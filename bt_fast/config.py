@@ -29,6 +29,9 @@ MAX_IMAGE_SIZE = 1024
 SIZE_STEP = 32       # progressive resizing moves between multiples of this
 MAX_SEED = 2**32 - 1  # the pipelines' generators keep 32 bits of a seed: past it two seeds give one run
 MIN_BATCH_PER_RANK = 2  # BatchNorm's training statistics need more than one value per channel
+# the supported archs, torchvision ResNets, by feature size; here, not in bt_fast.model, so that a run's
+# checks (bt_fast.preflight) know the names without importing torchvision
+BACKBONE_DIM = {"resnet18": 512, "resnet50": 2048}
 PROJECTOR_WIDTHS = re.compile(r"[1-9][0-9]*(-[1-9][0-9]*)*")  # e.g. 8192-8192-8192
 
 
@@ -422,7 +425,8 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 
 def validate(config: Config) -> None:
     """Checks of the values this module owns; names such as `pipeline` and `arch` are checked by
-    their registries (`pipelines.PIPELINES`, `bt_fast.model.BACKBONE_DIM`) when they are built."""
+    their registries (`pipelines.PIPELINES`, `BACKBONE_DIM`) when they are built, and by
+    `bt_fast.preflight` before a run."""
     for key, choices in CHOICES.items():
         section, _, name = key.rpartition(".")
         check_choice(key, getattr(getattr(config, section) if section else config, name), choices)

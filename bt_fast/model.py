@@ -5,9 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bt_fast.config import check_choice
-
-BACKBONE_DIM = {"resnet18": 512, "resnet50": 2048}  # the supported archs: torchvision ResNets by feature size
+from bt_fast.config import BACKBONE_DIM, check_choice
 
 
 def make_backbone(arch: str) -> nn.Module:

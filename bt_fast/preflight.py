@@ -1,8 +1,8 @@
 """A run's inputs and its out_dir's previous run, checked before anything is built.
 
 `bt_fast.train` runs these checks on every rank, and `tools.launch` once before it starts any,
-so a wrong path or a forbidden rerun is one line, not one per rank and restart. This module
-imports neither torchvision nor the pipelines, which would double the launcher's start-up.
+so a wrong name or path, or a forbidden rerun, is one line, not one per rank and restart. This module
+imports neither torchvision nor any pipeline, which would double the launcher's start-up.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from bt_fast.config import Config, ConfigError
+from bt_fast.config import BACKBONE_DIM, Config, ConfigError, check_choice
 from bt_fast.files import check_writable_directory
 from bt_fast.run_lock import check_unlocked
 
@@ -98,9 +98,18 @@ def check_data_exists(config: Config) -> None:
                       f"or omit it for the demo")
 
 
+def check_registry_names(config: Config) -> None:
+    """A ConfigError unless `arch` and `pipeline` name a backbone and a pipeline that exist: the launcher's
+    check passed them on to every rank, to fail there once per restart."""
+    from pipelines import PIPELINES  # the registry of names: it imports no pipeline
+    check_choice("pipeline", config.pipeline, PIPELINES)
+    check_choice("arch", config.arch, BACKBONE_DIM)
+
+
 def check_run_inputs(config: Config) -> None:
-    """What a run needs from the file system, checked before anything is built (one ConfigError each);
-    creates nothing."""
+    """The names of the arch and pipeline, and what a run needs from the file system, checked before anything
+    is built (one ConfigError each); creates nothing."""
+    check_registry_names(config)
     check_data_given(config)
     check_data_exists(config)
     for key in ("knn_train", "knn_val"):

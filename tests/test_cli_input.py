@@ -233,3 +233,16 @@ def test_a_list_or_mapping_for_a_text_key_is_refused(text, key, value, tmp_path)
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == f"config key '{key}' expects text (one path or name), got {value!r}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("arch=resnet99", "config key 'arch' must be one of resnet18, resnet50, got 'resnet99' (did you mean 'resnet50'?)"),
+    ("pipeline=ffvc", "config key 'pipeline' must be one of reference, ffcv, dali, got 'ffvc' (did you mean 'ffcv'?)"),
+])
+def test_the_run_check_refuses_an_arch_or_pipeline_that_does_not_exist(override, message, image_folder, tmp_path,
+                                                                        capsys):
+    # `--check`, what tools.launch runs once before torchrun, passed them: every rank then failed, once per restart.
+    argv = ["--check", f"data={image_folder}", f"out_dir={tmp_path / 'run'}", override]
+    code, err = run_command("bt_fast.train", argv, capsys)
+    assert code == 2 and err == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()
