@@ -83,7 +83,8 @@ def evaluate_backbones(backbones: Sequence[nn.Module], train_dir: str | Path, va
         with progress(total=settings.epochs, desc="linear probe", enabled=shown) as bar:
             fit_linears(linears, batches, settings.epochs, settings.lr, settings.weight_decay,
                         lambda epoch, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-        results = [linear_topk(linear, x, val_y) for linear, x in zip(linears, val_x)]
+        remedy = f"lower --lr ({settings.lr:g})"
+        results = [linear_topk(linear, x, val_y, remedy) for linear, x in zip(linears, val_x)]
     facts = {"train_images": len(train_loader.dataset), "val_images": len(val_loader.dataset),
              "classes": len(classes), "seconds": time.perf_counter() - start}
     return results, facts

@@ -274,7 +274,9 @@ def finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str | 
     val_loader = eval_loader(str(val_dir), settings.image_size, settings.batch_size, settings.workers,
                              classes=classes, device=device)
     features, val_labels = extract_features_multi([model[0] for model in models], val_loader, device)
-    results = [linear_topk(model[1], x, val_labels) for model, x in zip(models, features)]
+    remedy = (f"lower --lr-backbone ({settings.lr_backbone:g}) or --lr-classifier ({settings.lr_classifier:g})"
+              + (f" and start afresh (delete {checkpoint}, which holds the diverged weights)" if checkpoint else ""))
+    results = [linear_topk(model[1], x, val_labels, remedy) for model, x in zip(models, features)]
     facts = {"train_images": len(subset), "val_images": len(val_loader.dataset), "classes": len(classes),
              "epoch_losses": losses, "resumed_epochs": done, "seconds": time.perf_counter() - start}
     return results, facts

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bt_fast.errors import UserError
 from bt_fast.knn import topk_accuracy
 from bt_fast.schedule import epoch_cosine
 
@@ -78,9 +79,15 @@ def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 
 @torch.no_grad()
-def linear_topk(linear: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of `linear` on (N, D) features."""
+def linear_topk(linear: nn.Linear, features: torch.Tensor, labels: torch.Tensor,
+                remedy: str = "lower the learning rate") -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of `linear` on (N, D) features. Where an output is not finite
+    (training diverged to inf or nan) there is no accuracy: a UserError that ends with `remedy`."""
     linear.eval()
-    ranked = linear(features).sort(dim=1, descending=True, stable=True).indices
+    logits = linear(features)
+    if not torch.isfinite(logits).all():
+        raise UserError(f"training diverged: the classifier's outputs on the validation images are not finite, so "
+                        f"it has no accuracy; {remedy}")
+    ranked = logits.sort(dim=1, descending=True, stable=True).indices
     top1, top5 = topk_accuracy(ranked, labels, (1, 5))
     return top1, top5

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bt_fast.checkpoint import CheckpointError
 from bt_fast.config import Config
-from bt_fast.errors import DataError, one_line
+from bt_fast.errors import DataError, UserError, one_line
 from bt_fast.knn import extract_features, knn_predict, knn_scores, topk_accuracy
 from bt_fast.linear_probe import linear_topk, train_linear
 from bt_fast.model import BarlowTwins
@@ -483,3 +483,26 @@ def test_official_resnet50_files_load_and_evaluate(split_folder, tmp_path, capsy
     assert ev.main(["--checkpoint", str(official), "--data", str(split_folder), "--json", str(out), *COMMON]) == 0
     record = json.loads(out.read_text())
     assert (record["arch"], record["image_size"], record["val_images"]) == ("resnet50", 32, 12)
+
+
+def test_a_diverged_linear_probe_or_finetuning_is_an_error_not_an_accuracy(split_folder, rn18_file, tmp_path, capsys):
+    # At --lr 1e30 the probe's weights overflow to inf/nan; argsort of nan logits still ranked the classes, and
+    # the command printed top-1 6.25% (the demo's chance level) and wrote it to --json as the backbone's result.
+    features, labels = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 4
+    linear = train_linear(features, labels, 4, epochs=3, lr=1e30)
+    assert not torch.isfinite(linear(features)).all()
+    with pytest.raises(UserError, match="training diverged: .*not finite.*; lower the learning rate$"):
+        linear_topk(linear, features, labels)
+
+    out = tmp_path / "eval.json"
+    for mode, rates, remedy in [
+            ("linear", ["--lr", "1e30"], "lower --lr (1e+30)"),
+            ("finetune", ["--lr-classifier", "1e30", "--train-percent", "100"],
+             "lower --lr-backbone (0.005) or --lr-classifier (1e+30)")]:
+        argv = ["--checkpoint", str(rn18_file), "--data", str(split_folder), "--mode", mode, "--epochs", "2",
+                "--json", str(out), *rates, *COMMON]
+        assert exit_code(argv) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: training diverged: the classifier's outputs on the validation images are not finite, so it "
+            f"has no accuracy; {remedy}"]
+        assert not out.exists()
