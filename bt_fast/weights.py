@@ -158,6 +158,10 @@ def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
     if problem:
         raise CheckpointError(f"checkpoint {path} does not fit a {chosen} backbone ({problem}); "
                               f"pass the matching --arch or a resnet18/resnet50 checkpoint")
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"checkpoint {path} holds weights that are not finite ('{broken}' has nan or inf), "
+                              f"as a diverged run leaves; pass a checkpoint saved before it diverged")
     backbone = make_backbone(chosen)
     backbone.load_state_dict(state, strict=False)  # only num_batches_tracked can be absent (checked above)
     if config is None and kind == "state dict":

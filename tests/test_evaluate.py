@@ -506,3 +506,17 @@ def test_a_diverged_linear_probe_or_finetuning_is_an_error_not_an_accuracy(split
             f"error: training diverged: the classifier's outputs on the validation images are not finite, so it "
             f"has no accuracy; {remedy}"]
         assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(value, tmp_path):
+    # A backbone whose bn1.weight was nan gave nan features, and k-NN reported the chance level (top-1 6.25% on
+    # the demo) as the checkpoint's accuracy.
+    state = {k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("fc.")}
+    state["bn1.weight"][3] = value
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(path)
+    assert str(err.value) == (f"checkpoint {path} holds weights that are not finite ('bn1.weight' has nan or inf), "
+                              f"as a diverged run leaves; pass a checkpoint saved before it diverged")
