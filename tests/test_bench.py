@@ -370,3 +370,18 @@ def test_loader_plot_names_do_not_overlap():
         assert len(boxes) == len(LOADERS)
         for left, right in zip(boxes, boxes[1:]):
             assert left.x1 < right.x0, (left, right)
+
+
+def test_a_folder_too_small_for_one_training_batch_leaves_the_synthetic_rate_unavailable(tmp_path):
+    # The synthetic-batch rate builds a trainer, whose reference pipeline needs one batch of --data's images: a
+    # smaller folder ended the whole run in its last section with that DataError, every other figure lost.
+    from tools.bench.report import _train_step_lines
+    from tools.bench.train_step import bench_train_step
+    data = write_image_folder(tmp_path / "train", classes=1, per_class=3, size=(40, 30))
+    args = parse_args(["--quick", "--device", "cpu", "--data", str(data), "--pipelines", "reference",
+                       "--train-batch-size", "4", "--train-image-size", "16", "--projector", "32-32",
+                       "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")])
+    section = bench_train_step(args, [], {})
+    reason = f"data directory {data} has 3 images: too few for one batch of 4 per rank on 1 rank(s); lower batch_size"
+    assert section["synthetic_images_per_s"] == {"unavailable": reason}
+    assert _train_step_lines(section, [])[0].endswith(f"amp none): synthetic unavailable: {reason}")

@@ -125,8 +125,10 @@ def _optimizer_lines(opt: dict) -> list[str]:
 
 
 def _train_step_lines(ts: dict, names: list[str]) -> list[str]:
+    synthetic = ts["synthetic_images_per_s"]
+    rate = f"unavailable: {synthetic['unavailable']}" if "unavailable" in synthetic else f"{_fmt(synthetic)} images/s"
     lines = [f"Training step ({ts['model']}, {ts['image_size']} px, batch {ts['batch_size']}, amp {ts['amp']}):"
-             f" synthetic {_fmt(ts['synthetic_images_per_s'])} images/s"]
+             f" synthetic {rate}"]
     for name in names:
         entry = ts.get(name)
         if entry is None:

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from bt_fast.distributed import DistContext
-from bt_fast.errors import one_line
+from bt_fast.errors import DataError, one_line
 from bt_fast.trainer import Trainer
 from tools.bench.loaders import LOADERS, batch_stream, pipeline_config
 from tools.bench.measure import rate_stats, stats
@@ -96,7 +96,12 @@ def train_in_child(args: argparse.Namespace, name: str) -> dict:
 
 
 def _synthetic_rate(args: argparse.Namespace) -> dict:
-    trainer = make_trainer(args, "reference")  # its pipeline is never iterated here
+    """The rate on device-resident batches, or {"unavailable": reason} where --data cannot fill the trainer's
+    (never iterated) reference pipeline with one batch: the other sections' figures are kept."""
+    try:
+        trainer = make_trainer(args, "reference")
+    except DataError as err:
+        return {"unavailable": one_line(err)}
     dtype = trainer.amp_dtype or torch.float32
     shape = (args.train_batch_size, 3, args.train_image_size, args.train_image_size)
     g = torch.Generator().manual_seed(args.seed)
