@@ -194,3 +194,20 @@ def test_a_subset_of_one_image_or_a_batch_of_one_is_one_error_line(split_folder,
             ev.main(["--random-init", "--arch", "resnet18", "--mode", "finetune", "--data", str(data), "--val-data",
                      str(split_folder / "val"), "--epochs", "1", *COMMON, *extra])
         assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize("where", ["a directory named finetune.pth", "below a file"])
+def test_an_out_dir_that_cannot_take_the_checkpoint_is_refused_before_any_work(where, split_folder, tmp_path, capsys):
+    # The first epoch trained (hours on ImageNet) before its checkpoint write met an IsADirectoryError traceback
+    # (or a StorageError on a read-only file system); an out_dir below a file ended in NotADirectoryError's.
+    (tmp_path / "file").write_text("")
+    out_dir = tmp_path / "run" if where == "a directory named finetune.pth" else tmp_path / "file" / "run"
+    if where == "a directory named finetune.pth":
+        (out_dir / ft.CHECKPOINT_NAME).mkdir(parents=True)
+    reason = "Is a directory" if where == "a directory named finetune.pth" else "Not a directory"
+    with pytest.raises(SystemExit) as exit:
+        ev.main(["--random-init", "--arch", "resnet18", "--mode", "finetune", "--data", str(split_folder),
+                 "--out-dir", str(out_dir), *COMMON])
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: --out-dir {out_dir}: cannot write finetune.pth there ({reason}); name a writable directory "
+        f"(see --help)"]

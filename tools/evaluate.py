@@ -35,6 +35,7 @@ from typing import Any
 from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_BATCH_PER_RANK
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
                              ignore_interrupts_while_exiting, output_file, print_error)
+from bt_fast.files import check_output_file
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -259,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("learning rates and --temperature must be positive and --weight-decay non-negative")
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         parser.error(f"--out-dir {args.out_dir} is a file; name a directory")
+    if args.out_dir is not None:
+        try:
+            check_output_file(args.out_dir / CHECKPOINT_NAME)
+        except OSError as err:
+            parser.error(f"--out-dir {args.out_dir}: cannot write {CHECKPOINT_NAME} there ({err.strerror or err}); "
+                         f"name a writable directory")
     try:
         with cli_errors():
             payload = run(args)
