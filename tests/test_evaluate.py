@@ -520,3 +520,18 @@ def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(value, tmp_pat
         load_backbone(path)
     assert str(err.value) == (f"checkpoint {path} holds weights that are not finite ('bn1.weight' has nan or inf), "
                               f"as a diverged run leaves; pass a checkpoint saved before it diverged")
+
+
+def test_a_missing_data_folder_is_the_only_line_whatever_the_checkpoint_notes(tmp_path, capsys):
+    # The checkpoint was read first: its note (an unfinished run) or warning (no training image size) came
+    # before the data error, two lines for one mistake, after seconds of loading a ResNet-50 checkpoint.
+    path = tmp_path / "checkpoint.pth"
+    torch.save({**bt_fast_checkpoint(randomised_barlow_twins()), "step": 4, "schedule_steps": 128}, path)
+    bare = tmp_path / "bare" / "backbone.pth"
+    bare.parent.mkdir()
+    torch.save({k: v for k, v in randomised_resnet18().state_dict().items() if not k.startswith("fc.")}, bare)
+    for checkpoint in (path, bare):
+        assert exit_code(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "missing"), *COMMON[2:]]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: data directory {tmp_path / 'missing'} does not exist; pass --data DIR with train/ and val/ "
+            f"sub-folders"]

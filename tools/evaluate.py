@@ -123,6 +123,7 @@ def format_line(label: str, record: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the command line asks; prints the result lines and returns what --json writes."""
     device = resolve_device(args.device, setting="--device")
+    train_dir, val_dir = resolve_splits(args.data, args.val_data)
     loaded = load_backbone(args.checkpoint, args.arch) if args.checkpoint else None
     if loaded is None and not args.arch:
         raise UserError("--random-init without --checkpoint needs --arch resnet18|resnet50")
@@ -137,7 +138,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: {args.checkpoint} is from an unfinished pretraining run, saved at step {progress.step} of "
               f"{progress.total_steps} ({progress.epoch} of {progress.epochs} epochs complete); evaluating its "
               f"weights as they were then", file=sys.stderr)
-    train_dir, val_dir = resolve_splits(args.data, args.val_data)
     checkpoint = str(args.checkpoint) if args.checkpoint else None
 
     if args.compare:
