@@ -106,12 +106,22 @@ def check_registry_names(config: Config) -> None:
     check_choice("arch", config.arch, BACKBONE_DIM)
 
 
+def check_dali_records(config: Config) -> None:
+    """A ConfigError unless `dali.records`, where the dali pipeline reads it, holds the dataset.json that
+    `tools.convert --format dali` writes (`pipelines.dali_format`)."""
+    records = config.dali.records
+    if config.pipeline == "dali" and records and not (Path(records) / "dataset.json").is_file():
+        raise ConfigError(f"config key 'dali.records' names {records}, which holds no dataset.json; write the "
+                          f"records with `python -m tools.convert SRC {records} --format dali` or leave it empty")
+
+
 def check_run_inputs(config: Config) -> None:
     """The names of the arch and pipeline, and what a run needs from the file system, checked before anything
     is built (one ConfigError each); creates nothing."""
     check_registry_names(config)
     check_data_given(config)
     check_data_exists(config)
+    check_dali_records(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)
         if path and not Path(path).is_dir():

@@ -246,3 +246,18 @@ def test_the_run_check_refuses_an_arch_or_pipeline_that_does_not_exist(override,
     code, err = run_command("bt_fast.train", argv, capsys)
     assert code == 2 and err == [f"error: {message}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_run_check_refuses_dali_records_that_hold_no_dataset(tmp_path, capsys):
+    # `--check` passed a dali.records typo (data need not be given then): every rank met it, once per restart.
+    records = tmp_path / "shards"
+    argv = ["--check", "pipeline=dali", f"dali.records={records}", f"out_dir={tmp_path / 'run'}"]
+    code, err = run_command("bt_fast.train", argv, capsys)
+    assert code == 2 and err == [f"error: config key 'dali.records' names {records}, which holds no dataset.json; "
+                                 f"write the records with `python -m tools.convert SRC {records} --format dali` or "
+                                 f"leave it empty"]
+    records.mkdir()
+    (records / "dataset.json").write_text("{}")
+    from bt_fast.train import main
+    main(argv)  # passes: the check reads no further than the file's presence
+    assert not (tmp_path / "run").exists()

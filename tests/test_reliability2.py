@@ -128,7 +128,9 @@ def test_a_missing_data_path_is_named_before_a_finished_run_it_would_change(imag
                                       f"DATA=/path/to/imagefolder or omit it for the demo")
     # where the pipeline has a dataset of its own, data need not exist: the next check (the finished run) speaks
     (tmp_path / "typo.beton").touch()
-    for pipeline, extra in (("ffcv", []), ("dali", [f"dali.records={image_folder}"])):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "dataset.json").write_text("{}")  # all the check reads of the records
+    for pipeline, extra in (("ffcv", []), ("dali", [f"dali.records={tmp_path / 'shards'}"])):
         config = load_config(None, [f"data={typo}", f"out_dir={out_dir}", f"pipeline={pipeline}", *extra])
         with pytest.raises(CheckpointError, match="holds a finished run"):
             check_run_inputs(config)
