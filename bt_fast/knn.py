@@ -36,7 +36,9 @@ _SIMILARITY_BUDGET = 2**26  # elements of one (queries x train) similarity block
 def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                num_classes: int, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                chunk_size: int | None = None) -> torch.Tensor:
-    """(N_test, num_classes) summed neighbour weights exp(cos / temperature) per class.
+    """(N_test, num_classes) summed neighbour weights exp((cos - nearest) / temperature) per class, `nearest`
+    the query's largest cosine: the votes exp(cos / temperature), each query's divided by one factor, which
+    keeps their ranking and keeps them finite (exp(cos / 0.01) overflows float32).
 
     k is capped at the number of training samples. Features need not be normalised; they are
     L2-normalised here. Queries are processed in chunks so memory stays bounded for large sets.
@@ -61,7 +63,7 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_fe
         query = F.normalize(test_features[start:start + chunk_size].float(), dim=1)
         similarity = query @ train.T                                   # (q, N_train) cosine similarities
         top_sim, top_idx = similarity.topk(k, dim=1)                   # (q, k)
-        weights = (top_sim / temperature).exp()
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the nearest
         block = torch.zeros(query.shape[0], num_classes, device=device, dtype=torch.float32)
         block.scatter_add_(1, labels[top_idx], weights)
         scores[start:start + query.shape[0]] = block

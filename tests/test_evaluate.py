@@ -58,7 +58,7 @@ def test_knn_shuffled_labels_is_near_chance():
 
 
 def brute_force_scores(train_x, train_y, test_x, num_classes, k, temperature):
-    """The k-NN vote written out element by element."""
+    """The k-NN vote written out element by element, each query's votes divided by exp(its largest cos / T)."""
     k = min(k, len(train_x))
     scores = torch.zeros(len(test_x), num_classes, dtype=torch.float64)
     for i, q in enumerate(test_x.double()):
@@ -66,7 +66,7 @@ def brute_force_scores(train_x, train_y, test_x, num_classes, k, temperature):
         sims = [float(qn @ (t.double() / t.double().norm())) for t in train_x]
         nearest = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
         for j in nearest:
-            scores[i, int(train_y[j])] += math.exp(sims[j] / temperature)
+            scores[i, int(train_y[j])] += math.exp((sims[j] - sims[nearest[0]]) / temperature)
     return scores
 
 
@@ -79,6 +79,19 @@ def test_knn_scores_match_brute_force(k, chunk):
     got = knn_scores(train_x * 3.0, train_y, test_x, 4, k=k, temperature=0.5, chunk_size=chunk)  # scale-invariant
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
     ranked = knn_predict(train_x, train_y, test_x, 4, k=k, temperature=0.5)
+    assert torch.equal(ranked[:, 0], expected.argmax(dim=1))
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.001])
+def test_knn_ranks_like_the_exact_vote_at_small_temperatures(temperature):
+    # exp(cos / T) overflowed float32 past cos / T = 88: every near neighbour voted inf, the classes tied, and
+    # the stable sort put the lowest class index first (demo k-NN at T=0.01: top-1 16% instead of 51%).
+    g = torch.Generator().manual_seed(3)
+    train_x, test_x = torch.randn(60, 4, generator=g), torch.randn(30, 4, generator=g)
+    train_y = torch.randint(0, 5, (60,), generator=g)
+    expected = brute_force_scores(train_x, train_y, test_x, 5, 10, temperature)
+    assert torch.isfinite(knn_scores(train_x, train_y, test_x, 5, k=10, temperature=temperature)).all()
+    ranked = knn_predict(train_x, train_y, test_x, 5, k=10, temperature=temperature)
     assert torch.equal(ranked[:, 0], expected.argmax(dim=1))
 
 
