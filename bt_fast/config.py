@@ -286,12 +286,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
-    """What PyYAML found wrong and where (line and column counted from 1), on one line; its message's first
-    line is only the context ("while scanning for the next token")."""
+    """What PyYAML found wrong, after its context where it gives one, and where (line and column counted
+    from 1), on one line; its message's first line is only the context ("while scanning for the next token")."""
     problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
     if not problem:
         return str(err).splitlines()[0]
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+    context = getattr(err, "context", None)
+    text = f"{context}, {problem}" if context else problem
+    return f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, unique_keys: bool = False) -> Config:

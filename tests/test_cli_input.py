@@ -209,8 +209,12 @@ def test_a_config_file_key_that_is_not_text_is_an_unknown_key(text, key, tmp_pat
 
 
 @pytest.mark.parametrize("text, problem", [
-    ("workers: 2\nepochs:\t4\n", "found character '\\t' that cannot start any token (line 2, column 8)"),
-    ("augment:\n  crop_scale: [0.2, 1.0\n", "expected ',' or ']', but got '<stream end>' (line 3, column 1)"),
+    ("workers: 2\nepochs:\t4\n", "while scanning for the next token, found character '\\t' that cannot start any "
+                                  "token (line 2, column 8)"),
+    ("augment:\n  crop_scale: [0.2, 1.0\n", "while parsing a flow sequence, expected ',' or ']', but got "
+                                           "'<stream end>' (line 3, column 1)"),
+    ("epochs: 4\n---\nepochs: 5\n", "expected a single document in the stream, but found another document "
+                                    "(line 2, column 1)"),
 ])
 def test_a_config_file_that_is_not_yaml_names_the_problem_and_its_line(text, problem, tmp_path):
     # Only the first line of PyYAML's message came out ("while scanning for the next token"), not what is
