@@ -209,6 +209,9 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+        except OverflowError:  # an integer beyond a float's range (about 1.8e308), as 1e400 is `inf`
+            raise ConfigError(f"config key '{key}' must be a finite number, got an integer beyond a float's "
+                              f"range (about 1.8e308)") from None
         if isinstance(current, int):
             if not math.isfinite(number) or number != int(number):
                 raise ConfigError(f"config key '{key}' expects a whole number, got {value!r}")

@@ -265,3 +265,14 @@ def test_the_run_check_refuses_dali_records_that_hold_no_dataset(tmp_path, capsy
     from bt_fast.train import main
     main(argv)  # passes: the check reads no further than the file's presence
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["epochs", "lambd", "augment.crop_ratio"])
+def test_an_integer_beyond_a_floats_range_is_refused_like_inf(key):
+    # float(10**400) raised OverflowError through load_config: a traceback, where 1e400 (inf) is one line.
+    huge = "1" + "0" * 400
+    value = f"[1, {huge}]" if key == "augment.crop_ratio" else huge
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"{key}={value}"])
+    assert str(err.value) == (f"config key '{key}' must be a finite number, got an integer beyond a float's range "
+                              f"(about 1.8e308)")
