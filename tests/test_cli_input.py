@@ -99,6 +99,12 @@ def test_seeds_are_the_32_bit_values_the_generators_take(seed, accepted):
     (["--train-image-size", "1025"], "--train-image-size must lie in 8..1024 pixels, got 1025"),
     (["--projector", "abc"], "--projector takes layer widths joined by '-', e.g. 8192-8192-8192; got 'abc'"),
     (["--child-timeout", "-1"], "--child-timeout must be a positive number of seconds, got -1.0"),
+    # a --set of these measured other settings than the report and the JSON state (128 px, batch 32)
+    (["--set", "augment.image_size=16"], "--set augment.image_size=... would change a setting the report states; "
+                                         "use --image-size or --train-image-size"),
+    (["--set", "ffcv.beton=x.beton", "--set", " ffcv.crop = host"], "--set ffcv.crop=... would change a setting the "
+                                                                    "report states; use --pipelines (its ffcv entries "
+                                                                    "are the modes)"),
 ])
 def test_bench_refuses_sizes_out_of_range_and_a_bad_projector_as_it_starts(argv, message, capsys):
     from tools.bench.__main__ import parse_args

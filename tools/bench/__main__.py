@@ -56,6 +56,13 @@ with exit_on_interrupt(STARTING):
     from tools.bench.report import evaluate_targets, write_report
     from tools.bench.train_step import bench_train_step, train_with_pipeline
 
+# Config keys the benchmark sets from its own options, which the report and the JSON state: a --set of one
+# would change what is measured under the stated settings.
+_FFCV_MODES = "--pipelines (its ffcv entries are the modes)"
+OWN_KEYS = {"data": "--data", "pipeline": "--pipelines", "workers": "--workers",
+            "batch_size": "--batch-size or --train-batch-size",
+            "augment.image_size": "--image-size or --train-image-size", "seed": "--seed", "arch": "--arch",
+            "projector": "--projector", "amp": "--amp", "ffcv.decode": _FFCV_MODES, "ffcv.crop": _FFCV_MODES}
 DEMO_ROOT = Path("data/demo")
 IMAGENET_LIKE_ROOT = Path("data")  # --end-to-end's set of N images: data/imagenet_like_<N>
 
@@ -114,7 +121,8 @@ def _parser() -> CliParser:
         help="untimed training steps before the timed ones (default 1; --end-to-end: see below)")
     add("--config", default=None, help="YAML config whose pipeline options (ffcv.*, dali.*, augment.*) apply")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
-        help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton")
+        help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton (not a key an option "
+             "here sets, such as augment.image_size: the report states those)")
     add("--seed", type=int, default=0, help="seed of the pipelines and the synthetic inputs (default 0)")
     add("--child-timeout", type=float, default=600, help="seconds per training-step process (default 600)")
     add("--_train-child", dest="train_child", default=None, help=argparse.SUPPRESS)
@@ -180,6 +188,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
         parser.error("--workers, --threads and --train-warmup must be at least 0")
+    own = next((key for key in (pair.split("=", 1)[0].strip() for pair in args.set) if key in OWN_KEYS), None)
+    if own is not None:
+        parser.error(f"--set {own}=... would change a setting the report states; use {OWN_KEYS[own]}")
     if not args.child_timeout > 0:
         parser.error(f"--child-timeout must be a positive number of seconds, got {args.child_timeout}")
     return args
