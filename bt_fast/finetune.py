@@ -96,8 +96,8 @@ def read_train_list(path: str | Path, train_dir: str | Path, samples: Sequence[t
 
     One image per line: its path inside `train_dir` (`<class>/<file>`), or its file name alone
     when that is unique in the folder, as in SimCLR's ImageNet lists. Blank lines and lines
-    starting with '#' are skipped. A name that matches no image, or several, is a DataError
-    naming the file and line.
+    starting with '#' are skipped. A name that matches no image, or several, or an image named
+    again, is a DataError naming the file and line.
     """
     path, train_dir = Path(path), Path(train_dir)
     if not path.is_file():
@@ -109,23 +109,23 @@ def read_train_list(path: str | Path, train_dir: str | Path, samples: Sequence[t
         relative = Path(image).relative_to(train_dir)
         by_path[relative.as_posix()] = index
         by_name.setdefault(relative.name, []).append(index)
-    chosen = []
+    chosen: dict[int, int] = {}  # image index -> the line that named it, in the list's order
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         name = line.strip()
         if not name or name.startswith("#"):
             continue
-        if name in by_path:
-            chosen.append(by_path[name])
-            continue
-        matches = by_name.get(name, [])
+        matches = [by_path[name]] if name in by_path else by_name.get(name, [])
         if len(matches) != 1:
             problem = (f"matches {len(matches)} images in {train_dir}; name it as <class>/<file>" if matches else
                        f"is not an image in {train_dir}; name images as <class>/<file> or by a unique file name")
             raise DataError(f"train list {path} line {number}: '{name}' {problem}")
-        chosen.append(matches[0])
+        if matches[0] in chosen:
+            raise DataError(f"train list {path} line {number}: '{name}' names the image of line {chosen[matches[0]]} "
+                            f"again; list each image once")
+        chosen[matches[0]] = number
     if not chosen:
         raise DataError(f"train list {path} names no images; list one training image per line")
-    return chosen
+    return list(chosen)
 
 
 def check_subset_size(images: int, train_dir: Path, settings: FinetuneSettings) -> None:

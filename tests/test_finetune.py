@@ -72,6 +72,20 @@ def test_train_list_names_images_by_path_or_unique_name(split_folder, tmp_path):
     assert ft.read_train_list(_write(tmp_path / "simclr.txt", "n01_7.jpg\n"), train, renamed) == [0]
 
 
+def test_a_train_list_naming_an_image_twice_is_refused(split_folder, tmp_path):
+    # The image was trained on twice an epoch and counted twice in train_images, silently.
+    train = split_folder / "train"
+    renamed = [(str(train / "class1" / "n01_7.jpg"), 1), *find_image_folder(train)[1]]
+    for text, line, name, first in [("class0/img003.jpg\nclass2/img000.jpg\nclass0/img003.jpg\n", 3,
+                                     "class0/img003.jpg", 1),
+                                    ("class1/n01_7.jpg\n# the same by its file name\nn01_7.jpg\n", 3, "n01_7.jpg", 1)]:
+        listing = _write(tmp_path / "twice.txt", text)
+        with pytest.raises(DataError) as err:
+            ft.read_train_list(listing, train, renamed)
+        assert str(err.value) == (f"train list {listing} line {line}: '{name}' names the image of line {first} again; "
+                                  f"list each image once")
+
+
 def test_epoch_cosine_is_torchs_cosine_annealing_stepped_per_epoch():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.5)
