@@ -140,6 +140,22 @@ def test_the_launcher_refuses_a_bad_process_count_in_one_line(value, message, im
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("gpus, message", [
+    (0, "config key 'device' is cuda but no CUDA device is visible; use cpu"),
+    (2, "local rank 2 has no GPU of its own (2 visible); start at most that many processes per node (GPUS=...)"),
+])
+def test_the_launcher_refuses_ranks_without_a_gpu_of_their_own_before_torchrun(gpus, message, image_folder, tmp_path,
+                                                                               capsys, monkeypatch):
+    """Each rank would fail to find its GPU, once per rank and restart."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code, err = run_command("tools.launch", ["--nproc-per-node", "3", "-m", "bt_fast.train",
+                                             *tiny_args(image_folder, tmp_path / "run", "device=cuda")], capsys)
+    assert code == 2 and err == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--train-per-class", "-1"], "--train-per-class must be at least 1, got -1"),
     (["--val-per-class", "0"], "--val-per-class must be at least 1, got 0"),

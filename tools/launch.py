@@ -39,6 +39,7 @@ with exit_on_interrupt(STARTING):
 
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
+    from bt_fast.distributed import resolve_device
     from bt_fast.preflight import check_run_inputs
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
@@ -82,14 +83,16 @@ def training_config(train_args: list[str]) -> Config:
     return config
 
 
-def check_processes_per_node(value: str) -> None:
-    """UserError in one line where torchrun would fail on `--nproc-per-node` with an assertion or a traceback."""
+def check_processes_per_node(value: str, device: str) -> None:
+    """UserError in one line where torchrun would fail on `--nproc-per-node` with an assertion or a traceback,
+    or where its ranks would each fail to find their `device` (no GPU, or fewer GPUs than ranks on the node)."""
     try:
         count = torchrun.determine_local_world_size(value)
     except ValueError as err:
         raise UserError(f"--nproc-per-node {value}: {err}; give a number of processes, or auto, cpu or gpu") from None
     if count < 1:
         raise UserError(f"--nproc-per-node must be at least 1, got {value}")
+    resolve_device(device, local_rank=count - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
     with cli_errors():
-        check_processes_per_node(options.nproc_per_node)
+        check_processes_per_node(options.nproc_per_node, config.device)
     quiet_shutdown_narration()
     own_log_dir = not options.log_dir
     if own_log_dir:
