@@ -298,7 +298,7 @@ def _warn_if_stale(path: Path, data: str) -> None:
         report = json.loads(report_path(path).read_text())
     except (OSError, ValueError):
         return
-    if not data or Path(report.get("source", "")) != Path(data) or not Path(data).is_dir():
+    if not data or not Path(data).is_dir() or Path(data).resolve() not in _recorded_sources(report, path):
         return
     if report.get("source_state") is not None and report["source_state"] == source_state(data):
         return
@@ -307,6 +307,19 @@ def _warn_if_stale(path: Path, data: str) -> None:
     if current != converted:
         print(f"warning: {data} now holds {current} images but {path} was converted from {converted}; "
               f"delete {path} to reconvert", file=sys.stderr)
+
+
+def _recorded_sources(report: dict, path: Path) -> set[Path]:
+    """Where the source the report of `path` names may be now, resolved: the report spells it as the converting
+    command did (relative to that command's directory, perhaps), so it is taken both as it stands and at the
+    same place relative to `path` as to the output the report names."""
+    source, output = report.get("source"), report.get("output")
+    if not isinstance(source, str) or not source:
+        return set()
+    places = {Path(source).resolve()}
+    if isinstance(output, str) and output and Path(source).is_absolute() == Path(output).is_absolute():
+        places.add((path.parent / os.path.relpath(source, Path(output).parent)).resolve())
+    return places
 
 
 # --------------------------------------------------------------------------------------------

@@ -601,6 +601,32 @@ def test_a_beton_older_than_its_folder_is_reported(dataset, tmp_path, capsys):
     assert f"{data} now holds {count} images but {data}.beton was converted from {count - 1}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("converted_as,run_in,named_as", [("data", "work", "{work}/data"),
+                                                          ("data", "elsewhere", "../work/data"),
+                                                          ("{work}/data", "work", "data")])
+def test_a_changed_folder_is_reported_however_its_path_is_spelled(dataset, tmp_path, monkeypatch, capsys,
+                                                                    converted_as, run_in, named_as):
+    """The report spells the source as the converting run did (relative to its directory, or absolute); a run
+    naming the same folder another way, or from another directory, still notices that it changed."""
+    import shutil
+    folder, _ = dataset
+    work = tmp_path / "work"
+    shutil.copytree(folder, work / "data")
+    (tmp_path / "elsewhere").mkdir()
+    config = make_config(Path(""))
+    config.ffcv = dataclasses.replace(config.ffcv, beton="")
+    monkeypatch.chdir(work)
+    config.data = converted_as.format(work=work)
+    P.ensure_beton(config)
+    shutil.copy(work / "data" / "class0" / "img000.png", work / "data" / "class0" / "added.png")
+    count = sum(len(list(d.iterdir())) for d in (work / "data").iterdir())
+    assert capsys.readouterr().err.count("warning") == 0
+    monkeypatch.chdir(tmp_path / run_in)
+    config.data = named_as.format(work=work)
+    P.ensure_beton(config)
+    assert f"now holds {count} images but {config.data}.beton was converted from {count - 1}" in capsys.readouterr().err
+
+
 def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
     _, beton = dataset
     garbage = tmp_path / "garbage.beton"
