@@ -33,7 +33,8 @@ lines and lines starting with '#' are ignored).
    never holds it twice.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
    counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
-   `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since).
+   `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since) and
+   an ImageFolder's `listing_digest` (whether it changed: compared after a rescan).
 
 Formats:
 
@@ -47,6 +48,7 @@ generation, and no encode); everything else, progressive JPEGs included, re-enco
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -139,6 +141,16 @@ def source_state(src: str | Path) -> list[list]:
             state += sorted([entry.name, entry.stat().st_mtime_ns] for entry in entries
                             if entry.is_dir() and not entry.name.startswith("."))
     return state
+
+
+def listing_digest(src: str | Path, samples: Sequence[tuple[str, int]]) -> str:
+    """sha256 of an ImageFolder's (path below `src`, label) samples: the same for the same listing however
+    `src` is spelled, and another when an image was added, removed, renamed or moved to another class."""
+    below = len(str(Path(src) / "_")) - 1  # the length of the prefix `src` put before every path ('.': none)
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f"{path[below:]}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +350,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
                                                beton)
             writing = None
         report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force,
-                           state)
+                           state, listing_digest(src, samples) if src.is_dir() else None)
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
         complete = True
@@ -371,7 +383,7 @@ def _storage_fault_message(dst: Path, fault: OSError, work: WorkDir, kept: int, 
 
 
 def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: WorkDir,
-              parts: list[dict], force: bool, state: list[list] | None) -> dict:
+              parts: list[dict], force: bool, state: list[list] | None, listing: str | None) -> dict:
     """Put the finished parts together into DST and write the report; returns it."""
     files = sorted((entry for part in parts for entry in part["files"]), key=lambda entry: entry["path"])
     report = {
@@ -379,7 +391,7 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
         "max_resolution": prep.max_resolution, "jpeg_quality": prep.jpeg_quality,
         "written": sum(part["written"] for part in parts), "skipped": sum(part["skipped"] for part in parts),
         "converted": sum(part["converted"] for part in parts),
-        "files": files, "source_state": state,
+        "files": files, "source_state": state, "listing_digest": listing,
     }
     if not report["written"]:
         write_report(report_path(dst), report)

@@ -58,7 +58,7 @@ from bt_fast.errors import DataError, Interrupted
 from bt_fast.host import usable_cores
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
-from pipelines.convert import convert, kept_after_interrupt, outcome, report_path, source_state
+from pipelines.convert import convert, kept_after_interrupt, listing_digest, outcome, report_path, source_state
 from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
@@ -289,7 +289,8 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
 
 
 def _warn_if_stale(path: Path, data: str) -> None:
-    """A .beton converted from `data` that has since gained or lost images would silently train on the old set.
+    """A .beton converted from `data` whose images have since changed (added, removed, renamed or moved to
+    another class: its `listing_digest`) would silently train on the old set.
 
     The ImageFolder is rescanned only when its `source_state` (one stat per class) differs from the
     one the converter recorded.
@@ -303,10 +304,14 @@ def _warn_if_stale(path: Path, data: str) -> None:
     if report.get("source_state") is not None and report["source_state"] == source_state(data):
         return
     converted = report.get("written", 0) + report.get("skipped", 0)
-    current = len(find_image_folder(data)[1])
-    if current != converted:
-        print(f"warning: {data} now holds {current} images but {path} was converted from {converted}; "
+    samples = find_image_folder(data)[1]
+    if len(samples) != converted:
+        print(f"warning: {data} now holds {len(samples)} images but {path} was converted from {converted}; "
               f"delete {path} to reconvert", file=sys.stderr)
+    elif report.get("listing_digest") not in (None, listing_digest(data, samples)):
+        print(f"warning: {data} holds as many images as {path} was converted from ({converted}), but not the same "
+              f"ones (added, removed, renamed or moved to another class); delete {path} to reconvert",
+              file=sys.stderr)
 
 
 def _recorded_sources(report: dict, path: Path) -> set[Path]:

@@ -627,6 +627,33 @@ def test_a_changed_folder_is_reported_however_its_path_is_spelled(dataset, tmp_p
     assert f"now holds {count} images but {config.data}.beton was converted from {count - 1}" in capsys.readouterr().err
 
 
+def test_a_folder_with_as_many_but_other_images_is_reported(dataset, tmp_path, capsys):
+    """An image moved to another class and one replaced by another name keep the count; the .beton (read by
+    FFCV's own Reader) then holds other labels than the folder, which is reported. A folder touched but
+    listing the same images is not."""
+    import shutil
+    from ffcv.reader import Reader
+    folder, _ = dataset
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    config = make_config(Path(""))
+    config.ffcv = dataclasses.replace(config.ffcv, beton="")
+    config.data = str(data)
+    beton = P.ensure_beton(config)
+    (data / "class1" / "scratch.png").write_bytes(b"")
+    (data / "class1" / "scratch.png").unlink()
+    P.ensure_beton(config)
+    assert "warning" not in capsys.readouterr().err
+    (data / "class0" / "img000.png").rename(data / "class2" / "img000.png")
+    (data / "class1" / "img008.png").rename(data / "class1" / "renamed.png")
+    now = [len(list((data / name).iterdir())) for name in ("class0", "class1", "class2")]
+    stored = np.bincount(Reader(str(beton)).metadata["f1"]).tolist()
+    assert sum(now) == sum(stored) and now != stored
+    P.ensure_beton(config)
+    assert (f"{data} holds as many images as {beton} was converted from ({sum(now)}), but not the same ones"
+            in capsys.readouterr().err)
+
+
 def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
     _, beton = dataset
     garbage = tmp_path / "garbage.beton"
