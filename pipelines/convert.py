@@ -153,6 +153,43 @@ def listing_digest(src: str | Path, samples: Sequence[tuple[str, int]]) -> str:
     return digest.hexdigest()
 
 
+def source_change(output: str | Path, data: str | Path) -> str | None:
+    """What changed in the ImageFolder `data` since `output` was converted from it, in words (images added,
+    removed, renamed or moved to another class: its `listing_digest`); None when nothing did, or when the
+    report of `output` is missing or names another source. The folder is rescanned only when its
+    `source_state` (one stat per class) differs from the one recorded."""
+    output = Path(output)
+    try:
+        report = json.loads(report_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+    if not data or not Path(data).is_dir() or Path(data).resolve() not in _recorded_sources(report, output):
+        return None
+    if report.get("source_state") is not None and report["source_state"] == source_state(data):
+        return None
+    converted = report.get("written", 0) + report.get("skipped", 0)
+    samples = find_image_folder(data)[1]
+    if len(samples) != converted:
+        return f"{data} now holds {len(samples)} images but {output} was converted from {converted}"
+    if report.get("listing_digest") not in (None, listing_digest(data, samples)):
+        return (f"{data} holds as many images as {output} was converted from ({converted}), but not the same "
+                f"ones (added, removed, renamed or moved to another class)")
+    return None
+
+
+def _recorded_sources(report: dict, output: Path) -> set[Path]:
+    """Where the source the report of `output` names may be now, resolved: the report spells it as the
+    converting command did (relative to that command's directory, perhaps), so it is taken both as it stands
+    and at the same place relative to `output` as to the output the report names."""
+    source, recorded = report.get("source"), report.get("output")
+    if not isinstance(source, str) or not source:
+        return set()
+    places = {Path(source).resolve()}
+    if isinstance(recorded, str) and recorded and Path(source).is_absolute() == Path(recorded).is_absolute():
+        places.add((output.parent / os.path.relpath(source, Path(recorded).parent)).resolve())
+    return places
+
+
 # --------------------------------------------------------------------------------------------
 # The destination
 # --------------------------------------------------------------------------------------------

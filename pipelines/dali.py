@@ -59,6 +59,7 @@ import torch
 from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
 from pipelines.base import EpochPipeline, Placement
+from pipelines.convert import source_change
 from pipelines.dali_format import index_problem
 from pipelines.image_folder import find_image_folder
 
@@ -344,6 +345,15 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
+def _warn_if_stale(records: str, data: str) -> None:
+    """Records converted from the ImageFolder `data` whose images have since changed would silently train on
+    the old set (`pipelines.convert.source_change`)."""
+    change = source_change(records, data)
+    if change:
+        print(f"warning: {change}; rewrite them with `python -m tools.convert {data} {records} --format dali "
+              f"--force`", file=sys.stderr)
+
+
 class DALIPipeline(EpochPipeline):
     """ImageFolder or webdataset records -> DALI (decode once, two distorted views) -> torch."""
 
@@ -357,6 +367,8 @@ class DALIPipeline(EpochPipeline):
         records = config.dali.records or (config.data if config.data and (Path(config.data) / "dataset.json").is_file()
                                           else "")
         self.source = RecordSource(records) if records else FolderSource(config.data)
+        if records and placement.rank == 0:
+            _warn_if_stale(records, config.data)
         self.per_rank = samples_per_rank(len(self.source), batch_size, placement.world_size, records or config.data)
         out_dtype = types.FLOAT16 if placement.dtype == torch.float16 else types.FLOAT
         self.options = GraphOptions(decode, self.gpu, out_dtype, debug)

@@ -30,7 +30,6 @@ and the ranks' batch counts are equal.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import queue
 import sys
@@ -58,7 +57,7 @@ from bt_fast.errors import DataError, Interrupted
 from bt_fast.host import usable_cores
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
-from pipelines.convert import convert, kept_after_interrupt, listing_digest, outcome, report_path, source_state
+from pipelines.convert import convert, kept_after_interrupt, outcome, report_path, source_change
 from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
@@ -66,7 +65,6 @@ from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, Padd
 from pipelines.ffcv_format import beton_path, open_beton
 from pipelines.ffcv_host_crop import TwoCropRGBDecoder
 from pipelines.ffcv_memory import lazy_page_tables
-from pipelines.image_folder import find_image_folder
 from pipelines.prefetch import run_ahead
 
 
@@ -289,42 +287,11 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Pa
 
 
 def _warn_if_stale(path: Path, data: str) -> None:
-    """A .beton converted from `data` whose images have since changed (added, removed, renamed or moved to
-    another class: its `listing_digest`) would silently train on the old set.
-
-    The ImageFolder is rescanned only when its `source_state` (one stat per class) differs from the
-    one the converter recorded.
-    """
-    try:
-        report = json.loads(report_path(path).read_text())
-    except (OSError, ValueError):
-        return
-    if not data or not Path(data).is_dir() or Path(data).resolve() not in _recorded_sources(report, path):
-        return
-    if report.get("source_state") is not None and report["source_state"] == source_state(data):
-        return
-    converted = report.get("written", 0) + report.get("skipped", 0)
-    samples = find_image_folder(data)[1]
-    if len(samples) != converted:
-        print(f"warning: {data} now holds {len(samples)} images but {path} was converted from {converted}; "
-              f"delete {path} to reconvert", file=sys.stderr)
-    elif report.get("listing_digest") not in (None, listing_digest(data, samples)):
-        print(f"warning: {data} holds as many images as {path} was converted from ({converted}), but not the same "
-              f"ones (added, removed, renamed or moved to another class); delete {path} to reconvert",
-              file=sys.stderr)
-
-
-def _recorded_sources(report: dict, path: Path) -> set[Path]:
-    """Where the source the report of `path` names may be now, resolved: the report spells it as the converting
-    command did (relative to that command's directory, perhaps), so it is taken both as it stands and at the
-    same place relative to `path` as to the output the report names."""
-    source, output = report.get("source"), report.get("output")
-    if not isinstance(source, str) or not source:
-        return set()
-    places = {Path(source).resolve()}
-    if isinstance(output, str) and output and Path(source).is_absolute() == Path(output).is_absolute():
-        places.add((path.parent / os.path.relpath(source, Path(output).parent)).resolve())
-    return places
+    """A .beton converted from `data` whose images have since changed would silently train on the old set
+    (`pipelines.convert.source_change`)."""
+    change = source_change(path, data)
+    if change:
+        print(f"warning: {change}; delete {path} to reconvert", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1028,22 +1028,20 @@ def test_sixteen_bit_rgb_png_is_noted_and_keeps_the_high_byte(tmp_path):
     assert report["converted"] == 1 and notes and "16-bit RGB" in notes[0]
 
 
-def test_an_unchanged_folder_is_not_rescanned_at_start(source, tmp_path, monkeypatch, capsys):
-    """`pipelines.ffcv` compares the recorded `source_state` (one stat per class) before any rescan."""
+def test_an_unchanged_folder_is_not_rescanned_at_start(source, tmp_path, monkeypatch):
+    """`source_change` compares the recorded `source_state` (one stat per class) before any rescan."""
     import shutil
-    import pipelines.ffcv as ffcv_pipeline
+    import pipelines.convert as convert_module
 
     data = tmp_path / "folder"
     shutil.copytree(source[0], data)
     beton = tmp_path / "folder.beton"
     convert(data, beton, "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
     scans = []
-    monkeypatch.setattr(ffcv_pipeline, "find_image_folder", lambda root: scans.append(root) or find_image_folder(root))
-    ffcv_pipeline._warn_if_stale(beton, str(data))
-    assert scans == [] and capsys.readouterr().err == ""
+    monkeypatch.setattr(convert_module, "find_image_folder", lambda root: scans.append(root) or find_image_folder(root))
+    assert convert_module.source_change(beton, str(data)) is None and scans == []
     shutil.copy(data / "a" / "a0.jpg", data / "a" / "added.jpg")
-    ffcv_pipeline._warn_if_stale(beton, str(data))
-    assert scans == [str(data)] and "now holds 15 images" in capsys.readouterr().err
+    assert "now holds 15 images" in convert_module.source_change(beton, str(data)) and scans == [str(data)]
 
 
 @pytest.mark.parametrize("size,orientation", [((1031, 517), 1), ((2600, 1733), 1), ((1733, 2600), 6), ((4099, 3001), 1)])

@@ -435,6 +435,29 @@ def test_records_resume_mid_epoch_from_the_graph_state(records):
     assert restored == [True]
 
 
+def test_records_of_a_folder_that_changed_since_are_reported(tmp_path, image_folder, capsys):
+    """data= naming the ImageFolder the records were converted from, which has gained an image since: the
+    counts in the warning are the folder's files and the images the shards' tar members hold."""
+    import tarfile
+    from pipelines.convert import convert
+    data, wds = tmp_path / "data", tmp_path / "wds"
+    shutil.copytree(image_folder, data)
+    convert(data, wds, "dali", workers=1, shard_size=5, progress=False)
+    config = make_config(data=str(data), records=str(wds), size=24)
+    pipeline(config, batch=4)
+    assert "warning" not in capsys.readouterr().err
+    first = sorted((data / sorted(p.name for p in data.iterdir())[0]).iterdir())[0]
+    shutil.copy(first, first.with_name("added" + first.suffix))
+    files = sum(len(list(d.iterdir())) for d in data.iterdir())
+    stored = 0
+    for shard in wds.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            stored += sum(member.name.endswith(".jpg") for member in tar.getmembers())
+    pipeline(config, batch=4)
+    assert f"{data} now holds {files} images but {wds} was converted from {stored}; rewrite" in capsys.readouterr().err
+    assert stored == files - 1
+
+
 def test_records_errors_name_the_problem(tmp_path, records):
     with pytest.raises(DataError, match="dataset.json"):
         pipeline(make_config(records=str(tmp_path)), batch=4)
