@@ -362,7 +362,7 @@ class FFCVPipeline(EpochPipeline):
         if self.decode == "host":
             image, moved = PaddedDecoder(), self._to_device
         else:  # decode_jpeg reads the bytes from the host whatever its device
-            image, moved = JPEGBytesDecoder(self.layout.max_bytes), list
+            image, moved = JPEGBytesDecoder(self.layout.max_bytes, self.path), list
         return {"image": [image, ToTensor(), *moved()],
                 "boxes": PipelineSpec("image", decoder=boxes, transforms=[ToTensor(), *moved()])}, boxes
 

@@ -263,19 +263,23 @@ class JPEGBytesDecoder(SimpleRGBImageDecoder):
     ----------
     max_bytes : int
         Slot size: the field's largest stored sample (`PaddedLayout.of(reader).max_bytes`).
+    path : str or Path
+        The `.beton`, for the error that refuses raw samples ('' for an unnamed one).
 
     Only the JPEG start-of-image marker is checked here (ValueError after the batch); raw
     samples cannot be device-decoded and are refused when the loader is built.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, path: str | Path = ""):
         super().__init__()
         self.max_bytes = int(max_bytes)
+        self.path = path
 
     def declare_state_and_memory(self, previous_state: State):
         if (self.metadata["mode"] != _JPG).any():
-            raise DataError("the FFCV dataset stores some images uncompressed (raw), which cannot be decoded on the "
-                            "device; use ffcv.decode=host or reconvert it with `python -m tools.convert`")
+            dataset = f"FFCV dataset {self.path}" if self.path else "the FFCV dataset"
+            raise DataError(f"{dataset} stores some images uncompressed (raw), which cannot be decoded on the "
+                            f"device; use ffcv.decode=host or reconvert it with `python -m tools.convert`")
         shape = (self.max_bytes,)
         return (State(jit_mode=True, device=previous_state.device, shape=shape, dtype=_UINT8),
                 (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))

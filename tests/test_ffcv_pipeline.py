@@ -668,6 +668,22 @@ def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
         P.FFCVPipeline(make_config(beton), cpu(0, 2), batch_size=16)
 
 
+def test_a_beton_of_raw_images_is_refused_for_device_decode_naming_it(tmp_path):
+    """A .beton written by FFCV's own DatasetWriter in raw mode decodes on the host; decode=device refuses it in
+    one line that names the file."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.writer import DatasetWriter
+    images = [np.full((12 + k, 20, 3), 40 * k, dtype=np.uint8) for k in range(4)]
+    path = tmp_path / "raw.beton"
+    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()}, num_workers=1)
+    writer.from_indexed_dataset([(image, 0) for image in images])
+    assert (open_beton(path).metadata["f0"]["mode"] == IMAGE_MODES["raw"]).all()
+    with pytest.raises(DataError, match=f"FFCV dataset {path} stores some images uncompressed") as err:
+        P.FFCVPipeline(make_config(path, decode="device", crop="device"), cpu(), batch_size=4)
+    assert "\n" not in str(err.value)
+
+
 def test_decoder_loop_compiles_parallel_with_two_workers(dataset):
     import warnings
 
