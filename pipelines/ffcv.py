@@ -257,11 +257,16 @@ def _file_lock(path: Path, data: str):
 
 
 def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Path:
-    """The .beton to read, converting `config.data` with `pipelines.convert` if it does not exist yet."""
+    """The .beton to read, converting `config.data` with `pipelines.convert` if it does not exist yet; a
+    directory there is a DataError (the converter would replace an empty one, or refuse another in its own
+    terms)."""
     path = beton_path(config)
     if path.is_file():
         _warn_if_stale(path, config.data)
         return path
+    if path.is_dir():
+        raise DataError(f"FFCV dataset {path} is a directory, not a .beton file; point ffcv.beton at a .beton "
+                        f"file (written there from data= on first use)")
     if not config.data:
         raise DataError(f"FFCV dataset {path} does not exist; fix ffcv.beton or pass data=<ImageFolder> to convert it")
     if not Path(config.data).exists():

@@ -668,6 +668,23 @@ def test_bad_inputs_raise_one_line_data_errors(dataset, tmp_path):
         P.FFCVPipeline(make_config(beton), cpu(0, 2), batch_size=16)
 
 
+@pytest.mark.parametrize("contents", [[], ["dataset.json"]])
+def test_a_directory_named_as_the_beton_is_refused_and_kept(dataset, tmp_path, contents):
+    """ffcv.beton naming a directory (empty, or such as DALI records) is one DataError naming it; the directory
+    is left as it was, not replaced by a first-use conversion."""
+    folder, _ = dataset
+    directory = tmp_path / "records"
+    directory.mkdir()
+    for name in contents:
+        (directory / name).write_text("{}")
+    config = make_config(directory)
+    config.data = str(folder)
+    with pytest.raises(DataError, match=f"FFCV dataset {directory} is a directory, not a .beton file") as err:
+        P.ensure_beton(config)
+    assert "\n" not in str(err.value)
+    assert directory.is_dir() and sorted(p.name for p in directory.iterdir()) == contents
+
+
 def test_a_beton_of_raw_images_is_refused_for_device_decode_naming_it(tmp_path):
     """A .beton written by FFCV's own DatasetWriter in raw mode decodes on the host; decode=device refuses it in
     one line that names the file."""
