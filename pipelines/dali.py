@@ -46,6 +46,7 @@ batches are checked with PIL and the error becomes a DataError naming them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,11 @@ class FolderSource:
     def __init__(self, root: str):
         self.root = root
         self.classes, self.samples = find_image_folder(root)
+        bad = self.samples.first_not_utf8()
+        if bad is not None:  # DALI takes file names as UTF-8 text and refuses the list in a traceback
+            name = os.fsencode(self.samples[bad][0]).decode("utf-8", "backslashreplace")
+            raise DataError(f"DALI cannot open {name}: its name is not valid UTF-8; rename it, or convert the folder "
+                            f"with `python -m tools.convert {root} DST --format dali` and set dali.records=DST")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -134,5 +134,14 @@ class SampleList(Sequence[tuple[str, int]]):
         data = memoryview(self._bytes)
         return [str(data[start:end], "utf-8", "surrogateescape") for start, end in zip(starts.tolist(), ends.tolist())]
 
+    def first_not_utf8(self) -> int | None:
+        """The index of the first sample whose path is not valid UTF-8 (its undecodable bytes held as
+        surrogate escapes), or None when every path is. One decode of the whole listing."""
+        try:
+            str(memoryview(self._bytes), "utf-8")
+        except UnicodeDecodeError as err:
+            return int(np.searchsorted(self._ends, err.start, side="right"))
+        return None
+
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return (self[i] for i in range(len(self)))

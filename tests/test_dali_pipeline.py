@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -510,6 +511,30 @@ def test_an_unreadable_image_raises_a_data_error_naming_it(tmp_path, image_folde
     with pytest.raises(DataError, match="zz_bad.jpg"):
         for _ in p:
             pass
+
+
+def test_a_file_name_that_is_not_utf8_is_one_data_error_naming_it(tmp_path, image_folder):
+    """DALI's own file reader refuses a list holding such a name (in a traceback from inside the graph); the
+    pipeline names the file, as the bytes on disk, before it builds one. UTF-8 names outside ASCII are read."""
+    import os
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    first = sorted((data / "class1").iterdir())[0]
+    first.rename(first.with_name("ünï 画像.jpg"))
+    assert len(next(iter(pipeline(make_config(str(data), size=24), batch=4)))[0]) == 4
+    latin1 = os.fsencode(data / "class1") + b"/caf\xe9.jpg"
+    os.rename(os.fsencode(sorted((data / "class1").iterdir())[1]), latin1)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def stock_reader():
+        return fn.readers.file(files=[os.fsdecode(latin1)], labels=[0])[0]
+
+    with pytest.raises(RuntimeError, match="files"):
+        stock_reader().build()
+    with pytest.raises(DataError, match=re.escape(f"DALI cannot open {data}/class1/caf\\xe9.jpg: its name is not "
+                                                  f"valid UTF-8")) as err:
+        pipeline(make_config(str(data), size=24), batch=4)
+    assert "\n" not in str(err.value)
 
 
 def test_too_few_images_for_a_batch(image_folder):
