@@ -134,7 +134,7 @@ class PaddedLayout:
         if side > max_side:
             raise DataError(f"FFCV dataset {path} pads every image to {self.max_height}x{self.max_width} "
                             f"(its largest height and width), above the cap of {max_side} px; reconvert it with "
-                            f"`python -m tools.convert SRC {path} --format ffcv --max-resolution {max_side}`")
+                            f"`python -m tools.convert SRC {path} --format ffcv --max-resolution {max_side} --force`")
 
 
 def stored_bytes(reader: Reader, field: str = "image") -> np.ndarray:

@@ -362,6 +362,25 @@ def test_a_beton_above_the_padded_side_cap_fails_at_start(dataset):
     P.FFCVPipeline(make_config(beton, max_padded_side=32, crop="host"), cpu(), batch_size=4)  # no padding there
 
 
+def test_the_command_that_the_padded_side_cap_names_reconverts_within_it(dataset, tmp_path):
+    """The reconversion the error line suggests (SRC filled in) replaces the .beton with one whose stored sides,
+    read by FFCV's own Reader, are within the cap."""
+    import shlex
+    import shutil
+    from ffcv.reader import Reader
+    from tools.convert import main as convert_main
+    folder, original = dataset
+    beton = tmp_path / "train.beton"
+    shutil.copy(original, beton)
+    with pytest.raises(DataError) as err:
+        P.FFCVPipeline(make_config(beton, max_padded_side=32, crop="device"), cpu(), batch_size=4)
+    command = shlex.split(str(err.value).split("`")[1])
+    assert command[:3] == ["python", "-m", "tools.convert"]
+    assert convert_main([str(folder) if word == "SRC" else word for word in command[3:]] + ["--workers", "1"]) == 0
+    stored = Reader(str(beton)).metadata["f0"]
+    assert max(stored["width"].max(), stored["height"].max()) <= 32
+
+
 def broken_beton(beton: Path, path: Path, keep: int) -> Path:
     """A copy of `beton` whose sample 5 has its stored JPEG zeroed after its first `keep` bytes."""
     blob = bytearray(beton.read_bytes())
