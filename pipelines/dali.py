@@ -525,9 +525,14 @@ class DALIPipeline(EpochPipeline):
 
 
 def _dali_reason(text: str) -> str:
-    """The informative lines of a DALI error (without its pipeline traceback)."""
+    """The informative lines of a DALI error: the operator that failed and what it reported, without the
+    pipeline traceback (lines of the graph's source) that DALI puts between the two."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    keep = [line for line in lines if not line.startswith(("Critical error", "Error in", "which was used", "File ",
-                                                            "encountered:", "Current pipeline", "C++ context"))
+    operator = next((found[1] for found in map(re.compile(r"operator `(?:nvidia\.dali\.)?([^`]+)`").search, lines)
+                     if found), None)
+    reported = lines[len(lines) - lines[::-1].index("encountered:"):] if "encountered:" in lines else lines
+    keep = [line for line in reported if not line.startswith(("Critical error", "Error in", "which was used", "File ",
+                                                               "encountered:", "Current pipeline", "C++ context"))
             and not line.startswith(("return ", "x = ", "jpegs"))]
-    return " ".join(keep[-3:]) or (lines[-1] if lines else "unknown error")
+    reason = " ".join(keep[-3:]) or (lines[-1] if lines else "unknown error")
+    return f"{operator}: {reason}" if operator else reason

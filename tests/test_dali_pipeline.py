@@ -469,6 +469,29 @@ def test_records_errors_name_the_problem(tmp_path, records):
         pipeline(make_config(records=str(broken)), batch=4)
 
 
+def test_an_undecodable_image_in_the_records_is_one_line_naming_the_decoder_not_the_graphs_source(tmp_path, records):
+    """A shard whose stored JPEGs were overwritten in place (same sizes, so its index holds): PIL cannot
+    decode them either; the error names the records and the failing operator, and quotes no line of the
+    graph's Python source from DALI's pipeline traceback."""
+    import io
+    import tarfile
+    from PIL import UnidentifiedImageError
+    broken = tmp_path / "broken"
+    shutil.copytree(records, broken)
+    for shard in broken.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".jpg")]
+        with open(shard, "r+b") as handle:
+            for offset, size in members:
+                handle.seek(offset)
+                handle.write(b"\xff\xd8\xff" + b"\x00" * (size - 3))
+        with tarfile.open(shard) as tar, pytest.raises(UnidentifiedImageError):
+            Image.open(io.BytesIO(tar.extractfile(next(m for m in tar if m.name.endswith(".jpg"))).read()))
+    with pytest.raises(DataError, match=f"DALI failed reading records {broken} in epoch 0: fn.decoders.image: ") as err:
+        next(iter(pipeline(make_config(records=str(broken), size=24), batch=4)))
+    assert "\n" not in str(err.value) and "options." not in str(err.value) and " = " not in str(err.value)
+
+
 def test_a_corrupt_shard_index_is_one_data_error_naming_it(tmp_path, records, capsys):
     """Found when the pipeline is made (before a run writes to out_dir), not as DALI's traceback from
     building the graph; an entry DALI cannot parse is one line when the graph is built."""
