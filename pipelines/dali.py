@@ -46,6 +46,7 @@ batches are checked with PIL and the error becomes a DataError naming them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -278,13 +279,19 @@ def _colour(x, spec: AugmentSpec, choices: dict):
 
 
 def _blur(x, spec: AugmentSpec, view: int, choices: dict):
-    """Gaussian blur (p blur_p[view]) with sigma ~ U(blur_sigma), the window cut where the taps vanish."""
+    """Gaussian blur (p blur_p[view]) with sigma ~ U(blur_sigma) (a constant where its ends are equal), the
+    window cut where the taps vanish."""
     blur = _coin(spec.blur_p[view])
-    sigma = fn.random.uniform(range=list(spec.blur_sigma), dtype=types.FLOAT)
-    choices.update(blur=blur, sigma=sigma)
+    low, high = spec.blur_sigma
     # Taps beyond 4 sigma weigh < 1e-4 of the kernel: min(k, 2 ceil(4 sigma) + 1) taps stay within
     # rounding of torchvision's k-tap kernel.
-    window = dmath.min(fn.cast(dmath.ceil(sigma * 4.0), dtype=types.INT32) * 2 + 1, spec.blur_kernel_size)
+    if low == high:  # one sigma: DALI's uniform refuses an empty range [low, high)
+        sigma = float(low)
+        window = min(2 * math.ceil(4.0 * sigma) + 1, spec.blur_kernel_size)
+    else:
+        sigma = fn.random.uniform(range=[low, high], dtype=types.FLOAT)
+        window = dmath.min(fn.cast(dmath.ceil(sigma * 4.0), dtype=types.INT32) * 2 + 1, spec.blur_kernel_size)
+    choices.update(blur=blur, sigma=sigma)
     if blur:  # a Python bool (p is 0 or 1) or a per-sample DALI conditional
         x = fn.gaussian_blur(x, window_size=window, sigma=sigma)
     return x

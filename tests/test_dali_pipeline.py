@@ -196,6 +196,23 @@ def test_views_match_pil_replay_of_the_same_choices(tmp_path):
     assert jittered.max() < 2.5, jittered
 
 
+def test_a_blur_sigma_range_of_one_value_blurs_with_it(tmp_path):
+    """augment.blur_sigma=[s, s] (a range the config allows) builds a graph, and every view equals the
+    PIL/torchvision replay of its crop blurred with torchvision's Gaussian of sigma s."""
+    folder = textured_folder(tmp_path)
+    config = make_config(str(folder), size=32, **{**NO_RANDOM_COLOUR, "blur_p": (1.0, 1.0)}, blur_sigma=(1.5, 1.5))
+    p = pipeline(config, batch=12, debug=True)
+    files = sorted((folder / "a").iterdir())
+    p.set_epoch(0)
+    batch = next(p.debug_batches())
+    for v, view in enumerate((batch.view1, batch.view2)):
+        assert (batch.choices[v]["sigma"] == 1.5).all() and batch.choices[v]["blur"].all()
+        pixels = to_pixels(view, p.spec)
+        for i, sample in enumerate(batch.ids):
+            expected = replay_view(Image.open(files[int(sample)]).convert("RGB"), batch.choices[v], i, p.spec)
+            assert np.abs(pixels[i] - expected.astype(np.float64)).mean() < 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # Brightness and contrast: arithmetic on the images' device
 # --------------------------------------------------------------------------------------------
