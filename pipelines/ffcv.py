@@ -256,13 +256,14 @@ def _file_lock(path: Path, data: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_beton(config: Config, log: Callable[[str], None] | None = None) -> Path:
+def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, warn: bool = True) -> Path:
     """The .beton to read, converting `config.data` with `pipelines.convert` if it does not exist yet; a
     directory there is a DataError (the converter would replace an empty one, or refuse another in its own
-    terms)."""
+    terms). With `warn` (one rank of a run), an existing .beton whose folder changed since is a warning."""
     path = beton_path(config)
     if path.is_file():
-        _warn_if_stale(path, config.data)
+        if warn:
+            _warn_if_stale(path, config.data)
         return path
     if path.is_dir():
         raise DataError(f"FFCV dataset {path} is a directory, not a .beton file; point ffcv.beton at a .beton "
@@ -331,7 +332,7 @@ class FFCVPipeline(EpochPipeline):
     def __init__(self, config: Config, placement: Placement, batch_size: int, *, batches_ahead: int = 3):
         super().__init__(config, placement, batch_size)
         self.decode, self.crop = config.ffcv.decode, resolve_crop(config, placement.device)
-        self.path = ensure_beton(config)
+        self.path = ensure_beton(config, warn=placement.rank == 0)
         reader = open_beton(self.path)
         samples_per_rank(int(reader.num_samples), batch_size, placement.world_size, f"FFCV dataset {self.path}")
         if self.crop == "device":
