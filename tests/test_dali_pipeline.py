@@ -476,6 +476,19 @@ def test_records_of_a_folder_that_changed_since_are_reported(tmp_path, image_fol
     assert stored == files - 1
 
 
+def test_an_image_folder_with_a_dataset_json_of_its_own_is_read_as_an_image_folder(tmp_path, image_folder):
+    """A metadata file named dataset.json beside the class directories does not make data= records: the
+    pipeline reads the images torchvision's ImageFolder lists there."""
+    from torchvision.datasets import ImageFolder
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "dataset.json").write_text('{"name": "my photographs", "license": "CC-BY"}')
+    p = pipeline(make_config(str(data), size=24), batch=4)
+    assert list(p.source.samples) == ImageFolder(str(data)).samples
+    view1, _ = next(iter(p))
+    assert view1.shape == (4, 3, 24, 24)
+
+
 def test_records_errors_name_the_problem(tmp_path, records):
     with pytest.raises(DataError, match="dataset.json"):
         pipeline(make_config(records=str(tmp_path)), batch=4)
