@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
     parser.add_argument("--check", action="store_true",
                         help="only check the config and the paths it names, then exit (what the launcher does first)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 augment.image_size=96")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere among the overrides, as make's ARGS puts them
     try:
         with cli_errors():
             config = load_config(args.config, args.overrides, unique_keys=True)

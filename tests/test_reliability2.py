@@ -361,6 +361,16 @@ def test_check_creates_nothing(image_folder, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_options_may_come_between_and_after_the_overrides(image_folder, tmp_path, capsys):
+    """make's ARGS come after the overrides run_pretrain.sh builds: `ARGS="--check epochs=2"`."""
+    args = tiny_args(image_folder, tmp_path / "run")
+    code, _, err = run_main(capsys, *args[2:5], "--check", *args[5:], "--config", args[1], "augment.blur_p=[0.5,0.5]")
+    assert code == 0 and err == ""
+    code, _, err = run_main(capsys, "--check", *args, "seed=x")
+    assert code == 2 and err.strip() == "error: config key 'seed' expects a number, got 'x'"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["lr_weights=inf"], "config key 'lr_weights' must be a finite number, got inf"),
     (["lr_biases=.nan"], "config key 'lr_biases' must be a finite number, got nan"),
