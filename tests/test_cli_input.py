@@ -156,6 +156,24 @@ def test_the_launcher_refuses_ranks_without_a_gpu_of_their_own_before_torchrun(g
     assert not (tmp_path / "run").exists()
 
 
+def test_the_launcher_reads_the_training_options_as_bt_fast_train_does(image_folder, tmp_path, capsys, monkeypatch):
+    """`make pretrain GPUS=2 ARGS=...` passes ARGS through the launcher: --check checks once and starts no rank,
+    --help is bt_fast.train's, a bad option is one line."""
+    from tools import launch
+    monkeypatch.setattr(launch.torchrun, "run", lambda options: pytest.fail("torchrun started"))
+    train = ["--nproc-per-node", "2", "-m", "bt_fast.train"]
+    args = tiny_args(image_folder, tmp_path / "run")
+    assert launch.main([*train, *args[2:], "--check", *args[:2], "seed=3"]) == 0
+    assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []
+    code, err = run_command("tools.launch", [*train, *args, "--no-such-option"], capsys)
+    assert code == 2 and err == ["error: unrecognized arguments: --no-such-option (see --help)"]
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main([*train, *args, "--help"])
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and help_text.startswith("usage: python -m bt_fast.train ")
+    assert "\n  epochs = 1000\n" in help_text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--train-per-class", "-1"], "--train-per-class must be at least 1, got -1"),
     (["--val-per-class", "0"], "--val-per-class must be at least 1, got 0"),

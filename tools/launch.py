@@ -5,7 +5,8 @@
 Used by `run_pretrain.sh` wherever it starts torchrun. Four things differ from plain torchrun:
 
 - The config and the paths it names are checked here first. torchrun restarts a failed worker
-  group up to --max-restarts times, which would print a config error that many times.
+  group up to --max-restarts times, which would print a config error that many times. With
+  `--check` that check (and the process count) is all it does; `--help` is bt_fast.train's, once.
 - When torchrun is stopped by a signal (SLURM's SIGTERM or SIGUSR1, Ctrl-C), it passes the signal
   on to the workers, which checkpoint at the next step boundary, and then raises. Here that ends
   as a single-process run does: exit 0 (130 for SIGINT) when this launch wrote a checkpoint, with
@@ -29,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error
+from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, one_line, print_error
 
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
@@ -73,12 +74,18 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     raise SystemExit("error: usage: python -m tools.launch [torchrun options] -m bt_fast.train [train arguments]")
 
 
-def training_config(train_args: list[str]) -> Config:
-    parser = argparse.ArgumentParser(add_help=False)
+def training_options(train_args: list[str]) -> argparse.Namespace:
+    """bt_fast.train's arguments, read as it reads them; one it would refuse is one `error:` line here."""
+    parser = CliParser(prog="python -m bt_fast.train", add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--config")
+    parser.add_argument("--check", action="store_true")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(train_args)
-    config = load_config(args.config, args.overrides, unique_keys=True)
+    return parser.parse_intermixed_args(train_args)
+
+
+def training_config(options: argparse.Namespace) -> Config:
+    config = load_config(options.config, options.overrides, unique_keys=True)
     check_run_inputs(config)
     return config
 
@@ -98,12 +105,18 @@ def check_processes_per_node(value: str, device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
     with cli_errors(), exit_on_interrupt("while checking the config"):
-        config = training_config(train_args)
+        train_options = training_options(train_args)
+        if train_options.help:  # once, not once per rank; it lists the config keys, which needs the trainer
+            from bt_fast.train import main as train_main
+            train_main(["--help"])
+        config = training_config(train_options)
     checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
     with cli_errors():
         check_processes_per_node(options.nproc_per_node, config.device)
+    if train_options.check:
+        return 0
     quiet_shutdown_narration()
     own_log_dir = not options.log_dir
     if own_log_dir:
