@@ -63,12 +63,31 @@ def refuse_changed_finished_run(out_dir: Path, state: dict, changed: list[str], 
                               f"rerun with the run's own settings (raising epochs extends it)")
 
 
+# What a resume restores from checkpoint.pth (`bt_fast.trainer.Trainer`).
+RESUMED_STATE = ("model", "optimizer", "scaler", "rng", "step")
+
+
+def refuse_foreign_checkpoint(path: Path, state: object) -> None:
+    """A CheckpointError unless `state`, checkpoint `path` as loaded, holds RESUMED_STATE: a state dict (such as
+    a backbone.pth copied there) or another program's file would otherwise fail deep inside the resume."""
+    missing = [key for key in RESUMED_STATE if key not in state] if isinstance(state, dict) else list(RESUMED_STATE)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is no bt_fast training checkpoint (it holds no "
+                              f"{', '.join(missing)}); move it out of {path.parent} to start afresh there, or "
+                              f"choose another out_dir")
+
+
 def check_previous_run(config: Config) -> None:
     """Before anything is built (a first-use conversion can take hours): a checkpoint in out_dir must be
-    readable (its zip directory, read with mmap), and a finished run may not be rerun with other settings."""
+    readable (its zip directory, read with mmap) and a training checkpoint, and a finished run may not be
+    rerun with other settings."""
     path = Path(config.out_dir) / CHECKPOINT_NAME
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, where the run would write its checkpoint; "
+                              f"move it out of {path.parent}, or choose another out_dir")
     if path.is_file():
         state = load_checkpoint(path, mmap=True)
+        refuse_foreign_checkpoint(path, state)
         refuse_changed_finished_run(Path(config.out_dir), state,
                                     changed_settings(state.get("config", {}), config.to_dict()), schedule_steps(state))
 

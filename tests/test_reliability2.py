@@ -32,6 +32,8 @@ from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
 from bt_fast.trainer import Trainer
 from test_reliability import metric_lines, run_main, tiny_args
 
+RESUMED = {"model": {}, "optimizer": {}, "scaler": {}, "rng": {}}  # the rest of a checkpoint, for those made here
+
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -118,7 +120,8 @@ def test_a_finished_run_refuses_other_data_and_a_rerun_rewrites_nothing(image_fo
 def test_a_missing_data_path_is_named_before_a_finished_run_it_would_change(image_folder, tmp_path):
     out_dir = tmp_path / "run"
     out_dir.mkdir()
-    atomic_save({"step": 6, "schedule_steps": 6, "config": {"data": str(image_folder)}}, out_dir / CHECKPOINT_NAME)
+    atomic_save({**RESUMED, "step": 6, "schedule_steps": 6, "config": {"data": str(image_folder)}},
+                out_dir / CHECKPOINT_NAME)
     typo = tmp_path / "typo"
     for pipeline in ("reference", "ffcv", "dali"):
         config = load_config(None, [f"data={typo}", f"out_dir={out_dir}", f"pipeline={pipeline}"])
@@ -318,6 +321,26 @@ def test_an_unreadable_checkpoint_is_reported_before_the_first_use_conversion(im
     assert err.startswith(f"error: checkpoint {out_dir / CHECKPOINT_NAME} cannot be read (")
     assert err.strip().endswith("); delete it or choose another out_dir")
     assert not (tmp_path / "images.beton").exists()
+
+
+@pytest.mark.parametrize("kind", ["a backbone.pth", "a list", "a directory"])
+def test_a_checkpoint_pth_that_is_no_training_checkpoint_is_one_line_before_anything_starts(kind, image_folder,
+                                                                                            tmp_path, capsys):
+    """A torchvision state dict put there to start from, say: the resume failed with a KeyError traceback."""
+    data = shutil.copytree(image_folder, tmp_path / "images")
+    out_dir, path = tmp_path / "run", tmp_path / "run" / CHECKPOINT_NAME
+    out_dir.mkdir()
+    if kind == "a directory":
+        path.mkdir()
+    else:
+        torch.save(torchvision.models.resnet18().state_dict() if kind == "a backbone.pth" else [1, 2], path)
+    code, _, err = run_main(capsys, *tiny_args(data, out_dir, "pipeline=ffcv"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: checkpoint {path} is ")
+    assert err.strip().endswith(f"move it out of {out_dir} to start afresh there, or choose another out_dir"
+                                if kind != "a directory" else f"move it out of {out_dir}, or choose another out_dir")
+    assert sorted(p.name for p in out_dir.iterdir()) == [CHECKPOINT_NAME]
+    assert not (tmp_path / "images.beton").exists()  # refused before the first-use conversion
 
 
 def test_a_checkpoint_whose_bytes_changed_on_disk_is_refused_not_trained_on(image_folder, tmp_path, capsys):
@@ -577,7 +600,8 @@ def test_the_launcher_refuses_a_changed_finished_run_once_before_torchrun(image_
     from tools import launch
     out_dir = tmp_path / "run"
     out_dir.mkdir()
-    atomic_save({"step": 6, "schedule_steps": 6, "config": {"data": "/elsewhere"}}, out_dir / CHECKPOINT_NAME)
+    atomic_save({**RESUMED, "step": 6, "schedule_steps": 6, "config": {"data": "/elsewhere"}},
+                out_dir / CHECKPOINT_NAME)
     with pytest.raises(SystemExit) as exit_info:
         launch.main(["--nproc-per-node", "2", "-m", "bt_fast.train", "--config", "configs/demo_cpu.yaml",
                      f"data={image_folder}", f"out_dir={out_dir}"])
