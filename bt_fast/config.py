@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,8 +320,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         _apply(config, values)
     _apply(config, parse_overrides(overrides or [], unique_keys))
+    _expand_home(config)
     validate(config)
     return config
+
+
+# The keys that name a file or a directory.
+PATH_KEYS = ("data", "out_dir", "knn_train", "knn_val", "ffcv.beton", "dali.records")
+
+
+def _expand_home(config: Config) -> None:
+    """A leading `~` of a path key is the home directory, as the shell reads it: in a config file or a quoted
+    override the shell never sees it, and `out_dir: ~/runs/x` wrote the run into a directory named `~`."""
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        node = getattr(config, section) if section else config
+        setattr(node, name, os.path.expanduser(getattr(node, name)))
 
 
 # The names this module checks; `pipeline` and `arch` are checked by their registries.

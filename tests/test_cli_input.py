@@ -70,6 +70,24 @@ def test_a_key_given_twice_in_a_config_file_is_refused(text, message, tmp_path):
     assert str(err.value) == f"config file {path}: {message}"
 
 
+def test_a_path_that_starts_with_a_tilde_is_in_the_home_directory(image_folder, tmp_path, monkeypatch, capsys):
+    """The shell expands `~` only where it sees it: a config file's `out_dir: ~/runs/x` wrote the run into a
+    directory named `~` below the working directory, and the run's last line named "~/runs/x/checkpoint.pth"."""
+    import shutil
+    from test_reliability import run_main
+    home = tmp_path / "home"
+    shutil.copytree(image_folder, home / "images")
+    monkeypatch.setenv("HOME", str(home))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("out_dir: ~/runs/x\nknn_val: ~/images\n")
+    config = load_config(config_file, ["data=~/images", "ffcv.beton=~/images.beton", "dali.records=~"])
+    assert (config.out_dir, config.knn_val, config.data) == (f"{home}/runs/x", f"{home}/images", f"{home}/images")
+    assert (config.ffcv.beton, config.dali.records) == (f"{home}/images.beton", str(home))
+    code, _, err = run_main(capsys, "--check", *tiny_args("~/images", "~/runs/x"))
+    assert code == 0 and err == ""
+    assert sorted(p.name for p in home.iterdir()) == ["images"]
+
+
 def test_a_config_file_that_is_not_text_or_is_a_directory_is_named(tmp_path):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\x00\xff\xfe")
