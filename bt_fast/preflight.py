@@ -77,10 +77,23 @@ def refuse_foreign_checkpoint(path: Path, state: object) -> None:
                               f"choose another out_dir")
 
 
+def refuse_other_model_or_batch(path: Path, saved: dict, config: Config) -> None:
+    """A CheckpointError if `config` trains another batch_size, arch or projector than `saved`, the config of the
+    run that wrote checkpoint `path`: no resume can take its weights and optimizer state."""
+    if saved.get("batch_size") != config.batch_size:
+        raise CheckpointError(f"checkpoint {path} was written with batch_size {saved.get('batch_size')}, this run "
+                              f"uses {config.batch_size}; use a new out_dir or the same batch size")
+    changed = [f"{key} {saved[key]!r} -> {getattr(config, key)!r}" for key in ("arch", "projector")
+               if key in saved and saved[key] != getattr(config, key)]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} was written for a different model ({', '.join(changed)}); "
+                              f"use a new out_dir or the matching arch/projector")
+
+
 def check_previous_run(config: Config) -> None:
     """Before anything is built (a first-use conversion can take hours): a checkpoint in out_dir must be
-    readable (its zip directory, read with mmap) and a training checkpoint, and a finished run may not be
-    rerun with other settings."""
+    readable (its zip directory, read with mmap) and a training checkpoint, a finished run may not be
+    rerun with other settings, and no run with another model or batch size."""
     path = Path(config.out_dir) / CHECKPOINT_NAME
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory, where the run would write its checkpoint; "
@@ -90,6 +103,7 @@ def check_previous_run(config: Config) -> None:
         refuse_foreign_checkpoint(path, state)
         refuse_changed_finished_run(Path(config.out_dir), state,
                                     changed_settings(state.get("config", {}), config.to_dict()), schedule_steps(state))
+        refuse_other_model_or_batch(path, state.get("config", {}), config)
 
 
 def check_data_given(config: Config) -> None:

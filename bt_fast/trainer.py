@@ -30,7 +30,8 @@ from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
-from bt_fast.preflight import changed_settings, refuse_changed_finished_run, schedule_steps
+from bt_fast.preflight import (changed_settings, refuse_changed_finished_run, refuse_other_model_or_batch,
+                               schedule_steps)
 from bt_fast.progress import progress
 from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals, requeue_slurm_job
 from bt_fast.run_log import RunLog, truncate_metrics
@@ -130,11 +131,8 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, self.ctx.device)
+        refuse_other_model_or_batch(path, state.get("config", {}), self.config)
         restore_model(self.model, state["model"], path)
-        saved_batch = state.get("config", {}).get("batch_size")
-        if saved_batch != self.config.batch_size:
-            raise CheckpointError(f"checkpoint {path} was written with batch_size {saved_batch}, this run uses "
-                                  f"{self.config.batch_size}; use a new out_dir or the same batch size")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])

@@ -612,6 +612,29 @@ def test_the_launcher_refuses_a_changed_finished_run_once_before_torchrun(image_
         f"(raising epochs extends it)"]
 
 
+@pytest.mark.parametrize("change, message", [
+    ("batch_size=4", "was written with batch_size 8, this run uses 4; use a new out_dir or the same batch size"),
+    ("projector=32-32", "was written for a different model (projector '64-64' -> '32-32'); use a new out_dir or "
+                        "the matching arch/projector"),
+])
+def test_a_paused_run_refuses_another_model_or_batch_once_before_anything_is_built(change, message, image_folder,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """Each rank built its pipeline (a first-use conversion) before refusing, once per torchrun restart."""
+    from tools import launch
+    data = shutil.copytree(image_folder, tmp_path / "images")
+    out_dir = tmp_path / "run"
+    code, _, err = run_main(capsys, *tiny_args(data, out_dir, "max_steps=1"))
+    assert code == 0, err
+    monkeypatch.setattr(launch.torchrun, "run", lambda options: pytest.fail("torchrun started"))
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--nproc-per-node", "2", "-m", "bt_fast.train", *tiny_args(data, out_dir, change)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: checkpoint {out_dir / CHECKPOINT_NAME} {message}"]
+    code, _, err = run_main(capsys, *tiny_args(data, out_dir, change, "pipeline=ffcv"))
+    assert code == 2 and err.strip() == f"error: checkpoint {out_dir / CHECKPOINT_NAME} {message}"
+    assert not (tmp_path / "images.beton").exists()
+
+
 def test_settings_of_how_not_what_may_change_on_a_finished_run(tmp_path):
     from bt_fast.preflight import changed_settings
     saved = load_config(None, ["data=/d"]).to_dict()
