@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from bt_fast.config import BACKBONE_DIM, Config, ConfigError, check_choice
+from bt_fast.config import BACKBONE_DIM, MIN_BATCH_PER_RANK, Config, ConfigError, check_choice
 from bt_fast.files import check_writable_directory
 from bt_fast.run_lock import check_unlocked
 
@@ -146,6 +146,17 @@ def check_dali_records(config: Config) -> None:
     if config.pipeline == "dali" and records and not (Path(records) / "dataset.json").is_file():
         raise ConfigError(f"config key 'dali.records' names {records}, which holds no dataset.json; write the "
                           f"records with `python -m tools.convert SRC {records} --format dali` or leave it empty")
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """A ConfigError unless the global `batch_size` splits evenly into at least MIN_BATCH_PER_RANK images for
+    each of `world_size` ranks. The launcher checks it once, before any rank starts."""
+    if batch_size % world_size:
+        raise ConfigError(f"config key 'batch_size' ({batch_size}) must be divisible by the world size ({world_size})")
+    if batch_size // world_size < MIN_BATCH_PER_RANK:
+        raise ConfigError(f"config key 'batch_size' ({batch_size}) gives {batch_size // world_size} image per rank "
+                          f"over {world_size} ranks; BatchNorm needs at least {MIN_BATCH_PER_RANK} per rank: use "
+                          f"batch_size >= {MIN_BATCH_PER_RANK * world_size}")
 
 
 def check_run_inputs(config: Config) -> None:

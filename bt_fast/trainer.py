@@ -23,15 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, RunCheckpoint, atomic_save,
                                 load_checkpoint, remove_stale_checkpoint_temporaries, restore_model, rng_state,
                                 set_rng_state)
-from bt_fast.config import MIN_BATCH_PER_RANK, Config, ConfigError
+from bt_fast.config import Config
 from bt_fast.distributed import DistContext, sync_batchnorm
 from bt_fast.errors import StorageError, WorkerLost, lost_dataloader_worker
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
-from bt_fast.preflight import (changed_settings, refuse_changed_finished_run, refuse_other_model_or_batch,
-                               schedule_steps)
+from bt_fast.preflight import (changed_settings, check_batch_split, refuse_changed_finished_run,
+                               refuse_other_model_or_batch, schedule_steps)
 from bt_fast.progress import progress
 from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals, requeue_slurm_job
 from bt_fast.run_log import RunLog, truncate_metrics
@@ -53,13 +53,7 @@ def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
 
 class Trainer:
     def __init__(self, config: Config, ctx: DistContext):
-        if config.batch_size % ctx.world_size:
-            raise ConfigError(f"config key 'batch_size' ({config.batch_size}) must be divisible by the "
-                              f"world size ({ctx.world_size})")
-        if config.batch_size // ctx.world_size < MIN_BATCH_PER_RANK:
-            raise ConfigError(f"config key 'batch_size' ({config.batch_size}) gives {config.batch_size // ctx.world_size} "
-                              f"image per rank over {ctx.world_size} ranks; BatchNorm needs at least "
-                              f"{MIN_BATCH_PER_RANK} per rank: use batch_size >= {MIN_BATCH_PER_RANK * ctx.world_size}")
+        check_batch_split(config.batch_size, ctx.world_size)
         self.config, self.ctx = config, ctx
         self.out_dir = Path(config.out_dir)
         self.local_batch = config.batch_size // ctx.world_size

@@ -174,6 +174,24 @@ def test_the_launcher_refuses_ranks_without_a_gpu_of_their_own_before_torchrun(g
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("launcher, batch, message", [
+    (["--nproc-per-node", "3"], 8, "config key 'batch_size' (8) must be divisible by the world size (3)"),
+    (["--nnodes", "2", "--nproc-per-node", "2"], 6,
+     "config key 'batch_size' (6) must be divisible by the world size (4)"),
+    (["--nproc-per-node", "3"], 3, "config key 'batch_size' (3) gives 1 image per rank over 3 ranks; BatchNorm needs "
+                                   "at least 2 per rank: use batch_size >= 6"),
+])
+def test_the_launcher_refuses_a_batch_the_ranks_cannot_split_before_torchrun(launcher, batch, message, image_folder,
+                                                                           tmp_path, capsys, monkeypatch):
+    """Each rank refused it, once per torchrun restart: 12 lines for 3 ranks and 3 restarts."""
+    from tools import launch
+    monkeypatch.setattr(launch.torchrun, "run", lambda options: pytest.fail("torchrun started"))
+    code, err = run_command("tools.launch", [*launcher, "-m", "bt_fast.train",
+                                             *tiny_args(image_folder, tmp_path / "run", f"batch_size={batch}")], capsys)
+    assert code == 2 and err == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_launcher_reads_the_training_options_as_bt_fast_train_does(image_folder, tmp_path, capsys, monkeypatch):
     """`make pretrain GPUS=2 ARGS=...` passes ARGS through the launcher: --check checks once and starts no rank,
     --help is bt_fast.train's, a bad option is one line."""

@@ -41,7 +41,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import resolve_device
-    from bt_fast.preflight import check_run_inputs
+    from bt_fast.preflight import check_batch_split, check_run_inputs
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 
@@ -90,9 +90,10 @@ def training_config(options: argparse.Namespace) -> Config:
     return config
 
 
-def check_processes_per_node(value: str, device: str) -> None:
-    """UserError in one line where torchrun would fail on `--nproc-per-node` with an assertion or a traceback,
-    or where its ranks would each fail to find their `device` (no GPU, or fewer GPUs than ranks on the node)."""
+def check_processes_per_node(value: str, device: str) -> int:
+    """The processes per node `--nproc-per-node` starts; a UserError in one line where torchrun would fail on it
+    with an assertion or a traceback, or where its ranks would each fail to find their `device` (no GPU, or fewer
+    GPUs than ranks on the node)."""
     try:
         count = torchrun.determine_local_world_size(value)
     except ValueError as err:
@@ -100,6 +101,7 @@ def check_processes_per_node(value: str, device: str) -> None:
     if count < 1:
         raise UserError(f"--nproc-per-node must be at least 1, got {value}")
     resolve_device(device, local_rank=count - 1)
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
     with cli_errors():
-        check_processes_per_node(options.nproc_per_node, config.device)
+        per_node = check_processes_per_node(options.nproc_per_node, config.device)
+        min_nodes, max_nodes = torchrun.parse_min_max_nnodes(options.nnodes)
+        if min_nodes == max_nodes:  # the world size is known: each rank would refuse it, once per restart
+            check_batch_split(config.batch_size, per_node * max_nodes)
     if train_options.check:
         return 0
     quiet_shutdown_narration()
