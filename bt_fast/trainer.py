@@ -139,9 +139,20 @@ class Trainer:
             self.pipeline.restore_position(positions[self.ctx.rank])
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
         refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
+        changed += self._changed_world_size(state.get("world_size"))
         if changed and self.ctx.is_main:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
                   f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)
+
+    def _changed_world_size(self, saved: int | None) -> list[str]:
+        """'processes old -> new' if the run that wrote a checkpoint had another number of ranks (None: not
+        recorded). Its global batches were others, and each rank's share of an epoch changes with their number:
+        resumed mid-epoch, the rest of the epoch reads some images twice and never reads others."""
+        if saved is None or saved == self.ctx.world_size:
+            return []
+        epoch, batch = divmod(self.step, self.steps_per_epoch)
+        mid_epoch = f": the rest of epoch {epoch} reads some images twice and skips others" if batch else ""
+        return [f"processes {saved} -> {self.ctx.world_size}{mid_epoch}"]
 
     def _check_ranks_agree_on_step(self, path: Path) -> None:
         if self.ctx.world_size == 1:
@@ -169,6 +180,7 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                 "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
+                "world_size": self.ctx.world_size,
                 "config": self.config.to_dict(), "pipeline_positions": positions,
                 "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
                 "elapsed_s": self.run_log.elapsed() if self.run_log else None})

@@ -193,6 +193,24 @@ def test_resume_with_changed_settings_lists_them(image_folder, tmp_path, capsys)
     assert "max_steps" not in warning[0]  # extending a run is what max_steps is for
 
 
+def test_resume_with_another_number_of_processes_says_so(image_folder, tmp_path, capsys):
+    """Each rank's share of an epoch follows the number of ranks: resumed mid-epoch by another number, the rest of
+    the epoch reads some images twice and skips others, which the resume did without a word."""
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))  # step 1 of epoch 0's 3
+    assert code == 0, err
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, tmp_path / CHECKPOINT_NAME)  # as two processes write it
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2"))
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning: resuming")] == [
+        f"warning: resuming {tmp_path / CHECKPOINT_NAME} (step 1) with settings that differ from the run that wrote "
+        f"it: processes 2 -> 1: the rest of epoch 0 reads some images twice and skips others; use a new out_dir to "
+        f"start afresh"]
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=3"))
+    assert code == 0 and "warning" not in err
+
+
 @pytest.mark.timeout(300)
 def test_launcher_reports_a_config_error_once_without_starting_torchrun(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CONFIG": "configs/demo_cpu.yaml", "GPUS": "2",
