@@ -94,6 +94,8 @@ fi
 
 if [ "$LOCAL_NODES" = 1 ]; then
   [ -z "${MASTER_PORT:-}" ] || check_port_free "$MASTER_PORT"
+  # Once here, not once per simulated node: every node's launcher would print the same error line.
+  "${torchrun[@]}" --nnodes "$NODES" "${train[@]}" --check || exit $?
   port=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
   # Each node's torchrun gets a session of its own, so that a Ctrl-C reaches it once, from the trap
   # below, as on a real node. A second signal would cut torchrun's graceful stop short: it then

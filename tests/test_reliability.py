@@ -212,8 +212,10 @@ def test_resume_with_another_number_of_processes_says_so(image_folder, tmp_path,
 
 
 @pytest.mark.timeout(300)
-def test_launcher_reports_a_config_error_once_without_starting_torchrun(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "CONFIG": "configs/demo_cpu.yaml", "GPUS": "2",
+@pytest.mark.parametrize("processes", [{"GPUS": "2"}, {"NODES": "3", "LOCAL_NODES": "1"}],
+                         ids=["2 ranks", "3 simulated nodes"])  # these printed it once per node
+def test_launcher_reports_a_config_error_once_without_starting_torchrun(processes, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "CONFIG": "configs/demo_cpu.yaml", **processes,
            "DATA": str(tmp_path), "OUT": str(tmp_path / "run")}
     result = subprocess.run(["bash", "run_pretrain.sh", "epochs=abc", "device=cpu"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=240)
