@@ -139,6 +139,20 @@ def test_a_missing_data_path_is_named_before_a_finished_run_it_would_change(imag
             check_run_inputs(config)
 
 
+def test_another_spelling_of_the_same_data_path_does_not_change_a_finished_run(image_folder, tmp_path):
+    """A shell's completion of a directory adds a slash: rerunning a finished run so was refused as other data."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    saved = load_config(None, [f"data={image_folder}", f"out_dir={out_dir}"]).to_dict()
+    atomic_save({**RESUMED, "step": 6, "schedule_steps": 6, "config": saved}, out_dir / CHECKPOINT_NAME)
+    (tmp_path / "link").symlink_to(image_folder)
+    for spelling in (f"{image_folder}/", f"{image_folder.parent}/./{image_folder.name}", tmp_path / "link"):
+        check_run_inputs(load_config(None, [f"data={spelling}", f"out_dir={out_dir}"]))
+    copy = shutil.copytree(image_folder, tmp_path / "copy")
+    with pytest.raises(CheckpointError, match=f"would change \\(data '{image_folder}' -> '{copy}'\\)"):
+        check_run_inputs(load_config(None, [f"data={copy}", f"out_dir={out_dir}"]))
+
+
 def test_only_more_epochs_may_change_a_finished_run_and_a_paused_run_may_change_anything(tmp_path):
     finished = {"step": 6, "schedule_steps": 6}
     refuse_changed_finished_run(tmp_path, finished, ["epochs 2 -> 4"], 6)
