@@ -34,7 +34,7 @@ from bt_fast.preflight import (changed_settings, check_batch_split, refuse_chang
                                refuse_other_model_or_batch, schedule_steps)
 from bt_fast.progress import progress
 from bt_fast.run_control import STOP_NAMES, STOP_SIGNALS, StopAgreement, StopSignals, requeue_slurm_job
-from bt_fast.run_log import RunLog, truncate_metrics
+from bt_fast.run_log import METRICS_NAME, PLOT_NAME, SUMMARY_NAME, RunLog, truncate_metrics
 from bt_fast.schedule import learning_rate, set_learning_rates
 from bt_fast.step_clock import StepClock
 from bt_fast.step_health import StepHealth
@@ -121,7 +121,15 @@ class Trainer:
         if self.ctx.is_main and 0 < self.step < self.total_steps:
             print(f"resuming {self.out_dir} from step {self.step} of {self.total_steps}", file=sys.stderr)
         if self.ctx.is_main and self.step < self.total_steps:  # a complete run's files are never rewritten
+            self._warn_of_a_lost_log()
             truncate_metrics(self.out_dir, self.step)
+
+    def _warn_of_a_lost_log(self) -> None:
+        """One warning if the run resumes at a step that metrics.jsonl, gone, recorded: summary.json and
+        metrics.png, drawn from it, would describe the run from here on as if it were the whole."""
+        if self.step and not (self.out_dir / METRICS_NAME).is_file():
+            print(f"warning: {self.out_dir / METRICS_NAME}, which held steps 1 to {self.step}, is missing: "
+                  f"{SUMMARY_NAME} and {PLOT_NAME} will describe steps {self.step + 1} on only", file=sys.stderr)
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, self.ctx.device)

@@ -211,6 +211,18 @@ def test_resume_with_another_number_of_processes_says_so(image_folder, tmp_path,
     assert code == 0 and "warning" not in err
 
 
+def test_resume_after_metrics_jsonl_was_deleted_says_what_the_summary_leaves_out(image_folder, tmp_path, capsys):
+    """summary.json, drawn from metrics.jsonl, silently gave the first loss of the resumed segment as the run's."""
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2"))
+    assert code == 0, err
+    (tmp_path / "metrics.jsonl").unlink()
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=3"))
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {tmp_path / 'metrics.jsonl'}, which held steps 1 to 2, is missing: summary.json and metrics.png "
+        f"will describe steps 3 on only"]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("processes", [{"GPUS": "2"}, {"NODES": "3", "LOCAL_NODES": "1"}],
                          ids=["2 ranks", "3 simulated nodes"])  # these printed it once per node
