@@ -53,9 +53,9 @@ gpu-check: $(STAMP)
 # initialisation. EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json.
 eval: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	$(PY) -m tools.evaluate --compare --mode knn --checkpoint $(RUN_DIR)/checkpoint.pth \
+	$(PY) -m tools.evaluate --compare --mode knn --checkpoint "$(RUN_DIR)/checkpoint.pth" \
 	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS)
-	$(PY) -m tools.evaluate --compare --mode linear --checkpoint $(RUN_DIR)/checkpoint.pth \
+	$(PY) -m tools.evaluate --compare --mode linear --checkpoint "$(RUN_DIR)/checkpoint.pth" \
 	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(basename $(EVAL_JSON)).linear.json") $(ARGS)
 
 demo-data: $(STAMP)
