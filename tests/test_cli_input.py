@@ -57,17 +57,23 @@ def test_an_output_file_may_be_new_in_directories_still_to_create(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def config_file_error(text: str, tmp_path) -> tuple:
+    """(path, the ConfigError's message) of a config file holding `text`."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    return path, str(err.value)
+
+
 @pytest.mark.parametrize("text, message", [
     ("batch_size: 4\nbatch_size: 8\n", "key 'batch_size' is given twice (lines 1 and 2); give each key once"),
     ("augment:\n  image_size: 32\n  blur_p: 0.1\n  image_size: 64\n",
      "key 'image_size' is given twice (lines 2 and 4); give each key once"),
 ])
 def test_a_key_given_twice_in_a_config_file_is_refused(text, message, tmp_path):
-    path = tmp_path / "twice.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value) == f"config file {path}: {message}"
+    path, error = config_file_error(text, tmp_path)
+    assert error == f"config file {path}: {message}"
 
 
 def test_a_path_that_starts_with_a_tilde_is_in_the_home_directory(image_folder, tmp_path, monkeypatch, capsys):
@@ -277,11 +283,7 @@ def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, messa
                                        ("yes: 1\n", "True")])
 def test_a_config_file_key_that_is_not_text_is_an_unknown_key(text, key, tmp_path):
     # A number or boolean as key ended in difflib's "TypeError: 'int' object is not iterable" traceback.
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value) == f"unknown config key '{key}'"
+    assert config_file_error(text, tmp_path)[1] == f"unknown config key '{key}'"
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -295,11 +297,8 @@ def test_a_config_file_key_that_is_not_text_is_an_unknown_key(text, key, tmp_pat
 def test_a_config_file_that_is_not_yaml_names_the_problem_and_its_line(text, problem, tmp_path):
     # Only the first line of PyYAML's message came out ("while scanning for the next token"), not what is
     # wrong nor where.
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value) == f"config file {path} is not valid YAML: {problem}"
+    path, error = config_file_error(text, tmp_path)
+    assert error == f"config file {path} is not valid YAML: {problem}"
 
 
 @pytest.mark.parametrize("text, key, value", [("out_dir: [runs, demo]\n", "out_dir", ['runs', 'demo']),
@@ -308,11 +307,7 @@ def test_a_config_file_that_is_not_yaml_names_the_problem_and_its_line(text, pro
                                                ['a.beton', 'b.beton'])])
 def test_a_list_or_mapping_for_a_text_key_is_refused(text, key, value, tmp_path):
     # It became the text of the list: out_dir "['runs', 'demo']", a directory created under that name.
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value) == f"config key '{key}' expects text (one path or name), got {value!r}"
+    assert config_file_error(text, tmp_path)[1] == f"config key '{key}' expects text (one path or name), got {value!r}"
 
 
 @pytest.mark.parametrize("override, message", [
