@@ -48,7 +48,6 @@ generation, and no encode); everything else, progressive JPEGs included, re-enco
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -62,7 +61,8 @@ from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_by
 from bt_fast.host import usable_cores
 from bt_fast.progress import progress as progress_bar
 from bt_fast.worker_pool import WorkerPool
-from pipelines.convert_parts import WorkDir, job_fingerprint, open_beton, prepared, work_dir, worker_pool, write_part
+from pipelines.convert_parts import (WorkDir, job_fingerprint, listing_digest, open_beton, prepared, work_dir,
+                                     worker_pool, write_part)
 from pipelines.dali_format import shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import beton_samples, finish_beton
 from pipelines.image_folder import SampleList, find_image_folder
@@ -141,16 +141,6 @@ def source_state(src: str | Path) -> list[list]:
             state += sorted([entry.name, entry.stat().st_mtime_ns] for entry in entries
                             if entry.is_dir() and not entry.name.startswith("."))
     return state
-
-
-def listing_digest(src: str | Path, samples: Sequence[tuple[str, int]]) -> str:
-    """sha256 of an ImageFolder's (path below `src`, label) samples: the same for the same listing however
-    `src` is spelled, and another when an image was added, removed, renamed or moved to another class."""
-    below = len(str(Path(src) / "_")) - 1  # the length of the prefix `src` put before every path ('.': none)
-    digest = hashlib.sha256()
-    for path, label in samples:
-        digest.update(f"{path[below:]}\0{label}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
 
 
 def source_change(output: str | Path, data: str | Path) -> str | None:

@@ -119,9 +119,21 @@ class WorkDir:
 
 
 def job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
-    digest = hashlib.sha256(str(src.resolve()).encode("utf-8", "surrogateescape"))
+    """sha256 of the resolved source and its (path, label) samples: what a work directory's parts were made of."""
+    return _samples_digest(samples, str(src.resolve()).encode("utf-8", "surrogateescape"))
+
+
+def listing_digest(src: str | Path, samples: Sequence[tuple[str, int]]) -> str:
+    """sha256 of an ImageFolder's (path below `src`, label) samples: the same for the same listing however
+    `src` is spelled, and another when an image was added, removed, renamed or moved to another class."""
+    below = len(str(Path(src) / "_")) - 1  # the length of the prefix `src` put before every path ('.': none)
+    return _samples_digest(samples, skip=below)
+
+
+def _samples_digest(samples: Sequence[tuple[str, int]], head: bytes = b"", skip: int = 0) -> str:
+    digest = hashlib.sha256(head)
     for path, label in samples:
-        digest.update(f"{path}\0{label}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{path[skip:]}\0{label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
