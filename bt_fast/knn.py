@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from bt_fast.errors import DataError
+from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.image_folder import SampleList, find_image_folder
 from pipelines.reference import load_rgb
 
@@ -189,7 +190,8 @@ def eval_loader(root: str, image_size: int, batch_size: int = 256, workers: int 
     dataset = LabelledImageFolder(root, train_transform(image_size) if train else eval_transform(image_size), classes)
     generator = torch.Generator().manual_seed(seed) if train else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
-                      pin_memory=torch.device(device).type == "cuda", persistent_workers=train and workers > 0)
+                      pin_memory=torch.device(device).type == "cuda", persistent_workers=train and workers > 0,
+                      worker_init_fn=leave_stops_to_the_rank)
 
 
 class KnnMonitor:

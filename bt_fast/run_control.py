@@ -52,6 +52,17 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def leave_stops_to_the_rank(worker_id: int) -> None:
+    """`worker_init_fn` of the DataLoaders a training rank runs: the worker ignores the stop signals.
+
+    SLURM and torchrun signal a rank's whole process group. torch's worker dies of a SIGTERM that its
+    parent did not send, and the rank would then fail with "DataLoader worker ... killed by signal"
+    instead of stopping at the step boundary with a checkpoint. The rank ends its workers itself, and a
+    worker whose rank is gone exits on its own (torch's watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopAgreement:
     """Every rank's stop request, agreed by MAX, polled once per step by every rank.
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
+from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 from pipelines.image_folder import find_image_folder
@@ -129,7 +130,8 @@ class ReferencePipeline(EpochPipeline):
         self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=placement.device.type == "cuda", drop_last=True,
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                                 worker_init_fn=leave_stops_to_the_rank)
 
     def __len__(self) -> int:
         return self.sampler.num_samples // self.placement.world_size // self.batch_size

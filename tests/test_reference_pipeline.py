@@ -174,3 +174,24 @@ def test_a_worker_reading_the_sample_list_copies_none_of_it():
     compact = _worker_private_growth(SampleList(listed))
     assert as_list > 20, as_list  # the effect is there to be removed, on this machine
     assert compact < min(5.0, as_list / 10), (compact, as_list)
+
+
+@pytest.mark.timeout(120)
+def test_loader_workers_outlive_a_sigterm_to_the_process_group(image_folder):
+    """SLURM and torchrun signal the rank's whole process group: the stop is the rank's to make at a step
+    boundary, so its loader workers must keep serving batches (torch's own handler made them die of it)."""
+    import multiprocessing
+    import signal
+    config = Config(data=str(image_folder), pipeline="reference", workers=2, augment=SPEC)
+    pipeline = ReferencePipeline(config, Placement(torch.device("cpu")), batch_size=4)
+    pipeline.set_epoch(0)
+    batches = iter(pipeline)
+    first = next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    rest = list(batches)
+    assert len(rest) == len(pipeline) - 1 and all(worker.is_alive() for worker in workers)
+    pipeline.set_epoch(0)
+    assert torch.equal(next(iter(pipeline))[0], first[0])
