@@ -53,14 +53,26 @@ class StopSignals:
 
 
 def leave_stops_to_the_rank(worker_id: int) -> None:
-    """`worker_init_fn` of the DataLoaders a training rank runs: the worker ignores the stop signals.
+    """`worker_init_fn` of the DataLoaders a training rank runs: the stop signals are the rank's.
 
     SLURM and torchrun signal a rank's whole process group. torch's worker dies of a SIGTERM that its
     parent did not send, and the rank would then fail with "DataLoader worker ... killed by signal"
-    instead of stopping at the step boundary with a checkpoint. The rank ends its workers itself, and a
-    worker whose rank is gone exits on its own (torch's watchdog)."""
+    instead of stopping at the step boundary with a checkpoint. So the worker ignores SIGINT and SIGUSR1,
+    and a thread takes its SIGTERMs: one from the rank (multiprocessing's `terminate()` of what is left
+    at exit) ends the worker, any other is ignored. A worker whose rank is gone exits on its own (torch's
+    watchdog)."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
+    threading.Thread(target=_exit_on_the_ranks_sigterm, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-rank").start()
+
+
+def _exit_on_the_ranks_sigterm(rank_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank_pid:
+        pass
+    os._exit(0)
 
 
 class StopAgreement:

@@ -11,6 +11,7 @@ from bt_fast.errors import DataError
 from pipelines import reference
 from pipelines.base import Placement
 from pipelines.reference import PILGaussianBlur, ReferencePipeline, TwoViewImageFolder
+from tests.conftest import REPO
 
 SPEC = AugmentSpec(image_size=32)
 
@@ -181,7 +182,7 @@ def test_loader_workers_outlive_a_sigterm_to_the_process_group(image_folder):
     """SLURM and torchrun signal the rank's whole process group: the stop is the rank's to make at a step
     boundary, so its loader workers must keep serving batches (torch's own handler made them die of it)."""
     import multiprocessing
-    import signal
+    import subprocess
     config = Config(data=str(image_folder), pipeline="reference", workers=2, augment=SPEC)
     pipeline = ReferencePipeline(config, Placement(torch.device("cpu")), batch_size=4)
     pipeline.set_epoch(0)
@@ -189,9 +190,31 @@ def test_loader_workers_outlive_a_sigterm_to_the_process_group(image_folder):
     first = next(batches)
     workers = multiprocessing.active_children()
     assert len(workers) == 2
-    for worker in workers:
-        os.kill(worker.pid, signal.SIGTERM)
+    subprocess.run(["kill", "-TERM", *(str(worker.pid) for worker in workers)], check=True)  # not from the rank
     rest = list(batches)
     assert len(rest) == len(pipeline) - 1 and all(worker.is_alive() for worker in workers)
     pipeline.set_epoch(0)
     assert torch.equal(next(iter(pipeline))[0], first[0])
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_fails_mid_epoch_still_exits(image_folder, tmp_path):
+    """What the rank itself sends its loader workers at exit (multiprocessing's terminate() of daemonic children,
+    then an unbounded join) still ends them: ignoring every SIGTERM would hang the failed rank there."""
+    import subprocess
+    import sys
+    script = tmp_path / "fail_mid_epoch.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from bt_fast.config import AugmentSpec, Config\n"
+        "from pipelines.base import Placement\n"
+        "from pipelines.reference import ReferencePipeline\n"
+        "config = Config(data=sys.argv[1], pipeline='reference', workers=2, augment=AugmentSpec(image_size=32))\n"
+        "pipeline = ReferencePipeline(config, Placement(torch.device('cpu')), batch_size=4)\n"
+        "pipeline.set_epoch(0)\n"
+        "batches = iter(pipeline)\n"
+        "next(batches)\n"
+        "raise SystemExit(3)  # its loader iterator still alive\n")
+    result = subprocess.run([sys.executable, str(script), str(image_folder)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
