@@ -4,6 +4,7 @@ The same grid goes to TensorBoard at the start of a run and to `python -m tools.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from bt_fast.files import atomic_write
 from bt_fast.host import usable_cores
 from pipelines import build_pipeline
 from pipelines.base import Placement
-from pipelines.epochs import TooFewSamples
 
 PAIRS_PER_ROW = 4
 
@@ -40,22 +40,30 @@ def pair_grid(view1: torch.Tensor, view2: torch.Tensor, spec: AugmentSpec, pairs
 
 
 def first_pairs(config: Config, device: torch.device, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first batch of `pairs` view pairs of epoch 0 from the pipeline `config` names, as training sees them.
+    """The first `pairs` view pairs that training on one process feeds in epoch 0, in float32.
 
-    With at most one worker per core: the views do not depend on the count, and for one batch more
-    workers than cores only start slower."""
+    The pipeline `config` names is built as the trainer builds it, with batches of `config.batch_size`,
+    and its batches are taken in order until `pairs` pairs are in hand (past the first batch when `pairs`
+    is larger). Training in an autocast dtype rounds the same views to it. DataError if epoch 0 feeds
+    fewer pairs (its full batches). With at most one worker per core: the views do not depend on the
+    count, and for a few batches more workers than cores only start slower."""
     config = dataclasses.replace(config, workers=min(config.workers, usable_cores()))
-    try:
-        pipeline = build_pipeline(config, Placement(device), pairs)
-    except TooFewSamples as err:  # the batch here is the pairs asked for, not batch_size
-        raise DataError(f"{err.where} has {err.num_samples} images: fewer than the {pairs} pairs asked for; "
-                        f"ask for at most {err.num_samples}") from None
+    pipeline = build_pipeline(config, Placement(device), config.batch_size)
+    fed = len(pipeline) * pipeline.batch_size
+    if pairs > fed:
+        raise DataError(f"the {config.pipeline} pipeline feeds {fed} pairs in epoch 0 ({len(pipeline)} batches of "
+                        f"batch_size={config.batch_size}); ask for at most {fed} pairs")
     pipeline.set_epoch(0)
-    batch = next(iter(pipeline), None)
-    if batch is None:
-        raise DataError(f"data {config.data or 'of the pipeline'} gives no batch of {pairs} images; "
-                        f"ask for fewer pairs")
-    return batch
+    view1, view2, taken = [], [], 0
+    with contextlib.closing(iter(pipeline)) as batches:  # ends the loader's work on the batches not shown
+        for batch1, batch2 in batches:
+            keep = min(len(batch1), pairs - taken)
+            view1.append(batch1[:keep].clone())  # a copy: a pipeline may reuse its buffers a few batches later
+            view2.append(batch2[:keep].clone())
+            taken += keep
+            if taken == pairs:
+                break
+    return torch.cat(view1), torch.cat(view2)
 
 
 def write_png(path: str | Path, image: torch.Tensor) -> Path:

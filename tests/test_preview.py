@@ -1,4 +1,5 @@
-"""tools.preview: the first batch's view pairs of every pipeline, de-normalised, in one PNG."""
+"""tools.preview: the first view pairs training feeds, of every pipeline, de-normalised, in one PNG."""
+import contextlib
 import importlib.util
 import warnings
 
@@ -8,13 +9,14 @@ import torch
 from PIL import Image
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD, load_config
+from bt_fast.distributed import DistContext
 from bt_fast.host import usable_cores
+from bt_fast.trainer import Trainer
 from conftest import write_image_folder
 from pipelines import PIPELINES
-from pipelines.base import Placement
 from tools import preview
 
-SIZE, PAIRS = 32, 4
+SIZE, PAIRS, BATCH = 32, 4, 3  # the pairs shown span two training batches
 NEEDS = {"reference": "torchvision", "ffcv": "ffcv", "dali": "nvidia.dali"}
 
 
@@ -26,23 +28,29 @@ def pixels(view: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
-def test_preview_shows_the_pipelines_first_pairs(name, tmp_path, capsys):
+def test_preview_shows_the_pairs_training_feeds_first(name, tmp_path, capsys):
+    """The preview's pairs are the first ones a one-process run trains on: its first batch of BATCH, then
+    the next batch's first, not a batch of PAIRS drawn apart (FFCV's distortions depend on the batch)."""
     if importlib.util.find_spec(NEEDS[name].split(".")[0]) is None:
         pytest.skip(f"{NEEDS[name]} is not installed")
     data = write_image_folder(tmp_path / "images", classes=2, per_class=4)
     out = tmp_path / "views.png"
-    overrides = [f"augment.image_size={SIZE}"]
+    overrides = [f"augment.image_size={SIZE}", f"batch_size={BATCH}"]
     with warnings.catch_warnings():  # more workers than cores: one per core, without torch's warning about it
         warnings.filterwarnings("error", message=".*worker processes in total", category=UserWarning)
         preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", name, "--data", str(data),
                       "--pairs", str(PAIRS), "--out", str(out), f"workers={usable_cores() + 1}", *overrides])
     assert f"from the {name} pipeline" in capsys.readouterr().out
 
-    # the same batch, drawn again from a pipeline built here, with one worker
-    config = load_config("configs/demo_cpu.yaml", [f"pipeline={name}", f"data={data}", "workers=1", *overrides])
-    pipeline = PIPELINES[name]()(config, Placement(torch.device("cpu")), PAIRS)
-    pipeline.set_epoch(0)
-    view1, view2 = next(iter(pipeline))
+    # what training feeds: the trainer's own pipeline (one worker), iterated as its epoch loop does
+    config = load_config("configs/demo_cpu.yaml", [f"pipeline={name}", f"data={data}", "workers=1", "knn_every=0",
+                                                   f"out_dir={tmp_path / 'run'}", "projector=16-16", *overrides])
+    trainer = Trainer(config, DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    trainer.pipeline.set_epoch(0)
+    with contextlib.closing(iter(trainer.pipeline)) as batches:
+        fed = [next(batches), next(batches)]
+    view1, view2 = (torch.cat([batch[side] for batch in fed]) for side in (0, 1))
+    assert len(fed[0][0]) == BATCH < PAIRS <= len(view1)
     with Image.open(out) as image:
         grid = np.asarray(image.convert("RGB"))
     step = SIZE + 2  # 2 px of padding around every tile
@@ -62,12 +70,13 @@ def test_preview_without_data_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.startswith("error: config key 'data' is required") and err.count("\n") == 1
 
 
-def test_more_pairs_than_images_names_the_pairs_not_batch_size(tmp_path, capsys):
+def test_more_pairs_than_epoch_0_trains_on_names_the_most_there_are(tmp_path, capsys):
+    """8 images in batches of 3: training feeds 6 pairs in epoch 0 (the last 2 images make no full batch)."""
     data = write_image_folder(tmp_path / "images", classes=2, per_class=4)
     with pytest.raises(SystemExit) as exit_info:
         preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", "reference", "--data", str(data),
-                      "--pairs", "9", "--out", str(tmp_path / "v.png")])
+                      "--pairs", "7", "--out", str(tmp_path / "v.png"), "batch_size=3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: data directory {data} has 8 images: fewer than the 9 pairs asked for; ask for at most 8"]
+        "error: the reference pipeline feeds 6 pairs in epoch 0 (2 batches of batch_size=3); ask for at most 6 pairs"]
     assert not (tmp_path / "v.png").exists()

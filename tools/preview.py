@@ -3,8 +3,10 @@
     python -m tools.preview --config configs/demo_cpu.yaml --data data/demo/train --out views.png
     python -m tools.preview --config configs/demo_cpu.yaml --pipeline dali --data DIR --out views.png augment.image_size=160
 
-Each row shows four pairs, view 1 then view 2, from the first batch of epoch 0 exactly as training
-would see it. Trailing key=value arguments override the config as for `bt_fast.train`.
+Each row shows four pairs, view 1 then view 2: the first --pairs pairs that training on one process
+feeds in epoch 0, in its batches of the config's batch_size (past the first batch when --pairs is
+larger), in float32 (an autocast run rounds them to its dtype). Trailing key=value arguments override
+the config as for `bt_fast.train`.
 """
 from __future__ import annotations
 
