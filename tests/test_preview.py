@@ -80,3 +80,16 @@ def test_more_pairs_than_epoch_0_trains_on_names_the_most_there_are(tmp_path, ca
     assert capsys.readouterr().err.splitlines() == [
         "error: the reference pipeline feeds 6 pairs in epoch 0 (2 batches of batch_size=3); ask for at most 6 pairs"]
     assert not (tmp_path / "v.png").exists()
+
+
+def test_out_not_ending_in_png_is_one_line_before_any_work(tmp_path, capsys):
+    """The picture is PNG bytes: a .jpg name would hold a file its suffix misnames."""
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=2)
+    with pytest.raises(SystemExit) as exit_info:
+        preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", "reference", "--data", str(data),
+                      "--pairs", "2", "--out", str(tmp_path / "views.jpg"), "batch_size=2", f"augment.image_size={SIZE}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: argument --out: {tmp_path / 'views.jpg'} does not end in .png; the preview is written as PNG only, "
+        f"so give a .png file (see --help)"]
+    assert not (tmp_path / "views.jpg").exists()

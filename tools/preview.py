@@ -10,6 +10,9 @@ the config as for `bt_fast.train`.
 """
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, output_file
 
 with exit_on_interrupt(STARTING):
@@ -19,6 +22,14 @@ with exit_on_interrupt(STARTING):
     from pipelines.views import first_pairs, pair_grid, write_png
 
 
+def png_file(text: str) -> Path:
+    """argparse `type` of --out: a writable path (`output_file`) ending in .png, the one format written."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text} does not end in .png; the preview is written as PNG only, "
+                                         f"so give a .png file")
+    return output_file(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="python -m tools.preview", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
@@ -26,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="ImageFolder to read (default: the config's data)")
     parser.add_argument("--pairs", type=int, default=8, help="number of view pairs")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
-    parser.add_argument("--out", type=output_file, default="views.png", help="PNG to write")
+    parser.add_argument("--out", type=png_file, default="views.png", help="PNG to write (a .png path)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. augment.image_size=160")
     args = parser.parse_args(argv)
     with cli_errors(), exit_on_interrupt():
