@@ -98,7 +98,9 @@ def _parser() -> CliParser:
     add("--plot", type=output_file, default="runs/bench/bench.png", help="loader plot (default %(default)s)")
     add("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
     add("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
-    add("--loader-batches", type=int, default=4, help="batches per loader repetition (default 4)")
+    add("--loader-batches", type=int, default=None,
+        help="batches per loader repetition, at least --workers when reference is measured (its workers "
+             "deliver batches that many at a time; default 4, or --workers if more)")
     add("--decode-images", type=int, default=512, help="JPEGs decoded per decode-floor repetition (default 512)")
     add("--augment-compile", action="store_true", help="also time TwoViewAugment(backend=\"compile\") against kornia")
     add("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice)")
@@ -142,6 +144,14 @@ def _checked_default(parser: argparse.ArgumentParser, flag: str, path: str) -> P
         parser.error(f"argument {flag}: {err}")
 
 
+def min_loader_batches(args: argparse.Namespace) -> int:
+    """The fewest batches a loader window can time: --workers when the reference loader is measured (its
+    DataLoader's workers each build a whole batch, so its batches arrive up to that many at once; a window
+    of fewer may hold only batches built before it began, an unbounded rate), else 1 (FFCV and DALI build
+    one batch at a time with all their threads)."""
+    return max(1, args.workers) if "reference" in args.pipelines else 1
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parsed options with every default resolved; `args.device` is a torch.device."""
     parser = _parser()
@@ -180,6 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.train_pipelines = default_modes if train is None else [] if train.strip() == "none" else _names(train)
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
+    args.loader_batches = _default(args.loader_batches, max(4, min_loader_batches(args)))
     for flag in ("image_size", "train_image_size"):  # the pipelines' augment.image_size
         parser.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
     for flag in ("batch_size", "reps", "loader_batches", "train_steps", "decode_images", "train_batch_size",
@@ -188,6 +199,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
         parser.error("--workers, --threads and --train-warmup must be at least 0")
+    if not e2e and args.loader_batches < min_loader_batches(args):
+        parser.error(f"--loader-batches must be at least --workers ({args.workers}) when the reference loader is "
+                     f"measured: each worker builds a whole batch, so batches arrive {args.workers} at a time and a "
+                     f"shorter window can time only batches built before it began; got {args.loader_batches}")
     own = next((key for key in (pair.split("=", 1)[0].strip() for pair in args.set) if key in OWN_KEYS), None)
     if own is not None:
         parser.error(f"--set {own}=... would change a setting the report states; use {OWN_KEYS[own]}")

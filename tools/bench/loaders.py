@@ -1,9 +1,10 @@
 """The `loaders` section: each pipeline delivering two augmented views to the device.
 
 Per pipeline (`reference`, `ffcv`, `dali`): `images_per_s` over windows of --loader-batches
-consecutive batches after two warm-up batches; `host_cpu_s_per_image` = CPU time of this
-process (all threads) plus all its descendant processes (`measure.tree_cpu_seconds`) per image
-delivered; `vs_decode_floor` (set by the driver) = that over the pipeline's own decode floor.
+consecutive batches after two warm-up batches (at least --workers batches when reference is measured:
+its workers deliver that many at a time, `__main__.min_loader_batches`); `host_cpu_s_per_image` = CPU
+time of this process (all threads) plus all its descendant processes (`measure.tree_cpu_seconds`) per
+image delivered; `vs_decode_floor` (set by the driver) = that over the pipeline's own decode floor.
 
 On a CPU device the device-side augmentation runs on the host: a pipeline with a separate host
 stage (`host_batches()`, FFCV) then has its host stage measured alone as well (`host_cpu_scope`; the
@@ -96,7 +97,9 @@ def loader_windows(pipeline, device: torch.device, window: int, reps: int, warmu
 
     The stream runs across epochs. In steady state the workers produce what the windows consume,
     so the CPU time of a window is the work for the images it delivered; work in flight at the
-    window edges (at most a batch per worker) is the only error.
+    window edges (at most a batch per worker) is the only error. A loader whose workers each build a
+    whole batch delivers that many at once: a window needs at least as many batches, or it may time
+    only batches built before it began.
     """
     stream = batch_stream(pipeline, host_stage)
     who = type(pipeline).__name__
