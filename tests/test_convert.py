@@ -508,6 +508,16 @@ def test_cli_errors_are_one_line(case, tmp_path, capsys, source):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fmt, option, owner", [("dali", "--part-size", "ffcv"), ("ffcv", "--shard-size", "dali")])
+def test_a_size_option_of_the_other_format_is_refused_not_ignored(fmt, option, owner, source, tmp_path, capsys):
+    root, _ = source
+    dst = tmp_path / "out"
+    assert _cli([str(root), str(dst), "--format", fmt, option, "5", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {option} applies to --format {owner} only, not {fmt}; leave it out "
+                                       f"(see --help)\n")
+    assert sorted(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("empty", ["SRC", "DST"])
 def test_an_empty_path_argument_is_refused_not_read_as_the_current_directory(empty, source, tmp_path, monkeypatch,
                                                                              capsys):

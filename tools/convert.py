@@ -1,10 +1,11 @@
 """Convert an ImageFolder or a `path label` list into an FFCV `.beton` or DALI webdataset shards.
 
     python -m tools.convert SRC DST --format ffcv|dali [--max-resolution N] [--jpeg-quality Q]
-                            [--workers N] [--force] [--shard-size N] [--part-size N]
+                            [--workers N] [--force] [--shard-size N (dali)] [--part-size N (ffcv)]
 
 A conversion that is stopped (Ctrl-C, kill, power loss) keeps its finished parts in `.DST.parts`;
-the same command run again finishes the rest.
+the same command run again finishes the rest. `--shard-size` and `--part-size` belong to one format
+each; given with the other, they are refused rather than ignored.
 
 What is validated, skipped, converted and written is described in `pipelines.convert`.
 """
@@ -37,11 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker processes (default: the cores this process may use)")
     parser.add_argument("--force", action="store_true",
                         help="replace a previous output of tools.convert at DST (nothing else is ever replaced)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                        help="samples per tar shard, dali only; also its resumable part (default %(default)s)")
-    parser.add_argument("--part-size", type=int, default=DEFAULT_PART_SIZE,
-                        help="images per resumable part, ffcv only (default %(default)s)")
+    for name, (fmt, default, what) in FORMAT_OPTIONS.items():  # None: not given (see `format_options`)
+        parser.add_argument(_flag(name), type=int, default=None, help=f"{what}, {fmt} only (default {default})")
     return parser
+
+
+# The options of one format only: `convert` keyword -> (the format, its default, what it sets).
+FORMAT_OPTIONS = {
+    "shard_size": ("dali", DEFAULT_SHARD_SIZE, "samples per tar shard, also its resumable part"),
+    "part_size": ("ffcv", DEFAULT_PART_SIZE, "images per resumable part"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def format_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, int]:
+    """`convert`'s keywords of `FORMAT_OPTIONS` from `args`, the defaults where not given. An option given
+    with the other format is the parser's one-line error: it would be ignored without a word."""
+    sizes = {}
+    for name, (fmt, default, _) in FORMAT_OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None and args.fmt != fmt:
+            parser.error(f"{_flag(name)} applies to --format {fmt} only, not {args.fmt}; leave it out")
+        sizes[name] = default if value is None else value
+    return sizes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,11 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in (("SRC", args.src), ("DST", args.dst)):
         if not value:
             parser.error(f"{name} is empty (an unset shell variable?); give a path, '.' for the current directory")
+    sizes = format_options(parser, args)
     with cli_errors():
         try:
             report = convert(args.src, args.dst, args.fmt, max_resolution=args.max_resolution,
-                             jpeg_quality=args.jpeg_quality, workers=args.workers, force=args.force,
-                             shard_size=args.shard_size, part_size=args.part_size)
+                             jpeg_quality=args.jpeg_quality, workers=args.workers, force=args.force, **sizes)
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
