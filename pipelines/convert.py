@@ -30,7 +30,10 @@ lines and lines starting with '#' are ignored).
    directory. ffcv: the parts' pages are written in place, one part after another, into the
    `.beton` in the work directory (`output.beton`, its data region placed for every listed
    sample), and its tables go around them at the end: the data is written once and the disk
-   never holds it twice.
+   never holds it twice. A Ctrl-C from the move into place on is held until the report is written,
+   the work directory removed and the workers stopped, and is then an `Interrupted` error saying that
+   DST is complete: it can neither leave a complete DST without its report nor pass for an interrupt
+   that wrote nothing.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
    counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
    `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since) and
@@ -50,12 +53,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, StorageError, WorkerLost
+from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
 from bt_fast.host import usable_cores
@@ -324,7 +329,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     is also its resumable part; `part_size` is images per resumable part (ffcv). `starting` is called once SRC
     is listed and DST found usable, before anything is written: where a caller announces the work, which an
     unusable input then never shows.
-    Raises DataError (one-line message) for unusable arguments or input.
+    Raises DataError (one-line message) for unusable arguments or input; KeyboardInterrupt for a Ctrl-C
+    before DST is installed (`kept_after_interrupt` says what is kept), Interrupted for one after.
     """
     workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
@@ -332,9 +338,41 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     check_outside_source(src, dst, fmt)
     check_destination(src, dst, force)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
-    with worker_pool(workers) as pool:
-        return _convert_listed(src, dst, fmt, prep, force, shard_size if fmt == "dali" else part_size, pool,
-                               workers, progress, starting)
+    late = LateInterrupt()
+    with late, worker_pool(workers) as pool:  # the workers stop inside the hold
+        report = _convert_listed(src, dst, fmt, prep, force, shard_size if fmt == "dali" else part_size, pool,
+                                 workers, progress, starting, late.hold)
+    if late.noted:
+        raise Interrupted(f"interrupted once the conversion had finished; nothing is lost: {outcome(report)}")
+    return report
+
+
+class LateInterrupt:
+    """From `hold()` (DST about to be installed) to the end of the block, a Ctrl-C is noted (`noted`)
+    instead of raised: what is left of the conversion then is short and must not be cut off, and a
+    KeyboardInterrupt would tell the caller that nothing was written. Only in the main thread and
+    where SIGINT raises KeyboardInterrupt (Python's handler); any other handler is left alone."""
+
+    def __init__(self) -> None:
+        self.noted = False
+        self._held = False
+
+    def hold(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._note)
+            self._held = True
+
+    def _note(self, signum: int, frame) -> None:
+        self.noted = True
+
+    def __enter__(self) -> LateInterrupt:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._held = False
 
 
 def _named(path: Path) -> Path:
@@ -345,8 +383,9 @@ def _named(path: Path) -> Path:
 
 def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool, size: int,
                     pool: WorkerPool | None, workers: int, progress: bool,
-                    starting: Callable[[], None] | None) -> dict:
-    """`convert` from listing the source on, with the workers started; `size` is images per part."""
+                    starting: Callable[[], None] | None, installing: Callable[[], None]) -> dict:
+    """`convert` from listing the source on, with the workers started; `size` is images per part,
+    `installing` is called just before DST is installed."""
     state = source_state(src) if src.exists() else None  # before the scan: a change made during it is newer
     classes, samples = scan_source(src)  # a missing source fails before anything is written
     check_writable(dst.parent)
@@ -377,7 +416,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
                                                beton)
             writing = None
         report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force,
-                           state, listing_digest(src, samples) if src.is_dir() else None)
+                           state, listing_digest(src, samples) if src.is_dir() else None, installing)
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
         complete = True
@@ -410,8 +449,10 @@ def _storage_fault_message(dst: Path, fault: OSError, work: WorkDir, kept: int, 
 
 
 def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: WorkDir,
-              parts: list[dict], force: bool, state: list[list] | None, listing: str | None) -> dict:
-    """Put the finished parts together into DST and write the report; returns it."""
+              parts: list[dict], force: bool, state: list[list] | None, listing: str | None,
+              installing: Callable[[], None]) -> dict:
+    """Put the finished parts together into DST and write the report; returns it. `installing` is
+    called just before DST is installed."""
     files = sorted((entry for part in parts for entry in part["files"]), key=lambda entry: entry["path"])
     report = {
         "source": str(src), "output": str(dst), "format": fmt,
@@ -433,7 +474,7 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
                 for name in (shard["tar"], shard["index"]):
                     os.replace(work.root / name, tmp / name)
             write_meta(tmp, shards, classes, prep)
-            _install(src, dst, force, tmp)
+            _install(src, dst, force, tmp, installing)
         finally:
             if tmp.is_dir() and not tmp.is_symlink():  # not installed: the shards go back to their parts
                 for entry in tmp.iterdir():
@@ -446,12 +487,13 @@ def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence
             finish_beton(beton, work.data_end(len(parts)), [work.part(k, ".rows.npy") for k in range(len(parts))],
                          prep)
             os.fsync(beton.fileno())
-        _install(src, dst, force, work.beton)
+        _install(src, dst, force, work.beton, installing)
     write_report(report_path(dst), report)
     return report
 
 
-def _install(src: Path, dst: Path, force: bool, finished: Path) -> None:
+def _install(src: Path, dst: Path, force: bool, finished: Path, installing: Callable[[], None]) -> None:
+    installing()
     if dst.exists() or dst.is_symlink():  # appeared or changed while we were writing
         check_destination(src, dst, force)
     install_output(finished, dst)

@@ -935,6 +935,43 @@ def test_dali_shards_go_back_to_their_parts_when_the_assembly_stops(source, outp
     assert calls == [] and all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
 
 
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_ctrl_c_once_dst_is_installed_says_it_is_complete_and_leaves_it_complete(fmt, source, outputs, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A real SIGINT to this process just after DST is moved into place (while its report is written): the
+    one line says DST is complete, and it is: what an uninterrupted conversion wrote, with its report and no
+    work directory left."""
+    import signal
+    import pipelines.convert
+    root, _ = source
+    out, ffcv_report, dali_report = outputs
+    reference, expected = (out / "data.beton", ffcv_report) if fmt == "ffcv" else (out / "shards", dali_report)
+    dst = tmp_path / reference.name
+    write_report = pipelines.convert.write_report
+
+    def interrupted(path, report):
+        assert dst.exists()  # installed already
+        write_report(path, report)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(pipelines.convert, "write_report", interrupted)
+    size = ["--part-size", "4"] if fmt == "ffcv" else ["--shard-size", "5"]
+    assert _cli([str(root), str(dst), "--format", fmt, "--max-resolution", str(MAX_RES), "--workers", "1",
+                 *size]) == 130
+    report = pipelines.convert.report_path(dst)
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: interrupted once the conversion had finished; nothing is lost: wrote {expected['written']} images "
+        f"to {dst} ({expected['skipped']} skipped, {expected['converted']} converted; report: {report})"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name, report.name]
+    assert json.loads(report.read_text())["files"] == expected["files"]
+    if fmt == "ffcv":
+        assert dst.read_bytes() == reference.read_bytes()
+    else:
+        assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in reference.iterdir())
+        assert all(p.read_bytes() == (reference / p.name).read_bytes() for p in dst.iterdir())
+
+
 def test_changed_arguments_start_over(source, tmp_path, monkeypatch):
     root, _ = source
     dst = tmp_path / "data.beton"

@@ -4,7 +4,8 @@
                             [--workers N] [--force] [--shard-size N (dali)] [--part-size N (ffcv)]
 
 A conversion that is stopped (Ctrl-C, kill, power loss) keeps its finished parts in `.DST.parts`;
-the same command run again finishes the rest. `--shard-size` and `--part-size` belong to one format
+the same command run again finishes the rest; a Ctrl-C once DST is in place waits for the report and
+says that DST is complete (exit 130 either way). `--shard-size` and `--part-size` belong to one format
 each; given with the other, they are refused rather than ignored.
 
 What is validated, skipped, converted and written is described in `pipelines.convert`.
