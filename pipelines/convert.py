@@ -10,7 +10,8 @@ lines and lines starting with '#' are ignored).
 1. DST is checked: a path that does not exist or an empty directory is used; a previous output
    of the converter (a `.beton` header, or a directory whose `dataset.json` names every file in
    it) is replaced only with `force`; anything else is refused, `force` or not, and so is a dali
-   DST inside an ImageFolder source (it would become one of its classes).
+   DST inside an ImageFolder source (it would become one of its classes) and a DST whose report path
+   (step 5) is a directory.
 2. The samples are split into parts of consecutive output positions (`part_size` for ffcv, one
    tar shard of `shard_size` for dali). Each file is read, validated and prepared in one decode
    over `workers` processes (`pipelines.images.ImagePrep.stored`): zero-byte, missing,
@@ -243,6 +244,15 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise DataError(f"output {dst} contains the source {src}; refusing to overwrite it")
 
 
+def check_report_place(dst: Path) -> None:
+    """Refuse a DST whose report path is a directory (DataError in one line): the report could not be
+    written once DST was, and the conversion would end in an error with DST in place."""
+    report = report_path(dst)
+    if report.is_dir():
+        raise DataError(f"{report}, where the report of {dst} goes, is a directory; move it away or choose "
+                        f"another DST")
+
+
 def check_outside_source(src: Path, dst: Path, fmt: str) -> None:
     """Refuse a dali DST inside the source ImageFolder `src` (DataError in one line): its directory would
     be listed as one more class of `src` by the next listing, shifting the labels of the classes after it."""
@@ -337,6 +347,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     src, dst = Path(src), _named(Path(dst))
     check_outside_source(src, dst, fmt)
     check_destination(src, dst, force)
+    check_report_place(dst)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     late = LateInterrupt()
     with late, worker_pool(workers) as pool:  # the workers stop inside the hold

@@ -557,6 +557,19 @@ def test_a_file_where_dsts_directory_should_be_is_named_as_such(below, source, t
     assert (tmp_path / "notes").read_text() == "precious" and sorted(tmp_path.iterdir()) == [tmp_path / "notes"]
 
 
+@pytest.mark.parametrize("fmt, name", [("ffcv", "out.beton"), ("dali", "shards")])
+def test_a_directory_where_the_report_goes_is_refused_before_anything_is_written(fmt, name, source, tmp_path, capsys):
+    """Found only once DST was in place, it was an error naming a temporary file, with DST and its work
+    directory left behind."""
+    root, _ = source
+    dst, report = tmp_path / name, tmp_path / f"{name}.report.json"
+    report.mkdir()
+    assert _cli([str(root), str(dst), "--format", fmt, "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {report}, where the report of {dst} goes, is a directory; move it "
+                                       f"away or choose another DST\n")
+    assert sorted(tmp_path.iterdir()) == [report] and not any(report.iterdir())
+
+
 def test_cli_subprocess_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.convert", str(tmp_path / "nope"), str(tmp_path / "o"),
                              "--format", "dali"], cwd=REPO, capture_output=True, text=True, timeout=120)
