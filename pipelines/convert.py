@@ -135,6 +135,17 @@ def scan_source(src: str | Path) -> tuple[list[str], SampleList]:
     return read_list_file(src)
 
 
+def listed_source(src: Path) -> tuple[list[list] | None, list[str], SampleList]:
+    """(`source_state`, then `scan_source`) of `src`; a source that exists but cannot be read (its
+    permissions, a socket) is a DataError naming it, not an OSError that reads as a failed write."""
+    try:
+        state = source_state(src) if src.exists() else None  # before the scan: a change made during it is newer
+        return (state, *scan_source(src))
+    except OSError as err:
+        raise DataError(f"cannot read the source {err.filename or src} ({err.strerror or err}); make it readable "
+                        f"or choose another SRC") from None
+
+
 def source_state(src: str | Path) -> list[list]:
     """A cheap fingerprint of the source's listing: [name, mtime_ns] of the source itself and, for
     an ImageFolder, of each class directory. Adding, removing or renaming an image changes its
@@ -397,8 +408,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
                     starting: Callable[[], None] | None, installing: Callable[[], None]) -> dict:
     """`convert` from listing the source on, with the workers started; `size` is images per part,
     `installing` is called just before DST is installed."""
-    state = source_state(src) if src.exists() else None  # before the scan: a change made during it is newer
-    classes, samples = scan_source(src)  # a missing source fails before anything is written
+    state, classes, samples = listed_source(src)  # a missing source fails before anything is written
     check_writable(dst.parent)
     if starting is not None:
         starting()

@@ -570,6 +570,37 @@ def test_a_directory_where_the_report_goes_is_refused_before_anything_is_written
     assert sorted(tmp_path.iterdir()) == [report] and not any(report.iterdir())
 
 
+@pytest.mark.parametrize("kind", ["socket", "unreadable folder"])
+def test_a_source_that_cannot_be_read_is_named_as_such_not_as_a_failed_write(kind, source, tmp_path, monkeypatch,
+                                                                            capsys):
+    """An OSError while listing SRC read 'cannot write output SRC: ...'. A socket fails to open even for root;
+    a folder without read permission (root reads it anyway) fails os.scandir with EACCES, simulated here."""
+    import socket
+    root, _ = source
+    listener = socket.socket(socket.AF_UNIX)
+    if kind == "socket":
+        src, reason = tmp_path / "list.sock", os.strerror(errno.ENXIO)
+        listener.bind(str(src))
+    else:
+        src, reason = tmp_path / "folder", os.strerror(errno.EACCES)
+        (src / "a").mkdir(parents=True)
+        (src / "a" / "a0.jpg").write_bytes((root / "a" / "a0.jpg").read_bytes())
+    scandir = os.scandir
+
+    def denied(path="."):
+        if not isinstance(path, int) and Path(path) == src:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+    before = sorted(tmp_path.iterdir())
+    with listener, monkeypatch.context() as patch:
+        if kind != "socket":
+            patch.setattr(os, "scandir", denied)
+        assert _cli([str(src), str(tmp_path / "out.beton"), "--format", "ffcv", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot read the source {src} ({reason}); make it readable or choose "
+                                       f"another SRC\n")
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_cli_subprocess_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.convert", str(tmp_path / "nope"), str(tmp_path / "o"),
                              "--format", "dali"], cwd=REPO, capture_output=True, text=True, timeout=120)
