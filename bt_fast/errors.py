@@ -10,13 +10,14 @@ whose errors are one line too.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.files import check_output_file
+from bt_fast.files import atomic_write_text, check_output_file
 
 
 class UserError(RuntimeError):
@@ -94,16 +95,58 @@ def exit_on_interrupt(what: str = "", outcome: str = "nothing was written") -> I
         raise SystemExit(130) from None
 
 
+# tools.launch sets this for its ranks: "<its pid>:<a directory>". torchrun restarts a failed worker group,
+# whose every rank would print the same bad-input error again on every restart.
+LAUNCHER_ENV = "BT_FAST_LAUNCHER"
+
+
+def _launcher() -> tuple[int, str] | None:
+    """(pid, directory) of the tools.launch that started this process, or None."""
+    pid, _, directory = os.environ.get(LAUNCHER_ENV, "").partition(":")
+    return (int(pid), directory) if pid.isdigit() and int(pid) == os.getppid() and directory else None
+
+
+def leave_for_launcher(err: BaseException) -> bool:
+    """In a rank that tools.launch started, a bad-input error (exit code 2, the same on every restart): write its
+    line into the launcher's directory as `rank<RANK>` and send the launcher SIGTERM, which stops the worker group
+    instead of restarting it; the launcher then prints each distinct line once. False (nothing done) anywhere
+    else, for any other error, or if the line cannot be written: the caller prints it itself."""
+    launcher = _launcher()
+    if launcher is None or getattr(err, "exit_code", 2) != 2:
+        return False
+    try:
+        atomic_write_text(os.path.join(launcher[1], f"rank{os.environ.get('RANK', '0')}"), one_line(err))
+        os.kill(launcher[0], signal.SIGTERM)
+    except OSError:
+        return False
+    return True
+
+
+def peer_left_input_error() -> bool:
+    """In a rank that tools.launch started: whether a rank has left an input error there. What this rank then
+    fails with (a collective whose peer is gone) is that error's consequence, which the launcher prints."""
+    launcher = _launcher()
+    try:
+        return launcher is not None and any(name.startswith("rank") for name in os.listdir(launcher[1]))
+    except OSError:
+        return False
+
+
 @contextmanager
-def cli_errors(*also: type[BaseException]) -> Iterator[None]:
+def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Iterator[None]:
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
-    `exit_code` (2 for `also`); likewise a DataLoader worker that died, exit 1."""
+    `exit_code` (2 for `also`); likewise a DataLoader worker that died, exit 1. With `launched_rank`
+    (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and
+    any error after another rank's is left unsaid (exit 1)."""
     try:
         yield
     except (UserError, *also) as err:
-        print_error(err)
+        if not (launched_rank and leave_for_launcher(err)):
+            print_error(err)
         raise SystemExit(getattr(err, "exit_code", 2)) from None
-    except RuntimeError as err:
+    except Exception as err:
+        if launched_rank and peer_left_input_error():
+            raise SystemExit(1) from None
         lost = lost_dataloader_worker(err)
         if lost is None:
             raise

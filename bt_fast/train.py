@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 augment.image_size=96")
     args = parser.parse_intermixed_args(argv)  # options anywhere among the overrides, as make's ARGS puts them
     try:
-        with cli_errors():
+        with cli_errors(launched_rank=True):
             config = load_config(args.config, args.overrides, unique_keys=True)
             if args.check:
                 check_run_inputs(config)

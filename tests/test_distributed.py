@@ -341,6 +341,25 @@ def test_a_rendezvous_that_cannot_work_is_one_line_before_torchrun(settings, mes
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["no images, every rank at its start", "a corrupt image, one rank mid-epoch"])
+def test_a_ranks_input_error_is_one_line_and_no_restart(case, image_folder, tmp_path):
+    """Bad input fails every restart the same way: torchrun's restarts printed it once per rank and attempt
+    (8 lines for 2 ranks and MAX_RESTARTS=3), and the rank whose peer had failed added a gloo traceback."""
+    import shutil
+    data = tmp_path / "data"
+    if case.startswith("no images"):
+        (data / "class0").mkdir(parents=True)
+        message = f"data directory {data} holds no images in class sub-directories (expected {data}/<class>/<image>.jpg)"
+    else:
+        shutil.copytree(image_folder, data)
+        corrupt = sorted((data / "class1").iterdir())[2]
+        corrupt.write_bytes(b"not a jpeg")
+        message = f"cannot read image {corrupt}: not a recognised image file; remove or replace the file"
+    code, out, err = finish(launch(["max_steps=6", *TINY], GPUS=2, DATA=data, OUT=tmp_path / "run"))
+    assert code == 2 and err.strip().splitlines() == [f"error: {message}"], err[-3000:]
+
+
 def test_under_slurm_one_torchrun_per_node_meets_at_the_first_host(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -2,7 +2,7 @@
 
     python -m tools.launch [torchrun options] -m bt_fast.train [--config FILE] [key=value ...]
 
-Used by `run_pretrain.sh` wherever it starts torchrun. Four things differ from plain torchrun:
+Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from plain torchrun:
 
 - The config and the paths it names are checked here first. torchrun restarts a failed worker
   group up to --max-restarts times, which would print a config error that many times. With
@@ -13,7 +13,10 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Four things differ from p
   rank 0's "stopped by ... after step N" as the last line. On several nodes each launcher says
   where the checkpoint is, as rank 0 may print on another machine. torchrun's warnings narrating
   the stop are left out.
-- A worker group that failed for good ends in one line naming the rank and its error; the
+- A rank that fails on bad input (an error with exit code 2: empty data, too little memory, ...) would fail
+  the same way on every restart. It leaves its error line here and stops the launch
+  (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2.
+- A worker group that failed for good otherwise ends in one line naming the rank and its error; the
   workers' own `error:` lines are above it.
 - Without `--log-dir`, torchrun's per-rank error files go into a temporary directory that is
   removed at the end; plain torchrun leaves a `torchelastic_*` directory in the temporary
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -30,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, one_line, print_error
+from bt_fast.errors import (LAUNCHER_ENV, STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, one_line,
+                            print_error)
 
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
@@ -126,18 +131,34 @@ def main(argv: list[str] | None = None) -> int:
     own_log_dir = not options.log_dir
     if own_log_dir:
         options.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
+    rank_errors = Path(tempfile.mkdtemp(prefix="bt_fast_launch_"))
+    os.environ[LAUNCHER_ENV] = f"{os.getpid()}:{rank_errors}"
     try:
-        return _run(options, checkpoint, started)
+        return _run(options, checkpoint, started, rank_errors)
     finally:
+        shutil.rmtree(rank_errors, ignore_errors=True)
         if own_log_dir:
             shutil.rmtree(options.log_dir, ignore_errors=True)
 
 
-def _run(options: argparse.Namespace, checkpoint: Path, started: float) -> int:
-    """torchrun with `options`; the launcher's exit code, having said how it ended where torchrun would not."""
+def reported_input_errors(directory: Path) -> bool:
+    """Print, once each and in rank order, the distinct error lines that ranks left in `directory`
+    (`bt_fast.errors.leave_for_launcher`); whether there were any."""
+    files = sorted(directory.glob("rank*"), key=lambda path: int(path.name[4:]) if path.name[4:].isdigit() else -1)
+    lines = dict.fromkeys(path.read_text(encoding="utf-8") for path in files)
+    for line in lines:
+        print_error(line)
+    return bool(lines)
+
+
+def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_errors: Path) -> int:
+    """torchrun with `options`; the launcher's exit code, having said how it ended where torchrun would not.
+    `rank_errors` is where ranks leave their input errors."""
     try:
         torchrun.run(options)
     except SignalException as stop:
+        if reported_input_errors(rank_errors):  # the SIGTERM came from that rank
+            return 2
         name = signal.Signals(stop.sigval).name
         code = 130 if stop.sigval == signal.SIGINT else 0
         if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
@@ -154,6 +175,8 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float) -> int:
                     f"and that MASTER_ADDR and MASTER_PORT name it and a free port")
         return 1
     except ChildFailedError as failed:
+        if reported_input_errors(rank_errors):
+            return 2
         rank, failure = failed.get_first_failure()
         reason = " ".join(str(failure.message).split()) if isinstance(failure.message, str) else ""
         print_error(f"training failed on rank {rank} (exit code {failure.exitcode})"
