@@ -24,10 +24,11 @@ with exit_on_interrupt(STARTING):
 
 def png_file(text: str) -> Path:
     """argparse `type` of --out: a writable path (`output_file`) ending in .png, the one format written."""
-    if Path(text).suffix.lower() != ".png":
+    path = output_file(text)
+    if path.suffix.lower() != ".png":
         raise argparse.ArgumentTypeError(f"{text} does not end in .png; the preview is written as PNG only, "
                                          f"so give a .png file")
-    return output_file(text)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
