@@ -161,8 +161,34 @@ def ignore_interrupts_while_exiting() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's `store`, but an option given twice is an error: argparse keeps the last one silently, so
+    `--config a.yaml ... --config b.yaml` trained b alone (config keys given twice are refused likewise)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault(_GIVEN, {})
+        if self.dest in given and given[self.dest] != values:
+            parser.error(f"{option_string} given twice ({given[self.dest]} and {values}); give it once")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+_GIVEN = "_options_given"  # the values _StoreOnce has seen, in the namespace while it is parsed
+
+
 class CliParser(argparse.ArgumentParser):
-    """argparse's parser with its errors on one `error:` line (exit 2), like every other error of a command."""
+    """argparse's parser with its errors on one `error:` line (exit 2), like every other error of a command,
+    and an option that takes a value refused when given twice with different values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop(_GIVEN, None)
+        return namespace, extras
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message} (see --help)\n")

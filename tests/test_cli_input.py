@@ -52,6 +52,27 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(module, fla
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.parametrize("module, first, second", [
+    ("bt_fast.train", ["--config", "configs/demo_cpu.yaml", "--check"], ["--config", "configs/paper_rn50.yaml"]),
+    ("tools.convert", ["SRC", "DST", "--format", "ffcv", "--workers", "1"], ["--workers", "2"]),
+    ("tools.evaluate", ["--data", "D", "--mode", "knn"], ["--mode", "linear"]),
+])
+def test_an_option_given_twice_with_two_values_is_refused_not_the_last_one_taken(module, first, second, capsys):
+    """argparse keeps the last value silently: two --config files trained the second alone."""
+    code, err = run_command(module, first + second, capsys)
+    assert code == 2 and err == [f"error: {second[0]} given twice ({first[first.index(second[0]) + 1]} and "
+                                 f"{second[1]}); give it once (see --help)"]
+
+
+def test_the_launcher_refuses_two_configs_as_bt_fast_train_does(capsys):
+    from tools import launch
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["-m", "bt_fast.train", "--config", "configs/demo_cpu.yaml", "--config", "configs/paper_rn50.yaml"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --config given twice (configs/demo_cpu.yaml and configs/paper_rn50.yaml); give it once (see --help)"]
+
+
 def test_an_output_file_may_be_new_in_directories_still_to_create(tmp_path):
     check_output_file(tmp_path / "a" / "b" / "out.json")  # atomic_write creates the directories
     assert list(tmp_path.iterdir()) == []
