@@ -11,28 +11,25 @@ there (`bt_fast.run_log`). The model, the loop and its one host sync per `log_ev
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable
 
-from bt_fast.errors import STARTING, CliParser, exit_on_interrupt, ignore_interrupts_while_exiting
+from bt_fast.errors import STARTING, exit_on_interrupt, ignore_interrupts_while_exiting
 
 # Loading torch, torchvision and the pipelines takes seconds; Ctrl-C meanwhile is one line, exit 130.
 with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
-    from bt_fast.config import CHOICES, KEY_HELP, Config, load_config
+    from bt_fast.config import Config, load_config
     from bt_fast.distributed import init_distributed, shutdown_distributed
     from bt_fast.errors import StorageError, UserError, cli_errors, print_error
     from bt_fast.files import storage_fault
     from bt_fast.memory_budget import check_memory
-    from bt_fast.model import BACKBONE_DIM
     from bt_fast.preflight import check_previous_run, check_run_inputs
     from bt_fast.run_lock import RunLock
     from bt_fast.run_log import METRICS_NAME, metrics_missing, plotted_metrics, summarise, write_summary
+    from bt_fast.train_args import parse_train_args
     from bt_fast.trainer import Trainer, amp_dtype
-    from pipelines import PIPELINES
 
 
 def train(config: Config) -> dict:
@@ -93,37 +90,13 @@ def train(config: Config) -> dict:
         shutdown_distributed()
 
 
-def _config_keys(node=None, prefix: str = "") -> list[str]:
-    """For --help: each config key with its default, then its allowed values and what it does."""
-    node = node if node is not None else Config()
-    registries = {"pipeline": PIPELINES, "arch": BACKBONE_DIM, **CHOICES}
-    lines = []
-    for field in dataclasses.fields(node):
-        value, key = getattr(node, field.name), f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(value):
-            lines += _config_keys(value, f"{key}.")
-            continue
-        allowed, what = KEY_HELP[key]
-        allowed = allowed or " | ".join(registries[key])
-        lines += [f"  {key} = {list(value) if isinstance(value, tuple) else value!r}", f"      {allowed}: {what}"]
-    return lines
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = None) -> None:
     """The command line; `work_done` is called once training has returned, before its result is printed."""
-    parser = CliParser(
-        prog="python -m bt_fast.train", description="Barlow Twins pretraining (resumes from <out_dir>/checkpoint.pth).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML file or as key=value, each once; default, then allowed values: meaning):\n" + "\n".join(_config_keys()))
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
-    parser.add_argument("--check", action="store_true",
-                        help="only check the config and the paths it names, then exit (what the launcher does first)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 augment.image_size=96")
-    args = parser.parse_intermixed_args(argv)  # options anywhere among the overrides, as make's ARGS puts them
+    args = parse_train_args(argv)
     try:
         with cli_errors(launched_rank=True):
             config = load_config(args.config, args.overrides, unique_keys=True)

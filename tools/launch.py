@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import (LAUNCHER_ENV, STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, one_line,
-                            print_error)
+from bt_fast.errors import LAUNCHER_ENV, STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error
 
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
@@ -47,6 +46,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import resolve_device
     from bt_fast.preflight import check_batch_split, check_run_inputs
+    from bt_fast.train_args import parse_train_args
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 
@@ -79,16 +79,6 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     raise SystemExit("error: usage: python -m tools.launch [torchrun options] -m bt_fast.train [train arguments]")
 
 
-def training_options(train_args: list[str]) -> argparse.Namespace:
-    """bt_fast.train's arguments, read as it reads them; one it would refuse is one `error:` line here."""
-    parser = CliParser(prog="python -m bt_fast.train", add_help=False)
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--config")
-    parser.add_argument("--check", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(train_args)
-
-
 def training_config(options: argparse.Namespace) -> Config:
     config = load_config(options.config, options.overrides, unique_keys=True)
     check_run_inputs(config)
@@ -112,10 +102,7 @@ def check_processes_per_node(value: str, device: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
     with cli_errors(), exit_on_interrupt("while checking the config"):
-        train_options = training_options(train_args)
-        if train_options.help:  # once, not once per rank; it lists the config keys, which needs the trainer
-            from bt_fast.train import main as train_main
-            train_main(["--help"])
+        train_options = parse_train_args(train_args)  # --help is bt_fast.train's, printed here once
         config = training_config(train_options)
     checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
     started = time.time()
