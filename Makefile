@@ -39,15 +39,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) $(ARGS)
 
 bench: $(STAMP)
-	@if [ -z "$(DATA)$(filter --end-to-end,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	$(PY) -m tools.bench $(if $(DATA),--data "$(DATA)",$(if $(filter --end-to-end,$(ARGS)),,--data "$(DEMO_DATA)/train")) $(ARGS)
+	@if [ -z "$(DATA)$(filter --end-to-end --data --data=%,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
+	$(PY) -m tools.bench $(if $(DATA),--data "$(DATA)",$(if $(filter --end-to-end --data --data=%,$(ARGS)),,--data "$(DEMO_DATA)/train")) $(ARGS)
 
 # Every CUDA code path against its CPU float32 reference, then throughput, then the end-to-end bench (every
 # pipeline feeding the training step); results also in runs/gpu_check.json.
 # Without CUDA it says so and exits 0; ARGS="--device cpu" runs the same checks on the CPU.
 gpu-check: $(STAMP)
 	@mkdir -p runs
-	$(PY) -m tools.gpu_check --json runs/gpu_check.json --end-to-end $(ARGS)
+	$(PY) -m tools.gpu_check $(if $(filter --json --json=%,$(ARGS)),,--json runs/gpu_check.json) --end-to-end $(ARGS)
 
 # k-NN, then the linear probe, of the run's backbone, each next to the same architecture at random
 # initialisation. EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json.

@@ -36,6 +36,9 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.
     2>/dev/null || die "MASTER_PORT=$1 is already in use on this host; choose another port"
 }
 
+for arg in "$@"; do
+  [[ $arg == --config || $arg == --config=* ]] && die "give the config file as CONFIG=FILE (make pretrain CONFIG=...), not --config in the arguments"
+done
 args=(--config "$CONFIG")
 [ -n "${DATA:-}" ] && args+=("data=$DATA")
 [ -n "${PIPELINE:-}" ] && args+=("pipeline=$PIPELINE")

@@ -368,3 +368,17 @@ def test_an_integer_beyond_a_floats_range_is_refused_like_inf(key):
         load_config(overrides=[f"{key}={value}"])
     assert str(err.value) == (f"config key '{key}' must be a finite number, got an integer beyond a float's range "
                               f"(about 1.8e308)")
+
+
+def test_make_pretrain_takes_the_config_as_config_not_as_a_second_config_option(tmp_path):
+    """run_pretrain.sh passes CONFIG (default: the demo's) as --config; one in ARGS was a second one, which won."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "run")}
+    from tests.conftest import REPO
+    result = subprocess.run(["bash", "run_pretrain.sh", "--config=configs/paper_rn50.yaml"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: give the config file as CONFIG=FILE (make pretrain CONFIG=...), not --config in the arguments"]
+    assert not (tmp_path / "run").exists()

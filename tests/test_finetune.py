@@ -206,7 +206,8 @@ def test_a_subset_of_one_image_or_a_batch_of_one_is_one_error_line(split_folder,
              "(BatchNorm trains on the statistics of a batch), got 1 (see --help)")]:
         with pytest.raises(SystemExit) as exit:
             ev.main(["--random-init", "--arch", "resnet18", "--mode", "finetune", "--data", str(data), "--val-data",
-                     str(split_folder / "val"), "--epochs", "1", *COMMON, *extra])
+                     str(split_folder / "val"), "--epochs", "1", *(COMMON[:-2] if extra[:1] == ["--batch-size"]
+                                                                   else COMMON), *extra])
         assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"]
 
 
