@@ -406,6 +406,16 @@ def test_a_beton_cut_short_anywhere_is_one_data_error_on_open(dataset, tmp_path)
         assert "\n" not in str(err.value), cut
 
 
+def test_the_samples_missing_from_an_allocation_table_are_counted_as_np_isin_counts():
+    from pipelines.ffcv_format import _count_missing, _sorted
+    rng = np.random.default_rng(0)
+    for table_size, wanted_size in ((0, 5), (1, 3), (50, 80), (1000, 1000)):
+        table = rng.choice(10 * max(table_size, 1), size=table_size, replace=False).astype(np.uint64)
+        wanted = rng.integers(0, 10 * max(table_size, 1), size=wanted_size).astype(np.uint64)
+        for order in (table, np.sort(table)):  # FFCV's writer need not write its table in order
+            assert _count_missing(wanted, _sorted(order)) == int((~np.isin(wanted, table)).sum())
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_a_corrupt_stored_jpeg_is_one_data_error(dataset, tmp_path, mode, python_mode):
     _, beton = dataset
