@@ -5,6 +5,7 @@ SRC/<class>/<image>: labels are the indices of the sorted class directories.
 from __future__ import annotations
 
 import os
+import stat
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, overload
@@ -20,12 +21,19 @@ def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
     """Classes (sorted sub-directories) and (path, label) samples of an ImageFolder.
 
     A class's images are the files (and symbolic links) with an image suffix anywhere below its
-    directory, not following linked directories, in `sorted(Path.rglob('*'))` order. Raises
-    DataError with the directory named if it is missing or holds no images. The samples are a
-    `SampleList`, built one class at a time: no list of every path is ever held.
+    directory, not following linked directories, in `sorted(Path.rglob('*'))` order. Files beside the
+    class directories are left aside. Raises DataError with the directory named if it is missing or
+    holds no images, and with the entry and the reason named if a directory cannot be read or an
+    entry beside the classes is neither a directory nor a file (`_is_class`): its images would
+    otherwise be dropped without a word. The samples are a `SampleList`, built one class at a time:
+    no list of every path is ever held.
     """
     root = image_folder_root(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        with os.scandir(root) as entries:
+            classes = sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_class(entry))
+    except OSError as err:
+        raise _unreadable(str(root), err) from None
     samples = SampleList((path, label) for label, name in enumerate(classes) for path in _images_below(str(root / name)))
     if not samples:
         raise DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
@@ -42,6 +50,33 @@ def image_folder_root(root: str | Path) -> Path:
     return root
 
 
+def _is_class(entry: os.DirEntry) -> bool:
+    """Whether `entry` of an ImageFolder's root is a class: a directory or a link to one. False for a file
+    or a link to one; DataError naming it for anything else (a broken link, a socket, a named pipe, a
+    device) and for an entry whose type cannot be read (a link loop)."""
+    try:
+        if entry.is_dir():
+            return True
+        if entry.is_file():
+            return False
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise DataError(f"class folder {entry.path} is a broken symbolic link (to {os.readlink(entry.path)}); "
+                            f"restore its target or remove the link")
+        kind = _KINDS.get(stat.S_IFMT(entry.stat().st_mode), "neither a directory nor a file")
+    except OSError as err:
+        raise _unreadable(entry.path, err) from None
+    raise DataError(f"{entry.path} is {kind}, not a class folder; remove it or move it out of the data directory")
+
+
+_KINDS = {stat.S_IFSOCK: "a socket", stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+def _unreadable(path: str, err: OSError) -> DataError:
+    """The error for a directory (or entry) of an ImageFolder that `err` kept from being read."""
+    return DataError(f"cannot read {path} ({err.strerror or err}); make it readable or move it out of the data "
+                     f"directory")
+
+
 def _has_image_suffix(name: str) -> bool:
     """`Path(name).suffix in IMAGE_SUFFIXES` for a lower-case name (a leading dot starts no suffix)."""
     return name.endswith(IMAGE_SUFFIXES) and name.rfind(".") > 0
@@ -49,15 +84,16 @@ def _has_image_suffix(name: str) -> bool:
 
 def _images_below(directory: str) -> list[str]:
     """Image paths below `directory`, ordered as sorted Paths (by their parts); one scandir per
-    directory and no stat per file, which is what keeps a million-image scan to seconds."""
+    directory and no stat per file, which is what keeps a million-image scan to seconds. A directory
+    that cannot be read is a DataError naming it and the reason (where Path.rglob skips it)."""
     found: list[tuple[tuple[str, ...], str]] = []
     pending = [(directory, ())]
     while pending:
         current, parts = pending.pop()
         try:
             entries = os.scandir(current)
-        except PermissionError:  # skipped, as Path.rglob skips it
-            continue
+        except OSError as err:
+            raise _unreadable(current, err) from None
         with entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):

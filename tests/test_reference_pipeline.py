@@ -56,6 +56,41 @@ def test_empty_data_directory_is_a_clear_error(tmp_path):
         TwoViewImageFolder(str(tmp_path), SPEC)
 
 
+@pytest.mark.parametrize("fault", ["unreadable class", "unreadable sub-folder", "broken link", "socket"])
+def test_a_class_entry_that_cannot_be_read_is_named_with_the_reason(image_folder, tmp_path, monkeypatch, fault):
+    """Such an entry was left out without a word: its images dropped, or 'holds no images' when it was the only
+    class. Root reads any folder whatever its permissions, so a folder's EACCES is simulated at os.scandir."""
+    import errno
+    import shutil
+    import socket
+    root = tmp_path / "folder"
+    shutil.copytree(image_folder, root)
+    bad = {"unreadable class": root / "class1", "unreadable sub-folder": root / "class1" / "deeper",
+           "broken link": root / "class9", "socket": root / "class9"}[fault]
+    expected = {"broken link": f"class folder {bad} is a broken symbolic link (to {tmp_path / 'gone'}); restore "
+                               f"its target or remove the link",
+                "socket": f"{bad} is a socket, not a class folder; remove it or move it out of the data directory"
+                }.get(fault, f"cannot read {bad} ({os.strerror(errno.EACCES)}); make it readable or move it out of "
+                             f"the data directory")
+    listener = socket.socket(socket.AF_UNIX)
+    if fault == "broken link":
+        bad.symlink_to(tmp_path / "gone")
+    elif fault == "socket":
+        listener.bind(str(bad))
+    else:
+        bad.mkdir(exist_ok=True)
+        scandir = os.scandir
+
+        def denied(path="."):
+            if not isinstance(path, int) and os.fspath(path) == str(bad):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return scandir(path)
+        monkeypatch.setattr(os, "scandir", denied)
+    with listener, pytest.raises(DataError) as error:
+        TwoViewImageFolder(str(root), SPEC)
+    assert str(error.value) == expected
+
+
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_blur_is_the_gaussian_of_the_drawn_sigma(sigma):
     """The official code's PIL blur against torchvision's Gaussian with a kernel wide enough to be untruncated."""
