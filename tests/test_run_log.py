@@ -245,6 +245,30 @@ def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
                                                 f"out_dir or its metrics.jsonl\n"
 
 
+def test_plot_tool_names_a_metrics_file_it_cannot_read(tmp_path, capsys, monkeypatch):
+    """An unreadable metrics.jsonl (no read permission, a failing disk) was a PermissionError traceback. Root
+    reads any file whatever its permissions, so the EACCES is simulated at `open`."""
+    import builtins
+    import errno
+    import os
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(run / "metrics.jsonl"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_tool.main([str(run), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: cannot read {run / 'metrics.jsonl'} ({os.strerror(errno.EACCES)}); make it readable or give "
+        f"another run\n")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_plot_tool_refuses_a_file_of_no_metrics_records(tmp_path, capsys):
     """Text, an empty file, JSON that is no object with a step and a metric, a PNG: one line, no plot."""
     files = {"README.md": b"# bt_fast\n\nBarlow Twins.\n", "empty.jsonl": b"", "list.jsonl": b"[1, 2]\n",

@@ -3,9 +3,9 @@
     python -m tools.plot runs/demo runs/demo_reference --out compare.png
 
 A RUN is a run's out_dir (holding metrics.jsonl) or a metrics.jsonl itself; each run's lines are
-labelled with its directory name. A file with no metrics records in it, or a record whose step or
-plotted metric is not a number (or one out of range: a step beyond 64 bits), is refused in one line naming
-the file (and the line and field).
+labelled with its directory name. A file that cannot be read, a file with no metrics records in it, or a
+record whose step or plotted metric is not a number (or one out of range: a step beyond 64 bits), is refused
+in one line naming the file (and the line and field).
 """
 from __future__ import annotations
 
@@ -19,14 +19,18 @@ with exit_on_interrupt(STARTING):
 
 
 def read_curves(file: Path) -> Curves:
-    """The curves of one metrics.jsonl; a DataError naming the file if it holds no plotted metric, or the
-    file, line and field where a record's field is not a number."""
+    """The curves of one metrics.jsonl; a DataError naming the file if it holds no plotted metric or cannot
+    be read (its permissions, a failing disk), or the file, line and field where a record's field is not a
+    number."""
     curves = Curves()
-    for number, record in numbered_metrics(file):
-        reason = unplottable(record)
-        if reason is not None:
-            raise DataError(f"{file} line {number}: {reason}; give a {METRICS_NAME} that training wrote")
-        curves.add(record)
+    try:
+        for number, record in numbered_metrics(file):
+            reason = unplottable(record)
+            if reason is not None:
+                raise DataError(f"{file} line {number}: {reason}; give a {METRICS_NAME} that training wrote")
+            curves.add(record)
+    except OSError as err:
+        raise DataError(f"cannot read {file} ({err.strerror or err}); make it readable or give another run") from None
     if curves.empty():
         raise DataError(f"{file} holds no metrics records (JSON objects of a step and its loss, one a line); "
                         f"give a run's out_dir or its {METRICS_NAME}")
