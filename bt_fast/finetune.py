@@ -91,18 +91,31 @@ def per_class_subset(labels: Sequence[int], percent: float, seed: int) -> list[i
     return sorted(chosen)
 
 
+def _list_lines(path: Path) -> list[str]:
+    """The lines of the train list `path`; a DataError naming it and what to do if it is not a readable file
+    of UTF-8 text."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise DataError(f"train list {path} {what}; pass a text file naming one training image per line")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"cannot read train list {path} ({err.strerror or err}); make it readable") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"train list {path} is not UTF-8 text (byte {err.start}); pass a text file naming one "
+                        f"training image per line") from None
+
+
 def read_train_list(path: str | Path, train_dir: str | Path, samples: Sequence[tuple[str, int]]) -> list[int]:
     """Indices into `samples` (the images of `train_dir`) of the images `path` names, in its order.
 
     One image per line: its path inside `train_dir` (`<class>/<file>`), or its file name alone
     when that is unique in the folder, as in SimCLR's ImageNet lists. Blank lines and lines
     starting with '#' are skipped. A name that matches no image, or several, or an image named
-    again, is a DataError naming the file and line.
+    again, is a DataError naming the file and line; so is a list that cannot be read or is not UTF-8
+    text (`_list_lines`).
     """
     path, train_dir = Path(path), Path(train_dir)
-    if not path.is_file():
-        raise DataError(f"train list {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass a text "
-                        f"file naming one training image per line")
     by_path: dict[str, int] = {}
     by_name: dict[str, list[int]] = {}
     for index, (image, _) in enumerate(samples):
@@ -110,7 +123,7 @@ def read_train_list(path: str | Path, train_dir: str | Path, samples: Sequence[t
         by_path[relative.as_posix()] = index
         by_name.setdefault(relative.name, []).append(index)
     chosen: dict[int, int] = {}  # image index -> the line that named it, in the list's order
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_list_lines(path), start=1):
         name = line.strip()
         if not name or name.startswith("#"):
             continue

@@ -72,6 +72,35 @@ def test_train_list_names_images_by_path_or_unique_name(split_folder, tmp_path):
     assert ft.read_train_list(_write(tmp_path / "simclr.txt", "n01_7.jpg\n"), train, renamed) == [0]
 
 
+@pytest.mark.parametrize("fault", ["not utf-8", "unreadable", "socket"])
+def test_a_train_list_that_cannot_be_read_as_text_is_one_data_error(split_folder, tmp_path, monkeypatch, fault):
+    """A list that was not UTF-8, or could not be read (no read permission: root reads it anyway, so the EACCES
+    is simulated at `Path.read_text`), was a UnicodeDecodeError or PermissionError traceback; a socket was said
+    not to exist."""
+    import errno
+    import os
+    import socket
+    train = split_folder / "train"
+    listing = tmp_path / "subset.txt"
+    listing.write_bytes(b"class0/img003.jpg\n\xff\xfe\n" if fault == "not utf-8" else b"class0/img003.jpg\n")
+    expected = {"not utf-8": f"train list {listing} is not UTF-8 text (byte 18); pass a text file naming one "
+                             f"training image per line",
+                "unreadable": f"cannot read train list {listing} ({os.strerror(errno.EACCES)}); make it readable",
+                "socket": f"train list {tmp_path / 's'} is not a regular file; pass a text file naming one training "
+                          f"image per line"}[fault]
+    listener = socket.socket(socket.AF_UNIX)
+    if fault == "socket":
+        listing = tmp_path / "s"
+        listener.bind(str(listing))
+    elif fault == "unreadable":
+        def denied(self, *args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        monkeypatch.setattr(Path, "read_text", denied)
+    with listener, pytest.raises(DataError) as error:
+        ft.read_train_list(listing, train, find_image_folder(train)[1])
+    assert str(error.value) == expected
+
+
 def test_a_train_list_naming_an_image_twice_is_refused(split_folder, tmp_path):
     # The image was trained on twice an epoch and counted twice in train_images, silently.
     train = split_folder / "train"
