@@ -1,8 +1,8 @@
 """Stop requests: signals recorded between steps, and agreed on by every rank without a device sync.
 
-SIGINT, SIGTERM and SIGUSR1 only record a request (`StopSignals`); the training loop acts on it at a
-step boundary, after `StopAgreement.poll` has made every rank see the same request at the same step.
-After SIGUSR1's checkpoint, `requeue_slurm_job` puts the job back in SLURM's queue.
+SIGINT, SIGHUP, SIGTERM and SIGUSR1 only record a request (`StopSignals`); the training loop acts on it
+at a step boundary, after `StopAgreement.poll` has made every rank see the same request at the same
+step. After SIGUSR1's checkpoint, `requeue_slurm_job` puts the job back in SLURM's queue.
 """
 from __future__ import annotations
 
@@ -16,22 +16,36 @@ import time
 import torch
 import torch.distributed as dist
 
-# Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGINT.
-STOP_SIGNALS = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
+# Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGHUP (the terminal
+# closed) over SIGINT.
+STOP_SIGNALS = {signal.SIGINT: 1, signal.SIGHUP: 2, signal.SIGTERM: 3, signal.SIGUSR1: 4}
 STOP_NAMES = {code: sig.name for sig, code in STOP_SIGNALS.items()}
+# A person's interruption ends with the shell's 128 + signal, so that `make pretrain && make eval` stops there;
+# a scheduler's stop (SIGTERM, SIGUSR1) with its checkpoint is a success.
+INTERRUPTIONS = (signal.SIGINT, signal.SIGHUP)
 # A Ctrl-C reaches a worker twice under torchrun (from the terminal, then forwarded by torchrun):
 # a repeat this soon is the same request; a later one aborts at once.
 REPEATED_SIGINT_S = 2.0
 
 
+def stop_exit_code(name: str | None) -> int:
+    """The exit status of a run that the signal named `name` stopped with a checkpoint (None: not stopped)."""
+    sig = getattr(signal, name) if name else None
+    return 128 + sig if sig in INTERRUPTIONS else 0
+
+
 class StopSignals:
-    """While active, SIGINT / SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step
-    boundary. A second Ctrl-C (after REPEATED_SIGINT_S) raises KeyboardInterrupt at once."""
+    """While active, SIGINT / SIGHUP / SIGTERM / SIGUSR1 only record a request; the loop acts on it at a step
+    boundary. A second Ctrl-C (after REPEATED_SIGINT_S) raises KeyboardInterrupt at once. A SIGHUP that
+    `nohup` made ignored stays ignored; one from a terminal that closed also sends stdout and stderr, if they
+    were that terminal, to /dev/null (`leave_a_lost_terminal`): writing there would fail with EIO and end
+    the run before its checkpoint."""
 
     def __init__(self):
         self.code = 0
         self._first_sigint: float | None = None
         self._previous: dict[int, object] = {}
+        self._terminals: list[int] = []
 
     def _record(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -39,11 +53,16 @@ class StopSignals:
             if self._first_sigint is not None and now - self._first_sigint > REPEATED_SIGINT_S:
                 raise KeyboardInterrupt
             self._first_sigint = self._first_sigint or now
+        if signum == signal.SIGHUP:
+            leave_a_lost_terminal(self._terminals)
         self.code = max(self.code, STOP_SIGNALS[signum])
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # stdout, stderr
             for sig in STOP_SIGNALS:
+                if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # nohup: the run outlives its terminal
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 
@@ -52,15 +71,27 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def leave_a_lost_terminal(fds: list[int]) -> None:
+    """Point each of `fds` (terminals when the run started) that is no terminal any more at /dev/null. A terminal
+    that hung up (its window or ssh session closed) answers every write with EIO, and no longer counts as one."""
+    lost = [fd for fd in fds if not os.isatty(fd)]
+    if not lost:
+        return  # a SIGHUP sent by hand: the terminal is still there
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in lost:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def leave_stops_to_the_rank(worker_id: int) -> None:
     """`worker_init_fn` of the DataLoaders a training rank runs: the stop signals are the rank's.
 
     SLURM and torchrun signal a rank's whole process group. torch's worker dies of a SIGTERM that its
     parent did not send, and the rank would then fail with "DataLoader worker ... killed by signal"
-    instead of stopping at the step boundary with a checkpoint. So the worker ignores SIGINT and SIGUSR1,
-    and a thread takes its SIGTERMs: one from the rank (multiprocessing's `terminate()` of what is left
-    at exit) ends the worker, any other is ignored. A worker whose rank is gone exits on its own (torch's
-    watchdog)."""
+    instead of stopping at the step boundary with a checkpoint. So the worker ignores SIGINT, SIGHUP and
+    SIGUSR1, and a thread takes its SIGTERMs: one from the rank (multiprocessing's `terminate()` of what
+    is left at exit) ends the worker, any other is ignored. A worker whose rank is gone exits on its own
+    (torch's watchdog)."""
     for sig in STOP_SIGNALS:
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)

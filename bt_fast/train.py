@@ -4,9 +4,9 @@
 
 One process per device; under torchrun the global batch is split evenly across ranks.
 Resumes automatically from `<out_dir>/checkpoint.pth` (written every epoch, at the end, and on
-SIGTERM / SIGUSR1 at the next step boundary; SIGUSR1 also requeues the SLURM job). Rank 0 also
-writes metrics.jsonl, config.yaml, metrics.png, summary.json and optionally TensorBoard events
-there (`bt_fast.run_log`). The model, the loop and its one host sync per `log_every` steps are
+SIGINT / SIGHUP / SIGTERM / SIGUSR1 at the next step boundary; SIGUSR1 also requeues the SLURM job).
+Rank 0 also writes metrics.jsonl, config.yaml, metrics.png, summary.json and optionally TensorBoard
+events there (`bt_fast.run_log`). The model, the loop and its one host sync per `log_every` steps are
 `bt_fast.trainer`'s; this module runs them once per process and is the command line.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.files import storage_fault
     from bt_fast.memory_budget import check_memory
     from bt_fast.preflight import check_previous_run, check_run_inputs
+    from bt_fast.run_control import stop_exit_code
     from bt_fast.run_lock import RunLock
     from bt_fast.run_log import METRICS_NAME, metrics_missing, plotted_metrics, summarise, write_summary
     from bt_fast.train_args import parse_train_args
@@ -111,13 +112,13 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
     if work_done is not None:
         work_done()
     if not summary.pop("is_main"):
-        sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
+        sys.exit(stop_exit_code(summary["stopped_by"]))
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']} after step {summary['steps']} of {summary['total_steps']}\n"
               f"checkpoint: {summary['checkpoint']} (run the same command again to resume)")
-        # Ctrl-C ends with the shell's "interrupted" status so that `make pretrain && make eval` stops;
-        # SIGTERM / SIGUSR1 come from schedulers, for which a checkpointed stop is a success.
-        sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
+        # Ctrl-C (130) and a closed terminal (129) end with the shell's status for them, so that
+        # `make pretrain && make eval` stops; SIGTERM / SIGUSR1 come from schedulers: a success.
+        sys.exit(stop_exit_code(summary["stopped_by"]))
     done = "run already complete" if summary["already_complete"] else "done"
     print(f"{done}: {summary['steps']} steps on {summary['world_size']} process(es), "
           f"{_fmt(summary['images_per_s'], '.1f')} images/s, "

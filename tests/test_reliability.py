@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,94 @@ def test_a_second_ctrl_c_aborts_at_once_with_one_line(image_folder, tmp_path, ca
     assert code == 130
     assert err.strip().splitlines()[-1].startswith("error: interrupted; stopped without writing a checkpoint")
     assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+class Unhandled(Exception):
+    pass
+
+
+def _unhandled(signum, frame):
+    raise Unhandled(signal.Signals(signum).name)
+
+
+def test_sighup_checkpoints_at_the_step_boundary_and_exits_129(image_folder, tmp_path, capsys, monkeypatch):
+    """`kill -HUP` (stdout and stderr pipes here): the stop of Ctrl-C, with its lines; its default action ended
+    the run (here `Unhandled`, not this test process)."""
+    _signal_after_step(monkeypatch, signal.SIGHUP, after_step=2)
+    previous = signal.signal(signal.SIGHUP, _unhandled)
+    try:
+        code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "log_every=100"))
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert code == 129, err
+    assert out == (f"stopped by SIGHUP after step 2 of 3\ncheckpoint: {tmp_path / CHECKPOINT_NAME} (run the same "
+                   f"command again to resume)\n")
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+
+
+def _on_a_terminal(command: list[str]) -> tuple[subprocess.Popen, int]:
+    """`command` started as the session leader of a new pseudo-terminal, its stdin, stdout and stderr: (the
+    process, the terminal's master side, whose closing hangs the terminal up as a closed ssh session does)."""
+    import fcntl
+    import struct
+    import termios
+    master, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    run = subprocess.Popen(command, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
+                           start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(terminal)
+    return run, master
+
+
+def _read_until(master: int, pattern: str, timeout_s: float) -> str:
+    """What the terminal showed until `pattern` (a regular expression) appeared in it."""
+    import re
+    import select
+    shown, deadline = "", time.monotonic() + timeout_s
+    while not re.search(pattern, shown):
+        assert select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0], shown
+        shown += os.read(master, 1 << 16).decode(errors="replace")
+    return shown
+
+
+@pytest.mark.timeout(240)
+def test_a_run_whose_terminal_closes_stops_with_a_checkpoint(image_folder, tmp_path):
+    """The kernel hangs the terminal up (every write to it fails with EIO) and sends SIGHUP: the run checkpoints
+    at the step boundary and exits 129, its progress bar and stop lines going to /dev/null. It died of SIGHUP."""
+    run, master = _on_a_terminal([sys.executable, "-m", "bt_fast.train",
+                                  *tiny_args(image_folder, tmp_path, "epochs=4", "log_every=1")])
+    try:
+        _read_until(master, r"\| *[1-9]\d*/12 \[", timeout_s=180)  # the progress bar past step 1
+    finally:
+        os.close(master)
+        code = run.wait(timeout=60)
+    assert code == 129
+    step = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"]
+    assert 1 < step < 12 and [m["step"] for m in metric_lines(tmp_path)] == list(range(1, step + 1))
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "SIGHUP"
+
+
+def test_the_launcher_ends_a_closed_terminals_stop_with_129(image_folder, tmp_path, monkeypatch):
+    """torchrun passes SIGHUP on to the ranks (run_pretrain.sh's --signals-to-handle), then raises; the launcher
+    ended that checkpointed stop with 0, a success, where the single process run ends with 129."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from tools import launch
+
+    def hung_up(options):
+        (tmp_path / CHECKPOINT_NAME).write_bytes(b"the ranks' checkpoint")
+        raise SignalException("Process got signal: 1", signal.SIGHUP)
+    monkeypatch.setattr(launch.torchrun, "run", hung_up)
+    monkeypatch.setenv(launch.LAUNCHER_ENV, "")  # main sets it for its ranks: gone again after the test
+    assert launch.main(["--nproc-per-node", "1", "-m", "bt_fast.train", *tiny_args(image_folder, tmp_path)]) == 129
+
+
+def test_under_nohup_a_hangup_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with run_control.StopSignals():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @pytest.mark.timeout(240)

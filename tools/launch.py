@@ -7,12 +7,12 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from p
 - The config and the paths it names are checked here first. torchrun restarts a failed worker
   group up to --max-restarts times, which would print a config error that many times. With
   `--check` that check (and the process count) is all it does; `--help` is bt_fast.train's, once.
-- When torchrun is stopped by a signal (SLURM's SIGTERM or SIGUSR1, Ctrl-C), it passes the signal
-  on to the workers, which checkpoint at the next step boundary, and then raises. Here that ends
-  as a single-process run does: exit 0 (130 for SIGINT) when this launch wrote a checkpoint, with
-  rank 0's "stopped by ... after step N" as the last line. On several nodes each launcher says
-  where the checkpoint is, as rank 0 may print on another machine. torchrun's warnings narrating
-  the stop are left out.
+- When torchrun is stopped by a signal (SLURM's SIGTERM or SIGUSR1, Ctrl-C, a closed terminal's
+  SIGHUP), it passes the signal on to the workers, which checkpoint at the next step boundary, and
+  then raises. Here that ends as a single-process run does: exit 0 (130 for SIGINT, 129 for SIGHUP)
+  when this launch wrote a checkpoint, with rank 0's "stopped by ... after step N" as the last
+  line. On several nodes each launcher says where the checkpoint is, as rank 0 may print on another
+  machine. torchrun's warnings narrating the stop are left out.
 - A rank that fails on bad input (an error with exit code 2: empty data, too little memory, ...) would fail
   the same way on every restart. It leaves its error line here and stops the launch
   (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2.
@@ -47,6 +47,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.distributed import resolve_device
     from bt_fast.preflight import check_batch_split, check_run_inputs
     from bt_fast.train_args import parse_train_args
+    from bt_fast.run_control import stop_exit_code
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 
@@ -147,7 +148,7 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
         if reported_input_errors(rank_errors):  # the SIGTERM came from that rank
             return 2
         name = signal.Signals(stop.sigval).name
-        code = 130 if stop.sigval == signal.SIGINT else 0
+        code = stop_exit_code(name)
         if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
             if torchrun.parse_min_max_nnodes(options.nnodes)[1] == 1:
                 return code  # rank 0 ran here and has said where it stopped
