@@ -38,7 +38,8 @@ def train(config: Config) -> dict:
 
     Rank 0 holds out_dir's run lock (`bt_fast.run_lock`) throughout. A run whose checkpoint already
     holds every step trains nothing, rewrites none of its files and reports itself complete with its
-    recorded figures. A storage fault (out_dir full or read-only) ends in a StorageError naming the
+    recorded figures; one whose checkpoint is past this command's last step (a lower max_steps or
+    epochs) trains and writes nothing and reports that (`past`: the setting it is past). A storage fault (out_dir full or read-only) ends in a StorageError naming the
     last good checkpoint.
     """
     check_run_inputs(config)
@@ -54,15 +55,15 @@ def train(config: Config) -> dict:
                   f"rate never reaches its peak; lower warmup_epochs", file=sys.stderr)
         trainer = Trainer(config, ctx)
         trainer.resume()
-        already_complete = trainer.step >= trainer.total_steps
+        already_complete, past = trainer.step >= trainer.total_steps, _past_the_last_step(config, trainer)
         if not already_complete:
             trainer.fit()
         backbone = trainer.out_dir / BACKBONE_NAME
-        if not trainer.stopped_by and not (already_complete and backbone.is_file()):
+        if not trainer.stopped_by and not past and not (already_complete and backbone.is_file()):
             backbone = trainer.save_backbone()
         if already_complete:  # the figures of the run that trained, from its log
             metrics = trainer.out_dir / METRICS_NAME
-            if ctx.is_main and metrics_missing(trainer.out_dir):  # its end was cut short
+            if ctx.is_main and not past and metrics_missing(trainer.out_dir):  # its end was cut short
                 recorded = write_summary(config, trainer.steps_per_epoch, trainer.total_steps, None, ctx.device,
                                          ctx.world_size)
             else:
@@ -75,7 +76,7 @@ def train(config: Config) -> dict:
             images_per_s = trainer.images_seen / trainer.train_time if trainer.train_time else None
             first_loss, last_loss = trainer.first_loss, trainer.last_loss
         return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by": trainer.stopped_by,
-                "already_complete": already_complete, "world_size": ctx.world_size,
+                "already_complete": already_complete, "past": past, "world_size": ctx.world_size,
                 "images_per_s": images_per_s, "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(trainer.out_dir / CHECKPOINT_NAME), "backbone": str(backbone),
                 "is_main": ctx.is_main}
@@ -89,6 +90,15 @@ def train(config: Config) -> dict:
         lock.release()
         trainer = None  # DDP's reducer goes first: see shutdown_distributed
         shutdown_distributed()
+
+
+def _past_the_last_step(config: Config, trainer: Trainer) -> str | None:
+    """The setting whose last step the resumed checkpoint is already past ("max_steps=20"), or None."""
+    if trainer.step <= trainer.total_steps:
+        return None
+    if config.max_steps == trainer.total_steps:
+        return f"max_steps={config.max_steps}"
+    return f"epochs={config.epochs} ({trainer.total_steps} steps)"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -120,10 +130,13 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
         # `make pretrain && make eval` stops; SIGTERM / SIGUSR1 come from schedulers: a success.
         sys.exit(stop_exit_code(summary["stopped_by"]))
     done = "run already complete" if summary["already_complete"] else "done"
+    if summary["past"]:
+        done = f"nothing trained (the checkpoint is already past {summary['past']})"
+    backbone = summary["backbone"] if not summary["past"] or Path(summary["backbone"]).is_file() else "none written"
     print(f"{done}: {summary['steps']} steps on {summary['world_size']} process(es), "
           f"{_fmt(summary['images_per_s'], '.1f')} images/s, "
           f"loss {_fmt(summary['first_loss'], '.1f')} -> {_fmt(summary['last_loss'], '.1f')}\n"
-          f"checkpoint: {summary['checkpoint']}\nbackbone:   {summary['backbone']}")
+          f"checkpoint: {summary['checkpoint']}\nbackbone:   {backbone}")
 
 
 if __name__ == "__main__":

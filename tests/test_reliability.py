@@ -54,6 +54,24 @@ def test_rerunning_a_finished_run_reports_it_complete(image_folder, tmp_path, ca
     assert len(metric_lines(tmp_path)) == 2  # nothing was trained twice
 
 
+def test_a_lower_max_steps_than_the_checkpoints_step_trains_nothing_and_says_so(image_folder, tmp_path, capsys):
+    """A run paused at step 2, rerun with max_steps=1, said "run already complete"; it is not (3 steps)."""
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2"))
+    assert code == 0, err
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir() if not path.name.startswith(".")}
+    recorded = json.loads(files["summary.json"])
+    code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"nothing trained (the checkpoint is already past max_steps=1): 2 steps on 1 process(es), "
+        f"{recorded['images_per_s']:.1f} images/s, loss {recorded['first_loss']:.1f} -> {recorded['last_loss']:.1f}",
+        f"checkpoint: {tmp_path / CHECKPOINT_NAME}", f"backbone:   {tmp_path / 'backbone.pth'}"]
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if not path.name.startswith(".")} == files
+    (tmp_path / "backbone.pth").unlink()  # as a stop by a signal leaves it: none is written for step 2 either
+    code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))
+    assert code == 0 and out.splitlines()[-1] == "backbone:   none written" and not (tmp_path / "backbone.pth").exists()
+
+
 def _signal_after_step(monkeypatch, signum: int, after_step: int, repeat_after_s: float | None = None):
     """Deliver `signum` to this process from inside step `after_step` (deterministic, unlike a timer)."""
     real_step = Trainer.train_step
