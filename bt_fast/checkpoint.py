@@ -196,11 +196,27 @@ class RunCheckpoint:
         self._writing_step = state["step"]
 
     def wait(self) -> None:
-        """Return once the checkpoint being written (if any) is on disk; raise what its write raised."""
+        """Return once the checkpoint being written (if any) is on disk; raise what its write raised. A Ctrl-C
+        interrupts only the waiting: the write goes on (its thread ends before the process does), and the next
+        wait counts it."""
+        try:
+            self._save.wait()
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            self._writing_step = None
+            raise
         step, self._writing_step = self._writing_step, None
-        self._save.wait()
         if step is not None:
             self.saved_step = step
+
+    def kept(self) -> str | None:
+        """What an interrupted run leaves to resume from, for its message; None if no checkpoint was written."""
+        if self.saved_step is None:
+            return None
+        then = "finish the run" if self.saved_step >= self.total_steps else "resume"
+        return (f"the last checkpoint is step {self.saved_step} of {self.total_steps} in {self.path}: run the same "
+                f"command again to {then} from it")
 
     @contextlib.contextmanager
     def faults(self) -> Iterator[None]:

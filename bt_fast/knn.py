@@ -14,7 +14,7 @@ loaders (resize to size*256/224, centre crop, ImageNet normalisation, no augment
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,18 @@ def eval_loader(root: str, image_size: int, batch_size: int = 256, workers: int 
                       worker_init_fn=leave_stops_to_the_rank)
 
 
+class _CutShort(Exception):
+    pass
+
+
+def _until(loader: Iterable, stop: Callable[[], bool]) -> Iterator:
+    """`loader`'s batches, raising _CutShort before the next one once `stop()` is true."""
+    for batch in loader:
+        if stop():
+            raise _CutShort
+        yield batch
+
+
 class KnnMonitor:
     """k-NN accuracy of the training backbone, for the metrics log: memory bank `train_dir`, queries `val_dir`.
 
@@ -209,6 +221,10 @@ class KnnMonitor:
         self.num_classes = len(classes)
         self.device, self.amp_dtype = device, amp_dtype
 
-    def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        return knn_evaluate(backbone, self.train_loader, self.val_loader, self.device, self.num_classes,
-                            amp_dtype=self.amp_dtype)
+    def __call__(self, backbone: nn.Module, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+        """top1 / top5 of `backbone`; None if `stop()` (a stop request, checked between batches) cut it short."""
+        try:
+            return knn_evaluate(backbone, _until(self.train_loader, stop), _until(self.val_loader, stop), self.device,
+                                self.num_classes, amp_dtype=self.amp_dtype)
+        except _CutShort:
+            return None

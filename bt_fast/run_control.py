@@ -134,9 +134,15 @@ class StopAgreement:
         work.wait()
         return int(request.item())  # a CPU tensor: no device involved
 
-    def close(self) -> None:
-        """Complete the last posted all-reduce (every rank has posted the same number)."""
+    def close(self, code: int = 0) -> int:
+        """After the loop: complete the last posted all-reduce (every rank has posted the same number), then
+        agree on `code` at once, blocking: the request any rank had by the end of the run."""
         self._collect()
+        if self.group is None:
+            return code
+        request = torch.tensor([code], dtype=torch.int64)
+        dist.all_reduce(request, op=dist.ReduceOp.MAX, group=self.group)
+        return int(request.item())
 
 
 def requeue_slurm_job() -> None:

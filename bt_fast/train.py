@@ -22,7 +22,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import init_distributed, shutdown_distributed
-    from bt_fast.errors import StorageError, UserError, cli_errors, print_error
+    from bt_fast.errors import Interrupted, StorageError, UserError, cli_errors, print_error
     from bt_fast.files import storage_fault
     from bt_fast.memory_budget import check_memory
     from bt_fast.preflight import check_previous_run, check_run_inputs
@@ -39,8 +39,9 @@ def train(config: Config) -> dict:
     Rank 0 holds out_dir's run lock (`bt_fast.run_lock`) throughout. A run whose checkpoint already
     holds every step trains nothing, rewrites none of its files and reports itself complete with its
     recorded figures; one whose checkpoint is past this command's last step (a lower max_steps or
-    epochs) trains and writes nothing and reports that (`past`: the setting it is past). A storage fault (out_dir full or read-only) ends in a StorageError naming the
-    last good checkpoint.
+    epochs) trains and writes nothing and reports that (`past`: the setting it is past). A storage fault
+    (out_dir full or read-only) ends in a StorageError naming the last good checkpoint; a Ctrl-C that
+    raises (a second one, or one after the loop) in an Interrupted naming the checkpoint on disk, if any.
     """
     check_run_inputs(config)
     ctx = init_distributed(config.device)
@@ -80,6 +81,11 @@ def train(config: Config) -> dict:
                 "images_per_s": images_per_s, "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(trainer.out_dir / CHECKPOINT_NAME), "backbone": str(backbone),
                 "is_main": ctx.is_main}
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: a checkpoint written by now is on disk
+        kept = trainer.checkpoint.kept() if trainer is not None else None
+        if kept is None:
+            raise
+        raise Interrupted(f"interrupted after step {trainer.step} of {trainer.total_steps}; {kept}") from None
     except Exception as err:
         fault = storage_fault(err)
         if fault is None or isinstance(err, UserError):
@@ -123,9 +129,10 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
         work_done()
     if not summary.pop("is_main"):
         sys.exit(stop_exit_code(summary["stopped_by"]))
-    if summary["stopped_by"]:
+    if summary["stopped_by"]:  # also after the last step, before backbone.pth: the rerun writes it
+        then = "finish the run" if summary["steps"] >= summary["total_steps"] else "resume"
         print(f"stopped by {summary['stopped_by']} after step {summary['steps']} of {summary['total_steps']}\n"
-              f"checkpoint: {summary['checkpoint']} (run the same command again to resume)")
+              f"checkpoint: {summary['checkpoint']} (run the same command again to {then})")
         # Ctrl-C (130) and a closed terminal (129) end with the shell's status for them, so that
         # `make pretrain && make eval` stops; SIGTERM / SIGUSR1 come from schedulers: a success.
         sys.exit(stop_exit_code(summary["stopped_by"]))

@@ -265,7 +265,9 @@ class Trainer:
                              loss=f"{self.last_loss:.2f}", refresh=False)
 
     def fit(self) -> None:
-        """Train up to `total_steps` (or a stop signal); on rank 0, then write the run's summary."""
+        """Train up to `total_steps` (or a stop signal); on rank 0, then write the run's summary. A stop request
+        after the last step (the final k-NN, which it cuts short, or the final checkpoint's write) stops the run
+        there, with every step in its checkpoint."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.run_log = RunLog(self.config, self.step, self.elapsed_before) if self.ctx.is_main else None
         bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
@@ -275,9 +277,12 @@ class Trainer:
         try:
             with StopSignals() as signals, self._lost_workers():
                 self._epochs(signals, self.run_log, bar)
-            with self.checkpoint.faults():
-                self.checkpoint.wait()
-            self.stops.close()
+                with self.checkpoint.faults():
+                    self.checkpoint.wait()
+                # A request after the last step (the final k-NN cut short, or the final checkpoint's write, which
+                # completes): the run stops there, with every step in its checkpoint but no backbone.pth.
+                late = self.stops.close(signals.code)
+                self.stopped_by = self.stopped_by or (STOP_NAMES[late] if late else None)
             if self.run_log:
                 self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
                                     self.ctx.world_size)
@@ -319,7 +324,7 @@ class Trainer:
                 self.save_checkpoint(wait=False)
             start_batch = 0
             if self.config.knn_every and ((epoch + 1) % self.config.knn_every == 0 or self.step >= self.total_steps):
-                self.monitor_knn(epoch, log, progress)
+                self.monitor_knn(epoch, log, progress, stop=lambda: signals.code != 0)
             if log:
                 log.epoch_end()
 
@@ -359,16 +364,18 @@ class Trainer:
         self.settle(log, progress)  # before the epoch's checkpoint
         return True
 
-    def monitor_knn(self, epoch: int, log: RunLog | None, progress) -> None:
-        """k-NN accuracy of the current backbone, logged beside the losses (rank 0; the others wait)."""
+    def monitor_knn(self, epoch: int, log: RunLog | None, progress, stop=lambda: False) -> None:
+        """k-NN accuracy of the current backbone, logged beside the losses (rank 0; the others wait); nothing
+        once `stop()` (a stop request) has cut it short."""
         if self.knn_monitor is not None:
             tick = time.perf_counter()
-            accuracy = self.knn_monitor(self.model.backbone)
+            accuracy = self.knn_monitor(self.model.backbone, stop)
             seconds = time.perf_counter() - tick
-            log.write({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
-                       "knn_top5": accuracy["top5"], "knn_seconds": seconds})
-            log.flush()
-            progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
-                           f"({seconds:.0f} s)")
+            if accuracy is not None:
+                log.write({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
+                           "knn_top5": accuracy["top5"], "knn_seconds": seconds})
+                log.flush()
+                progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
+                               f"({seconds:.0f} s)")
         if self.ctx.world_size > 1 and self.config.knn_val:
             dist.barrier()

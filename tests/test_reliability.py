@@ -192,6 +192,75 @@ def test_under_nohup_a_hangup_stays_ignored():
         signal.signal(signal.SIGHUP, previous)
 
 
+def _ctrl_c_before(monkeypatch, owner, name: str, when=lambda *args: True, second: bool = False) -> None:
+    """A Ctrl-C as `owner.name` starts (where `when(*its arguments)`): SIGINT, or with `second` the
+    KeyboardInterrupt that a second one raises. Once."""
+    real = getattr(owner, name)
+
+    def interrupted(*args, **kwargs):
+        if when(*args) and not getattr(interrupted, "done", False):
+            interrupted.done = True
+            if second:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def _final_save(save, *args) -> bool:
+    return getattr(save, "final", False)
+
+
+def _mark_the_final_save(monkeypatch):
+    """BackgroundSave.final: the save under way is the run's last checkpoint (step 3 of 3), slowed down."""
+    from bt_fast.checkpoint import BackgroundSave
+    real_start, real_save = BackgroundSave.start, bt_fast.checkpoint.atomic_save
+
+    def start(self, obj, path, **options):
+        real_start(self, obj, path, **options)
+        self.final = obj.get("step") == 3
+
+    def slow_save(obj, path, **options):
+        time.sleep(0.5 if path.name == CHECKPOINT_NAME and obj.get("step") == 3 else 0)
+        real_save(obj, path, **options)
+    monkeypatch.setattr(BackgroundSave, "start", start)
+    monkeypatch.setattr(bt_fast.checkpoint, "atomic_save", slow_save)
+
+
+STOPPED_AT_THE_END = ("stopped by SIGINT after step 3 of 3\n"
+                      "checkpoint: {} (run the same command again to finish the run)\n")
+INTERRUPTED_AT_THE_END = ("error: interrupted after step 3 of 3; the last checkpoint is step 3 of 3 in {}: "
+                          "run the same command again to finish the run from it\n")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("moment", ["final k-NN", "final checkpoint write", "second Ctrl-C in its write", "backbone"])
+def test_ctrl_c_at_the_end_of_a_run_says_what_it_kept(moment, image_folder, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C after the last step was swallowed (the final k-NN ran on, then "done", exit 0) or said "stopped
+    without writing a checkpoint" where the run's last checkpoint was complete on disk."""
+    from bt_fast.checkpoint import BackgroundSave
+    _mark_the_final_save(monkeypatch)
+    if moment == "final k-NN":
+        _ctrl_c_before(monkeypatch, Trainer, "monitor_knn")
+    elif moment == "backbone":
+        _ctrl_c_before(monkeypatch, Trainer, "save_backbone", second=True)  # outside the loop Ctrl-C raises at once
+    else:
+        _ctrl_c_before(monkeypatch, BackgroundSave, "wait", _final_save, second=moment.startswith("second"))
+    code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "knn_every=1", f"knn_val={image_folder}"))
+    assert code == 130
+    checkpoint = tmp_path / CHECKPOINT_NAME
+    out = "".join(line for line in out.splitlines(keepends=True) if not line.startswith("epoch 0: k-NN top-1"))
+    if moment in ("second Ctrl-C in its write", "backbone"):
+        assert (out, err.splitlines(keepends=True)[-1]) == ("", INTERRUPTED_AT_THE_END.format(checkpoint))
+    else:
+        assert out == STOPPED_AT_THE_END.format(checkpoint), err
+        assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "SIGINT"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3 and not (tmp_path / "backbone.pth").exists()
+    assert ("knn_top1" in metric_lines(tmp_path)[-1]) == moment.endswith(("write", "backbone"))  # cut short: none
+    code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "knn_every=1", f"knn_val={image_folder}"))
+    assert code == 0 and out.startswith("run already complete: 3 steps") and (tmp_path / "backbone.pth").is_file()
+
+
 @pytest.mark.timeout(240)
 def test_ctrl_c_after_the_result_is_printed_leaves_it_the_last_output(image_folder, tmp_path):
     """A Ctrl-C while the interpreter shuts down (tqdm's atexit handler, loader threads) printed
