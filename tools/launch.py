@@ -46,8 +46,8 @@ with exit_on_interrupt(STARTING):
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import resolve_device
     from bt_fast.preflight import check_batch_split, check_run_inputs
-    from bt_fast.train_args import parse_train_args
     from bt_fast.run_control import stop_exit_code
+    from bt_fast.train_args import parse_train_args
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 
