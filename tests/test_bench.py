@@ -240,30 +240,6 @@ def test_loader_windows_shorter_than_the_reference_workers_are_refused(capsys):
     assert parse_args(["--device", "cpu", "--pipelines", "reference", "--workers", "6"]).loader_batches == 6  # default
 
 
-def test_one_batch_windows_of_two_reference_workers_inflate_the_rate_and_two_batch_windows_do_not(tmp_path, monkeypatch):
-    """Why --loader-batches has a minimum: two workers each build a batch in T, so batches arrive two at a time.
-    Windows of one batch time alternately nothing (a batch already built) and T; windows of two time T each."""
-    from pipelines import build_pipeline
-    from pipelines.base import Placement
-    from pipelines.reference import TwoViewImageFolder
-    from tools.bench.loaders import loader_windows, pipeline_config
-    from tools.bench.measure import rate_stats
-
-    sleep, batch, workers = 0.03, 4, 2
-    read = TwoViewImageFolder.__getitem__
-    monkeypatch.setattr(TwoViewImageFolder, "__getitem__", lambda self, key: time.sleep(sleep) or read(self, key))
-    data = write_image_folder(tmp_path / "train", classes=2, per_class=20, size=(24, 24))
-    args = parse_args(["--device", "cpu", "--data", str(data), "--pipelines", "reference", "--workers", str(workers)])
-    pipeline = build_pipeline(pipeline_config(args, "reference", 16, batch), Placement(torch.device("cpu")), batch)
-    true_rate = workers * batch / (batch * sleep)  # images/s: each worker sleeps once per image
-    rates = {}
-    for window in (1, 2):
-        walls, _, _, images = loader_windows(pipeline, torch.device("cpu"), window, reps=3, warmup=2)
-        rates[window] = rate_stats(images, walls)["median"]
-    assert rates[1] > 3 * true_rate
-    assert 0.5 * true_rate < rates[2] < 1.2 * true_rate
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device_is_one_error_line(capsys):
     with pytest.raises(SystemExit) as exc:
