@@ -115,11 +115,22 @@ def leave_for_launcher(err: BaseException) -> bool:
     if launcher is None or getattr(err, "exit_code", 2) != 2:
         return False
     try:
-        atomic_write_text(os.path.join(launcher[1], f"rank{os.environ.get('RANK', '0')}"), one_line(err))
+        atomic_write_text(os.path.join(launcher[1], f"{_RANK_FILE}{os.environ.get('RANK', '0')}"), one_line(err))
         os.kill(launcher[0], signal.SIGTERM)
     except OSError:
         return False
     return True
+
+
+_RANK_FILE = "rank"  # + the rank: the file a rank leaves its input error in
+
+
+def ranks_input_errors(directory: str | Path) -> list[str]:
+    """The distinct error lines that ranks left in the launcher's `directory` (`leave_for_launcher`), in rank
+    order (the writers' hidden temporaries are not theirs yet)."""
+    names = [name for name in os.listdir(directory) if name.startswith(_RANK_FILE)]
+    names.sort(key=lambda name: int(name[len(_RANK_FILE):]) if name[len(_RANK_FILE):].isdigit() else -1)
+    return list(dict.fromkeys(Path(directory, name).read_text(encoding="utf-8") for name in names))
 
 
 def peer_left_input_error() -> bool:
@@ -127,7 +138,7 @@ def peer_left_input_error() -> bool:
     fails with (a collective whose peer is gone) is that error's consequence, which the launcher prints."""
     launcher = _launcher()
     try:
-        return launcher is not None and any(name.startswith("rank") for name in os.listdir(launcher[1]))
+        return launcher is not None and bool(ranks_input_errors(launcher[1]))
     except OSError:
         return False
 

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import LAUNCHER_ENV, STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error
+from bt_fast.errors import (LAUNCHER_ENV, STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error,
+                            ranks_input_errors)
 
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
@@ -131,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def reported_input_errors(directory: Path) -> bool:
     """Print, once each and in rank order, the distinct error lines that ranks left in `directory`
-    (`bt_fast.errors.leave_for_launcher`); whether there were any."""
-    files = sorted(directory.glob("rank*"), key=lambda path: int(path.name[4:]) if path.name[4:].isdigit() else -1)
-    lines = dict.fromkeys(path.read_text(encoding="utf-8") for path in files)
+    (`bt_fast.errors.ranks_input_errors`); whether there were any."""
+    lines = ranks_input_errors(directory)
     for line in lines:
         print_error(line)
     return bool(lines)
