@@ -5,7 +5,9 @@
   or a k-NN evaluation; every line also holds `time` (UTC, ISO 8601) and `elapsed_s`, the run's wall
   seconds since it first started, summed over resumed segments.
 - config.yaml: the resolved config; `--config <out_dir>/config.yaml` loads the same `Config`.
-- metrics.png: the curves of metrics.jsonl (`bt_fast.plots`), redrawn at each epoch end and at the end.
+- metrics.png: the curves of metrics.jsonl (`bt_fast.plots`), redrawn at the end, and at an epoch end
+  once the last drawing is PLOT_INTERVAL_S old: every rank waits for a drawing, which takes a CPU core
+  a good fraction of a second, so a run of short epochs draws only some of them.
 - summary.json: written at the end from metrics.jsonl alone, so a resumed run describes the whole
   log, not only its own segment. The rerun of a complete run rewrites none of these files; it only
   writes summary.json and metrics.png if a storage fault kept the run from writing them.
@@ -42,6 +44,7 @@ TENSORBOARD_DIR = "tensorboard"
 SCALAR_KEYS = ("loss", "lr_weights", "lr_biases", "images_per_s", "data_wait_fraction", "image_size",
                "knn_top1", "knn_top5", "knn_seconds")
 VIEW_PAIRS = 8
+PLOT_INTERVAL_S = 10.0
 
 
 def config_yaml(config: Config) -> str:
@@ -195,6 +198,7 @@ class RunLog:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / CONFIG_NAME, config_yaml(config))
         self.started = time.monotonic() - elapsed_s
+        self.plotted = time.monotonic()  # the segment's start counts as a drawing: a short run draws once, at its end
         metrics = self.out_dir / METRICS_NAME
         self.curves = Curves(plotted_metrics(metrics) if metrics.is_file() else ())  # earlier segments' too
         self.metrics = open(metrics, "a")
@@ -236,11 +240,13 @@ class RunLog:
         self.flush()
         if self.tensorboard is not None:
             self.tensorboard.flush()
-        self.plot()
+        if time.monotonic() - self.plotted >= PLOT_INTERVAL_S:
+            self.plot()
 
     def plot(self) -> None:
         """metrics.png from the curves in memory: at an epoch end every rank waits for this."""
         save_png(plot_runs({self.out_dir.name: self.curves}), self.out_dir / PLOT_NAME)
+        self.plotted = time.monotonic()
 
     def finish(self, steps_per_epoch: int, total_steps: int, stopped_by: str | None, device: torch.device,
                world_size: int) -> dict:

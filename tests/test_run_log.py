@@ -144,9 +144,10 @@ def test_a_long_series_is_drawn_as_the_means_of_runs_of_consecutive_points():
     assert list(line.get_ydata()) == pytest.approx([fmean(entry["loss"] for entry in run) for run in runs], rel=1e-12)
 
 
-def test_the_epoch_end_redraw_reads_no_metrics_file(tmp_path, monkeypatch):
+def test_the_epoch_end_redraw_waits_its_interval_and_reads_no_metrics_file(tmp_path, monkeypatch):
     """A 1,000-epoch ImageNet run logs 625,000 records, and every rank waits while rank 0 redraws metrics.png at
-    an epoch end: the redraw uses the curves the log keeps (the earlier segments' read once, at the start)."""
+    an epoch end: the redraw uses the curves the log keeps (the earlier segments' read once, at the start), and
+    comes only once the last drawing (or the segment's start) is PLOT_INTERVAL_S old."""
     import bt_fast.run_log
     from bt_fast.run_log import RunLog
     earlier = {"step": 1, "epoch": 0, "loss": 5.0, "lr_weights": 0.1, "lr_biases": 0.01, "images_per_s": 9.0,
@@ -158,6 +159,9 @@ def test_the_epoch_end_redraw_reads_no_metrics_file(tmp_path, monkeypatch):
         raise AssertionError(f"{path} read at an epoch end")
     monkeypatch.setattr(bt_fast.run_log, "numbered_metrics", unread)
     log.write({**earlier, "step": 2, "loss": 4.0})
+    log.epoch_end()
+    assert not (tmp_path / "metrics.png").exists()  # within 10 s of the segment's start
+    monkeypatch.setattr(bt_fast.run_log, "PLOT_INTERVAL_S", 0.0)
     log.epoch_end()
     log.close()
     with Image.open(tmp_path / "metrics.png") as image:
