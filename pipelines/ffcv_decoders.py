@@ -46,6 +46,7 @@ from ffcv.reader import Reader
 
 from bt_fast.errors import DataError
 from pipelines.crop_sampling import random_resized_crop, sample_seed
+from pipelines.ffcv_compile import code_once, compile_once
 
 __all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",
            "decode_into", "stored_bytes"]
@@ -57,6 +58,8 @@ _UINT8 = np.dtype("<u1")
 _JPG = IMAGE_MODES["jpg"]
 _DECODE_FAILED = ("a JPEG stored in the dataset cannot be decoded; "
                   "reconvert it with `python -m tools.convert`")
+compile_once(random_resized_crop)
+compile_once(sample_seed)
 
 # libjpeg-turbo's TurboJPEG API, the library FFCV's own decoder is linked against. Called
 # directly because FFCV's `imdecode` cannot write with a row pitch (the padded slot's width).
@@ -73,6 +76,7 @@ _TJPF_RGB = 0
 _TJ_FLAGS = 2048 | 1024  # TJFLAG_FASTDCT | TJFLAG_NOREALLOC: FFCV's `imdecode` flags, so pixels match it
 
 
+@compile_once
 def decode_into(jpeg, slot, height, width):
     """Decode `jpeg` (1-D uint8) into `slot[:height, :width]` of a C-contiguous (Hmax, Wmax, 3) slot.
 
@@ -88,6 +92,7 @@ def decode_into(jpeg, slot, height, width):
     return result
 
 
+@compile_once
 def _raise_if_failed(status, count):
     """Raise for a failed sample, after the parallel loop (a raise inside it makes numba run it serially)."""
     for dst_ix in range(count):
@@ -181,39 +186,41 @@ class TwoCropBoxes(Operation):
             memory_allocations["operation"][node.id][1][...] = seed
 
     def generate_code(self) -> Callable:
-        mem_read = self.memory_read
-        crop_box = Compiler.compile(random_resized_crop)
-        seed_of = Compiler.compile(sample_seed)
-        sample_range = Compiler.get_iterator()
-        scale_low, scale_high = self.scale
-        ratio_min, ratio_max = self.ratio
-        log_low, log_high = math.log(ratio_min), math.log(ratio_max)
+        return _boxes_code(self.memory_read, Compiler.compile(random_resized_crop), Compiler.compile(sample_seed),
+                           Compiler.get_iterator(), self.scale, self.ratio)
 
-        def boxes(batch_indices, my_storage, metadata, storage_state):
-            rows, seeds = my_storage
-            count = len(batch_indices)
-            epoch_seed = seeds[0, 0]
-            for dst_ix in sample_range(count):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
-                height = np.int64(field["height"])
-                width = np.int64(field["width"])
-                row = rows[dst_ix]
-                row[0] = height
-                row[1] = width
-                row[2] = mem_read(field["data_ptr"], storage_state).size
-                np.random.seed(seed_of(epoch_seed, source_ix))
-                for view in range(2):
-                    top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
-                                               ratio_min, ratio_max)
-                    row[3 + 4 * view] = top
-                    row[4 + 4 * view] = left
-                    row[5 + 4 * view] = h
-                    row[6 + 4 * view] = w
-            return rows[:count]
 
-        boxes.is_parallel = True
-        return boxes
+@code_once
+def _boxes_code(mem_read, crop_box, seed_of, sample_range, scale, ratio) -> Callable:
+    scale_low, scale_high = scale
+    ratio_min, ratio_max = ratio
+    log_low, log_high = math.log(ratio_min), math.log(ratio_max)
+
+    def boxes(batch_indices, my_storage, metadata, storage_state):
+        rows, seeds = my_storage
+        count = len(batch_indices)
+        epoch_seed = seeds[0, 0]
+        for dst_ix in sample_range(count):
+            source_ix = batch_indices[dst_ix]
+            field = metadata[source_ix]
+            height = np.int64(field["height"])
+            width = np.int64(field["width"])
+            row = rows[dst_ix]
+            row[0] = height
+            row[1] = width
+            row[2] = mem_read(field["data_ptr"], storage_state).size
+            np.random.seed(seed_of(epoch_seed, source_ix))
+            for view in range(2):
+                top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
+                                           ratio_min, ratio_max)
+                row[3 + 4 * view] = top
+                row[4 + 4 * view] = left
+                row[5 + 4 * view] = h
+                row[6 + 4 * view] = w
+        return rows[:count]
+
+    boxes.is_parallel = True
+    return boxes
 
 
 class PaddedDecoder(SimpleRGBImageDecoder):
@@ -230,30 +237,31 @@ class PaddedDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
 
     def generate_code(self) -> Callable:
-        mem_read = self.memory_read
-        decode_jpeg = Compiler.compile(decode_into)
-        raise_if_failed = Compiler.compile(_raise_if_failed)
-        sample_range = Compiler.get_iterator()
+        return _padded_decode_code(self.memory_read, Compiler.compile(decode_into), Compiler.compile(_raise_if_failed),
+                                   Compiler.get_iterator())
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, status = my_storage
-            count = len(batch_indices)
-            for dst_ix in sample_range(count):
-                field = metadata[batch_indices[dst_ix]]
-                height = np.int64(field["height"])
-                width = np.int64(field["width"])
-                data = mem_read(field["data_ptr"], storage_state)
-                slot = destination[dst_ix]
-                if field["mode"] == _JPG:
-                    status[dst_ix, 0] = decode_jpeg(data, slot, height, width)
-                else:
-                    slot[:height, :width] = data.reshape(height, width, 3)
-                    status[dst_ix, 0] = 0
-            raise_if_failed(status, count)
-            return destination[:count]
 
-        decode.is_parallel = True
-        return decode
+@code_once
+def _padded_decode_code(mem_read, decode_jpeg, raise_if_failed, sample_range) -> Callable:
+    def decode(batch_indices, my_storage, metadata, storage_state):
+        destination, status = my_storage
+        count = len(batch_indices)
+        for dst_ix in sample_range(count):
+            field = metadata[batch_indices[dst_ix]]
+            height = np.int64(field["height"])
+            width = np.int64(field["width"])
+            data = mem_read(field["data_ptr"], storage_state)
+            slot = destination[dst_ix]
+            if field["mode"] == _JPG:
+                status[dst_ix, 0] = decode_jpeg(data, slot, height, width)
+            else:
+                slot[:height, :width] = data.reshape(height, width, 3)
+                status[dst_ix, 0] = 0
+        raise_if_failed(status, count)
+        return destination[:count]
+
+    decode.is_parallel = True
+    return decode
 
 
 class JPEGBytesDecoder(SimpleRGBImageDecoder):
@@ -285,23 +293,24 @@ class JPEGBytesDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
 
     def generate_code(self) -> Callable:
-        mem_read = self.memory_read
-        sample_range = Compiler.get_iterator()
-        max_bytes = self.max_bytes
-        raise_if_failed = Compiler.compile(_raise_if_failed)
+        return _copy_bytes_code(self.memory_read, Compiler.compile(_raise_if_failed), Compiler.get_iterator(),
+                                self.max_bytes)
 
-        def copy_bytes(batch_indices, my_storage, metadata, storage_state):
-            destination, status = my_storage
-            count = len(batch_indices)
-            for dst_ix in sample_range(count):
-                data = mem_read(metadata[batch_indices[dst_ix]]["data_ptr"], storage_state)
-                size = data.size
-                valid = 2 <= size <= max_bytes and data[0] == 0xFF and data[1] == 0xD8
-                status[dst_ix, 0] = 0 if valid else 1
-                if valid:
-                    destination[dst_ix, :size] = data
-            raise_if_failed(status, count)
-            return destination[:count]
 
-        copy_bytes.is_parallel = True
-        return copy_bytes
+@code_once
+def _copy_bytes_code(mem_read, raise_if_failed, sample_range, max_bytes) -> Callable:
+    def copy_bytes(batch_indices, my_storage, metadata, storage_state):
+        destination, status = my_storage
+        count = len(batch_indices)
+        for dst_ix in sample_range(count):
+            data = mem_read(metadata[batch_indices[dst_ix]]["data_ptr"], storage_state)
+            size = data.size
+            valid = 2 <= size <= max_bytes and data[0] == 0xFF and data[1] == 0xD8
+            status[dst_ix, 0] = 0 if valid else 1
+            if valid:
+                destination[dst_ix, :size] = data
+        raise_if_failed(status, count)
+        return destination[:count]
+
+    copy_bytes.is_parallel = True
+    return copy_bytes

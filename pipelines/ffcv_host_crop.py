@@ -16,12 +16,32 @@ import numpy as np
 
 import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 
 from pipelines.crop_sampling import random_resized_crop, sample_seed
+from pipelines.ffcv_compile import code_once, compile_once
+
+compile_once(random_resized_crop)
+compile_once(sample_seed)
+
+
+# libffcv's decode and resize, called as FFCV's `imdecode` and `resize_crop` call them, through
+# functions of this module's own: FFCV's operations compile those two afresh per loader.
+@compile_once
+def decode_whole(jpeg, buffer, height, width):
+    """Decode `jpeg` unscaled, uncropped and unflipped into `buffer` (1-D uint8); 0 on success."""
+    return ctypes_imdecode(jpeg.ctypes.data, jpeg.size, height, width, buffer.ctypes.data, height, width,
+                           0, 0, 1, 1, False, False)
+
+
+@compile_once
+def resize_box(image, top, bottom, left, right, destination):
+    """OpenCV INTER_AREA resize of `image[top:bottom, left:right]` into `destination` (S, S, 3)."""
+    ctypes_resize(0, image.ctypes.data, image.shape[0], image.shape[1], top, bottom, left, right,
+                  destination.ctypes.data, destination.shape[0], destination.shape[1])
 
 
 class TwoCropRGBDecoder(SimpleRGBImageDecoder):
@@ -66,57 +86,54 @@ class TwoCropRGBDecoder(SimpleRGBImageDecoder):
             memory_allocations["operation"][node.id][2][..., 0] = seed
 
     def generate_code(self) -> Callable:
-        mem_read = self.memory_read
-        # Fresh dispatchers per loader, as FFCV does: numba dispatchers shared between
-        # loader threads can race while compiling.
-        decode_jpeg = Compiler.compile(imdecode)
-        resize = Compiler.compile(resize_crop)
-        crop_box = Compiler.compile(random_resized_crop)
-        seed_of = Compiler.compile(sample_seed)
-        lane_range = Compiler.get_iterator()
-        lanes = self._lanes()
-        max_pixels = self.max_pixels
-        per_sample = self.scratch_per_sample
-        views = self.VIEWS
-        jpg = IMAGE_MODES["jpg"]
-        scale_low, scale_high = self.scale
-        ratio_min, ratio_max = self.ratio
-        log_low, log_high = math.log(ratio_min), math.log(ratio_max)
+        return _two_crops_code(self.memory_read, Compiler.compile(decode_whole), Compiler.compile(resize_box),
+                               Compiler.compile(random_resized_crop), Compiler.compile(sample_seed),
+                               Compiler.get_iterator(), self._lanes(), self.max_pixels, self.scratch_per_sample,
+                               self.scale, self.ratio)
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, scratch, seeds = my_storage
-            count = len(batch_indices)
-            usable = min(lanes, (count * per_sample) // max_pixels)
-            if usable < 1:
-                raise ValueError("TwoCropRGBDecoder: batch smaller than the scratch layout (use drop_last)")
-            flat = scratch.reshape(-1)
-            epoch_seed = seeds[0, 0]
-            for lane in lane_range(usable):
-                buffer = flat[lane * max_pixels:(lane + 1) * max_pixels]
-                for dst_ix in range(lane, count, usable):
-                    source_ix = batch_indices[dst_ix]
-                    field = metadata[source_ix]
-                    height = np.int64(field["height"])
-                    width = np.int64(field["width"])
-                    data = mem_read(field["data_ptr"], storage_state)
-                    if field["mode"] == jpg:
-                        # (no raise inside the parallel loop: numba would run it serially)
-                        seeds[dst_ix, 1] = decode_jpeg(data, buffer, height, width, height, width,
-                                                       0, 0, 1, 1, False, False)
-                        image = buffer[:height * width * 3].reshape(height, width, 3)
-                    else:
-                        seeds[dst_ix, 1] = 0
-                        image = data.reshape(height, width, 3)
-                    np.random.seed(seed_of(epoch_seed, source_ix))
-                    for view in range(views):
-                        top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
-                                                   ratio_min, ratio_max)
-                        resize(image, top, top + h, left, left + w, destination[dst_ix, view])
-            for dst_ix in range(count):
-                if seeds[dst_ix, 1] != 0:
-                    raise ValueError("a JPEG stored in the dataset cannot be decoded; "
-                                     "reconvert it with `python -m tools.convert`")
-            return destination[:count]
 
-        decode.is_parallel = True
-        return decode
+@code_once
+def _two_crops_code(mem_read, decode_jpeg, resize, crop_box, seed_of, lane_range, lanes: int, max_pixels: int,
+                    per_sample: int, scale, ratio) -> Callable:
+    views = TwoCropRGBDecoder.VIEWS
+    jpg = IMAGE_MODES["jpg"]
+    scale_low, scale_high = scale
+    ratio_min, ratio_max = ratio
+    log_low, log_high = math.log(ratio_min), math.log(ratio_max)
+
+    def decode(batch_indices, my_storage, metadata, storage_state):
+        destination, scratch, seeds = my_storage
+        count = len(batch_indices)
+        usable = min(lanes, (count * per_sample) // max_pixels)
+        if usable < 1:
+            raise ValueError("TwoCropRGBDecoder: batch smaller than the scratch layout (use drop_last)")
+        flat = scratch.reshape(-1)
+        epoch_seed = seeds[0, 0]
+        for lane in lane_range(usable):
+            buffer = flat[lane * max_pixels:(lane + 1) * max_pixels]
+            for dst_ix in range(lane, count, usable):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
+                data = mem_read(field["data_ptr"], storage_state)
+                if field["mode"] == jpg:
+                    # (no raise inside the parallel loop: numba would run it serially)
+                    seeds[dst_ix, 1] = decode_jpeg(data, buffer, height, width)
+                    image = buffer[:height * width * 3].reshape(height, width, 3)
+                else:
+                    seeds[dst_ix, 1] = 0
+                    image = data.reshape(height, width, 3)
+                np.random.seed(seed_of(epoch_seed, source_ix))
+                for view in range(views):
+                    top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
+                                               ratio_min, ratio_max)
+                    resize(image, top, top + h, left, left + w, destination[dst_ix, view])
+        for dst_ix in range(count):
+            if seeds[dst_ix, 1] != 0:
+                raise ValueError("a JPEG stored in the dataset cannot be decoded; "
+                                 "reconvert it with `python -m tools.convert`")
+        return destination[:count]
+
+    decode.is_parallel = True
+    return decode

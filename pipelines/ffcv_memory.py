@@ -30,6 +30,8 @@ from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
 from ffcv.memory_managers.base import MemoryManager
 from ffcv.pipeline.compiler import Compiler
 
+from pipelines.ffcv_compile import code_once, compile_once
+
 
 class LazyPageTables(MemoryManager):
     """`MemoryManager` whose constructor sorts the allocation table and nothing more."""
@@ -78,15 +80,35 @@ class LazyOSCacheManager(OSCacheManager, LazyPageTables):
         return numba.types.Tuple([_read_only_vector(numba.uint8), pointers, pointers])
 
     def compile_reader(self):
-        def read(address, state):
-            data, pointers, sizes = state
-            return data[address:address + sizes[np.searchsorted(pointers, address)]]
-
-        return Compiler.compile(read, _read_only_vector(numba.uint8)(numba.uint64, self.state_type))
+        return Compiler.compile(_os_cache_read, _read_only_vector(numba.uint8)(numba.uint64, self.state_type))
 
 
 class LazyProcessCacheManager(ProcessCacheManager, LazyPageTables):
-    pass
+    def compile_reader(self):
+        return Compiler.compile(_process_cache_reader(int(np.log2(self.reader.page_size))))
+
+
+# One reader per process and page size (`pipelines.ffcv_compile`): the code reading the samples is
+# then the same for every loader.
+
+@compile_once
+def _os_cache_read(address, state):
+    data, pointers, sizes = state
+    return data[address:address + sizes[np.searchsorted(pointers, address)]]
+
+
+@code_once
+def _process_cache_reader(page_size_log2: int):
+    """FFCV's `ProcessCacheManager` reader: a sample lies within one page of the slots in `state[0]`."""
+    shift = np.uint32(page_size_log2)
+
+    def read(address, state):
+        size = state[2][np.searchsorted(state[1], address)]
+        page = address >> shift
+        offset = address - (page << shift)
+        return state[0][state[3][page], offset:offset + size]
+
+    return read
 
 
 @contextlib.contextmanager

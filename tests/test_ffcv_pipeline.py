@@ -23,9 +23,9 @@ from pipelines.crop_sampling import random_resized_crop, sample_seed
 from pipelines.ffcv_format import open_beton
 from pipelines.image_folder import find_image_folder
 
-# numba 0.68's dispatcher finalizer sometimes raises KeyError while garbage-collecting the
-# per-loader dispatchers FFCV (and our decoder, like FFCV's own) compile; it is ignored by
-# Python ("Exception ignored in ... finalizer") and happens with stock FFCV loaders too.
+# numba 0.68's dispatcher finalizer raises KeyError while garbage-collecting dispatchers compiled
+# before a stock FFCV loader retyped numba's shared uint8 vector type (`pipelines.ffcv_memory`);
+# Python ignores it ("Exception ignored in ... finalizer").
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 IMAGES = 24
@@ -189,7 +189,7 @@ def counted_decodes(mode: str, monkeypatch) -> list[int]:
         monkeypatch.setattr(module, name, counting)
 
     if mode == "host_crop":
-        count(ffcv_host_crop, "imdecode", lambda args: 1)
+        count(ffcv_host_crop, "decode_whole", lambda args: 1)
     elif mode == "device_crop":
         count(ffcv_decoders, "decode_into", lambda args: 1)
     else:
@@ -578,19 +578,50 @@ def test_views_are_normalised_channels_last_batches(dataset, mode, dtype, python
     assert not torch.equal(next(iter(pipeline))[0], batches[0][0])
 
 
-def test_stock_ffcv_loader_reads_the_beton(dataset):
+def test_stock_ffcv_loader_reads_the_beton_and_our_pipelines_work_after_it(dataset):
+    """Also: FFCV's stock OS-cache reader retypes numba's shared uint8 vector type, which the code our
+    operations compile once per process was typed with (`pipelines.ffcv_compile`); every mode still runs,
+    with the same crops, after each stock loader run in the process (numba's KeyError without the guard)."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
     folder, beton = dataset
-    loader = Loader(str(beton), batch_size=6, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0), ToTensor()],
-                               "label": [IntDecoder(), ToTensor()]})
-    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
-    images, labels = torch.cat(images), torch.cat(labels).view(-1)
-    _, samples = find_image_folder(folder)
-    assert labels.tolist() == [label for _, label in samples]
-    assert image_ids(images.unsqueeze(1)).ravel().tolist() == list(range(IMAGES))
+    before = {mode: epoch_crops(P.FFCVPipeline(make_config(beton, **MODES[mode]), cpu(), batch_size=4))
+              for mode in MODES}
+    for batch_size in (6, 8):  # new batch sizes: code compiled anew, calling helpers compiled before
+        loader = Loader(str(beton), batch_size=6, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        os_cache=True, pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0), ToTensor()],
+                                                  "label": [IntDecoder(), ToTensor()]})
+        images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+        images, labels = torch.cat(images), torch.cat(labels).view(-1)
+        _, samples = find_image_folder(folder)
+        assert labels.tolist() == [label for _, label in samples]
+        assert image_ids(images.unsqueeze(1)).ravel().tolist() == list(range(IMAGES))
+        for mode, crops in before.items():
+            pipeline = P.FFCVPipeline(make_config(beton, **MODES[mode]), cpu(), batch_size=batch_size)
+            assert np.array_equal(epoch_crops(pipeline), crops), (mode, batch_size)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_second_pipeline_in_a_process_compiles_nothing_and_gives_the_same_crops(dataset, mode):
+    """FFCV compiles each loader's operations afresh; ours are compiled once per process
+    (`pipelines.ffcv_compile`): a second pipeline, also one with another crop side, makes numba compile nothing."""
+    from numba.core import event
+    _, beton = dataset
+    first = epoch_crops(P.FFCVPipeline(make_config(beton, **MODES[mode]), cpu(), batch_size=4))
+    compiled = []
+
+    class Compiles(event.Listener):
+        def on_start(self, event):
+            compiled.append(event.data["dispatcher"].py_func.__qualname__)
+
+        def on_end(self, event):
+            pass
+    with event.install_listener("numba:compile", Compiles()):
+        again = epoch_crops(P.FFCVPipeline(make_config(beton, **MODES[mode]), cpu(), batch_size=4))
+        other_side = epoch_crops(P.FFCVPipeline(make_config(beton, image_size=24, **MODES[mode]), cpu(), batch_size=4))
+    assert compiled == []
+    assert np.array_equal(again, first) and other_side.shape[2:4] == (24, 24)
 
 
 # ------------------------------------------------------------------------------------------
