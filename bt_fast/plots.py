@@ -37,7 +37,7 @@ STEP_TYPE, VALUE_TYPE = "q", "d"  # the `array` type codes of a curve's columns:
 
 class Curves:
     """The plotted metrics of one run as (step, value) columns of machine numbers (16 bytes a point), not
-    records: what a run keeps to redraw metrics.png at each epoch end without reading metrics.jsonl again."""
+    records: what a run keeps to redraw metrics.png at an epoch end without reading metrics.jsonl again."""
 
     def __init__(self, records: Iterable[dict] = ()):
         self._points = {key: (array(STEP_TYPE), array(VALUE_TYPE)) for key, _ in PANELS}

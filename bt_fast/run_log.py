@@ -32,11 +32,11 @@ import yaml
 
 from bt_fast.config import Config
 from bt_fast.files import atomic_write, atomic_write_text, write_json
+from bt_fast.metrics_file import METRICS_NAME, numbered_lines, numbered_metrics
 from bt_fast.plots import Curves, curve_step, plot_runs, save_png, unplottable
 from bt_fast.preflight import tensorboard_writer_class
 from pipelines.views import pair_grid
 
-METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 PLOT_NAME = "metrics.png"
 SUMMARY_NAME = "summary.json"
@@ -54,25 +54,6 @@ def config_yaml(config: Config) -> str:
             return {key: plain(item) for key, item in value.items()}
         return list(value) if isinstance(value, tuple) else value
     return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
-
-
-def _numbered_lines(path: str | Path) -> Iterator[tuple[int, str, dict | None]]:
-    """(line number from 1, line, record) of each line of a metrics.jsonl, one at a time (a 1,000-epoch
-    ImageNet run logs 625,000): the record is the line's JSON object if it holds a step, else None, as for a
-    torn last line (a killed writer's)."""
-    with open(path, errors="surrogateescape") as lines:  # not UTF-8: no record, and written back unchanged
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            yield number, line, record if isinstance(record, dict) and "step" in record else None
-
-
-def numbered_metrics(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number from 1, record) of each record of a metrics.jsonl: each line holding a JSON object with
-    a step. Any other line is skipped; a file of no such lines yields nothing."""
-    return ((number, record) for number, _, record in _numbered_lines(path) if record is not None)
 
 
 def plotted_metrics(path: str | Path, warn: bool = True) -> Iterator[dict]:
@@ -102,7 +83,7 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     foreign: list[int] = []
 
     def kept() -> Iterator[bytes]:
-        for number, line, record in _numbered_lines(path):
+        for number, line, record in numbered_lines(path):
             if record is None:
                 if not line.endswith("\n"):  # torn; the last line, as only the last can lack its newline
                     continue

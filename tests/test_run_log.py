@@ -241,6 +241,17 @@ def test_plot_tool_overlays_runs(knn_run, image_folder, tmp_path, capsys):
         assert image.format == "PNG" and image.size == (1600, 700)  # 2 rows of 4 panels
 
 
+def test_plot_tool_loads_no_torch():
+    """Overlaying curves needs matplotlib and the metrics file, not torch: loading torch and torchvision
+    took the tool from about 1 s to about 4 s."""
+    import subprocess
+    probe = "import sys, tools.plot; print([m for m in ('torch', 'torchvision', 'pipelines') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot_tool.main([str(tmp_path), "--out", str(tmp_path / "x.png")])

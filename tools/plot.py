@@ -15,7 +15,7 @@ from bt_fast.errors import STARTING, CliParser, DataError, UserError, cli_errors
 
 with exit_on_interrupt(STARTING):
     from bt_fast.plots import Curves, plot_runs, save_png, unplottable
-    from bt_fast.run_log import METRICS_NAME, numbered_metrics
+    from bt_fast.metrics_file import METRICS_NAME, numbered_metrics
 
 
 def read_curves(file: Path) -> Curves:
