@@ -487,6 +487,16 @@ def synthetic_reader(samples: int = 300, page_size: int = 4096, seed: int = 0) -
     return SimpleNamespace(alloc_table=table[rng.permutation(len(table))], page_size=page_size)
 
 
+@pytest.mark.parametrize("mode", ["device_crop", "host_crop"])
+def test_ffcvs_own_process_cache_reads_what_the_os_cache_reads(dataset, mode):
+    """os_cache=false reads the .beton into FFCV's page slots, through the page reader of
+    `pipelines.ffcv_memory` (compiled once per page size): the same crops as through the OS page cache."""
+    _, beton = dataset
+    crops = [epoch_crops(P.FFCVPipeline(make_config(beton, os_cache=os_cache, **MODES[mode]), cpu(), batch_size=4))
+             for os_cache in (True, False)]
+    assert np.array_equal(crops[0], crops[1])
+
+
 def test_lazy_page_tables_are_ffcvs_own(dataset):
     from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
     import ffcv.loader.loader
