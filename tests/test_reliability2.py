@@ -518,8 +518,8 @@ def test_help_gives_every_key_its_allowed_values_and_what_it_does(capsys):
 
 # Every command that loads torch at start-up, with arguments it would accept.
 COMMANDS_LOADING_TORCH = {"bt_fast.train": ["--help"], "tools.evaluate": ["--help"], "tools.bench": ["--help"],
-                          "tools.gpu_check": ["--help"], "tools.preview": ["--help"], "tools.plot": ["--help"],
-                          "tools.launch": ["--help"], "tools.dali_semantics": ["--help"]}
+                          "tools.gpu_check": ["--help"], "tools.preview": ["--help"], "tools.launch": ["--help"],
+                          "tools.dali_semantics": ["--help"]}  # not tools.plot (tests/test_run_log.py -k loads_no_torch)
 # A process killed by SIGINT (-2) is what the shell reports as 130 too. CPython ends that way, message and
 # all, when the KeyboardInterrupt met code that torch's import runs through PyRun_String.
 INTERRUPTED = (130, -signal.SIGINT)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bt_fast.errors import STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt, output_file
+from bt_fast.errors import CliParser, DataError, UserError, cli_errors, exit_on_interrupt, output_file
 
-with exit_on_interrupt(STARTING):
+with exit_on_interrupt("while starting"):  # numpy; matplotlib comes with the first figure
     from bt_fast.plots import Curves, plot_runs, save_png, unplottable
     from bt_fast.metrics_file import METRICS_NAME, numbered_metrics
 
