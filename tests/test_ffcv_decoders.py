@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import compiles, cached on disk from there
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
