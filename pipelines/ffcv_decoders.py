@@ -49,7 +49,7 @@ from pipelines.crop_sampling import random_resized_crop, sample_seed
 from pipelines.ffcv_compile import code_once, compile_once
 
 __all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",
-           "decode_into", "stored_bytes"]
+           "decode_into", "raise_if_failed", "stored_bytes"]
 
 ROW_FIELDS = ("height", "width", "stored_bytes", "top1", "left1", "h1", "w1", "top2", "left2", "h2", "w2")
 BOXES = slice(3, 11)
@@ -93,8 +93,9 @@ def decode_into(jpeg, slot, height, width):
 
 
 @compile_once
-def _raise_if_failed(status, count):
-    """Raise for a failed sample, after the parallel loop (a raise inside it makes numba run it serially)."""
+def raise_if_failed(status, count):
+    """Raise for a failed sample (`status[i, 0]` not 0) among the first `count`, after the parallel loop
+    that wrote the statuses (a raise inside it makes numba run it serially)."""
     for dst_ix in range(count):
         if status[dst_ix, 0] != 0:
             raise ValueError(_DECODE_FAILED)
@@ -237,12 +238,12 @@ class PaddedDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
 
     def generate_code(self) -> Callable:
-        return _padded_decode_code(self.memory_read, Compiler.compile(decode_into), Compiler.compile(_raise_if_failed),
+        return _padded_decode_code(self.memory_read, Compiler.compile(decode_into), Compiler.compile(raise_if_failed),
                                    Compiler.get_iterator())
 
 
 @code_once
-def _padded_decode_code(mem_read, decode_jpeg, raise_if_failed, sample_range) -> Callable:
+def _padded_decode_code(mem_read, decode_jpeg, raise_failed, sample_range) -> Callable:
     def decode(batch_indices, my_storage, metadata, storage_state):
         destination, status = my_storage
         count = len(batch_indices)
@@ -257,7 +258,7 @@ def _padded_decode_code(mem_read, decode_jpeg, raise_if_failed, sample_range) ->
             else:
                 slot[:height, :width] = data.reshape(height, width, 3)
                 status[dst_ix, 0] = 0
-        raise_if_failed(status, count)
+        raise_failed(status, count)
         return destination[:count]
 
     decode.is_parallel = True
@@ -293,12 +294,12 @@ class JPEGBytesDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
 
     def generate_code(self) -> Callable:
-        return _copy_bytes_code(self.memory_read, Compiler.compile(_raise_if_failed), Compiler.get_iterator(),
+        return _copy_bytes_code(self.memory_read, Compiler.compile(raise_if_failed), Compiler.get_iterator(),
                                 self.max_bytes)
 
 
 @code_once
-def _copy_bytes_code(mem_read, raise_if_failed, sample_range, max_bytes) -> Callable:
+def _copy_bytes_code(mem_read, raise_failed, sample_range, max_bytes) -> Callable:
     def copy_bytes(batch_indices, my_storage, metadata, storage_state):
         destination, status = my_storage
         count = len(batch_indices)
@@ -309,7 +310,7 @@ def _copy_bytes_code(mem_read, raise_if_failed, sample_range, max_bytes) -> Call
             status[dst_ix, 0] = 0 if valid else 1
             if valid:
                 destination[dst_ix, :size] = data
-        raise_if_failed(status, count)
+        raise_failed(status, count)
         return destination[:count]
 
     copy_bytes.is_parallel = True

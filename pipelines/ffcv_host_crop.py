@@ -23,6 +23,7 @@ from ffcv.pipeline.state import State
 
 from pipelines.crop_sampling import random_resized_crop, sample_seed
 from pipelines.ffcv_compile import code_once, compile_once
+from pipelines.ffcv_decoders import raise_if_failed
 
 compile_once(random_resized_crop)
 compile_once(sample_seed)
@@ -88,13 +89,13 @@ class TwoCropRGBDecoder(SimpleRGBImageDecoder):
     def generate_code(self) -> Callable:
         return _two_crops_code(self.memory_read, Compiler.compile(decode_whole), Compiler.compile(resize_box),
                                Compiler.compile(random_resized_crop), Compiler.compile(sample_seed),
-                               Compiler.get_iterator(), self._lanes(), self.max_pixels, self.scratch_per_sample,
-                               self.scale, self.ratio)
+                               Compiler.compile(raise_if_failed), Compiler.get_iterator(), self._lanes(),
+                               self.max_pixels, self.scratch_per_sample, self.scale, self.ratio)
 
 
 @code_once
-def _two_crops_code(mem_read, decode_jpeg, resize, crop_box, seed_of, lane_range, lanes: int, max_pixels: int,
-                    per_sample: int, scale, ratio) -> Callable:
+def _two_crops_code(mem_read, decode_jpeg, resize, crop_box, seed_of, raise_failed, lane_range, lanes: int,
+                    max_pixels: int, per_sample: int, scale, ratio) -> Callable:
     views = TwoCropRGBDecoder.VIEWS
     jpg = IMAGE_MODES["jpg"]
     scale_low, scale_high = scale
@@ -129,10 +130,7 @@ def _two_crops_code(mem_read, decode_jpeg, resize, crop_box, seed_of, lane_range
                     top, left, h, w = crop_box(height, width, scale_low, scale_high, log_low, log_high,
                                                ratio_min, ratio_max)
                     resize(image, top, top + h, left, left + w, destination[dst_ix, view])
-        for dst_ix in range(count):
-            if seeds[dst_ix, 1] != 0:
-                raise ValueError("a JPEG stored in the dataset cannot be decoded; "
-                                 "reconvert it with `python -m tools.convert`")
+        raise_failed(seeds[:, 1:], count)
         return destination[:count]
 
     decode.is_parallel = True
