@@ -9,6 +9,7 @@ intra-op thread per process mostly spins waiting for a core, and costs CPU time 
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -100,6 +101,15 @@ def ctrl_c_once(script: str, args: list[str], ready: Callable[[], bool]) -> subp
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"{args} hung after Ctrl-C")
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def modules_loaded_by(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Those of `modules` that a new Python process, run from the repository root, has loaded once `code`
+    has run there (which must succeed)."""
+    probe = f"{code}\nimport sys\nprint([m for m in {modules!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip().splitlines()[-1])
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (80, 60),

@@ -17,6 +17,7 @@ from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import ConfigError, load_config, parse_overrides
 from bt_fast.train import main
 from bt_fast.trainer import Trainer
+from conftest import modules_loaded_by
 from test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -414,11 +415,7 @@ def test_launcher_reports_a_config_error_once_without_starting_torchrun(processe
 def test_launcher_checks_a_run_without_loading_the_trainer():
     """The launcher's checks (bt_fast.preflight) leave torchvision, the pipelines and the trainer to the ranks:
     loading them would double the launcher's start-up before every run and restart."""
-    heavy = ("torchvision", "pipelines", "bt_fast.train", "bt_fast.trainer")
-    probe = f"import sys, tools.launch; print([m for m in {heavy!r} if m in sys.modules])"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert modules_loaded_by("import tools.launch", ("torchvision", "pipelines", "bt_fast.train", "bt_fast.trainer")) == []
 
 
 # -- first-use conversion and tools.convert --------------------------------------------------------

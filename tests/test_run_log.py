@@ -13,6 +13,7 @@ from bt_fast.config import load_config
 from bt_fast.plots import PANELS, Curves, plot_runs
 from bt_fast.run_log import config_yaml, summarise, truncate_metrics
 from bt_fast.train import train
+from conftest import modules_loaded_by
 from test_reliability import run_main, tiny_args
 from test_train import tiny_config
 from tools import plot as plot_tool
@@ -244,12 +245,7 @@ def test_plot_tool_overlays_runs(knn_run, image_folder, tmp_path, capsys):
 def test_plot_tool_loads_no_torch():
     """Overlaying curves needs matplotlib and the metrics file, not torch: loading torch and torchvision
     took the tool from about 1 s to about 4 s."""
-    import subprocess
-    probe = "import sys, tools.plot; print([m for m in ('torch', 'torchvision', 'pipelines') if m in sys.modules])"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert modules_loaded_by("import tools.plot", ("torch", "torchvision", "pipelines")) == []
 
 
 def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
