@@ -172,9 +172,3 @@ def split_folder(tmp_path_factory) -> Path:
     write_image_folder(root / "val", classes=3, per_class=4, size=(48, 40), seed=1)
     return root
 
-
-def pytest_collection_modifyitems(items):
-    """Modules marked `collect_first` are collected first. `make test`'s `--dist loadscope` hands whole
-    modules to the workers in collection order, so the longest module, collected last, kept one worker
-    busy alone for minutes at the end of the run."""
-    items.sort(key=lambda item: item.get_closest_marker("collect_first") is None)  # stable: the rest keep their order

@@ -25,8 +25,7 @@ from tools import evaluate
 
 # One pretraining for the module: its tests share a pytest-xdist worker (`make test` runs --dist loadscope), and
 # the first of them also waits for the pretraining, so the hang guard is the pretraining's time plus the test's.
-# The longest module of the suite: collected first (tests/conftest.py), so it does not run alone at the end.
-pytestmark = [pytest.mark.timeout(900), pytest.mark.collect_first]
+pytestmark = pytest.mark.timeout(900)
 
 MIN_KNN_GAIN_POINTS = 15.0
 MIN_LINEAR_GAIN_POINTS = 20.0
