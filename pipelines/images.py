@@ -331,37 +331,48 @@ def _opencv_decoded(data: bytes, scale: int) -> np.ndarray | None:
     """The plain JPEG `data` decoded by OpenCV at DCT scale 1/`scale`: BGR uint8 (H, W, 3), the
     same pixels as Pillow's decode at that scale (both are libjpeg-turbo with its defaults), without
     Pillow's RGBX image and the copy out of it. None where OpenCV refuses the file (truncated, for
-    one): Pillow then decodes it and says why.
+    one) or libjpeg warned about its data: Pillow then decodes it and accepts or refuses it, saying why.
 
-    libjpeg prints its warnings on corrupt data (which both decoders accept) to stderr itself, where
-    Pillow keeps quiet, so fd 2 points at /dev/null while OpenCV decodes."""
+    libjpeg prints its warnings on corrupt data itself, on stderr, and OpenCV decodes on past them
+    (gray where the data broke off), where Pillow refuses some of those files ("broken data stream"):
+    so fd 2 points at a scratch file while OpenCV decodes, and a warning hands the file to Pillow."""
     cv2 = cv2_module()
     flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
              8: cv2.IMREAD_REDUCED_COLOR_8}[scale] | cv2.IMREAD_IGNORE_ORIENTATION
-    with _stderr_silenced():
+    with _StderrCaught() as stderr:
         try:
-            return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         except cv2.error:
             return None
+    return None if stderr.written else decoded
 
 
-@contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    if sys.stderr is not None:
-        sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to silence
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+class _StderrCaught:
+    """For a `with` block: fd 2 points at a scratch file in memory; `written` says afterwards whether
+    anything (a C library's own message) was written there."""
+
+    written = False
+
+    def __enter__(self) -> "_StderrCaught":
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        try:
+            self._saved: int | None = os.dup(2)
+        except OSError:  # fd 2 is closed: the scratch file takes its place for the block
+            self._saved = None
+        self._scratch = os.memfd_create("stderr-caught")
+        os.dup2(self._scratch, 2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.written = os.fstat(self._scratch).st_size > 0
+        if self._saved is None:
+            os.close(2)
+        else:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        if self._scratch != 2:  # with fd 2 closed before, the scratch file may have been given fd 2 itself
+            os.close(self._scratch)
 
 
 _SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # SOF0 baseline, SOF1 extended sequential

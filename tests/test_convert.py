@@ -1161,7 +1161,8 @@ def test_a_large_jpeg_is_capped_to_ffcvs_geometry_from_a_reduced_decode(size, or
 def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp_path, capfd, monkeypatch):
     """Colour JPEGs that are re-encoded (over the cap, progressive) are decoded by OpenCV: the same
     bytes as Pillow's decode (`pixels`, the path FFCV's writer is checked against above), silent on
-    corrupt data that both accept, and a truncated one is skipped with Pillow's reason."""
+    corrupt data that both accept, and a truncated one, or one whose data breaks off at a stray marker
+    (which OpenCV decodes on past, gray from there), is skipped with Pillow's reason."""
     import pipelines.images as images
     from pipelines.demo_data import load_photograph
     decoded = []
@@ -1175,6 +1176,7 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
     data = (tmp_path / "over.jpg").read_bytes()
     (tmp_path / "corrupt.jpg").write_bytes(data[:len(data) // 2] + b"\xff\xd0" + data[len(data) // 2:])
     (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (tmp_path / "broken.jpg").write_bytes(data[:len(data) // 2] + b"\xff\xc4" + data[len(data) // 2:])  # a DHT marker
     prep = ImagePrep(max_resolution=MAX_RES)
     for name in [*cases, "corrupt.jpg"]:
         path = str(tmp_path / name)
@@ -1184,6 +1186,10 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
     assert decoded == [1, 2, 1, 1, 1]  # every one through OpenCV; the 300 px one at a DCT scale of 1/2
     truncated = prep.stored(str(tmp_path / "truncated.jpg"))
     assert truncated.status == "skipped" and truncated.reason.startswith("truncated or corrupt: image file is truncated")
+    with pytest.raises(OSError, match="broken data stream"):
+        Image.open(tmp_path / "broken.jpg").load()
+    broken = prep.stored(str(tmp_path / "broken.jpg"))
+    assert (broken.status, broken.reason) == ("skipped", "truncated or corrupt: broken data stream when reading image file")
     assert capfd.readouterr().err == ""  # libjpeg's "Corrupt JPEG data" warning did not reach stderr
 
 
