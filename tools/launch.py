@@ -15,7 +15,9 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from p
   machine. torchrun's warnings narrating the stop are left out.
 - A rank that fails on bad input (an error with exit code 2: empty data, too little memory, ...) would fail
   the same way on every restart. It leaves its error line here and stops the launch
-  (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2.
+  (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2. On several
+  nodes it also closes the rendezvous, so the other nodes' launchers end too (one line, exit 2) instead
+  of restarting their ranks and waiting there for this node.
 - A worker group that failed for good otherwise ends in one line naming the rank and its error; the
   workers' own `error:` lines are above it.
 - Without `--log-dir`, torchrun's per-rank error files go into a temporary directory that is
@@ -41,7 +43,9 @@ with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous import RendezvousParameters, registry as rendezvous_registry
+    from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
+                                                          RendezvousError)
 
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
@@ -139,6 +143,22 @@ def reported_input_errors(directory: Path) -> bool:
     return bool(lines)
 
 
+def close_rendezvous(options: argparse.Namespace) -> None:
+    """Close the run's rendezvous, as torchrun does when a node fails for good but not when it is stopped by a
+    signal: the other nodes, whose ranks lost their peers, then stop at their next rendezvous instead of
+    waiting in it for this node until the join timeout."""
+    config, _, _ = torchrun.config_from_args(options)
+    if config.max_nodes == 1:
+        return
+    params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
+                                  min_nodes=config.min_nodes, max_nodes=config.max_nodes,
+                                  local_addr=config.local_addr, **config.rdzv_configs)
+    try:
+        rendezvous_registry.get_rendezvous_handler(params).shutdown()
+    except (RendezvousError, RuntimeError, OSError):  # node 0's store is gone: the others cannot wait in it either
+        pass
+
+
 def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_errors: Path) -> int:
     """torchrun with `options`; the launcher's exit code, having said how it ended where torchrun would not.
     `rank_errors` is where ranks leave their input errors."""
@@ -146,6 +166,7 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
         torchrun.run(options)
     except SignalException as stop:
         if reported_input_errors(rank_errors):  # the SIGTERM came from that rank
+            close_rendezvous(options)
             return 2
         name = signal.Signals(stop.sigval).name
         code = stop_exit_code(name)
@@ -159,9 +180,13 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
         return code or 1
     except RendezvousConnectionError as err:  # node 0 unreachable, or its store could not open its port
         cause = one_line(err.__cause__) if err.__cause__ is not None else one_line(err)
-        print_error(f"cannot reach the rendezvous at {options.rdzv_endpoint} ({cause}); check that node 0 runs "
-                    f"and that MASTER_ADDR and MASTER_PORT name it and a free port")
+        print_error(f"cannot reach the rendezvous at {options.rdzv_endpoint} ({cause}); node 0's launcher holds it: "
+                    f"check that it runs (it ends when the run stops there: see its error) and that MASTER_ADDR and "
+                    f"MASTER_PORT name node 0 and a free port")
         return 1
+    except RendezvousClosedError:
+        print_error("another node stopped the run (its launcher says why), so this node stops too")
+        return 2
     except ChildFailedError as failed:
         if reported_input_errors(rank_errors):
             return 2
