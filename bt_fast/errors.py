@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 from contextlib import contextmanager
@@ -170,6 +171,22 @@ def ignore_interrupts_while_exiting() -> None:
     down (atexit handlers such as tqdm's, loader threads) has nothing left to stop and would only print
     "Exception ignored ... KeyboardInterrupt" tracebacks after the result."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def drop_unread_output() -> None:
+    """For a command whose work is done, before it prints its result: if nothing reads its stdout any more
+    (a `| head` that has exited, a `| tee` that went with its terminal), point stdout at /dev/null. The
+    result would otherwise end the command in a BrokenPipeError traceback and exit 1, its work done and
+    written. A pipe with no reader left reports POLLERR to its writer."""
+    poller = select.poll()
+    try:
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a file descriptor
+        return
+    if any(events & select.POLLERR for _, events in poller.poll(0)):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class _StoreOnce(argparse._StoreAction):

@@ -276,6 +276,16 @@ def test_ctrl_c_after_the_result_is_printed_leaves_it_the_last_output(image_fold
     _, err = run.communicate(timeout=120)
     assert run.returncode == 0 and "Traceback" not in err and "Exception ignored" not in err, err
 
+    # The same command again, its stdout a pipe whose reader has gone (`| head`, a `| tee` that went with its
+    # terminal): the result, "run already complete", ended in a BrokenPipeError traceback and exit 1.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        again = subprocess.run(command, cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+
 
 def test_every_checkpoint_finds_its_steps_already_in_the_metrics_log(image_folder, tmp_path, monkeypatch):
     """Counted when the checkpoint's state is taken (it is written on a thread of its own after that)."""
