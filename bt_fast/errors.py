@@ -149,9 +149,11 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
     `exit_code` (2 for `also`); likewise a DataLoader worker that died, exit 1. With `launched_rank`
     (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and
-    any error after another rank's is left unsaid (exit 1)."""
+    any error after another rank's is left unsaid (exit 1). When the block succeeds, what a command does
+    next is print its result: `drop_unread_output` first."""
     try:
         yield
+        drop_unread_output()
     except (UserError, *also) as err:
         if not (launched_rank and leave_for_launcher(err)):
             print_error(err)
@@ -174,10 +176,10 @@ def ignore_interrupts_while_exiting() -> None:
 
 
 def drop_unread_output() -> None:
-    """For a command whose work is done, before it prints its result: if nothing reads its stdout any more
-    (a `| head` that has exited, a `| tee` that went with its terminal), point stdout at /dev/null. The
-    result would otherwise end the command in a BrokenPipeError traceback and exit 1, its work done and
-    written. A pipe with no reader left reports POLLERR to its writer."""
+    """For a command whose work is done, before it prints its result (`cli_errors` calls it): if nothing reads
+    its stdout any more (a `| head` that has exited, a `| tee` that went with its terminal), point stdout at
+    /dev/null. The result would otherwise end the command in a BrokenPipeError traceback and exit 1, its
+    work done and written. A pipe with no reader left reports POLLERR to its writer."""
     poller = select.poll()
     try:
         poller.register(sys.stdout.fileno(), select.POLLOUT)

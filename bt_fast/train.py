@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from bt_fast.errors import STARTING, drop_unread_output, exit_on_interrupt, ignore_interrupts_while_exiting
+from bt_fast.errors import STARTING, exit_on_interrupt, ignore_interrupts_while_exiting
 
 # Loading torch, torchvision and the pipelines takes seconds; Ctrl-C meanwhile is one line, exit 130.
 with exit_on_interrupt(STARTING):
@@ -146,10 +146,5 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
           f"checkpoint: {summary['checkpoint']}\nbackbone:   {backbone}")
 
 
-def _work_done() -> None:
-    ignore_interrupts_while_exiting()
-    drop_unread_output()
-
-
 if __name__ == "__main__":
-    main(work_done=_work_done)
+    main(work_done=ignore_interrupts_while_exiting)

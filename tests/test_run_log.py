@@ -248,6 +248,26 @@ def test_plot_tool_loads_no_torch():
     assert modules_loaded_by("import tools.plot", ("torch", "torchvision", "pipelines")) == []
 
 
+def test_plot_tool_whose_stdout_reader_has_gone_writes_its_plot_and_exits_0(tmp_path):
+    """`python -m tools.plot RUN | head -0`: the PNG was written, then "wrote ..." ended the command in a
+    BrokenPipeError traceback and exit 1."""
+    import os
+    import subprocess
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 10.0 - step}) + "\n"
+                                                    for step in (1, 2)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "tools.plot", str(tmp_path), "--out", str(tmp_path / "p.png")],
+                                cwd=Path(__file__).resolve().parents[1], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    with Image.open(tmp_path / "p.png") as image:
+        assert image.format == "PNG"
+
+
 def test_plot_tool_names_a_run_without_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot_tool.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
