@@ -112,6 +112,17 @@ def modules_loaded_by(code: str, modules: tuple[str, ...]) -> list[str]:
     return ast.literal_eval(result.stdout.strip().splitlines()[-1])
 
 
+def run_with_stdout_unread(command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root with its stdout a pipe whose reader has gone (a `| head` that
+    has exited); stderr is captured as text."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(command, cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+
+
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (80, 60),
                        seed: int = 0) -> Path:
     """Smooth random colour fields (JPEG-friendly), one sub-directory per class."""

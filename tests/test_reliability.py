@@ -17,7 +17,7 @@ from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import ConfigError, load_config, parse_overrides
 from bt_fast.train import main
 from bt_fast.trainer import Trainer
-from conftest import modules_loaded_by
+from conftest import modules_loaded_by, run_with_stdout_unread
 from test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,12 +278,7 @@ def test_ctrl_c_after_the_result_is_printed_leaves_it_the_last_output(image_fold
 
     # The same command again, its stdout a pipe whose reader has gone (`| head`, a `| tee` that went with its
     # terminal): the result, "run already complete", ended in a BrokenPipeError traceback and exit 1.
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        again = subprocess.run(command, cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
-    finally:
-        os.close(write_end)
+    again = run_with_stdout_unread(command)
     assert again.returncode == 0 and again.stderr == "", again.stderr
 
 

@@ -13,7 +13,7 @@ from bt_fast.config import load_config
 from bt_fast.plots import PANELS, Curves, plot_runs
 from bt_fast.run_log import config_yaml, summarise, truncate_metrics
 from bt_fast.train import train
-from conftest import modules_loaded_by
+from conftest import modules_loaded_by, run_with_stdout_unread
 from test_reliability import run_main, tiny_args
 from test_train import tiny_config
 from tools import plot as plot_tool
@@ -251,18 +251,9 @@ def test_plot_tool_loads_no_torch():
 def test_plot_tool_whose_stdout_reader_has_gone_writes_its_plot_and_exits_0(tmp_path):
     """`python -m tools.plot RUN | head -0`: the PNG was written, then "wrote ..." ended the command in a
     BrokenPipeError traceback and exit 1."""
-    import os
-    import subprocess
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 10.0 - step}) + "\n"
                                                     for step in (1, 2)))
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        result = subprocess.run([sys.executable, "-m", "tools.plot", str(tmp_path), "--out", str(tmp_path / "p.png")],
-                                cwd=Path(__file__).resolve().parents[1], stdout=write_end, stderr=subprocess.PIPE,
-                                text=True, timeout=120)
-    finally:
-        os.close(write_end)
+    result = run_with_stdout_unread([sys.executable, "-m", "tools.plot", str(tmp_path), "--out", str(tmp_path / "p.png")])
     assert result.returncode == 0 and result.stderr == "", result.stderr
     with Image.open(tmp_path / "p.png") as image:
         assert image.format == "PNG"
