@@ -186,9 +186,15 @@ def drop_unread_output() -> None:
     except (AttributeError, OSError, ValueError):  # no stdout, or not a file descriptor
         return
     if any(events & select.POLLERR for _, events in poller.poll(0)):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        to_devnull(sys.stdout.fileno())
+
+
+def to_devnull(*fds: int) -> None:
+    """Point each of the file descriptors `fds`, whose output nobody reads any more, at /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class _StoreOnce(argparse._StoreAction):

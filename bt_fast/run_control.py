@@ -16,6 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from bt_fast.errors import to_devnull
+
 # Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGHUP (the terminal
 # closed) over SIGINT.
 STOP_SIGNALS = {signal.SIGINT: 1, signal.SIGHUP: 2, signal.SIGTERM: 3, signal.SIGUSR1: 4}
@@ -77,10 +79,7 @@ def leave_a_lost_terminal(fds: list[int]) -> None:
     lost = [fd for fd in fds if not os.isatty(fd)]
     if not lost:
         return  # a SIGHUP sent by hand: the terminal is still there
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in lost:
-        os.dup2(devnull, fd)
-    os.close(devnull)
+    to_devnull(*lost)
 
 
 def leave_stops_to_the_rank(worker_id: int) -> None:
