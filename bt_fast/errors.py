@@ -64,6 +64,24 @@ def lost_dataloader_worker(err: BaseException) -> str | None:
     return text
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's transport (a plain RuntimeError)
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """In a rank of a distributed run: the gist of what a collective or the store said where another rank's process
+    or machine went away (gloo: "Connection closed by peer [10.0.0.2]:4321"; torch's DistNetworkError from the
+    store), None for any other error. The traceback of such an error shows only where this rank was waiting."""
+    if not isinstance(err, RuntimeError):
+        return None
+    text = " ".join(str(err).split())
+    for sign in _PEER_GONE:
+        if sign in text:
+            return text[text.index(sign):].split(". ")[0]
+    if any(kind.__name__ == "DistNetworkError" for kind in type(err).__mro__):  # without importing torch here
+        return text.split(". ")[0]
+    return None
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line.
 
@@ -149,8 +167,8 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
     `exit_code` (2 for `also`); likewise a DataLoader worker that died, exit 1. With `launched_rank`
     (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and
-    any error after another rank's is left unsaid (exit 1). When the block succeeds, what a command does
-    next is print its result: `drop_unread_output` first."""
+    any error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
+    When the block succeeds, what a command does next is print its result: `drop_unread_output` first."""
     try:
         yield
         drop_unread_output()
@@ -160,6 +178,11 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
         raise SystemExit(getattr(err, "exit_code", 2)) from None
     except Exception as err:
         if launched_rank and peer_left_input_error():
+            raise SystemExit(1) from None
+        gone = lost_peer(err) if launched_rank else None
+        if gone is not None:
+            print_error(f"rank {os.environ.get('RANK', '0')} lost another rank ({gone}): it stopped or its machine "
+                        f"went down; its own error line, or its node's launcher, says why")
             raise SystemExit(1) from None
         lost = lost_dataloader_worker(err)
         if lost is None:

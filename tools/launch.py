@@ -17,7 +17,9 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from p
   the same way on every restart. It leaves its error line here and stops the launch
   (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2. On several
   nodes it also closes the rendezvous, so the other nodes' launchers end too (one line, exit 2) instead
-  of restarting their ranks and waiting there for this node.
+  of restarting their ranks and waiting there for this node. Where node 0 stops, the others say in one
+  line that they cannot reach its rendezvous; torch's C++ warnings about each failed call to the store
+  (with their stack dumps) are left out of the launcher's output, not of the ranks'.
 - A worker group that failed for good otherwise ends in one line naming the rank and its error; the
   workers' own `error:` lines are above it.
 - Without `--log-dir`, torchrun's per-rank error files go into a temporary directory that is
@@ -39,6 +41,12 @@ from pathlib import Path
 from bt_fast.errors import (LAUNCHER_ENV, STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error,
                             ranks_input_errors)
 
+# torch's C++ client of node 0's store logs each failed call as a warning with a stack dump, about a hundred lines on
+# every other node once node 0 has stopped; this launcher says what happened in one line. Read once, as torch loads:
+# the ranks it starts keep their own C++ warnings, and a level the user set stays.
+_QUIET_STORE_CLIENT = "TORCH_CPP_LOG_LEVEL" not in os.environ
+if _QUIET_STORE_CLIENT:
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -53,6 +61,8 @@ with exit_on_interrupt(STARTING):
     from bt_fast.preflight import check_batch_split, check_run_inputs
     from bt_fast.run_control import stop_exit_code
     from bt_fast.train_args import parse_train_args
+if _QUIET_STORE_CLIENT:
+    del os.environ["TORCH_CPP_LOG_LEVEL"]
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
 
