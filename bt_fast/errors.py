@@ -212,6 +212,16 @@ def drop_unread_output() -> None:
         to_devnull(sys.stdout.fileno())
 
 
+def say(text: str) -> None:
+    """`print(text)` for a command still at work (a progress line, a result before its file is written): where
+    nothing reads its stdout any more (a `| head` that has exited), the rest of its output goes to /dev/null and
+    the work goes on, instead of ending in a BrokenPipeError traceback with its files unwritten."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        to_devnull(sys.stdout.fileno())
+
+
 def to_devnull(*fds: int) -> None:
     """Point each of the file descriptors `fds`, whose output nobody reads any more, at /dev/null."""
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -10,7 +10,7 @@ import torch
 
 import bt_fast.optim
 import bt_fast.trainer
-from conftest import requires_cuda
+from conftest import requires_cuda, run_with_stdout_unread
 from tools.gpu_check import __main__ as gpu_check
 from tools.gpu_check.measure import SIZES, Result, compare
 from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
@@ -49,6 +49,15 @@ def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
     assert throughput["augment_images_per_s"] > 0 and throughput["lars_step_ms"] > 0
     for key in (*TRAINING_RUNS, "peak_gpu_memory_gib"):
         assert throughput[key] == "n/a"  # CUDA only
+
+
+def test_a_reader_gone_from_stdout_leaves_the_checks_and_their_json_to_finish(tmp_path):
+    """`make gpu-check | head -3`: once head has exited, the check lines go nowhere and the run goes on to its JSON."""
+    out = tmp_path / "gpu_check.json"
+    result = run_with_stdout_unread([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--only",
+                                     "rank-devices", "--json", str(out)])
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr[-3000:]
+    assert [check["check"] for check in json.loads(out.read_text())["checks"]] == ["rank devices"]
 
 
 def test_compare_fails_above_the_tolerance_and_on_nan():

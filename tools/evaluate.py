@@ -34,7 +34,7 @@ from typing import Any
 
 from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_BATCH_PER_RANK
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
-                             ignore_interrupts_while_exiting, output_file, print_error)
+                             ignore_interrupts_while_exiting, output_file, print_error, say)
 from bt_fast.files import check_output_file
 from bt_fast.host import usable_cores
 
@@ -167,16 +167,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare:
         pretrained = _record(args.mode, results[0], checkpoint, arch, settings, facts, False, 0, progress)
         baseline = _record(args.mode, results[1], None, arch, settings, facts, True, 1)
-        print(header)
-        print(f"{format_line('pretrained', pretrained)}  {checkpoint}")
-        print(f"{format_line('random init', baseline)}  (seed {args.seed})")
-        print(f"{'difference':<12} top1 {pretrained['top1'] - baseline['top1']:+6.2f}   "
+        say(header)
+        say(f"{format_line('pretrained', pretrained)}  {checkpoint}")
+        say(f"{format_line('random init', baseline)}  (seed {args.seed})")
+        say(f"{'difference':<12} top1 {pretrained['top1'] - baseline['top1']:+6.2f}   "
               f"top5 {pretrained['top5'] - baseline['top5']:+6.2f}")
         return {"pretrained": pretrained, "random_init": baseline}
     record = _record(args.mode, results[0], None if args.random_init else checkpoint, arch, settings, facts,
                      args.random_init, 0, progress)
     source = f"random init (seed {args.seed})" if args.random_init else checkpoint
-    print(f"{format_line(args.mode, record)}  {source} | {header}")
+    say(f"{format_line(args.mode, record)}  {source} | {header}")
     return record
 
 

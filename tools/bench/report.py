@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bt_fast.errors import say
 from bt_fast.files import write_json
 
 TARGETS = {"ffcv_vs_floor": 1.15, "ffcv_device_decode_vs_floor": 0.1, "augment_speedup": 4.0, "lars_speedup": 2.0,
@@ -252,8 +253,8 @@ def plot(result: dict, path: Path) -> None:
 
 def write_report(result: dict, json_path: Path, plot_path: Path) -> None:
     """Print the table, write the JSON (atomically) and the plot (not for --end-to-end), and say where they are."""
-    print(format_table(result))
+    say(format_table(result))
     write_json(json_path, result)
     if "loaders" in result:
         plot(result, plot_path)
-    print(f"\njson: {json_path}" + (f"\nplot: {plot_path}" if "loaders" in result else ""))
+    say(f"\njson: {json_path}" + (f"\nplot: {plot_path}" if "loaders" in result else ""))

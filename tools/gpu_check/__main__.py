@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bt_fast.errors import STARTING, CliParser, cli_errors, exit_on_interrupt, one_line, output_file
+from bt_fast.errors import STARTING, CliParser, cli_errors, exit_on_interrupt, one_line, output_file, say
 
 with exit_on_interrupt(STARTING):
     import torch
@@ -61,7 +61,7 @@ def held_output():
         raise
 
 
-def run_checks(device: torch.device, report: Callable[[str], None] = print, checks: Sequence[Callable] | None = None,
+def run_checks(device: torch.device, report: Callable[[str], None] = say, checks: Sequence[Callable] | None = None,
                throughput: bool = True) -> dict:
     """Each of `checks` (default CHECKS) in turn, then the throughput part if asked; the summary for the JSON."""
     checks = CHECKS if checks is None else checks
@@ -94,7 +94,7 @@ def run_checks(device: torch.device, report: Callable[[str], None] = print, chec
             "throughput": measured, "passed": all(not r.status.startswith("fail") for r in results)}
 
 
-def run_end_to_end(device: torch.device, report: Callable[[str], None] = print, options: Sequence[str] = ()) -> dict:
+def run_end_to_end(device: torch.device, report: Callable[[str], None] = say, options: Sequence[str] = ()) -> dict:
     """`python -m tools.bench --end-to-end --device <device> <options>` (the bench's sizes for that device by
     default), reported as its table."""
     from tools.bench.__main__ import parse_args, resolve_data
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             summary["end_to_end"] = run_end_to_end(device)
         if args.json:
             write_json(args.json, summary)
-    print(f"\n{'all checks passed' if summary['passed'] else 'some checks FAILED'} on {device}")
+    say(f"\n{'all checks passed' if summary['passed'] else 'some checks FAILED'} on {device}")
     sys.exit(0 if summary["passed"] else 1)
 
 
