@@ -1,5 +1,6 @@
 """tools.gpu_check: every check's code path on the CPU, and proof that its comparisons can fail."""
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -10,7 +11,7 @@ import torch
 
 import bt_fast.optim
 import bt_fast.trainer
-from conftest import requires_cuda, run_with_stdout_unread
+from conftest import requires_cuda
 from tools.gpu_check import __main__ as gpu_check
 from tools.gpu_check.measure import SIZES, Result, compare
 from tools.gpu_check.train_checks import TRAINING_RUNS, check_lars, check_resume
@@ -51,12 +52,16 @@ def test_cpu_run_passes_every_check_and_writes_every_section(tmp_path):
         assert throughput[key] == "n/a"  # CUDA only
 
 
-def test_a_reader_gone_from_stdout_leaves_the_checks_and_their_json_to_finish(tmp_path):
+def test_a_reader_gone_from_stdout_leaves_the_checks_and_their_json_to_finish(tmp_path, monkeypatch, capsys):
     """`make gpu-check | head -3`: once head has exited, the check lines go nowhere and the run goes on to its JSON."""
-    out = tmp_path / "gpu_check.json"
-    result = run_with_stdout_unread([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--only",
-                                     "rank-devices", "--json", str(out)])
-    assert (result.returncode, result.stderr) == (0, ""), result.stderr[-3000:]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone
+    with os.fdopen(write_end, "w", buffering=1) as unread:  # line by line, as the run's output appears
+        monkeypatch.setattr(sys, "stdout", unread)
+        out = tmp_path / "gpu_check.json"
+        with pytest.raises(SystemExit) as ended:
+            gpu_check.main(["--device", "cpu", "--only", "rank-devices", "--json", str(out)])
+    assert ended.value.code == 0 and capsys.readouterr().err == ""
     assert [check["check"] for check in json.loads(out.read_text())["checks"]] == ["rank devices"]
 
 
