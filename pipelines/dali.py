@@ -223,7 +223,10 @@ class GraphOptions:
 
     @property
     def decoder(self) -> str:
-        return "mixed" if self.gpu else "cpu"  # GPU only: nvJPEG decoding
+        # GPU only: nvJPEG decoding. Its chroma upsampling differs from libjpeg-turbo's (the CPU backend's, PIL's)
+        # unless the decoders ask for libjpeg's "fancy" one (jpeg_fancy_upsampling), which nvJPEG's hardware
+        # back end also does (DALI PR 4662)
+        return "mixed" if self.gpu else "cpu"
 
 
 def _crop_resize(jpegs, images, shape, spec: AugmentSpec, options: GraphOptions, choices: dict):
@@ -237,7 +240,7 @@ def _crop_resize(jpegs, images, shape, spec: AugmentSpec, options: GraphOptions,
         return fn.resize(images, size=[size, size], roi_start=start, roi_end=start + fn.cast(extent, dtype=types.FLOAT),
                          interp_type=types.INTERP_CUBIC, antialias=True)
     crop = fn.decoders.image_slice(jpegs, start=anchor, shape=extent, axis_names="HW", device=options.decoder,
-                                   output_type=types.RGB)
+                                   output_type=types.RGB, jpeg_fancy_upsampling=True)
     return fn.resize(crop, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
 
 
@@ -335,7 +338,8 @@ def two_view_graph(source, plan: EpochPlan, spec: AugmentSpec, options: GraphOpt
     """The DALI graph: (view1, view2), plus (ids, image shape, choices of each view) when debugging."""
     jpegs, labels = source.read(plan)
     shape = fn.peek_image_shape(jpegs, dtype=types.INT32)
-    images = fn.decoders.image(jpegs, device=options.decoder, output_type=types.RGB) if options.decode == "once" else None
+    images = (fn.decoders.image(jpegs, device=options.decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+              if options.decode == "once" else None)
     view1, choices1 = _view(jpegs, images, shape, spec, 0, options)
     view2, choices2 = _view(jpegs, images, shape, spec, 1, options)
     if not options.debug:
