@@ -13,6 +13,7 @@ import inspect
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +41,8 @@ from bt_fast.step_clock import StepClock
 from bt_fast.step_health import StepHealth
 from pipelines import build_pipeline
 from pipelines.base import Placement
+
+KNN_WAIT = timedelta(hours=12)  # how long the other ranks wait for rank 0's k-NN monitor
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -378,4 +381,6 @@ class Trainer:
                 progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
                                f"({seconds:.0f} s)")
         if self.ctx.world_size > 1 and self.config.knn_val:
-            dist.barrier()
+            # On the host's gloo group, with a timeout of its own: on the default group NCCL's watchdog would
+            # abort the waiting ranks after 10 minutes, less than a k-NN over a large memory bank takes
+            dist.monitored_barrier(self.stops.group, timeout=KNN_WAIT)

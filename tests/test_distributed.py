@@ -221,11 +221,13 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_two_simulated_nodes_of_two_ranks_train_and_rank_0_writes_one_checkpoint(image_folder, tmp_path):
     """Two torchruns (nodes) of two workers each: on node 1 local rank 0 is global rank 2, which must
-    not write; one `done:` line, one set of run files, every step logged once."""
+    not write; one `done:` line, one set of run files, every step logged once. Rank 0's k-NN monitor runs
+    after the last step while the other ranks wait for it on the host's group."""
     run, temporary = tmp_path / "run", tmp_path / "tmp"
     temporary.mkdir()
-    code, out, err = finish(launch(["max_steps=2", *TINY], LOCAL_NODES=1, NODES=2, GPUS=2, DATA=image_folder, OUT=run,
-                                   TMPDIR=temporary))
+    with_knn = [setting for setting in TINY if not setting.startswith("knn_every=")] + ["knn_every=1", f"knn_val={image_folder}"]
+    code, out, err = finish(launch(["max_steps=2", *with_knn], LOCAL_NODES=1,
+                                   NODES=2, GPUS=2, DATA=image_folder, OUT=run, TMPDIR=temporary))
     assert code == 0, err[-3000:]
     assert list(temporary.iterdir()) == []  # torchrun's own would leave a torchelastic_* directory per node
     done = [line for line in out.splitlines() if line.startswith("done:")]
@@ -233,7 +235,7 @@ def test_two_simulated_nodes_of_two_ranks_train_and_rank_0_writes_one_checkpoint
     assert sorted(p.name for p in run.iterdir()) == sorted(["backbone.pth", CHECKPOINT_NAME, "config.yaml", "metrics.jsonl",
                                                              "metrics.png", "summary.json"])
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == 2
-    assert [m["step"] for m in metrics(run)] == [1, 2]
+    assert [(m["step"], "knn_top1" in m) for m in metrics(run)] == [(1, False), (2, False), (2, True)]
 
 
 def process_tree(root: int) -> list[int]:
