@@ -242,8 +242,8 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():  # GPU
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # GPU: this rank's device (the current one), not every GPU the process sees
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -254,8 +254,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():  # GPU
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written before 2026-12-06: one state per visible GPU, rank 0's first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():  # GPU: a machine that sees fewer GPUs resumes too
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:

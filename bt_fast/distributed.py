@@ -56,9 +56,9 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":  # GPU: what "current" means to streams, events and RNG state, alone or not
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":  # GPU
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistContext(rank, local_rank, world_size, device)
 
