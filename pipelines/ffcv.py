@@ -210,8 +210,9 @@ class _TwoCropLoader(Loader):
             with suppress(queue.Empty):  # room for the end marker, which FFCV puts without a timeout
                 epoch.output_queue.get_nowait()
         wait_os_thread_exit(epoch)
-        if getattr(epoch, "current_stream", None) is not None:  # GPU only: the consumer's last reads are done
-            epoch.current_stream.synchronize()
+        if getattr(epoch, "current_stream", None) is not None:  # GPU only: the consumer's last reads are done, and
+            # so are the copies of batches never taken (an epoch closed early), whose slots the next epoch rewrites
+            torch.cuda.synchronize(epoch.current_stream.device)
 
     def __len__(self) -> int:
         if self.sharding is None:
