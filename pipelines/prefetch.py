@@ -13,7 +13,7 @@ batch, with the device stage of up to `depth` later batches already issued:
 - On the CPU the same work runs in the same order, eagerly. Random draws happen in batch order
   whatever `depth` is, so the delivered tensors do not depend on it (`depth=0`: no run-ahead).
 
-Nothing here synchronises the host with the device.
+Nothing here synchronises the host with the device; a stage may (TorchCodec's decode does: docs/pipelines.md).
 """
 from __future__ import annotations
 
