@@ -111,7 +111,8 @@ class StopAgreement:
     One process: the request itself, at once. Several: each poll posts this rank's request in an
     asynchronous all-reduce on a host-side (gloo) group of its own and returns the result of the
     previous poll's, so the ranks agree one step after a request and stop after the same step, and no
-    rank waits on its device or blocks on the others' step.
+    rank waits on its device or blocks on the others' step. The trainer also waits for rank 0's k-NN
+    monitor on that `group`, away from NCCL's watchdog.
     """
 
     def __init__(self, world_size: int):

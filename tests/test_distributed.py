@@ -225,9 +225,10 @@ def test_two_simulated_nodes_of_two_ranks_train_and_rank_0_writes_one_checkpoint
     after the last step while the other ranks wait for it on the host's group."""
     run, temporary = tmp_path / "run", tmp_path / "tmp"
     temporary.mkdir()
-    with_knn = [setting for setting in TINY if not setting.startswith("knn_every=")] + ["knn_every=1", f"knn_val={image_folder}"]
-    code, out, err = finish(launch(["max_steps=2", *with_knn], LOCAL_NODES=1,
-                                   NODES=2, GPUS=2, DATA=image_folder, OUT=run, TMPDIR=temporary))
+    with_knn = [setting for setting in TINY if not setting.startswith("knn_every=")]
+    with_knn += ["knn_every=1", f"knn_val={image_folder}"]
+    code, out, err = finish(launch(["max_steps=2", *with_knn], LOCAL_NODES=1, NODES=2, GPUS=2, DATA=image_folder,
+                                   OUT=run, TMPDIR=temporary))
     assert code == 0, err[-3000:]
     assert list(temporary.iterdir()) == []  # torchrun's own would leave a torchelastic_* directory per node
     done = [line for line in out.splitlines() if line.startswith("done:")]
@@ -367,10 +368,11 @@ def test_a_ranks_input_error_is_one_line_and_no_restart(case, image_folder, tmp_
 def test_an_input_error_on_one_node_stops_the_other_node_started_by_hand(damaged_node, image_folder, tmp_path):
     """Two nodes started as a user starts them without SLURM, each with its own copy of the data, one damaged.
     That node's launcher stops for the input error. The other node's rank, if it meets the lost peer before its
-    launcher stops it, says so in one line (no traceback from inside gloo). Node 1 failing: node 0's torchrun would restart its ranks and wait in the
-    rendezvous for node 1 until the join timeout (600 s); node 1 closes the rendezvous, as torchrun does for a node
-    that fails for good, so node 0 ends at once. Node 0 failing takes the rendezvous's store with it: node 1 says
-    it cannot reach it, without torch's C++ warnings and their stack dumps about each failed call to it."""
+    launcher stops it, says so in one line (no traceback from inside gloo). Node 1 failing: node 0's torchrun
+    would restart its ranks and wait in the rendezvous for node 1 until the join timeout (600 s); node 1 closes
+    the rendezvous, as torchrun does for a node that fails for good, so node 0 ends at once. Node 0 failing takes
+    the rendezvous's store with it: node 1 says it cannot reach it, without torch's C++ warnings and their stack
+    dumps about each failed call to it."""
     import shutil
     clean, damaged = shutil.copytree(image_folder, tmp_path / "clean"), shutil.copytree(image_folder, tmp_path / "damaged")
     broken = sorted(damaged.glob("*/*.jpg"))  # every image: the rank fails on its first, whichever its rank
