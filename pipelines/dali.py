@@ -474,11 +474,15 @@ class DALIPipeline(EpochPipeline):
                 raise
             raise self._error(err, plan, 0) from None  # DALI parses every index entry here (a malformed one)
 
+    def _consumer_stream(self) -> torch.cuda.Stream | None:
+        """The stream that reads the graph's outputs: torch's current one on CUDA (None on the CPU). DALI
+        binds its outputs to it, so `pipe.run` returns without waiting on the host for the batch."""
+        return torch.cuda.current_stream(self.placement.device) if self.gpu else None  # GPU only
+
     def _to_torch(self, tensor_list) -> torch.Tensor:
         batch = tensor_list.as_tensor()
         out = torch.empty(tuple(batch.shape()), dtype=self.torch_dtype, device=self.placement.device)  # (B, S, S, 3)
-        stream = torch.cuda.current_stream(self.placement.device) if self.gpu else None  # GPU only
-        feed_ndarray(batch, out, cuda_stream=stream)
+        feed_ndarray(batch, out, cuda_stream=self._consumer_stream())
         view = out.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory: no copy
         return view if view.dtype == self.placement.dtype else view.to(self.placement.dtype)
 
@@ -516,7 +520,7 @@ class DALIPipeline(EpochPipeline):
         try:
             for batch in range(first, len(self)):
                 try:
-                    outputs = pipe.run()
+                    outputs = pipe.run(self._consumer_stream())
                 except RuntimeError as err:
                     raise self._error(err, plan, batch) from None
                 self._batches_run = batch + 1
