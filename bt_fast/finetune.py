@@ -301,7 +301,7 @@ def train_epoch(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Op
     sampler.set_epoch(epoch)
     for model in models:
         model.train()
-    totals, count = [0.0] * len(models), 0
+    totals, count = [0.0] * len(models), 0  # each sum becomes a device tensor, read once after the epoch
     for images, labels in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
@@ -310,6 +310,6 @@ def train_epoch(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Op
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals[i] += loss.item() * labels.shape[0]
+            totals[i] = totals[i] + loss.detach().double() * labels.shape[0]
         count += labels.shape[0]
-    return [total / count for total in totals]
+    return [float(total) / count for total in totals]

@@ -42,7 +42,7 @@ def fit_linears(linears: Sequence[nn.Linear], epoch_batches: EpochBatches, epoch
         linear.train()
     for epoch in range(epochs):
         epoch_lr = epoch_cosine(lr, epoch, epochs)
-        total, count = 0.0, 0
+        total, count = 0.0, 0  # the sum becomes a tensor on the features' device, read once per epoch
         for features, labels in epoch_batches(epoch):
             for linear, optimizer, x in zip(linears, optimizers, features):
                 for group in optimizer.param_groups:
@@ -51,10 +51,10 @@ def fit_linears(linears: Sequence[nn.Linear], epoch_batches: EpochBatches, epoch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * labels.shape[0]
+                total = total + loss.detach().double() * labels.shape[0]
             count += labels.shape[0] * len(linears)
         if on_epoch:
-            on_epoch(epoch, total / max(count, 1))
+            on_epoch(epoch, float(total) / max(count, 1))
 
 
 def cached_batches(features: Sequence[torch.Tensor], labels: torch.Tensor, batch_size: int,
