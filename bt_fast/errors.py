@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -102,11 +103,29 @@ def print_error(err: BaseException | str) -> None:
 STARTING = "while starting (loading torch)"  # `exit_on_interrupt` around a command's imports: seconds
 
 
+def _interrupt_again(unraisable) -> None:
+    """`sys.unraisablehook` from `exit_on_interrupt` or `cli_errors` on: a Ctrl-C that Python could only print
+    as "Exception ignored in ...", where it stopped nothing, is sent again, to be raised where it stops the
+    command. Python raises it there when the signal arrives during a weakref callback (importlib's module
+    locks, while torch loads), a callback run at a fork (logging's, as a DataLoader starts its workers) or a
+    finalizer. Anything else is reported as Python reports it.
+
+    The hook cannot raise either (Python ignores that too), so a thread sends SIGINT to the main thread a
+    moment later, as the terminal would: it also wakes a main thread blocked in a system call."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        again.daemon = True
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 @contextmanager
 def exit_on_interrupt(what: str = "", outcome: str = "nothing was written") -> Iterator[None]:
     """Ctrl-C in the block ends the command with one `error:` line, `interrupted <what>; <outcome>`,
     and exit 130, not a KeyboardInterrupt traceback. Around a command's imports (`STARTING`) and around
     its work, `outcome` saying what is left of it."""
+    sys.unraisablehook = _interrupt_again
     try:
         yield
     except KeyboardInterrupt:
@@ -169,6 +188,7 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and
     any error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
     When the block succeeds, what a command does next is print its result: `drop_unread_output` first."""
+    sys.unraisablehook = _interrupt_again
     try:
         yield
         drop_unread_output()

@@ -540,6 +540,41 @@ def test_ctrl_c_while_torch_loads_is_one_line(module):
     assert err.strip().splitlines() == ["error: interrupted while starting (loading torch); nothing was written"]
 
 
+# Ctrl-C arriving while Python runs a callback it cannot raise from: Python prints "Exception ignored in ..."
+# and the command goes on as if no Ctrl-C had come (seen: importlib's module-lock weakref callback while torch
+# loads; logging's callback after a fork, as evaluate's DataLoader started its workers).
+UNRAISABLE_INTERRUPT = """
+import os, signal, sys, time, weakref
+from bt_fast.errors import exit_on_interrupt
+
+def interrupted_callback(*_):
+    signal.raise_signal(signal.SIGINT)  # the terminal's Ctrl-C: KeyboardInterrupt is raised in the callback
+
+with exit_on_interrupt("at work"):
+    if sys.argv[1] == "fork":
+        os.register_at_fork(after_in_parent=interrupted_callback)
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+    else:
+        referent = type("Referent", (), {})()
+        reference = weakref.ref(referent, interrupted_callback)
+        del referent
+    time.sleep(20)  # the rest of the command's work
+    print("went on as if not interrupted")
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("callback", ["fork", "weakref"])
+def test_ctrl_c_during_a_callback_python_cannot_raise_from_still_stops_the_command(callback):
+    result = subprocess.run([sys.executable, "-c", UNRAISABLE_INTERRUPT, callback], cwd=REPO, capture_output=True,
+                            text=True, timeout=50)
+    assert (result.returncode, result.stdout) == (130, ""), result.stdout + result.stderr
+    assert result.stderr.splitlines() == ["error: interrupted at work; nothing was written"]
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_during_the_gpu_checks_is_one_line(tmp_path):
     """On the CPU the checks run for tens of seconds; interrupted after the first check's line."""
