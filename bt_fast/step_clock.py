@@ -3,7 +3,8 @@
 For each step the trainer marks two points on the device's timeline: `data_ready` once the batch is
 delivered (after the pipeline's fence on the current stream) and `step_done` once the step's work is
 issued. A step then lasts from the previous `step_done` to its own, and it waited for data from the
-previous `step_done` to its `data_ready`. On CUDA the marks are events on the current stream, so the
+previous `step_done` to its `data_ready`, or from `wait_from_here` where the host did work of its own
+between the two steps (the trainer's logging after its sync: no data wait, but still the step's time). On CUDA the marks are events on the current stream, so the
 times are the GPU's: the host running ahead of the GPU does not count as waiting, a GPU idle while the
 host fetches data does. On the CPU they are `time.perf_counter()` readings of work done in place.
 
@@ -20,8 +21,8 @@ import torch
 class StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"  # GPU only: events
-        self._last_done = None
-        self._marks: list[tuple[object, object, object]] = []  # (previous done, ready, done) per unread step
+        self._last_done = self._wait_from = None
+        self._marks: list[tuple[object, ...]] = []  # (previous done, wait origin, ready, done) per unread step
 
     def _mark(self):
         if self.cuda:  # GPU only
@@ -32,20 +33,25 @@ class StepClock:
 
     def start(self) -> None:
         """The origin of the next step (a new epoch's loop begins: its first batch's wait counts from here)."""
-        self._last_done = self._mark()
+        self._last_done = self._wait_from = self._mark()
+
+    def wait_from_here(self) -> None:
+        """The host's own work since the last `step_done` is over: the next step's data wait counts from here."""
+        self._wait_from = self._mark()
 
     def data_ready(self) -> None:
         self._ready = self._mark()
 
     def step_done(self) -> None:
         done = self._mark()
-        self._marks.append((self._last_done, self._ready, done))
-        self._last_done = done
+        self._marks.append((self._last_done, self._wait_from, self._ready, done))
+        self._last_done = self._wait_from = done
 
     def read(self) -> list[tuple[float, float]]:
         """(step seconds, data-wait seconds) of each step marked since the last read, in order."""
         marks, self._marks = self._marks, []
         if self.cuda and marks:  # GPU only: the deliberate sync
-            marks[-1][2].synchronize()
-            return [(begin.elapsed_time(done) / 1000, begin.elapsed_time(ready) / 1000) for begin, ready, done in marks]
-        return [(done - begin, ready - begin) for begin, ready, done in marks]
+            marks[-1][-1].synchronize()
+            return [(begin.elapsed_time(done) / 1000, waiting.elapsed_time(ready) / 1000)
+                    for begin, waiting, ready, done in marks]
+        return [(done - begin, ready - waiting) for begin, waiting, ready, done in marks]

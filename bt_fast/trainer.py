@@ -349,6 +349,7 @@ class Trainer:
             checkpoint = bool(self.config.checkpoint_every) and self.step % self.config.checkpoint_every == 0
             if last or stop or checkpoint or self.step % self.config.log_every == 0:
                 self.settle(log, progress)
+                self.clock.wait_from_here()  # the logging after the sync is no data wait
             if last:
                 break
             if stop:

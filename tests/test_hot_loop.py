@@ -99,8 +99,9 @@ def test_steps_read_no_scalar_outside_settle_and_checkpoints(image_folder, tmp_p
 
 
 def test_step_clock_measures_from_the_previous_step_end(monkeypatch):
-    """step = done_i - done_(i-1) and wait = ready_i - done_(i-1), from the epoch's start for the first step."""
-    ticks = iter([10.0, 10.5, 12.0, 12.25, 13.0, 20.0, 20.0, 21.0])
+    """step = done_i - done_(i-1) and wait = ready_i - done_(i-1), from the epoch's start for the first step and
+    from `wait_from_here` for a step after the host's own work."""
+    ticks = iter([10.0, 10.5, 12.0, 12.25, 13.0, 20.0, 20.0, 21.0, 21.75, 22.0, 23.0, 23.5, 24.0])
     monkeypatch.setattr("bt_fast.step_clock.time.perf_counter", lambda: next(ticks))
     clock = StepClock(torch.device("cpu"))
     clock.start()                                       # 10.0
@@ -111,3 +112,7 @@ def test_step_clock_measures_from_the_previous_step_end(monkeypatch):
     clock.data_ready(), clock.step_done()               # 20.0, 21.0
     assert clock.read() == [(1.0, 0.0)]
     assert clock.read() == []
+    clock.wait_from_here()                              # 21.75: the host's logging after a settle ended
+    clock.data_ready(), clock.step_done()               # 22.0, 23.0
+    clock.data_ready(), clock.step_done()               # 23.5, 24.0
+    assert clock.read() == [(2.0, 0.25), (1.0, 0.5)]  # the step's time still from 21.0
