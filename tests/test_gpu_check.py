@@ -11,6 +11,7 @@ import torch
 
 import bt_fast.optim
 import bt_fast.trainer
+from bt_fast.errors import DataError
 from conftest import requires_cuda
 from tools.gpu_check import __main__ as gpu_check
 from tools.gpu_check.measure import SIZES, Result, compare
@@ -63,6 +64,26 @@ def test_a_reader_gone_from_stdout_leaves_the_checks_and_their_json_to_finish(tm
             gpu_check.main(["--device", "cpu", "--only", "rank-devices", "--json", str(out)])
     assert ended.value.code == 0 and capsys.readouterr().err == ""
     assert [check["check"] for check in json.loads(out.read_text())["checks"]] == ["rank devices"]
+
+
+def test_an_end_to_end_part_that_fails_keeps_the_checks_json_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    """The checks' results are written before the end-to-end part, which a GPU job's time limit may cut short;
+    its error is recorded beside them and the run exits 1."""
+    out = tmp_path / "gpu_check.json"
+    written = []
+
+    def end_to_end_fails(device):
+        written.append(json.loads(out.read_text()))  # already on disk when the end-to-end part starts
+        raise DataError("no photographs to cut the data set from")
+    monkeypatch.setattr(gpu_check, "run_end_to_end", end_to_end_fails)
+    with pytest.raises(SystemExit) as ended:
+        gpu_check.main(["--device", "cpu", "--only", "rank-devices", "--end-to-end", "--json", str(out)])
+    summary = json.loads(out.read_text())
+    assert ended.value.code == 1 and written and "end_to_end" not in written[0] and written[0]["passed"]
+    assert summary["end_to_end"] == {"error": "no photographs to cut the data set from"} and not summary["passed"]
+    assert [check["check"] for check in summary["checks"]] == ["rank devices"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["end to end: error: no photographs to cut the data set from", "", "some checks FAILED on cpu"]
 
 
 def test_compare_fails_above_the_tolerance_and_on_nan():

@@ -587,7 +587,7 @@ def test_ctrl_c_during_the_gpu_checks_is_one_line(tmp_path):
     rest, err = process.communicate(timeout=120)
     assert first.startswith("augment float16 ") and " pass " in first, first
     assert process.returncode in INTERRUPTED, err[-2000:]
-    assert err.strip().splitlines() == ["error: interrupted; nothing was written (the JSON comes at the end)"]
+    assert err.strip().splitlines() == ["error: interrupted; nothing was written (the JSON comes after the checks)"]
     assert "Traceback" not in rest and not out.exists()
 
 

@@ -85,6 +85,8 @@ def check_device_decode(device, sizes, workdir, measured) -> list[Result]:
     """`ffcv.decode=device`'s batched decode (nvJPEG on CUDA) of JPEGs of mixed sizes into one padded batch,
     against libjpeg-turbo on the CPU: mean |diff| per image region in [0, 1] units (the decoders' IDCT and
     chroma upsampling differ slightly), and its images/s."""
+    if not installed("torchcodec"):
+        return [Result("device decode", "skipped: torchcodec not installed")]
     from pipelines.device_decode import decode_padded
     generator = torch.Generator().manual_seed(4)
     shapes = [(375, 500), (500, 375), (333, 500), (480, 360)] * (sizes.batch // 4)
@@ -118,17 +120,18 @@ def installed(module: str) -> bool:
         return False
 
 
-def loader_config(sizes, workdir, pipeline: str):
+def loader_config(sizes, workdir, pipeline: str, *overrides: str):
     return load_config(None, [f"data={image_folder(workdir / 'images', sizes.batch)}", f"pipeline={pipeline}",
-                              "workers=1", f"augment.image_size={sizes.image_size}"])
+                              "workers=1", f"augment.image_size={sizes.image_size}", *overrides])
 
 
 def check_ffcv(device, sizes, workdir, measured) -> list[Result]:
-    """The first batch's crops cut on the device (FFCV's ToDevice, float16 resize on CUDA) against the CPU's."""
+    """The first batch's crops cut on the device (FFCV's ToDevice, float16 resize on CUDA) against the same
+    device crop on the CPU (`ffcv.crop=device` on both: `auto` would crop on the host on the CPU)."""
     if not installed("ffcv"):
         return [Result("ffcv crops", "skipped: not installed")]
     from pipelines.ffcv import FFCVPipeline
-    config = loader_config(sizes, workdir, "ffcv")
+    config = loader_config(sizes, workdir, "ffcv", "ffcv.crop=device")
     crops = []
     for where in (device, torch.device("cpu")):
         pipeline = FFCVPipeline(config, Placement(where), sizes.batch)

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, shutdown_distributed, sync_batchnorm
+from bt_fast.errors import one_line
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import build_model
 from bt_fast.optim import LARS, param_groups
@@ -127,15 +128,22 @@ TRAINING_RUNS = {"train_images_per_s_cudnn_benchmark_on": (True, "compile_model=
 
 
 def measure_training(device, sizes, workdir, measured) -> None:
-    """Synthetic training steps per second (AMP, channels-last) in each of TRAINING_RUNS (CUDA only)."""
+    """Synthetic training steps per second (AMP, channels-last) in each of TRAINING_RUNS (CUDA only), and
+    the peak memory of these runs. A configuration that fails is recorded as `error: <why>`."""
+    if device.type == "cuda":  # GPU only: the checks before do not count
+        torch.cuda.reset_peak_memory_stats(device)
     for key, (benchmark, setting) in TRAINING_RUNS.items():
         if device.type != "cuda":
             measured[key] = "n/a"
             continue
-        trainer = make_trainer(device, sizes, workdir / "speed", setting)  # GPU only from here
-        torch.backends.cudnn.benchmark = benchmark
-        views = synthetic_views(sizes, device)
-        measured[key] = sizes.batch / timed(lambda: trainer.train_step(*views), device, 10)
+        trainer = None
+        try:
+            trainer = make_trainer(device, sizes, workdir / "speed", setting)  # GPU only from here
+            torch.backends.cudnn.benchmark = benchmark
+            views = synthetic_views(sizes, device)
+            measured[key] = sizes.batch / timed(lambda: trainer.train_step(*views), device, 10)
+        except Exception as err:  # noqa: BLE001 - the other configurations' figures still count
+            measured[key] = f"error: {one_line(err)}"
         trainer = None  # its memory goes before the next configuration is built
     measured["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
                                        if device.type == "cuda" else "n/a")
