@@ -32,7 +32,7 @@ import ctypes
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -61,9 +61,29 @@ _DECODE_FAILED = ("a JPEG stored in the dataset cannot be decoded; "
 compile_once(random_resized_crop)
 compile_once(sample_seed)
 
+
+def turbojpeg_in(maps: Iterable[str]) -> str | None:
+    """The libturbojpeg among a process's mappings (lines of /proc/<pid>/maps), if one is mapped: the
+    system's `libturbojpeg.so.0`, or the renamed copy an auditwheel-repaired FFCV wheel bundles in
+    `ffcv.libs/` (docs/offline_install.md), which no search for the soname finds."""
+    for line in maps:
+        path = line.split()[-1] if line.strip() else ""
+        if Path(path).name.startswith("libturbojpeg"):
+            return path
+    return None
+
+
+def _loaded_turbojpeg() -> str:
+    try:
+        with open("/proc/self/maps") as maps:  # FFCV's extension, imported above, has loaded it
+            return turbojpeg_in(maps) or "libturbojpeg.so.0"
+    except OSError:
+        return "libturbojpeg.so.0"
+
+
 # libjpeg-turbo's TurboJPEG API, the library FFCV's own decoder is linked against. Called
 # directly because FFCV's `imdecode` cannot write with a row pitch (the padded slot's width).
-_turbojpeg = ctypes.CDLL("libturbojpeg.so.0")
+_turbojpeg = ctypes.CDLL(_loaded_turbojpeg())
 _tj_init = _turbojpeg.tjInitDecompress
 _tj_init.argtypes, _tj_init.restype = [], ctypes.c_void_p
 _tj_destroy = _turbojpeg.tjDestroy
