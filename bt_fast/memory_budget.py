@@ -11,7 +11,8 @@ V = 2 views and a = bytes per element of the training dtype (2 under bfloat16 / 
                                            forward on the meta device: exact shapes, no memory)
     model        = 3 * 4 * P               float32 weights, gradients and LARS momentum of P parameters
     padded       = B * H * W * 3           FFCV's uint8 slots: the .beton's largest stored height x width
-    device crops = V * B * 3 * S^2 * 4     float32 crops of FFCV's device crop
+    device crops = V * B * 3 * S^2 * c     crops of FFCV's device crop, c bytes each (2: float16 on CUDA;
+                                           4: float32 on the CPU)
     host views   = V * B * 3 * S^2 * h     views built on the host: reference (float32, h = 4),
                                            FFCV's host crop (uint8, h = 1), DALI on the CPU (h = a)
 
@@ -76,10 +77,12 @@ def parameter_count(arch: str, projector: str) -> int:
 
 
 def estimate(*, arch: str, projector: str, pipeline: str, batch: int, side: int, dtype_bytes: int,
-             ffcv_crop: str = "device", ffcv_decode: str = "host", padded: tuple[int, int] | None = None) -> Footprint:
+             ffcv_crop: str = "device", ffcv_decode: str = "host", padded: tuple[int, int] | None = None,
+             crop_bytes: int = 4) -> Footprint:
     """The module docstring's formula for one rank's batch of `batch` images of `side` px.
 
-    `padded` is the FFCV slot (H, W); `ffcv_crop` / `ffcv_decode` are FFCV's resolved modes.
+    `padded` is the FFCV slot (H, W); `ffcv_crop` / `ffcv_decode` are FFCV's resolved modes; `crop_bytes`
+    the size of one element of its device crops.
     """
     pixels = VIEWS * batch * 3 * side * side
     parts = {"views": pixels * dtype_bytes,
@@ -92,7 +95,7 @@ def estimate(*, arch: str, projector: str, pipeline: str, batch: int, side: int,
             host_parts["host crops"] = pixels
         else:
             parts["padded slots"] = slots
-            parts["device crops"] = pixels * 4
+            parts["device crops"] = pixels * crop_bytes
         if ffcv_decode == "host":
             host_parts["host padded slots"] = slots
     elif pipeline == "reference":
@@ -127,12 +130,13 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
     estimate above; `dtype` is the run's autocast dtype, None without), or if FFCV's host crop would cut
     crops larger than any stored image."""
     side = config.augment.image_size  # the largest size of a resolution schedule
-    crop, padded = "device", None
+    crop, padded, crop_bytes = "device", None, 4
     if config.pipeline == "ffcv":  # imported for FFCV runs only: FFCV's import is heavy
-        from pipelines.ffcv import resolve_crop
+        from pipelines.ffcv import device_crop_dtype, resolve_crop
         from pipelines.ffcv_decoders import PaddedLayout
         from pipelines.ffcv_format import beton_path, open_beton
         crop, path = resolve_crop(config, ctx.device), beton_path(config)
+        crop_bytes = device_crop_dtype(ctx.device).itemsize
         if path.is_file():
             layout = PaddedLayout.of(open_beton(path))
             padded = (layout.max_height, layout.max_width)
@@ -146,7 +150,7 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
     footprint = estimate(arch=config.arch, projector=config.projector, pipeline=config.pipeline,
                          batch=config.batch_size // ctx.world_size, side=side,
                          dtype_bytes=dtype.itemsize if dtype is not None else 4, ffcv_crop=crop,
-                         ffcv_decode=config.ffcv.decode, padded=padded)
+                         ffcv_decode=config.ffcv.decode, padded=padded, crop_bytes=crop_bytes)
     device_memory = visible_device_memory(ctx.device)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # they share this node's host memory
     needs = [("device", footprint.device, device_memory)] if device_memory is not None else []

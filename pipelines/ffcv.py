@@ -315,6 +315,11 @@ def resolve_crop(config: Config, device: torch.device) -> str:
     return "host"
 
 
+def device_crop_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the device crop cuts in: float16 on CUDA (its matmuls are exact enough there), float32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32  # GPU only: half
+
+
 def host_crop_size(spec: AugmentSpec) -> int:
     """The output side of `TwoCropRGBDecoder`, which FFCV compiles for one size: no resolution schedule."""
     if spec.progressive:
@@ -357,7 +362,7 @@ class FFCVPipeline(EpochPipeline):
                                              self.seed, config.ffcv.order, page_to_samples, batch_size)
         self.augment = TwoViewAugment(self.spec, placement.dtype, backend=config.augment.backend)
         self.generator = torch.Generator(device=placement.device)
-        self.crop_dtype = torch.float16 if placement.device.type == "cuda" else torch.float32  # GPU only: half
+        self.crop_dtype = device_crop_dtype(placement.device)
 
     def _host_stage(self) -> tuple[dict, object]:
         """FFCV pipelines of this mode's loader outputs, and the operation that draws the boxes."""

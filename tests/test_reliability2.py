@@ -296,6 +296,9 @@ def test_the_memory_estimate_is_the_documented_arithmetic():
     ffcv = estimate(arch="resnet18", projector="64-64", pipeline="ffcv", batch=batch, side=side, dtype_bytes=2,
                     ffcv_crop="device", ffcv_decode="host", padded=(60, 80))
     assert (ffcv.host, ffcv.device) == (padded, device + padded + pixels * 4)
+    on_cuda = estimate(arch="resnet18", projector="64-64", pipeline="ffcv", batch=batch, side=side, dtype_bytes=2,
+                       ffcv_crop="device", ffcv_decode="host", padded=(60, 80), crop_bytes=2)  # float16 crops
+    assert on_cuda.device == device + padded + pixels * 2
     host_crop = estimate(arch="resnet18", projector="64-64", pipeline="ffcv", batch=batch, side=side, dtype_bytes=4,
                          ffcv_crop="host", ffcv_decode="host", padded=(60, 80))
     assert host_crop.host == padded + pixels
