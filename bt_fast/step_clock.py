@@ -4,9 +4,10 @@ For each step the trainer marks two points on the device's timeline: `data_ready
 delivered (after the pipeline's fence on the current stream) and `step_done` once the step's work is
 issued. A step then lasts from the previous `step_done` to its own, and it waited for data from the
 previous `step_done` to its `data_ready`, or from `wait_from_here` where the host did work of its own
-between the two steps (the trainer's logging after its sync: no data wait, but still the step's time). On CUDA the marks are events on the current stream, so the
-times are the GPU's: the host running ahead of the GPU does not count as waiting, a GPU idle while the
-host fetches data does. On the CPU they are `time.perf_counter()` readings of work done in place.
+between the two steps (the trainer's logging after its sync: no data wait, but still the step's time).
+On CUDA the marks are events on the current stream, so the times are the GPU's: the host running ahead
+of the GPU does not count as waiting, a GPU idle while the host fetches data does. On the CPU they are
+`time.perf_counter()` readings of work done in place.
 
 Only `read` looks at the marks; on CUDA it waits for the last one, which makes it the caller's
 deliberate host sync.

@@ -344,7 +344,7 @@ def test_device_decode_without_torchcodec_says_so_and_blames_no_jpeg(beton, monk
 def test_the_turbojpeg_called_directly_is_the_one_ffcv_loaded_under_whatever_name():
     """A repaired FFCV wheel (`make offline-wheels`) bundles libturbojpeg renamed: found among the mappings."""
     system = "7f1c2000-7f1c3000 r-xp 00002000 08:01 1234  /usr/lib/x86_64-linux-gnu/libturbojpeg.so.0.2.0\n"
-    bundled = "7f1c2000-7f1c3000 r-xp 00002000 08:01 1234  /venv/site-packages/ffcv.libs/libturbojpeg-5c4b1a2e.so.0.2.0\n"
+    bundled = "7f1c2000-7f1c3000 r-xp 00002000 08:01 1234  /venv/lib/ffcv.libs/libturbojpeg-5c4b1a2e.so.0.2.0\n"
     others = ["55d0-55e0 r--p 00000000 08:01 99  /usr/bin/python3.12\n", "7ffd-7ffe rw-p 00000000 00:00 0  [stack]\n",
               "7f00-7f01 rw-p 00000000 00:00 0\n", "7f02-7f03 r-xp 00000000 08:01 7  /usr/lib/libjpeg.so.62.3.0\n"]
     assert D.turbojpeg_in([*others, bundled]) == bundled.split()[-1]
