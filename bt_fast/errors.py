@@ -120,12 +120,18 @@ def _interrupt_again(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def _keep_interrupts() -> None:
+    """`_interrupt_again` as this process's unraisable hook, unless another's is in place (a test runner's)."""
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _interrupt_again
+
+
 @contextmanager
 def exit_on_interrupt(what: str = "", outcome: str = "nothing was written") -> Iterator[None]:
     """Ctrl-C in the block ends the command with one `error:` line, `interrupted <what>; <outcome>`,
     and exit 130, not a KeyboardInterrupt traceback. Around a command's imports (`STARTING`) and around
     its work, `outcome` saying what is left of it."""
-    sys.unraisablehook = _interrupt_again
+    _keep_interrupts()
     try:
         yield
     except KeyboardInterrupt:
@@ -188,7 +194,7 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and
     any error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
     When the block succeeds, what a command does next is print its result: `drop_unread_output` first."""
-    sys.unraisablehook = _interrupt_again
+    _keep_interrupts()
     try:
         yield
         drop_unread_output()
