@@ -222,11 +222,12 @@ class GraphOptions:
     debug: bool
 
     @property
-    def decoder(self) -> str:
-        # GPU only: nvJPEG decoding. Its chroma upsampling differs from libjpeg-turbo's (the CPU backend's, PIL's)
-        # unless the decoders ask for libjpeg's "fancy" one (jpeg_fancy_upsampling), which nvJPEG's hardware
-        # back end also does (DALI PR 4662)
-        return "mixed" if self.gpu else "cpu"
+    def decoding(self) -> dict:
+        """The keyword arguments of both JPEG decoders (whole image, slice): RGB, nvJPEG on CUDA ("mixed"). nvJPEG's
+        chroma upsampling differs from libjpeg-turbo's (the CPU backend's, PIL's) unless the decoder asks for
+        libjpeg's "fancy" one, which nvJPEG's hardware back end also does (DALI PR 4662)."""
+        return {"device": "mixed" if self.gpu else "cpu", "output_type": types.RGB,  # GPU only: mixed
+                "jpeg_fancy_upsampling": True}
 
 
 def _crop_resize(jpegs, images, shape, spec: AugmentSpec, options: GraphOptions, choices: dict):
@@ -239,8 +240,7 @@ def _crop_resize(jpegs, images, shape, spec: AugmentSpec, options: GraphOptions,
         start = fn.cast(anchor, dtype=types.FLOAT)
         return fn.resize(images, size=[size, size], roi_start=start, roi_end=start + fn.cast(extent, dtype=types.FLOAT),
                          interp_type=types.INTERP_CUBIC, antialias=True)
-    crop = fn.decoders.image_slice(jpegs, start=anchor, shape=extent, axis_names="HW", device=options.decoder,
-                                   output_type=types.RGB, jpeg_fancy_upsampling=True)
+    crop = fn.decoders.image_slice(jpegs, start=anchor, shape=extent, axis_names="HW", **options.decoding)
     return fn.resize(crop, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
 
 
@@ -338,8 +338,7 @@ def two_view_graph(source, plan: EpochPlan, spec: AugmentSpec, options: GraphOpt
     """The DALI graph: (view1, view2), plus (ids, image shape, choices of each view) when debugging."""
     jpegs, labels = source.read(plan)
     shape = fn.peek_image_shape(jpegs, dtype=types.INT32)
-    images = (fn.decoders.image(jpegs, device=options.decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
-              if options.decode == "once" else None)
+    images = fn.decoders.image(jpegs, **options.decoding) if options.decode == "once" else None
     view1, choices1 = _view(jpegs, images, shape, spec, 0, options)
     view2, choices2 = _view(jpegs, images, shape, spec, 1, options)
     if not options.debug:
