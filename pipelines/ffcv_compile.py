@@ -18,7 +18,8 @@ an existing overload once it holds it, so loader threads sharing a dispatcher do
 A stock FFCV `OSCacheManager` (not bt_fast's, `pipelines.ffcv_memory`) retypes numba's one shared
 type of writable uint8 vectors as read-only, which changes its hash under every dispatcher that has
 compiled for it (numba then makes a new shared type). Dispatchers handed out before that are
-then never handed out again.
+then never handed out again. The shared type is held here: numba interns types weakly, so a type
+nobody holds is made anew at its next use, and telling a retyping from that needs the old one alive.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ __all__ = ["code_once", "compile_once"]
 _ONCE: set[Callable] = set()
 _compiled: dict[tuple, Callable] = {}
 _stock_compile = Compiler.compile  # bound to the class: (code, signature=None)
+_shared_vector = numba.uint8[::1]  # numba's type of writable uint8 vectors, held (the docstring's last paragraph)
+_retypings = 0  # how often a stock reader has retyped it since
 
 
 def compile_once(function: Callable) -> Callable:
@@ -53,11 +56,13 @@ def code_once(build: Callable[..., Callable]) -> Callable[..., Callable]:
 
 
 def _compile(code: Callable, signature=None) -> Callable:
+    global _shared_vector, _retypings
     if code not in _ONCE:
         return _stock_compile(code, signature)
     parallel = getattr(code, "is_parallel", False) and Compiler.num_threads > 1  # as FFCV decides it
-    # numba makes a new shared type once a stock reader has retyped the one it had
-    key = (code, signature, Compiler.is_enabled, parallel, id(numba.uint8[::1]))
+    if numba.uint8[::1] is not _shared_vector:  # a stock reader retyped the one held: numba made a new one
+        _shared_vector, _retypings = numba.uint8[::1], _retypings + 1
+    key = (code, signature, Compiler.is_enabled, parallel, _retypings)
     if key not in _compiled:
         _compiled[key] = _stock_compile(code, signature)
     return _compiled[key]

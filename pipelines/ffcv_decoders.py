@@ -113,6 +113,21 @@ def decode_into(jpeg, slot, height, width):
 
 
 @compile_once
+def copy_raw(data, slot, height, width):
+    """Copy a raw sample's height * width * 3 bytes into `slot[:height, :width]`.
+
+    A loop: numba compiles a slice assignment between arrays with its shape-mismatch message, string
+    formatting that costs seconds of compile in every process (its time to the first batch).
+    """
+    i = 0
+    for y in range(height):
+        for x in range(width):
+            for c in range(3):
+                slot[y, x, c] = data[i]
+                i += 1
+
+
+@compile_once
 def raise_if_failed(status, count):
     """Raise for a failed sample (`status[i, 0]` not 0) among the first `count`, after the parallel loop
     that wrote the statuses (a raise inside it makes numba run it serially)."""
@@ -258,12 +273,12 @@ class PaddedDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery(shape, _UINT8), AllocationQuery((1,), np.dtype("<i4"))))
 
     def generate_code(self) -> Callable:
-        return _padded_decode_code(self.memory_read, Compiler.compile(decode_into), Compiler.compile(raise_if_failed),
-                                   Compiler.get_iterator())
+        return _padded_decode_code(self.memory_read, Compiler.compile(decode_into), Compiler.compile(copy_raw),
+                                   Compiler.compile(raise_if_failed), Compiler.get_iterator())
 
 
 @code_once
-def _padded_decode_code(mem_read, decode_jpeg, raise_failed, sample_range) -> Callable:
+def _padded_decode_code(mem_read, decode_jpeg, copy_raw_sample, raise_failed, sample_range) -> Callable:
     def decode(batch_indices, my_storage, metadata, storage_state):
         destination, status = my_storage
         count = len(batch_indices)
@@ -276,7 +291,7 @@ def _padded_decode_code(mem_read, decode_jpeg, raise_failed, sample_range) -> Ca
             if field["mode"] == _JPG:
                 status[dst_ix, 0] = decode_jpeg(data, slot, height, width)
             else:
-                slot[:height, :width] = data.reshape(height, width, 3)
+                copy_raw_sample(data, slot, height, width)
                 status[dst_ix, 0] = 0
         raise_failed(status, count)
         return destination[:count]

@@ -174,11 +174,16 @@ def test_padding_is_never_read_by_a_box(beton, python_mode):
     assert (top + h <= height).all() and (left + w <= width).all()
 
 
-def test_raw_samples_are_copied_into_their_slot_and_refused_for_device_decode(tmp_path, python_mode):
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "numba"])
+def test_raw_samples_are_copied_into_their_slot_and_refused_for_device_decode(tmp_path, compiled):
     rng = np.random.default_rng(2)
     images = [smooth_image(rng, h, w) for h, w in [(12, 30), (25, 9), (17, 17)]]
     path = write_beton(tmp_path / "raw.beton", images, write_mode="raw")
-    ((padded,),) = run_epoch(path, D.PaddedDecoder(), batch_size=3, order=range(3))
+    Compiler.set_enabled(compiled)
+    try:
+        ((padded,),) = run_epoch(path, D.PaddedDecoder(), batch_size=3, order=range(3))
+    finally:
+        Compiler.set_enabled(True)
     for slot, image in zip(padded.numpy(), images):
         assert np.array_equal(slot[:image.shape[0], :image.shape[1]], image)
     with pytest.raises(DataError, match="raw.*ffcv.decode=host"):

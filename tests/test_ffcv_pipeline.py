@@ -5,6 +5,10 @@ The modes' wiring (decode once, device crop, device decode, memory, cap) is in t
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +26,8 @@ from pipelines.base import Placement
 from pipelines.crop_sampling import random_resized_crop, sample_seed
 from pipelines.ffcv_format import open_beton
 from pipelines.image_folder import find_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 # numba 0.68's dispatcher finalizer raises KeyError while garbage-collecting dispatchers compiled
 # before a stock FFCV loader retyped numba's shared uint8 vector type (`pipelines.ffcv_memory`);
@@ -632,6 +638,48 @@ def test_a_second_pipeline_in_a_process_compiles_nothing_and_gives_the_same_crop
         other_side = epoch_crops(P.FFCVPipeline(make_config(beton, image_size=24, **MODES[mode]), cpu(), batch_size=4))
     assert compiled == []
     assert np.array_equal(again, first) and other_side.shape[2:4] == (24, 24)
+
+
+FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+from numba.core import event
+from test_ffcv_pipeline import MODES, P, cpu, epoch_crops, make_config
+
+compiled = {"first": [], "second": []}
+phase = "first"
+
+
+class Compiles(event.Listener):
+    def on_start(self, event):
+        compiled[phase].append(event.data["dispatcher"].py_func.__qualname__)
+
+    def on_end(self, event):
+        pass
+
+
+config = make_config(Path(sys.argv[1]), **MODES["device_crop"])
+with event.install_listener("numba:compile", Compiles()):
+    epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
+    phase = "second"
+    epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
+print(json.dumps(compiled))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_fresh_process_compiles_its_second_pipeline_not_at_all_and_its_first_without_error_formatting(dataset):
+    """As a training run, the bench or the GPU checks meet it: a process where nothing else holds numba's types
+    (numba interns them weakly, so an unheld one is made anew). The second pipeline compiles nothing, and the
+    first none of numba's shape-mismatch message formatting, seconds of compile before the first batch."""
+    _, beton = dataset
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(beton)], cwd=REPO, capture_output=True,
+                            text=True, timeout=110, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                [str(REPO / "tests"), str(REPO)])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = json.loads(result.stdout.splitlines()[-1])
+    assert compiled["second"] == []
+    assert compiled["first"] and not [name for name in compiled["first"] if "shape_context" in name]
 
 
 # ------------------------------------------------------------------------------------------
