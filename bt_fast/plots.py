@@ -138,7 +138,7 @@ def plot_runs(runs: dict[str, Curves]) -> "Figure":
         spare.remove()
     axes = axes[:len(PANELS)]
     for ax, (key, title) in zip(axes, PANELS):
-        ax.set_title(title)
+        ax.set_title(title, y=1.0)  # a fixed y: matplotlib would measure every tick label to place it
         ax.grid(alpha=0.3)
         drawn = False
         for label, curves in runs.items():
