@@ -7,7 +7,9 @@ several, the test suite dozens). Here:
 
 - `code_once(build)` makes an operation's code builder return the same function for the same
   captured values (the memory reader, the compiled helpers, the loop kind, the crop ranges);
-- `compile_once(function)` marks a module-level helper the same way;
+- `compile_once(function)` marks a module-level helper the same way, and `compile_cached(function)`
+  one whose machine code holds no address of this process (no ctypes call), which numba's on-disk
+  cache then also keeps: compiled by the first process on a machine, loaded by the next ones;
 - `Compiler.compile`, wrapped when this module is imported, compiles a marked function once for
   each way FFCV asks for it (signature, compilation on or off, parallel or not) and returns the
   same dispatcher after that, so numba reuses its machine code for argument types it has met.
@@ -31,9 +33,10 @@ import numba
 import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
 from ffcv.pipeline.compiler import Compiler
 
-__all__ = ["code_once", "compile_once"]
+__all__ = ["code_once", "compile_cached", "compile_once"]
 
 _ONCE: set[Callable] = set()
+_ON_DISK: set[Callable] = set()
 _compiled: dict[tuple, Callable] = {}
 _stock_compile = Compiler.compile  # bound to the class: (code, signature=None)
 _shared_vector = numba.uint8[::1]  # numba's type of writable uint8 vectors, held (the docstring's last paragraph)
@@ -44,6 +47,12 @@ def compile_once(function: Callable) -> Callable:
     """Let `Compiler.compile` compile `function` once per process (per signature and mode)."""
     _ONCE.add(function)
     return function
+
+
+def compile_cached(function: Callable) -> Callable:
+    """`compile_once`, with numba's on-disk cache (where numba finds a writable place for it)."""
+    _ON_DISK.add(function)
+    return compile_once(function)
 
 
 def code_once(build: Callable[..., Callable]) -> Callable[..., Callable]:
@@ -64,8 +73,19 @@ def _compile(code: Callable, signature=None) -> Callable:
         _shared_vector, _retypings = numba.uint8[::1], _retypings + 1
     key = (code, signature, Compiler.is_enabled, parallel, _retypings)
     if key not in _compiled:
-        _compiled[key] = _stock_compile(code, signature)
+        _compiled[key] = _cached(code, signature, parallel) or _stock_compile(code, signature)
     return _compiled[key]
+
+
+def _cached(code: Callable, signature, parallel: bool) -> Callable | None:
+    """`code` compiled as `Compiler.compile` would, plus numba's on-disk cache; None where that does not apply."""
+    if code not in _ON_DISK or not Compiler.is_enabled:
+        return None
+    try:
+        return numba.njit(signature, fastmath=True, nogil=True, error_model="numpy", parallel=parallel,
+                          cache=True)(code)
+    except RuntimeError:  # numba found no writable cache location
+        return None
 
 
 Compiler.compile = staticmethod(_compile)

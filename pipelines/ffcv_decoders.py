@@ -46,7 +46,7 @@ from ffcv.reader import Reader
 
 from bt_fast.errors import DataError
 from pipelines.crop_sampling import random_resized_crop, sample_seed
-from pipelines.ffcv_compile import code_once, compile_once
+from pipelines.ffcv_compile import code_once, compile_cached, compile_once
 
 __all__ = ["BOXES", "ROW_FIELDS", "JPEGBytesDecoder", "PaddedDecoder", "PaddedLayout", "TwoCropBoxes",
            "decode_into", "raise_if_failed", "stored_bytes"]
@@ -58,8 +58,8 @@ _UINT8 = np.dtype("<u1")
 _JPG = IMAGE_MODES["jpg"]
 _DECODE_FAILED = ("a JPEG stored in the dataset cannot be decoded; "
                   "reconvert it with `python -m tools.convert`")
-compile_once(random_resized_crop)
-compile_once(sample_seed)
+compile_cached(random_resized_crop)
+compile_cached(sample_seed)
 
 
 def turbojpeg_in(maps: Iterable[str]) -> str | None:
@@ -112,7 +112,7 @@ def decode_into(jpeg, slot, height, width):
     return result
 
 
-@compile_once
+@compile_cached
 def copy_raw(data, slot, height, width):
     """Copy a raw sample's height * width * 3 bytes into `slot[:height, :width]`.
 
@@ -127,7 +127,7 @@ def copy_raw(data, slot, height, width):
                 i += 1
 
 
-@compile_once
+@compile_cached
 def raise_if_failed(status, count):
     """Raise for a failed sample (`status[i, 0]` not 0) among the first `count`, after the parallel loop
     that wrote the statuses (a raise inside it makes numba run it serially)."""

@@ -22,11 +22,11 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 
 from pipelines.crop_sampling import random_resized_crop, sample_seed
-from pipelines.ffcv_compile import code_once, compile_once
+from pipelines.ffcv_compile import code_once, compile_cached, compile_once
 from pipelines.ffcv_decoders import raise_if_failed
 
-compile_once(random_resized_crop)
-compile_once(sample_seed)
+compile_cached(random_resized_crop)
+compile_cached(sample_seed)
 
 
 # libffcv's decode and resize, called as FFCV's `imdecode` and `resize_crop` call them, through

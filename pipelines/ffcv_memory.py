@@ -30,7 +30,7 @@ from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
 from ffcv.memory_managers.base import MemoryManager
 from ffcv.pipeline.compiler import Compiler
 
-from pipelines.ffcv_compile import code_once, compile_once
+from pipelines.ffcv_compile import code_once, compile_cached
 
 
 class LazyPageTables(MemoryManager):
@@ -91,7 +91,7 @@ class LazyProcessCacheManager(ProcessCacheManager, LazyPageTables):
 # One reader per process and page size (`pipelines.ffcv_compile`): the code reading the samples is
 # then the same for every loader.
 
-@compile_once
+@compile_cached
 def _os_cache_read(address, state):
     data, pointers, sizes = state
     return data[address:address + sizes[np.searchsorted(pointers, address)]]
