@@ -343,8 +343,10 @@ def _copy_bytes_code(mem_read, raise_failed, sample_range, max_bytes) -> Callabl
             size = data.size
             valid = 2 <= size <= max_bytes and data[0] == 0xFF and data[1] == 0xD8
             status[dst_ix, 0] = 0 if valid else 1
-            if valid:
-                destination[dst_ix, :size] = data
+            if valid:  # a loop, not a slice assignment: see copy_raw
+                slot = destination[dst_ix]
+                for i in range(size):
+                    slot[i] = data[i]
         raise_failed(status, count)
         return destination[:count]
 

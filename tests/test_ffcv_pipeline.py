@@ -658,20 +658,23 @@ class Compiles(event.Listener):
         pass
 
 
-config = make_config(Path(sys.argv[1]), **MODES["device_crop"])
+configs = [make_config(Path(sys.argv[1]), **MODES[mode]) for mode in ("device_crop", "device_decode")]
 with event.install_listener("numba:compile", Compiles()):
-    epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
+    for config in configs:
+        epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
     phase = "second"
-    epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
+    for config in configs:
+        epoch_crops(P.FFCVPipeline(config, cpu(), batch_size=4))
 print(json.dumps(compiled))
 """
 
 
 @pytest.mark.timeout(120)
-def test_a_fresh_process_compiles_its_second_pipeline_not_at_all_and_its_first_without_error_formatting(dataset):
+def test_a_fresh_process_compiles_its_second_pipelines_not_at_all_and_its_first_without_error_formatting(dataset):
     """As a training run, the bench or the GPU checks meet it: a process where nothing else holds numba's types
-    (numba interns them weakly, so an unheld one is made anew). The second pipeline compiles nothing, and the
-    first none of numba's shape-mismatch message formatting, seconds of compile before the first batch."""
+    (numba interns them weakly, so an unheld one is made anew). The second pipeline of each device mode compiles
+    nothing, and the first ones none of numba's shape-mismatch message formatting, seconds of compile before the
+    first batch."""
     _, beton = dataset
     result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(beton)], cwd=REPO, capture_output=True,
                             text=True, timeout=110, env={**os.environ, "PYTHONPATH": os.pathsep.join(
