@@ -56,8 +56,8 @@ BOXES = slice(3, 11)
 _ROW_BYTES = 4 * len(ROW_FIELDS)
 _UINT8 = np.dtype("<u1")
 _JPG = IMAGE_MODES["jpg"]
-_DECODE_FAILED = ("a JPEG stored in the dataset cannot be decoded; "
-                  "reconvert it with `python -m tools.convert`")
+_DECODE_FAILED = ("an image stored in the dataset cannot be decoded (a damaged JPEG, or a raw image whose size "
+                  "disagrees with its record); reconvert it with `python -m tools.convert`")
 compile_cached(random_resized_crop)
 compile_cached(sample_seed)
 
@@ -114,17 +114,21 @@ def decode_into(jpeg, slot, height, width):
 
 @compile_cached
 def copy_raw(data, slot, height, width):
-    """Copy a raw sample's height * width * 3 bytes into `slot[:height, :width]`.
+    """Copy a raw sample's height * width * 3 bytes into `slot[:height, :width]`; 0 on success, -1 (nothing
+    copied) if the sample holds another number of bytes.
 
     A loop: numba compiles a slice assignment between arrays with its shape-mismatch message, string
     formatting that costs seconds of compile in every process (its time to the first batch).
     """
+    if data.size != height * width * 3:
+        return -1
     i = 0
     for y in range(height):
         for x in range(width):
             for c in range(3):
                 slot[y, x, c] = data[i]
                 i += 1
+    return 0
 
 
 @compile_cached
@@ -291,8 +295,7 @@ def _padded_decode_code(mem_read, decode_jpeg, copy_raw_sample, raise_failed, sa
             if field["mode"] == _JPG:
                 status[dst_ix, 0] = decode_jpeg(data, slot, height, width)
             else:
-                copy_raw_sample(data, slot, height, width)
-                status[dst_ix, 0] = 0
+                status[dst_ix, 0] = copy_raw_sample(data, slot, height, width)
         raise_failed(status, count)
         return destination[:count]
 

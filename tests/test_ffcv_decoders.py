@@ -191,6 +191,20 @@ def test_raw_samples_are_copied_into_their_slot_and_refused_for_device_decode(tm
                   batch_size=3, order=range(3))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "numba"])
+def test_a_raw_sample_of_the_wrong_size_fails_its_copy_and_leaves_the_slot(compiled):
+    """Its record's height x width x 3 against the bytes stored: a mismatch is a failed sample (-1), never a read
+    past the sample's bytes."""
+    copy = Compiler.compile(D.copy_raw) if compiled else D.copy_raw
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    slot = np.zeros((6, 7, 3), dtype=np.uint8)
+    assert copy(image.ravel(), slot, 4, 5) == 0
+    assert np.array_equal(slot[:4, :5], image) and not slot[4:].any() and not slot[:, 5:].any()
+    slot[:] = 0
+    assert copy(image.ravel()[:-1], slot, 4, 5) == -1 and copy(image.ravel(), slot, 5, 5) == -1
+    assert not slot.any()
+
+
 # ------------------------------------------------------------------------------------------
 # Boxes
 # ------------------------------------------------------------------------------------------
