@@ -7,8 +7,8 @@
    by every process (every rank, every DataLoader-free tool) because numba keeps those compiles in
    memory only. `cache_typed_dict_compiles` turns numba's own on-disk cache on for them, so they are
    compiled once per machine and numba version and loaded afterwards. The cache goes where numba
-   puts any cached function: its package's `__pycache__` if writable, else `NUMBA_CACHE_DIR` or the
-   user's cache directory; with none writable, numba compiles as before.
+   puts any cached function: `NUMBA_CACHE_DIR` if set, else its package's `__pycache__` if writable,
+   else the user's cache directory; with none writable, numba compiles as before.
    Figures: docs/performance.md (start-up at scale).
 """
 from __future__ import annotations
