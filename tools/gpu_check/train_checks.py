@@ -136,7 +136,6 @@ def measure_training(device, sizes, workdir, measured) -> None:
         if device.type != "cuda":
             measured[key] = "n/a"
             continue
-        trainer = None
         try:
             trainer = make_trainer(device, sizes, workdir / "speed", setting)  # GPU only from here
             torch.backends.cudnn.benchmark = benchmark
