@@ -142,8 +142,8 @@ def check_data_exists(config: Config) -> None:
         from pipelines.ffcv_format import beton_path
         if beton_path(config).is_file():
             return
-    raise ConfigError(f"config key 'data' names {config.data}, which does not exist; pass DATA=/path/to/imagefolder "
-                      f"or omit it for the demo")
+    raise ConfigError(f"config key 'data' names {config.data}, which does not exist; give an ImageFolder that exists "
+                      f"(with make: DATA=...; `make pretrain` without DATA trains on the demo data)")
 
 
 def check_registry_names(config: Config) -> None:

@@ -272,8 +272,8 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
     if not config.data:
         raise DataError(f"FFCV dataset {path} does not exist; fix ffcv.beton or pass data=<ImageFolder> to convert it")
     if not Path(config.data).exists():
-        raise DataError(f"data directory {config.data} does not exist; pass DATA=/path/to/imagefolder (converted to "
-                        f"{path} on first use) or omit it for the demo")
+        raise DataError(f"data directory {config.data} does not exist, nor does {path}; give an ImageFolder that "
+                        f"exists (converted to {path} on first use) or point ffcv.beton at a .beton")
     say = log or (lambda message: print(message, file=sys.stderr))
     with _file_lock(path, config.data):
         if not path.is_file():  # another rank may have finished while we waited

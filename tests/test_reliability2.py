@@ -127,8 +127,9 @@ def test_a_missing_data_path_is_named_before_a_finished_run_it_would_change(imag
         config = load_config(None, [f"data={typo}", f"out_dir={out_dir}", f"pipeline={pipeline}"])
         with pytest.raises(ConfigError) as refused:
             check_run_inputs(config)
-        assert str(refused.value) == (f"config key 'data' names {typo}, which does not exist; pass "
-                                      f"DATA=/path/to/imagefolder or omit it for the demo")
+        assert str(refused.value) == (f"config key 'data' names {typo}, which does not exist; give an ImageFolder "
+                                      f"that exists (with make: DATA=...; `make pretrain` without DATA trains on "
+                                      f"the demo data)")
     # where the pipeline has a dataset of its own, data need not exist: the next check (the finished run) speaks
     (tmp_path / "typo.beton").touch()
     (tmp_path / "shards").mkdir()
