@@ -33,11 +33,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from bt_fast.errors import one_line
-from bt_fast.step_clock import StepClock
 from bt_fast.trainer import Trainer
 from tools.bench.loaders import LOADERS, batch_stream
-from tools.bench.measure import BenchError, sync, tree_cpu_seconds
-from tools.bench.train_step import make_trainer, train_in_child
+from tools.bench.measure import BenchError, tree_cpu_seconds
+from tools.bench.train_step import clocked_steps, make_trainer, train_in_child, warm_up
 
 # The entries end to end: the loader table's modes, with FFCV in its default mode (ffcv.crop=auto:
 # the device crop on CUDA, the host crop on the CPU).
@@ -51,25 +50,13 @@ def timed_steps(trainer: Trainer, batches: Iterator, steps: int, warmup: int) ->
     A step lasts from the previous step's end (the clock's start, for the first) to its own end, and
     waits from there until its batch is ready; on CUDA "ready" is when the step's stream may use it.
     """
-    device = trainer.ctx.device
-    for _ in range(warmup):
-        trainer.train_step(*next(batches))
-        trainer.step += 1
-    sync(device)
-    clock, images, shape = StepClock(device), 0, None
+    warm_up(trainer, batches, warmup)
     cpu0, wall0 = tree_cpu_seconds(), time.perf_counter()
-    clock.start()
-    for _ in range(steps):
-        y1, y2 = next(batches)
-        clock.data_ready()
-        trainer.train_step(y1, y2)
-        trainer.step += 1
-        clock.step_done()
-        images += y1.shape[0]
-        shape = (tuple(y1.shape), y1.dtype, y1.is_contiguous(memory_format=torch.channels_last))
-    step_and_wait = clock.read()  # on CUDA: waits for the last step
+    step_and_wait, y1 = clocked_steps(trainer, batches, steps)  # on CUDA: waits for the last step
     wall, cpu = time.perf_counter() - wall0, tree_cpu_seconds() - cpu0
     timed, wait = (sum(column) for column in zip(*step_and_wait))
+    images = steps * y1.shape[0]
+    shape = (tuple(y1.shape), y1.dtype, y1.is_contiguous(memory_format=torch.channels_last))
     return {"images_per_s": images / timed, "data_wait_fraction": wait / timed, "host_cores_busy": cpu / wall,
             "images": images, "steps": steps, "timed_seconds": timed, "wait_seconds": wait,
             "host_cpu_seconds": cpu, "wall_seconds": wall, "views": shape}

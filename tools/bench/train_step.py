@@ -2,7 +2,8 @@
 
 Synthetic batches are device-resident; each pipeline feeds the trainer in a fresh process (as
 training runs it), with the data-stall fraction per step (time waiting for the batch over the
-whole step, as `bt_fast.train` logs it). `{"skipped": reason}` for pipelines not in
+whole step, as `bt_fast.train` logs it). The steps are timed by the trainer's step clock, with no
+host sync between them. `{"skipped": reason}` for pipelines not in
 --train-pipelines, `{"unavailable": reason}` for those that cannot run.
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,9 +22,10 @@ import torch
 
 from bt_fast.distributed import DistContext
 from bt_fast.errors import DataError, one_line
+from bt_fast.step_clock import StepClock
 from bt_fast.trainer import Trainer
 from tools.bench.loaders import LOADERS, batch_stream, pipeline_config
-from tools.bench.measure import rate_stats, stats
+from tools.bench.measure import rate_stats, stats, sync
 
 
 def make_trainer(args: argparse.Namespace, name: str, modes: dict = LOADERS) -> Trainer:
@@ -36,21 +37,36 @@ def make_trainer(args: argparse.Namespace, name: str, modes: dict = LOADERS) -> 
     return Trainer(config, DistContext(rank=0, local_rank=0, world_size=1, device=args.device))
 
 
+def warm_up(trainer: Trainer, batches: Iterator, steps: int) -> None:
+    """`steps` untimed training steps on `batches`, then a device sync: what follows starts on an idle device."""
+    for _ in range(steps):
+        trainer.train_step(*next(batches))
+        trainer.step += 1
+    sync(trainer.ctx.device)
+
+
+def clocked_steps(trainer: Trainer, batches: Iterator, steps: int) -> tuple[list[tuple[float, float]], torch.Tensor]:
+    """(step seconds, data-wait seconds) of each of `steps` training steps on `batches`, and the last step's first
+    view. Timed as the trainer's loop times its steps, by its step clock (`bt_fast.step_clock`): on CUDA events
+    on the step's stream, and nothing is read on the host until the last step is issued, so the host runs ahead
+    of the device as in training."""
+    clock = StepClock(trainer.ctx.device)
+    clock.start()
+    for _ in range(steps):
+        y1, y2 = next(batches)
+        clock.data_ready()
+        trainer.train_step(y1, y2)
+        trainer.step += 1
+        clock.step_done()
+    return clock.read(), y1
+
+
 def train_steps(trainer: Trainer, batches: Iterator, steps: int, warmup: int) -> tuple[list[float], list[float], int]:
     """(step seconds incl. the wait for the batch, wait seconds, batch size) of `steps` steps after `warmup` steps."""
-    totals, waits = [], []
-    images = 0
-    for i in range(warmup + steps):
-        tick = time.perf_counter()
-        y1, y2 = next(batches)
-        waited = time.perf_counter() - tick
-        trainer.train_step(y1, y2).item()  # .item() syncs
-        trainer.step += 1
-        if i >= warmup:
-            totals.append(time.perf_counter() - tick)
-            waits.append(waited)
-            images = y1.shape[0]
-    return totals, waits, images
+    warm_up(trainer, batches, warmup)
+    step_and_wait, y1 = clocked_steps(trainer, batches, steps)
+    totals, waits = (list(column) for column in zip(*step_and_wait))
+    return totals, waits, y1.shape[0]
 
 
 def train_with_pipeline(args: argparse.Namespace, name: str) -> dict:
