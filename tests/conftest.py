@@ -40,7 +40,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # (in case torch was 
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLVE_DEVICE = bt_fast.distributed.resolve_device
-SPAWN = torch.multiprocessing.spawn
 
 
 class UnpinnedRanksError(RuntimeError):
@@ -67,8 +66,29 @@ def _pinned_rank(rank: int, fn, args: tuple) -> None:
 
 def spawn_pinned(fn, args=(), nprocs=1, **kwargs):
     """`torch.multiprocessing.spawn` whose ranks resolve their device through `resolve_device_pinned`
-    (what `mp.spawn` is inside a test; a module-scoped fixture, set up before that patch, calls this)."""
-    return SPAWN(_pinned_rank, args=(fn, tuple(args)), nprocs=nprocs, **kwargs)
+    (what `mp.spawn` is inside a test; a module-scoped fixture, set up before that patch, calls this).
+
+    Where no GPU is visible the ranks are forked from the test process, which has imported torch and
+    the code under test already (seconds saved per rank); where one is, they are spawned, since a
+    forked child cannot use CUDA once its parent has (the test process, DALI or FFCV in it). Production
+    ranks are torchrun's fresh processes; tests/test_distributed.py starts those through the launcher."""
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    return torch.multiprocessing.start_processes(_pinned_rank, args=(fn, tuple(args)), nprocs=nprocs,
+                                                 start_method=method, **kwargs)
+
+
+# The modules that take longest, longest first. `make test` hands whole modules to two workers in
+# collection order (--dist loadscope --no-loadscope-reorder), so these start first and the two workers
+# finish close together; xdist's own order (most tests first) started test_learning.py, three tests and
+# two minutes, last. `--durations=15` at the end of `make test` shows when this list needs a change.
+LONGEST_FIRST = ("test_distributed.py", "test_learning.py", "test_reliability.py", "test_kill_resume.py",
+                 "test_train.py", "test_gpu_check.py", "test_ffcv_pipeline.py", "test_two_rank_pipelines.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The modules of LONGEST_FIRST first, in that order; the others after them, as collected."""
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)
