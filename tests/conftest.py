@@ -77,20 +77,6 @@ def spawn_pinned(fn, args=(), nprocs=1, **kwargs):
                                                  start_method=method, **kwargs)
 
 
-# The modules that take longest, longest first. `make test` hands whole modules to two workers in
-# collection order (--dist loadscope --no-loadscope-reorder), so these start first and the two workers
-# finish close together; xdist's own order (most tests first) started test_learning.py, three tests and
-# two minutes, last. `--durations=15` at the end of `make test` shows when this list needs a change.
-LONGEST_FIRST = ("test_distributed.py", "test_learning.py", "test_reliability.py", "test_kill_resume.py",
-                 "test_train.py", "test_gpu_check.py", "test_ffcv_pipeline.py", "test_two_rank_pipelines.py")
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """The modules of LONGEST_FIRST first, in that order; the others after them, as collected."""
-    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture(autouse=True)
 def ranks_pin_their_device(monkeypatch):
     """Every rank a test starts, in this process or through torch.multiprocessing.spawn, resolves its
