@@ -29,11 +29,6 @@ from pipelines.image_folder import find_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
-# numba 0.68's dispatcher finalizer raises KeyError while garbage-collecting dispatchers compiled
-# before a stock FFCV loader retyped numba's shared uint8 vector type (`pipelines.ffcv_memory`);
-# Python ignores it ("Exception ignored in ... finalizer").
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 IMAGES = 24
 SIZE = (64, 48)  # width, height
 CROP_BOUND = 0.01  # grey levels (0..255): device crops against torchvision's float resized_crop, float32 rounding
