@@ -10,6 +10,7 @@ intra-op thread per process mostly spins waiting for a core, and costs CPU time 
 from __future__ import annotations
 
 import ast
+import multiprocessing
 import os
 import re
 import shutil
@@ -59,7 +60,16 @@ def resolve_device_pinned(preference: str, local_rank: int = 0, setting: str = "
     return RESOLVE_DEVICE(preference, local_rank, setting)
 
 
-def _pinned_rank(rank: int, fn, args: tuple) -> None:
+# What a rank imports before its test's function runs. None of it starts a thread (with OMP_NUM_THREADS=1,
+# set above, OpenBLAS starts none either), so the forkserver that imports it once stays single-threaded
+# and a rank forked from it is sound. FFCV's import starts numba's TBB workers: ranks import it themselves.
+RANK_PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "bt_fast.train", "pipelines", "pipelines.dali"]
+
+
+def _pinned_rank(rank: int, fn, args: tuple, environ: dict, cwd: str) -> None:
+    os.environ.clear()  # the starting test's environment and directory, as a spawned rank inherits them
+    os.environ.update(environ)
+    os.chdir(cwd)
     bt_fast.distributed.resolve_device = resolve_device_pinned
     fn(rank, *args)
 
@@ -68,13 +78,14 @@ def spawn_pinned(fn, args=(), nprocs=1, **kwargs):
     """`torch.multiprocessing.spawn` whose ranks resolve their device through `resolve_device_pinned`
     (what `mp.spawn` is inside a test; a module-scoped fixture, set up before that patch, calls this).
 
-    Where no GPU is visible the ranks are forked from the test process, which has imported torch and
-    the code under test already (seconds saved per rank); where one is, they are spawned, since a
-    forked child cannot use CUDA once its parent has (the test process, DALI or FFCV in it). Production
-    ranks are torchrun's fresh processes; tests/test_distributed.py starts those through the launcher."""
-    method = "spawn" if torch.cuda.is_available() else "fork"
-    return torch.multiprocessing.start_processes(_pinned_rank, args=(fn, tuple(args)), nprocs=nprocs,
-                                                 start_method=method, **kwargs)
+    The ranks are forked from a forkserver that imported `RANK_PRELOAD` once per test process: seconds
+    saved per rank against spawning, and nothing of the test process inherited. A rank forked from the
+    test process itself would inherit its threads (FFCV's, DALI's, torch's) with whatever locks they
+    held, and could hang; nor could it use CUDA once the test process had. Production ranks are
+    torchrun's fresh processes; tests/test_distributed.py starts those through the launcher."""
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # (no effect once the server runs)
+    return torch.multiprocessing.start_processes(_pinned_rank, nprocs=nprocs, start_method="forkserver",
+                                                 args=(fn, tuple(args), dict(os.environ), os.getcwd()), **kwargs)
 
 
 @pytest.fixture(autouse=True)

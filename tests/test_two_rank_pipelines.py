@@ -76,7 +76,7 @@ def two_ranks(module_tmp) -> Path:
     return root
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_two_ranks_convert_once_draw_their_own_augmentations_and_resume_mid_epoch(pipeline, two_ranks):
     if pipeline == "ffcv":
