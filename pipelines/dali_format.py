@@ -58,14 +58,43 @@ IMAGE_EXT, LABEL_EXT = "jpg", "cls"
 _BLOCK = 512
 
 
+def _stdlib_header(name: str, size: int) -> bytes:
+    """The USTAR header `tarfile` writes for a member `name` of `size` bytes with this format's fields."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_HEADER = _stdlib_header("", 0)  # every field but the name (bytes 0-99), size (124-135) and checksum (148-155)
+_NAME, _SIZE, _CHECKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_SUM_WITHOUT_NAME_AND_SIZE = (sum(_HEADER) - sum(_HEADER[_NAME]) - sum(_HEADER[_SIZE])
+                              - sum(_HEADER[_CHECKSUM]) + 8 * ord(" "))  # the checksum counts its field as spaces
+
+
+def _header(name: str, size: int) -> bytes:
+    """`_stdlib_header(name, size)`, filled into `_HEADER`: a short ASCII name (a key and an extension)."""
+    encoded = name.encode("ascii")
+    if len(encoded) > 100 or size >= 8 ** 11:  # tarfile would split the name or refuse the size: let it
+        return _stdlib_header(name, size)
+    header = bytearray(_HEADER)
+    header[:len(encoded)] = encoded
+    header[_SIZE] = b"%011o\0" % size
+    header[_CHECKSUM] = b"%06o\0 " % (_SUM_WITHOUT_NAME_AND_SIZE + sum(encoded) + sum(header[_SIZE]))
+    return bytes(header)
+
+
 class ShardWriter:
     """One tar shard being written, with the DALI index entries of its samples.
 
     The bytes are those `tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)` with `addfile`
-    writes (each member's header from `TarInfo.tobuf`, its data padded to 512 bytes, two zero
-    blocks and padding to tarfile's 10240-byte record at the end), written straight to the file:
-    `TarFile.addfile`'s per-member copying cost the converter's main process about a quarter of a
-    millisecond per sample.
+    writes (each member's header as `TarInfo.tobuf` makes it, its data padded to 512 bytes, two
+    zero blocks and padding to tarfile's 10240-byte record at the end), written straight to the
+    file. The converter's main process writes every sample, so its cost per sample bounds the
+    conversion on many cores: no `TarFile.addfile` with its copying, and each header is `_HEADER`
+    with the name, size and checksum filled in, not one built by `TarInfo.tobuf` (figures:
+    docs/performance.md, conversion).
     """
 
     def __init__(self, path: Path):
@@ -75,11 +104,7 @@ class ShardWriter:
         self.lines: list[str] = []
 
     def _add(self, name: str, data: bytes) -> str:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        header = _header(name, len(data))
         data_at = self.offset + len(header)
         padding = -len(data) % _BLOCK
         self.handle.write(header)

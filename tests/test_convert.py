@@ -374,7 +374,8 @@ def test_shard_bytes_are_what_tarfile_writes(tmp_path):
     import io
     from pipelines.dali_format import ShardWriter
     rng = np.random.default_rng(2)
-    samples = [(f"{i:08d}", rng.bytes(int(rng.integers(1, 3000))), int(rng.integers(0, 1000))) for i in range(7)]
+    keys = [f"{i:08d}" for i in range(6)] + ["123456789"]  # (past 10^8 samples a key has nine digits)
+    samples = [(key, rng.bytes(int(rng.integers(1, 3000))), int(rng.integers(0, 1000))) for key in keys]
     writer = ShardWriter(tmp_path / "ours.tar")
     for key, data, label in samples:
         writer.add_sample(key, data, label)
