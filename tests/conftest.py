@@ -61,9 +61,10 @@ def resolve_device_pinned(preference: str, local_rank: int = 0, setting: str = "
 
 
 # What a rank imports before its test's function runs. None of it starts a thread (with OMP_NUM_THREADS=1,
-# set above, OpenBLAS starts none either), so the forkserver that imports it once stays single-threaded
-# and a rank forked from it is sound. FFCV's import starts numba's TBB workers: ranks import it themselves.
-RANK_PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "bt_fast.train", "pipelines", "pipelines.dali"]
+# set above, OpenBLAS starts none either) or touches CUDA, so the forkserver that imports it once stays
+# single-threaded and a rank forked from it is sound and can use CUDA. Ranks import the rest themselves:
+# FFCV's import starts numba's TBB workers, and DALI's initialises its backend, GPU allocator included.
+RANK_PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "bt_fast.train", "pipelines"]
 
 
 def _pinned_rank(rank: int, fn, args: tuple, environ: dict, cwd: str) -> None:
