@@ -285,8 +285,9 @@ class ImagePrep:
 
         A file that `passes_through` is stored as its original bytes after a validating decode at
         1/8 scale (libjpeg's DCT scaling still reads every byte of the entropy-coded data, so a
-        truncated file is caught, and skips the IDCT, upsampling and colour conversion); its size
-        is its own. Anything else is decoded once, converted, capped (`pixels`) and re-encoded
+        truncated file is caught, and skips most of the IDCT), by OpenCV to gray (`_decodes_cleanly`);
+        a file on which libjpeg errs or warns there is decoded by Pillow, which accepts or refuses it.
+        Its size is its own. Anything else is decoded once, converted, capped (`pixels`) and re-encoded
         (`encode`): exactly what FFCV's `RGBImageField` stores for those pixels.
         """
         if not os.path.isfile(path) and os.path.exists(path):  # a directory, a FIFO that would block
@@ -304,8 +305,9 @@ class ImagePrep:
             with _opened(io.BytesIO(data)) as image:
                 if self.passes_through(image, data):
                     width, height = image.size
-                    image.draft(None, (max(1, width // 8), max(1, height // 8)))
-                    image.load()
+                    if not _decodes_cleanly(data):
+                        image.draft(None, (max(1, width // 8), max(1, height // 8)))
+                        image.load()  # raises where Pillow refuses the file
                     return Prepared("ok", None, data, width, height)
                 if _plain_jpeg(image):
                     full = image.size
@@ -338,10 +340,26 @@ def _opencv_decoded(data: bytes, scale: int) -> np.ndarray | None:
     so fd 2 points at a scratch file while OpenCV decodes, and a warning hands the file to Pillow."""
     cv2 = cv2_module()
     flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-             8: cv2.IMREAD_REDUCED_COLOR_8}[scale] | cv2.IMREAD_IGNORE_ORIENTATION
+             8: cv2.IMREAD_REDUCED_COLOR_8}[scale]
+    return _silent_imdecode(data, flags)
+
+
+def _decodes_cleanly(data: bytes) -> bool:
+    """True if OpenCV decodes the JPEG `data` at 1/8 scale to gray without an error or a libjpeg
+    warning: cheaper than Pillow's decode at that scale (no upsampling or colour conversion). Where it
+    is False, Pillow's decode has the last word; on every damaged file tried, the two together accept
+    what Pillow's decode alone accepts (docs/performance.md, conversion)."""
+    cv2 = cv2_module()
+    return _silent_imdecode(data, cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
+
+
+def _silent_imdecode(data: bytes, flags: int) -> np.ndarray | None:
+    """`cv2.imdecode(data, flags)` (EXIF orientation ignored), or None where it fails or libjpeg
+    warns about the data (`_opencv_decoded`)."""
+    cv2 = cv2_module()
     with _StderrCaught() as stderr:
         try:
-            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
         except cv2.error:
             return None
     return None if stderr.written else decoded

@@ -1194,6 +1194,52 @@ def test_plain_jpegs_that_opencv_decodes_store_what_the_pillow_decode_stores(tmp
     assert capfd.readouterr().err == ""  # libjpeg's "Corrupt JPEG data" warning did not reach stderr
 
 
+def _pillow_verdict(data: bytes) -> str:
+    """What Pillow alone says of a JPEG kept byte for byte: its decode at 1/8 scale, the converter's check before OpenCV."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+        return "ok"
+    except Exception:
+        return "skipped"
+
+
+def test_a_kept_jpeg_is_accepted_or_refused_as_pillows_decode_accepts_or_refuses_it(tmp_path, capfd):
+    """A baseline JPEG within the cap is stored byte for byte after OpenCV's validating decode, and
+    Pillow decodes whatever libjpeg errs or warns about: copies damaged in their entropy-coded data
+    (truncated, bytes flipped, a stray marker, a hole) get Pillow's verdict, and its reason, every one."""
+    from pipelines.demo_data import load_photograph
+    prep = ImagePrep(max_resolution=MAX_RES)
+    rng = np.random.default_rng(5)
+    verdicts = {}
+    for photo in ("chelsea", "coffee"):
+        Image.fromarray(load_photograph(photo)).resize((MAX_RES, 48), Image.BICUBIC).save(tmp_path / "clean.jpg", quality=90)
+        clean = (tmp_path / "clean.jpg").read_bytes()
+        assert prep.stored(str(tmp_path / "clean.jpg")).data == clean
+        scan = clean.index(b"\xff\xda") + 16
+        for k in range(60):
+            data = bytearray(clean)
+            at = int(rng.integers(scan, len(data) - 4))
+            if k % 4 == 0:
+                data = data[:at]
+            elif k % 4 == 1:
+                for i in rng.integers(scan, len(data) - 2, size=3):
+                    data[i] ^= int(rng.integers(1, 256))
+            elif k % 4 == 2:
+                data[at:at] = bytes([0xFF, int(rng.choice([0xC4, 0xD0, 0xD9, 0xDA, 0xDB]))])
+            else:
+                del data[at:at + int(rng.integers(1, 40))]
+            (tmp_path / "damaged.jpg").write_bytes(data)
+            got = prep.stored(str(tmp_path / "damaged.jpg"))
+            want = _pillow_verdict(bytes(data))
+            assert got.status == want, (photo, k, got.reason)
+            assert got.status == "skipped" or got.data == bytes(data)
+            verdicts[want] = verdicts.get(want, 0) + 1
+    assert verdicts["ok"] >= 20 and verdicts["skipped"] >= 20  # both verdicts met, not one of them only
+    assert capfd.readouterr().err == ""  # libjpeg's warnings did not reach stderr
+
+
 def test_workers_wait_while_the_writer_pauses(source):
     """Finished images never pile up in the writing process: at most a window of jobs is out."""
     import time
