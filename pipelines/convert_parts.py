@@ -23,6 +23,7 @@ from bt_fast.errors import DataError
 from bt_fast.files import remove_path, write_json
 from bt_fast.host import HeapTrim
 from bt_fast.worker_pool import WorkerPool
+from pipelines.area_resize import load_kernel
 from pipelines.dali_format import ShardWriter
 from pipelines.ffcv_format import BetonPart, data_start, page_size_for
 from pipelines.images import ImagePrep, Prepared, cv2_module
@@ -155,6 +156,7 @@ def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
     about 70 bytes per image, 83 MiB for ImageNet) into its own memory.
     """
     cv2_module().setNumThreads(1)  # one image per process; no nested thread pools on shared cores
+    load_kernel()  # built and loaded once here; the forked workers inherit it
     if workers <= 1:
         yield None
         return

@@ -25,12 +25,12 @@ Pixel modes other than 8-bit RGB are converted (`to_rgb`):
 for byte (`ImagePrep.passes_through`) after a validating decode at 1/8 scale. Anything else it
 decodes (an upright colour JPEG with OpenCV straight into one BGR array, the same pixels as
 Pillow's decode; any other file with Pillow and the rules above), caps on the longer side at
-`max_resolution` with OpenCV INTER_AREA and FFCV's `RGBImageField` size rounding of the full size,
-so both output formats hold the same geometry, and encodes with OpenCV at `jpeg_quality`, exactly
-as FFCV encodes. A JPEG at least four times the cap is first decoded at a reduced DCT scale
-(libjpeg's 1/2, 1/4 or 1/8, never below twice the capped size), which halves the cost of the few
-very large inputs and changes the capped pixels by one to two levels on average, about what one
-JPEG generation at quality 90 changes.
+`max_resolution` with OpenCV's INTER_AREA bytes (`pipelines.area_resize`) and FFCV's
+`RGBImageField` size rounding of the full size, so both output formats hold the same geometry, and
+encodes with OpenCV at `jpeg_quality`, exactly as FFCV encodes. A JPEG at least four times the cap
+is first decoded at a reduced DCT scale (libjpeg's 1/2, 1/4 or 1/8, never below twice the capped
+size), which halves the cost of the few very large inputs and changes the capped pixels by one to two
+levels on average, about what one JPEG generation at quality 90 changes.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bt_fast.errors import DataError
+from pipelines.area_resize import resize_area
 
 DEFAULT_MAX_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 90
@@ -243,8 +244,8 @@ class ImagePrep:
         """`array` (decoded from an image whose upright full size is `full`) at `target_size(*full)`."""
         width, height = self.target_size(*full)
         if (width, height) != (array.shape[1], array.shape[0]):
-            cv2 = cv2_module()
-            array = cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA)
+            cv2_module()  # where OpenCV is missing, the DataError that says so
+            array = resize_area(array, (width, height))
         return np.ascontiguousarray(array)
 
     def pixels(self, path: str) -> np.ndarray:
