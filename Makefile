@@ -39,8 +39,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) $(ARGS)
 
 bench: $(STAMP)
-	@if [ -z "$(DATA)$(filter --end-to-end --data --data=%,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	$(PY) -m tools.bench $(if $(DATA),--data "$(DATA)",$(if $(filter --end-to-end --data --data=%,$(ARGS)),,--data "$(DEMO_DATA)/train")) $(ARGS)
+	@if [ -z "$(DATA)$(filter --end-to-end --conversion --data --data=%,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
+	$(PY) -m tools.bench $(if $(DATA),--data "$(DATA)",$(if $(filter --end-to-end --conversion --data --data=%,$(ARGS)),,--data "$(DEMO_DATA)/train")) $(ARGS)
 
 # Every CUDA code path against its CPU float32 reference, then throughput, then the end-to-end bench (every
 # pipeline feeding the training step); results also in runs/gpu_check.json.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -224,6 +225,9 @@ def test_bad_arguments_exit_with_one_line():
     with pytest.raises(SystemExit) as exc:
         parse_args(["--train-warmup", "-1"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--conversion", "--end-to-end"])
+    assert exc.value.code == 2
 
 
 def test_loader_windows_shorter_than_the_reference_workers_are_refused(capsys):
@@ -399,3 +403,29 @@ def test_a_folder_too_small_for_one_training_batch_leaves_the_synthetic_rate_una
     reason = f"data directory {data} has 3 images: too few for one batch of 4 per rank on 1 rank(s); lower batch_size"
     assert section["synthetic_images_per_s"] == {"unavailable": reason}
     assert _train_step_lines(section, [])[0].endswith(f"amp none): synthetic unavailable: {reason}")
+
+
+def test_conversion_converts_every_image_to_each_format_and_states_its_target(tmp_path, capsys):
+    """Two formats x two repetitions of `tools.convert`, each in a fresh process: every image written, rates and
+    ratios that follow from the wall, CPU and floor figures by the formulas the report states, the converter's own
+    peak memory (not this process's, which a child keeps across exec), and no output left behind."""
+    data = write_image_folder(tmp_path / "set", classes=2, per_class=6, size=(640, 480))  # capped to 512 x 384
+    out = tmp_path / "out"
+    assert main(["--conversion", "--data", str(data), "--reps", "2", "--workers", "2", "--decode-images", "6",
+                 "--json", str(out / "conversion.json")]) == 0
+    section = json.loads((out / "conversion.json").read_text())["conversion"]
+    assert sorted(p.name for p in out.iterdir()) == ["conversion.json"]
+    floor = section["decode_floor"]["cpu_s_per_image"]
+    assert section["images"] == 12 and section["workers"] == 2 and is_figure(floor)
+    assert section["target_images_per_s"] == pytest.approx(0.7 * 2 / floor["median"])
+    own_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    table = capsys.readouterr().out
+    for fmt in ("ffcv", "dali"):
+        entry = section[fmt]
+        assert entry["written"] == 12 and entry["skipped"] == 0
+        assert is_figure(entry["wall_s"]) and is_figure(entry["cpu_s_per_image"])
+        assert entry["images_per_s"]["median"] == pytest.approx(12 / entry["wall_s"]["median"])
+        assert entry["vs_floor"] == pytest.approx(entry["cpu_s_per_image"]["median"] / floor["median"])
+        assert entry["vs_target"] == pytest.approx(entry["images_per_s"]["median"] / (0.7 * 2 / floor["median"]))
+        assert 10 < entry["peak_rss_mib"] < own_peak_mib / 2
+        assert f"{fmt} {'met' if entry['vs_target'] >= 1 else 'NOT met'}" in table.splitlines()[-3]

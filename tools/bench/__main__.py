@@ -13,6 +13,11 @@ described in the module that measures it:
   train_step    Trainer.train_step on synthetic batches and fed by each pipeline (train_step.py)
   targets       each target with the measured value and met / not met (report.py)
 
+--conversion runs one section instead, conversion (conversion.py): `tools.convert` to each format in a
+fresh process with --workers, against the decode floor measured in the same run, and the conversion
+target (images/s >= 0.7 x workers / floor); JSON by default in runs/bench/conversion.json. Without --data
+it converts an ImageNet-like set built once under data/imagenet_like_<--conversion-images> (default 20000).
+
 --end-to-end runs one section instead, end_to_end (end_to_end.py): the training step fed by each
 pipeline (reference, ffcv in its default mode, ffcv decode=device, dali) against the same step fed
 synthetic device tensors; JSON by default in runs/bench/end_to_end.json. Without --data it reads an
@@ -47,6 +52,8 @@ with exit_on_interrupt(STARTING):
     from bt_fast.model import BACKBONE_DIM
     from pipelines.image_folder import image_folder_root
     from tools.bench.augment import bench_augment
+    from tools.bench.conversion import FORMATS as CONVERSION_FORMATS
+    from tools.bench.conversion import bench_conversion
     from tools.bench.decode_floor import bench_decode_floor
     from tools.bench.device_crop import bench_device_crop
     from tools.bench.end_to_end import DEFAULT_PIPELINES, bench_end_to_end, end_to_end_pipeline
@@ -64,7 +71,7 @@ OWN_KEYS = {"data": "--data", "pipeline": "--pipelines", "workers": "--workers",
             "augment.image_size": "--image-size or --train-image-size", "seed": "--seed", "arch": "--arch",
             "projector": "--projector", "amp": "--amp", "ffcv.decode": _FFCV_MODES, "ffcv.crop": _FFCV_MODES}
 DEMO_ROOT = Path("data/demo")
-IMAGENET_LIKE_ROOT = Path("data")  # --end-to-end's set of N images: data/imagenet_like_<N>
+IMAGENET_LIKE_ROOT = Path("data")  # --end-to-end's and --conversion's sets of N images: data/imagenet_like_<N>
 
 
 def _names(text: str) -> list[str]:
@@ -80,6 +87,10 @@ def _parser() -> CliParser:
         help=f"loader entries, comma-separated, from {','.join(LOADERS)} (default: all; the ffcv_* entries are "
              f"the pipeline's other modes; --end-to-end: {','.join(DEFAULT_PIPELINES)}, ffcv in its default mode)")
     add("--end-to-end", action="store_true", help="only the end-to-end section (see below)")
+    add("--conversion", action="store_true", help="only the conversion section (see below)")
+    add("--conversion-images", type=int, default=20000,
+        help="--conversion without --data: images of the ImageNet-like set built once under "
+             "data/imagenet_like_<N> (default %(default)s)")
     add("--e2e-images", type=int, default=None,
         help="--end-to-end without --data: images of the ImageNet-like set built once under "
              "data/imagenet_like_<N> (default 256 on the CPU, 8192 on CUDA)")
@@ -160,8 +171,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.argv = argv  # for the training-step processes (they get the resolved --data appended)
     args.device = resolve_device(args.device, setting="--device")
     cpu, quick, e2e = args.device.type == "cpu", args.quick, args.end_to_end
+    if e2e and args.conversion:
+        parser.error("--end-to-end and --conversion each run one section; give one of them")
     if args.json is None:
-        args.json = _checked_default(parser, "--json", "runs/bench/end_to_end.json" if e2e else "runs/bench/bench.json")
+        default = "end_to_end" if e2e else "conversion" if args.conversion else "bench"
+        args.json = _checked_default(parser, "--json", f"runs/bench/{default}.json")
     args.batch_size = _default(args.batch_size, 32 if quick else 64)
     args.image_size = _default(args.image_size, 128 if quick else 224)
     args.reps = _default(args.reps, 2 if quick else 3)
@@ -194,7 +208,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("image_size", "train_image_size"):  # the pipelines' augment.image_size
         parser.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
     for flag in ("batch_size", "reps", "loader_batches", "train_steps", "decode_images", "train_batch_size",
-                 *(("e2e_images",) if e2e else ())):
+                 *(("e2e_images",) if e2e else ()), *(("conversion_images",) if args.conversion else ())):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
@@ -213,9 +227,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def resolve_data(args: argparse.Namespace) -> None:
     """Without --data: the ImageNet-like set (--end-to-end) or the demo set's train/ split, built on first use."""
-    if args.data is None and args.end_to_end:
+    if args.data is None and (args.end_to_end or args.conversion):
         from pipelines.imagenet_like import write_imagenet_like
-        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{args.e2e_images}", args.e2e_images))
+        count = args.e2e_images if args.end_to_end else args.conversion_images
+        args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{count}", count))
     elif args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
@@ -225,13 +240,18 @@ def resolve_data(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Every section, measured in this order: loaders, decode floor, augmentation, optimizer, training step
-    (with --end-to-end: the end-to-end section only)."""
+    (with --end-to-end or --conversion: that section only)."""
     result: dict[str, Any] = {"environment": environment(args)}
     t_start = time.perf_counter()
 
     def stage(label: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:6.1f}s] {label}", file=sys.stderr, flush=True)
 
+    if args.conversion:
+        stage(f"conversion: {', '.join(CONVERSION_FORMATS)}, {args.reps} reps")
+        result["conversion"] = bench_conversion(args)
+        result["environment"]["bench_seconds"] = time.perf_counter() - t_start
+        return result
     if args.end_to_end:
         stage("end to end: " + ", ".join(args.pipelines))
         result["end_to_end"] = bench_end_to_end(args, args.pipelines)

@@ -10,6 +10,7 @@ from typing import Any
 
 from bt_fast.errors import say
 from bt_fast.files import write_json
+from tools.bench.conversion import conversion_lines
 
 TARGETS = {"ffcv_vs_floor": 1.15, "ffcv_device_decode_vs_floor": 0.1, "augment_speedup": 4.0, "lars_speedup": 2.0,
            "device_crop_share": 0.01}
@@ -189,6 +190,8 @@ def format_table(result: dict) -> str:
     """The printed report: every section, median [min-max] for each figure (--end-to-end: its table)."""
     if "end_to_end" in result:
         return "\n".join(end_to_end_lines(result["end_to_end"]))
+    if "conversion" in result:
+        return "\n".join(conversion_lines(result["conversion"]))
     env = result["environment"]
     lines = [f"bt_fast benchmark  device {env['device']} ({env['device_name']}), {env['cpu_count']} CPUs, "
              f"torch {env['torch']}, batch {env['batch_size']}, {env['image_size']} px, {env['reps']} reps "
