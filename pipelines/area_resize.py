@@ -81,7 +81,7 @@ def _load() -> tuple[object | None, str | None]:
         return None, f"not checked on {platform.machine()}; cv2.resize is used"
     try:
         library = ctypes.CDLL(str(_built_library()))
-    except (OSError, subprocess.SubprocessError) as err:
+    except (OSError, subprocess.SubprocessError, ValueError) as err:  # ValueError: $CC does not parse
         return None, f"could not build {_SOURCE.name}: {' '.join(str(err).split())[:300]}"
     function = library.area_resize
     function.restype = ctypes.c_int
