@@ -105,8 +105,8 @@ resize_channels(const uint8_t *src, int h, int w, const int cn, long src_step,
                 }
                 uint8_t *o = dst + (size_t)dy * dst_step;
                 for (int i = 0; i < row_len; i++) {
-                    const int v = (int)lrintf(sum[i]);  /* the current rounding mode: to nearest, ties to even */
-                    o[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+                    const float v = rintf(sum[i]);  /* the current rounding mode: to nearest, ties to even */
+                    o[i] = (uint8_t)(int)(v < 0.f ? 0.f : v > 255.f ? 255.f : v);
                 }
             }
         }
