@@ -226,7 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_data(args: argparse.Namespace) -> None:
-    """Without --data: the ImageNet-like set (--end-to-end) or the demo set's train/ split, built on first use."""
+    """Without --data: the ImageNet-like set (--end-to-end, --conversion) or the demo set's train/ split, built on
+    first use."""
     if args.data is None and (args.end_to_end or args.conversion):
         from pipelines.imagenet_like import write_imagenet_like
         count = args.e2e_images if args.end_to_end else args.conversion_images

@@ -187,7 +187,7 @@ def _target_lines(targets: list[dict]) -> list[str]:
 
 
 def format_table(result: dict) -> str:
-    """The printed report: every section, median [min-max] for each figure (--end-to-end: its table)."""
+    """The printed report: every section, median [min-max] for each figure (--end-to-end, --conversion: its table)."""
     if "end_to_end" in result:
         return "\n".join(end_to_end_lines(result["end_to_end"]))
     if "conversion" in result:
