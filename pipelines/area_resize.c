@@ -1,14 +1,14 @@
 /* OpenCV's INTER_AREA reduction of 8-bit images, byte for byte, vectorised (pipelines/area_resize.py).
  *
- * OpenCV's generic path (cv::resize, a factor that is not whole on one axis) sums each output pixel in
- * float32: for each source row, out-of-line sums over the row's taps from zero, taps in ascending
- * source order (the horizontal pass), then over the output row's source rows, first tap times its
- * weight, then the others added in ascending order (the vertical pass); cv::saturate_cast<uchar>
- * rounds half to even and clamps. Its horizontal pass is scalar and runs again for every (source row,
- * output row) pair. Here each source row's horizontal pass runs once, for STRIP rows at a time
- * transposed so that the same tap of those rows is one contiguous vector, with every float operation
- * OpenCV does, in its order, on the same values: the same bytes. Built with -ffp-contract=off, so no
- * multiply-add is fused where OpenCV's x86-64 build does not fuse one.
+ * OpenCV's generic path (cv::resize, a factor that is not whole on one axis) sums in float32. The
+ * horizontal pass: for each source row and output column, from zero, each tap's weight times its
+ * pixel, taps in ascending source order. The vertical pass: for each output row, its first source
+ * row's sum times that row's weight, then the others' added in ascending order. cv::saturate_cast<uchar>
+ * rounds half to even and clamps. OpenCV's horizontal pass is scalar and runs again for every (source
+ * row, output row) pair. Here each source row's horizontal pass runs once, STRIP rows at a time,
+ * transposed so that one tap of those rows is one contiguous vector: every float operation OpenCV does,
+ * in its order, on the same values, so the same bytes. Built with -ffp-contract=off: no multiply-add is
+ * fused where OpenCV's x86-64 build does not fuse one.
  */
 #include <math.h>
 #include <stdint.h>
