@@ -45,11 +45,18 @@ def resize_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     channels = 1 if image.ndim == 2 else image.shape[2]
     if image.strides[0] <= 0 or image.strides[1] != channels or image.strides[-1] != 1:  # rows may be apart, pixels not
         image = np.ascontiguousarray(image)
-    out = np.empty((height, width, channels) if channels > 1 else (height, width), np.uint8)  # as cv2's
-    if kernel(image.ctypes.data, image.shape[0], image.shape[1], channels, image.strides[0],
-              out.ctypes.data, height, width, out.strides[0]) != 0:  # out of memory
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return out
+    out = _reduced(kernel, image, width, height)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA) if out is None else out
+
+
+def _reduced(kernel, image: np.ndarray, width: int, height: int) -> np.ndarray | None:
+    """`kernel`'s reduction of `image` (rows a positive stride apart, each row's pixels contiguous) to
+    `width` x `height`, shaped as cv2.resize shapes it; None where the kernel ran out of memory."""
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    out = np.empty((height, width, channels) if channels > 1 else (height, width), np.uint8)
+    code = kernel(image.ctypes.data, image.shape[0], image.shape[1], channels, image.strides[0],
+                  out.ctypes.data, height, width, out.strides[0])
+    return out if code == 0 else None
 
 
 def load_kernel() -> str | None:
@@ -146,10 +153,8 @@ def _first_mismatch(function) -> str | None:
                                    (rng.integers(0, 256, (40, 97, 1)), (97, 17)),
                                    (rng.integers(0, 256, (57, 45, 4)), (16, 21))):
         image = image.astype(np.uint8)
-        rows, cols, channels = image.shape
-        want = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA).reshape(height, width, channels)
-        got = np.empty_like(want)
-        if (function(image.ctypes.data, rows, cols, channels, image.strides[0], got.ctypes.data, height, width,
-                     got.strides[0]) != 0 or not np.array_equal(got, want)):
+        got = _reduced(function, image, width, height)
+        if got is None or not np.array_equal(got, cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)):
+            rows, cols, channels = image.shape
             return f"{cols}x{rows}x{channels} to {width}x{height}"
     return None

@@ -24,12 +24,8 @@ def _opencv(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _kernel_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The C function itself, never cv2.resize: a broken kernel cannot hide behind the fallback."""
-    kernel = area_resize._kernel()
-    width, height = size
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    out = np.empty((height, width, channels) if channels > 1 else (height, width), np.uint8)
-    assert kernel(image.ctypes.data, image.shape[0], image.shape[1], channels, image.strides[0],
-                  out.ctypes.data, height, width, out.strides[0]) == 0
+    out = area_resize._reduced(area_resize._kernel(), image, *size)
+    assert out is not None
     return out
 
 
