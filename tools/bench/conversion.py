@@ -92,23 +92,3 @@ def _convert(data: str, out: Path, fmt: str, workers: int) -> dict:
     Path(f"{out}.report.json").unlink()
     return {"wall_s": wall, "cpu_s": usage["cpu_s"], "peak_rss_mib": usage["peak_rss_mib"],
             "written": report["written"], "skipped": report["skipped"]}
-
-
-def conversion_lines(section: dict) -> list[str]:
-    """The conversion table and its target, per format."""
-    floor = section["decode_floor"]["cpu_s_per_image"]
-    lines = [f"Conversion of {section['images']} images ({section['data']}), --workers {section['workers']}, "
-             f"{section['reps']} reps (median [min-max]); decode floor {floor['median'] * 1e3:.3f} ms "
-             f"[{floor['min'] * 1e3:.3f}-{floor['max'] * 1e3:.3f}], so the target "
-             f"{TARGET_SHARE} x {section['workers']} / floor is {section['target_images_per_s']:.0f} images/s"]
-    head = f"{'format':<8} {'images/s':>22} {'CPU ms/image':>13} {'vs floor':>9} {'vs target':>10} {'peak MiB':>9}"
-    lines += [head, "-" * len(head)]
-    for fmt in FORMATS:
-        entry = section[fmt]
-        rate, cpu = entry["images_per_s"], entry["cpu_s_per_image"]
-        lines.append(f"{fmt:<8} {rate['median']:>8.0f} [{rate['min']:.0f}-{rate['max']:.0f}] {cpu['median'] * 1e3:>13.3f}"
-                     f" {entry['vs_floor']:>9.2f} {entry['vs_target']:>10.2f} {entry['peak_rss_mib']:>9.1f}")
-    met = [fmt for fmt in FORMATS if section[fmt]["vs_target"] >= 1]
-    lines.append(f"Target (images/s >= {TARGET_SHARE} x workers / decode floor): "
-                 + ", ".join(f"{fmt} {'met' if fmt in met else 'NOT met'}" for fmt in FORMATS))
-    return lines
