@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { STRIP = 16 };
+enum { STRIP = 16, MOST_LANE = (STRIP * 4 + 16) & ~15 };
 
 /* OpenCV's computeResizeAreaTab for one axis, grouped by output index: output d sums count[d]
  * consecutive source indices from first[d], with weights w[d * stride + k]. Returns the largest count. */
@@ -51,9 +51,10 @@ static inline __attribute__((always_inline)) int
 resize_channels(const uint8_t *src, int h, int w, const int cn, long src_step,
                 uint8_t *dst, int dh, int dw, long dst_step)
 {
-    /* A tile lane holds one source column of the strip: STRIP pixels of cn bytes, and one spare byte
-       that the 4-byte moves below may write. */
-    const int lane = STRIP * cn + 1, row_len = dw * cn;
+    /* A tile lane holds one source column of the strip: STRIP pixels of cn bytes, then the spare byte
+       that the 4-byte moves below may write, zeros up to a multiple of 16 bytes. The horizontal pass
+       sums whole lanes, a whole number of vectors, and stores only the pixels' sums. */
+    const int lane = (STRIP * cn + 16) & ~15, row_len = dw * cn;
     const int xstride = (int)ceil((double)w / dw) + 2, ystride = (int)ceil((double)h / dh) + 2;
     int *tab = malloc(sizeof(int) * 2 * ((size_t)dw + dh));
     float *xw = malloc(sizeof(float) * ((size_t)xstride * dw + (size_t)ystride * dh));
@@ -61,6 +62,7 @@ resize_channels(const uint8_t *src, int h, int w, const int cn, long src_step,
     float *sum = malloc(sizeof(float) * (size_t)row_len);
     float *ring = NULL;
     int ok = tab && xw && tile && sum;
+    if (tile) memset(tile, 0, (size_t)w * lane);
     if (ok) {
         int *xf = tab, *xc = tab + dw, *yf = tab + 2 * dw, *yc = yf + dh;
         float *yw = xw + (size_t)xstride * dw;
@@ -71,22 +73,23 @@ resize_channels(const uint8_t *src, int h, int w, const int cn, long src_step,
         ok = ring != NULL;
         for (int y0 = 0, dy = 0; ok && y0 < h; y0 += STRIP) {
             const int rows = h - y0 < STRIP ? h - y0 : STRIP;
-            for (int r = 0; r < rows; r++) {  /* the strip transposed: tile[x * lane + r * cn + c] */
-                const uint8_t *s = src + (size_t)(y0 + r) * src_step;
-                uint8_t *t = tile + r * cn;
-                int x = 0;
-                if (cn == 3)  /* the 4th byte lands where row r + 1 or the spare byte goes; not past a row */
-                    for (; x < w - 1; x++) memcpy(t + (size_t)x * lane, s + x * 3, 4);
-                for (; x < w; x++)
-                    for (int c = 0; c < cn; c++) t[(size_t)x * lane + c] = s[x * cn + c];
-            }
+            const uint8_t *srow[STRIP];  /* a short last strip repeats its last row; those sums are not stored */
+            for (int r = 0; r < STRIP; r++) srow[r] = src + (size_t)(y0 + (r < rows ? r : rows - 1)) * src_step;
+            int x = 0;  /* the strip transposed, one lane after another: tile[x * lane + r * cn + c] */
+            if (cn == 3)  /* the 4th byte lands where row r + 1 or the spare byte goes; not past a row */
+                for (; x < w - 1; x++)
+                    for (int r = 0; r < STRIP; r++) memcpy(tile + (size_t)x * lane + r * 3, srow[r] + x * 3, 4);
+            for (; x < w; x++)
+                for (int r = 0; r < STRIP; r++)
+                    for (int c = 0; c < cn; c++) tile[(size_t)x * lane + r * cn + c] = srow[r][x * cn + c];
             float *strip_rows[STRIP];
             for (int r = 0; r < rows; r++) strip_rows[r] = ring + (size_t)((y0 + r) % ring_rows) * row_len;
             for (int dx = 0; dx < dw; dx++) {
                 const float *wd = xw + (size_t)dx * xstride;
-                float acc[STRIP * 4 + 1];
-                for (int i = 0; i < lane; i++) acc[i] = 0.f;
-                for (int k = 0; k < xc[dx]; k++) {
+                const uint8_t *t0 = tile + (size_t)xf[dx] * lane;
+                float acc[MOST_LANE];
+                for (int i = 0; i < lane; i++) acc[i] = (float)t0[i] * wd[0];  /* OpenCV's 0 + this: the same */
+                for (int k = 1; k < xc[dx]; k++) {
                     const uint8_t *t = tile + (size_t)(xf[dx] + k) * lane;
                     const float a = wd[k];
                     for (int i = 0; i < lane; i++) acc[i] = acc[i] + (float)t[i] * a;
@@ -119,16 +122,35 @@ resize_channels(const uint8_t *src, int h, int w, const int cn, long src_step,
     return ok ? 0 : -1;
 }
 
+/* One function per channel count, each with its own frame, and an AVX2 clone on x86-64. GCC's
+ * unroll-and-jam (-O3) would fuse pairs of the vertical pass's taps into a loop it leaves scalar. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CLONED __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONED
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_JAM __attribute__((optimize("no-loop-unroll-and-jam")))
+#else
+#define NO_JAM
+#endif
+#define RESIZE_CHANNELS(CN)                                                                      \
+    CLONED NO_JAM static int resize_##CN(const uint8_t *src, int h, int w, long src_step,         \
+                                         uint8_t *dst, int dh, int dw, long dst_step)             \
+    {                                                                                            \
+        return resize_channels(src, h, w, CN, src_step, dst, dh, dw, dst_step);                  \
+    }
+RESIZE_CHANNELS(1)
+RESIZE_CHANNELS(3)
+RESIZE_CHANNELS(4)
+
 /* `src` (h x w pixels of cn bytes, rows src_step bytes apart) reduced into `dst` (dh x dw, rows dst_step
  * apart), 0 < dh <= h, 0 < dw <= w, cn 1, 3 or 4. Returns 0, or -1 where memory ran out or cn is another. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2", "default")))
-#endif
 int area_resize(const uint8_t *src, int h, int w, int cn, long src_step,
                 uint8_t *dst, int dh, int dw, long dst_step)
 {
-    if (cn == 3) return resize_channels(src, h, w, 3, src_step, dst, dh, dw, dst_step);
-    if (cn == 1) return resize_channels(src, h, w, 1, src_step, dst, dh, dw, dst_step);
-    if (cn == 4) return resize_channels(src, h, w, 4, src_step, dst, dh, dw, dst_step);
+    if (cn == 3) return resize_3(src, h, w, src_step, dst, dh, dw, dst_step);
+    if (cn == 1) return resize_1(src, h, w, src_step, dst, dh, dw, dst_step);
+    if (cn == 4) return resize_4(src, h, w, src_step, dst, dh, dw, dst_step);
     return -1;
 }
