@@ -136,8 +136,14 @@ def _on_a_terminal(command: list[str]) -> tuple[subprocess.Popen, int]:
     import termios
     master, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+
+    def in_the_terminals_session() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # as a shell in that terminal starts it: a suite started under `nohup` would pass on SIGHUP ignored,
+        # and the run would rightly outlive its terminal
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     run = subprocess.Popen(command, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
-                           start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                           start_new_session=True, preexec_fn=in_the_terminals_session)
     os.close(terminal)
     return run, master
 
@@ -157,17 +163,17 @@ def _read_until(master: int, pattern: str, timeout_s: float) -> str:
 def test_a_run_whose_terminal_closes_stops_with_a_checkpoint(image_folder, tmp_path):
     """The kernel hangs the terminal up (every write to it fails with EIO) and sends SIGHUP: the run checkpoints
     at the step boundary and exits 129, its progress bar and stop lines going to /dev/null. It died of SIGHUP."""
-    # 1,200 steps: a run that the test process's reader falls behind (2 busy cores) still cannot finish first
+    # 120 steps: a run that the test process's reader falls behind (2 busy cores) still cannot finish first
     run, master = _on_a_terminal([sys.executable, "-m", "bt_fast.train",
-                                  *tiny_args(image_folder, tmp_path, "epochs=400", "log_every=1")])
+                                  *tiny_args(image_folder, tmp_path, "epochs=40", "log_every=1")])
     try:
-        _read_until(master, r"\| *[1-9]\d*/1200 \[", timeout_s=180)  # the progress bar past step 1
+        _read_until(master, r"\| *[1-9]\d*/120 \[", timeout_s=180)  # the progress bar past step 1
     finally:
         os.close(master)
         code = run.wait(timeout=60)
     assert code == 129
     step = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"]
-    assert 1 < step < 1200 and [m["step"] for m in metric_lines(tmp_path)] == list(range(1, step + 1))
+    assert 1 < step < 120 and [m["step"] for m in metric_lines(tmp_path)] == list(range(1, step + 1))
     assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "SIGHUP"
 
 
