@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 def bench_conversion(args: argparse.Namespace) -> dict:
     _, samples = find_image_folder(args.data)
     images, workers = len(samples), max(1, args.workers)
-    originals = original_jpegs(args.data, args.decode_images)
+    originals = original_jpegs(args.data, args.decode_images, samples)
     for path, _ in samples:  # into the page cache, where the machine's memory holds the set
         Path(path).read_bytes()
     floors: list[float] = []

@@ -36,8 +36,11 @@ def _spread(items: list, limit: int) -> list:
     return [items[int(i * step)] for i in range(limit)]
 
 
-def original_jpegs(data: str | Path, limit: int) -> list[bytes]:
-    _, samples = find_image_folder(data)
+def original_jpegs(data: str | Path, limit: int, samples: list | None = None) -> list[bytes]:
+    """At most `limit` source files of the image folder `data`, spread over it; `samples` is its
+    listing where the caller holds it already."""
+    if samples is None:
+        _, samples = find_image_folder(data)
     return [Path(path).read_bytes() for path, _ in _spread(samples, limit)]
 
 
