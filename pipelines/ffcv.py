@@ -108,11 +108,16 @@ class EpochSharding:
         return rank_block(order, self.rank, self.world_size).astype(np.uint64)
 
 
+class _Stopped(Exception):
+    """The epoch was closed: its thread ends before its next batch."""
+
+
 class _SeededEpochIterator(EpochIterator):
     """FFCV's epoch thread, with the operation's crop seed written before the thread starts.
 
     An exception in FFCV's thread would otherwise end it silently and leave the consumer
-    waiting forever; here it ends the epoch and is raised in the consumer.
+    waiting forever; here it ends the epoch and is raised in the consumer. A closed epoch's thread
+    ends before its next batch (FFCV's own looks at its stop flag only while its queue is full).
     """
 
     def __init__(self, loader: "_TwoCropLoader", order: np.ndarray, crop_seed: int):
@@ -129,6 +134,8 @@ class _SeededEpochIterator(EpochIterator):
             torch.cuda.set_device(self.loader.device)
         try:
             super().run()
+        except _Stopped:
+            return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             self._error = err
             while not self.terminate_event.is_set():
@@ -139,6 +146,8 @@ class _SeededEpochIterator(EpochIterator):
                     pass
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self.terminate_event.is_set():
+            raise _Stopped
         # FFCV only makes the slot's stream wait for the consumer's last use of the slot, while its
         # compiled code rewrites the slot's pinned host buffers at once: wait on the host (in this
         # thread, batches_ahead + 1 batches later) so no copy from them can still be in flight.
@@ -204,15 +213,17 @@ class _TwoCropLoader(Loader):
         if self._epoch is None:
             return
         epoch, self._epoch = self._epoch, None
-        epoch.close()  # FFCV's thread checks this while its queue is full (every 0.5 s)
+        epoch.terminate_event.set()
         while epoch.is_alive():
-            epoch.join(timeout=1.0)
             with suppress(queue.Empty):  # room for the end marker, which FFCV puts without a timeout
-                epoch.output_queue.get_nowait()
+                while True:
+                    epoch.output_queue.get_nowait()
+            epoch.join(timeout=0.05)
         wait_os_thread_exit(epoch)
-        if getattr(epoch, "current_stream", None) is not None:  # GPU only: the consumer's last reads are done, and
-            # so are the copies of batches never taken (an epoch closed early), whose slots the next epoch rewrites
-            torch.cuda.synchronize(epoch.current_stream.device)
+        epoch.close()  # after the thread: with os_cache=false this also stops the page readers it used
+        if self.device.type == "cuda":  # GPU only: the consumer's last reads are done, and so are the copies
+            # of batches never taken (an epoch closed early), whose slots the next epoch rewrites
+            torch.cuda.synchronize(self.device)
 
     def __len__(self) -> int:
         if self.sharding is None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -336,6 +337,28 @@ def test_an_abandoned_epoch_stops_before_the_next_reuses_its_buffers(dataset, py
     buffers = pipeline.loader._buffers
     epoch_crops(pipeline)
     assert pipeline.loader._buffers is buffers
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_closed_early_stops_its_thread_within_a_batch_however_slow_its_batches(dataset, python_mode,
+                                                                                      monkeypatch):
+    """FFCV's thread looks at its stop flag only while its queue is full: where a batch takes longer than
+    the close took to make room, it used to read the whole epoch before the close returned."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+    made = []
+    original = EpochIterator.run_pipeline
+
+    def slow_batch(self, *args):
+        made.append(args[0])
+        time.sleep(1.0)
+        return original(self, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", slow_batch)
+    pipeline = P.FFCVPipeline(make_config(dataset[1]), cpu(), batch_size=4)
+    batches = pipeline.host_batches()
+    next(iter(batches))
+    pipeline.loader.stop_epoch()
+    assert 1 <= len(made) <= 3 < IMAGES // 4, made  # the batch taken, the one being made, perhaps one more
 
 
 @pytest.mark.parametrize("mode", ["device_crop", "device_decode"])
