@@ -31,9 +31,10 @@ def epoch_seed(seed: int, epoch: int, stream: int = ORDER_STREAM) -> int:
 @contextmanager
 def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
     """Inside the block, torch's global generator (which torchvision's transforms draw from) is
-    seeded from (seed, epoch, index) alone; outside it is left as it was."""
+    seeded from (seed, epoch, index) alone; outside it is left as it was. The CUDA generators are
+    not touched (`torch.manual_seed` would reseed every GPU's, per sample)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(hash((seed, epoch, index)) % 2**63)
+        torch.default_generator.manual_seed(hash((seed, epoch, index)) % 2**63)
         yield
 
 

@@ -13,7 +13,7 @@ from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError
 from pipelines import PIPELINES, build_pipeline
 from pipelines.base import Placement
-from pipelines.epochs import epoch_seed, rank_block, samples_per_rank
+from pipelines.epochs import epoch_seed, rank_block, sample_rng, samples_per_rank
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers (FFCV)
 
@@ -101,3 +101,15 @@ def test_epoch_seed_is_the_seed_sequence_of_seed_epoch_and_stream():
     expected = int(np.random.SeedSequence([5, 2, 7]).generate_state(1)[0]) & 0x7FFFFFFF
     assert epoch_seed(5, 2, 7) == expected
     assert len({epoch_seed(5, e, s) for e in range(3) for s in range(3)}) == 9
+
+
+def test_sample_rng_seeds_the_cpu_generator_from_the_sample_alone_and_restores_it(monkeypatch):
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)  # what torch.manual_seed also calls
+    before = torch.get_rng_state()
+    with sample_rng(1, 2, 3):
+        drawn = torch.rand(4)
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(hash((1, 2, 3)) % 2**63))
+    assert torch.equal(drawn, expected)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert reseeded == []  # a GPU's generator is not reseeded per sample
