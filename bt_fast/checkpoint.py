@@ -238,17 +238,19 @@ class RunCheckpoint:
                 f"{fix} and rerun the same command to resume from it")
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The host's generators, and the CUDA one of `device` where the run trains on a GPU."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():  # GPU: this rank's device (the current one), not every GPU the process sees
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":  # GPU: this rank's device, not every GPU the process sees
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore `rng_state()`; the states may come back on the device a checkpoint was mapped to."""
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore `rng_state()` for a run on `device`; the states may come back on the device a checkpoint
+    was mapped to."""
     state = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -257,8 +259,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if isinstance(cuda, (list, tuple)):  # written before 2026-12-06: one state per visible GPU, rank 0's first
         cuda = cuda[0] if cuda else None
-    if cuda is not None and torch.cuda.is_available():  # GPU: a machine that sees fewer GPUs resumes too
-        torch.cuda.set_rng_state(cuda.cpu())
+    if cuda is not None and device.type == "cuda":  # GPU: a machine that sees fewer GPUs resumes too
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -270,6 +272,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         if damaged is None:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         reason = f"is damaged (its entry {damaged} fails the CRC-32 it was written with)"
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the file may well be good: no advice to delete it
+    except PermissionError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror}); make it readable and "
+                              f"rerun") from None
     except Exception as err:  # unpickling errors come in many types; all mean the same to the user
         reason = f"cannot be read ({type(err).__name__})"
     previous = previous_path(Path(path))

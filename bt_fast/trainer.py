@@ -61,6 +61,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.local_batch = config.batch_size // ctx.world_size
         self.amp_dtype = amp_dtype(config, ctx.device)
+        self.precision = str(self.amp_dtype or torch.float32).removeprefix("torch.")
         torch.manual_seed(config.seed)  # same initial weights on every rank
         if ctx.device.type == "cuda":  # GPU only: input shapes fixed per epoch, so the autotuned kernels are reused
             torch.backends.cudnn.benchmark = True
@@ -138,9 +139,13 @@ class Trainer:
         state = load_checkpoint(path, self.ctx.device)
         refuse_other_model_or_batch(path, state.get("config", {}), self.config)
         restore_model(self.model, state["model"], path)
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        for group, own in zip(self.optimizer.param_groups, hyperparameters):
+            group.update(own)  # this config's (weight decay): a changed one is listed below and applies
+        if state["scaler"] or not self.scaler.is_enabled():  # empty where it was written without float16
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], self.ctx.device)
         self.step = self.checkpoint.saved_step = state["step"]
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
@@ -151,6 +156,9 @@ class Trainer:
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
         refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
         changed += self._changed_world_size(state.get("world_size"))
+        saved_precision = state.get("precision")  # absent in checkpoints of older versions
+        if saved_precision is not None and saved_precision != self.precision:  # amp=auto on another device, say
+            changed.append(f"precision {saved_precision} -> {self.precision}")
         if changed and self.ctx.is_main:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
                   f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)
@@ -191,9 +199,9 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                 "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
-                "world_size": self.ctx.world_size,
+                "world_size": self.ctx.world_size, "precision": self.precision,
                 "config": self.config.to_dict(), "pipeline_positions": positions,
-                "rng": rng_state(), "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "rng": rng_state(self.ctx.device), "first_loss": self.first_loss, "last_loss": self.last_loss,
                 "elapsed_s": self.run_log.elapsed() if self.run_log else None})
             if wait:
                 self.checkpoint.wait()

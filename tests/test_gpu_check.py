@@ -180,7 +180,7 @@ def test_end_to_end_prints_only_its_table(tmp_path, capfd, monkeypatch):
 
 
 def test_resume_without_restoring_the_rng_state_fails(monkeypatch):
-    monkeypatch.setattr(bt_fast.trainer, "set_rng_state", lambda state: None)
+    monkeypatch.setattr(bt_fast.trainer, "set_rng_state", lambda state, device: None)
     with tempfile.TemporaryDirectory() as tmp:
         results = check_resume(torch.device("cpu"), SIZES["cpu"], Path(tmp), {})
     assert [r.status for r in results] == ["fail", "fail"]

@@ -372,14 +372,23 @@ def test_overrides_keep_string_keys_as_typed_and_accept_1_0_booleans():
         parse_overrides(["augment.image_size=32", "augment=1"])
 
 
-def test_resume_with_changed_settings_lists_them(image_folder, tmp_path, capsys):
+def test_resume_with_changed_settings_lists_them_and_they_apply(image_folder, tmp_path, capsys):
+    """Among them the precision, which amp=auto picks by device, so it can change with no key changing (here
+    float32 -> float16 with a GradScaler, whose state the first run did not have), and the weight decay,
+    which the optimizer's saved state holds too."""
     run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))
     code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2", "lr_weights=0.7",
-                                               "augment.image_size=40"))
-    assert code == 0
+                                               "augment.image_size=40", "weight_decay=0.01", "amp=float16"))
+    assert code == 0, err
     warning = [line for line in err.splitlines() if line.startswith("warning: resuming")]
-    assert len(warning) == 1 and "augment.image_size 32 -> 40" in warning[0] and "lr_weights 1.0 -> 0.7" in warning[0]
+    assert len(warning) == 1
+    for change in ("augment.image_size 32 -> 40", "lr_weights 1.0 -> 0.7", "weight_decay 1.5e-06 -> 0.01",
+                   "precision float32 -> float16"):
+        assert change in warning[0], warning[0]
     assert "max_steps" not in warning[0]  # extending a run is what max_steps is for
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert [group["weight_decay"] for group in state["optimizer"]["param_groups"]] == [0.01, 0.01]
+    assert state["precision"] == "float16" and state["scaler"]["scale"] > 0
 
 
 def test_resume_with_another_number_of_processes_says_so(image_folder, tmp_path, capsys):

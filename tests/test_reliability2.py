@@ -341,6 +341,28 @@ def test_an_unreadable_checkpoint_is_reported_before_the_first_use_conversion(im
     assert not (tmp_path / "images.beton").exists()
 
 
+def test_a_checkpoint_that_memory_or_permissions_keep_from_loading_is_not_called_damaged(tmp_path, monkeypatch):
+    """Only a file that is damaged gets the advice to delete it: a good checkpoint that did not fit in memory,
+    or that this user may not read, must not be deleted on the error's word."""
+    path = tmp_path / CHECKPOINT_NAME
+    atomic_save({"step": 1}, path)
+
+    def refuse(error):
+        def load(*args, **kwargs):
+            raise error
+        return load
+
+    monkeypatch.setattr(torch, "load", refuse(PermissionError(errno.EACCES, os.strerror(errno.EACCES))))
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert str(refused.value) == f"checkpoint {path} cannot be read (Permission denied); make it readable and rerun"
+    for error in (MemoryError(), torch.OutOfMemoryError("CUDA out of memory")):
+        monkeypatch.setattr(torch, "load", refuse(error))
+        with pytest.raises(type(error)):
+            load_checkpoint(path)
+    assert path.is_file()
+
+
 @pytest.mark.parametrize("kind", ["a backbone.pth", "a list", "a directory"])
 def test_a_checkpoint_pth_that_is_no_training_checkpoint_is_one_line_before_anything_starts(kind, image_folder,
                                                                                             tmp_path, capsys):
