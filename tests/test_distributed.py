@@ -308,6 +308,30 @@ def test_ctrl_c_stops_every_rank_of_two_simulated_nodes_by_sigint_and_the_comman
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == metrics(run)[-1]["step"]
 
 
+def test_the_launcher_under_nohup_outlives_its_terminal_and_sigquit_ends_it_in_one_line(image_folder, tmp_path):
+    """A closed terminal's SIGHUP reaches the launcher's process group. Under nohup torchrun would catch it all
+    the same and stop the ranks, where a single process goes on. SIGQUIT, which the ranks do not turn into a
+    stop with a checkpoint, used to end the launch silently with exit 0 once an epoch's checkpoint existed."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "tools.launch", "--nproc-per-node", "1",
+               "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "bt_fast.train",
+               "--config", "configs/demo_cpu.yaml", f"data={image_folder}", f"out_dir={run}", "log_every=1", *TINY,
+               "epochs=50", "warmup_epochs=1"]
+    proc = subprocess.Popen(command, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup starts it
+    wait_for(lambda: len(metrics(run)) >= 4, proc, timeout=240)  # past the first epoch's checkpoint (3 steps)
+    os.killpg(proc.pid, signal.SIGHUP)
+    hung_up = len(metrics(run))
+    wait_for(lambda: len(metrics(run)) >= hung_up + 2, proc)
+    os.killpg(proc.pid, signal.SIGQUIT)
+    code, out, err = finish(proc, timeout=120)
+    assert code == 128 + signal.SIGQUIT, out + err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"error: stopped by SIGQUIT: the ranks quit without writing a checkpoint; "
+                                            f"the command resumes from {run / CHECKPOINT_NAME}")
+    assert "SIGHUP" not in out + err
+
+
 def test_several_nodes_without_a_rendezvous_print_the_command_for_each_node(tmp_path):
     code, out, err = finish(launch(["max_steps=2"], NODES=2, GPUS=1, DATA=tmp_path))
     assert code == 2

@@ -12,7 +12,9 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from p
   then raises. Here that ends as a single-process run does: exit 0 (130 for SIGINT, 129 for SIGHUP)
   when this launch wrote a checkpoint, with rank 0's "stopped by ... after step N" as the last
   line. On several nodes each launcher says where the checkpoint is, as rank 0 may print on another
-  machine. torchrun's warnings narrating the stop are left out.
+  machine. torchrun's warnings narrating the stop are left out. A SIGQUIT (Ctrl-\\) ends the ranks
+  at once, without a checkpoint: one line, exit 131. Under `nohup` a SIGHUP is left ignored, so
+  the run goes on, as a single process does (torchrun would catch it all the same).
 - A rank that fails on bad input (an error with exit code 2: empty data, too little memory, ...) would fail
   the same way on every restart. It leaves its error line here and stops the launch
   (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2. On several
@@ -59,7 +61,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import resolve_device
     from bt_fast.preflight import check_batch_split, check_run_inputs
-    from bt_fast.run_control import stop_exit_code
+    from bt_fast.run_control import STOP_SIGNALS, stop_exit_code
     from bt_fast.train_args import parse_train_args
 if _QUIET_STORE_CLIENT:
     del os.environ["TORCH_CPP_LOG_LEVEL"]
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(config.out_dir) / CHECKPOINT_NAME
     started = time.time()
     options = torchrun.parse_args([*launcher_args, *TRAIN_MODULE, *train_args])
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:  # under nohup: torchrun would catch it all the same and
+        # stop the ranks; left ignored, the ranks inherit the ignore and the run goes on, as a single process does
+        options.signals_to_handle = ",".join(name for name in options.signals_to_handle.split(",")
+                                             if name.strip() != "SIGHUP")
     with cli_errors():
         per_node = check_processes_per_node(options.nproc_per_node, config.device)
         min_nodes, max_nodes = torchrun.parse_min_max_nnodes(options.nnodes)
@@ -179,6 +185,10 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
             close_rendezvous(options)
             return 2
         name = signal.Signals(stop.sigval).name
+        if stop.sigval not in STOP_SIGNALS:  # SIGQUIT (Ctrl-\): the ranks quit at once, as it asks
+            print_error(f"stopped by {name}: the ranks quit without writing a checkpoint; the command resumes from "
+                        f"{checkpoint if checkpoint.is_file() else 'the start'}")
+            return 128 + stop.sigval
         code = stop_exit_code(name)
         if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
             if torchrun.parse_min_max_nnodes(options.nnodes)[1] == 1:
