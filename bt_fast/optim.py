@@ -31,8 +31,8 @@ def exclude_bias_and_norm(p: torch.Tensor) -> bool:
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Group 0: weights (ndim > 1); group 1: biases and norm parameters, as the paper's run."""
-    weights = [p for p in model.parameters() if p.ndim != 1]
-    biases = [p for p in model.parameters() if p.ndim == 1]
+    weights = [p for p in model.parameters() if not exclude_bias_and_norm(p)]
+    biases = [p for p in model.parameters() if exclude_bias_and_norm(p)]
     return [{"params": weights}, {"params": biases}]
 
 

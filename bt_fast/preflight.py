@@ -16,8 +16,8 @@ from bt_fast.run_lock import check_unlocked
 
 # Keys that may change between a run and its resume without changing what it computes.
 RESUMABLE_KEYS = {"max_steps", "out_dir", "log_every", "checkpoint_every", "knn_every", "knn_train", "knn_val",
-                  "tensorboard", "workers", "device", "compile_optimizer", "ffcv.beton", "ffcv.os_cache", "dali.prefetch",
-                  "prefetch", "augment.backend"}
+                  "tensorboard", "workers", "device", "compile_model", "compile_optimizer", "ffcv.beton",
+                  "ffcv.os_cache", "dali.prefetch", "prefetch", "augment.backend"}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -254,6 +254,7 @@ def _file_lock(path: Path, data: str):
     """
     lock_path = path.with_name(f".{path.name}.lock")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as tools.convert makes its output's folder
         handle = open(lock_path, "w")
     except OSError as err:
         raise DataError(f"cannot write the FFCV dataset {path} beside {data} ({err.strerror or err}): convert it "

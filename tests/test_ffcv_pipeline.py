@@ -720,6 +720,8 @@ def test_missing_beton_is_converted_once_on_first_use(dataset, tmp_path):
     stamp = beton.stat().st_mtime_ns
     P.FFCVPipeline(config, cpu(), batch_size=4)
     assert beton.stat().st_mtime_ns == stamp  # not converted again
+    config.ffcv = dataclasses.replace(config.ffcv, beton=str(tmp_path / "new" / "folder" / "named.beton"))
+    assert P.FFCVPipeline(config, cpu(), batch_size=4).path.is_file()  # its folder made, as tools.convert makes it
 
 
 def test_a_beton_older_than_its_folder_is_reported(dataset, tmp_path, capsys):
