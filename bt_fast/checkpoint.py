@@ -77,8 +77,9 @@ def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
     """torch.save through `atomic_write`: a kill at any moment leaves `path` as it was or complete.
 
     With `keep_previous`, the file `path` held until now becomes its `previous_path` once the new
-    one is durable; the older previous file is deleted before writing, so at most two checkpoints
-    occupy the disk at any time.
+    one is durable; the older previous file is deleted before writing (also where `path` is gone: a
+    run started afresh keeps no other run's), so at most two checkpoints occupy the disk at any time
+    (three for a moment on a file system without hard links, where the previous one is a copy).
 
     When the storage refuses the write (full, over quota, read-only), a StorageError naming `path`,
     the cause, the bytes the file needs and the bytes free there; the temporary is removed and
@@ -86,7 +87,7 @@ def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
     """
     path = Path(path)
     try:
-        if keep_previous and path.is_file():
+        if keep_previous:
             previous_path(path).unlink(missing_ok=True)
         atomic_write(path, lambda handle: torch.save(obj, handle),
                      before_replace=(lambda: _keep_as_previous(path)) if keep_previous else None)

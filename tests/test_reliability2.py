@@ -256,6 +256,9 @@ def test_the_previous_checkpoint_is_kept_beside_the_new_one(tmp_path):
     assert torch.load(path, weights_only=True) == {"step": 3}
     assert torch.load(tmp_path / PREVIOUS_NAME, weights_only=True) == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_NAME, PREVIOUS_NAME])
+    path.unlink()  # to start afresh, as a damaged checkpoint's error offers
+    atomic_save({"step": 1}, path, keep_previous=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no other run's checkpoint "before" it
 
 
 # -- 5. batch size -----------------------------------------------------------------------------------------
