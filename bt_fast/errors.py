@@ -56,7 +56,7 @@ def lost_dataloader_worker(err: BaseException) -> str | None:
     """What torch's error says where a DataLoader worker process died ("DataLoader worker (pid 17) is
     killed by signal: Killed.", "DataLoader worker (pid(s) 17) exited unexpectedly"), with what likely
     killed it; None for any other error."""
-    text = " ".join(str(err).split())
+    text = flat_message(err)
     if not isinstance(err, RuntimeError) or not text.startswith("DataLoader worker (pid"):
         return None
     text = text.rstrip(". ")
@@ -74,13 +74,19 @@ def lost_peer(err: BaseException) -> str | None:
     store), None for any other error. The traceback of such an error shows only where this rank was waiting."""
     if not isinstance(err, RuntimeError):
         return None
-    text = " ".join(str(err).split())
+    text = flat_message(err)
     for sign in _PEER_GONE:
         if sign in text:
             return text[text.index(sign):].split(". ")[0]
     if any(kind.__name__ == "DistNetworkError" for kind in type(err).__mro__):  # without importing torch here
         return text.split(". ")[0]
     return None
+
+
+def flat_message(err: BaseException) -> str:
+    """`err`'s whole message on one line (each run of white space, newlines included, one space), or its type's
+    name where it has none."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def one_line(err: BaseException) -> str:

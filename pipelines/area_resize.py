@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bt_fast.errors import flat_message
 from bt_fast.files import temporary_name
 
 _SOURCE = Path(__file__).with_name("area_resize.c")
@@ -89,7 +90,7 @@ def _load() -> tuple[object | None, str | None]:
     try:
         library = ctypes.CDLL(str(_built_library()))
     except (OSError, subprocess.SubprocessError, ValueError) as err:  # ValueError: $CC does not parse
-        return None, f"could not build {_SOURCE.name}: {' '.join(str(err).split())[:300]}"
+        return None, f"could not build {_SOURCE.name}: {flat_message(err)[:300]}"
     function = library.area_resize
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from bt_fast.config import AugmentSpec, Config
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, flat_message
 from pipelines.base import EpochPipeline, Placement
 from pipelines.convert import source_change
 from pipelines.dali_format import index_problem
@@ -357,7 +357,7 @@ def _unreadable(path: str) -> str | None:
         with Image.open(path) as image:
             image.load()
     except Exception as err:  # noqa: BLE001 - any failure is the answer
-        return " ".join(str(err).split()) or type(err).__name__
+        return flat_message(err)
     return None
 
 
@@ -444,7 +444,7 @@ class DALIPipeline(EpochPipeline):
         try:
             saved = pipe.checkpoint()
         except Exception as err:  # noqa: BLE001 - a checkpoint of the run matters more than DALI's part of it
-            reason = " ".join(str(err).split())[:200]
+            reason = flat_message(err)[:200]
             print(f"warning: DALI cannot save its graph state ({reason}); a run resumed from this checkpoint runs "
                   f"the epoch's first {self._batches_run} batches again", file=sys.stderr)
             saved = None
@@ -463,7 +463,7 @@ class DALIPipeline(EpochPipeline):
             try:
                 return self.build(plan, checkpoint=state["dali"]), self.start_batch
             except Exception as err:  # noqa: BLE001 - any refusal of the saved state means: start over
-                reason = " ".join(str(err).split())[:200]
+                reason = flat_message(err)[:200]
                 print(f"warning: DALI cannot restore its state from the checkpoint ({reason}); running the "
                       f"epoch's first {self.start_batch} batches again", file=sys.stderr)
         try:

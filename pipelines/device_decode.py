@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, flat_message
 
 
 def _decoder():
     try:
         from torchcodec.decoders import decode_jpeg
     except (ImportError, OSError, RuntimeError) as err:  # a torchcodec built for another torch fails to load
-        raise DataError(f"ffcv.decode=device needs TorchCodec ({' '.join(str(err).split())[:200]}); install the "
+        raise DataError(f"ffcv.decode=device needs TorchCodec ({flat_message(err)[:200]}); install the "
                         f"torchcodec release matching this torch (requirements.txt) or use ffcv.decode=host") from None
     return decode_jpeg
 
@@ -42,7 +42,7 @@ def decode_padded(jpegs: torch.Tensor, sizes: list[tuple[int, int, int]], max_he
     try:
         decoded = decode_jpeg(encoded, mode="RGB", device=device)
     except RuntimeError as err:
-        raise DataError(f"a JPEG stored in FFCV dataset {path} cannot be decoded ({' '.join(str(err).split())}); "
+        raise DataError(f"a JPEG stored in FFCV dataset {path} cannot be decoded ({flat_message(err)}); "
                         f"reconvert it with `python -m tools.convert`") from None
     if [tuple(image.shape[1:]) for image in decoded] != [(h, w) for h, w, _ in sizes]:
         raise DataError(f"a JPEG stored in FFCV dataset {path} decodes to another size than its recorded one; "

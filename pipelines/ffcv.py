@@ -53,7 +53,7 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.quasi_random import generate_order_inner
 
 from bt_fast.config import AugmentSpec, Config, ConfigError
-from bt_fast.errors import DataError, Interrupted
+from bt_fast.errors import DataError, Interrupted, flat_message
 from bt_fast.host import usable_cores
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
@@ -161,7 +161,7 @@ class _SeededEpochIterator(EpochIterator):
         except StopIteration:
             if self._error is not None:
                 raise DataError(f"the FFCV loader of {self.loader.fname} failed: "
-                                f"{type(self._error).__name__}: {' '.join(str(self._error).split())}") from self._error
+                                f"{type(self._error).__name__}: {flat_message(self._error)}") from self._error
             raise
 
 

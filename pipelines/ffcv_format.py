@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO, Sequence
 import numpy as np
 
 from bt_fast.config import Config
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, flat_message
 from pipelines.images import ImagePrep
 
 if TYPE_CHECKING:
@@ -51,8 +51,7 @@ def open_beton(path: Path) -> "Reader":
     try:
         reader = Reader(str(path))
     except Exception as err:  # noqa: BLE001 - FFCV raises anything from AssertionError to IndexError
-        raise _unreadable(path, _ends_before_table(path, size) or " ".join(str(err).split())
-                          or type(err).__name__) from None
+        raise _unreadable(path, _ends_before_table(path, size) or flat_message(err)) from None
     cut_short = _cut_short(reader, size)
     if cut_short:
         raise _unreadable(path, cut_short)

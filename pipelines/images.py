@@ -45,7 +45,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, flat_message
 from pipelines.area_resize import resize_area
 
 DEFAULT_MAX_RESOLUTION = 512
@@ -157,8 +157,7 @@ def _opened(source: str | BinaryIO) -> Iterator[Image.Image]:
     except SkipImage:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure means a corrupt input
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise SkipImage(f"truncated or corrupt: {message}") from None
+        raise SkipImage(f"truncated or corrupt: {flat_message(err)}") from None
 
 
 def _decoded(image: Image.Image, reduce_to: int | None = None) -> tuple[np.ndarray, list[str], tuple[int, int]]:

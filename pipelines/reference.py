@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, flat_message
 from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
@@ -63,9 +63,9 @@ def load_rgb(path: str) -> Image.Image:
     except FileNotFoundError:
         reason = "file not found"
     except OSError as err:
-        reason = err.strerror or " ".join(str(err).split())
+        reason = err.strerror or flat_message(err)
     except (ValueError, Image.DecompressionBombError) as err:
-        reason = " ".join(str(err).split())
+        reason = flat_message(err)
     raise DataError(f"cannot read image {path}: {reason}; remove or replace the file")
 
 
