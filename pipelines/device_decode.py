@@ -56,8 +56,10 @@ def pad_images(images: list[torch.Tensor], max_height: int, max_width: int) -> t
     A fixed number of ops (kernels) whatever the batch size; the rest of each slot is filler.
     """
     device = images[0].device
-    heights = torch.tensor([image.shape[1] for image in images], device=device).view(-1, 1, 1)
-    widths = torch.tensor([image.shape[2] for image in images], device=device).view(-1, 1, 1)
+    sizes = torch.tensor([image.shape[1:] for image in images])  # (B, 2) on the host
+    if device.type == "cuda":  # GPU only: from pinned memory the copy does not wait for the stream's work
+        sizes = sizes.pin_memory()
+    heights, widths = sizes.to(device, non_blocking=True).view(-1, 2, 1, 1).unbind(1)
     areas = heights * widths
     flat = torch.cat([image.reshape(-1) for image in images])
     rows = torch.arange(max_height, device=device).view(1, -1, 1)
