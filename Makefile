@@ -43,10 +43,11 @@ bench: $(STAMP)
 
 # Every CUDA code path against its CPU float32 reference, then throughput, then the end-to-end bench (every
 # pipeline feeding the training step); results also in runs/gpu_check.json.
-# Without CUDA it says so and exits 0; ARGS="--device cpu" runs the same checks on the CPU.
+# Without CUDA it says so and exits 0; ARGS="--device cpu" runs the same checks on the CPU, ARGS="--only NAMES"
+# only the named checks (no end-to-end bench).
 gpu-check: $(STAMP)
 	@mkdir -p runs
-	$(PY) -m tools.gpu_check $(if $(filter --json --json=%,$(ARGS)),,--json runs/gpu_check.json) --end-to-end $(ARGS)
+	$(PY) -m tools.gpu_check $(if $(filter --json --json=%,$(ARGS)),,--json runs/gpu_check.json) $(if $(filter --only --only=%,$(ARGS)),,--end-to-end) $(ARGS)
 
 # k-NN, then the linear probe, of the run's backbone, each next to the same architecture at random
 # initialisation. The run is OUT=, else CONFIG's out_dir; DATA= holds train/ and val/ (default: the demo's).

@@ -14,7 +14,7 @@ V = 2 views and a = bytes per element of the training dtype (2 under bfloat16 / 
     device crops = V * B * 3 * S^2 * c     crops of FFCV's device crop, c bytes each (2: float16 on CUDA;
                                            4: float32 on the CPU)
     host views   = V * B * 3 * S^2 * h     views built on the host: reference (float32, h = 4),
-                                           FFCV's host crop (uint8, h = 1), DALI on the CPU (h = a)
+                                           FFCV's host crop (uint8, h = 1), DALI (h = a, on any device)
 
     host   = padded (FFCV, decode=host) + host views
     device = views + activations + model (+ padded + device crops with FFCV's device crop)
