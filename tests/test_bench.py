@@ -123,7 +123,7 @@ def test_augment_optimizer_and_train_step_figures(quick_run):
     assert set(stall) == {"median", "min", "max"} and 0 <= stall["min"] <= stall["median"] <= stall["max"] <= 1
 
     targets = {t["target"]: t for t in result["targets"]}
-    assert len(targets) == 7 and all(t["met"] in (True, False, None) for t in targets.values())
+    assert len(targets) == 7
 
 
 def test_the_table_prints_the_fused_triton_augmentation_when_measured(quick_run):
@@ -180,7 +180,6 @@ def test_stored_jpegs_are_read_from_beton_and_shards(tmp_path):
     assert all(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3) for b in jpegs)
     assert len(shard_jpegs(tmp_path / "shards", limit=4)) == 4
 
-    pytest.importorskip("ffcv")
     convert(data, tmp_path / "train.beton", "ffcv", workers=1, progress=False)
     stored = beton_jpegs(tmp_path / "train.beton", limit=100)
     assert len(stored) == 6
@@ -272,7 +271,6 @@ def test_interleaved_timing_warms_up_each_runner_then_alternates():
 
 
 def test_kornia_views_use_each_views_probabilities():
-    pytest.importorskip("kornia")
     from bt_fast.config import AugmentSpec
     from tools.bench.augment import KorniaTwoView
     spec = AugmentSpec(image_size=16)

@@ -12,9 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali")
-
-from nvidia.dali import Pipeline, fn, pipeline_def, types  # noqa: E402
+from nvidia.dali import Pipeline, fn, pipeline_def, types
 
 from bt_fast.config import AugmentSpec, Config  # noqa: E402
 from bt_fast.errors import DataError  # noqa: E402
@@ -227,7 +225,7 @@ FACTORS = np.array([(1.4, 1.4), (0.6, 0.6), (0.63, 1.25), (1.33, 0.63), (1.18, 0
 def test_brightness_contrast_equals_the_dali_operator_on_photographs(device):
     """The arithmetic blend against the stock `fn.brightness_contrast` given PIL's centre (rounded
     mean luma, computed here with numpy) and against the formula in float64, on real photographs."""
-    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.data as skimage_data
     images = [np.ascontiguousarray(getattr(skimage_data, name)()[..., :3]) for name in PHOTOGRAPHS]
     centres = [np.float32(np.floor((image @ np.array(LUMA)).mean() + 0.5)) for image in images]
     brightness, contrast = list(FACTORS[:, 0]), list(FACTORS[:, 1])

@@ -187,7 +187,6 @@ def test_resume_without_restoring_the_rng_state_fails(monkeypatch):
 
 
 def test_dali_resume_fails_when_the_saved_graph_state_is_not_used(monkeypatch, tmp_path):
-    pytest.importorskip("nvidia.dali")
     from pipelines.dali import DALIPipeline
     from tools.gpu_check.data_checks import check_dali
     ignore_state = DALIPipeline.restore_position

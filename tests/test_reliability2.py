@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -19,8 +20,7 @@ from torch import nn
 
 import bt_fast.checkpoint
 import bt_fast.files
-from bt_fast.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, load_checkpoint,
-                               serialized_bytes)
+from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, load_checkpoint
 from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
 from bt_fast.errors import StorageError
@@ -196,11 +196,11 @@ def test_a_storage_fault_while_checkpointing_is_one_line_and_the_run_resumes_fro
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1, err
     state = torch.load(out_dir / CHECKPOINT_NAME, weights_only=True)
-    needed = serialized_bytes({**state, "step": 2})
+    needed = (out_dir / CHECKPOINT_NAME).stat().st_size  # step 1's file: step 2's is the same but for a few floats
     assert errors[0].startswith(f"error: cannot write {out_dir / CHECKPOINT_NAME} ({error.strerror}): it needs ")
     assert f"; the last good checkpoint is step 1 of 3 in {out_dir / CHECKPOINT_NAME}" in errors[0]
     stated = int(errors[0].split("it needs ")[1].split(" bytes")[0])
-    assert abs(stated - needed) < 64  # the step's own checkpoint, give or take the pickled floats
+    assert abs(stated - needed) < 64
     assert state["step"] == 1 and not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]
 
     code, out, err = run_main(capsys, *args)  # space freed: the same command resumes
@@ -227,8 +227,10 @@ def test_atomic_save_on_a_full_disk_names_the_bytes_and_leaves_the_old_file(tmp_
     with pytest.raises(StorageError) as raised:
         atomic_save(new, path)
     monkeypatch.undo()
+    written = io.BytesIO()
+    torch.save(new, written)
     assert str(raised.value).startswith(f"cannot write {path} (No space left on device): it needs "
-                                        f"{serialized_bytes(new)} bytes")
+                                        f"{len(written.getvalue())} bytes")
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
 
@@ -512,7 +514,6 @@ def test_progress_in_a_log_is_whole_lines_and_none_for_a_short_job(capsys, monke
 
 
 def test_dali_records_given_as_data_are_read_as_records(image_folder, tmp_path):
-    pytest.importorskip("nvidia.dali")
     from pipelines.base import Placement
     from pipelines.convert import convert
     from pipelines.dali import DALIPipeline, RecordSource

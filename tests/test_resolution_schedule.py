@@ -101,8 +101,6 @@ def first_batches(config, name: str, epochs: Sequence[int]) -> list[tuple[torch.
 def test_pipeline_batches_are_those_of_a_fixed_size_run_at_each_epoch_size(image_folder, name):
     """Epoch e of the schedule gives the views (crop, blur window, every pixel) that a run without a
     schedule, at that epoch's size, gives in epoch e."""
-    if name == "dali":
-        pytest.importorskip("nvidia.dali")
     # ffcv.crop=device in both: crop=auto picks it for the schedule, but the host crop for a fixed size on the CPU
     scheduled = first_batches(config_with(image_folder, "ffcv.crop=device", *SCHEDULE), name, range(len(SIZES)))
     for epoch, size in enumerate(SIZES):

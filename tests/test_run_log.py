@@ -95,7 +95,7 @@ def test_every_metrics_line_has_a_wall_clock_time_and_elapsed_seconds(knn_run):
     assert times == sorted(times) and elapsed == sorted(elapsed) and elapsed[0] >= 0
     # the two clocks agree on how long the run took between its first and last line
     span = (times[-1] - times[0]).total_seconds()
-    assert elapsed[-1] - elapsed[0] == pytest.approx(span, abs=0.05)
+    assert elapsed[-1] - elapsed[0] == pytest.approx(span, abs=0.5)  # two reads apart: a busy core may come between
 
 
 def test_summary_matches_the_metrics_log_and_the_trainer(knn_run):
