@@ -112,7 +112,7 @@ if [ "$LOCAL_NODES" = 1 ]; then
   done
   stopping=
   stop_all() { stopping=1; kill -"$1" "${pids[@]}" 2>/dev/null || true; }
-  for sig in TERM INT HUP USR1; do trap "stop_all $sig" "$sig"; done
+  for sig in TERM INT HUP USR1 QUIT; do trap "stop_all $sig" "$sig"; done
   # A node that fails for good would leave the others waiting in the rendezvous: stop them all.
   # This waits for every node, so nothing prints after the command has returned.
   status=0

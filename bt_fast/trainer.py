@@ -143,7 +143,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for group, own in zip(self.optimizer.param_groups, hyperparameters):
             group.update(own)  # this config's (weight decay): a changed one is listed below and applies
-        if state["scaler"] or not self.scaler.is_enabled():  # empty where it was written without float16
+        if state["scaler"]:  # empty where it was written without float16: the scale starts afresh
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.ctx.device)
         self.step = self.checkpoint.saved_step = state["step"]
@@ -157,8 +157,8 @@ class Trainer:
         refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
         changed += self._changed_world_size(state.get("world_size"))
         saved_precision = state.get("precision")  # absent in checkpoints of older versions
-        if saved_precision is not None and saved_precision != self.precision:  # amp=auto on another device, say
-            changed.append(f"precision {saved_precision} -> {self.precision}")
+        if saved_precision not in (None, self.precision) and state.get("config", {}).get("amp") == self.config.amp:
+            changed.append(f"precision {saved_precision} -> {self.precision}")  # amp=auto on another device
         if changed and self.ctx.is_main:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
                   f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)

@@ -160,8 +160,9 @@ class _SeededEpochIterator(EpochIterator):
             return super().__next__()
         except StopIteration:
             if self._error is not None:
+                kind, message = type(self._error).__name__, flat_message(self._error)
                 raise DataError(f"the FFCV loader of {self.loader.fname} failed: "
-                                f"{type(self._error).__name__}: {flat_message(self._error)}") from self._error
+                                f"{kind if message == kind else f'{kind}: {message}'}") from self._error
             raise
 
 
@@ -257,7 +258,7 @@ def _file_lock(path: Path, data: str):
         path.parent.mkdir(parents=True, exist_ok=True)  # as tools.convert makes its output's folder
         handle = open(lock_path, "w")
     except OSError as err:
-        raise DataError(f"cannot write the FFCV dataset {path} beside {data} ({err.strerror or err}): convert it "
+        raise DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert {data} "
                         f"elsewhere with `python -m tools.convert {data} DST.beton --format ffcv` and pass "
                         f"ffcv.beton=DST.beton") from None
     with handle:
@@ -292,7 +293,7 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
             try:
                 report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
                                  jpeg_quality=config.ffcv.jpeg_quality,
-                                 workers=max(1, min(config.workers, usable_cores())),
+                                 workers=min(config.workers, usable_cores()) or usable_cores(),
                                  starting=lambda: say(f"converting {config.data} to {path} for the FFCV pipeline "
                                                       f"(first use)"))
             except KeyboardInterrupt:

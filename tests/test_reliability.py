@@ -373,22 +373,29 @@ def test_overrides_keep_string_keys_as_typed_and_accept_1_0_booleans():
 
 
 def test_resume_with_changed_settings_lists_them_and_they_apply(image_folder, tmp_path, capsys):
-    """Among them the precision, which amp=auto picks by device, so it can change with no key changing (here
-    float32 -> float16 with a GradScaler, whose state the first run did not have), and the weight decay,
-    which the optimizer's saved state holds too."""
+    """Among them the weight decay, which the optimizer's saved state holds too, and the precision: here amp
+    none -> float16, with a GradScaler whose state the first run did not have; then the precision alone, as
+    amp=auto gives another one on another device (the checkpoint's is rewritten, as a GPU run's would read)."""
     run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))
-    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2", "lr_weights=0.7",
-                                               "augment.image_size=40", "weight_decay=0.01", "amp=float16"))
+    changes = ["lr_weights=0.7", "augment.image_size=40", "weight_decay=0.01", "amp=float16"]
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2", *changes))
     assert code == 0, err
     warning = [line for line in err.splitlines() if line.startswith("warning: resuming")]
     assert len(warning) == 1
     for change in ("augment.image_size 32 -> 40", "lr_weights 1.0 -> 0.7", "weight_decay 1.5e-06 -> 0.01",
-                   "precision float32 -> float16"):
+                   "amp 'none' -> 'float16'"):
         assert change in warning[0], warning[0]
-    assert "max_steps" not in warning[0]  # extending a run is what max_steps is for
+    assert "max_steps" not in warning[0] and "precision" not in warning[0]  # amp's own line says it
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert [group["weight_decay"] for group in state["optimizer"]["param_groups"]] == [0.01, 0.01]
     assert state["precision"] == "float16" and state["scaler"]["scale"] > 0
+
+    torch.save({**state, "precision": "bfloat16"}, tmp_path / CHECKPOINT_NAME)
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=3", *changes))
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning: resuming")] == [
+        f"warning: resuming {tmp_path / CHECKPOINT_NAME} (step 2) with settings that differ from the run that wrote "
+        f"it: precision bfloat16 -> float16; use a new out_dir to start afresh"]
 
 
 def test_resume_with_another_number_of_processes_says_so(image_folder, tmp_path, capsys):

@@ -101,8 +101,8 @@ def check_resume(device, sizes, workdir, measured) -> list[Result]:
 
 def check_ddp(device, sizes, workdir, measured) -> list[Result]:
     """DDP with synchronised BatchNorm at world size 1 (NCCL on CUDA, gloo on the CPU) against the plain model:
-    the wrapping and its process group on this device. At one rank nothing is synchronised (SyncBatchNorm
-    and the loss's all-reduces step aside), so the two-rank arithmetic is the CPU tests' (tests/test_distributed.py)."""
+    the wrapping and its process group on this device. At one rank SyncBatchNorm is plain BatchNorm and every
+    all-reduce is the identity, so what two ranks compute is checked by the CPU tests (tests/test_distributed.py)."""
     backend = "nccl" if device.type == "cuda" else "gloo"  # GPU only: nccl
     dist.init_process_group(backend, store=dist.FileStore(str(workdir / "store"), 1), rank=0, world_size=1)
     try:
