@@ -258,7 +258,7 @@ def _file_lock(path: Path, data: str):
         path.parent.mkdir(parents=True, exist_ok=True)  # as tools.convert makes its output's folder
         handle = open(lock_path, "w")
     except OSError as err:
-        raise DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert {data} "
+        raise DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert it "
                         f"elsewhere with `python -m tools.convert {data} DST.beton --format ffcv` and pass "
                         f"ffcv.beton=DST.beton") from None
     with handle:

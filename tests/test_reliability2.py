@@ -632,7 +632,7 @@ def test_ctrl_c_in_the_first_use_conversion_says_what_is_kept_and_the_rerun_trai
     from pipelines.images import ImagePrep
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
-    args = tiny_args(data, tmp_path / "run", "pipeline=ffcv", "max_steps=1")
+    args = tiny_args(data, tmp_path / "run", "pipeline=ffcv", "max_steps=1", "workers=1")  # converts in this process
     stored, calls = ImagePrep.stored, []
 
     def interrupted_at_the_fifth(self, path):
