@@ -247,6 +247,12 @@ class _TwoCropLoader(Loader):
 # The .beton: convert on first use
 # --------------------------------------------------------------------------------------------
 
+def _host_workers(config: Config) -> int:
+    """The host processes or threads of FFCV's loader and first-use conversion: `workers`, at most the usable
+    cores; all of them for 0."""
+    return min(config.workers, usable_cores()) if config.workers > 0 else usable_cores()
+
+
 @contextmanager
 def _file_lock(path: Path, data: str):
     """Exclusive lock beside `path`, so ranks sharing a filesystem convert once; removed afterwards.
@@ -293,7 +299,7 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
             try:
                 report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
                                  jpeg_quality=config.ffcv.jpeg_quality,
-                                 workers=min(config.workers, usable_cores()) or usable_cores(),
+                                 workers=_host_workers(config),
                                  starting=lambda: say(f"converting {config.data} to {path} for the FFCV pipeline "
                                                       f"(first use)"))
             except KeyboardInterrupt:
@@ -361,8 +367,7 @@ class FFCVPipeline(EpochPipeline):
                 print(self.memory_line(), file=sys.stderr)
         pipelines, seeded = self._host_stage()
         # numba cannot run more threads than it started with (NUMBA_NUM_THREADS, the core count).
-        workers = max(1, min(config.workers if config.workers > 0 else usable_cores(),
-                             numba.config.NUMBA_NUM_THREADS))
+        workers = max(1, min(_host_workers(config), numba.config.NUMBA_NUM_THREADS))
         threads = torch.get_num_threads()
         try:
             self.loader = _TwoCropLoader(str(self.path), batch_size, workers, config.ffcv.os_cache, pipelines,
