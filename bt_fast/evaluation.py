@@ -99,7 +99,7 @@ def _augmented_batches(backbones: Sequence[nn.Module], train_dir: str, classes: 
 
     def batches(epoch: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed * 1_000_003 + epoch)  # augmentation in the main process
+            torch.default_generator.manual_seed(settings.seed * 1_000_003 + epoch)  # augmentation, in this process
             for images, labels in loader:
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.no_grad():

@@ -188,21 +188,23 @@ def sgd(model: nn.Sequential, settings: FinetuneSettings) -> torch.optim.SGD:
                            lr=settings.lr_classifier, momentum=0.9, weight_decay=settings.weight_decay)
 
 
-def run_record(settings: FinetuneSettings, subset: Sequence[str], backbones: Sequence[str]) -> dict[str, Any]:
+def run_record(settings: FinetuneSettings, subset: Sequence[str], backbones: Sequence[str],
+               classes: Sequence[str]) -> dict[str, Any]:
     """What decides a run's result; a checkpoint written with other values cannot be resumed.
 
     `backbones`: the `weights_digest` of each backbone before fine-tuning, so a checkpoint is never
-    resumed for other weights (another file, or random init instead of a checkpoint)."""
+    resumed for other weights (another file, or random init instead of a checkpoint). `classes`: the
+    training folder's, whose order gives the labels."""
     return {"image_size": settings.image_size, "batch_size": settings.batch_size, "epochs": settings.epochs,
             "lr_backbone": settings.lr_backbone, "lr_classifier": settings.lr_classifier,
             "weight_decay": settings.weight_decay, "seed": settings.seed, "models": len(backbones),
-            "subset": list(subset), "backbones": list(backbones)}
+            "subset": list(subset), "backbones": list(backbones), "classes": list(classes)}
 
 
 def _change(key: str, saved: Any, value: Any) -> str:
     """One difference between a checkpoint's run record and this run's, for the refusal."""
-    if key == "subset":
-        return "the training subset"
+    if key in ("subset", "classes"):
+        return f"the training {'subset' if key == 'subset' else 'classes'}"
     if key == "backbones":  # a checkpoint from before digests were recorded has none
         then, now = (", ".join(d[:12] for d in digests) if digests else "unrecorded" for digests in (saved, value))
         return f"the backbone weights (sha256 {then} -> {now})"
@@ -262,7 +264,8 @@ def finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str | 
     base_lrs = [settings.lr_classifier, settings.lr_backbone]
 
     checkpoint = Path(settings.out_dir) / CHECKPOINT_NAME if settings.out_dir is not None else None
-    record = run_record(settings, [Path(path).relative_to(train_dir).as_posix() for path, _ in subset], digests)
+    record = run_record(settings, [Path(path).relative_to(train_dir).as_posix() for path, _ in subset], digests,
+                        classes)
     done, losses = 0, []
     if checkpoint is not None:
         remove_stale_temporaries(checkpoint.parent, (CHECKPOINT_NAME,))

@@ -177,7 +177,7 @@ def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
 def random_backbone(arch: str, seed: int = 0) -> nn.Module:
     """The untrained backbone a pretraining run starts from (same constructor), seeded; the global RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed the GPUs' generators too
         return make_backbone(arch)
 
 

@@ -409,6 +409,10 @@ def test_resolve_splits(split_folder):
     train, val = split_folder / "train", split_folder / "val"
     assert ev.resolve_splits(train, val) == (train, val)
     assert ev.resolve_splits(split_folder) == (train, val)
+    with pytest.raises(DataError) as same:  # k-NN would find every validation image among the training ones
+        ev.resolve_splits(train, split_folder / "." / "train")
+    assert str(same.value) == (f"--val-data {split_folder / 'train'} is the training data (--data); pass images "
+                               f"held out from training")
 
 
 def test_a_data_option_naming_a_file_or_nothing_is_named(split_folder, tmp_path):

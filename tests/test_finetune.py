@@ -212,6 +212,26 @@ def test_cli_resumes_only_for_the_same_backbone_weights(split_folder, tmp_path, 
     assert "resumed after epoch 1" in capsys.readouterr().out
 
 
+def test_a_resume_is_refused_where_the_training_classes_changed(split_folder, tmp_path, capsys):
+    """The labels are the classes' places in the training folder: with class1 renamed class3, class2's images
+    are labelled 1, no longer 2, though the subset (a list naming images of class0 and class2) is the same."""
+    import shutil
+    data = shutil.copytree(split_folder, tmp_path / "data")
+    listing = tmp_path / "subset.txt"
+    listing.write_text("class0/img000.jpg\nclass0/img001.jpg\nclass2/img000.jpg\nclass2/img001.jpg\n")
+    argv = ["--random-init", "--arch", "resnet18", "--mode", "finetune", "--data", str(data), "--train-list",
+            str(listing), "--epochs", "1", "--batch-size", "2", "--out-dir", str(tmp_path / "ft"), *COMMON[:-2]]
+    assert ev.main(argv) == 0
+    for split in ("train", "val"):
+        (data / split / "class1").rename(data / split / "class3")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        ev.main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1, err
+    assert "finetune.pth was written by a different fine-tuning run (the training classes)" in err
+
+
 def test_cli_rejects_options_of_another_mode(split_folder, capsys):
     with pytest.raises(SystemExit) as exit:
         ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--lr-backbone", "0.1", *COMMON])

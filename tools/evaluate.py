@@ -69,6 +69,8 @@ def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tupl
                 what = "is a file" if path.is_file() else "does not exist"
                 raise DataError(f"{flag} {path} {what}; pass an ImageFolder directory (a sub-directory of images "
                                 f"per class)")
+        if data.resolve() == Path(val_data).resolve():  # every validation image would find itself among the training ones
+            raise DataError(f"--val-data {val_data} is the training data (--data); pass images held out from training")
         return data, Path(val_data)
     if (data / "train").is_dir() and (data / "val").is_dir():
         return data / "train", data / "val"
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "epochs", "k", "workers"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+            parser.error(f"--{name.replace('_', '-')} must be {'0 or more' if name == 'workers' else 'positive'}, "
+                         f"got {value}")
     for name in ("lr", "lr_backbone", "lr_classifier", "temperature", "weight_decay"):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
