@@ -86,6 +86,27 @@ def test_an_end_to_end_part_that_fails_keeps_the_checks_json_and_fails_the_run(t
     assert lines[-3:] == ["end to end: error: no photographs to cut the data set from", "", "some checks FAILED on cpu"]
 
 
+def test_an_end_to_end_pipeline_that_crashed_fails_the_run_where_a_missing_package_is_a_skip(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A pipeline child that crashed or timed out leaves an "unavailable" entry like a missing package's; only
+    the missing package may pass (docs/gpu.md: a crashed child fails the run)."""
+    out = tmp_path / "gpu_check.json"
+    section = {"device": "cpu", "reference": {"images_per_s": 1.0},
+               "ffcv": {"unavailable": "training-step process failed (exit -11): no output"},
+               "dali": {"unavailable": "training-step process timed out after 150 s"}}
+    monkeypatch.setattr(gpu_check, "run_end_to_end", lambda device: section)
+    with pytest.raises(SystemExit) as ended:
+        gpu_check.main(["--device", "cpu", "--only", "rank-devices", "--end-to-end", "--json", str(out)])
+    assert ended.value.code == 1 and not json.loads(out.read_text())["passed"]
+    assert capsys.readouterr().out.splitlines()[-3] == "end to end: FAILED for ffcv, dali (see their lines above)"
+
+    monkeypatch.setattr(gpu_check, "installed", lambda module: module != "nvidia.dali")  # DALI absent: a skip
+    section.pop("ffcv")
+    with pytest.raises(SystemExit) as ended:
+        gpu_check.main(["--device", "cpu", "--only", "rank-devices", "--end-to-end", "--json", str(out)])
+    assert ended.value.code == 0 and json.loads(out.read_text())["passed"]
+
+
 def test_compare_fails_above_the_tolerance_and_on_nan():
     want = torch.tensor([1.0, -2.0])
     assert compare("lars", want * (1 + 5e-6), want).status == "pass"

@@ -19,7 +19,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.distributed import resolve_device
     from bt_fast.files import write_json
     from tools.gpu_check.data_checks import (check_augment, check_dali, check_device_crop, check_device_decode,
-                                             check_ffcv)
+                                             check_ffcv, installed)
     from tools.gpu_check.hot_path_checks import check_no_host_sync, check_rank_devices
     from tools.gpu_check.measure import SIZES, Result
     from tools.gpu_check.train_checks import check_amp, check_ddp, check_lars, check_resume, measure_training
@@ -96,6 +96,18 @@ def run_checks(device: torch.device, report: Callable[[str], None] = say, checks
             "throughput": measured, "passed": not failed}
 
 
+# The packages each end-to-end pipeline needs: without them its entry is a skip, with them a failure.
+END_TO_END_NEEDS = {"reference": (), "ffcv": ("ffcv",), "ffcv_device_decode": ("ffcv", "torchcodec"),
+                    "dali": ("nvidia.dali",)}
+
+
+def failed_pipelines(section: dict) -> list[str]:
+    """The end-to-end pipelines that did not train although the packages they need are installed (a crash,
+    a time-out, an error while building or training)."""
+    return [name for name, entry in section.items() if isinstance(entry, dict) and "unavailable" in entry
+            and all(installed(module) for module in END_TO_END_NEEDS.get(name, ()))]
+
+
 def run_end_to_end(device: torch.device, report: Callable[[str], None] = say, options: Sequence[str] = ()) -> dict:
     """`python -m tools.bench --end-to-end --device <device> <options>` (the bench's sizes for that device by
     default), reported as its table."""
@@ -146,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
             try:
                 summary["end_to_end"] = run_end_to_end(device)
+                failed = failed_pipelines(summary["end_to_end"])
+                if failed:  # installed, and still no figure: a failure, not a skip
+                    summary["passed"] = False
+                    say(f"\nend to end: FAILED for {', '.join(failed)} (see their lines above)")
             except Exception as err:  # noqa: BLE001 - recorded in the JSON beside the checks, and the run fails
                 summary["end_to_end"], summary["passed"] = {"error": one_line(err)}, False
                 say(f"\nend to end: error: {one_line(err)}")
