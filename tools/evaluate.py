@@ -69,8 +69,9 @@ def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tupl
                 what = "is a file" if path.is_file() else "does not exist"
                 raise DataError(f"{flag} {path} {what}; pass an ImageFolder directory (a sub-directory of images "
                                 f"per class)")
-        if data.resolve() == Path(val_data).resolve():  # every validation image would find itself among the training ones
-            raise DataError(f"--val-data {val_data} is the training data (--data); pass images held out from training")
+        if data.resolve() == Path(val_data).resolve():  # every validation image finds itself among the training ones
+            print(f"warning: --val-data {val_data} is the training data (--data): the accuracy is that of images "
+                  f"the classifier has seen; pass images held out from training to measure it", file=sys.stderr)
         return data, Path(val_data)
     if (data / "train").is_dir() and (data / "val").is_dir():
         return data / "train", data / "val"
