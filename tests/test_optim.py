@@ -170,3 +170,26 @@ def test_state_dict_round_trip_continues_identically():
     run(resumed, opt_resumed, range(5, 10))
     for p, q in zip(straight, resumed):
         torch.testing.assert_close(p, q)
+
+
+def test_the_official_code_on_w_gpus_trains_as_this_lars_with_w_times_the_decay_and_a_wth_of_the_bias_lr():
+    """README: the official loss's plain all_reduce leaves DDP's averaged gradient at 1/W of the whole batch's.
+    The trust ratio undoes that scale for the weights but not for their weight decay, nor for the biases (not
+    adapted); so gradients g/W with (wd, bias lr) step exactly as g with (W * wd, bias lr / W)."""
+    world, wd, lr_weights, lr_biases = 32, 1e-2, 0.2, 0.0048
+
+    def run(scale: float, weight_decay: float, bias_lr: float) -> list[torch.Tensor]:
+        params = make_params()
+        opt = LARS([{"params": [p for p in params if p.ndim > 1], "lr": lr_weights},
+                    {"params": [p for p in params if p.ndim == 1], "lr": bias_lr}], lr=0,
+                   weight_decay=weight_decay, weight_decay_filter=True, lars_adaptation_filter=True)
+        for step in range(5):
+            for p, g in zip(params, gradients(params, step)):
+                p.grad = g * scale
+            opt.step()
+        return params
+
+    official = run(1 / world, wd, lr_biases)
+    for p, q in zip(official, run(1.0, world * wd, lr_biases / world)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(p, q) for p, q in zip(official, run(1.0, wd, lr_biases)))  # the settings matter
