@@ -28,9 +28,15 @@ _Static_assert(STRIP == sizeof(bytes16), "transpose_block moves one 16-byte vect
 #define INTERLEAVE_HIGH(a, b) __builtin_shuffle(a, b, (bytes16){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31})
 #endif
 
-/* Byte columns j0 .. j0 + 15 of the strip's rows (srow, STRIP of them) into the tile: column j, pixel j / cn's
- * channel j % cn, goes to tile + (j / cn) * lane + (j % cn) * STRIP, its rows in order. Four rounds of
- * interleaving row i with row i + 8 transpose a 16 x 16 block of bytes. */
+/* Where byte column j of a strip (pixel j / cn's channel j % cn) starts in the tile: its STRIP rows in order. */
+static inline __attribute__((always_inline)) size_t
+tile_column(int j, int lane, const int cn)
+{
+    return (size_t)(j / cn) * lane + j % cn * STRIP;
+}
+
+/* Byte columns j0 .. j0 + 15 of the strip's rows (srow, STRIP of them) into the tile, each at its
+ * `tile_column`. Four rounds of interleaving row i with row i + 8 transpose a 16 x 16 block of bytes. */
 static inline __attribute__((always_inline)) void
 transpose_block(const uint8_t *const *srow, int j0, uint8_t *tile, int lane, const int cn)
 {
@@ -44,7 +50,7 @@ transpose_block(const uint8_t *const *srow, int j0, uint8_t *tile, int lane, con
         memcpy(v, u, sizeof v);
     }
     for (int k = 0; k < 16; k++)
-        memcpy(tile + (size_t)((j0 + k) / cn) * lane + (j0 + k) % cn * STRIP, &v[k], 16);
+        memcpy(tile + tile_column(j0 + k, lane, cn), &v[k], 16);
 }
 
 /* OpenCV's computeResizeAreaTab for one axis, grouped by output index: output d sums count[d]
@@ -108,7 +114,7 @@ resize_channels(const uint8_t *src, int h, int w, const int cn, long src_step,
             int j = 0;  /* the strip transposed: tile[x * lane + c * STRIP + r] */
             for (; j + 16 <= w * cn; j += 16) transpose_block(srow, j, tile, lane, cn);
             for (; j < w * cn; j++)
-                for (int r = 0; r < STRIP; r++) tile[(size_t)(j / cn) * lane + j % cn * STRIP + r] = srow[r][j];
+                for (int r = 0; r < STRIP; r++) tile[tile_column(j, lane, cn) + r] = srow[r][j];
             float *strip_rows[STRIP];
             for (int r = 0; r < rows; r++) strip_rows[r] = ring + (size_t)((y0 + r) % ring_rows) * row_len;
             for (int dx = 0; dx < dw; dx++) {
