@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.files import atomic_write_text, check_output_file
+from bt_fast.files import atomic_write_text, check_output_file, shared_memory_full
 
 
 class UserError(RuntimeError):
@@ -196,13 +196,21 @@ def peer_left_input_error() -> bool:
 @contextmanager
 def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Iterator[None]:
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
-    `exit_code` (2 for `also`); likewise a DataLoader worker that died, exit 1. With `launched_rank`
-    (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and
-    any error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
+    `exit_code` (2 for `also`); likewise full shared memory (`shared_memory_full`: a worker pool's lock or a
+    DataLoader worker's batch), exit 2, and a DataLoader worker that died, exit 1. With `launched_rank`
+    (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and any
+    error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
     When the block succeeds, what a command does next is print its result: `drop_unread_output` first."""
     _keep_interrupts()
     try:
-        yield
+        try:
+            yield
+        except (RuntimeError, OSError) as err:
+            full = shared_memory_full(err)
+            if full is None:
+                raise
+            raise UserError(f"{full}: free some, give the machine more (docker run --shm-size) or use fewer worker "
+                            f"processes (--workers), and rerun") from None
         drop_unread_output()
     except (UserError, *also) as err:
         if not (launched_rank and leave_for_launcher(err)):

@@ -106,9 +106,12 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCE
 
 def storage_fault(err: BaseException | None) -> OSError | None:
     """The OSError in `err` or its causes that means the storage refused a write (full, over quota,
-    read-only, no permission), or None. Writers such as torch.save may wrap it in another error."""
+    read-only, no permission), or None. Writers such as torch.save may wrap it in another error. Full
+    shared memory is not storage (`shared_memory_full`)."""
     seen = set()
     while err is not None and id(err) not in seen:
+        if shared_memory_full(err):
+            return None
         if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
             return err
         seen.add(id(err))
@@ -116,10 +119,46 @@ def storage_fault(err: BaseException | None) -> OSError | None:
     return None
 
 
+# Where torch's DataLoader workers put each batch for the main process, and where multiprocessing makes the
+# semaphores of its locks and queues: a tmpfs, often small in containers (Docker's default is 64 MiB).
+SHARED_MEMORY = "/dev/shm"
+
+
+def shared_memory_full(err: BaseException) -> str | None:
+    """What `err` found where it means that shared memory is full, None for any other error: a DataLoader
+    worker that could not put its batch there (torch: "unable to allocate shared memory(shm) for file
+    </torch_...>: No space left on device", re-raised in the main process), or a multiprocessing lock or
+    queue that could not be made (an ENOSPC OSError from its SemLock). A retry meets the same limit."""
+    text = " ".join(str(err).split())
+    in_a_worker = isinstance(err, RuntimeError) and ("unable to allocate shared memory" in text or (
+        "</torch_" in text and "No space left on device" in text))
+    if not (in_a_worker or isinstance(err, OSError) and err.errno == errno.ENOSPC and _raised_by_semlock(err)):
+        return None
+    size = size_bytes(SHARED_MEMORY)
+    return f"shared memory ({SHARED_MEMORY}{'' if size is None else ', ' + mebibytes(size)}) is full"
+
+
+def _raised_by_semlock(err: BaseException) -> bool:
+    """Whether `err` comes from making a multiprocessing semaphore (its traceback ends in multiprocessing's
+    synchronize module: `_multiprocessing.SemLock` is C and has no frame of its own)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "synchronize.py"))
+
+
 def free_bytes(directory: str | Path) -> int | None:
     """Bytes an unprivileged writer may still use on `directory`'s file system (None if unknown)."""
     try:
         return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def size_bytes(directory: str | Path) -> int | None:
+    """The size of `directory`'s file system (None if unknown)."""
+    try:
+        return shutil.disk_usage(directory).total
     except OSError:
         return None
 

@@ -18,11 +18,14 @@ V = 2 views and a = bytes per element of the training dtype (2 under bfloat16 / 
 
     host   = padded (FFCV, decode=host) + host views
     device = views + activations + model (+ padded + device crops with FFCV's device crop)
+    shared = W * R * host views            the reference pipeline with W > 0 loader workers: each keeps R
+                                           batches ready (`pipelines.reference.BATCHES_PER_WORKER`), in
+                                           shared memory (/dev/shm) until the step takes them
 
 Only these largest buffers are counted, each once (no prefetched batch, no workspace, no copy held
 by a loader worker), so a setting whose estimate exceeds the memory cannot run; one within it may
-still not fit. The host figure is per rank: the ranks of one node share its memory. On a CPU
-device, host and device are the same memory.
+still not fit. The host and shared figures are per rank: the ranks of one node share its memory. On a
+CPU device, host and device are the same memory.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from torch import nn
 
 from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext
+from bt_fast.files import SHARED_MEMORY, size_bytes
 from bt_fast.model import build_model
+from pipelines.reference import BATCHES_PER_WORKER
 
 VIEWS = 2
 
@@ -45,12 +50,15 @@ class Footprint:
     host: int
     device: int
     parts: dict[str, int]  # name -> bytes, the terms of the module docstring that apply
+    shared: int = 0
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {gib(count)}" for name, count in self.parts.items() if count)
+        return ", ".join(f"{name} {size_text(count)}" for name, count in self.parts.items() if count)
 
 
-def gib(count: float) -> str:
+def size_text(count: float) -> str:
+    if count < 2**30:
+        return f"{count / 2**20:.1f} MiB"
     return f"{count / 2**30:.2f} GiB" if count < 2**40 else f"{count / 2**40:.1f} TiB"
 
 
@@ -78,17 +86,18 @@ def parameter_count(arch: str, projector: str) -> int:
 
 def estimate(*, arch: str, projector: str, pipeline: str, batch: int, side: int, dtype_bytes: int,
              ffcv_crop: str = "device", ffcv_decode: str = "host", padded: tuple[int, int] | None = None,
-             crop_bytes: int = 4) -> Footprint:
+             crop_bytes: int = 4, loader_workers: int = 0) -> Footprint:
     """The module docstring's formula for one rank's batch of `batch` images of `side` px.
 
     `padded` is the FFCV slot (H, W); `ffcv_crop` / `ffcv_decode` are FFCV's resolved modes; `crop_bytes`
-    the size of one element of its device crops.
+    the size of one element of its device crops; `loader_workers` the reference pipeline's worker processes.
     """
     pixels = VIEWS * batch * 3 * side * side
     parts = {"views": pixels * dtype_bytes,
              "activations": VIEWS * batch * conv_elements(arch, side) * dtype_bytes,
              "model": 3 * 4 * parameter_count(arch, projector)}
     host_parts: dict[str, int] = {}
+    shared = 0
     if pipeline == "ffcv":
         slots = batch * padded[0] * padded[1] * 3 if padded else 0
         if ffcv_crop == "host":
@@ -100,9 +109,11 @@ def estimate(*, arch: str, projector: str, pipeline: str, batch: int, side: int,
             host_parts["host padded slots"] = slots
     elif pipeline == "reference":
         host_parts["host views"] = pixels * 4
+        shared = loader_workers * BATCHES_PER_WORKER * pixels * 4
     elif pipeline == "dali":
         host_parts["host views"] = pixels * dtype_bytes
-    return Footprint(host=sum(host_parts.values()), device=sum(parts.values()), parts={**host_parts, **parts})
+    return Footprint(host=sum(host_parts.values()), device=sum(parts.values()), parts={**host_parts, **parts},
+                     shared=shared)
 
 
 def visible_host_memory() -> int:
@@ -127,8 +138,8 @@ def visible_device_memory(device: torch.device) -> int | None:
 
 def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) -> None:
     """A ConfigError, before anything is built, if one step cannot fit the memory this rank sees (the
-    estimate above; `dtype` is the run's autocast dtype, None without), or if FFCV's host crop would cut
-    crops larger than any stored image."""
+    estimate above; `dtype` is the run's autocast dtype, None without), if the reference pipeline's ready
+    batches cannot fit in /dev/shm, or if FFCV's host crop would cut crops larger than any stored image."""
     side = config.augment.image_size  # the largest size of a resolution schedule
     crop, padded, crop_bytes = "device", None, 4
     if config.pipeline == "ffcv":  # imported for FFCV runs only: FFCV's import is heavy
@@ -150,15 +161,24 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
     footprint = estimate(arch=config.arch, projector=config.projector, pipeline=config.pipeline,
                          batch=config.batch_size // ctx.world_size, side=side,
                          dtype_bytes=dtype.itemsize if dtype is not None else 4, ffcv_crop=crop,
-                         ffcv_decode=config.ffcv.decode, padded=padded, crop_bytes=crop_bytes)
+                         ffcv_decode=config.ffcv.decode, padded=padded, crop_bytes=crop_bytes,
+                         loader_workers=config.workers)
     device_memory = visible_device_memory(ctx.device)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # they share this node's host memory
     needs = [("device", footprint.device, device_memory)] if device_memory is not None else []
     host = footprint.host + (footprint.device if device_memory is None else 0)
     needs.append(("host", host * ranks_here, visible_host_memory()))
+    ranks = f" for {ranks_here} ranks" if ranks_here > 1 else ""
     for where, need, memory in needs:
         if need > memory:
-            ranks = f" for {ranks_here} ranks" if where == "host" and ranks_here > 1 else ""
             raise ConfigError(f"config keys 'augment.image_size' ({side}) and 'batch_size' ({config.batch_size}) need "
-                              f"at least {gib(need)} of {where} memory per step{ranks} ({footprint.describe()}), "
-                              f"but it has {gib(memory)}; lower augment.image_size or batch_size")
+                              f"at least {size_text(need)} of {where} memory per step"
+                              f"{ranks if where == 'host' else ''} ({footprint.describe()}), but it has "
+                              f"{size_text(memory)}; lower augment.image_size or batch_size")
+    shared, shared_memory = footprint.shared * ranks_here, size_bytes(SHARED_MEMORY)
+    if shared_memory is not None and shared > shared_memory:
+        raise ConfigError(f"config keys 'workers' ({config.workers}) and 'batch_size' ({config.batch_size}) need at "
+                          f"least {size_text(shared)} of shared memory{ranks} for the batches the reference "
+                          f"pipeline's loader workers keep ready ({BATCHES_PER_WORKER} each), but "
+                          f"{SHARED_MEMORY} holds {size_text(shared_memory)}; lower workers or batch_size, or give the "
+                          f"machine more shared memory (docker run --shm-size)")

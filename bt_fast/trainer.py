@@ -24,9 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, RunCheckpoint, atomic_save,
                                 load_checkpoint, remove_stale_checkpoint_temporaries, restore_model, rng_state,
                                 set_rng_state)
-from bt_fast.config import Config
+from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext, sync_batchnorm
 from bt_fast.errors import StorageError, WorkerLost, lost_dataloader_worker
+from bt_fast.files import shared_memory_full
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
@@ -307,18 +308,22 @@ class Trainer:
 
     @contextlib.contextmanager
     def _lost_workers(self) -> Iterator[None]:
-        """A DataLoader worker that died (torch raises from wherever the loop is) is a WorkerLost
-        naming the last checkpoint."""
+        """A DataLoader worker that died (torch raises from wherever the loop is) is a WorkerLost naming the
+        last checkpoint; workers that found shared memory full, a ConfigError (a retry would meet it again)."""
         try:
             yield
-        except RuntimeError as err:
-            lost = lost_dataloader_worker(err)
-            if lost is None:
+        except (RuntimeError, OSError) as err:
+            full, lost = shared_memory_full(err), lost_dataloader_worker(err)
+            if full is None and lost is None:
                 raise
             with contextlib.suppress(Exception):  # a checkpoint being written counts once it is on disk
                 self.checkpoint.wait()
-            fix = f"lower workers (now {self.config.workers}) or free memory"
-            raise WorkerLost(f"{lost}; {self.checkpoint.last_good(fix)}") from None
+            workers = f"workers (now {self.config.workers})"
+            if full is not None:
+                fix = f"lower {workers} or batch_size, or give the machine more shared memory (docker run --shm-size)"
+                raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; "
+                                  f"{self.checkpoint.last_good(fix)}") from None
+            raise WorkerLost(f"{lost}; {self.checkpoint.last_good(f'lower {workers} or free memory')}") from None
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)

@@ -118,6 +118,11 @@ class EpochIndexSampler(Sampler):
         return ((self.epoch, int(index)) for index in indices)
 
 
+# Batches each loader worker keeps ready (torch's default, as in the official code). Each one waits in shared
+# memory (/dev/shm) until the step takes it: two float32 views, 2 * B * 3 * S^2 * 4 bytes.
+BATCHES_PER_WORKER = 2
+
+
 class ReferencePipeline(EpochPipeline):
     """ImageFolder -> two PIL-augmented views -> device, through a torch DataLoader."""
 
@@ -130,7 +135,8 @@ class ReferencePipeline(EpochPipeline):
         self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=placement.device.type == "cuda", drop_last=True,
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                                 persistent_workers=workers > 0,
+                                 prefetch_factor=BATCHES_PER_WORKER if workers > 0 else None,
                                  worker_init_fn=leave_stops_to_the_rank)
 
     def __len__(self) -> int:

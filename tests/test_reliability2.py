@@ -20,6 +20,7 @@ from torch import nn
 
 import bt_fast.checkpoint
 import bt_fast.files
+import bt_fast.memory_budget
 from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, load_checkpoint
 from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
@@ -309,6 +310,10 @@ def test_the_memory_estimate_is_the_documented_arithmetic():
                          ffcv_crop="host", ffcv_decode="host", padded=(60, 80))
     assert host_crop.host == padded + pixels
     assert host_crop.device == pixels * 4 + 2 * batch * sum(outputs) * 4 + 12 * params
+    # Three loader workers, each with two batches of two float32 views ready in /dev/shm.
+    workers = estimate(arch="resnet18", projector="64-64", pipeline="reference", batch=batch, side=side, dtype_bytes=2,
+                       loader_workers=3)
+    assert (workers.shared, reference.shared, ffcv.shared) == (3 * 2 * (2 * batch * 3 * side * side * 4), 0, 0)
 
 
 def test_an_image_size_that_cannot_fit_is_refused_in_one_line_and_leaves_no_out_dir(image_folder, tmp_path, capsys):
@@ -318,6 +323,80 @@ def test_an_image_size_that_cannot_fit_is_refused_in_one_line_and_leaves_no_out_
     assert err.startswith("error: config keys 'augment.image_size' (100000) and 'batch_size' (8) need at least ")
     assert "TiB of host memory per step (host views " in err and "lower augment.image_size or batch_size" in err
     assert not (tmp_path / "new").exists()
+
+
+def test_reference_batches_that_cannot_fit_in_dev_shm_are_refused_before_anything_starts(image_folder, tmp_path,
+                                                                                          capsys, monkeypatch):
+    need = 2 * 2 * (2 * 8 * 3 * 32 * 32 * 4)  # 2 workers x 2 ready batches x two float32 views of 8 images of 32 px
+    sizes = {}
+    monkeypatch.setattr(bt_fast.memory_budget, "size_bytes", lambda path: sizes[path])
+    sizes["/dev/shm"] = need
+    config = load_config("configs/demo_cpu.yaml", tiny_args(image_folder, tmp_path / "run", "workers=2")[2:])
+    check_memory(config, CPU, None)  # it fits exactly
+    sizes["/dev/shm"] = need - 1
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "run", "workers=2"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: config keys 'workers' (2) and 'batch_size' (8) need at least {need / 2**20:.1f} MiB of shared memory "
+        f"for the batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm holds "
+        f"{(need - 1) / 2**20:.1f} MiB; lower workers or batch_size, or give the machine more shared memory "
+        f"(docker run --shm-size)"]
+    assert not (tmp_path / "run").exists()
+
+
+def _can_mount_a_private_tmpfs() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", "/mnt"], capture_output=True
+    ).returncode == 0
+
+
+def in_a_small_dev_shm(command: list[str], free_kib: int, timeout: float) -> subprocess.CompletedProcess:
+    """`command` run where /dev/shm is a 4 MiB tmpfs with `free_kib` KiB left (a private mount namespace)."""
+    script = f'mount -t tmpfs -o size=4M tmpfs /dev/shm && fallocate -l {4096 - free_kib}K /dev/shm/filled && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+needs_a_private_dev_shm = pytest.mark.skipif(not _can_mount_a_private_tmpfs(),
+                                             reason="needs a private mount namespace (root) for a small /dev/shm")
+
+
+@pytest.mark.timeout(180)
+@needs_a_private_dev_shm
+def test_a_full_dev_shm_while_training_is_one_line_naming_the_fix(image_folder, tmp_path):
+    """A /dev/shm that the preflight sees room in but that something else filled: torch's error from inside the
+    DataLoader worker (its batch of 8 is 96 KiB a view; 64 KiB are left) becomes one line, exit 2 (the same on
+    every retry), not a traceback, nor a storage fault of out_dir's."""
+    out_dir = tmp_path / "run"
+    proc = in_a_small_dev_shm([sys.executable, "-m", "bt_fast.train", *tiny_args(image_folder, out_dir, "workers=1")],
+                              free_kib=64, timeout=170)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: the DataLoader cannot pass batches from its workers: shared memory (/dev/shm, 4.0 MiB) is full; no "
+        f"checkpoint was written yet in {out_dir}: lower workers (now 1) or batch_size, or give the machine more "
+        f"shared memory (docker run --shm-size) and rerun"], proc.stderr[-3000:]
+
+
+_MAKE_A_LOCK = """
+import multiprocessing
+from bt_fast.files import shared_memory_full, storage_fault
+try:
+    multiprocessing.Lock()
+except OSError as err:
+    print(shared_memory_full(err), storage_fault(err), err.errno)
+"""
+
+
+@pytest.mark.timeout(180)
+@needs_a_private_dev_shm
+def test_a_lock_that_a_full_dev_shm_keeps_from_being_made_is_full_shared_memory_not_storage(image_folder, tmp_path):
+    proc = in_a_small_dev_shm([sys.executable, "-c", _MAKE_A_LOCK], free_kib=0, timeout=60)
+    assert proc.stdout.strip() == f"shared memory (/dev/shm, 4.0 MiB) is full None {errno.ENOSPC}", proc.stderr
+    # The converter's worker pool: not "cannot write output".
+    convert = [sys.executable, "-m", "tools.convert", str(image_folder), str(tmp_path / "out.beton"),
+               "--format", "ffcv", "--workers", "2"]
+    proc = in_a_small_dev_shm(convert, free_kib=0, timeout=110)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: shared memory (/dev/shm, 4.0 MiB) is full: free some, give the machine more (docker run --shm-size) "
+        "or use fewer worker processes (--workers), and rerun"], proc.stderr[-3000:]
 
 
 def test_host_crop_sizes_above_what_the_beton_stores_are_refused(image_folder, tmp_path):

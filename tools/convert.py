@@ -18,6 +18,7 @@ from typing import Sequence
 
 from bt_fast.errors import (CliParser, DataError, Interrupted, cli_errors, exit_on_interrupt,
                            ignore_interrupts_while_exiting)
+from bt_fast.files import shared_memory_full
 
 with exit_on_interrupt("while starting"):
     from pipelines.convert import (DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt,
@@ -80,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = convert(args.src, args.dst, args.fmt, max_resolution=args.max_resolution,
                              jpeg_quality=args.jpeg_quality, workers=args.workers, force=args.force, **sizes)
         except OSError as err:
+            if shared_memory_full(err):  # the worker pool's locks: cli_errors says so
+                raise
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
         except KeyboardInterrupt:
