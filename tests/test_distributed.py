@@ -22,7 +22,7 @@ from bt_fast.schedule import learning_rate
 from bt_fast.step_health import TrainingError
 from bt_fast.train import train
 from bt_fast.trainer import Trainer
-from conftest import spawn_pinned
+from conftest import free_ports, spawn_pinned
 from pipelines import build_pipeline
 from pipelines.base import Placement
 
@@ -37,12 +37,6 @@ CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")
 def tiny_config(data, out_dir, *extra):
     return load_config(REPO / "configs/demo_cpu.yaml",
                        [f"data={data}", f"out_dir={out_dir}", *TINY, "epochs=2", "warmup_epochs=0", *extra])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def join_group(rank: int, world: int, port: int) -> DistContext:
@@ -101,7 +95,7 @@ def _two_rank_worker(rank: int, world: int, ports: list[int], data: str, out_dir
 def two_ranks(image_folder, module_tmp) -> Path:
     """The directory where `_two_rank_worker`'s two ranks left their results."""
     out_dir = module_tmp("two_ranks")
-    spawn_pinned(_two_rank_worker, args=(2, [free_port(), free_port()], str(image_folder), str(out_dir)), nprocs=2)
+    spawn_pinned(_two_rank_worker, args=(2, free_ports(2), str(image_folder), str(out_dir)), nprocs=2)
     return out_dir
 
 
@@ -402,7 +396,7 @@ def test_an_input_error_on_one_node_stops_the_other_node_started_by_hand(damaged
     broken = sorted(damaged.glob("*/*.jpg"))  # every image: the rank fails on its first, whichever its rank
     for path in broken:
         path.write_bytes(b"not a jpeg")
-    port = free_port()
+    port, = free_ports(1)
     nodes = [launch(["max_steps=6", *TINY], NODES=2, GPUS=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=node,
                     DATA=damaged if node == damaged_node else clean, OUT=tmp_path / "run") for node in range(2)]
     results = [finish(node, timeout=120) for node in nodes]

@@ -1,5 +1,4 @@
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bt_fast.loss import barlow_twins_loss
+from conftest import free_ports
 
 
 def loss_by_formula(z1: np.ndarray, z2: np.ndarray, lambd: float) -> float:
@@ -66,12 +66,6 @@ def test_rejects_mismatched_shapes():
         barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 5))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _split_batch_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -93,7 +87,7 @@ def test_split_batch_across_ranks_gives_single_process_loss_and_gradients():
     expected.backward()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_split_batch_worker, args=(world, _free_port(), z1, z2, out), nprocs=world)
+        mp.spawn(_split_batch_worker, args=(world, free_ports(1)[0], z1, z2, out), nprocs=world)
         results = dict(out)
     for rank in range(world):
         loss, grad1, grad2 = results[rank]

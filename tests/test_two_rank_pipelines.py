@@ -12,10 +12,10 @@ from PIL import Image
 
 from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.train import train
-from conftest import spawn_pinned
+from conftest import free_ports, spawn_pinned
 from pipelines import build_pipeline
 from pipelines.base import Placement
-from test_distributed import free_port, tiny_config
+from test_distributed import tiny_config
 
 
 def identical_images(root: Path, count: int = 24) -> Path:
@@ -72,7 +72,7 @@ def two_ranks(module_tmp) -> Path:
     """The directory where `_worker`'s two ranks left their runs, one sub-directory per pipeline."""
     root = module_tmp("two_ranks")
     data = identical_images(root / "images")
-    spawn_pinned(_worker, args=(2, [free_port() for _ in range(3 * len(PIPELINES))], str(data), str(root)), nprocs=2)
+    spawn_pinned(_worker, args=(2, free_ports(3 * len(PIPELINES)), str(data), str(root)), nprocs=2)
     return root
 
 
