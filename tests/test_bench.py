@@ -352,9 +352,11 @@ def test_end_to_end_run_writes_each_pipelines_rates_and_their_ratio(tmp_path, ca
     out = tmp_path / "e2e.json"
     assert main(["--end-to-end", "--data", str(data), *E2E_SIZES, "--pipelines", "reference",
                  "--train-steps", "2", "--train-warmup", "1", "--json", str(out)]) == 0  # measured in a child process
-    section = json.loads(out.read_text())["end_to_end"]
+    result = json.loads(out.read_text())
+    section = result["end_to_end"]
     assert (section["image_size"], section["batch_size"], section["steps"], section["warmup_steps"],
             section["timeline"]) == (16, 4, 2, 1, "host clock")
+    assert not {"batch_size", "image_size"} & set(result["environment"])  # the loaders' sizes: no loader ran
     entry = section["reference"]
     assert entry["images"] == 2 * 4 and entry["synthetic"]["images"] == 2 * 4
     for figures in (entry, entry["synthetic"]):
@@ -411,7 +413,9 @@ def test_conversion_converts_every_image_to_each_format_and_states_its_target(tm
     out = tmp_path / "out"
     assert main(["--conversion", "--data", str(data), "--reps", "2", "--workers", "2", "--decode-images", "6",
                  "--json", str(out / "conversion.json")]) == 0
-    section = json.loads((out / "conversion.json").read_text())["conversion"]
+    result = json.loads((out / "conversion.json").read_text())
+    section = result["conversion"]
+    assert not {"batch_size", "image_size"} & set(result["environment"])
     assert sorted(p.name for p in out.iterdir()) == ["conversion.json"]
     floor = section["decode_floor"]["cpu_s_per_image"]
     assert section["images"] == 12 and section["workers"] == 2 and is_figure(floor)

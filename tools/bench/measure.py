@@ -142,16 +142,21 @@ def _device_name(device: torch.device) -> str:
 
 
 def environment(args: argparse.Namespace) -> dict:
-    """The `environment` section: device, CPU count, library versions, the run's settings, the CPU meter."""
-    return {
+    """The `environment` section: device, CPU count, library versions, the run's settings, the CPU meter. The
+    loaders' batch and image size only where the loaders run: --end-to-end's sizes are its section's own, and
+    --conversion has none."""
+    env = {
         "device": str(args.device), "device_name": _device_name(args.device), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "torchvision": installed_version("torchvision"), "ffcv": installed_version("ffcv"),
         "dali": _dali_version(), "kornia": installed_version("kornia"), "numba": installed_version("numba"),
         "opencv": installed_version("opencv-python", "opencv-python-headless", "opencv-contrib-python"),
-        "data": str(args.data), "batch_size": args.batch_size, "image_size": args.image_size,
-        "workers": args.workers, "quick": args.quick, "reps": args.reps, "cpu_meter": CPU_METER,
+        "data": str(args.data), "workers": args.workers, "quick": args.quick, "reps": args.reps,
+        "cpu_meter": CPU_METER,
     }
+    if not (args.end_to_end or args.conversion):
+        env.update(batch_size=args.batch_size, image_size=args.image_size)
+    return env
 
 
 def count_dispatched_ops(fn: Callable[[], Any]) -> int:
