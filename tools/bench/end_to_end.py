@@ -14,7 +14,8 @@ numbers of steps on the pipeline's batches. Per pipeline:
   host_cores_busy     host_cpu_seconds / wall_seconds: CPU seconds of the process, its threads and
                       its loader worker processes (`measure.tree_cpu_seconds`) per wall second of
                       the timed steps
-  peak_gpu_memory_gib CUDA only: the allocator's peak over the pipeline's steps
+  peak_gpu_memory_gib CUDA only: the allocator's peak over the timed steps (after the warm-up, whose first
+                      step's cuDNN autotuning takes workspaces that no later step needs)
 
 The times come from the trainer's own step clock (`bt_fast.step_clock`), marked as the trainer's loop
 marks them: on CUDA, events on the step's stream, since nothing in the timed loop syncs with the host
@@ -51,15 +52,21 @@ def timed_steps(trainer: Trainer, batches: Iterator, steps: int, warmup: int) ->
     waits from there until its batch is ready; on CUDA "ready" is when the step's stream may use it.
     """
     warm_up(trainer, batches, warmup)
+    device = trainer.ctx.device
+    if device.type == "cuda":  # GPU only
+        torch.cuda.reset_peak_memory_stats(device)
     cpu0, wall0 = tree_cpu_seconds(), time.perf_counter()
     step_and_wait, y1 = clocked_steps(trainer, batches, steps)  # on CUDA: waits for the last step
     wall, cpu = time.perf_counter() - wall0, tree_cpu_seconds() - cpu0
     timed, wait = (sum(column) for column in zip(*step_and_wait))
     images = steps * y1.shape[0]
     shape = (tuple(y1.shape), y1.dtype, y1.is_contiguous(memory_format=torch.channels_last))
-    return {"images_per_s": images / timed, "data_wait_fraction": wait / timed, "host_cores_busy": cpu / wall,
-            "images": images, "steps": steps, "timed_seconds": timed, "wait_seconds": wait,
-            "host_cpu_seconds": cpu, "wall_seconds": wall, "views": shape}
+    figures = {"images_per_s": images / timed, "data_wait_fraction": wait / timed, "host_cores_busy": cpu / wall,
+               "images": images, "steps": steps, "timed_seconds": timed, "wait_seconds": wait,
+               "host_cpu_seconds": cpu, "wall_seconds": wall, "views": shape}
+    if device.type == "cuda":  # GPU only
+        figures["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return figures
 
 
 def synthetic_views(trainer: Trainer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +77,6 @@ def synthetic_views(trainer: Trainer, seed: int) -> tuple[torch.Tensor, torch.Te
     dtype = trainer.amp_dtype or torch.float32  # what the pipelines deliver (bt_fast.train's Placement)
     return tuple(torch.randn(shape, generator=g).to(trainer.ctx.device, dtype=dtype, memory_format=torch.channels_last)
                  for _ in range(2))
-
-
-def _peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30  # GPU only
 
 
 def _views(entry: dict) -> tuple:
@@ -87,14 +90,8 @@ def end_to_end_pipeline(args: argparse.Namespace, name: str) -> dict:
         trainer = make_trainer(args, name, MODES)
     except Exception as err:  # noqa: BLE001 - reported in the section
         return {"unavailable": f"{type(err).__name__}: {one_line(err)}"}
-    device, cuda = args.device, args.device.type == "cuda"
     y1, y2 = synthetic_views(trainer, args.seed)
-    if cuda:  # GPU only
-        torch.cuda.reset_peak_memory_stats(device)
     synthetic = timed_steps(trainer, iter(lambda: (y1, y2), None), args.train_steps, args.train_warmup)
-    if cuda:  # GPU only
-        synthetic["peak_gpu_memory_gib"] = _peak_gib(device)
-        torch.cuda.reset_peak_memory_stats(device)
     del y1, y2
     stream = batch_stream(trainer.pipeline)
     try:
@@ -104,8 +101,6 @@ def end_to_end_pipeline(args: argparse.Namespace, name: str) -> dict:
         return {"unavailable": f"failed while training: {type(err).__name__}: {one_line(err)}"}
     finally:
         stream.close()
-    if cuda:  # GPU only
-        entry["peak_gpu_memory_gib"] = _peak_gib(device)
     views, expected = _views(entry), _views(synthetic)
     if views != expected:
         raise BenchError(f"pipeline {name} delivered views {views}; the synthetic views are {expected}")
