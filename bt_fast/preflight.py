@@ -146,6 +146,26 @@ def check_data_exists(config: Config) -> None:
                       f"(with make: DATA=...; `make pretrain` without DATA trains on the demo data)")
 
 
+def check_not_a_split_root(config: Config) -> None:
+    """A ConfigError if `data` holds train/ and val/ folders (a split dataset's root, which tools.evaluate takes
+    as such): pretraining would read the two splits as two classes, the validation images among them."""
+    data = Path(config.data) if config.data else None
+    if data is not None and (data / "train").is_dir() and (data / "val").is_dir():
+        raise ConfigError(f"config key 'data' names {data}, which holds train/ and val/: pretraining would read both "
+                          f"splits as two classes; give data={data / 'train'}")
+
+
+def check_out_dir_outside_the_data(config: Config) -> None:
+    """A ConfigError if `out_dir` is, or lies inside, an image folder the run reads (`data`, `knn_train`,
+    `knn_val`): its checkpoints, plots and logs would be listed as that dataset's images and classes."""
+    out_dir = Path(config.out_dir).resolve()
+    for key in ("data", "knn_train", "knn_val"):
+        folder = getattr(config, key)
+        if folder and Path(folder).is_dir() and out_dir.is_relative_to(Path(folder).resolve()):
+            raise ConfigError(f"config key 'out_dir' ({config.out_dir}) is within config key '{key}' ({folder}): "
+                              f"the run's files would become part of that dataset; choose an out_dir outside it")
+
+
 def check_registry_names(config: Config) -> None:
     """A ConfigError unless `arch` and `pipeline` name a backbone and a pipeline that exist: the launcher's
     check passed them on to every rank, to fail there once per restart."""
@@ -180,12 +200,14 @@ def check_run_inputs(config: Config) -> None:
     check_registry_names(config)
     check_data_given(config)
     check_data_exists(config)
+    check_not_a_split_root(config)
     check_dali_records(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)
         if path and not Path(path).is_dir():
             raise ConfigError(f"config key '{key}' names {path}, which is not a directory; point it at a labelled "
                               f"ImageFolder or leave it empty")
+    check_out_dir_outside_the_data(config)
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"config key 'out_dir' names {out_dir}, which is a file; choose a directory")

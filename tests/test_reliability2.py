@@ -506,6 +506,34 @@ def test_a_checkpoint_written_without_crcs_still_loads(tmp_path):
     assert torch.equal(load_checkpoint(tmp_path / CHECKPOINT_NAME)["weights"], state["weights"])
 
 
+@pytest.mark.parametrize("inside", ["", "runs/x"])
+@pytest.mark.parametrize("key", ["data", "knn_val"])
+def test_an_out_dir_within_a_folder_the_run_reads_is_refused_before_anything_is_written(key, inside, image_folder,
+                                                                                     tmp_path, capsys):
+    """Else its checkpoints, plots and logs would be listed as that dataset's images and classes."""
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    before = sorted(folder.rglob("*"))
+    out_dir = folder / inside if inside else folder
+    code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, f"{key}={folder}"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: config key 'out_dir' ({out_dir}) is within config key '{key}' ({folder}): the run's files would "
+        f"become part of that dataset; choose an out_dir outside it"]
+    assert sorted(folder.rglob("*")) == before
+
+
+def test_the_root_of_a_split_dataset_as_data_is_refused_naming_its_train_folder(image_folder, tmp_path, capsys):
+    """tools.evaluate's layout (train/ and val/ in one folder): pretraining would read both splits as two classes."""
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        shutil.copytree(image_folder, root / split)
+    code, _, err = run_main(capsys, *tiny_args(root, tmp_path / "run"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: config key 'data' names {root}, which holds train/ and val/: pretraining would read both splits as "
+        f"two classes; give data={root / 'train'}"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_check_creates_nothing(image_folder, tmp_path, capsys):
     code, _, err = run_main(capsys, "--check", *tiny_args(image_folder, tmp_path / "a" / "b"))
     assert code == 0, err
