@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from bt_fast.errors import StorageError, UserError, flat_message
+from bt_fast.errors import StorageError, UserError, flat_message, out_of_memory
 from bt_fast.files import (atomic_write, free_bytes, mebibytes, remove_stale_temporaries, storage_fault,
                            temporary_name)
 
@@ -277,7 +277,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror}); make it readable and "
                               f"rerun") from None
     except Exception as err:  # unpickling errors come in many types; all mean the same to the user
-        if _out_of_memory(err):  # the file may well be good: no advice to delete it
+        if out_of_memory(err):  # the file may well be good: no advice to delete it
             raise CheckpointError(f"checkpoint {path} does not fit in memory here ({flat_message(err)[:200]}); "
                                   f"free memory and rerun") from None
         reason = f"cannot be read ({type(err).__name__})"
@@ -285,12 +285,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
                f"delete it to start afresh," if previous.is_file() else "delete it")
     raise CheckpointError(f"checkpoint {path} {reason}; {way_out} or choose another out_dir")
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """Whether `err` says memory ran out: Python's MemoryError, CUDA's, or torch's CPU allocator's RuntimeError."""
-    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
-            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
 
 
 def damaged_entry(path: Path) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import select
 import signal
 import sys
@@ -63,6 +64,21 @@ def lost_dataloader_worker(err: BaseException) -> str | None:
     if text.endswith(("killed by signal: Killed", "exited unexpectedly")):
         text += " (the kernel's out-of-memory killer ends a worker this way)"
     return text
+
+
+def out_of_memory(err: BaseException) -> tuple[str, str] | None:
+    """Where `err` says memory ran out, (which memory, how much was asked for): ("GPU", "2.00 GiB") for torch's
+    OutOfMemoryError (a device allocator's), ("host", "9.0 MiB") for torch's CPU allocator's RuntimeError
+    ("can't allocate memory: you tried to allocate N bytes") or Python's MemoryError; None for any other error.
+    The amount is "" where the message gives none."""
+    text = flat_message(err)
+    if any(kind.__name__ == "OutOfMemoryError" for kind in type(err).__mro__):  # without importing torch here
+        asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+        return "GPU", asked.group(1) if asked else ""
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in text):
+        asked = re.search(r"tried to allocate (\d+) bytes", text)
+        return "host", f"{int(asked.group(1)) / 2**20:.1f} MiB" if asked else ""
+    return None
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's transport (a plain RuntimeError)
@@ -197,7 +213,8 @@ def peer_left_input_error() -> bool:
 def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Iterator[None]:
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
     `exit_code` (2 for `also`); likewise full shared memory (`shared_memory_full`: a worker pool's lock or a
-    DataLoader worker's batch), exit 2, and a DataLoader worker that died, exit 1. With `launched_rank`
+    DataLoader worker's batch) and memory that ran out (`out_of_memory`), exit 2, and a DataLoader worker
+    that died, exit 1. With `launched_rank`
     (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and any
     error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
     When the block succeeds, what a command does next is print its result: `drop_unread_output` first."""
@@ -205,12 +222,16 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     try:
         try:
             yield
-        except (RuntimeError, OSError) as err:
-            full = shared_memory_full(err)
-            if full is None:
+        except (RuntimeError, OSError, MemoryError) as err:
+            full, memory = shared_memory_full(err), out_of_memory(err)
+            if full is not None:
+                raise UserError(f"{full}: free some, give the machine more (docker run --shm-size) or use fewer "
+                                f"worker processes (--workers), and rerun") from None
+            if memory is None:
                 raise
-            raise UserError(f"{full}: free some, give the machine more (docker run --shm-size) or use fewer worker "
-                            f"processes (--workers), and rerun") from None
+            where, asked = memory
+            raise UserError(f"out of {where} memory{f' (asking for {asked})' if asked else ''}: free memory, or "
+                            f"lower the batch size or the image size, and rerun") from None
         drop_unread_output()
     except (UserError, *also) as err:
         if not (launched_rank and leave_for_launcher(err)):

@@ -26,7 +26,7 @@ from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError,
                                 set_rng_state)
 from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext, sync_batchnorm
-from bt_fast.errors import StorageError, WorkerLost, lost_dataloader_worker
+from bt_fast.errors import StorageError, WorkerLost, lost_dataloader_worker, out_of_memory
 from bt_fast.files import shared_memory_full
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
@@ -287,7 +287,7 @@ class Trainer:
         self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
         self.health.restart()
         try:
-            with StopSignals() as signals, self._lost_workers():
+            with StopSignals() as signals, self._resource_faults():
                 self._epochs(signals, self.run_log, bar)
                 with self.checkpoint.faults():
                     self.checkpoint.wait()
@@ -307,23 +307,33 @@ class Trainer:
                 self.run_log = None
 
     @contextlib.contextmanager
-    def _lost_workers(self) -> Iterator[None]:
-        """A DataLoader worker that died (torch raises from wherever the loop is) is a WorkerLost naming the
-        last checkpoint; workers that found shared memory full, a ConfigError (a retry would meet it again)."""
+    def _resource_faults(self) -> Iterator[None]:
+        """What ran out while training (torch raises from wherever the loop is), as one line naming the last
+        checkpoint: a DataLoader worker that died is a WorkerLost; full shared memory and memory that ran out
+        are ConfigErrors naming the settings that need less (a retry would meet the same limit)."""
         try:
             yield
-        except (RuntimeError, OSError) as err:
-            full, lost = shared_memory_full(err), lost_dataloader_worker(err)
-            if full is None and lost is None:
+        except (RuntimeError, OSError, MemoryError) as err:
+            full, lost, memory = shared_memory_full(err), lost_dataloader_worker(err), out_of_memory(err)
+            if full is None and lost is None and memory is None:
                 raise
             with contextlib.suppress(Exception):  # a checkpoint being written counts once it is on disk
                 self.checkpoint.wait()
-            workers = f"workers (now {self.config.workers})"
+            last_good, workers = self.checkpoint.last_good, f"workers (now {self.config.workers})"
             if full is not None:
                 fix = f"lower {workers} or batch_size, or give the machine more shared memory (docker run --shm-size)"
-                raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; "
-                                  f"{self.checkpoint.last_good(fix)}") from None
-            raise WorkerLost(f"{lost}; {self.checkpoint.last_good(f'lower {workers} or free memory')}") from None
+                raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; {last_good(fix)}") \
+                    from None
+            if lost is not None:
+                raise WorkerLost(f"{lost}; {last_good(f'lower {workers} or free memory')}") from None
+            where, asked = memory
+            smaller = [f"augment.image_size (now {self.config.augment.image_size})"]
+            if self.checkpoint.saved_step is None:  # a resume keeps its batch size
+                smaller.insert(0, f"batch_size (now {self.config.batch_size})")
+            if where == "host":
+                smaller.append(workers)
+            raise ConfigError(f"out of {where} memory at step {self.step + 1}{f' (asking for {asked})' if asked else ''}; "
+                              f"{last_good(f'free memory or lower {_either(smaller)}')}") from None
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -398,3 +408,8 @@ class Trainer:
             # On the host's gloo group, with a timeout of its own: on the default group NCCL's watchdog would
             # abort the waiting ranks after 10 minutes, less than a k-NN over a large memory bank takes
             dist.monitored_barrier(self.stops.group, timeout=KNN_WAIT)
+
+
+def _either(options: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"

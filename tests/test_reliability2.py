@@ -24,7 +24,7 @@ import bt_fast.memory_budget
 from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, load_checkpoint
 from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
-from bt_fast.errors import StorageError
+from bt_fast.errors import StorageError, cli_errors
 from bt_fast.files import atomic_write
 from bt_fast.memory_budget import check_memory, conv_elements, estimate, parameter_count
 from bt_fast.model import build_model
@@ -397,6 +397,49 @@ def test_a_lock_that_a_full_dev_shm_keeps_from_being_made_is_full_shared_memory_
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: shared memory (/dev/shm, 4.0 MiB) is full: free some, give the machine more (docker run --shm-size) "
         "or use fewer worker processes (--workers), and rerun"], proc.stderr[-3000:]
+
+
+def step_that_runs_out_of_memory(at_step: int, allocate):
+    """`Trainer.train_step` whose step number `at_step` (1-based) first calls `allocate`, which raises."""
+    real_step = Trainer.train_step
+
+    def step(self, y1, y2):
+        if self.step + 1 == at_step:
+            allocate()
+        return real_step(self, y1, y2)
+    return step
+
+
+def test_memory_that_runs_out_in_a_step_is_one_line_naming_what_needs_less_and_the_last_checkpoint(
+        image_folder, tmp_path, capsys, monkeypatch):
+    """torch's CPU allocator refusing 4 EiB: the settings that would need less, the batch size only while no
+    checkpoint holds it (a resume keeps it); a GPU's OutOfMemoryError (torch's message, CUDACachingAllocator.cpp)
+    names the GPU and the amount it asked for."""
+    out_dir = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "train_step", step_that_runs_out_of_memory(3, lambda: torch.empty(2**62,
+                                                                                                 dtype=torch.uint8)))
+    code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "checkpoint_every=2"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: out of host memory at step 3 (asking for {2**62 / 2**20:.1f} MiB); the last good checkpoint is step 2 "
+        f"of 3 in {out_dir / 'checkpoint.pth'}: free memory or lower augment.image_size (now 32) or workers (now 0) "
+        f"and rerun the same command to resume from it"]
+
+    def cuda_out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.06 GiB is free.")
+    monkeypatch.setattr(Trainer, "train_step", step_that_runs_out_of_memory(1, cuda_out_of_memory))
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "new"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: out of GPU memory at step 1 (asking for 2.00 GiB); no checkpoint was written yet in "
+        f"{tmp_path / 'new'}: free memory or lower batch_size (now 8) or augment.image_size (now 32) and rerun"]
+
+
+def test_memory_that_runs_out_in_any_command_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info, cli_errors():
+        torch.empty(2**62, dtype=torch.uint8)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: out of host memory (asking for {2**62 / 2**20:.1f} MiB): free memory, or lower the batch size or the "
+        f"image size, and rerun"]
 
 
 def test_host_crop_sizes_above_what_the_beton_stores_are_refused(image_folder, tmp_path):
