@@ -332,7 +332,8 @@ class Trainer:
                 smaller.insert(0, f"batch_size (now {self.config.batch_size})")
             if where == "host":
                 smaller.append(workers)
-            raise ConfigError(f"out of {where} memory at step {self.step + 1}{f' (asking for {asked})' if asked else ''}; "
+            asking = f" (asking for {asked})" if asked else ""
+            raise ConfigError(f"out of {where} memory at step {self.step + 1}{asking}; "
                               f"{last_good(f'free memory or lower {_either(smaller)}')}") from None
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
