@@ -55,9 +55,31 @@ def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     return getattr(torch, config.amp)
 
 
+def check_compiler(config: Config, device: torch.device) -> None:
+    """A ConfigError, before the pipeline is built (a first-use conversion can take hours), if a setting has
+    torch.compile compile on the CPU, whose generated C++ needs a compiler that is not there (torch's own search:
+    $CXX, else g++)."""
+    compiled = {"compile_model": (config.compile_model, "false"),
+                "compile_optimizer": (config.compile_optimizer, "false"),
+                "augment.backend": (config.augment.backend == "compile", "eager")}
+    settings = [f"{key}={off}" for key, (on, off) in compiled.items() if on]
+    if device.type != "cpu" or not settings:
+        return
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        names = " or ".join(name for name in inductor_config.cpp.cxx if name)
+        raise ConfigError(f"torch.compile on the CPU needs a C++ compiler and none works here ({names}; $CXX names "
+                          f"another): install one (apt-get install g++) or set {' '.join(settings)}") from None
+
+
 class Trainer:
     def __init__(self, config: Config, ctx: DistContext):
         check_batch_split(config.batch_size, ctx.world_size)
+        check_compiler(config, ctx.device)
         self.config, self.ctx = config, ctx
         self.out_dir = Path(config.out_dir)
         self.local_batch = config.batch_size // ctx.world_size

@@ -21,6 +21,7 @@ from torch import nn
 import bt_fast.checkpoint
 import bt_fast.files
 import bt_fast.memory_budget
+import bt_fast.trainer
 from bt_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, atomic_save, load_checkpoint
 from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
@@ -440,6 +441,19 @@ def test_memory_that_runs_out_in_any_command_is_one_line(capsys):
     assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [
         f"error: out of host memory (asking for {2**62 / 2**20:.1f} MiB): free memory, or lower the batch size or the "
         f"image size, and rerun"]
+
+
+def test_torch_compile_on_the_cpu_without_a_cpp_compiler_is_refused_before_the_pipeline_is_built(
+        image_folder, tmp_path, capsys, monkeypatch):
+    """Else torch's InductorError traceback at the first step, after a first-use conversion of hours."""
+    from torch._inductor import config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "bt-fast-no-such-compiler"))
+    monkeypatch.setattr(bt_fast.trainer, "build_pipeline", lambda *args: pytest.fail("the pipeline was built"))
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "run", "compile_optimizer=true",
+                                               "augment.backend=compile"))
+    assert code == 2 and err.strip().splitlines() == [
+        "error: torch.compile on the CPU needs a C++ compiler and none works here (bt-fast-no-such-compiler; $CXX "
+        "names another): install one (apt-get install g++) or set compile_optimizer=false augment.backend=eager"]
 
 
 def test_host_crop_sizes_above_what_the_beton_stores_are_refused(image_folder, tmp_path):
