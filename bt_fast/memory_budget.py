@@ -116,10 +116,11 @@ def estimate(*, arch: str, projector: str, pipeline: str, batch: int, side: int,
                      shared=shared)
 
 
-def visible_host_memory() -> int:
-    """Physical memory, or the cgroup's limit (a container's or a scheduler's job) when lower."""
+def visible_host_memory(cgroups: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int:
+    """Physical memory, or the lowest memory limit of this process's cgroup and the cgroups above it when lower:
+    a container's, a SLURM job's or a systemd unit's (cgroup v2's memory.max, v1's memory.limit_in_bytes)."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+    for limit in _memory_limit_files(cgroups, own):
         try:
             text = limit.read_text().strip()
         except OSError:
@@ -127,6 +128,27 @@ def visible_host_memory() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
+
+
+def _memory_limit_files(cgroups: Path, own: Path) -> list[Path]:
+    """The memory limit files of this process's cgroup (from `own`, /proc/self/cgroup's "id:controllers:path"
+    lines) and of each cgroup above it, up to the hierarchy's root, which always counts."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    places = {(cgroups, "memory.max"): "/", (cgroups / "memory", "memory.limit_in_bytes"): "/"}
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            places[(cgroups, "memory.max")] = path
+        elif "memory" in controllers.split(","):
+            places[(cgroups / "memory", "memory.limit_in_bytes")] = path
+    files = []
+    for (root, name), path in places.items():
+        parts = [part for part in path.split("/") if part]
+        files += [root.joinpath(*parts[:depth], name) for depth in range(len(parts), -1, -1)]
+    return files
 
 
 def visible_device_memory(device: torch.device) -> int | None:

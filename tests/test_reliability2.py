@@ -27,7 +27,8 @@ from bt_fast.config import ConfigError, load_config
 from bt_fast.distributed import DistContext
 from bt_fast.errors import StorageError, cli_errors
 from bt_fast.files import atomic_write
-from bt_fast.memory_budget import check_memory, conv_elements, estimate, parameter_count
+from bt_fast.memory_budget import (check_memory, conv_elements, estimate, parameter_count,
+                                   visible_host_memory)
 from bt_fast.model import build_model
 from bt_fast.preflight import check_run_inputs, refuse_changed_finished_run
 from bt_fast.run_lock import LOCK_NAME, RunLock, RunLockError, check_unlocked
@@ -315,6 +316,27 @@ def test_the_memory_estimate_is_the_documented_arithmetic():
     workers = estimate(arch="resnet18", projector="64-64", pipeline="reference", batch=batch, side=side, dtype_bytes=2,
                        loader_workers=3)
     assert (workers.shared, reference.shared, ffcv.shared) == (3 * 2 * (2 * batch * 3 * side * side * 4), 0, 0)
+
+
+def test_the_host_memory_limit_is_the_lowest_of_the_processs_cgroup_and_those_above_it(tmp_path):
+    """A SLURM job's limit sits in a cgroup below the root (v2: memory.max; v1: memory.limit_in_bytes); the
+    root's own file alone (a container's) missed it. A sibling's lower limit is not this process's."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    root = tmp_path / "cgroup"
+    limits = {"system.slice/job_7/memory.max": str(3 << 30), "system.slice/job_7/step_0/memory.max": "max",
+              "system.slice/job_8/memory.max": str(1 << 30), "memory.max": "max"}
+    for name, text in limits.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    own = tmp_path / "cgroup_of_self"
+    own.write_text("0::/system.slice/job_7/step_0\n")
+    assert visible_host_memory(root, own) == min(physical, 3 << 30)
+    own.write_text("0::/system.slice/job_8_sibling\n")
+    assert visible_host_memory(root, own) == physical
+    (root / "memory" / "batch" / "job_9").mkdir(parents=True)  # cgroup v1
+    (root / "memory" / "batch" / "job_9" / "memory.limit_in_bytes").write_text(str(2 << 30))
+    own.write_text("4:memory:/batch/job_9\n0::/\n")
+    assert visible_host_memory(root, own) == min(physical, 2 << 30)
 
 
 def test_an_image_size_that_cannot_fit_is_refused_in_one_line_and_leaves_no_out_dir(image_folder, tmp_path, capsys):
