@@ -38,7 +38,7 @@ from torch import nn
 
 from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext
-from bt_fast.files import SHARED_MEMORY, size_bytes
+from bt_fast.files import SHARED_MEMORY, free_bytes, size_bytes
 from bt_fast.model import build_model
 from pipelines.reference import BATCHES_PER_WORKER
 
@@ -57,6 +57,8 @@ class Footprint:
 
 
 def size_text(count: float) -> str:
+    if count < 2**20:
+        return f"{count / 2**10:.1f} KiB"
     if count < 2**30:
         return f"{count / 2**20:.1f} MiB"
     return f"{count / 2**30:.2f} GiB" if count < 2**40 else f"{count / 2**40:.1f} TiB"
@@ -197,10 +199,23 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
                               f"at least {size_text(need)} of {where} memory per step"
                               f"{ranks if where == 'host' else ''} ({footprint.describe()}), but it has "
                               f"{size_text(memory)}; lower augment.image_size or batch_size")
-    shared, shared_memory = footprint.shared * ranks_here, size_bytes(SHARED_MEMORY)
-    if shared_memory is not None and shared > shared_memory:
-        raise ConfigError(f"config keys 'workers' ({config.workers}) and 'batch_size' ({config.batch_size}) need at "
-                          f"least {size_text(shared)} of shared memory{ranks} for the batches the reference "
-                          f"pipeline's loader workers keep ready ({BATCHES_PER_WORKER} each), but "
-                          f"{SHARED_MEMORY} holds {size_text(shared_memory)}; lower workers or batch_size, or give the "
-                          f"machine more shared memory (docker run --shm-size)")
+    _check_shared_memory(config, footprint.shared, ranks_here)
+
+
+def _check_shared_memory(config: Config, need: int, ranks_here: int) -> None:
+    """A ConfigError if /dev/shm cannot hold the `need` bytes of each of the node's `ranks_here` ranks, or has not
+    `need` bytes free for this one (the other ranks' workers may have started: their share is not free)."""
+    if not need:
+        return
+    total, free = size_bytes(SHARED_MEMORY), free_bytes(SHARED_MEMORY)
+    keys = f"config keys 'workers' ({config.workers}) and 'batch_size' ({config.batch_size})"
+    ready = f"for the batches the reference pipeline's loader workers keep ready ({BATCHES_PER_WORKER} each)"
+    if total is not None and need * ranks_here > total:
+        ranks = f" for {ranks_here} ranks" if ranks_here > 1 else ""
+        raise ConfigError(f"{keys} need at least {size_text(need * ranks_here)} of shared memory{ranks} {ready}, but "
+                          f"{SHARED_MEMORY} holds {size_text(total)}; lower workers or batch_size, or give the machine "
+                          f"more shared memory (docker run --shm-size)")
+    if free is not None and need > free:
+        raise ConfigError(f"{keys} need at least {size_text(need)} of shared memory {ready}, but {SHARED_MEMORY} has "
+                          f"only {size_text(free)} free of {size_text(total or 0)}; free some (files of stopped "
+                          f"programs, such as torch_* ones left by killed runs), or lower workers or batch_size")

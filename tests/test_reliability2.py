@@ -351,18 +351,19 @@ def test_an_image_size_that_cannot_fit_is_refused_in_one_line_and_leaves_no_out_
 def test_reference_batches_that_cannot_fit_in_dev_shm_are_refused_before_anything_starts(image_folder, tmp_path,
                                                                                           capsys, monkeypatch):
     need = 2 * 2 * (2 * 8 * 3 * 32 * 32 * 4)  # 2 workers x 2 ready batches x two float32 views of 8 images of 32 px
+    assert need == 768 * 2**10
     sizes = {}
     monkeypatch.setattr(bt_fast.memory_budget, "size_bytes", lambda path: sizes[path])
+    monkeypatch.setattr(bt_fast.memory_budget, "free_bytes", lambda path: sizes[path])
     sizes["/dev/shm"] = need
     config = load_config("configs/demo_cpu.yaml", tiny_args(image_folder, tmp_path / "run", "workers=2")[2:])
     check_memory(config, CPU, None)  # it fits exactly
-    sizes["/dev/shm"] = need - 1
+    sizes["/dev/shm"] = need - 2**10
     code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "run", "workers=2"))
     assert code == 2 and err.strip().splitlines() == [
-        f"error: config keys 'workers' (2) and 'batch_size' (8) need at least {need / 2**20:.1f} MiB of shared memory "
-        f"for the batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm holds "
-        f"{(need - 1) / 2**20:.1f} MiB; lower workers or batch_size, or give the machine more shared memory "
-        f"(docker run --shm-size)"]
+        "error: config keys 'workers' (2) and 'batch_size' (8) need at least 768.0 KiB of shared memory for the "
+        "batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm holds 767.0 KiB; lower "
+        "workers or batch_size, or give the machine more shared memory (docker run --shm-size)"]
     assert not (tmp_path / "run").exists()
 
 
@@ -385,13 +386,22 @@ needs_a_private_dev_shm = pytest.mark.skipif(not _can_mount_a_private_tmpfs(),
 
 @pytest.mark.timeout(180)
 @needs_a_private_dev_shm
-def test_a_full_dev_shm_while_training_is_one_line_naming_the_fix(image_folder, tmp_path):
-    """A /dev/shm that the preflight sees room in but that something else filled: torch's error from inside the
-    DataLoader worker (its batch of 8 is 96 KiB a view; 64 KiB are left) becomes one line, exit 2 (the same on
-    every retry), not a traceback, nor a storage fault of out_dir's."""
+def test_a_full_dev_shm_is_refused_at_start_and_one_filled_while_training_is_one_line(image_folder, tmp_path):
+    """/dev/shm with 64 KiB of its 4 MiB left, where the workers' ready batches need 384 KiB (a batch of 8 is
+    96 KiB a view): refused at start, naming what is free. Filled after that check (the check skipped here), the
+    DataLoader worker's error from torch becomes one line, exit 2 (the same on every retry), not a traceback, nor
+    a storage fault of out_dir's."""
     out_dir = tmp_path / "run"
-    proc = in_a_small_dev_shm([sys.executable, "-m", "bt_fast.train", *tiny_args(image_folder, out_dir, "workers=1")],
-                              free_kib=64, timeout=170)
+    args = tiny_args(image_folder, out_dir, "workers=1")
+    proc = in_a_small_dev_shm([sys.executable, "-m", "bt_fast.train", *args], free_kib=64, timeout=80)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: config keys 'workers' (1) and 'batch_size' (8) need at least 384.0 KiB of shared memory for the "
+        "batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm has only 64.0 KiB free of "
+        "4.0 MiB; free some (files of stopped programs, such as torch_* ones left by killed runs), or lower workers "
+        "or batch_size"], proc.stderr[-3000:]
+    filled_after_the_check = ("import sys, bt_fast.train as t; t.check_memory = lambda *args: None; "
+                              "t.main(sys.argv[1:])")
+    proc = in_a_small_dev_shm([sys.executable, "-c", filled_after_the_check, *args], free_kib=64, timeout=80)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: the DataLoader cannot pass batches from its workers: shared memory (/dev/shm, 4.0 MiB) is full; no "
         f"checkpoint was written yet in {out_dir}: lower workers (now 1) or batch_size, or give the machine more "
