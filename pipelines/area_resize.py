@@ -139,8 +139,17 @@ def _built_library() -> Path:
 
 
 def _cache_directories() -> list[Path]:
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bt_fast"
-    return [Path(__file__).with_name("__pycache__"), user]
+    """This package's `__pycache__`, then the user's cache directory: `$XDG_CACHE_HOME` where it is an
+    absolute path (the XDG spec ignores a relative one), else `~/.cache`, left out where the home is unknown
+    (no `$HOME` and no passwd entry, or a relative `$HOME`: never a cache in the working directory)."""
+    directories = [Path(__file__).with_name("__pycache__")]
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # "Could not determine home directory."
+            return directories
+    return [*directories, Path(base) / "bt_fast"] if os.path.isabs(base) else directories
 
 
 def _first_mismatch(function) -> str | None:

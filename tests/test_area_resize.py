@@ -104,3 +104,37 @@ def test_a_built_kernel_is_loaded_from_the_cache_without_compiling(monkeypatch, 
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
     assert area_resize._built_library() == built
+
+
+def _no_passwd_entry(uid):
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+
+@pytest.mark.parametrize("home", [None, "relative/home"])
+def test_with_no_known_home_the_users_cache_is_left_out_and_the_kernel_still_loads(monkeypatch, home):
+    """A uid without a passwd entry and no $HOME (a container's `--user 12345`): Path.home() raises
+    RuntimeError, which stopped the conversion with a traceback; a relative $HOME would have put the cache
+    under the working directory."""
+    import pwd
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
+    if home is None:
+        monkeypatch.delenv("HOME", raising=False)
+    else:
+        monkeypatch.setenv("HOME", home)
+    package_cache = REPO / "pipelines" / "__pycache__"
+    assert area_resize._cache_directories() == [package_cache]
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
+    assert area_resize._cache_directories() == [package_cache]
+    kernel, reason = area_resize._load.__wrapped__()  # what the first resize_area of a process does
+    assert (kernel is None, reason) == (False, None) if X86 else kernel is None
+
+
+def test_the_users_cache_is_xdg_cache_home_where_absolute_else_under_the_home(monkeypatch, tmp_path):
+    package_cache = REPO / "pipelines" / "__pycache__"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert area_resize._cache_directories() == [package_cache, tmp_path / "xdg" / "bt_fast"]
+    for ignored in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert area_resize._cache_directories() == [package_cache, tmp_path / "home" / ".cache" / "bt_fast"]
