@@ -331,11 +331,20 @@ PATH_KEYS = ("data", "out_dir", "knn_train", "knn_val", "ffcv.beton", "dali.reco
 
 def _expand_home(config: Config) -> None:
     """A leading `~` of a path key is the home directory, as the shell reads it: in a config file or a quoted
-    override the shell never sees it, and `out_dir: ~/runs/x` wrote the run into a directory named `~`."""
+    override the shell never sees it, and `out_dir: ~/runs/x` wrote the run into a directory named `~`. Where
+    the home is unknown (no $HOME and no passwd entry), os.path.expanduser leaves the `~`: a ConfigError."""
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
         node = getattr(config, section) if section else config
-        setattr(node, name, os.path.expanduser(getattr(node, name)))
+        value = os.path.expanduser(getattr(node, name))
+        user = value.partition("/")[0][1:] if value.startswith("~") else None
+        if user == "":
+            raise ConfigError(f"config key '{key}' starts with ~ but the home directory is unknown (HOME is unset); "
+                              f"set HOME or give an absolute path")
+        if user:
+            raise ConfigError(f"config key '{key}' starts with ~{user} but there is no user {user}; "
+                              f"give an absolute path")
+        setattr(node, name, value)
 
 
 # The names this module checks; `pipeline` and `arch` are checked by their registries.

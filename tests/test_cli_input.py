@@ -115,6 +115,43 @@ def test_a_path_that_starts_with_a_tilde_is_in_the_home_directory(image_folder, 
     assert sorted(p.name for p in home.iterdir()) == ["images"]
 
 
+def _no_passwd_entry(name_or_uid):
+    raise KeyError(f"no passwd entry: {name_or_uid}")
+
+
+@pytest.mark.parametrize("key", ["data", "out_dir", "knn_train", "knn_val", "ffcv.beton", "dali.records"])
+def test_a_tilde_with_no_known_home_is_refused_not_a_folder_named_tilde(key, monkeypatch):
+    """A uid with no passwd entry and no $HOME: os.path.expanduser leaves the `~`, and `out_dir=~/runs/x`
+    wrote the run into <working directory>/~/runs/x while it reported ~/runs/x/checkpoint.pth."""
+    import pwd
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
+    monkeypatch.setattr(pwd, "getpwnam", _no_passwd_entry)
+    for value in ("~", "~/runs/x"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={value}"])
+        assert str(err.value) == (f"config key '{key}' starts with ~ but the home directory is unknown (HOME is "
+                                  f"unset); set HOME or give an absolute path")
+    with pytest.raises(ConfigError) as err:  # another user's home, where there is no such user
+        load_config(None, [f"{key}=~nosuchuser/runs/x"])
+    assert str(err.value) == (f"config key '{key}' starts with ~nosuchuser but there is no user nosuchuser; "
+                              f"give an absolute path")
+    section, _, name = key.rpartition(".")
+    config = load_config(None, [f"{key}=runs/~/x"])  # a `~` inside a path is a folder's name
+    assert getattr(getattr(config, section) if section else config, name) == "runs/~/x"
+
+
+def test_a_tilde_with_no_known_home_is_one_error_line_of_the_training_command(image_folder, monkeypatch, capsys):
+    import pwd
+    from test_reliability import run_main
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
+    code, out, err = run_main(capsys, "--check", *tiny_args(image_folder, "~/runs/x"))
+    assert (code, out) == (2, "")
+    assert err == ("error: config key 'out_dir' starts with ~ but the home directory is unknown (HOME is unset); "
+                   "set HOME or give an absolute path\n")
+
+
 def test_a_config_file_that_is_not_text_or_is_a_directory_is_named(tmp_path):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\x00\xff\xfe")
