@@ -8,6 +8,12 @@ epoch end for curves no wider than 400 pixels.
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shutil
+import sys
+import tempfile
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -33,6 +39,38 @@ ROWS = 2
 SPARSE_KEYS = {"knn_top1"}  # logged once per k-NN evaluation: drawn with markers
 MAX_POINTS = 2000
 STEP_TYPE, VALUE_TYPE = "q", "d"  # the `array` type codes of a curve's columns: int64 steps, float64 values
+
+
+def _matplotlib_default_dirs_writable() -> bool:
+    """True where matplotlib's own config and cache directories (`$XDG_CONFIG_HOME/matplotlib`, else
+    `~/.config/matplotlib`, and the same under `$XDG_CACHE_HOME`, else `~/.cache`) can be made and written,
+    as matplotlib tries them (`matplotlib._get_config_or_cache_dir`, Linux and FreeBSD)."""
+    for variable, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache")):
+        try:
+            directory = Path(os.environ.get(variable) or Path.home() / default, "matplotlib").resolve()
+            directory.mkdir(parents=True, exist_ok=True)
+        except (RuntimeError, OSError):  # RuntimeError: no home directory
+            return False
+        if not (directory.is_dir() and os.access(directory, os.W_OK)):
+            return False
+    return True
+
+
+@functools.cache
+def quiet_matplotlib() -> None:
+    """Call before importing matplotlib. Where $MPLCONFIGDIR is unset and matplotlib's default directories
+    cannot be written (no home, or a read-only one), point it at a temporary directory, removed at exit:
+    matplotlib does the same itself, but with a two-line warning on every import (every training run draws
+    metrics.png). A $MPLCONFIGDIR that is set is the user's choice, and its warnings are theirs."""
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR") or \
+            not sys.platform.startswith(("linux", "freebsd")) or _matplotlib_default_dirs_writable():
+        return
+    try:
+        directory = tempfile.mkdtemp(prefix="matplotlib-")
+    except OSError:  # no writable temporary directory: matplotlib says so itself
+        return
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["MPLCONFIGDIR"] = directory
 
 
 class Curves:
@@ -125,6 +163,7 @@ def plot_runs(runs: dict[str, Curves]) -> "Figure":
     `runs` maps a label to that run's `Curves`. A panel no run has data for says so.
     """
     columns = -(-len(PANELS) // ROWS)
+    quiet_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: every process imports this module, few draw
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter

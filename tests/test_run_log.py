@@ -386,3 +386,53 @@ def test_each_step_line_holds_its_epochs_crop_side(tmp_path):
     log.write({"step": 4, "epoch": 3, "knn_top1": 50.0})
     log.close()
     assert [record.get("image_size") for record in records(tmp_path)] == [32, 32, 32, 64, None]
+
+
+def _plot_in_a_fresh_process(tmp_path: Path, env: dict) -> tuple[str, dict]:
+    """(stderr, what the process saw) of plotting one curve in a new interpreter with `env` (plus PATH and
+    TMPDIR=tmp_path/tmp), as the first metrics.png of a run does."""
+    import subprocess
+    (tmp_path / "tmp").mkdir()
+    script = ("import json, os, sys\n"
+              "from bt_fast.plots import Curves, plot_runs, save_png\n"
+              "save_png(plot_runs({'run': Curves([{'step': 1, 'loss': 2.0}])}), sys.argv[1])\n"
+              "import matplotlib\n"
+              "print(json.dumps({'configdir': matplotlib.get_configdir(), 'cachedir': matplotlib.get_cachedir(),\n"
+              "                  'MPLCONFIGDIR': os.environ.get('MPLCONFIGDIR')}))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "metrics.png")], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                          env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path / "tmp"),
+                               **env})
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "metrics.png") as image:
+        assert image.format == "PNG"
+    return done.stderr, json.loads(done.stdout)
+
+
+def test_a_home_matplotlib_cannot_write_gets_a_temporary_config_dir_without_its_warning(tmp_path):
+    """HOME not writable (here a file, which root cannot write into either): matplotlib warned "mkdir -p
+    failed ... it is highly recommended to set the MPLCONFIGDIR environment variable" on every training run."""
+    home = tmp_path / "home"
+    home.write_text("a file, not a directory")
+    err, seen = _plot_in_a_fresh_process(tmp_path, {"HOME": str(home)})
+    assert err == ""
+    temporary = Path(seen["MPLCONFIGDIR"])
+    assert temporary.parent == tmp_path / "tmp" and temporary.name.startswith("matplotlib-")
+    assert seen["configdir"] == seen["cachedir"] == str(temporary)
+    assert list((tmp_path / "tmp").iterdir()) == []  # removed at exit
+
+
+def test_a_writable_home_or_a_given_mplconfigdir_is_what_matplotlib_uses(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    err, seen = _plot_in_a_fresh_process(tmp_path, {"HOME": str(home)})
+    assert (err, seen["MPLCONFIGDIR"]) == ("", None)
+    assert (seen["configdir"], seen["cachedir"]) == (str(home / ".config" / "matplotlib"),
+                                                    str(home / ".cache" / "matplotlib"))
+    (tmp_path / "tmp").rmdir()
+    (tmp_path / "metrics.png").unlink()
+    given, unwritable_home = tmp_path / "given", tmp_path / "file"
+    given.mkdir()
+    unwritable_home.write_text("a file")
+    err, seen = _plot_in_a_fresh_process(tmp_path, {"HOME": str(unwritable_home), "MPLCONFIGDIR": str(given)})
+    assert (err, seen["MPLCONFIGDIR"], seen["configdir"]) == ("", str(given), str(given))

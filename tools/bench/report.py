@@ -10,6 +10,7 @@ from typing import Any
 
 from bt_fast.errors import say
 from bt_fast.files import write_json
+from bt_fast.plots import quiet_matplotlib
 from tools.bench.conversion import FORMATS as CONVERSION_FORMATS
 from tools.bench.conversion import TARGET_SHARE
 
@@ -233,6 +234,7 @@ def tick_label(name: str) -> str:
 
 def loader_figure(result: dict):
     """The loaders' throughput and host CPU cost per image, as a matplotlib figure (Agg)."""
+    quiet_matplotlib()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -268,6 +270,7 @@ def loader_figure(result: dict):
 
 
 def plot(result: dict, path: Path) -> None:
+    quiet_matplotlib()
     import matplotlib.pyplot as plt
     fig = loader_figure(result)
     path.parent.mkdir(parents=True, exist_ok=True)
