@@ -128,3 +128,44 @@ def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_pa
         main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == ["error: --workers must be at least 1, got 0 (see --help)"]
+
+
+def _main_error(argv: list[str], capsys) -> tuple[int, str]:
+    from tools.make_demo_data import main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_written_is_named_in_full_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """A read-only working directory gave "error: [Errno 30] Read-only file system: 'data'": a raw errno and a
+    relative name. Root writes any directory, so the folder is made impossible by a file in its way."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").write_text("a file where the default data/demo needs a folder")
+    assert _main_error([], capsys) == (2, (
+        f"error: cannot write the demo set into {tmp_path}/data/demo ({tmp_path}/data/demo: Not a directory); "
+        f"give a folder you can write to: python -m tools.make_demo_data DIR\n"))
+    assert _main_error(["--imagenet-like", "4", "data/inl"], capsys) == (2, (
+        f"error: cannot write the ImageNet-like set into {tmp_path}/data/inl ({tmp_path}/data/inl: Not a directory); "
+        f"give a folder you can write to: python -m tools.make_demo_data --imagenet-like 4 DIR\n"))
+    assert (tmp_path / "data").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_read_only_file_system_is_named_with_the_folder_it_refused(tmp_path, monkeypatch, capsys):
+    """The tester's case, raised where `build` met it: mkdir of the relative 'data' on a read-only mount."""
+    import errno
+    import os
+
+    def read_only(root, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tools.make_demo_data.build", read_only)
+    assert _main_error([], capsys) == (2, (
+        f"error: cannot write the demo set into {tmp_path}/data/demo ({tmp_path}/data: Read-only file system); "
+        f"give a folder you can write to: python -m tools.make_demo_data DIR\n"))
+
+    def unreadable_photograph(root, *args, **kwargs):  # not a write of the folder: not said to be one
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), "/site-packages/skimage/data/astronaut.png")
+    monkeypatch.setattr("tools.make_demo_data.build", unreadable_photograph)
+    assert _main_error([], capsys) == (2, "error: [Errno 2] No such file or directory: "
+                                          "'/site-packages/skimage/data/astronaut.png'\n")

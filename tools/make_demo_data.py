@@ -8,9 +8,11 @@ modes like ImageNet's): `pipelines.imagenet_like`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from bt_fast.errors import CliParser, cli_errors, exit_on_interrupt
+from bt_fast.errors import CliParser, UserError, cli_errors, exit_on_interrupt, flat_message
 
 with exit_on_interrupt("while starting"):
     from bt_fast.host import usable_cores
@@ -20,6 +22,21 @@ with exit_on_interrupt("while starting"):
 
 def _flags(names: list[str]) -> str:
     return " and ".join("--" + name.replace("_", "-") for name in names)
+
+
+@contextmanager
+def _writing(what: str, root: Path, command: str) -> Iterator[None]:
+    """An OSError writing `root` (the folder, a file in it, or a folder above it that mkdir makes) as one line
+    that names the absolute path and gives `command`, the command line with a writable DIR, as what to do."""
+    try:
+        yield
+    except OSError as err:
+        root = root.absolute()
+        failed = Path(err.filename).absolute() if err.filename else None
+        if failed is None or not (failed == root or root in failed.parents or failed in root.parents):
+            raise  # not a write of `root` (a worker pool's lock in a full /dev/shm names no file): as it is
+        raise UserError(f"cannot write {what} into {root} ({failed}: {err.strerror or flat_message(err)}); "
+                        f"give a folder you can write to: {command}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,12 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         if not count.isdigit():
             parser.error(f"--imagenet-like N DIR: N must be a number of images, got {count!r}")
         kept = f"the images written to {root} are kept and the same command writes the rest"
-        with cli_errors(OSError), exit_on_interrupt(outcome=kept):  # OSError: a directory that cannot be written
+        again = f"python -m tools.make_demo_data --imagenet-like {count} DIR"
+        with cli_errors(OSError), exit_on_interrupt(outcome=kept), _writing("the ImageNet-like set", Path(root), again):
             write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
                                 workers=args.workers)
         print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
         return
-    with cli_errors(OSError), exit_on_interrupt(outcome=f"the same command builds {args.root} again"):
+    with cli_errors(OSError), exit_on_interrupt(outcome=f"the same command builds {args.root} again"), \
+            _writing("the demo set", args.root, "python -m tools.make_demo_data DIR"):
         build(args.root, args.train_per_class, args.val_per_class, args.seed)
     count = sum(1 for _ in args.root.rglob("*.jpg"))
     print(f"demo dataset: {args.root} ({len(PHOTOGRAPHS)} classes, {count} JPEGs)")
