@@ -30,7 +30,7 @@ from typing import Callable
 
 import numba
 
-import pipelines.ffcv_import  # noqa: F401 - first: FFCV's import side effects, undone
+from pipelines.ffcv_import import numba_may_cache  # first: FFCV's import side effects, undone
 from ffcv.pipeline.compiler import Compiler
 
 __all__ = ["code_once", "compile_cached", "compile_once"]
@@ -79,7 +79,7 @@ def _compile(code: Callable, signature=None) -> Callable:
 
 def _cached(code: Callable, signature, parallel: bool) -> Callable | None:
     """`code` compiled as `Compiler.compile` would, plus numba's on-disk cache; None where that does not apply."""
-    if code not in _ON_DISK or not Compiler.is_enabled:
+    if code not in _ON_DISK or not Compiler.is_enabled or not numba_may_cache():
         return None
     try:
         return numba.njit(signature, fastmath=True, nogil=True, error_model="numpy", parallel=parallel,

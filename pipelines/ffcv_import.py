@@ -13,12 +13,26 @@
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
+def numba_may_cache() -> bool:
+    """Whether numba's on-disk cache has a place it means: `NUMBA_CACHE_DIR`, or a user cache directory that is
+    an absolute path. Where the home is unknown (no $HOME, no passwd entry) numba's is a literal `~/.cache`,
+    relative to the working directory, which would fill with cache folders: no on-disk cache then."""
+    from numba.misc.appdirs import AppDirs
+    return bool(os.environ.get("NUMBA_CACHE_DIR")) or os.path.isabs(AppDirs("numba", appauthor=False).user_cache_dir)
+
+
 def cache_typed_dict_compiles() -> None:
-    """Enable numba's on-disk cache for the jitted helpers behind `numba.typed.Dict` (idempotent)."""
+    """Enable numba's on-disk cache for the jitted helpers behind `numba.typed.Dict` (idempotent), where
+    `numba_may_cache`."""
     from numba.typed import typeddict
+
+    if not numba_may_cache():
+        return
 
     for name in vars(typeddict):
         helper = getattr(typeddict, name)

@@ -57,3 +57,23 @@ def test_a_second_process_loads_ffcvs_import_and_our_cached_compiles_from_the_ca
     assert second["compiled"] == 0 and second["loaded"] >= 2
     assert (first["ours_compiled"], first["ours_loaded"]) == (2, 0)
     assert (second["ours_compiled"], second["ours_loaded"]) == (0, 2)
+
+
+def test_numbas_on_disk_cache_is_off_where_its_user_directory_would_be_relative_to_the_working_directory(
+        monkeypatch, tmp_path):
+    """With no known home numba's user cache directory is a literal `~/.cache/numba` (a relative XDG_CACHE_HOME
+    gives a relative one too): a folder in whatever directory the run started from. Then nothing is cached on
+    disk, unless NUMBA_CACHE_DIR names a place."""
+    import pipelines.ffcv_decoders  # noqa: F401 - marks the crop sampling compile_cached
+    from pipelines.crop_sampling import sample_seed
+    from pipelines.ffcv_compile import _ON_DISK, _cached
+    from pipelines.ffcv_import import numba_may_cache
+    assert sample_seed in _ON_DISK
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert not numba_may_cache() and _cached(sample_seed, None, False) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert numba_may_cache() and _cached(sample_seed, None, False) is not None
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert numba_may_cache()
