@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,6 +73,7 @@ def _pinned_rank(rank: int, fn, args: tuple, environ: dict, cwd: str) -> None:
     os.environ.clear()  # the starting test's environment and directory, as a spawned rank inherits them
     os.environ.update(environ)
     os.chdir(cwd)
+    tempfile.tempdir = None  # the TMPDIR of `environ`, not the forkserver's
     bt_fast.distributed.resolve_device = resolve_device_pinned
     fn(rank, *args)
 
@@ -84,10 +86,16 @@ def spawn_pinned(fn, args=(), nprocs=1, **kwargs):
     saved per rank against spawning, and nothing of the test process inherited. A rank forked from the
     test process itself would inherit its threads (FFCV's, DALI's, torch's) with whatever locks they
     held, and could hang; nor could it use CUDA once the test process had. Production ranks are
-    torchrun's fresh processes; tests/test_distributed.py starts those through the launcher."""
+    torchrun's fresh processes; tests/test_distributed.py starts those through the launcher.
+
+    A rank ends with `os._exit`, as every multiprocessing child does, so no `atexit` handler of its runs: the
+    ranks' temporary files (DALI's autograph writes one per graph function and removes it at exit) go into a
+    directory of their own, removed once they have ended."""
     multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # (no effect once the server runs)
-    return torch.multiprocessing.start_processes(_pinned_rank, nprocs=nprocs, start_method="forkserver",
-                                                 args=(fn, tuple(args), dict(os.environ), os.getcwd()), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="bt_fast_ranks_") as scratch:
+        environ = {**os.environ, "TMPDIR": scratch}
+        return torch.multiprocessing.start_processes(_pinned_rank, nprocs=nprocs, start_method="forkserver",
+                                                     args=(fn, tuple(args), environ, os.getcwd()), **kwargs)
 
 
 @pytest.fixture(autouse=True)
