@@ -30,7 +30,8 @@ class _LogLines(tqdm):
         pass  # a written line stays written
 
     def close(self):
-        if not self.disable and getattr(self, "_drawn", None) not in (None, (self.n, self.postfix)):
+        # A signal raised inside tqdm's __init__ leaves a bar without `disable`, which __del__ still closes.
+        if not getattr(self, "disable", True) and getattr(self, "_drawn", None) not in (None, (self.n, self.postfix)):
             self.display()  # lines were written: the final state too
         super().close()
 

@@ -686,6 +686,13 @@ def test_evaluate_prints_throttled_progress_without_a_terminal(split_folder, cap
     assert "train features: 100%" in err and "val features: 100%" in err
 
 
+def test_a_bar_that_a_signal_cut_off_while_it_was_built_closes_without_an_error():
+    """Its __del__ closes it: "Exception ignored in tqdm.__del__ ... no attribute 'disable'" after the error line."""
+    from bt_fast.progress import _LogLines
+    bar = _LogLines.__new__(_LogLines)  # what tqdm's __init__ has made when a KeyboardInterrupt leaves it
+    bar.close()
+
+
 def test_progress_in_a_log_is_whole_lines_and_none_for_a_short_job(capsys, monkeypatch):
     import bt_fast.progress
     from bt_fast.progress import progress
