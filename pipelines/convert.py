@@ -31,10 +31,11 @@ lines and lines starting with '#' are ignored).
    directory. ffcv: the parts' pages are written in place, one part after another, into the
    `.beton` in the work directory (`output.beton`, its data region placed for every listed
    sample), and its tables go around them at the end: the data is written once and the disk
-   never holds it twice. A Ctrl-C from the move into place on is held until the report is written,
-   the work directory removed and the workers stopped, and is then an `Interrupted` error saying that
-   DST is complete: it can neither leave a complete DST without its report nor pass for an interrupt
-   that wrote nothing.
+   never holds it twice. A Ctrl-C, SIGTERM or SIGHUP from the move into place on is held until the report
+   is written, the work directory removed and the workers stopped, and is then an `Interrupted` error
+   saying that DST is complete: it can neither leave a complete DST without its report nor pass for an
+   interrupt that wrote nothing. Before that, SIGTERM and SIGHUP (a scheduler's stop, a closed terminal)
+   stop the conversion as Ctrl-C does (`ConversionSignals`), and `stopped` words what is kept.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
    counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
    `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since) and
@@ -61,7 +62,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost
+from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost, to_devnull
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
 from bt_fast.host import usable_cores
@@ -205,6 +206,26 @@ def report_path(dst: str | Path) -> Path:
     """Where `convert` writes the report of output `dst`."""
     dst = Path(dst)
     return dst.with_name(dst.name + ".report.json")
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a conversion (`ConversionSignals`), raised where Ctrl-C raises its
+    KeyboardInterrupt, so that the same code stops the workers and keeps the finished parts."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stopped(cause: BaseException | int, rest: str) -> Interrupted:
+    """The error of a conversion that Ctrl-C or a stop signal (`cause`: its KeyboardInterrupt or StopSignal,
+    or the signal's number) cut short: `interrupted<rest>` or `stopped by SIGTERM<rest>`, whose exit code is
+    the shell's status for that signal (130, 143, 129)."""
+    signum = cause if isinstance(cause, int) else getattr(cause, "signum", signal.SIGINT)
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    error = Interrupted(how + rest)
+    error.exit_code = 128 + signum
+    return error
 
 
 def kept_after_interrupt(dst: str | Path) -> str:
@@ -351,7 +372,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     is listed and DST found usable, before anything is written: where a caller announces the work, which an
     unusable input then never shows.
     Raises DataError (one-line message) for unusable arguments or input; KeyboardInterrupt for a Ctrl-C
-    before DST is installed (`kept_after_interrupt` says what is kept), Interrupted for one after.
+    before DST is installed, StopSignal (a KeyboardInterrupt) for a SIGTERM or SIGHUP (`kept_after_interrupt`
+    says what is kept, `stopped` words it), Interrupted for any of them after.
     """
     workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
@@ -360,41 +382,81 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     check_destination(src, dst, force)
     check_report_place(dst)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
-    late = LateInterrupt()
-    with late, worker_pool(workers) as pool:  # the workers stop inside the hold
+    signals = ConversionSignals()
+    with signals, worker_pool(workers) as pool:  # the workers stop inside the hold
         report = _convert_listed(src, dst, fmt, prep, force, shard_size if fmt == "dali" else part_size, pool,
-                                 workers, progress, starting, late.hold)
-    if late.noted:
-        raise Interrupted(f"interrupted once the conversion had finished; nothing is lost: {outcome(report)}")
+                                 workers, progress, starting, signals.hold)
+    if signals.noted:
+        raise stopped(signals.noted, f" once the conversion had finished; nothing is lost: {outcome(report)}")
     return report
 
 
-class LateInterrupt:
-    """From `hold()` (DST about to be installed) to the end of the block, a Ctrl-C is noted (`noted`)
-    instead of raised: what is left of the conversion then is short and must not be cut off, and a
-    KeyboardInterrupt would tell the caller that nothing was written. Only in the main thread and
-    where SIGINT raises KeyboardInterrupt (Python's handler); any other handler is left alone."""
+class ConversionSignals:
+    """The signals that stop a conversion, in the main thread (Python runs handlers there only).
+
+    SIGTERM and SIGHUP (a scheduler's stop, a terminal that closed) raise StopSignal where a Ctrl-C raises
+    KeyboardInterrupt: the same code stops the workers, keeps the finished parts and says so; a repeat
+    while that stop is under way is ignored, so that it completes. From `hold()` (DST about to be installed)
+    to the end of the block, Ctrl-C, SIGTERM and SIGHUP are noted (`noted`: the first one's number)
+    instead: what is left of the conversion then is short and must not be cut off, and a KeyboardInterrupt
+    would tell the caller that nothing was written.
+
+    Only a signal left to its default is taken (Python's KeyboardInterrupt for SIGINT, SIG_DFL for the
+    others), or one an enclosing `ConversionSignals` block has taken (for this block's time): any other
+    handler, and a SIGHUP that `nohup` made ignored, is left alone. A process forked meanwhile (a worker)
+    dies of SIGTERM or SIGHUP quietly, as by default, instead of raising in its own code. A SIGHUP from a
+    terminal that closed also points stdout and stderr, if they were that terminal, at /dev/null: the line
+    that says what is kept would fail with EIO there."""
 
     def __init__(self) -> None:
-        self.noted = False
+        self.noted = 0
+        self._previous: dict[int, object] = {}
         self._held = False
+        self._stopping = 0
+        self._pid = os.getpid()
+        self._terminals: list[int] = []
 
-    def hold(self) -> None:
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            signal.signal(signal.SIGINT, self._note)
-            self._held = True
-
-    def _note(self, signum: int, frame) -> None:
-        self.noted = True
-
-    def __enter__(self) -> LateInterrupt:
+    def __enter__(self) -> ConversionSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._take(sig, signal.SIG_DFL)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def _take(self, sig: int, default) -> None:
+        handler = signal.getsignal(sig)
+        if handler is default or isinstance(getattr(handler, "__self__", None), ConversionSignals):
+            self._previous[sig] = signal.signal(sig, self._signalled)
+
+    def hold(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._take(signal.SIGINT, signal.default_int_handler)
+            self._held = True
+
+    def _signalled(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker: only its parent acts on the signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if signum == signal.SIGHUP:
+            for fd in self._terminals:
+                if not os.isatty(fd):  # a terminal that hung up is none any more
+                    to_devnull(fd)
         if self._held:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._held = False
+            self.noted = self.noted or signum
+        elif not self._stopping:
+            self._stopping = signum
+            raise StopSignal(signum)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        self._held = False
+        if self._stopping and isinstance(error, KeyboardInterrupt) and not isinstance(error, StopSignal):
+            # the StopSignal was lost where Python cannot raise (a finalizer) and came back as a Ctrl-C
+            # (`bt_fast.errors._interrupt_again`): it is still the stop signal's
+            raise StopSignal(self._stopping) from None
 
 
 def _named(path: Path) -> Path:

@@ -53,11 +53,12 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.quasi_random import generate_order_inner
 
 from bt_fast.config import AugmentSpec, Config, ConfigError
-from bt_fast.errors import DataError, Interrupted, flat_message
+from bt_fast.errors import DataError, flat_message
 from bt_fast.host import usable_cores
 from pipelines.augment import TwoViewAugment
 from pipelines.base import EpochPipeline, Placement
-from pipelines.convert import convert, kept_after_interrupt, outcome, report_path, source_change
+from pipelines.convert import (ConversionSignals, convert, kept_after_interrupt, outcome, report_path, source_change,
+                              stopped)
 from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
@@ -254,8 +255,10 @@ def _host_workers(config: Config) -> int:
 
 
 @contextmanager
-def _file_lock(path: Path, data: str):
-    """Exclusive lock beside `path`, so ranks sharing a filesystem convert once; removed afterwards.
+def _file_lock(path: Path, data: str, waiting: Callable[[str], None] | None = None):
+    """Exclusive lock beside `path`, so ranks sharing a filesystem convert once; removed afterwards. Where
+    another process holds it, `waiting` (if given) is told so in one line before this one waits: the
+    conversion it waits for may take hours, and the run would seem to hang without a word.
 
     A rank that still waits on the removed lock file finds the .beton written when it gets the lock.
     """
@@ -268,7 +271,13 @@ def _file_lock(path: Path, data: str):
                         f"elsewhere with `python -m tools.convert {data} DST.beton --format ffcv` and pass "
                         f"ffcv.beton=DST.beton") from None
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(f"waiting for another process converting {data} to {path} (it holds {lock_path}); this "
+                        f"run goes on once that conversion has finished")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -279,7 +288,9 @@ def _file_lock(path: Path, data: str):
 def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, warn: bool = True) -> Path:
     """The .beton to read, converting `config.data` with `pipelines.convert` if it does not exist yet; a
     directory there is a DataError (the converter would replace an empty one, or refuse another in its own
-    terms). With `warn` (one rank of a run), an existing .beton whose folder changed since is a warning."""
+    terms). With `warn` (one rank of a run), an existing .beton whose folder changed since is a warning, and
+    a wait for another process's conversion of it is said. Ctrl-C, SIGTERM or SIGHUP meanwhile (the
+    conversion's, or the wait's) is an `Interrupted` error saying what is kept, exit 130, 143 or 129."""
     path = beton_path(config)
     if path.is_file():
         if warn:
@@ -294,21 +305,29 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
         raise DataError(f"data directory {config.data} does not exist, nor does {path}; give an ImageFolder that "
                         f"exists (converted to {path} on first use) or point ffcv.beton at a .beton")
     say = log or (lambda message: print(message, file=sys.stderr))
-    with _file_lock(path, config.data):
-        if not path.is_file():  # another rank may have finished while we waited
-            try:
+    report, locked = None, False
+    try:
+        with ConversionSignals(), _file_lock(path, config.data, say if warn else None):
+            locked = True
+            if not path.is_file():  # another rank may have finished while we waited
                 report = convert(config.data, path, "ffcv", max_resolution=config.ffcv.max_resolution,
                                  jpeg_quality=config.ffcv.jpeg_quality,
                                  workers=_host_workers(config),
                                  starting=lambda: say(f"converting {config.data} to {path} for the FFCV pipeline "
                                                       f"(first use)"))
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted while converting {config.data} to {path} (first use); "
-                                  f"{kept_after_interrupt(path)}") from None
-            say(outcome(report))
-            if report["skipped"]:
-                say(f"warning: {report['skipped']} of {report['written'] + report['skipped']} images in "
-                    f"{config.data} are unreadable and were left out; they are listed in {report_path(path)}")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (`pipelines.convert.StopSignal`)
+        if path.is_file():  # just written, here or by the process waited for
+            raise stopped(stop, f" once {path} was written; nothing is lost: the same command reads it") from None
+        if not locked:
+            raise stopped(stop, f" while waiting for another process converting {config.data} to {path}; that "
+                                f"conversion goes on, and the same command uses {path} once it is written") from None
+        raise stopped(stop, f" while converting {config.data} to {path} (first use); "
+                            f"{kept_after_interrupt(path)}") from None
+    if report is not None:
+        say(outcome(report))
+        if report["skipped"]:
+            say(f"warning: {report['skipped']} of {report['written'] + report['skipped']} images in "
+                f"{config.data} are unreadable and were left out; they are listed in {report_path(path)}")
     return path
 
 

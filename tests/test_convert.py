@@ -978,14 +978,21 @@ def test_dali_shards_go_back_to_their_parts_when_the_assembly_stops(source, outp
     assert calls == [] and all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
 
 
-@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
-def test_ctrl_c_once_dst_is_installed_says_it_is_complete_and_leaves_it_complete(fmt, source, outputs, tmp_path,
-                                                                                 monkeypatch, capsys):
-    """A real SIGINT to this process just after DST is moved into place (while its report is written): the
-    one line says DST is complete, and it is: what an uninterrupted conversion wrote, with its report and no
-    work directory left."""
+@pytest.mark.parametrize("fmt, sig_name, said", [("ffcv", "SIGINT", "interrupted"), ("dali", "SIGINT", "interrupted"),
+                                                 ("ffcv", "SIGTERM", "stopped by SIGTERM"),
+                                                 ("dali", "SIGHUP", "stopped by SIGHUP")])
+def test_ctrl_c_once_dst_is_installed_says_it_is_complete_and_leaves_it_complete(fmt, sig_name, said, source, outputs,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """A real SIGINT (Ctrl-C), SIGTERM or SIGHUP to this process just after DST is moved into place (while its
+    report is written): the one line says DST is complete, and it is: what an uninterrupted conversion wrote,
+    with its report and no work directory left; the exit status is the shell's for the signal."""
     import signal
     import pipelines.convert
+    sig = getattr(signal, sig_name)
+    default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+        pytest.skip("SIGHUP is ignored here (nohup), and so left alone by the conversion")
+    assert signal.getsignal(sig) is default
     root, _ = source
     out, ffcv_report, dali_report = outputs
     reference, expected = (out / "data.beton", ffcv_report) if fmt == "ffcv" else (out / "shards", dali_report)
@@ -995,17 +1002,18 @@ def test_ctrl_c_once_dst_is_installed_says_it_is_complete_and_leaves_it_complete
     def interrupted(path, report):
         assert dst.exists()  # installed already
         write_report(path, report)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # SIGTERM and SIGHUP by default end the process (here: the test run) at once
+        assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN), f"{sig_name} is not handled"
+        os.kill(os.getpid(), sig)
     monkeypatch.setattr(pipelines.convert, "write_report", interrupted)
     size = ["--part-size", "4"] if fmt == "ffcv" else ["--shard-size", "5"]
     assert _cli([str(root), str(dst), "--format", fmt, "--max-resolution", str(MAX_RES), "--workers", "1",
-                 *size]) == 130
+                 *size]) == 128 + sig
     report = pipelines.convert.report_path(dst)
     assert capsys.readouterr().err.splitlines() == [
-        f"error: interrupted once the conversion had finished; nothing is lost: wrote {expected['written']} images "
+        f"error: {said} once the conversion had finished; nothing is lost: wrote {expected['written']} images "
         f"to {dst} ({expected['skipped']} skipped, {expected['converted']} converted; report: {report})"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(sig) is default
     assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name, report.name]
     assert json.loads(report.read_text())["files"] == expected["files"]
     if fmt == "ffcv":
@@ -1307,6 +1315,79 @@ def test_ctrl_c_stops_the_converter_and_its_workers_with_one_line_and_the_rerun_
         f"error: interrupted; no output was written; {parts} finished part(s) are kept in {work_dir(dst)} and the "
         f"same command finishes the rest"]
     assert not dst.exists() and first_shard.exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "tools.convert", *command], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.startswith(f"wrote 120 images to {dst}") and not work_dir(dst).exists()
+
+
+def signalled_once(script: str, args: list[str], ready, sig: int, whole_group: bool = True,
+                   start_s: float = 60) -> subprocess.CompletedProcess:
+    """Run the Python `script` with `args` from the repository root in a process group of its own; once `ready()`
+    holds (within `start_s`), send `sig` to the whole group (as a scheduler stopping the job) or to the command's
+    process alone (`kill -TERM <pid>`). Fails the test if the command does not end within a minute. `left_behind`
+    of the result: whether a process of its group (a worker, or its zombie) outlived it, killed then."""
+    import signal
+    import time
+    command = [sys.executable, "-c", script, *args]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + start_s
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.fail(f"{args} ended (exit {proc.returncode}) before the signal: {proc.communicate()[1][-2000:]}")
+    (os.killpg if whole_group else os.kill)(proc.pid, sig)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{args} hung after {signal.Signals(sig).name}")
+    done = subprocess.CompletedProcess(command, proc.returncode, out, err)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+        done.left_behind = True
+    except ProcessLookupError:  # no process of the group is left: the workers were stopped and reaped
+        done.left_behind = False
+    return done
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig_name, whole_group", [("SIGTERM", True), ("SIGTERM", False), ("SIGHUP", True)])
+def test_sigterm_or_sighup_stops_the_converter_and_its_workers_like_ctrl_c_and_the_rerun_finishes(
+        sig_name, whole_group, tmp_path):
+    """A scheduler's SIGTERM (to the job's process group, or to the command alone) and a closed terminal's SIGHUP
+    end a conversion as Ctrl-C does: one line naming the signal and the kept parts, the shell's exit status for
+    that signal (128 + its number), no worker traceback and no worker left; the same command finishes the rest.
+    Before, the command died of the signal without a word, and its workers, left alone, printed BrokenPipeError
+    tracebacks."""
+    import signal
+    from conftest import write_image_folder
+    sig = getattr(signal, sig_name)
+    src = write_image_folder(tmp_path / "src", classes=2, per_class=60)
+    dst = tmp_path / "c3.beton"
+    command = [str(src), str(dst), "--format", "ffcv", "--workers", "2", "--part-size", "10", "--max-resolution", "64"]
+    slowed = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from pipelines.images import ImagePrep\n"
+              "stored = ImagePrep.stored\n"
+              f"parts = Path({str(work_dir(dst))!r})\n"
+              "def held(self, path):  # once a part is kept the rest wait: the command still runs at the signal\n"
+              "    if any(parts.glob('part-*.json')):\n"
+              "        time.sleep(60)\n"
+              "    return stored(self, path)\n"
+              "ImagePrep.stored = held\n"
+              "from tools.convert import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    first_part = work_dir(dst) / "part-00000.json"
+    stopped = signalled_once(slowed, command, first_part.exists, sig, whole_group)
+    assert stopped.returncode == 128 + sig, stopped.stderr
+    parts = len(list(work_dir(dst).glob("part-*.json")))
+    assert parts >= 1 and stopped.stderr.splitlines() == [
+        f"error: stopped by {sig_name}; no output was written; {parts} finished part(s) are kept in {work_dir(dst)} "
+        f"and the same command finishes the rest"]
+    assert not stopped.left_behind and not dst.exists() and first_part.exists()
 
     rerun = subprocess.run([sys.executable, "-m", "tools.convert", *command], cwd=REPO, capture_output=True,
                            text=True, timeout=120)

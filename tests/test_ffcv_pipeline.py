@@ -826,6 +826,132 @@ def test_a_directory_named_as_the_beton_is_refused_and_kept(dataset, tmp_path, c
         P.ensure_beton(config)
     assert "\n" not in str(err.value)
     assert directory.is_dir() and sorted(p.name for p in directory.iterdir()) == contents
+_TRAIN_HELD = """
+import sys, time
+from pathlib import Path
+import pipelines.convert
+from pipelines.images import ImagePrep
+stored, write_part = ImagePrep.stored, pipelines.convert.write_part
+started = Path(sys.argv[1])
+def held(self, path):  # the workers wait in their first image: the conversion is under way at the signal
+    time.sleep(60)
+    return stored(self, path)
+def writing(*args, **kwargs):  # the converting process waits for the first image of its first part
+    started.touch()
+    return write_part(*args, **kwargs)
+ImagePrep.stored, pipelines.convert.write_part = held, writing
+from bt_fast.train import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_a_run_in_its_first_use_conversion_is_one_line_and_the_rerun_converts(tmp_path):
+    """SLURM or Kubernetes stops the job (SIGTERM to its process group) while `bt_fast.train` converts its
+    ImageFolder on first use: one line saying so and what is kept, exit 143 (the shell's for SIGTERM), no
+    worker traceback and no worker left behind. Before, the run died of the signal without a word."""
+    import signal
+    from conftest import write_image_folder
+    from pipelines.convert import work_dir
+    from test_convert import signalled_once
+    from test_reliability import tiny_args
+    data = write_image_folder(tmp_path / "data", classes=2, per_class=8)
+    beton = Path(f"{data}.beton")
+    started = tmp_path / "started"
+    args = tiny_args(data, tmp_path / "run", "pipeline=ffcv", "max_steps=1", "workers=2")
+    stopped = signalled_once(_TRAIN_HELD, [str(started), *args], started.exists, signal.SIGTERM, start_s=200)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.splitlines() == [
+        f"converting {data} to {beton} for the FFCV pipeline (first use)",
+        f"error: stopped by SIGTERM while converting {data} to {beton} (first use); no part was finished yet"]
+    assert not stopped.left_behind and not beton.exists() and work_dir(beton).is_dir()
+
+    config = make_config(Path(""))
+    config.data, config.ffcv = str(data), dataclasses.replace(config.ffcv, beton="")
+    assert P.ensure_beton(config, log=lambda line: None) == beton  # the same conversion, from its work directory
+    assert beton.is_file() and not work_dir(beton).exists()
+
+
+def _first_use_config(folder: Path, tmp_path: Path) -> tuple[Config, Path, Path]:
+    """(config converting a copy of `folder` on first use, its .beton, the lock a converting process holds)."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    config = make_config(Path(""))
+    config.data, config.ffcv = str(data), dataclasses.replace(config.ffcv, beton="")
+    return config, tmp_path / "data.beton", tmp_path / ".data.beton.lock"
+
+
+@pytest.mark.timeout(120)
+def test_a_run_waiting_for_another_ones_first_use_conversion_says_so_then_goes_on(dataset, tmp_path):
+    """Run B starts while run A converts the same data= (A holds the lock): B says in one line whom it waits
+    for instead of looking hung for the hours of A's conversion, then goes on once the lock is free. Before,
+    it printed nothing. Another rank of a run (`warn=False`) waits without a word."""
+    import fcntl
+    import threading
+    config, beton, lock = _first_use_config(dataset[0], tmp_path)
+    lines: list[str] = []
+    waiting = threading.Event()
+    got: list[Path] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("waiting"):
+            waiting.set()
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # run A, converting
+        run_b = threading.Thread(target=lambda: got.append(P.ensure_beton(config, log)), daemon=True)
+        rank_1 = threading.Thread(target=lambda: got.append(P.ensure_beton(config, lines.append, warn=False)),
+                                  daemon=True)
+        run_b.start()
+        assert waiting.wait(60), lines
+        rank_1.start()
+        assert lines == [f"waiting for another process converting {config.data} to {beton} (it holds {lock}); "
+                         f"this run goes on once that conversion has finished"]
+        assert run_b.is_alive() and not beton.exists()  # it waits for the lock
+        fcntl.flock(held, fcntl.LOCK_UN)
+    run_b.join(90)
+    rank_1.join(90)
+    assert not run_b.is_alive() and not rank_1.is_alive() and got == [beton, beton] and beton.is_file()
+    assert lines[1] == f"converting {config.data} to {beton} for the FFCV pipeline (first use)"
+    assert len(lines) == 3 and lines[2].startswith(f"wrote {IMAGES} images to {beton}")
+
+
+_WAITING_RUN = """
+import sys
+from bt_fast.config import Config
+from bt_fast.errors import cli_errors
+from pipelines.ffcv import ensure_beton
+config = Config()
+config.data, config.workers = sys.argv[1], 1
+with cli_errors():
+    ensure_beton(config)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_to_a_run_waiting_for_another_ones_conversion_says_that_one_goes_on(dataset, tmp_path):
+    """The waiting run B is stopped (SIGTERM): one line, exit 143, saying that A's conversion goes on and the
+    same command then uses its .beton."""
+    import fcntl
+    import signal
+    config, beton, lock = _first_use_config(dataset[0], tmp_path)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # run A, converting
+        run_b = subprocess.Popen([sys.executable, "-c", _WAITING_RUN, config.data], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            said = run_b.stderr.readline()  # blocks until B says it waits
+            run_b.send_signal(signal.SIGTERM)
+            out, err = run_b.communicate(timeout=60)
+        finally:
+            run_b.kill()
+    assert said.rstrip("\n") == (f"waiting for another process converting {config.data} to {beton} (it holds "
+                                 f"{lock}); this run goes on once that conversion has finished"), err
+    assert run_b.returncode == 143 and err.splitlines() == [
+        f"error: stopped by SIGTERM while waiting for another process converting {config.data} to {beton}; that "
+        f"conversion goes on, and the same command uses {beton} once it is written"]
+    assert not beton.exists() and not (tmp_path / ".data.beton.parts").exists()
 
 
 def test_a_beton_of_raw_images_is_refused_for_device_decode_naming_it(tmp_path):

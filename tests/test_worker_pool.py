@@ -122,6 +122,32 @@ def test_terminate_returns_while_a_worker_is_blocked_writing_a_result_nobody_rea
     assert done.stdout.split() == [f"[-{signal.SIGTERM.value},", f"-{signal.SIGTERM.value}]"]
 
 
+def _stop_handlers(_) -> list[str]:
+    return [repr(signal.getsignal(sig)) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+
+
+@pytest.mark.timeout(60)
+def test_workers_leave_ctrl_c_to_the_parent_and_die_of_sigterm_and_sighup_quietly_whatever_the_parents_handlers():
+    """A conversion's SIGTERM / SIGHUP handler (it raises where the parent stops its pool) is inherited at the
+    fork: in a worker it would raise in the worker's own code and print a traceback, and wait for the worker's
+    next Python instruction (not a long decode). The workers take the defaults instead; an ignored SIGHUP
+    (nohup) stays ignored."""
+    def parents(signum, frame):
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, parents) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with WorkerPool(1) as pool:
+            handlers = pool.apply(_stop_handlers, (None,))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with WorkerPool(1) as pool:
+            nohup = pool.apply(_stop_handlers, (None,))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert handlers == [repr(signal.SIG_IGN), repr(signal.SIG_DFL), repr(signal.SIG_DFL)]
+    assert nohup == [repr(signal.SIG_IGN), repr(signal.SIG_DFL), repr(signal.SIG_IGN)]
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
 def test_worker_counts_default_to_the_cores_the_process_may_use():
     """Under SLURM's --cpus-per-task or taskset, the process may run on fewer cores than the machine has."""

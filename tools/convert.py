@@ -3,9 +3,10 @@
     python -m tools.convert SRC DST --format ffcv|dali [--max-resolution N] [--jpeg-quality Q]
                             [--workers N] [--force] [--shard-size N (dali)] [--part-size N (ffcv)]
 
-A conversion that is stopped (Ctrl-C, kill, power loss) keeps its finished parts in `.DST.parts`;
-the same command run again finishes the rest; a Ctrl-C once DST is in place waits for the report and
-says that DST is complete (exit 130 either way). `--shard-size` and `--part-size` belong to one format
+A conversion that is stopped (Ctrl-C, SIGTERM, SIGHUP, kill -9, power loss) keeps its finished parts in
+`.DST.parts`; the same command run again finishes the rest. Ctrl-C, SIGTERM and SIGHUP end it with one
+line saying so, exit 130, 143 and 129 (the shell's status for each); one once DST is in place waits for
+the report and says that DST is complete. `--shard-size` and `--part-size` belong to one format
 each; given with the other, they are refused rather than ignored.
 
 What is validated, skipped, converted and written is described in `pipelines.convert`.
@@ -16,13 +17,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import (CliParser, DataError, Interrupted, cli_errors, exit_on_interrupt,
-                           ignore_interrupts_while_exiting)
+from bt_fast.errors import CliParser, DataError, cli_errors, exit_on_interrupt, ignore_interrupts_while_exiting
 from bt_fast.files import shared_memory_full
 
 with exit_on_interrupt("while starting"):
     from pipelines.convert import (DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt,
-                                   outcome)
+                                   outcome, stopped)
     from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
@@ -85,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; no output was written; {kept_after_interrupt(args.dst)}") from None
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (`StopSignal`)
+            raise stopped(stop, f"; no output was written; {kept_after_interrupt(args.dst)}") from None
     print(outcome(report))
     return 0
 
