@@ -4,7 +4,7 @@ Library code raises a `UserError` subclass whose message names the file or confi
 says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
 `error: <message>` on one line and exits with the error's `exit_code` (2 for bad input, 1 for a
 storage fault or a lost worker process met while running, 130 for a Ctrl-C whose code says what it
-kept); nothing else turns exceptions into text. They parse their arguments with `CliParser`,
+kept, 128 + N for another stop signal N that ends work the same way); nothing else turns exceptions into text. They parse their arguments with `CliParser`,
 whose errors are one line too.
 """
 from __future__ import annotations
@@ -41,7 +41,9 @@ class StorageError(UserError):
 
 
 class Interrupted(UserError):
-    """Ctrl-C, raised where the code that met it knows what is kept of its work; the message says so."""
+    """Ctrl-C, raised where the code that met it knows what is kept of its work; the message says so. A stop
+    signal that ends work the same way sets the instance's `exit_code` to the shell's status for it
+    (`pipelines.convert.stopped`: 143 for SIGTERM, 129 for SIGHUP)."""
 
     exit_code = 130
 
