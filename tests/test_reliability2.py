@@ -479,10 +479,11 @@ def test_torch_compile_on_the_cpu_without_a_cpp_compiler_is_refused_before_the_p
         image_folder, tmp_path, capsys, monkeypatch):
     """Else torch's InductorError traceback at the first step, after a first-use conversion of hours."""
     from torch._inductor import config as inductor_config
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "bt-fast-no-such-compiler"))
     monkeypatch.setattr(bt_fast.trainer, "build_pipeline", lambda *args: pytest.fail("the pipeline was built"))
-    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "run", "compile_optimizer=true",
-                                               "augment.backend=compile"))
+    with inductor_config.patch({"cpp.cxx": (None, "bt-fast-no-such-compiler")}):  # (monkeypatch's undo deletes it)
+        code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path / "run", "compile_optimizer=true",
+                                                   "augment.backend=compile"))
+    assert inductor_config.cpp.cxx[-1] != "bt-fast-no-such-compiler"
     assert code == 2 and err.strip().splitlines() == [
         "error: torch.compile on the CPU needs a C++ compiler and none works here (bt-fast-no-such-compiler; $CXX "
         "names another): install one (apt-get install g++) or set compile_optimizer=false augment.backend=eager"]
