@@ -1287,6 +1287,23 @@ def test_a_writer_that_stops_early_shuts_the_workers_down(source):
         time.sleep(1)  # the converter closes its work directory before it stops the pool
 
 
+def converter_held_after_its_first_part(dst: Path) -> str:
+    """`python -c` code running tools.convert whose images, once a part of `dst` is kept, wait: the command still
+    runs when the signal comes."""
+    return ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from pipelines.images import ImagePrep\n"
+            "stored = ImagePrep.stored\n"
+            f"parts = Path({str(work_dir(dst))!r})\n"
+            "def held(self, path):\n"
+            "    if any(parts.glob('part-*.json')):\n"
+            "        time.sleep(60)\n"
+            "    return stored(self, path)\n"
+            "ImagePrep.stored = held\n"
+            "from tools.convert import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+
+
 @pytest.mark.timeout(180)
 def test_ctrl_c_stops_the_converter_and_its_workers_with_one_line_and_the_rerun_finishes(tmp_path):
     """Ctrl-C reaches the whole process group: exit 130 with one error line, no worker traceback; the
@@ -1295,18 +1312,7 @@ def test_ctrl_c_stops_the_converter_and_its_workers_with_one_line_and_the_rerun_
     src = write_image_folder(tmp_path / "src", classes=2, per_class=60)
     dst = tmp_path / "shards"
     command = [str(src), str(dst), "--format", "dali", "--workers", "2", "--shard-size", "10"]
-    slowed = ("import sys, time\n"
-              "from pathlib import Path\n"
-              "from pipelines.images import ImagePrep\n"
-              "stored = ImagePrep.stored\n"
-              f"parts = Path({str(work_dir(dst))!r})\n"
-              "def held(self, path):  # once a part is kept the rest wait: the command still runs at the signal\n"
-              "    if any(parts.glob('part-*.json')):\n"
-              "        time.sleep(60)\n"
-              "    return stored(self, path)\n"
-              "ImagePrep.stored = held\n"
-              "from tools.convert import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
+    slowed = converter_held_after_its_first_part(dst)
     first_shard = work_dir(dst) / "part-00000.json"
     stopped = ctrl_c_once(slowed, command, first_shard.exists)
     assert stopped.returncode == 130, stopped.stderr
@@ -1368,18 +1374,7 @@ def test_sigterm_or_sighup_stops_the_converter_and_its_workers_like_ctrl_c_and_t
     src = write_image_folder(tmp_path / "src", classes=2, per_class=60)
     dst = tmp_path / "c3.beton"
     command = [str(src), str(dst), "--format", "ffcv", "--workers", "2", "--part-size", "10", "--max-resolution", "64"]
-    slowed = ("import sys, time\n"
-              "from pathlib import Path\n"
-              "from pipelines.images import ImagePrep\n"
-              "stored = ImagePrep.stored\n"
-              f"parts = Path({str(work_dir(dst))!r})\n"
-              "def held(self, path):  # once a part is kept the rest wait: the command still runs at the signal\n"
-              "    if any(parts.glob('part-*.json')):\n"
-              "        time.sleep(60)\n"
-              "    return stored(self, path)\n"
-              "ImagePrep.stored = held\n"
-              "from tools.convert import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
+    slowed = converter_held_after_its_first_part(dst)
     first_part = work_dir(dst) / "part-00000.json"
     stopped = signalled_once(slowed, command, first_part.exists, sig, whole_group)
     assert stopped.returncode == 128 + sig, stopped.stderr
