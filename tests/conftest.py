@@ -123,24 +123,39 @@ def free_ports(count: int) -> list[int]:
 
 
 def ctrl_c_once(script: str, args: list[str], ready: Callable[[], bool]) -> subprocess.CompletedProcess:
-    """Run the Python `script` with `args` from the repository root in a process group of its own, as
-    a terminal runs a command; once `ready()` holds, send SIGINT to the whole group, as Ctrl-C does.
-    Fails the test if the command then does not end within a minute."""
+    """`signalled_once` with SIGINT to the whole group, as Ctrl-C in a terminal sends it."""
+    return signalled_once(script, args, ready, signal.SIGINT)
+
+
+def signalled_once(script: str, args: list[str], ready: Callable[[], bool], sig: int, whole_group: bool = True,
+                   start_s: float = 60) -> subprocess.CompletedProcess:
+    """Run the Python `script` with `args` from the repository root in a process group of its own, as a terminal
+    runs a command; once `ready()` holds (within `start_s`), send `sig` to the whole group (a terminal's Ctrl-C, a
+    scheduler stopping the job) or to the command's process alone (`kill -TERM <pid>`). Fails the test if the
+    command does not end within a minute. `left_behind` of the result: whether a process of its group (a worker,
+    or its zombie) outlived it, killed then."""
     command = [sys.executable, "-c", script, *args]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + start_s
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    if proc.poll() is not None:  # nothing left to interrupt (unreaped, the group still exists until now)
-        pytest.fail(f"{args} ended (exit {proc.returncode}) before Ctrl-C: {proc.communicate()[1][-2000:]}")
-    os.killpg(proc.pid, signal.SIGINT)
+    name = signal.Signals(sig).name
+    if proc.poll() is not None:  # nothing left to signal (unreaped, the group still exists until now)
+        pytest.fail(f"{args} ended (exit {proc.returncode}) before {name}: {proc.communicate()[1][-2000:]}")
+    (os.killpg if whole_group else os.kill)(proc.pid, sig)
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{args} hung after Ctrl-C")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+        pytest.fail(f"{args} hung after {name}")
+    done = subprocess.CompletedProcess(command, proc.returncode, out, err)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+        done.left_behind = True
+    except ProcessLookupError:  # no process of the group is left: the workers were stopped and reaped
+        done.left_behind = False
+    return done
 
 
 def modules_loaded_by(code: str, modules: tuple[str, ...]) -> list[str]:

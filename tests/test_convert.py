@@ -1328,37 +1328,6 @@ def test_ctrl_c_stops_the_converter_and_its_workers_with_one_line_and_the_rerun_
     assert rerun.stdout.startswith(f"wrote 120 images to {dst}") and not work_dir(dst).exists()
 
 
-def signalled_once(script: str, args: list[str], ready, sig: int, whole_group: bool = True,
-                   start_s: float = 60) -> subprocess.CompletedProcess:
-    """Run the Python `script` with `args` from the repository root in a process group of its own; once `ready()`
-    holds (within `start_s`), send `sig` to the whole group (as a scheduler stopping the job) or to the command's
-    process alone (`kill -TERM <pid>`). Fails the test if the command does not end within a minute. `left_behind`
-    of the result: whether a process of its group (a worker, or its zombie) outlived it, killed then."""
-    import signal
-    import time
-    command = [sys.executable, "-c", script, *args]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + start_s
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        pytest.fail(f"{args} ended (exit {proc.returncode}) before the signal: {proc.communicate()[1][-2000:]}")
-    (os.killpg if whole_group else os.kill)(proc.pid, sig)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{args} hung after {signal.Signals(sig).name}")
-    done = subprocess.CompletedProcess(command, proc.returncode, out, err)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-        done.left_behind = True
-    except ProcessLookupError:  # no process of the group is left: the workers were stopped and reaped
-        done.left_behind = False
-    return done
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig_name, whole_group", [("SIGTERM", True), ("SIGTERM", False), ("SIGHUP", True)])
 def test_sigterm_or_sighup_stops_the_converter_and_its_workers_like_ctrl_c_and_the_rerun_finishes(
@@ -1369,7 +1338,7 @@ def test_sigterm_or_sighup_stops_the_converter_and_its_workers_like_ctrl_c_and_t
     Before, the command died of the signal without a word, and its workers, left alone, printed BrokenPipeError
     tracebacks."""
     import signal
-    from conftest import write_image_folder
+    from conftest import signalled_once, write_image_folder
     sig = getattr(signal, sig_name)
     src = write_image_folder(tmp_path / "src", classes=2, per_class=60)
     dst = tmp_path / "c3.beton"

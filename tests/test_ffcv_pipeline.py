@@ -826,6 +826,8 @@ def test_a_directory_named_as_the_beton_is_refused_and_kept(dataset, tmp_path, c
         P.ensure_beton(config)
     assert "\n" not in str(err.value)
     assert directory.is_dir() and sorted(p.name for p in directory.iterdir()) == contents
+
+
 _TRAIN_HELD = """
 import sys, time
 from pathlib import Path
@@ -853,7 +855,7 @@ def test_sigterm_to_a_run_in_its_first_use_conversion_is_one_line_and_the_rerun_
     import signal
     from conftest import write_image_folder
     from pipelines.convert import work_dir
-    from test_convert import signalled_once
+    from conftest import signalled_once
     from test_reliability import tiny_args
     data = write_image_folder(tmp_path / "data", classes=2, per_class=8)
     beton = Path(f"{data}.beton")
