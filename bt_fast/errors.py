@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.files import atomic_write_text, check_output_file, shared_memory_full
+from bt_fast.files import atomic_write_text, check_output_file, shared_memory_full, size_text
 
 
 class UserError(RuntimeError):
@@ -41,11 +41,13 @@ class StorageError(UserError):
 
 
 class Interrupted(UserError):
-    """Ctrl-C, raised where the code that met it knows what is kept of its work; the message says so. A stop
-    signal that ends work the same way sets the instance's `exit_code` to the shell's status for it
-    (`pipelines.convert.stopped`: 143 for SIGTERM, 129 for SIGHUP)."""
+    """Ctrl-C, or another stop signal `signum` that ends work the same way, raised where the code that met it
+    knows what is kept of its work; the message says so. Its exit code is the shell's status for the signal:
+    130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class WorkerLost(UserError):
@@ -71,15 +73,18 @@ def lost_dataloader_worker(err: BaseException) -> str | None:
 def out_of_memory(err: BaseException) -> tuple[str, str] | None:
     """Where `err` says memory ran out, (which memory, how much was asked for): ("GPU", "2.00 GiB") for torch's
     OutOfMemoryError (a device allocator's), ("host", "9.0 MiB") for torch's CPU allocator's RuntimeError
-    ("can't allocate memory: you tried to allocate N bytes") or Python's MemoryError; None for any other error.
-    The amount is "" where the message gives none."""
+    ("can't allocate memory: you tried to allocate N bytes") or Python's MemoryError; None for any other error,
+    our own UserErrors included (they say what ran out themselves). The amount is "" where the message gives
+    none."""
+    if isinstance(err, UserError):
+        return None
     text = flat_message(err)
     if any(kind.__name__ == "OutOfMemoryError" for kind in type(err).__mro__):  # without importing torch here
         asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
         return "GPU", asked.group(1) if asked else ""
     if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in text):
         asked = re.search(r"tried to allocate (\d+) bytes", text)
-        return "host", f"{int(asked.group(1)) / 2**20:.1f} MiB" if asked else ""
+        return "host", size_text(int(asked.group(1))) if asked else ""
     return None
 
 
@@ -224,16 +229,18 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     try:
         try:
             yield
+        except UserError:
+            raise
         except (RuntimeError, OSError, MemoryError) as err:
             full, memory = shared_memory_full(err), out_of_memory(err)
             if full is not None:
                 raise UserError(f"{full}: free some, give the machine more (docker run --shm-size) or use fewer "
-                                f"worker processes (--workers), and rerun") from None
+                                f"worker processes, and rerun") from None
             if memory is None:
                 raise
             where, asked = memory
             raise UserError(f"out of {where} memory{f' (asking for {asked})' if asked else ''}: free memory, or "
-                            f"lower the batch size or the image size, and rerun") from None
+                            f"give the command less to hold at once (smaller batches or images), and rerun") from None
         drop_unread_output()
     except (UserError, *also) as err:
         if not (launched_rank and leave_for_launcher(err)):

@@ -135,7 +135,7 @@ def shared_memory_full(err: BaseException) -> str | None:
     if not (in_a_worker or isinstance(err, OSError) and err.errno == errno.ENOSPC and _raised_by_semlock(err)):
         return None
     size = size_bytes(SHARED_MEMORY)
-    return f"shared memory ({SHARED_MEMORY}{'' if size is None else ', ' + mebibytes(size)}) is full"
+    return f"shared memory ({SHARED_MEMORY}{'' if size is None else ', ' + size_text(size)}) is full"
 
 
 def _raised_by_semlock(err: BaseException) -> bool:
@@ -161,6 +161,14 @@ def size_bytes(directory: str | Path) -> int | None:
         return shutil.disk_usage(directory).total
     except OSError:
         return None
+
+
+def size_text(count: float) -> str:
+    """`count` bytes in the unit that reads best: "384.0 KiB", "4.0 MiB", "1.30 GiB", "4.0 EiB"."""
+    for unit, power, digits in (("KiB", 10, 1), ("MiB", 20, 1), ("GiB", 30, 2), ("TiB", 40, 1), ("PiB", 50, 1)):
+        if count < 2 ** (power + 10):
+            return f"{count / 2**power:.{digits}f} {unit}"
+    return f"{count / 2**60:.1f} EiB"
 
 
 def mebibytes(count: int | None) -> str:

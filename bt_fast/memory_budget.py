@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext
-from bt_fast.files import SHARED_MEMORY, free_bytes, size_bytes
+from bt_fast.files import SHARED_MEMORY, free_bytes, size_bytes, size_text
 from bt_fast.model import build_model
 from pipelines.reference import BATCHES_PER_WORKER
 
@@ -54,14 +55,6 @@ class Footprint:
 
     def describe(self) -> str:
         return ", ".join(f"{name} {size_text(count)}" for name, count in self.parts.items() if count)
-
-
-def size_text(count: float) -> str:
-    if count < 2**20:
-        return f"{count / 2**10:.1f} KiB"
-    if count < 2**30:
-        return f"{count / 2**20:.1f} MiB"
-    return f"{count / 2**30:.2f} GiB" if count < 2**40 else f"{count / 2**40:.1f} TiB"
 
 
 def conv_elements(arch: str, side: int) -> int:
@@ -198,8 +191,14 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
             raise ConfigError(f"config keys 'augment.image_size' ({side}) and 'batch_size' ({config.batch_size}) need "
                               f"at least {size_text(need)} of {where} memory per step"
                               f"{ranks if where == 'host' else ''} ({footprint.describe()}), but it has "
-                              f"{size_text(memory)}; lower augment.image_size or batch_size")
+                              f"{size_text(memory)}; lower {_or_batch_size(config, 'augment.image_size')}")
     _check_shared_memory(config, footprint.shared, ranks_here)
+
+
+def _or_batch_size(config: Config, setting: str) -> str:
+    """`setting`, or it and batch_size where out_dir holds no checkpoint yet: a resume keeps its batch size."""
+    resuming = (Path(config.out_dir) / CHECKPOINT_NAME).is_file()
+    return setting if resuming else f"{setting} or batch_size"
 
 
 def _check_shared_memory(config: Config, need: int, ranks_here: int) -> None:
@@ -210,12 +209,13 @@ def _check_shared_memory(config: Config, need: int, ranks_here: int) -> None:
     total, free = size_bytes(SHARED_MEMORY), free_bytes(SHARED_MEMORY)
     keys = f"config keys 'workers' ({config.workers}) and 'batch_size' ({config.batch_size})"
     ready = f"for the batches the reference pipeline's loader workers keep ready ({BATCHES_PER_WORKER} each)"
+    lower = f"lower {_or_batch_size(config, 'workers')}"
     if total is not None and need * ranks_here > total:
         ranks = f" for {ranks_here} ranks" if ranks_here > 1 else ""
         raise ConfigError(f"{keys} need at least {size_text(need * ranks_here)} of shared memory{ranks} {ready}, but "
-                          f"{SHARED_MEMORY} holds {size_text(total)}; lower workers or batch_size, or give the machine "
-                          f"more shared memory (docker run --shm-size)")
+                          f"{SHARED_MEMORY} holds {size_text(total)}; {lower}, or give the machine more shared memory "
+                          f"(docker run --shm-size)")
     if free is not None and need > free:
         raise ConfigError(f"{keys} need at least {size_text(need)} of shared memory {ready}, but {SHARED_MEMORY} has "
                           f"only {size_text(free)} free of {size_text(total or 0)}; free some (files of stopped "
-                          f"programs, such as torch_* ones left by killed runs), or lower workers or batch_size")
+                          f"programs, such as torch_* ones left by killed runs), or {lower}")

@@ -26,7 +26,7 @@ from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError,
                                 set_rng_state)
 from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext, sync_batchnorm
-from bt_fast.errors import StorageError, WorkerLost, lost_dataloader_worker, out_of_memory
+from bt_fast.errors import StorageError, UserError, WorkerLost, lost_dataloader_worker, out_of_memory
 from bt_fast.files import shared_memory_full
 from bt_fast.knn import KnnMonitor
 from bt_fast.loss import barlow_twins_loss
@@ -307,6 +307,7 @@ class Trainer:
         bar = progress(total=self.total_steps, initial=self.step, enabled=self.ctx.is_main, unit="step")
         self.images_seen, self.train_time = 0, 0.0
         self.clock, self.stops, self._pending = StepClock(self.ctx.device), StopAgreement(self.ctx.world_size), []
+        self._in_epoch = False  # in an epoch's steps (their batches included): what ran out is a step's
         self.health.restart()
         try:
             with StopSignals() as signals, self._resource_faults():
@@ -335,6 +336,8 @@ class Trainer:
         are ConfigErrors naming the settings that need less (a retry would meet the same limit)."""
         try:
             yield
+        except UserError:
+            raise
         except (RuntimeError, OSError, MemoryError) as err:
             full, lost, memory = shared_memory_full(err), lost_dataloader_worker(err), out_of_memory(err)
             if full is None and lost is None and memory is None:
@@ -342,21 +345,28 @@ class Trainer:
             with contextlib.suppress(Exception):  # a checkpoint being written counts once it is on disk
                 self.checkpoint.wait()
             last_good, workers = self.checkpoint.last_good, f"workers (now {self.config.workers})"
-            if full is not None:
-                fix = f"lower {workers} or batch_size, or give the machine more shared memory (docker run --shm-size)"
-                raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; {last_good(fix)}") \
-                    from None
             if lost is not None:
                 raise WorkerLost(f"{lost}; {last_good(f'lower {workers} or free memory')}") from None
+            if full is not None:
+                fix = (f"lower {_either(self._smaller([workers], batch=True))}, or give the machine more shared "
+                       f"memory (docker run --shm-size)")
+                raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; {last_good(fix)}") \
+                    from None
             where, asked = memory
-            smaller = [f"augment.image_size (now {self.config.augment.image_size})"]
-            if self.checkpoint.saved_step is None:  # a resume keeps its batch size
-                smaller.insert(0, f"batch_size (now {self.config.batch_size})")
-            if where == "host":
-                smaller.append(workers)
             asking = f" (asking for {asked})" if asked else ""
+            if not self._in_epoch:  # the k-NN monitor, the end's checkpoint: no setting of the step's helps
+                raise ConfigError(f"out of {where} memory after step {self.step}{asking}; {last_good('free memory')}") \
+                    from None
+            smaller = self._smaller([f"augment.image_size (now {self.config.augment.image_size})"]
+                                    + ([workers] if where == "host" else []), batch=True)
             raise ConfigError(f"out of {where} memory at step {self.step + 1}{asking}; "
                               f"{last_good(f'free memory or lower {_either(smaller)}')}") from None
+
+    def _smaller(self, settings: list[str], batch: bool) -> list[str]:
+        """`settings`, after `batch_size` where `batch` and no checkpoint holds the run yet (a resume keeps it)."""
+        if batch and self.checkpoint.saved_step is None:
+            return [f"batch_size (now {self.config.batch_size})", *settings]
+        return settings
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -379,6 +389,12 @@ class Trainer:
 
     def _epoch(self, epoch: int, batches, signals: StopSignals, log: RunLog | None, progress) -> bool:
         """Train on `batches` (the rest of `epoch`); False if a stop request ended the run."""
+        self._in_epoch = True  # left set by an error, for `_resource_faults` to read
+        finished = self._steps(epoch, batches, signals, log, progress)
+        self._in_epoch = False
+        return finished
+
+    def _steps(self, epoch: int, batches, signals: StopSignals, log: RunLog | None, progress) -> bool:
         self.clock.start()
         for self._views in batches:
             self.clock.data_ready()

@@ -223,9 +223,7 @@ def stopped(cause: BaseException | int, rest: str) -> Interrupted:
     the shell's status for that signal (130, 143, 129)."""
     signum = cause if isinstance(cause, int) else getattr(cause, "signum", signal.SIGINT)
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    error = Interrupted(how + rest)
-    error.exit_code = 128 + signum
-    return error
+    return Interrupted(how + rest, signum)
 
 
 def kept_after_interrupt(dst: str | Path) -> str:

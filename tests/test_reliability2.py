@@ -365,6 +365,10 @@ def test_reference_batches_that_cannot_fit_in_dev_shm_are_refused_before_anythin
         "batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm holds 767.0 KiB; lower "
         "workers or batch_size, or give the machine more shared memory (docker run --shm-size)"]
     assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")  # a run to resume, whose batch size cannot change
+    with pytest.raises(ConfigError, match=r"holds 767\.0 KiB; lower workers, or give the machine more shared memory"):
+        check_memory(config, CPU, None)
 
 
 def _can_mount_a_private_tmpfs() -> bool:
@@ -404,8 +408,8 @@ def test_a_full_dev_shm_is_refused_at_start_and_one_filled_while_training_is_one
     proc = in_a_small_dev_shm([sys.executable, "-c", filled_after_the_check, *args], free_kib=64, timeout=80)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: the DataLoader cannot pass batches from its workers: shared memory (/dev/shm, 4.0 MiB) is full; no "
-        f"checkpoint was written yet in {out_dir}: lower workers (now 1) or batch_size, or give the machine more "
-        f"shared memory (docker run --shm-size) and rerun"], proc.stderr[-3000:]
+        f"checkpoint was written yet in {out_dir}: lower batch_size (now 8) or workers (now 1), or give the machine "
+        f"more shared memory (docker run --shm-size) and rerun"], proc.stderr[-3000:]
 
 
 _MAKE_A_LOCK = """
@@ -429,7 +433,7 @@ def test_a_lock_that_a_full_dev_shm_keeps_from_being_made_is_full_shared_memory_
     proc = in_a_small_dev_shm(convert, free_kib=0, timeout=110)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: shared memory (/dev/shm, 4.0 MiB) is full: free some, give the machine more (docker run --shm-size) "
-        "or use fewer worker processes (--workers), and rerun"], proc.stderr[-3000:]
+        "or use fewer worker processes, and rerun"], proc.stderr[-3000:]
 
 
 def step_that_runs_out_of_memory(at_step: int, allocate):
@@ -453,7 +457,7 @@ def test_memory_that_runs_out_in_a_step_is_one_line_naming_what_needs_less_and_t
                                                                                                  dtype=torch.uint8)))
     code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "checkpoint_every=2"))
     assert code == 2 and err.strip().splitlines() == [
-        f"error: out of host memory at step 3 (asking for {2**62 / 2**20:.1f} MiB); the last good checkpoint is step 2 "
+        f"error: out of host memory at step 3 (asking for 4.0 EiB); the last good checkpoint is step 2 "
         f"of 3 in {out_dir / 'checkpoint.pth'}: free memory or lower augment.image_size (now 32) or workers (now 0) "
         f"and rerun the same command to resume from it"]
 
@@ -467,12 +471,32 @@ def test_memory_that_runs_out_in_a_step_is_one_line_naming_what_needs_less_and_t
         f"{tmp_path / 'new'}: free memory or lower batch_size (now 8) or augment.image_size (now 32) and rerun"]
 
 
+def test_memory_that_runs_out_between_steps_is_not_blamed_on_a_step(image_folder, tmp_path, capsys, monkeypatch):
+    """The k-NN monitor after the epoch's last step: no step ran out, so no step's setting is the fix."""
+    out_dir = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "monitor_knn", lambda *args, **kwargs: torch.empty(2**62, dtype=torch.uint8))
+    code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "knn_every=1", f"knn_val={image_folder}"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: out of host memory after step 3 (asking for 4.0 EiB); the last good checkpoint is step 3 of 3 in "
+        f"{out_dir / 'checkpoint.pth'}: free memory and rerun the same command to resume from it"]
+
+
+def test_our_own_error_that_mentions_memory_is_printed_as_it_is(capsys):
+    """A checkpoint too large for this host names its file (bt_fast.checkpoint.load_checkpoint); torch's words
+    inside it are not another out-of-memory error to reword."""
+    line = ("checkpoint /runs/x/checkpoint.pth does not fit in memory here (DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 9437184 bytes); free memory and rerun")
+    with pytest.raises(SystemExit) as exit_info, cli_errors():
+        raise CheckpointError(line)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {line}"]
+
+
 def test_memory_that_runs_out_in_any_command_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info, cli_errors():
         torch.empty(2**62, dtype=torch.uint8)
     assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [
-        f"error: out of host memory (asking for {2**62 / 2**20:.1f} MiB): free memory, or lower the batch size or the "
-        f"image size, and rerun"]
+        "error: out of host memory (asking for 4.0 EiB): free memory, or give the command less to hold at once "
+        "(smaller batches or images), and rerun"]
 
 
 def test_torch_compile_on_the_cpu_without_a_cpp_compiler_is_refused_before_the_pipeline_is_built(
