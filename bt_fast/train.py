@@ -30,7 +30,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.run_lock import RunLock
     from bt_fast.run_log import METRICS_NAME, metrics_missing, plotted_metrics, summarise, write_summary
     from bt_fast.train_args import parse_train_args
-    from bt_fast.trainer import Trainer, amp_dtype
+    from bt_fast.trainer import Trainer, amp_dtype, check_compiler
 
 
 def train(config: Config) -> dict:
@@ -51,6 +51,7 @@ def train(config: Config) -> dict:
             lock.acquire()
         check_previous_run(config)
         check_memory(config, ctx, amp_dtype(config, ctx.device))
+        check_compiler(config, ctx.device)
         if ctx.is_main and config.warmup_epochs >= config.epochs:
             print(f"warning: warmup_epochs ({config.warmup_epochs}) >= epochs ({config.epochs}): the learning "
                   f"rate never reaches its peak; lower warmup_epochs", file=sys.stderr)

@@ -79,7 +79,6 @@ def check_compiler(config: Config, device: torch.device) -> None:
 class Trainer:
     def __init__(self, config: Config, ctx: DistContext):
         check_batch_split(config.batch_size, ctx.world_size)
-        check_compiler(config, ctx.device)
         self.config, self.ctx = config, ctx
         self.out_dir = Path(config.out_dir)
         self.local_batch = config.batch_size // ctx.world_size

@@ -91,6 +91,8 @@ def spawn_pinned(fn, args=(), nprocs=1, **kwargs):
     A rank ends with `os._exit`, as every multiprocessing child does, so no `atexit` handler of its runs: the
     ranks' temporary files (DALI's autograph writes one per graph function and removes it at exit) go into a
     directory of their own, removed once they have ended."""
+    if not kwargs.get("join", True):
+        raise ValueError("spawn_pinned joins its ranks: their temporary directory goes once they have ended")
     multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # (no effect once the server runs)
     with tempfile.TemporaryDirectory(prefix="bt_fast_ranks_") as scratch:
         environ = {**os.environ, "TMPDIR": scratch}
