@@ -292,6 +292,15 @@ def say(text: str) -> None:
         to_devnull(sys.stdout.fileno())
 
 
+def leave_a_lost_terminal(fds: list[int]) -> None:
+    """Point each of `fds` (terminals when the command started) that is no terminal any more at /dev/null. A
+    terminal that hung up (its window or ssh session closed) answers every write with EIO, and no longer counts
+    as one; a SIGHUP sent by hand leaves the terminal as it is."""
+    lost = [fd for fd in fds if not os.isatty(fd)]
+    if lost:
+        to_devnull(*lost)
+
+
 def to_devnull(*fds: int) -> None:
     """Point each of the file descriptors `fds`, whose output nobody reads any more, at /dev/null."""
     devnull = os.open(os.devnull, os.O_WRONLY)

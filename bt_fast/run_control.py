@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bt_fast.errors import to_devnull
+from bt_fast.errors import leave_a_lost_terminal
 
 # Stop requests, agreed across ranks by MAX: SIGUSR1 (requeue) wins over SIGTERM over SIGHUP (the terminal
 # closed) over SIGINT.
@@ -71,15 +71,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def leave_a_lost_terminal(fds: list[int]) -> None:
-    """Point each of `fds` (terminals when the run started) that is no terminal any more at /dev/null. A terminal
-    that hung up (its window or ssh session closed) answers every write with EIO, and no longer counts as one."""
-    lost = [fd for fd in fds if not os.isatty(fd)]
-    if not lost:
-        return  # a SIGHUP sent by hand: the terminal is still there
-    to_devnull(*lost)
 
 
 def leave_stops_to_the_rank(worker_id: int) -> None:

@@ -16,10 +16,11 @@ from bt_fast.errors import WorkerLost
 def ignore_interrupts() -> None:
     """Initializer of a worker process: Ctrl-C reaches the whole process group, and only the parent
     acts on it (it stops the pool); a worker would print a KeyboardInterrupt traceback of its own.
-    SIGTERM and SIGHUP end a worker at once and quietly, as by default, whatever it is doing: a handler
-    inherited from the parent (a conversion's, `pipelines.convert.ConversionSignals`) is not the worker's."""
+    SIGTERM, SIGHUP and SIGUSR1 end a worker at once and quietly, as by default, whatever it is doing: a
+    handler inherited from the parent (a conversion's, `pipelines.convert.ConversionSignals`) is not the
+    worker's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         if callable(signal.getsignal(sig)):  # not SIG_IGN: a SIGHUP that nohup made ignored stays ignored
             signal.signal(sig, signal.SIG_DFL)
 

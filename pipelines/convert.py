@@ -31,11 +31,12 @@ lines and lines starting with '#' are ignored).
    directory. ffcv: the parts' pages are written in place, one part after another, into the
    `.beton` in the work directory (`output.beton`, its data region placed for every listed
    sample), and its tables go around them at the end: the data is written once and the disk
-   never holds it twice. A Ctrl-C, SIGTERM or SIGHUP from the move into place on is held until the report
+   never holds it twice. A Ctrl-C or a stop signal from the move into place on is held until the report
    is written, the work directory removed and the workers stopped, and is then an `Interrupted` error
    saying that DST is complete: it can neither leave a complete DST without its report nor pass for an
-   interrupt that wrote nothing. Before that, SIGTERM and SIGHUP (a scheduler's stop, a closed terminal)
-   stop the conversion as Ctrl-C does (`ConversionSignals`), and `stopped` words what is kept.
+   interrupt that wrote nothing. Before that, SIGTERM, SIGHUP and SIGUSR1 (a scheduler's stop, a closed
+   terminal, SLURM's warning) stop the conversion as Ctrl-C does (`ConversionSignals`), and `stopped` words
+   what is kept.
 5. A JSON report goes to `report_path(DST)` = `DST + '.report.json'` (UTF-8, paths as text):
    counts, one `{path, status, reason}` entry per skipped or converted file, and the source's
    `source_state` (how `pipelines.ffcv` tells, without a rescan, that the source changed since) and
@@ -62,7 +63,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost, to_devnull
+from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost, leave_a_lost_terminal
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
 from bt_fast.host import usable_cores
@@ -392,19 +393,23 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
 class ConversionSignals:
     """The signals that stop a conversion, in the main thread (Python runs handlers there only).
 
-    SIGTERM and SIGHUP (a scheduler's stop, a terminal that closed) raise StopSignal where a Ctrl-C raises
-    KeyboardInterrupt: the same code stops the workers, keeps the finished parts and says so; a repeat
-    while that stop is under way is ignored, so that it completes. From `hold()` (DST about to be installed)
-    to the end of the block, Ctrl-C, SIGTERM and SIGHUP are noted (`noted`: the first one's number)
-    instead: what is left of the conversion then is short and must not be cut off, and a KeyboardInterrupt
-    would tell the caller that nothing was written.
+    SIGTERM, SIGHUP and SIGUSR1 (a scheduler's stop, a terminal that closed, SLURM's warning before the time
+    limit: a conversion is not requeued) raise StopSignal where a Ctrl-C raises KeyboardInterrupt: the same
+    code stops the workers, keeps the finished parts and says so. A repeat while that stop is under way is
+    ignored, so that it completes and its line is written (a rank gets a group's SIGTERM from the scheduler
+    and again from torchrun): in nested blocks too, and after the outermost block, which leaves them
+    ignored. From `hold()` (DST about to be installed) to the end of the block, Ctrl-C and these signals are
+    noted (`noted`: the first one's number) instead: what is left of the conversion then is short and must
+    not be cut off, and a KeyboardInterrupt would tell the caller that nothing was written.
 
     Only a signal left to its default is taken (Python's KeyboardInterrupt for SIGINT, SIG_DFL for the
     others), or one an enclosing `ConversionSignals` block has taken (for this block's time): any other
     handler, and a SIGHUP that `nohup` made ignored, is left alone. A process forked meanwhile (a worker)
-    dies of SIGTERM or SIGHUP quietly, as by default, instead of raising in its own code. A SIGHUP from a
+    dies of these signals quietly, as by default, instead of raising in its own code. A SIGHUP from a
     terminal that closed also points stdout and stderr, if they were that terminal, at /dev/null: the line
     that says what is kept would fail with EIO there."""
+
+    STOPS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.noted = 0
@@ -413,18 +418,22 @@ class ConversionSignals:
         self._stopping = 0
         self._pid = os.getpid()
         self._terminals: list[int] = []
+        self._outer: ConversionSignals | None = None
 
     def __enter__(self) -> ConversionSignals:
         if threading.current_thread() is threading.main_thread():
             self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in self.STOPS:
                 self._take(sig, signal.SIG_DFL)
         return self
 
     def _take(self, sig: int, default) -> None:
         handler = signal.getsignal(sig)
-        if handler is default or isinstance(getattr(handler, "__self__", None), ConversionSignals):
+        outer = getattr(handler, "__self__", None)
+        if handler is default or isinstance(outer, ConversionSignals):
             self._previous[sig] = signal.signal(sig, self._signalled)
+        if isinstance(outer, ConversionSignals):
+            self._outer, self._stopping = outer, self._stopping or outer._stopping
 
     def hold(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -437,9 +446,7 @@ class ConversionSignals:
             os.kill(os.getpid(), signum)
             return
         if signum == signal.SIGHUP:
-            for fd in self._terminals:
-                if not os.isatty(fd):  # a terminal that hung up is none any more
-                    to_devnull(fd)
+            leave_a_lost_terminal(self._terminals)
         if self._held:
             self.noted = self.noted or signum
         elif not self._stopping:
@@ -448,9 +455,12 @@ class ConversionSignals:
 
     def __exit__(self, kind, error, traceback) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            stop_under_way = self._stopping and self._outer is None and sig in self.STOPS
+            signal.signal(sig, signal.SIG_IGN if stop_under_way else handler)
         self._previous.clear()
         self._held = False
+        if self._outer is not None:
+            self._outer._stopping = self._outer._stopping or self._stopping
         if self._stopping and isinstance(error, KeyboardInterrupt) and not isinstance(error, StopSignal):
             # the StopSignal was lost where Python cannot raise (a finalizer) and came back as a Ctrl-C
             # (`bt_fast.errors._interrupt_again`): it is still the stop signal's

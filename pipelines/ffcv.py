@@ -289,8 +289,8 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
     """The .beton to read, converting `config.data` with `pipelines.convert` if it does not exist yet; a
     directory there is a DataError (the converter would replace an empty one, or refuse another in its own
     terms). With `warn` (one rank of a run), an existing .beton whose folder changed since is a warning, and
-    a wait for another process's conversion of it is said. Ctrl-C, SIGTERM or SIGHUP meanwhile (the
-    conversion's, or the wait's) is an `Interrupted` error saying what is kept, exit 130, 143 or 129."""
+    a wait for another process's conversion of it is said. Ctrl-C or a stop signal meanwhile (the
+    conversion's, or the wait's) is an `Interrupted` error saying what is kept, exit 128 + the signal."""
     path = beton_path(config)
     if path.is_file():
         if warn:
@@ -315,7 +315,7 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
                                  workers=_host_workers(config),
                                  starting=lambda: say(f"converting {config.data} to {path} for the FFCV pipeline "
                                                       f"(first use)"))
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (`pipelines.convert.StopSignal`)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal (`pipelines.convert.StopSignal`)
         if path.is_file():  # just written, here or by the process waited for
             raise stopped(stop, f" once {path} was written; nothing is lost: the same command reads it") from None
         if not locked:

@@ -1357,3 +1357,34 @@ def test_sigterm_or_sighup_stops_the_converter_and_its_workers_like_ctrl_c_and_t
                            text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout.startswith(f"wrote 120 images to {dst}") and not work_dir(dst).exists()
+
+
+def test_a_repeated_stop_signal_is_ignored_in_nested_conversion_blocks_and_after_them_and_sigusr1_stops_too():
+    """A rank gets a scheduler's SIGTERM to its process group and torchrun's forwarded copy: the second one, in
+    the cleanup after an inner block (`convert`'s inside `ensure_beton`'s) or after the outermost block while
+    the error line is being written, must not cut that short. SIGUSR1 (SLURM's warning) stops as SIGTERM does."""
+    import signal
+    from pipelines.convert import ConversionSignals, StopSignal
+    before = {sig: signal.getsignal(sig) for sig in ConversionSignals.STOPS}
+    try:
+        for sig in ConversionSignals.STOPS:
+            signal.signal(sig, signal.SIG_DFL)
+        raised = []
+        try:
+            with ConversionSignals():
+                try:
+                    with ConversionSignals():
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                        signal.sigtimedwait([], 0.2)  # (not reached: the handler raises as the signal arrives)
+                except StopSignal as stop:
+                    raised.append(stop.signum)
+                    os.kill(os.getpid(), signal.SIGTERM)  # the repeat, in the outer block's cleanup: ignored
+                    raised.append("cleanup done")
+        except StopSignal as stop:
+            raised.append(("outer", stop.signum))
+        assert raised == [signal.SIGUSR1, "cleanup done"]
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in ConversionSignals.STOPS)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the outermost block: still ignored (this process lives on)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
