@@ -254,18 +254,26 @@ def _host_workers(config: Config) -> int:
     return min(config.workers, usable_cores()) if config.workers > 0 else usable_cores()
 
 
+def _run_identity() -> str:
+    """What the ranks of one distributed run share and no other run does (torchrun's run id and the rank 0
+    address it rendezvoused at); "" for a single process."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"{run}@{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}" if run else ""
+
+
 @contextmanager
 def _file_lock(path: Path, data: str, waiting: Callable[[str], None] | None = None):
     """Exclusive lock beside `path`, so ranks sharing a filesystem convert once; removed afterwards. Where
-    another process holds it, `waiting` (if given) is told so in one line before this one waits: the
-    conversion it waits for may take hours, and the run would seem to hang without a word.
+    another run holds it, `waiting` (if given) is told so in one line before this one waits: the conversion
+    it waits for may take hours, and the run would seem to hang without a word. The holder writes its
+    `_run_identity` into the lock file, so that a rank waiting for its own run's converting rank says nothing.
 
     A rank that still waits on the removed lock file finds the .beton written when it gets the lock.
     """
     lock_path = path.with_name(f".{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # as tools.convert makes its output's folder
-        handle = open(lock_path, "w")
+        handle = open(lock_path, "a+")  # not "w": the holder's identity stays readable
     except OSError as err:
         raise DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert it "
                         f"elsewhere with `python -m tools.convert {data} DST.beton --format ffcv` and pass "
@@ -274,10 +282,15 @@ def _file_lock(path: Path, data: str, waiting: Callable[[str], None] | None = No
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if waiting is not None:
+            handle.seek(0)
+            holder = handle.read()
+            if waiting is not None and not (holder and holder == _run_identity()):
                 waiting(f"waiting for another process converting {data} to {path} (it holds {lock_path}); this "
                         f"run goes on once that conversion has finished")
             fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.truncate(0)
+        handle.write(_run_identity())
+        handle.flush()
         try:
             yield
         finally:

@@ -919,6 +919,29 @@ def test_a_run_waiting_for_another_ones_first_use_conversion_says_so_then_goes_o
     assert len(lines) == 3 and lines[2].startswith(f"wrote {IMAGES} images to {beton}")
 
 
+@pytest.mark.timeout(120)
+def test_rank_0_waiting_for_its_own_runs_converting_rank_says_nothing(dataset, tmp_path, monkeypatch):
+    """The ranks of one run race for the lock; rank 0 losing to rank 1 waits for its own run, not another."""
+    import fcntl
+    import threading
+    config, beton, lock = _first_use_config(dataset[0], tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-7")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    lines: list[str] = []
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # rank 1 of the same run, converting
+        held.write("run-7@10.0.0.1:29500")
+        held.flush()
+        rank_0 = threading.Thread(target=lambda: P.ensure_beton(config, lines.append), daemon=True)
+        rank_0.start()
+        rank_0.join(1.0)  # it waits for the lock: nothing to wait on but time
+        assert rank_0.is_alive() and lines == []
+        fcntl.flock(held, fcntl.LOCK_UN)
+    rank_0.join(90)
+    assert not rank_0.is_alive() and lines[0] == f"converting {config.data} to {beton} for the FFCV pipeline (first use)"
+
+
 _WAITING_RUN = """
 import sys
 from bt_fast.config import Config
