@@ -939,7 +939,8 @@ def test_rank_0_waiting_for_its_own_runs_converting_rank_says_nothing(dataset, t
         assert rank_0.is_alive() and lines == []
         fcntl.flock(held, fcntl.LOCK_UN)
     rank_0.join(90)
-    assert not rank_0.is_alive() and lines[0] == f"converting {config.data} to {beton} for the FFCV pipeline (first use)"
+    assert not rank_0.is_alive()
+    assert lines[0] == f"converting {config.data} to {beton} for the FFCV pipeline (first use)"
 
 
 _WAITING_RUN = """
