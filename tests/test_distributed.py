@@ -513,3 +513,22 @@ def test_temporary_names_differ_between_writers(tmp_path, monkeypatch):
     atomic_save({"a": 1}, tmp_path / CHECKPOINT_NAME)
     atomic_save({"a": 2}, tmp_path / CHECKPOINT_NAME)
     assert len(set(written)) == 2 and all(socket.gethostname() in name for name in written)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_before_the_launchs_first_checkpoint_is_the_signals_exit_status_and_one_line(sig, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A scheduler's stop while the ranks had not yet written a checkpoint (a first-use conversion, say, whose
+    rank exits 128 + the signal): the launcher too, a failure to the scheduler, not 0 as after a checkpoint."""
+    import argparse
+    import tools.launch as launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def stopped(options):
+        raise SignalException(f"Process {os.getpid()} got signal: {sig}", sigval=sig)
+    monkeypatch.setattr(launch.torchrun, "run", stopped)
+    options = argparse.Namespace(nnodes="1")
+    code = launch._run(options, tmp_path / CHECKPOINT_NAME, time.time(), tmp_path)
+    assert code == 128 + sig and capsys.readouterr().err.splitlines() == [
+        f"error: stopped by {signal.Signals(sig).name} before this launch wrote a checkpoint; training resumes from "
+        f"the start"]

@@ -195,9 +195,11 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
                 return code  # rank 0 ran here and has said where it stopped
             print(f"stopped by {name}\ncheckpoint: {checkpoint} (run the same command again to resume)")
             return code
-        print_error(f"stopped by {name} before this launch wrote a checkpoint; the command resumes from "
+        # No checkpoint of this launch's: a failure to a scheduler, whatever the signal; the shell's status for it,
+        # as a rank stopped in its first-use conversion gives (the ranks' lines say what that kept).
+        print_error(f"stopped by {name} before this launch wrote a checkpoint; training resumes from "
                     f"{checkpoint if checkpoint.is_file() else 'the start'}")
-        return code or 1
+        return 128 + stop.sigval
     except RendezvousConnectionError as err:  # node 0 unreachable, or its store could not open its port
         cause = one_line(err.__cause__) if err.__cause__ is not None else one_line(err)
         print_error(f"cannot reach the rendezvous at {options.rdzv_endpoint} ({cause}); node 0's launcher holds it: "
