@@ -532,3 +532,23 @@ def test_a_stop_before_the_launchs_first_checkpoint_is_the_signals_exit_status_a
     assert code == 128 + sig and capsys.readouterr().err.splitlines() == [
         f"error: stopped by {signal.Signals(sig).name} before this launch wrote a checkpoint; training resumes from "
         f"the start"]
+
+
+def test_nodes_that_never_all_gather_and_a_ctrl_c_while_they_gather_are_one_line_each(tmp_path, monkeypatch, capsys):
+    """torchrun's rendezvous gives up (its join timeout: node 1 was never started), or Ctrl-C arrives before
+    torchrun handles the signals: one line each, not torch's traceback."""
+    import argparse
+    import tools.launch as launch
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    options = argparse.Namespace(nnodes="2", rdzv_endpoint="127.0.0.1:29500")
+    for raised, code, line in [
+            (RendezvousTimeoutError(), 1, "error: not all 2 nodes joined the rendezvous at 127.0.0.1:29500 in time; "
+                                          "start each of the others with its NODE_RANK and the same MASTER_ADDR and "
+                                          "MASTER_PORT (make pretrain NODES= prints their commands)"),
+            (KeyboardInterrupt(), 130, "error: interrupted while the nodes gathered; nothing was trained by this "
+                                       "launch")]:
+        def gather(options, raised=raised):
+            raise raised
+        monkeypatch.setattr(launch.torchrun, "run", gather)
+        assert launch._run(options, tmp_path / CHECKPOINT_NAME, time.time(), tmp_path) == code
+        assert capsys.readouterr().err.splitlines() == [line]

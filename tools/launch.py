@@ -55,7 +55,7 @@ with exit_on_interrupt(STARTING):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousParameters, registry as rendezvous_registry
     from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
-                                                          RendezvousError)
+                                                          RendezvousError, RendezvousTimeoutError)
 
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
@@ -209,6 +209,15 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
     except RendezvousClosedError:
         print_error("another node stopped the run (its launcher says why), so this node stops too")
         return 2
+    except RendezvousTimeoutError:
+        nodes = torchrun.parse_min_max_nnodes(options.nnodes)[0]
+        print_error(f"not all {nodes} nodes joined the rendezvous at {options.rdzv_endpoint} in time; start each of "
+                    f"the others with its NODE_RANK and the same MASTER_ADDR and MASTER_PORT (make pretrain NODES= "
+                    f"prints their commands)")
+        return 1
+    except KeyboardInterrupt:  # before torchrun handles the signals: while the nodes gather
+        print_error("interrupted while the nodes gathered; nothing was trained by this launch")
+        return 130
     except ChildFailedError as failed:
         if reported_input_errors(rank_errors):
             return 2
