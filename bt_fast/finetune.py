@@ -40,6 +40,7 @@ from bt_fast.files import remove_stale_temporaries
 from bt_fast.knn import LabelledImageFolder, eval_loader, extract_features_multi, train_transform
 from bt_fast.linear_probe import linear_topk, new_linear
 from bt_fast.progress import progress
+from bt_fast.run_lock import RunLock
 from bt_fast.schedule import epoch_cosine
 from bt_fast.weights import weights_digest
 from pipelines.epochs import sample_rng
@@ -237,8 +238,18 @@ def finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str | 
     `backbones` output (N, feature_dim) features (fc replaced by Identity) and are trained in place. With
     `settings.out_dir`, a checkpoint there is resumed and one is written after every epoch, before
     `on_epoch(epoch, mean loss per model)` is called. Returns the accuracies, one pair per backbone,
-    and facts about the run: train_images, val_images, classes, epoch_losses, resumed_epochs, seconds.
+    and facts about the run: train_images, val_images, classes, epoch_losses, resumed_epochs, seconds. One
+    run at a time uses an out_dir (`bt_fast.run_lock`): two would resume from and write the same checkpoint.
     """
+    if settings.out_dir is None:
+        return _finetune(backbones, feature_dim, train_dir, val_dir, settings, on_epoch)
+    with RunLock(settings.out_dir):
+        return _finetune(backbones, feature_dim, train_dir, val_dir, settings, on_epoch)
+
+
+def _finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str | Path, val_dir: str | Path,
+              settings: FinetuneSettings, on_epoch: Callable[[int, list[float]], None] | None
+              ) -> tuple[list[tuple[float, float]], dict[str, Any]]:
     start = time.perf_counter()
     device = settings.device
     train_dir = Path(train_dir)

@@ -5,6 +5,7 @@ check on the demo photographs is in tests/test_learning.py."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -275,3 +276,15 @@ def test_an_out_dir_that_cannot_take_the_checkpoint_is_refused_before_any_work(w
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [
         f"error: --out-dir {out_dir}: cannot write finetune.pth there ({reason}); name a writable directory "
         f"(see --help)"]
+
+
+def test_a_second_fine_tuning_on_the_same_out_dir_is_refused_while_the_first_runs(split_folder, tmp_path):
+    """Both would resume from and write the same finetune.pth: the second, started while the first holds the
+    out_dir (bt_fast.run_lock), stops at once, naming the holder."""
+    from bt_fast.run_lock import RunLock, RunLockError
+    out_dir = tmp_path / "ft"
+    with RunLock(out_dir):  # the first run
+        with pytest.raises(RunLockError, match=rf"out_dir {out_dir} is in use by process {os.getpid()} on "):
+            ft.finetune([random_backbone("resnet18", 0)], 512, split_folder / "train", split_folder / "val",
+                        settings(out_dir=out_dir))
+    assert not out_dir.exists()  # the first run's lock made it and took it away; the second wrote nothing there
