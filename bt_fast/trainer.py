@@ -347,7 +347,7 @@ class Trainer:
             if lost is not None:
                 raise WorkerLost(f"{lost}; {last_good(f'lower {workers} or free memory')}") from None
             if full is not None:
-                fix = (f"lower {_either(self._smaller([workers], batch=True))}, or give the machine more shared "
+                fix = (f"lower {_either(self._with_batch_size([workers]))}, or give the machine more shared "
                        f"memory (docker run --shm-size)")
                 raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; {last_good(fix)}") \
                     from None
@@ -356,14 +356,14 @@ class Trainer:
             if not self._in_epoch:  # the k-NN monitor, the end's checkpoint: no setting of the step's helps
                 raise ConfigError(f"out of {where} memory after step {self.step}{asking}; {last_good('free memory')}") \
                     from None
-            smaller = self._smaller([f"augment.image_size (now {self.config.augment.image_size})"]
-                                    + ([workers] if where == "host" else []), batch=True)
+            smaller = self._with_batch_size([f"augment.image_size (now {self.config.augment.image_size})"]
+                                            + ([workers] if where == "host" else []))
             raise ConfigError(f"out of {where} memory at step {self.step + 1}{asking}; "
                               f"{last_good(f'free memory or lower {_either(smaller)}')}") from None
 
-    def _smaller(self, settings: list[str], batch: bool) -> list[str]:
-        """`settings`, after `batch_size` where `batch` and no checkpoint holds the run yet (a resume keeps it)."""
-        if batch and self.checkpoint.saved_step is None:
+    def _with_batch_size(self, settings: list[str]) -> list[str]:
+        """`settings`, after `batch_size` where no checkpoint holds the run yet (a resume keeps its batch size)."""
+        if self.checkpoint.saved_step is None:
             return [f"batch_size (now {self.config.batch_size})", *settings]
         return settings
 
