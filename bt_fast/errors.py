@@ -4,8 +4,8 @@ Library code raises a `UserError` subclass whose message names the file or confi
 says what to do. Command-line programs wrap their work in `cli_errors()`, which prints
 `error: <message>` on one line and exits with the error's `exit_code` (2 for bad input, 1 for a
 storage fault or a lost worker process met while running, 130 for a Ctrl-C whose code says what it
-kept, 128 + N for another stop signal N that ends work the same way); nothing else turns exceptions into text. They parse their arguments with `CliParser`,
-whose errors are one line too.
+kept, 128 + N for another stop signal N that ends work the same way); nothing else turns exceptions
+into text. They parse their arguments with `CliParser`, whose errors are one line too.
 """
 from __future__ import annotations
 
@@ -221,9 +221,9 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
     """Report a UserError (or one of `also`) as one `error:` line on stderr and exit with its
     `exit_code` (2 for `also`); likewise full shared memory (`shared_memory_full`: a worker pool's lock or a
     DataLoader worker's batch) and memory that ran out (`out_of_memory`), exit 2, and a DataLoader worker
-    that died, exit 1. With `launched_rank`
-    (bt_fast.train), a bad-input error goes to the launcher instead where `leave_for_launcher` can, and any
-    error after another rank's is left unsaid (exit 1), and a lost peer (`lost_peer`) is one line (exit 1).
+    that died, exit 1. With `launched_rank` (bt_fast.train), a bad-input error goes to the launcher instead
+    where `leave_for_launcher` can, and any error after another rank's is left unsaid (exit 1), and a lost
+    peer (`lost_peer`) is one line (exit 1).
     When the block succeeds, what a command does next is print its result: `drop_unread_output` first."""
     _keep_interrupts()
     try:

@@ -210,7 +210,7 @@ def report_path(dst: str | Path) -> Path:
 
 
 class StopSignal(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during a conversion (`ConversionSignals`), raised where Ctrl-C raises its
+    """A stop signal during a conversion (`ConversionSignals.STOPS`), raised where Ctrl-C raises its
     KeyboardInterrupt, so that the same code stops the workers and keeps the finished parts."""
 
     def __init__(self, signum: int):
@@ -221,7 +221,7 @@ class StopSignal(KeyboardInterrupt):
 def stopped(cause: BaseException | int, rest: str) -> Interrupted:
     """The error of a conversion that Ctrl-C or a stop signal (`cause`: its KeyboardInterrupt or StopSignal,
     or the signal's number) cut short: `interrupted<rest>` or `stopped by SIGTERM<rest>`, whose exit code is
-    the shell's status for that signal (130, 143, 129)."""
+    the shell's status for that signal (128 + its number: 130 for Ctrl-C, 143 for SIGTERM)."""
     signum = cause if isinstance(cause, int) else getattr(cause, "signum", signal.SIGINT)
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     return Interrupted(how + rest, signum)
@@ -371,8 +371,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     is listed and DST found usable, before anything is written: where a caller announces the work, which an
     unusable input then never shows.
     Raises DataError (one-line message) for unusable arguments or input; KeyboardInterrupt for a Ctrl-C
-    before DST is installed, StopSignal (a KeyboardInterrupt) for a SIGTERM or SIGHUP (`kept_after_interrupt`
-    says what is kept, `stopped` words it), Interrupted for any of them after.
+    before DST is installed, StopSignal (a KeyboardInterrupt) for a stop signal (`kept_after_interrupt` says
+    what is kept, `stopped` words it), Interrupted for any of them after.
     """
     workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             where = f" {err.filename}" if err.filename else ""
             raise DataError(f"cannot write output{where}: {err.strerror or err}") from None
-        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (`StopSignal`)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal (`StopSignal`)
             raise stopped(stop, f"; no output was written; {kept_after_interrupt(args.dst)}") from None
     print(outcome(report))
     return 0
