@@ -47,6 +47,10 @@ class WorkerPool(Pool):
     """
 
     WATCH_S = 1.0  # how long a wait for the next result lasts before the workers are checked
+    # How long `terminate` waits for a worker to die of its SIGTERM. One forked while its parent held a Python
+    # handler for SIGTERM (a conversion's) can lose the signal: it arrives before the worker's initializer
+    # sets the default, and Python then drops the pending call of a handler that is no longer there.
+    STOP_GRACE_S = 5.0
 
     def __init__(self, processes: int):
         super().__init__(processes, initializer=ignore_interrupts)
@@ -71,7 +75,10 @@ class WorkerPool(Pool):
             if worker.exitcode is None:
                 worker.terminate()
         for worker in self._pool:
-            worker.join()
+            worker.join(self.STOP_GRACE_S)
+            if worker.exitcode is None:  # the SIGTERM was lost (below): SIGKILL
+                worker.kill()
+                worker.join()
         self._terminate.cancel()  # CPython's own stop, which the process's exit would otherwise run
 
     def join(self) -> None:

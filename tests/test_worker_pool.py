@@ -211,3 +211,33 @@ def test_a_worker_gives_back_the_heap_a_large_task_left_and_keeps_a_small_one():
     assert small >= floor + 7 and after_small >= floor + 7
     assert large >= floor + 38  # 40 MiB freed and still resident
     assert after_large <= floor + 2
+
+
+def _ignore_sigterm_and_wait(_):
+    import time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a worker that lost its SIGTERM behaves
+    time.sleep(120)
+
+
+@pytest.mark.timeout(60)
+def test_terminate_ends_a_worker_that_its_sigterm_does_not():
+    """A worker forked as a stop began can lose terminate's SIGTERM (WorkerPool.STOP_GRACE_S): terminate still
+    returns with every worker gone, by SIGKILL, instead of waiting on it forever."""
+    import time
+    pool = WorkerPool(1)
+    pool.map_async(_ignore_sigterm_and_wait, [0])
+    worker = pool._pool[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _ignored_signals(worker.pid) & 1 << (signal.SIGTERM - 1):
+        time.sleep(0.01)
+    pool.terminate()
+    assert worker.exitcode == -signal.SIGKILL
+
+
+def _ignored_signals(pid: int) -> int:
+    """/proc's SigIgn mask of process `pid` (0 once it is gone)."""
+    try:
+        return next(int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("SigIgn"))
+    except (OSError, StopIteration):
+        return 0
