@@ -32,10 +32,13 @@ pretrain: $(STAMP)
 
 # Two test processes keep both cores busy while a test waits on its subprocesses (`make test TEST_WORKERS=0`
 # runs in one process). --dist loadscope keeps each module's tests on one worker, so a module fixture (the
-# demo pretraining of tests/test_learning.py, a converted .beton) is built once, not once per worker.
+# demo pretraining of tests/test_learning.py, a converted .beton) is built once, not once per worker; the
+# longest modules go first (tests/conftest.py). The suite starts many Python processes: each would
+# compile bt_fast's sources anew where PYTHONDONTWRITEBYTECODE (set in some images) keeps byte code unwritten.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) $(ARGS)
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q --durations=15 \
+	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder) $(ARGS)
 
 bench: $(STAMP)
 	@if [ -z "$(DATA)$(filter --end-to-end --conversion --data --data=%,$(ARGS))" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi

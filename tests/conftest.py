@@ -193,6 +193,17 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: t
     return root
 
 
+# Started first, longest first. `make test` hands whole modules to its two workers (--dist loadscope
+# --no-loadscope-reorder); in xdist's own order, the most tests first, the demo pretraining of test_learning.py
+# (about two minutes) began near the end and ran on alone while the other worker idled.
+LONGEST_MODULES = ("test_learning.py", "test_distributed.py", "test_reliability.py", "test_kill_resume.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_finished_runs_left(tmp_path_factory):
     """Remove the base directories of earlier, finished test sessions (pytest-of-<user>/pytest-<N> with no
