@@ -227,6 +227,10 @@ def test_bad_arguments_exit_with_one_line():
     with pytest.raises(SystemExit) as exc:
         parse_args(["--conversion", "--end-to-end"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # the generated set would be too small for one training batch
+        parse_args(["--end-to-end", "--device", "cpu", "--e2e-images", "15"])
+    assert exc.value.code == 2
+    assert parse_args(["--end-to-end", "--device", "cpu", "--e2e-images", "16"]).e2e_images == 16
 
 
 def test_loader_windows_shorter_than_the_reference_workers_are_refused(capsys):
@@ -259,6 +263,20 @@ def test_a_missing_data_folder_is_one_error_line_before_any_section(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: data directory {tmp_path / 'missing'} does not exist; give an existing ImageFolder "
                    f"(a directory of class folders)"]
+
+
+@pytest.mark.parametrize("options, flag", [([], "--batch-size"), (["--train-pipelines", "reference",
+                                                                     "--batch-size", "2"], "--train-batch-size")])
+def test_a_data_folder_smaller_than_one_batch_is_one_error_line_before_any_section(tmp_path, capsys, options, flag):
+    """Each section reported every pipeline unavailable, after minutes of the others, and the run exited 0."""
+    data = write_image_folder(tmp_path / "train", classes=1, per_class=3, size=(40, 30))
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--device", "cpu", "--data", str(data), *options])
+    assert exc.value.code == 2
+    size = {"--batch-size": 32, "--train-batch-size": 16}[flag]  # --quick's on the CPU
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --data {data} has 3 images, fewer than one batch of {flag} {size}; pass {flag} 3 or less, or a "
+        f"folder of more images"]
 
 
 def test_interleaved_timing_warms_up_each_runner_then_alternates():

@@ -40,17 +40,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bt_fast.errors import STARTING, CliParser, cli_errors, exit_on_interrupt, output_file
+from bt_fast.errors import STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, output_file
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
     import torch
 
-    from bt_fast.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PROJECTOR_WIDTHS
+    from bt_fast.config import MAX_IMAGE_SIZE, MIN_BATCH_PER_RANK, MIN_IMAGE_SIZE, PROJECTOR_WIDTHS
     from bt_fast.distributed import resolve_device
     from bt_fast.files import write_json
     from bt_fast.model import BACKBONE_DIM
-    from pipelines.image_folder import image_folder_root
+    from pipelines.image_folder import find_image_folder
     from tools.bench.augment import bench_augment
     from tools.bench.conversion import FORMATS as CONVERSION_FORMATS
     from tools.bench.conversion import bench_conversion
@@ -222,7 +222,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--set {own}=... would change a setting the report states; use {OWN_KEYS[own]}")
     if not args.child_timeout > 0:
         parser.error(f"--child-timeout must be a positive number of seconds, got {args.child_timeout}")
+    if e2e and args.data is None and args.e2e_images < args.train_batch_size:
+        parser.error(f"--e2e-images ({args.e2e_images}) must be at least one batch of --train-batch-size "
+                     f"({args.train_batch_size})")
     return args
+
+
+def batches_read(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(option, batch size) of each section that reads batches of --data's images."""
+    if args.conversion:
+        return []
+    if args.end_to_end:
+        return [("--train-batch-size", args.train_batch_size)]
+    return [("--batch-size", args.batch_size)] + ([("--train-batch-size", args.train_batch_size)]
+                                                  if args.train_pipelines else [])
 
 
 def resolve_data(args: argparse.Namespace) -> None:
@@ -235,8 +248,13 @@ def resolve_data(args: argparse.Namespace) -> None:
     elif args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
-    else:
-        image_folder_root(args.data)  # before any section: each would report the missing folder on its own
+    else:  # before any section: each would report a missing folder, or one too small, on its own
+        _, samples = find_image_folder(args.data)
+        for flag, batch_size in batches_read(args):
+            if len(samples) < batch_size:
+                smaller = f"{flag} {len(samples)} or less, or " if len(samples) >= MIN_BATCH_PER_RANK else ""
+                raise DataError(f"--data {args.data} has {len(samples)} images, fewer than one batch of {flag} "
+                                f"{batch_size}; pass {smaller}a folder of more images")
 
 
 def run(args: argparse.Namespace) -> dict:
