@@ -280,11 +280,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         if out_of_memory(err):  # the file may well be good: no advice to delete it
             raise CheckpointError(f"checkpoint {path} does not fit in memory here ({flat_message(err)[:200]}); "
                                   f"free memory and rerun") from None
-        reason = f"cannot be read ({type(err).__name__})"
+        reason = CUT_SHORT if cut_short(Path(path)) else f"cannot be read ({type(err).__name__})"
     previous = previous_path(Path(path))
     way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
                f"delete it to start afresh," if previous.is_file() else "delete it")
     raise CheckpointError(f"checkpoint {path} {reason}; {way_out} or choose another out_dir")
+
+
+def cut_short(path: Path) -> bool:
+    """Whether `path` begins as torch.save's zip archive does but lacks the directory that ends a complete
+    one: a write or a copy that stopped part-way."""
+    try:
+        with open(path, "rb") as file:
+            starts_as_zip = file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+    return starts_as_zip and not zipfile.is_zipfile(path)
+
+
+CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
 
 
 def damaged_entry(path: Path) -> str | None:

@@ -24,7 +24,8 @@ from torch import nn
 
 import yaml
 
-from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME, CheckpointError, Progress, saved_progress
+from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CUT_SHORT, CheckpointError, Progress, cut_short,
+                                previous_path, saved_progress)
 from bt_fast.config import check_choice
 from bt_fast.model import BACKBONE_DIM, make_backbone
 
@@ -104,6 +105,10 @@ def _read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling fails in many exception types; all mean the same to the user
+        if cut_short(path):
+            previous = previous_path(path)
+            before = f", or pass {previous}, the one saved before it" if previous.is_file() else ""
+            raise CheckpointError(f"checkpoint {path} {CUT_SHORT}; copy it again{before}") from None
         detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
         raise CheckpointError(f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
                               f"({type(err).__name__}{': ' + detail if detail else ''}); "

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
-from bt_fast.checkpoint import CheckpointError
+from bt_fast.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from bt_fast.config import Config
 from bt_fast.errors import DataError, UserError, one_line
 from bt_fast.knn import extract_features, knn_predict, knn_scores, topk_accuracy
@@ -281,6 +281,36 @@ def test_wrong_checkpoints_give_clear_errors(tmp_path):
         load_backbone(tmp_path)
     assert str(err.value) == (f"checkpoint {tmp_path} is a directory; pass the checkpoint.pth or backbone.pth in it "
                               f"(a run's out_dir holds both), or a ResNet state dict file")
+
+
+def test_a_checkpoint_cut_short_is_called_incomplete_and_the_one_before_it_is_named(tmp_path):
+    """A copy or write that stopped part-way got torch's "failed finding central directory" and the advice to
+    pass a torch-saved state dict; evaluation now names the file kept before it, and training the way to
+    resume from that one."""
+    incomplete = ("is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy "
+                  "cut short)")
+    backbone = tmp_path / "backbone.pth"
+    torch.save(randomised_resnet18().state_dict(), backbone)
+    backbone.write_bytes(backbone.read_bytes()[:backbone.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(backbone)
+    assert str(err.value) == f"checkpoint {backbone} {incomplete}; copy it again"
+
+    checkpoint = tmp_path / "checkpoint.pth"
+    for step in (1, 2):  # the second save keeps the first as checkpoint.prev.pth
+        atomic_save(bt_fast_checkpoint(randomised_barlow_twins()) | {"step": step}, checkpoint, keep_previous=True)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(checkpoint)
+    previous = tmp_path / "checkpoint.prev.pth"
+    assert str(err.value) == (f"checkpoint {checkpoint} {incomplete}; copy it again, or pass {previous}, the one "
+                              f"saved before it")
+    assert load_backbone(previous).arch == "resnet18"
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(checkpoint)
+    assert str(err.value) == (f"checkpoint {checkpoint} {incomplete}; rename checkpoint.prev.pth (the one before it) "
+                              f"to checkpoint.pth to resume from there, delete it to start afresh, or choose another "
+                              f"out_dir")
 
 
 def test_random_init_is_seeded():

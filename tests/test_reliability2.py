@@ -534,8 +534,9 @@ def test_an_unreadable_checkpoint_is_reported_before_the_first_use_conversion(im
     (out_dir / CHECKPOINT_NAME).write_bytes(whole[: len(whole) // 2])
     code, _, err = run_main(capsys, *tiny_args(data, out_dir, "pipeline=ffcv"))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"error: checkpoint {out_dir / CHECKPOINT_NAME} cannot be read (")
-    assert err.strip().endswith("); delete it or choose another out_dir")
+    assert err.strip() == (f"error: checkpoint {out_dir / CHECKPOINT_NAME} is incomplete (it ends before the directory "
+                           f"a torch-saved file ends with: a write or a copy cut short); delete it or choose another "
+                           f"out_dir")
     assert not (tmp_path / "images.beton").exists()
 
 
