@@ -191,14 +191,17 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
             raise ConfigError(f"config keys 'augment.image_size' ({side}) and 'batch_size' ({config.batch_size}) need "
                               f"at least {size_text(need)} of {where} memory per step"
                               f"{ranks if where == 'host' else ''} ({footprint.describe()}), but it has "
-                              f"{size_text(memory)}; lower {_or_batch_size(config, 'augment.image_size')}")
+                              f"{size_text(memory)}; {lower_one_of(config, [f'augment.image_size (now {side})'])}")
     _check_shared_memory(config, footprint.shared, ranks_here)
 
 
-def _or_batch_size(config: Config, setting: str) -> str:
-    """`setting`, or it and batch_size where out_dir holds no checkpoint yet: a resume keeps its batch size."""
-    resuming = (Path(config.out_dir) / CHECKPOINT_NAME).is_file()
-    return setting if resuming else f"{setting} or batch_size"
+def lower_one_of(config: Config, settings: list[str], resuming: bool | None = None) -> str:
+    """'lower a', 'lower a or b', 'lower a, b or c' of `settings`, after batch_size unless the run resumes (a
+    resume keeps the batch size of its checkpoint); `resuming` None: whether out_dir holds a checkpoint."""
+    if resuming is None:
+        resuming = (Path(config.out_dir) / CHECKPOINT_NAME).is_file()
+    options = settings if resuming else [f"batch_size (now {config.batch_size})", *settings]
+    return "lower " + (options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}")
 
 
 def _check_shared_memory(config: Config, need: int, ranks_here: int) -> None:
@@ -209,7 +212,7 @@ def _check_shared_memory(config: Config, need: int, ranks_here: int) -> None:
     total, free = size_bytes(SHARED_MEMORY), free_bytes(SHARED_MEMORY)
     keys = f"config keys 'workers' ({config.workers}) and 'batch_size' ({config.batch_size})"
     ready = f"for the batches the reference pipeline's loader workers keep ready ({BATCHES_PER_WORKER} each)"
-    lower = f"lower {_or_batch_size(config, 'workers')}"
+    lower = lower_one_of(config, [f"workers (now {config.workers})"])
     if total is not None and need * ranks_here > total:
         ranks = f" for {ranks_here} ranks" if ranks_here > 1 else ""
         raise ConfigError(f"{keys} need at least {size_text(need * ranks_here)} of shared memory{ranks} {ready}, but "

@@ -29,6 +29,7 @@ from bt_fast.distributed import DistContext, sync_batchnorm
 from bt_fast.errors import StorageError, UserError, WorkerLost, lost_dataloader_worker, out_of_memory
 from bt_fast.files import shared_memory_full
 from bt_fast.knn import KnnMonitor
+from bt_fast.memory_budget import lower_one_of
 from bt_fast.loss import barlow_twins_loss
 from bt_fast.model import BarlowTwins, build_model
 from bt_fast.optim import LARS, param_groups
@@ -347,8 +348,7 @@ class Trainer:
             if lost is not None:
                 raise WorkerLost(f"{lost}; {last_good(f'lower {workers} or free memory')}") from None
             if full is not None:
-                fix = (f"lower {_either(self._with_batch_size([workers]))}, or give the machine more shared "
-                       f"memory (docker run --shm-size)")
+                fix = f"{self._lower_one_of([workers])}, or give the machine more shared memory (docker run --shm-size)"
                 raise ConfigError(f"the DataLoader cannot pass batches from its workers: {full}; {last_good(fix)}") \
                     from None
             where, asked = memory
@@ -356,16 +356,13 @@ class Trainer:
             if not self._in_epoch:  # the k-NN monitor, the end's checkpoint: no setting of the step's helps
                 raise ConfigError(f"out of {where} memory after step {self.step}{asking}; {last_good('free memory')}") \
                     from None
-            smaller = self._with_batch_size([f"augment.image_size (now {self.config.augment.image_size})"]
-                                            + ([workers] if where == "host" else []))
+            lower = self._lower_one_of([f"augment.image_size (now {self.config.augment.image_size})"]
+                                       + ([workers] if where == "host" else []))
             raise ConfigError(f"out of {where} memory at step {self.step + 1}{asking}; "
-                              f"{last_good(f'free memory or lower {_either(smaller)}')}") from None
+                              f"{last_good(f'free memory or {lower}')}") from None
 
-    def _with_batch_size(self, settings: list[str]) -> list[str]:
-        """`settings`, after `batch_size` where no checkpoint holds the run yet (a resume keeps its batch size)."""
-        if self.checkpoint.saved_step is None:
-            return [f"batch_size (now {self.config.batch_size})", *settings]
-        return settings
+    def _lower_one_of(self, settings: list[str]) -> str:
+        return lower_one_of(self.config, settings, resuming=self.checkpoint.saved_step is not None)
 
     def _epochs(self, signals: StopSignals, log: RunLog | None, progress) -> None:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -446,8 +443,3 @@ class Trainer:
             # On the host's gloo group, with a timeout of its own: on the default group NCCL's watchdog would
             # abort the waiting ranks after 10 minutes, less than a k-NN over a large memory bank takes
             dist.monitored_barrier(self.stops.group, timeout=KNN_WAIT)
-
-
-def _either(options: list[str]) -> str:
-    """'a', 'a or b', 'a, b or c'."""
-    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"

@@ -344,7 +344,8 @@ def test_an_image_size_that_cannot_fit_is_refused_in_one_line_and_leaves_no_out_
     code, _, err = run_main(capsys, *tiny_args(image_folder, out_dir, "augment.image_size=100000"))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: config keys 'augment.image_size' (100000) and 'batch_size' (8) need at least ")
-    assert "TiB of host memory per step (host views " in err and "lower augment.image_size or batch_size" in err
+    assert "TiB of host memory per step (host views " in err
+    assert "lower batch_size (now 8) or augment.image_size (now 100000)" in err
     assert not (tmp_path / "new").exists()
 
 
@@ -363,11 +364,11 @@ def test_reference_batches_that_cannot_fit_in_dev_shm_are_refused_before_anythin
     assert code == 2 and err.strip().splitlines() == [
         "error: config keys 'workers' (2) and 'batch_size' (8) need at least 768.0 KiB of shared memory for the "
         "batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm holds 767.0 KiB; lower "
-        "workers or batch_size, or give the machine more shared memory (docker run --shm-size)"]
+        "batch_size (now 8) or workers (now 2), or give the machine more shared memory (docker run --shm-size)"]
     assert not (tmp_path / "run").exists()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")  # a run to resume, whose batch size cannot change
-    with pytest.raises(ConfigError, match=r"holds 767\.0 KiB; lower workers, or give the machine more shared memory"):
+    with pytest.raises(ConfigError, match=r"holds 767\.0 KiB; lower workers \(now 2\), or give the machine more"):
         check_memory(config, CPU, None)
 
 
@@ -401,8 +402,8 @@ def test_a_full_dev_shm_is_refused_at_start_and_one_filled_while_training_is_one
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: config keys 'workers' (1) and 'batch_size' (8) need at least 384.0 KiB of shared memory for the "
         "batches the reference pipeline's loader workers keep ready (2 each), but /dev/shm has only 64.0 KiB free of "
-        "4.0 MiB; free some (files of stopped programs, such as torch_* ones left by killed runs), or lower workers "
-        "or batch_size"], proc.stderr[-3000:]
+        "4.0 MiB; free some (files of stopped programs, such as torch_* ones left by killed runs), or lower batch_size "
+        "(now 8) or workers (now 1)"], proc.stderr[-3000:]
     filled_after_the_check = ("import sys, bt_fast.train as t; t.check_memory = lambda *args: None; "
                               "t.main(sys.argv[1:])")
     proc = in_a_small_dev_shm([sys.executable, "-c", filled_after_the_check, *args], free_kib=64, timeout=80)
