@@ -17,6 +17,8 @@ LOCAL_NODES ?= 0
 MAX_RESTARTS ?= 3
 EVAL_JSON   ?=
 ARGS        ?=
+KNN_ARGS    ?=
+LINEAR_ARGS ?=
 
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
@@ -54,15 +56,17 @@ gpu-check: $(STAMP)
 
 # k-NN, then the linear probe, of the run's backbone, each next to the same architecture at random
 # initialisation. The run is OUT=, else CONFIG's out_dir; DATA= holds train/ and val/ (default: the demo's).
-# EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json.
+# EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json. ARGS go to both
+# runs; KNN_ARGS (--k, --temperature) and LINEAR_ARGS (--epochs, --lr, ...) to the one that reads them.
 OUT_DIR_OF_CONFIG := 'exec("import sys\nfrom bt_fast.config import load_config\nfrom bt_fast.errors import cli_errors\nwith cli_errors():\n    print(load_config(sys.argv[1]).out_dir)")'
 eval: $(STAMP)
 	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
 	@run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; set -x; \
 	$(PY) -m tools.evaluate --compare --mode knn --checkpoint "$$run/checkpoint.pth" \
-	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS) && \
+	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS) $(KNN_ARGS) && \
 	$(PY) -m tools.evaluate --compare --mode linear --checkpoint "$$run/checkpoint.pth" \
-	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(basename $(EVAL_JSON)).linear.json") $(ARGS)
+	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(basename $(EVAL_JSON)).linear.json") $(ARGS) \
+	  $(LINEAR_ARGS)
 
 demo-data: $(STAMP)
 	$(PY) -m tools.make_demo_data $(DEMO_DATA)

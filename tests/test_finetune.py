@@ -233,10 +233,17 @@ def test_a_resume_is_refused_where_the_training_classes_changed(split_folder, tm
     assert "finetune.pth was written by a different fine-tuning run (the training classes)" in err
 
 
-def test_cli_rejects_options_of_another_mode(split_folder, capsys):
+@pytest.mark.parametrize("mode, option, read_by", [("knn", "--lr-backbone", "finetune"), ("linear", "--k", "knn"),
+                                                   ("finetune", "--temperature", "knn"),
+                                                   ("knn", "--epochs", "linear or finetune"),
+                                                   ("knn", "--weight-decay", "linear or finetune")])
+def test_cli_rejects_options_of_another_mode(split_folder, capsys, mode, option, read_by):
+    """Each option another mode reads is refused, not ignored: --k or --epochs used to be accepted silently."""
     with pytest.raises(SystemExit) as exit:
-        ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--lr-backbone", "0.1", *COMMON])
-    assert exit.value.code == 2 and "--lr-backbone applies to --mode finetune only" in capsys.readouterr().err
+        ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--mode", mode, option, "2",
+                 *COMMON])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"error: {option} applies to --mode {read_by} only, not {mode} (see --help)\n"
 
 
 def test_a_subset_of_one_image_or_a_batch_of_one_is_one_error_line(split_folder, tmp_path, capsys):

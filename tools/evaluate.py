@@ -51,12 +51,13 @@ with exit_on_interrupt(STARTING):
 DEFAULT_IMAGE_SIZE = 224
 MODES = ("knn", "linear", "finetune")
 # defaults of the options left unset: the linear probe's, and fine-tuning's where they differ
-DEFAULTS = {"epochs": 100, "weight_decay": 1e-6, "lr": 0.3, "lr_backbone": 0.005, "lr_classifier": 0.5,
-            "train_percent": 1}
+DEFAULTS = {"k": DEFAULT_K, "temperature": DEFAULT_TEMPERATURE, "epochs": 100, "weight_decay": 1e-6, "lr": 0.3,
+            "lr_backbone": 0.005, "lr_classifier": 0.5, "train_percent": 1}
 FINETUNE_DEFAULTS = {"epochs": 20, "weight_decay": 0.0}
-# the options only one mode reads
-MODE_ONLY = {"linear": ("lr", "cache_features"),
-             "finetune": ("lr_backbone", "lr_classifier", "train_percent", "train_list", "out_dir")}
+# the options that not every mode reads, and the modes that do
+READ_BY = {"k": ("knn",), "temperature": ("knn",), "epochs": ("linear", "finetune"),
+           "weight_decay": ("linear", "finetune"), "lr": ("linear",), "cache_features": ("linear",),
+           **dict.fromkeys(("lr_backbone", "lr_classifier", "train_percent", "train_list", "out_dir"), ("finetune",))}
 
 
 def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tuple[Path, Path]:
@@ -217,8 +218,8 @@ def build_parser() -> CliParser:
                         "line (<class>/<file> or a unique file name, as SimCLR's 1%%/10%% ImageNet lists)")
     p.add_argument("--out-dir", type=Path, help=f"finetune: keep {CHECKPOINT_NAME} here after every epoch and "
                    f"resume from it")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="k-NN neighbours (capped at the train set size)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="k-NN vote temperature")
+    p.add_argument("--k", type=int, help=f"k-NN neighbours, capped at the train set size (default {DEFAULT_K})")
+    p.add_argument("--temperature", type=float, help=f"k-NN vote temperature (default {DEFAULT_TEMPERATURE})")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="linear probe on features computed once without augmentation (default: on for CPU)")
     p.add_argument("--workers", type=int, default=min(8, usable_cores()))
@@ -239,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         parser.error("--checkpoint is required (or --random-init --arch ARCH for the baseline alone)")
-    for mode, names in MODE_ONLY.items():
-        given = [name for name in names if getattr(args, name) is not None]
-        if given and args.mode != mode:
-            parser.error(f"--{given[0].replace('_', '-')} applies to --mode {mode} only")
+    for name, modes in READ_BY.items():
+        if getattr(args, name) is not None and args.mode not in modes:
+            parser.error(f"--{name.replace('_', '-')} applies to --mode {' or '.join(modes)} only, not {args.mode}")
     for name, value in {**DEFAULTS, **(FINETUNE_DEFAULTS if args.mode == "finetune" else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
