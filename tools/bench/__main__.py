@@ -248,7 +248,7 @@ def resolve_data(args: argparse.Namespace) -> None:
     elif args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
-    else:  # before any section: each would report a missing folder, or one too small, on its own
+    elif not args.train_child:  # before any section: each would report a missing folder, or one too small, itself
         _, samples = find_image_folder(args.data)
         for flag, batch_size in batches_read(args):
             if len(samples) < batch_size:
