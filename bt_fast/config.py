@@ -172,8 +172,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class CommandLineValue(str):
-    """The text of a `key=value` override, parsed as YAML only where the key is not a string."""
+class UnparsedText(str):
+    """A value as written, in a `key=value` override or as a plain (unquoted) scalar of a config file, parsed
+    as YAML only where its key is not a string: `out_dir=010` and `out_dir: 010` name the folder 010, where
+    YAML 1.1 reads 8 (an octal number), and `out_dir: 2024_06_01` would be 20240601."""
 
 
 def _yaml_value(text: str) -> Any:
@@ -189,7 +191,7 @@ def _yaml_value(text: str) -> Any:
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Convert `value` to the type of the field's default, or fail naming the key."""
-    if isinstance(value, CommandLineValue):
+    if isinstance(value, UnparsedText):
         if isinstance(current, str):  # a string key keeps its text: out_dir=010 stays "010"
             return str(value)
         value = _yaml_value(value)
@@ -267,7 +269,7 @@ def parse_overrides(pairs: list[str], unique_keys: bool = False) -> dict[str, An
         if isinstance(node.get(leaf), dict):
             raise ConfigError(f"override '{pair}' sets '{dotted.strip()}' to a value, but other overrides set "
                               f"fields inside it; give each key once")
-        node[leaf] = CommandLineValue(raw)
+        node[leaf] = UnparsedText(raw)
     return tree
 
 
@@ -275,8 +277,18 @@ class _DuplicateKey(yaml.YAMLError):
     pass
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+# The tags YAML's implicit resolution gives a plain scalar (an explicit `!!python/...` tag stays refused).
+_PLAIN_SCALAR_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "timestamp", "str")}
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that each plain scalar stays its text (`UnparsedText`) until its key's
+    type is known, and a key given twice in one mapping is refused (PyYAML keeps the last)."""
+
+    def construct_object(self, node, deep=False):
+        if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _PLAIN_SCALAR_TAGS:
+            return UnparsedText(node.value)
+        return super().construct_object(node, deep)
 
     def construct_mapping(self, node, deep=False):
         lines: dict[str, int] = {}  # key -> the line it was first given on
@@ -309,7 +321,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}; "
                               f"give a YAML file (see configs/)")
         try:
-            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text; give a YAML file (see configs/)") from None
         except _DuplicateKey as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import yaml
 
 from bt_fast.config import ConfigError, load_config
 from bt_fast.files import check_output_file
@@ -337,10 +338,26 @@ def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, messa
     assert str(err.value) == message
 
 
+def test_a_config_files_text_values_keep_their_text_and_its_numbers_read_as_yaml_reads_them(tmp_path):
+    """YAML 1.1 reads `010` as 8, `2024_06_01` as 20240601, `12:30` as 750 (base 60) and `yes` as True: a run
+    with `out_dir: 010` in its config file wrote into a folder named 8. The command line kept these as text;
+    the file now does too, and keys that take numbers or flags read the same values as before."""
+    path = tmp_path / "config.yaml"
+    path.write_text("out_dir: 010\ndata: 2024_06_01\nknn_val: 12:30\nknn_train: yes\nepochs: 010\n"
+                    "batch_size: 1_6\ncompile_model: yes\naugment:\n  crop_scale: [0.5, 1]\n  hue: .1\n")
+    config = load_config(path)
+    assert (config.out_dir, config.data, config.knn_val, config.knn_train) == ("010", "2024_06_01", "12:30", "yes")
+    assert yaml.safe_load(path.read_text())["epochs"] == 8  # the reading every number keeps
+    assert (config.epochs, config.batch_size, config.compile_model) == (8, 16, True)
+    assert (config.augment.crop_scale, config.augment.hue) == ((0.5, 1.0), 0.1)
+    assert load_config(path, ["out_dir=010"]).out_dir == load_config(path).out_dir
+
+
 @pytest.mark.parametrize("text, key", [("1: 2\n", "1"), ("augment:\n  224: 48\n", "augment.224"),
-                                       ("yes: 1\n", "True")])
+                                       ("yes: 1\n", "yes")])
 def test_a_config_file_key_that_is_not_text_is_an_unknown_key(text, key, tmp_path):
-    # A number or boolean as key ended in difflib's "TypeError: 'int' object is not iterable" traceback.
+    # A number or boolean as key ended in difflib's "TypeError: 'int' object is not iterable" traceback; the
+    # key is named as written (YAML 1.1 reads `yes` as True).
     assert config_file_error(text, tmp_path)[1] == f"unknown config key '{key}'"
 
 
