@@ -357,3 +357,13 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot write {path} ({err.strerror or err}); give a file path in a "
                                          f"writable directory") from None
     return path
+
+
+def png_file(text: str) -> Path:
+    """argparse `type` of an option naming a PNG to write: `output_file`, ending in .png (the one format
+    written; `--out metrics.jsonl` would otherwise have replaced the run's log with an image)."""
+    path = output_file(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text} does not end in .png; the image is written as PNG only, so give "
+                                         f"a .png file")
+    return path

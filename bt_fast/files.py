@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -61,12 +62,27 @@ def check_writable_directory(directory: str | Path) -> None:
 
 
 def check_output_file(path: str | Path) -> None:
-    """OSError unless `atomic_write` can write `path`: not a directory, and its directory, or where
-    that does not exist yet its nearest existing ancestor, writable. Creates nothing."""
-    path = Path(path)
+    """OSError unless `atomic_write` can write `path`: a regular file or nothing (through a symbolic link,
+    what it points to), and its directory, or where that does not exist yet its nearest existing ancestor,
+    writable. Creates nothing."""
+    path = Path(os.path.realpath(path))
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    _refuse_special_file(path)
     check_writable_directory(path.parent)
+
+
+def _refuse_special_file(path: Path) -> None:
+    """OSError where `path` is a device, a named pipe or a socket: a new file renamed over it would replace
+    it (for root, /dev/null too)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there, or no way there: the write itself says why
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "no regular file")
+        raise OSError(errno.EEXIST, f"it is {kind}, not a file to replace", str(path))
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
@@ -79,8 +95,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
     The parent directory is created if needed. On any exception (KeyboardInterrupt included)
     the temporary is removed and `path` is left as it was; the exception raised is always the
     first one: a cleanup that fails too (a directory turned read-only) never replaces it.
+    A symbolic link is written through (the file it points to is replaced, the link kept); a device,
+    named pipe or socket at `path` is an OSError, not replaced.
     """
-    path = Path(path)
+    given, path = Path(path), Path(os.path.realpath(path))
+    _refuse_special_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
@@ -97,7 +116,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
             tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
-    return path
+    return given
 
 
 # The file system refused space or writing: the user can act on these (free space, remount), unlike a bug.

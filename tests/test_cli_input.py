@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import importlib
+import os
+import stat
 
 import pytest
 import yaml
 
 from bt_fast.config import ConfigError, load_config
-from bt_fast.files import check_output_file
+from bt_fast.files import atomic_write, check_output_file
 from test_reliability import tiny_args
 
 COMMANDS = ("bt_fast.train", "tools.convert", "tools.evaluate", "tools.plot", "tools.preview",
@@ -36,10 +38,12 @@ def test_the_usage_line_names_the_command_as_it_is_typed(module, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m {typed} ")
 
 
-@pytest.mark.parametrize("module, flag", [("tools.evaluate", "--json"), ("tools.plot", "--out"),
-                                          ("tools.preview", "--out"), ("tools.bench.__main__", "--json"),
-                                          ("tools.bench.__main__", "--plot"), ("tools.gpu_check.__main__", "--json"),
-                                          ("tools.dali_semantics", "--json")])
+OUTPUT_OPTIONS = [("tools.evaluate", "--json"), ("tools.plot", "--out"), ("tools.preview", "--out"),
+                  ("tools.bench.__main__", "--json"), ("tools.bench.__main__", "--plot"),
+                  ("tools.gpu_check.__main__", "--json"), ("tools.dali_semantics", "--json")]
+
+
+@pytest.mark.parametrize("module, flag", OUTPUT_OPTIONS)
 @pytest.mark.parametrize("where", ["a directory", "below a file"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(module, flag, where, tmp_path, capsys):
     (tmp_path / "file").write_text("")
@@ -51,6 +55,42 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(module, fla
     assert code == 2 and err == [f"error: argument {flag}: cannot write {target} ({reason}); give a file path in "
                                  f"a writable directory (see --help)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("module, flag", OUTPUT_OPTIONS)
+def test_a_named_pipe_given_as_output_is_refused_not_replaced(module, flag, tmp_path, capsys):
+    """Outputs are written to a temporary file renamed over the path: a named pipe or a device there was replaced
+    by an ordinary file (`tools.plot RUN --out /dev/full`, run as root, replaced the machine's /dev/full)."""
+    target = tmp_path / "out.png"
+    os.mkfifo(target)
+    code, err = run_command(module, [flag, str(target)], capsys)
+    assert code == 2 and err == [f"error: argument {flag}: cannot write {target} (it is a named pipe, not a file to "
+                                 f"replace); give a file path in a writable directory (see --help)"]
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    with pytest.raises(OSError, match="it is a named pipe, not a file to replace"):
+        atomic_write(target, lambda handle: handle.write(b"png"))
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_a_symbolic_link_given_as_output_is_written_through_and_kept(tmp_path):
+    target, link = tmp_path / "plots" / "real.png", tmp_path / "link.png"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    check_output_file(link)
+    assert atomic_write(link, lambda handle: handle.write(b"new")) == link
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "plots"]
+
+
+def test_the_plot_of_a_run_cannot_be_written_over_its_log(tmp_path, capsys):
+    """`--out RUN/metrics.jsonl` replaced the run's whole log with a PNG image, exit 0."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n')
+    code, err = run_command("tools.plot", [str(tmp_path), "--out", str(log)], capsys)
+    assert code == 2 and err == [f"error: argument --out: {log} does not end in .png; the image is written as PNG "
+                                 f"only, so give a .png file (see --help)"]
+    assert log.read_text() == '{"step": 1, "loss": 2.0}\n'
 
 
 @pytest.mark.parametrize("module, first, second", [

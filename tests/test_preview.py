@@ -90,6 +90,21 @@ def test_out_not_ending_in_png_is_one_line_before_any_work(tmp_path, capsys):
                       "--pairs", "2", "--out", str(tmp_path / "views.jpg"), "batch_size=2", f"augment.image_size={SIZE}"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: argument --out: {tmp_path / 'views.jpg'} does not end in .png; the preview is written as PNG only, "
+        f"error: argument --out: {tmp_path / 'views.jpg'} does not end in .png; the image is written as PNG only, "
         f"so give a .png file (see --help)"]
     assert not (tmp_path / "views.jpg").exists()
+
+
+def test_a_split_datasets_root_is_refused_as_training_refuses_it(tmp_path, capsys):
+    """--data naming a folder of train/ and val/ previewed the two splits as two classes; training refuses it."""
+    root = tmp_path / "demo"
+    for split in ("train", "val"):
+        write_image_folder(root / split, classes=1, per_class=2, size=(16, 16))
+    with pytest.raises(SystemExit) as exit_info:
+        preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", "reference", "--data", str(root),
+                      "--out", str(tmp_path / "v.png"), "batch_size=2", f"augment.image_size={SIZE}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: config key 'data' names {root}, which holds train/ and val/: pretraining would read both splits as "
+        f"two classes; give data={root / 'train'}"]
+    assert not (tmp_path / "v.png").exists()

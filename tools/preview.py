@@ -10,25 +10,13 @@ the config as for `bt_fast.train`.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, output_file
+from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, png_file
 
 with exit_on_interrupt(STARTING):
     from bt_fast.config import load_config
     from bt_fast.distributed import resolve_device
-    from bt_fast.preflight import check_data_given
+    from bt_fast.preflight import check_data_given, check_not_a_split_root
     from pipelines.views import first_pairs, pair_grid, write_png
-
-
-def png_file(text: str) -> Path:
-    """argparse `type` of --out: a writable path (`output_file`) ending in .png, the one format written."""
-    path = output_file(text)
-    if path.suffix.lower() != ".png":
-        raise argparse.ArgumentTypeError(f"{text} does not end in .png; the preview is written as PNG only, "
-                                         f"so give a .png file")
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
                      if value is not None]
         config = load_config(args.config, overrides + args.overrides)
         check_data_given(config)
+        check_not_a_split_root(config)
         if args.pairs < 1:
             raise UserError(f"--pairs must be at least 1, got {args.pairs}")
         view1, view2 = first_pairs(config, resolve_device(args.device, setting="--device"), args.pairs)
