@@ -172,7 +172,7 @@ def source_change(output: str | Path, data: str | Path) -> str | None:
         report = json.loads(report_path(output).read_text())
     except (OSError, ValueError):
         return None
-    if not data or not Path(data).is_dir() or Path(data).resolve() not in _recorded_sources(report, output):
+    if not data or not Path(data).is_dir() or Path(data).resolve() not in recorded_sources(report, output):
         return None
     if report.get("source_state") is not None and report["source_state"] == source_state(data):
         return None
@@ -186,7 +186,7 @@ def source_change(output: str | Path, data: str | Path) -> str | None:
     return None
 
 
-def _recorded_sources(report: dict, output: Path) -> set[Path]:
+def recorded_sources(report: dict, output: Path) -> set[Path]:
     """Where the source the report of `output` names may be now, resolved: the report spells it as the
     converting command did (relative to that command's directory, perhaps), so it is taken both as it stands
     and at the same place relative to `output` as to the output the report names."""

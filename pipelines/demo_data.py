@@ -3,7 +3,8 @@
 Each photograph is a class. Training images are random crops from the left 75% of the
 photograph, validation images from the right 25%, so the two splits never share pixels. Every
 crop is resized to an ImageNet-typical 500x375 (or 375x500) and saved as a quality-90 JPEG.
-`build` is deterministic and reuses a complete dataset instead of rebuilding it.
+`build` is deterministic and reuses a complete dataset instead of rebuilding it; a rebuild replaces only
+what it made and the conversions of it, never the user's other files beside them.
 
     root = build(Path("data/demo"), train_per_class=64, val_per_class=16)  # root/{train,val}/<photo>/*.jpg
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -24,6 +26,7 @@ PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_dee
                "horse", "brick", "grass", "gravel")
 TRAIN_FRACTION = 0.75
 VERSION = 1
+SPLITS = ("train", "val")
 
 
 def load_photograph(name: str) -> np.ndarray:
@@ -65,13 +68,51 @@ def _demo_manifest(path: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and set(manifest) - {"complete"} == keys else None
 
 
-def build(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
+def _converted_from(entry: Path, sources: set[Path]) -> bool:
+    """Whether `entry` is a conversion of one of `sources` (resolved): its report (`pipelines.convert`) names it."""
+    from pipelines.convert import recorded_sources, report_path
+    try:
+        report = json.loads(report_path(entry).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and bool(recorded_sources(report, entry) & sources)
+
+
+def _conversions(root: Path) -> list[Path]:
+    """What the project derived from the splits of the demo set in `root` and keeps beside them: the .beton that
+    the FFCV pipeline converts `root/<split>` to on first use (`pipelines.ffcv_format.beton_path`), its unfinished
+    work directory, and every entry of `root` whose report names a split as its source (tools.convert's .beton or
+    DALI records), each with that report."""
+    from pipelines.convert import report_path
+    from pipelines.convert_parts import work_dir
+    sources = {(root / split).resolve() for split in SPLITS}
+    outputs = {root / f"{split}.beton" for split in SPLITS}
+    outputs |= {entry for entry in root.iterdir() if entry.name not in SPLITS and _converted_from(entry, sources)}
+    derived = [path for output in sorted(outputs) for path in (output, report_path(output), work_dir(output))]
+    return [path for path in derived if path.exists() or path.is_symlink()]
+
+
+def _remove(path: Path) -> None:
+    """Delete the file, link or directory tree at `path`; an OSError if any of it stays (unlike
+    `bt_fast.files.remove_path`): old images left in train/ would join the new set unnoticed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def build(root: Path, train_per_class: int, val_per_class: int, seed: int = 0,
+          log: Callable[[str], None] | None = None) -> Path:
     """`root` holding train/ and val/ ImageFolders with one class per photograph; returns `root`.
 
     `manifest.json` says what the folder holds: written first with `"complete": false`, then again
-    when the set is complete. A set built with other arguments, or not finished, is deleted and
-    rebuilt; a non-empty folder without a demo set's manifest (none, or a `manifest.json` that is
-    not one) is not ours, and is refused (DataError), as is a `root` that is not a directory.
+    when the set is complete. A set built with other arguments, or not finished, is rebuilt: its
+    train/ and val/ are deleted, and so are the conversions of them beside them (`_conversions`: the
+    FFCV pipeline's `train.beton`, DALI records, with their reports), which hold the old images and
+    would be read in place of the new ones; `log` (if given) is told each conversion removed. Every
+    other entry of `root` (the user's notes, runs) is kept. A non-empty folder without a demo set's
+    manifest (none, or a `manifest.json` that is not one) is not ours, and is refused (DataError), as
+    is a `root` that is not a directory.
     """
     manifest = root / "manifest.json"
     wanted = {"version": VERSION, "photographs": list(PHOTOGRAPHS), "train_per_class": train_per_class,
@@ -84,10 +125,16 @@ def build(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -
     if root.is_dir() and previous is None and any(root.iterdir()):
         raise DataError(f"{root} holds files that are not a demo set (it has no demo set's manifest.json); "
                         f"name a new or empty directory for the demo data")
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
+    # first: a removal cut short leaves a set marked incomplete, which the next build rebuilds whatever its arguments
     write_json(manifest, {**wanted, "complete": False})
+    if previous is not None:
+        for path in _conversions(root):
+            _remove(path)
+            if log is not None:
+                log(f"removed {path} (converted from the demo set's old images)")
+        for split in SPLITS:
+            _remove(root / split)
     rng = np.random.default_rng(seed)
     for name in PHOTOGRAPHS:
         image = load_photograph(name)

@@ -3,6 +3,7 @@ reused when complete; the command's ImageNet-like set."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -31,6 +32,71 @@ def test_build_makes_a_deterministic_image_folder_and_reuses_it(tmp_path):
     assert marker.exists()
     build(root, train_per_class=1, val_per_class=1, seed=3)  # other arguments: rebuilt from scratch
     assert not marker.exists() and json.loads((root / "manifest.json").read_text())["train_per_class"] == 1
+    assert len(list((root / "train").rglob("*.jpg"))) == len(PHOTOGRAPHS)
+
+
+def _user_files_and_old_conversions(root):
+    """Beside a built demo set: the user's notes and run, conversions of its splits (the FFCV pipeline's
+    train.beton, an unfinished one's work directory, DALI records under a name of the user's) and a .beton
+    of another source."""
+    (root / "NOTES.txt").write_text("keep")
+    (root / "myrun").mkdir()
+    (root / "myrun" / "important.pth").write_bytes(b"weights")
+    for output, source in (("train.beton", root / "train"), ("shards", root / "val"), ("mine.beton", root.parent)):
+        (root / f"{output}.report.json").write_text(json.dumps({"source": str(source), "output": str(root / output)}))
+    (root / "train.beton").write_bytes(b"old images")
+    (root / ".val.beton.parts").mkdir()
+    (root / ".val.beton.parts" / "job.json").write_text("{}")
+    (root / "shards").mkdir()
+    (root / "shards" / "dataset.json").write_text("{}")
+    (root / "mine.beton").write_bytes(b"another source")
+
+
+def test_a_rebuild_replaces_only_the_set_and_its_conversions(tmp_path):
+    """A rebuild deleted the whole folder, the user's files in it too. It removes train/, val/ and the
+    conversions of them (a stale train.beton of the same file names would be read as current), nothing else."""
+    root = build(tmp_path / "demo", train_per_class=1, val_per_class=1)
+    _user_files_and_old_conversions(root)
+    old = (root / "train" / PHOTOGRAPHS[0] / f"{PHOTOGRAPHS[0]}_0000.jpg").read_bytes()
+    build(root, train_per_class=1, val_per_class=1, seed=1)
+    assert sorted(p.name for p in root.iterdir()) == ["NOTES.txt", "manifest.json", "mine.beton",
+                                                      "mine.beton.report.json", "myrun", "train", "val"]
+    assert (root / "NOTES.txt").read_text() == "keep" and (root / "myrun" / "important.pth").read_bytes() == b"weights"
+    assert (root / "mine.beton").read_bytes() == b"another source"
+    assert json.loads((root / "manifest.json").read_text())["seed"] == 1
+    assert (root / "train" / PHOTOGRAPHS[0] / f"{PHOTOGRAPHS[0]}_0000.jpg").read_bytes() != old
+    assert [len(list((root / split).rglob("*.jpg"))) for split in ("train", "val")] == [len(PHOTOGRAPHS)] * 2
+
+
+def test_the_command_names_each_old_conversion_a_rebuild_removes(tmp_path, capsys):
+    from tools.make_demo_data import main
+    root = tmp_path / "demo"
+    main([str(root), "--train-per-class", "1", "--val-per-class", "1"])
+    _user_files_and_old_conversions(root)
+    capsys.readouterr()
+    main([str(root), "--train-per-class", "1", "--val-per-class", "1", "--seed", "1"])
+    removed = ["shards", "shards.report.json", "train.beton", "train.beton.report.json", ".val.beton.parts"]
+    assert capsys.readouterr().out.splitlines() == [
+        *(f"removed {root / name} (converted from the demo set's old images)" for name in removed),
+        f"demo dataset: {root} ({len(PHOTOGRAPHS)} classes, {2 * len(PHOTOGRAPHS)} JPEGs)"]
+    assert (root / "NOTES.txt").read_text() == "keep" and (root / "myrun" / "important.pth").is_file()
+
+
+def test_a_rebuild_cut_short_while_removing_is_rebuilt_by_the_next_build(tmp_path, monkeypatch):
+    """The old set is marked incomplete before anything of it is removed: a Ctrl-C there, then a build with the old
+    arguments, must not reuse a set that lost its train/ or its images."""
+    import pipelines.demo_data
+    root = build(tmp_path / "demo", train_per_class=1, val_per_class=1)
+    with monkeypatch.context() as patch:
+        def stopped(path):
+            raise KeyboardInterrupt
+        patch.setattr(pipelines.demo_data, "_remove", stopped)
+        (root / "train.beton").write_bytes(b"old images")
+        with pytest.raises(KeyboardInterrupt):
+            build(root, train_per_class=1, val_per_class=1, seed=1)
+    shutil.rmtree(root / "train")  # as if the Ctrl-C had come part-way through train/
+    build(root, train_per_class=1, val_per_class=1)
+    assert "complete" not in json.loads((root / "manifest.json").read_text()) and not (root / "train.beton").exists()
     assert len(list((root / "train").rglob("*.jpg"))) == len(PHOTOGRAPHS)
 
 
@@ -116,12 +182,23 @@ def test_a_negative_seed_is_one_error_line_before_anything_is_written(tmp_path, 
     assert capsys.readouterr().err == "error: --seed must be at least 0, got -1 (see --help)\n"
 
 
+def test_fewer_imagenet_like_images_than_classes_says_how_many_classes_it_holds(tmp_path, capsys):
+    """Image i is in class i % --classes: 4 images of 8 classes are 4 class folders, not the 8 it reported."""
+    from tools.make_demo_data import main
+    root = tmp_path / "inl"
+    main(["--imagenet-like", "4", str(root), "--classes", "8", "--workers", "1"])
+    assert capsys.readouterr().out == (f"ImageNet-like dataset: {root} (4 classes, 4 JPEGs; the other 4 of --classes 8 "
+                                       f"get images once N is at least 8)\n")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [f"n{c:08d}" for c in range(4)]
+
+
 def test_the_imagenet_like_command_writes_the_set_and_rejects_bad_workers(tmp_path, monkeypatch, capsys):
     from tools.make_demo_data import main
     root = tmp_path / "inl"
     monkeypatch.setattr("sys.argv", ["make_demo_data", "--imagenet-like", "6", str(root), "--workers", "2"])
     main()
-    assert capsys.readouterr().out == f"ImageNet-like dataset: {root} (10 classes, 6 JPEGs)\n"
+    assert capsys.readouterr().out == (f"ImageNet-like dataset: {root} (6 classes, 6 JPEGs; the other 4 of --classes "
+                                       f"10 get images once N is at least 10)\n")
     assert len(list(root.rglob("*.jpg"))) == 6
     monkeypatch.setattr("sys.argv", ["make_demo_data", "--imagenet-like", "6", str(root), "--workers", "0"])
     with pytest.raises(SystemExit) as exit_:

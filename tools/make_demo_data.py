@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.errors import CliParser, UserError, cli_errors, exit_on_interrupt, flat_message
+from bt_fast.errors import CliParser, UserError, cli_errors, exit_on_interrupt, flat_message, say
 
 with exit_on_interrupt("while starting"):
     from bt_fast.host import usable_cores
@@ -37,6 +37,15 @@ def _writing(what: str, root: Path, command: str) -> Iterator[None]:
             raise  # not a write of `root` (a worker pool's lock in a full /dev/shm names no file): as it is
         raise UserError(f"cannot write {what} into {root} ({failed}: {err.strerror or flat_message(err)}); "
                         f"give a folder you can write to: {command}") from None
+
+
+def _imagenet_like_line(root: str, count: int, classes: int) -> str:
+    """The result line of a `count`-image set of `classes`: image i is in class i % classes, so fewer images than
+    classes leave the last classes without a folder until a larger N writes them."""
+    made = f"{min(count, classes)} classes, {count} JPEGs"
+    if count < classes:
+        made += f"; the other {classes - count} of --classes {classes} get images once N is at least {classes}"
+    return f"ImageNet-like dataset: {root} ({made})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
         with cli_errors(OSError), exit_on_interrupt(outcome=kept), _writing("the ImageNet-like set", Path(root), again):
             write_imagenet_like(Path(root), int(count), num_classes=args.classes, seed=args.seed,
                                 workers=args.workers)
-        print(f"ImageNet-like dataset: {root} ({args.classes} classes, {int(count)} JPEGs)")
+        print(_imagenet_like_line(root, int(count), args.classes))
         return
     with cli_errors(OSError), exit_on_interrupt(outcome=f"the same command builds {args.root} again"), \
             _writing("the demo set", args.root, "python -m tools.make_demo_data DIR"):
-        build(args.root, args.train_per_class, args.val_per_class, args.seed)
+        build(args.root, args.train_per_class, args.val_per_class, args.seed, log=say)
     count = sum(1 for _ in args.root.rglob("*.jpg"))
     print(f"demo dataset: {args.root} ({len(PHOTOGRAPHS)} classes, {count} JPEGs)")
 
