@@ -191,6 +191,7 @@ def _yaml_value(text: str) -> Any:
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Convert `value` to the type of the field's default, or fail naming the key."""
+    written = str(value) if isinstance(value, UnparsedText) else value
     if isinstance(value, UnparsedText):
         if isinstance(current, str):  # a string key keeps its text: out_dir=010 stays "010"
             return str(value)
@@ -207,7 +208,9 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(current):
             raise ConfigError(f"config key '{key}' expects a list of {len(current)} numbers, got {value!r}")
         return tuple(_coerce(v, c, key) for v, c in zip(value, current))
-    if isinstance(current, (int, float)) and not isinstance(value, bool):
+    if isinstance(current, (int, float)):
+        if isinstance(value, bool):  # YAML reads true, yes and on as True, which float() would take for 1
+            raise ConfigError(f"config key '{key}' expects a number, got {written!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):

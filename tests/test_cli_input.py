@@ -378,6 +378,15 @@ def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, messa
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("text", ["lr_weights: true\n", "lr_weights: yes\n"])
+def test_a_flag_where_a_number_goes_is_refused_as_no_number(text, tmp_path):
+    # "has an unsupported value True" named no type to give, and YAML's True stood for what was written.
+    assert config_file_error(text, tmp_path)[1] == f"config key 'lr_weights' expects a number, got {text[12:-1]!r}"
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"lr_weights={text[12:-1]}"])
+    assert str(err.value) == f"config key 'lr_weights' expects a number, got {text[12:-1]!r}"
+
+
 def test_a_config_files_text_values_keep_their_text_and_its_numbers_read_as_yaml_reads_them(tmp_path):
     """YAML 1.1 reads `010` as 8, `2024_06_01` as 20240601, `12:30` as 750 (base 60) and `yes` as True: a run
     with `out_dir: 010` in its config file wrote into a folder named 8. The command line kept these as text;
