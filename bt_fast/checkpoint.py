@@ -264,6 +264,20 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
+def cut_short(path: Path) -> bool:
+    """Whether `path` begins as torch.save's zip archive does but lacks the directory that ends a complete
+    one: a write or a copy that stopped part-way."""
+    try:
+        with open(path, "rb") as file:
+            starts_as_zip = file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+    return starts_as_zip and not zipfile.is_zipfile(path)
+
+
+CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at `path`, or a CheckpointError saying what to do. With `mmap`, tensors stay on
     disk until used: a cheap check that the file is complete (its zip directory sits at the end).
@@ -285,20 +299,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
                f"delete it to start afresh," if previous.is_file() else "delete it")
     raise CheckpointError(f"checkpoint {path} {reason}; {way_out} or choose another out_dir")
-
-
-def cut_short(path: Path) -> bool:
-    """Whether `path` begins as torch.save's zip archive does but lacks the directory that ends a complete
-    one: a write or a copy that stopped part-way."""
-    try:
-        with open(path, "rb") as file:
-            starts_as_zip = file.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
-    return starts_as_zip and not zipfile.is_zipfile(path)
-
-
-CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
 
 
 def damaged_entry(path: Path) -> str | None:

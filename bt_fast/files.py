@@ -81,7 +81,7 @@ def _refuse_special_file(path: Path) -> None:
         return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a named pipe" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "no regular file")
+                else "a socket" if stat.S_ISSOCK(mode) else "a special file")
         raise OSError(errno.EEXIST, f"it is {kind}, not a file to replace", str(path))
 
 
