@@ -318,6 +318,9 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, unique_keys: bool = False) -> Config:
     """The defaults, then the YAML file at `path`, then `overrides` (`parse_overrides`), validated."""
     config = Config()
+    if isinstance(path, str) and not path.strip():  # `--config "$CONFIG"` with the variable unset: not the defaults
+        raise ConfigError("the config file's name is empty (an unset shell variable?); give a YAML file (see "
+                          "configs/), or no --config for the defaults")
     if path:
         path = Path(path)
         if not path.is_file():

@@ -378,6 +378,15 @@ def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, messa
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("module", ["bt_fast.train", "tools.preview"])
+def test_an_empty_config_file_name_is_refused_not_read_as_the_defaults(module, capsys):
+    """`--config "$CONFIG"` with CONFIG unset trained the paper's recipe (ResNet-50, batch 2048, 1000 epochs)."""
+    code, err = run_command(module, ["--config", "", "--check"] if module == "bt_fast.train" else ["--config", " "],
+                            capsys)
+    assert code == 2 and err == ["error: the config file's name is empty (an unset shell variable?); give a YAML "
+                                 "file (see configs/), or no --config for the defaults"]
+
+
 @pytest.mark.parametrize("text", ["lr_weights: true\n", "lr_weights: yes\n"])
 def test_a_flag_where_a_number_goes_is_refused_as_no_number(text, tmp_path):
     # "has an unsupported value True" named no type to give, and YAML's True stood for what was written.
