@@ -2,10 +2,12 @@
 
 `bt_fast.train` runs these checks on every rank, and `tools.launch` once before it starts any,
 so a wrong name or path, or a forbidden rerun, is one line, not one per rank and restart. This module
-imports neither torchvision nor any pipeline, which would double the launcher's start-up.
+imports neither torchvision nor any pipeline, which would double the launcher's start-up (only, where a check
+needs them, the listing and naming helpers of `pipelines.image_folder` and `pipelines.ffcv_format`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -155,6 +157,16 @@ def check_not_a_split_root(config: Config) -> None:
                           f"splits as two classes; give data={data / 'train'}")
 
 
+def check_data_has_classes(config: Config) -> None:
+    """The DataError the pipeline would raise once started, where `data` is a directory of images with no class
+    directory in it (`--check` and the launcher passed it)."""
+    from pipelines.image_folder import has_a_class, no_images
+    data = Path(config.data) if config.data else None
+    with contextlib.suppress(OSError):  # an unreadable folder: the pipeline's listing says how
+        if data is not None and data.is_dir() and not has_a_class(data):
+            raise no_images(data)
+
+
 def check_out_dir_outside_the_data(config: Config) -> None:
     """A ConfigError if `out_dir` is, or lies inside, an image folder the run reads (`data`, `knn_train`,
     `knn_val`): its checkpoints, plots and logs would be listed as that dataset's images and classes."""
@@ -201,6 +213,7 @@ def check_run_inputs(config: Config) -> None:
     check_data_given(config)
     check_data_exists(config)
     check_not_a_split_root(config)
+    check_data_has_classes(config)
     check_dali_records(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)

@@ -36,8 +36,19 @@ def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
         raise _unreadable(str(root), err) from None
     samples = SampleList((path, label) for label, name in enumerate(classes) for path in _images_below(str(root / name)))
     if not samples:
-        raise DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
+        raise no_images(root)
     return classes, samples
+
+
+def no_images(root: Path) -> DataError:
+    return DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
+
+
+def has_a_class(root: str | Path) -> bool:
+    """Whether the directory `root` holds a class directory, found without listing more of it than that takes
+    (the launcher's check of a run must not list ImageNet); an entry `_is_class` refuses is a DataError."""
+    with os.scandir(root) as entries:
+        return any(not entry.name.startswith(".") and _is_class(entry) for entry in entries)
 
 
 def image_folder_root(root: str | Path) -> Path:

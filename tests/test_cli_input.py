@@ -10,6 +10,7 @@ import yaml
 
 from bt_fast.config import ConfigError, load_config
 from bt_fast.files import atomic_write, check_output_file
+from conftest import write_image_folder
 from test_reliability import tiny_args
 
 COMMANDS = ("bt_fast.train", "tools.convert", "tools.evaluate", "tools.plot", "tools.preview",
@@ -329,6 +330,21 @@ def test_make_demo_data_refuses_counts_it_would_ignore_or_misuse(argv, message, 
     code, err = run_command("tools.make_demo_data", argv, capsys)
     assert code == 2 and err == [f"error: {message} (see --help)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_of_images_without_class_folders_fails_the_check_as_it_fails_the_run(tmp_path, capsys):
+    """`--check` (and so the launcher) passed it; the run then stopped at its first listing."""
+    loose = tmp_path / "photos"
+    write_image_folder(loose, classes=1, per_class=2)
+    for image in (loose / "class0").iterdir():
+        image.rename(loose / image.name)
+    (loose / "class0").rmdir()
+    message = (f"error: data directory {loose} holds no images in class sub-directories (expected "
+               f"{loose}/<class>/<image>.jpg)")
+    for check in (["--check"], []):
+        code, err = run_command("bt_fast.train", [*tiny_args(loose, tmp_path / "run"), *check], capsys)
+        assert code == 2 and err == [message]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_path, capsys):
