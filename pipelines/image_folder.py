@@ -41,7 +41,8 @@ def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
 
 
 def no_images(root: Path) -> DataError:
-    return DataError(f"data directory {root} holds no images in class sub-directories (expected {root}/<class>/<image>.jpg)")
+    return DataError(f"data directory {root} holds no images in class sub-directories (expected "
+                     f"{root}/<class>/<image>.jpg)")
 
 
 def has_a_class(root: str | Path) -> bool:
