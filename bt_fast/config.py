@@ -240,6 +240,8 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{key}'{hint}")
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, UnparsedText) and not value.strip():  # `augment:` with every line commented out
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; give '{key}.<field>=...'")
             _apply(current, value, prefix=f"{key}.")

@@ -394,6 +394,16 @@ def test_an_override_that_is_no_yaml_value_is_refused_by_its_key(override, messa
     assert str(err.value) == message
 
 
+def test_a_config_section_with_every_line_commented_out_changes_nothing_and_a_value_for_it_is_refused(tmp_path):
+    # "config key 'augment' is a section; give 'augment.<field>=...'": command-line advice for a file's section
+    path = tmp_path / "config.yaml"
+    path.write_text("epochs: 3\naugment:\n#  image_size: 64\n")
+    assert load_config(path).augment == load_config().augment and load_config(path).epochs == 3
+    path.write_text("augment: 64\n")
+    with pytest.raises(ConfigError, match=r"^config key 'augment' is a section; give 'augment\.<field>=\.\.\.'$"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("module", ["bt_fast.train", "tools.preview"])
 def test_an_empty_config_file_name_is_refused_not_read_as_the_defaults(module, capsys):
     """`--config "$CONFIG"` with CONFIG unset trained the paper's recipe (ResNet-50, batch 2048, 1000 epochs)."""
