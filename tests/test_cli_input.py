@@ -84,6 +84,15 @@ def test_a_symbolic_link_given_as_output_is_written_through_and_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "plots"]
 
 
+def test_a_run_given_twice_to_the_plot_is_refused(tmp_path, capsys):
+    """The two curves shared one label and were drawn as one, exit 0."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    code, err = run_command("tools.plot", [str(tmp_path), str(tmp_path / "metrics.jsonl"), "--out",
+                                           str(tmp_path / "plot.png")], capsys)
+    assert code == 2 and err == [f"error: run {tmp_path} is given twice; give each run once"]
+    assert not (tmp_path / "plot.png").exists()
+
+
 def test_the_plot_of_a_run_cannot_be_written_over_its_log(tmp_path, capsys):
     """`--out RUN/metrics.jsonl` replaced the run's whole log with a PNG image, exit 0."""
     log = tmp_path / "metrics.jsonl"

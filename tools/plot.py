@@ -43,6 +43,10 @@ def load_runs(paths: list[Path]) -> dict[str, Curves]:
     for path, file in zip(paths, files):
         if not file.is_file():
             raise UserError(f"run {path} has no {METRICS_NAME}; give a run's out_dir or its {METRICS_NAME}")
+    resolved = [file.resolve() for file in files]
+    again = next((path for path, file in zip(paths, resolved) if resolved.count(file) > 1), None)
+    if again is not None:  # its curves would be drawn once, under one label
+        raise UserError(f"run {again} is given twice; give each run once")
     names = [file.parent.name for file in files]
     labels = [name if names.count(name) == 1 else str(file.parent) for name, file in zip(names, files)]
     return {label: read_curves(file) for label, file in zip(labels, files)}
