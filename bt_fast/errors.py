@@ -73,11 +73,9 @@ def lost_dataloader_worker(err: BaseException) -> str | None:
 def out_of_memory(err: BaseException) -> tuple[str, str] | None:
     """Where `err` says memory ran out, (which memory, how much was asked for): ("GPU", "2.00 GiB") for torch's
     OutOfMemoryError (a device allocator's), ("host", "9.0 MiB") for torch's CPU allocator's RuntimeError
-    ("can't allocate memory: you tried to allocate N bytes") or Python's MemoryError; None for any other error,
-    our own UserErrors included (they say what ran out themselves). The amount is "" where the message gives
-    none."""
-    if isinstance(err, UserError):
-        return None
+    ("can't allocate memory: you tried to allocate N bytes") or Python's MemoryError; None for any other error.
+    The amount is "" where the message gives none. Callers let our own UserErrors through before asking: they
+    say what ran out themselves."""
     text = flat_message(err)
     if any(kind.__name__ == "OutOfMemoryError" for kind in type(err).__mro__):  # without importing torch here
         asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
