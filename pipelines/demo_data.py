@@ -80,13 +80,14 @@ def _converted_from(entry: Path, sources: set[Path]) -> bool:
 
 def _conversions(root: Path) -> list[Path]:
     """What the project derived from the splits of the demo set in `root` and keeps beside them: the .beton that
-    the FFCV pipeline converts `root/<split>` to on first use (`pipelines.ffcv_format.beton_path`), its unfinished
+    the FFCV pipeline converts `root/<split>` to on first use (`pipelines.ffcv_format.beton_beside`), its unfinished
     work directory, and every entry of `root` whose report names a split as its source (tools.convert's .beton or
     DALI records), each with that report."""
     from pipelines.convert import report_path
     from pipelines.convert_parts import work_dir
+    from pipelines.ffcv_format import beton_beside
     sources = {(root / split).resolve() for split in SPLITS}
-    outputs = {root / f"{split}.beton" for split in SPLITS}
+    outputs = {beton_beside(root / split) for split in SPLITS}
     outputs |= {entry for entry in root.iterdir() if entry.name not in SPLITS and _converted_from(entry, sources)}
     derived = [path for output in sorted(outputs) for path in (output, report_path(output), work_dir(output))]
     return [path for path in derived if path.exists() or path.is_symlink()]

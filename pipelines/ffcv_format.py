@@ -38,7 +38,12 @@ def beton_path(config: Config) -> Path:
         raise DataError("pipeline 'ffcv' needs data=<ImageFolder> (converted on first use) or ffcv.beton=<file.beton>")
     if config.data.endswith(".beton") and Path(config.data).is_file():  # data= names the dataset itself
         return Path(config.data)
-    return Path(config.data.rstrip("/") + ".beton")
+    return beton_beside(config.data)
+
+
+def beton_beside(folder: str | Path) -> Path:
+    """Where an ImageFolder's first-use conversion goes: `<folder>.beton`, beside it."""
+    return Path(str(folder).rstrip("/") + ".beton")
 
 
 def open_beton(path: Path) -> "Reader":
