@@ -366,7 +366,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
             progress: bool = True, starting: Callable[[], None] | None = None) -> dict:
     """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`).
 
-    `workers` defaults to the cores this process may use (`usable_cores()`); `shard_size` is samples per tar shard (dali), which
+    `workers` defaults to, and is capped by, the cores this process may use (`usable_cores()`: more would
+    only share them, each with its own memory); `shard_size` is samples per tar shard (dali), which
     is also its resumable part; `part_size` is images per resumable part (ffcv). `starting` is called once SRC
     is listed and DST found usable, before anything is written: where a caller announces the work, which an
     unusable input then never shows.
@@ -376,6 +377,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     """
     workers = workers if workers is not None else usable_cores()
     _check_args(fmt, max_resolution, jpeg_quality, workers, shard_size, part_size)
+    workers = min(workers, usable_cores())
     src, dst = Path(src), _named(Path(dst))
     check_outside_source(src, dst, fmt)
     check_destination(src, dst, force)

@@ -141,7 +141,7 @@ def _write_image(root: Path, num_classes: int, seed: int, index: int) -> None:
 def _write_images(root: Path, indices: list[int], num_classes: int, seed: int, workers: int) -> None:
     """Images `indices` of the set, over `workers` processes (in this one when 1, or for a single image)."""
     write = partial(_write_image, root, num_classes, seed)
-    workers = min(workers, len(indices))
+    workers = min(workers, len(indices), usable_cores())
     if workers <= 1:
         for index in indices:
             write(index)
@@ -172,7 +172,7 @@ def write_imagenet_like(root: str | Path, count: int, num_classes: int = 10, see
                         workers: int | None = None) -> Path:
     """Write (or complete) the `count`-image set described above under `root`; returns `root`.
 
-    The missing images are rendered and written by `workers` processes (default: `usable_cores()`);
+    The missing images are rendered and written by `workers` processes (default and cap: `usable_cores()`);
     the files are the same whatever their number. Raises DataError if `root` holds anything but such
     a set with the same `num_classes` and `seed` (a set with another `count` is grown or trimmed to
     `count`), is not a directory, or if `workers` is below 1.

@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from bt_fast.errors import StorageError
+from bt_fast.host import usable_cores
 from conftest import modules_loaded_by
+from pipelines import convert as convert_module
 from pipelines.convert import convert, work_dir
 from pipelines.dali_format import ShardWriter
 from pipelines.ffcv_format import BetonPart, page_size_for
@@ -603,6 +605,13 @@ def test_a_source_that_cannot_be_read_is_named_as_such_not_as_a_failed_write(kin
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_workers_beyond_the_usable_cores_are_not_started(source, tmp_path, monkeypatch):
+    started, pool = [], convert_module.worker_pool
+    monkeypatch.setattr(convert_module, "worker_pool", lambda workers: started.append(workers) or pool(min(workers, 2)))
+    convert(source[0], tmp_path / "shards", "dali", max_resolution=MAX_RES, workers=3000, progress=False)
+    assert started == [usable_cores()]  # more would only share the cores, each with its own memory
+
+
 def test_cli_subprocess_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.convert", str(tmp_path / "nope"), str(tmp_path / "o"),
                              "--format", "dali"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -1129,7 +1138,6 @@ def test_sixteen_bit_rgb_png_is_noted_and_keeps_the_high_byte(tmp_path):
 def test_an_unchanged_folder_is_not_rescanned_at_start(source, tmp_path, monkeypatch):
     """`source_change` compares the recorded `source_state` (one stat per class) before any rescan."""
     import shutil
-    import pipelines.convert as convert_module
 
     data = tmp_path / "folder"
     shutil.copytree(source[0], data)

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from bt_fast.errors import DataError
+from bt_fast.host import usable_cores
+from pipelines import imagenet_like
 from pipelines.image_folder import find_image_folder
 from pipelines.imagenet_like import BLOCK, MANIFEST, _write_image, write_imagenet_like
 
@@ -113,9 +115,18 @@ def test_a_manifest_it_did_not_write_is_refused_in_one_line(tmp_path, manifest):
     assert [p.name for p in (tmp_path / "set").iterdir()] == [MANIFEST]
 
 
-def test_the_files_do_not_depend_on_the_number_of_workers(block, tmp_path):
+def test_the_files_do_not_depend_on_the_number_of_workers(block, tmp_path, monkeypatch):
+    started = []
+
+    class Recorded(imagenet_like.WorkerPool):  # starts at most the usable cores, the count asked recorded
+        def __init__(self, processes: int):
+            started.append(processes)
+            super().__init__(min(processes, usable_cores()))
+
+    monkeypatch.setattr(imagenet_like, "WorkerPool", Recorded)
     one = write_imagenet_like(tmp_path / "one", 24, num_classes=10, seed=0, workers=1)
-    two = write_imagenet_like(tmp_path / "two", 24, num_classes=10, seed=0, workers=2)
+    two = write_imagenet_like(tmp_path / "two", 24, num_classes=10, seed=0, workers=3000)
+    assert started == ([usable_cores()] if usable_cores() > 1 else [])  # no more processes than cores
     files = {p.relative_to(one): p.read_bytes() for p in one.rglob("*.jpg")}
     assert len(files) == 24 and {p.relative_to(two): p.read_bytes() for p in two.rglob("*.jpg")} == files
     assert all((block / name).read_bytes() == data for name, data in files.items())  # the block's first 24

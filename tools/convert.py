@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="JPEG quality for re-encoded images (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes (default: the cores this process may use)")
+                        help="worker processes (default and cap: the cores this process may use)")
     parser.add_argument("--force", action="store_true",
                         help="replace a previous output of tools.convert at DST (nothing else is ever replaced)")
     for name, (fmt, default, what) in FORMAT_OPTIONS.items():  # None: not given (see `format_options`)
