@@ -32,7 +32,7 @@ import yaml
 
 from bt_fast.config import Config
 from bt_fast.files import atomic_write, atomic_write_text, write_json
-from bt_fast.metrics_file import METRICS_NAME, numbered_lines, numbered_metrics
+from bt_fast.metrics_file import METRICS_NAME, is_torn, lines_without_records, numbered_lines, numbered_metrics
 from bt_fast.plots import Curves, curve_step, plot_runs, save_png, unplottable
 from bt_fast.preflight import tensorboard_writer_class
 from pipelines.views import pair_grid
@@ -85,7 +85,7 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     def kept() -> Iterator[bytes]:
         for number, line, record in numbered_lines(path):
             if record is None:
-                if not line.endswith("\n"):  # torn; the last line, as only the last can lack its newline
+                if is_torn(line):  # the last line, as only the last can lack its newline
                     continue
                 foreign.append(number)
             elif curve_step(record) is not None and record["step"] > step:
@@ -94,10 +94,8 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
 
     atomic_write(path, lambda handle: handle.writelines(kept()))
     if foreign:
-        which = f"line {foreign[0]} holds" if len(foreign) == 1 else \
-            f"{len(foreign)} lines, the first line {foreign[0]}, hold"
-        print(f"warning: {path} {which} no metrics record (a JSON object with a step); kept in the file, left out "
-              f"of {PLOT_NAME} and {SUMMARY_NAME}", file=sys.stderr)
+        print(f"warning: {lines_without_records(path, foreign)}; kept in the file, left out of {PLOT_NAME} and "
+              f"{SUMMARY_NAME}", file=sys.stderr)
 
 
 def metrics_missing(out_dir: Path) -> bool:

@@ -319,6 +319,18 @@ def test_plot_tool_names_the_line_and_field_that_is_not_a_number(tmp_path, capsy
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_tool_warns_of_lines_that_hold_no_record_and_plots_the_rest(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\nnot json\n\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')  # torn last
+    steps, values = plot_tool.read_curves(path).series("loss")
+    assert steps.tolist() == [1, 2] and values.tolist() == [3.0, 2.0]
+    assert capsys.readouterr().err == (f"warning: {path} 2 lines, the first line 2, hold no metrics record (a JSON "
+                                       f"object with a step); left out of the plot\n")
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
+    plot_tool.read_curves(path)
+    assert capsys.readouterr().err == ""  # a killed writer's torn line is no news
+
+
 STEP_OUT_OF_RANGE = "'step' holds an integer outside -2**63..2**63 - 1, the 64-bit range of a step"
 
 

@@ -5,26 +5,32 @@
 A RUN is a run's out_dir (holding metrics.jsonl) or a metrics.jsonl itself; each run's lines are
 labelled with its directory name. A file that cannot be read, a file with no metrics records in it, or a
 record whose step or plotted metric is not a number (or one out of range: a step beyond 64 bits), is refused
-in one line naming the file (and the line and field).
+in one line naming the file (and the line and field). Lines that hold no record (edited in) are left out
+with one warning naming the first; a torn last line (a killed writer's) is left out quietly.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from bt_fast.errors import CliParser, DataError, UserError, cli_errors, exit_on_interrupt, png_file
 
 with exit_on_interrupt("while starting"):  # numpy; matplotlib comes with the first figure
     from bt_fast.plots import Curves, plot_runs, save_png, unplottable
-    from bt_fast.metrics_file import METRICS_NAME, numbered_metrics
+    from bt_fast.metrics_file import METRICS_NAME, is_torn, lines_without_records, numbered_lines
 
 
 def read_curves(file: Path) -> Curves:
     """The curves of one metrics.jsonl; a DataError naming the file if it holds no plotted metric or cannot
     be read (its permissions, a failing disk), or the file, line and field where a record's field is not a
     number."""
-    curves = Curves()
+    curves, foreign = Curves(), []
     try:
-        for number, record in numbered_metrics(file):
+        for number, line, record in numbered_lines(file):
+            if record is None:
+                if not is_torn(line):
+                    foreign.append(number)
+                continue
             reason = unplottable(record)
             if reason is not None:
                 raise DataError(f"{file} line {number}: {reason}; give a {METRICS_NAME} that training wrote")
@@ -34,6 +40,8 @@ def read_curves(file: Path) -> Curves:
     if curves.empty():
         raise DataError(f"{file} holds no metrics records (JSON objects of a step and its loss, one a line); "
                         f"give a run's out_dir or its {METRICS_NAME}")
+    if foreign:
+        print(f"warning: {lines_without_records(file, foreign)}; left out of the plot", file=sys.stderr)
     return curves
 
 
