@@ -68,9 +68,14 @@ def train(config: Config) -> dict:
             if ctx.is_main and not past and metrics_missing(trainer.out_dir):  # its end was cut short
                 recorded = write_summary(config, trainer.steps_per_epoch, trainer.total_steps, None, ctx.device,
                                          ctx.world_size)
+            elif metrics.is_file():
+                recorded = summarise(plotted_metrics(metrics, warn=ctx.is_main), trainer.steps_per_epoch,
+                                     config.batch_size)
             else:
-                recorded = (summarise(plotted_metrics(metrics, warn=ctx.is_main), trainer.steps_per_epoch,
-                                      config.batch_size) if metrics.is_file() else {})
+                recorded = {}
+                if ctx.is_main:
+                    print(f"warning: {metrics} is missing, so the run's images/s (measured in it) is not known",
+                          file=sys.stderr)
             images_per_s = recorded.get("images_per_s")
             first_loss = trainer.first_loss if trainer.first_loss is not None else recorded.get("first_loss")
             last_loss = trainer.last_loss if trainer.last_loss is not None else recorded.get("last_loss")

@@ -224,6 +224,10 @@ def test_resumed_and_rerun_runs_keep_the_artefacts_consistent(image_folder, tmp_
     code, out, _ = run_main(capsys, *args)
     assert code == 0 and out.startswith("run already complete")
     assert records(tmp_path) == lines and summary(tmp_path) == found
+    (tmp_path / "metrics.jsonl").unlink()  # deleted by hand: the figure it held cannot be given
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and ", n/a images/s," in out and err == (
+        f"warning: {tmp_path / 'metrics.jsonl'} is missing, so the run's images/s (measured in it) is not known\n")
 
 
 def test_plot_tool_overlays_runs(knn_run, image_folder, tmp_path, capsys):
