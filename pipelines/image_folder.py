@@ -29,15 +29,34 @@ def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
     no list of every path is ever held.
     """
     root = image_folder_root(root)
-    try:
-        with os.scandir(root) as entries:
-            classes = sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_class(entry))
-    except OSError as err:
-        raise _unreadable(str(root), err) from None
+    classes = _classes(root)
     samples = SampleList((path, label) for label, name in enumerate(classes) for path in _images_below(str(root / name)))
     if not samples:
         raise no_images(root)
     return classes, samples
+
+
+def count_images(root: str | Path, enough: int) -> int:
+    """How many images `find_image_folder` lists in `root`, counted class by class until `enough` are found:
+    the rest of the folder (most of ImageNet) is not listed. The same DataErrors as `find_image_folder`."""
+    root = image_folder_root(root)
+    found = 0
+    for name in _classes(root):
+        found += len(_images_below(str(root / name)))
+        if found >= enough:
+            return found
+    if not found:
+        raise no_images(root)
+    return found
+
+
+def _classes(root: Path) -> list[str]:
+    """The class directories of the ImageFolder `root`, sorted."""
+    try:
+        with os.scandir(root) as entries:
+            return sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_class(entry))
+    except OSError as err:
+        raise _unreadable(str(root), err) from None
 
 
 def no_images(root: Path) -> DataError:

@@ -20,10 +20,11 @@ from bt_fast.errors import StorageError
 from bt_fast.host import usable_cores
 from conftest import modules_loaded_by
 from pipelines import convert as convert_module
+from pipelines import image_folder
 from pipelines.convert import convert, work_dir
 from pipelines.dali_format import ShardWriter
 from pipelines.ffcv_format import BetonPart, page_size_for
-from pipelines.image_folder import find_image_folder
+from pipelines.image_folder import count_images, find_image_folder
 from pipelines.images import ImagePrep, decode_source_image
 from tools.convert import main as convert_main
 
@@ -392,7 +393,7 @@ def test_shard_bytes_are_what_tarfile_writes(tmp_path):
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "stdlib.tar").read_bytes()
 
 
-def test_image_folder_scan_matches_sorted_rglob(tmp_path):
+def test_image_folder_scan_matches_sorted_rglob(tmp_path, monkeypatch):
     """The scandir walk lists exactly what the plain pathlib scan it replaced lists, in its order."""
     from pipelines.image_folder import IMAGE_SUFFIXES
     root = tmp_path / "folder"
@@ -413,6 +414,14 @@ def test_image_folder_scan_matches_sorted_rglob(tmp_path):
                  for p in sorted((root / name).rglob("*"))
                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
     assert classes == ["a", "b", "c", "elsewhere"] and samples == reference and len(samples) == 13
+    # count_images: the same images, counted class by class only as far as `enough` of them
+    per_class = [sum(label == index for _, label in reference) for index in range(len(classes))]
+    listed, below = [], image_folder._images_below
+    monkeypatch.setattr(image_folder, "_images_below", lambda directory: listed.append(directory) or below(directory))
+    for enough in (1, 4, 13, 100):
+        listed.clear()
+        needed = next((k for k in range(1, len(classes) + 1) if sum(per_class[:k]) >= enough), len(classes))
+        assert (count_images(root, enough), len(listed)) == (sum(per_class[:needed]), needed), enough
 
 
 def test_text_list_source(source, tmp_path):

@@ -50,7 +50,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.distributed import resolve_device
     from bt_fast.files import write_json
     from bt_fast.model import BACKBONE_DIM
-    from pipelines.image_folder import find_image_folder
+    from pipelines.image_folder import count_images
     from tools.bench.augment import bench_augment
     from tools.bench.conversion import FORMATS as CONVERSION_FORMATS
     from tools.bench.conversion import bench_conversion
@@ -249,11 +249,12 @@ def resolve_data(args: argparse.Namespace) -> None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
     elif not args.train_child:  # before any section: each would report a missing folder, or one too small, itself
-        _, samples = find_image_folder(args.data)
-        for flag, batch_size in batches_read(args):
-            if len(samples) < batch_size:
-                smaller = f"{flag} {len(samples)} or less, or " if len(samples) >= MIN_BATCH_PER_RANK else ""
-                raise DataError(f"--data {args.data} has {len(samples)} images, fewer than one batch of {flag} "
+        batches = batches_read(args)
+        images = count_images(args.data, max((size for _, size in batches), default=1))  # not all of ImageNet
+        for flag, batch_size in batches:
+            if images < batch_size:
+                smaller = f"{flag} {images} or less, or " if images >= MIN_BATCH_PER_RANK else ""
+                raise DataError(f"--data {args.data} has {images} images, fewer than one batch of {flag} "
                                 f"{batch_size}; pass {smaller}a folder of more images")
 
 
