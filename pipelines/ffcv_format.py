@@ -13,6 +13,7 @@ imports FFCV; reading a `.beton` (`open_beton`) does.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
@@ -155,10 +156,12 @@ PART_ROW = np.dtype([("width", "<u2"), ("height", "<u2"), ("ptr", "<u8"), ("size
 class BetonPart:
     """A run of consecutive samples of a `.beton`, written as FFCV's `DatasetWriter` with one worker
     writes its data region: each sample's JPEG goes into the current page if it fits, else into a
-    new zero-filled page (a sample never spans pages), and every page is written whole.
+    new zero-filled page (a sample never spans pages), and every page is whole.
 
-    The pages go to `handle` from its current position, a page boundary; `close()` returns one
-    `PART_ROW` per sample with `ptr` relative to the part's first page and leaves `handle` open,
+    The pages go to `handle` from its current position, a page boundary, with nothing after it in the
+    file: a page's unused end is skipped, not written, so it reads as zeros and takes no disk where the
+    file system keeps holes (a page of a large `max_resolution` is up to 2 GiB; docs/performance.md). `close()` returns one `PART_ROW` per
+    sample with `ptr` relative to the part's first page and leaves `handle` open, at the file's end
     after the part's last page. `finish_beton` writes the tables that make the pages a `.beton`.
     """
 
@@ -170,7 +173,7 @@ class BetonPart:
         self.rows: list[tuple[int, int, int, int, int]] = []
 
     def _end_page(self) -> None:
-        self.handle.write(bytes(self.page_size - self.used))
+        self.handle.seek(self.page_size - self.used, os.SEEK_CUR)
         self.pages_written += 1
         self.used = 0
 
@@ -186,6 +189,7 @@ class BetonPart:
     def close(self) -> np.ndarray:
         if self.rows:
             self._end_page()
+            self.handle.truncate()  # a seek alone does not move the file's end
         return np.array(self.rows, dtype=PART_ROW)
 
 
