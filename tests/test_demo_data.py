@@ -162,6 +162,18 @@ def test_a_set_cut_short_is_rebuilt(tmp_path, monkeypatch):
     assert len(list((root / "train").rglob("*.jpg"))) == 2 * len(PHOTOGRAPHS)
 
 
+def test_each_image_is_written_before_the_next_is_made(tmp_path, monkeypatch):
+    """A class's crops are not all held before the first is written (10,000 of them are 5.6 GB)."""
+    import pipelines.demo_data
+    made, saved_after = [], []
+    monkeypatch.setattr(pipelines.demo_data.Image, "fromarray",
+                        lambda *args, fromarray=Image.fromarray: made.append(1) or fromarray(*args))
+    monkeypatch.setattr(Image.Image, "save", lambda image, *args, save=Image.Image.save, **kw:
+                        saved_after.append(len(made)) or save(image, *args, **kw))
+    build(tmp_path / "demo", train_per_class=3, val_per_class=2)
+    assert saved_after == list(range(1, 5 * len(PHOTOGRAPHS) + 1))
+
+
 def test_a_demo_folder_given_with_imagenet_like_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
     from tools.make_demo_data import main
     monkeypatch.setattr("sys.argv", ["make_demo_data", str(tmp_path / "demo"), "--imagenet-like", "3",
