@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,7 +37,7 @@ from bt_fast.config import MIN_BATCH_PER_RANK
 from bt_fast.errors import DataError
 from bt_fast.files import remove_stale_temporaries
 from bt_fast.knn import LabelledImageFolder, eval_loader, extract_features_multi, train_transform
-from bt_fast.linear_probe import linear_topk, new_linear
+from bt_fast.linear_probe import cross_entropy_step, linear_topk, new_linear
 from bt_fast.progress import progress
 from bt_fast.run_lock import RunLock
 from bt_fast.schedule import epoch_cosine
@@ -320,10 +319,6 @@ def train_epoch(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Op
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         for i, (model, optimizer) in enumerate(zip(models, optimizers)):
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            totals[i] = totals[i] + loss.detach().double() * labels.shape[0]
+            totals[i] = totals[i] + cross_entropy_step(model, optimizer, images, labels)
         count += labels.shape[0]
     return [float(total) / count for total in totals]

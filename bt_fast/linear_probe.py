@@ -33,6 +33,17 @@ def new_linear(in_dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
     return linear
 
 
+def cross_entropy_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """One SGD step of `model` on the cross-entropy of a batch; the batch's summed loss, a float64 tensor
+    on the device (callers add these up and read the total once per epoch)."""
+    loss = F.cross_entropy(model(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().double() * labels.shape[0]
+
+
 def fit_linears(linears: Sequence[nn.Linear], epoch_batches: EpochBatches, epochs: int, lr: float = 0.3,
                 weight_decay: float = 1e-6, on_epoch: Callable[[int, float], None] | None = None) -> None:
     """Train each linear layer on its own features; `on_epoch(epoch, mean loss)` after every epoch."""
@@ -47,11 +58,7 @@ def fit_linears(linears: Sequence[nn.Linear], epoch_batches: EpochBatches, epoch
             for linear, optimizer, x in zip(linears, optimizers, features):
                 for group in optimizer.param_groups:
                     group["lr"] = epoch_lr
-                loss = F.cross_entropy(linear(x), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total = total + loss.detach().double() * labels.shape[0]
+                total = total + cross_entropy_step(linear, optimizer, x, labels)
             count += labels.shape[0] * len(linears)
         if on_epoch:
             on_epoch(epoch, float(total) / max(count, 1))
