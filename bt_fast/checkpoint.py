@@ -275,6 +275,17 @@ def cut_short(path: Path) -> bool:
     return starts_as_zip and not zipfile.is_zipfile(path)
 
 
+def not_torch_saved(path: Path) -> bool:
+    """Whether `path` begins as no file torch.save writes: neither as its zip archive nor as the pickle of its
+    older format (a config, an image, text)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return False
+    return not head.startswith((b"PK\x03\x04", b"\x80"))
+
+
 CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
 
 
@@ -292,7 +303,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
                               f"rerun") from None
     except Exception as err:  # unpickling errors come in many types; all mean the same to the user
         if out_of_memory(err):  # the file may well be good: no advice to delete it
-            raise CheckpointError(f"checkpoint {path} does not fit in memory here ({flat_message(err)[:200]}); "
+            raise CheckpointError(f"checkpoint {path} does not fit in memory here ({flat_message(err, 200)}); "
                                   f"free memory and rerun") from None
         reason = CUT_SHORT if cut_short(Path(path)) else f"cannot be read ({type(err).__name__})"
     previous = previous_path(Path(path))

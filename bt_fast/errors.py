@@ -104,10 +104,14 @@ def lost_peer(err: BaseException) -> str | None:
     return None
 
 
-def flat_message(err: BaseException) -> str:
+def flat_message(err: BaseException, limit: int | None = None) -> str:
     """`err`'s whole message on one line (each run of white space, newlines included, one space), or its type's
-    name where it has none."""
-    return " ".join(str(err).split()) or type(err).__name__
+    name where it has none; with `limit`, one longer than that many characters is cut after a whole word, '...'
+    marking the cut."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if limit is None or len(text) <= limit:
+        return text
+    return text[:limit - 3].rsplit(" ", 1)[0] + "..."
 
 
 def one_line(err: BaseException) -> str:

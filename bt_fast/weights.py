@@ -25,8 +25,9 @@ from torch import nn
 import yaml
 
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CUT_SHORT, CheckpointError, Progress, cut_short,
-                                previous_path, saved_progress)
+                                not_torch_saved, previous_path, saved_progress)
 from bt_fast.config import check_choice
+from bt_fast.errors import flat_message
 from bt_fast.model import BACKBONE_DIM, make_backbone
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
@@ -109,10 +110,11 @@ def _read(path: Path) -> Any:
             previous = previous_path(path)
             before = f", or pass {previous}, the one saved before it" if previous.is_file() else ""
             raise CheckpointError(f"checkpoint {path} {CUT_SHORT}; copy it again{before}") from None
-        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        if not_torch_saved(path):
+            raise CheckpointError(f"checkpoint {path} is not a file torch.save wrote; pass a run's checkpoint.pth or "
+                                  f"backbone.pth, or a torch-saved state dict") from None
         raise CheckpointError(f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
-                              f"({type(err).__name__}{': ' + detail if detail else ''}); "
-                              f"pass a torch-saved state dict") from None
+                              f"({type(err).__name__}: {flat_message(err, 120)}); pass a torch-saved state dict") from None
 
 
 RUN_CONFIG_NAME = "config.yaml"

@@ -444,7 +444,7 @@ class DALIPipeline(EpochPipeline):
         try:
             saved = pipe.checkpoint()
         except Exception as err:  # noqa: BLE001 - a checkpoint of the run matters more than DALI's part of it
-            reason = flat_message(err)[:200]
+            reason = flat_message(err, 200)
             print(f"warning: DALI cannot save its graph state ({reason}); a run resumed from this checkpoint runs "
                   f"the epoch's first {self._batches_run} batches again", file=sys.stderr)
             saved = None
@@ -463,7 +463,7 @@ class DALIPipeline(EpochPipeline):
             try:
                 return self.build(plan, checkpoint=state["dali"]), self.start_batch
             except Exception as err:  # noqa: BLE001 - any refusal of the saved state means: start over
-                reason = flat_message(err)[:200]
+                reason = flat_message(err, 200)
                 print(f"warning: DALI cannot restore its state from the checkpoint ({reason}); running the "
                       f"epoch's first {self.start_batch} batches again", file=sys.stderr)
         try:

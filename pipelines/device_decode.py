@@ -23,7 +23,7 @@ def _decoder():
     try:
         from torchcodec.decoders import decode_jpeg
     except (ImportError, OSError, RuntimeError) as err:  # a torchcodec built for another torch fails to load
-        raise DataError(f"ffcv.decode=device needs TorchCodec ({flat_message(err)[:200]}); install the "
+        raise DataError(f"ffcv.decode=device needs TorchCodec ({flat_message(err, 200)}); install the "
                         f"torchcodec release matching this torch (requirements.txt) or use ffcv.decode=host") from None
     return decode_jpeg
 

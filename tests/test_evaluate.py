@@ -3,6 +3,7 @@ brute-force formula, the linear probe on separable features, checkpoint loading 
 backbone files, wrong files), and the command line end to end on a tiny ImageFolder (resnet18, 32 px)."""
 from __future__ import annotations
 
+import fractions
 import json
 import math
 from pathlib import Path
@@ -237,8 +238,21 @@ def test_bt_fast_checkpoint_and_backbone_files_load(tmp_path):
 def test_wrong_checkpoints_give_clear_errors(tmp_path):
     not_torch = tmp_path / "notes.txt"
     not_torch.write_text("not a checkpoint\n")
-    with pytest.raises(CheckpointError, match=r"notes\.txt cannot be read"):
+    with pytest.raises(CheckpointError) as err:
         load_backbone(not_torch)
+    assert str(err.value) == (f"checkpoint {not_torch} is not a file torch.save wrote; pass a run's checkpoint.pth or "
+                              f"backbone.pth, or a torch-saved state dict")
+
+    pickled = tmp_path / "object.pth"  # a torch.save file of an object torch.load(weights_only=True) refuses
+    torch.save(fractions.Fraction(1, 3), pickled)
+    with pytest.raises(Exception) as refused:
+        torch.load(pickled, weights_only=True)
+    whole = " ".join(str(refused.value).split())
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(pickled)
+    detail = str(err.value).split(f"({type(refused.value).__name__}: ", 1)[1].rsplit("); pass", 1)[0]
+    assert len(whole) > 120 and len(detail) <= 120 and detail.endswith("...")  # torch's long message, cut ...
+    assert whole.startswith(detail[:-3] + " ")  # ... after a whole word
 
     foreign = tmp_path / "vit.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, foreign)
@@ -431,6 +445,17 @@ def test_cli_errors_are_one_line_naming_the_file(split_folder, tmp_path, capsys)
     assert exit_code(["--random-init", "--arch", "resnet18", "--data", str(broken), *COMMON]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(corrupt) in err[0]
+
+
+@pytest.mark.parametrize("mode, flag, value, must", [
+    ("knn", "--temperature", "0", "positive"), ("linear", "--lr", "-0.1", "positive"),
+    ("linear", "--weight-decay", "-1", "0 or more"), ("finetune", "--lr-classifier", "0", "positive"),
+])
+def test_a_rate_out_of_range_is_named_with_its_value(mode, flag, value, must, tmp_path, capsys):
+    # One line named every rate at once: "learning rates and --temperature must be positive and ...".
+    argv = ["--random-init", "--arch", "resnet18", "--data", str(tmp_path / "missing"), "--mode", mode, flag, value]
+    assert exit_code(argv) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be {must}, got {float(value)} (see --help)\n"
 
 
 def test_resolve_splits(split_folder, capsys):

@@ -255,13 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be {'0 or more' if name == 'workers' else 'positive'}, "
                          f"got {value}")
     for name in ("lr", "lr_backbone", "lr_classifier", "temperature", "weight_decay"):
-        if not math.isfinite(getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+        flag, value = f"--{name.replace('_', '-')}", getattr(args, name)
+        if not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number, got {value}")
+        if value < 0 or (value == 0 and name != "weight_decay"):
+            parser.error(f"{flag} must be {'0 or more' if name == 'weight_decay' else 'positive'}, got {value}")
     if args.mode == "finetune" and args.batch_size < MIN_BATCH_PER_RANK:
         parser.error(f"--batch-size must be at least {MIN_BATCH_PER_RANK} for --mode finetune (BatchNorm trains on "
                      f"the statistics of a batch), got {args.batch_size}")
-    if min(args.lr, args.lr_backbone, args.lr_classifier, args.temperature) <= 0 or args.weight_decay < 0:
-        parser.error("learning rates and --temperature must be positive and --weight-decay non-negative")
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         parser.error(f"--out-dir {args.out_dir} is a file; name a directory")
     if args.out_dir is not None:
