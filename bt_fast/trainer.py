@@ -437,7 +437,7 @@ class Trainer:
                 log.write({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
                            "knn_top5": accuracy["top5"], "knn_seconds": seconds})
                 log.flush()
-                progress.write(f"epoch {epoch}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
+                progress.write(f"epoch {epoch + 1} of {self.config.epochs}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
                                f"({seconds:.0f} s)")
         if self.ctx.world_size > 1 and self.config.knn_val:
             # On the host's gloo group, with a timeout of its own: on the default group NCCL's watchdog would
