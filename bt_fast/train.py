@@ -79,8 +79,9 @@ def train(config: Config) -> dict:
             images_per_s = recorded.get("images_per_s")
             first_loss = trainer.first_loss if trainer.first_loss is not None else recorded.get("first_loss")
             last_loss = trainer.last_loss if trainer.last_loss is not None else recorded.get("last_loss")
-        else:
-            images_per_s = trainer.images_seen / trainer.train_time if trainer.train_time else None
+        else:  # the whole run's rate, as summary.json and a rerun give it (a resumed run's earlier segments too)
+            images_per_s = (trainer.summary["images_per_s"] if trainer.summary else
+                            trainer.images_seen / trainer.train_time if trainer.train_time else None)
             first_loss, last_loss = trainer.first_loss, trainer.last_loss
         return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by": trainer.stopped_by,
                 "already_complete": already_complete, "past": past, "world_size": ctx.world_size,

@@ -122,6 +122,7 @@ class Trainer:
         self.stopped_by: str | None = None  # signal name when a signal ended the run early
         self.elapsed_before = 0.0  # wall seconds of the segments before a resume
         self.run_log: RunLog | None = None  # rank 0, while fit() runs
+        self.summary: dict | None = None  # rank 0, the run's summary.json once fit() has written it
         self.knn_monitor = self._knn_monitor()
 
     def _knn_monitor(self) -> KnnMonitor | None:
@@ -319,8 +320,8 @@ class Trainer:
                 late = self.stops.close(signals.code)
                 self.stopped_by = self.stopped_by or (STOP_NAMES[late] if late else None)
             if self.run_log:
-                self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by, self.ctx.device,
-                                    self.ctx.world_size)
+                self.summary = self.run_log.finish(self.steps_per_epoch, self.total_steps, self.stopped_by,
+                                                   self.ctx.device, self.ctx.world_size)
         finally:
             with contextlib.suppress(Exception):  # on the way out of an error: the checkpoint still completes
                 self.checkpoint.wait()

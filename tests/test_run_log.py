@@ -204,7 +204,7 @@ def test_resumed_and_rerun_runs_keep_the_artefacts_consistent(image_folder, tmp_
     run_main(capsys, *args, "max_steps=4")
     # killed after step 4 with its last checkpoint at step 2: steps 3 and 4 are lost work
     (tmp_path / "checkpoint.pth").write_bytes(kept_checkpoint)
-    run_main(capsys, *args)
+    _, resumed, _ = run_main(capsys, *args)
     lines = records(tmp_path)
     assert lines[:2] == first_segment and [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     elapsed = [line["elapsed_s"] for line in lines]
@@ -224,6 +224,8 @@ def test_resumed_and_rerun_runs_keep_the_artefacts_consistent(image_folder, tmp_
     code, out, _ = run_main(capsys, *args)
     assert code == 0 and out.startswith("run already complete")
     assert records(tmp_path) == lines and summary(tmp_path) == found
+    rate = f", {found['images_per_s']:.1f} images/s,"  # the resumed run said the rate of its own steps
+    assert rate in resumed.splitlines()[0] and rate in out.splitlines()[0]
     (tmp_path / "metrics.jsonl").unlink()  # deleted by hand: the figure it held cannot be given
     code, out, err = run_main(capsys, *args)
     assert code == 0 and ", n/a images/s," in out and err == (
