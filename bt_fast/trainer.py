@@ -179,7 +179,7 @@ class Trainer:
             self.pipeline.restore_position(positions[self.ctx.rank])
         changed = changed_settings(state.get("config", {}), self.config.to_dict())
         refuse_changed_finished_run(self.out_dir, state, changed, schedule_steps(state, self.steps_per_epoch))
-        changed += self._changed_world_size(state.get("world_size"))
+        changed += self._changed_epoch_order(state.get("world_size"), state.get("num_samples"))
         saved_precision = state.get("precision")  # absent in checkpoints of older versions
         if saved_precision not in (None, self.precision) and state.get("config", {}).get("amp") == self.config.amp:
             changed.append(f"precision {saved_precision} -> {self.precision}")  # amp=auto on another device
@@ -187,15 +187,18 @@ class Trainer:
             print(f"warning: resuming {path} (step {self.step}) with settings that differ from the run that wrote "
                   f"it: {', '.join(changed)}; use a new out_dir to start afresh", file=sys.stderr)
 
-    def _changed_world_size(self, saved: int | None) -> list[str]:
-        """'processes old -> new' if the run that wrote a checkpoint had another number of ranks (None: not
-        recorded). Its global batches were others, and each rank's share of an epoch changes with their number:
-        resumed mid-epoch, the rest of the epoch reads some images twice and never reads others."""
-        if saved is None or saved == self.ctx.world_size:
-            return []
+    def _changed_epoch_order(self, world_size: int | None, num_samples: int | None) -> list[str]:
+        """'processes old -> new' and 'images old -> new' where the run that wrote a checkpoint had another number
+        of ranks or of images in its data (None: not recorded; images were removed or added since). Each rank's
+        share of an epoch follows the one, the epoch's order the other: resumed mid-epoch, the rest of the epoch
+        reads some images twice and never reads others."""
+        changes = [f"{what} {saved} -> {now}" for what, saved, now in (
+            ("processes", world_size, self.ctx.world_size), ("images", num_samples, self.pipeline.num_samples))
+            if saved not in (None, now)]
         epoch, batch = divmod(self.step, self.steps_per_epoch)
-        mid_epoch = f": the rest of epoch {epoch} reads some images twice and skips others" if batch else ""
-        return [f"processes {saved} -> {self.ctx.world_size}{mid_epoch}"]
+        if changes and batch:
+            changes[-1] += f": the rest of epoch {epoch + 1} reads some images twice and skips others"
+        return changes
 
     def _check_ranks_agree_on_step(self, path: Path) -> None:
         if self.ctx.world_size == 1:
@@ -223,8 +226,8 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.step // self.steps_per_epoch,
                 "step": self.step, "schedule_steps": self.config.epochs * self.steps_per_epoch,
-                "world_size": self.ctx.world_size, "precision": self.precision,
-                "config": self.config.to_dict(), "pipeline_positions": positions,
+                "world_size": self.ctx.world_size, "precision": self.precision, "config": self.config.to_dict(),
+                "num_samples": self.pipeline.num_samples, "pipeline_positions": positions,
                 "rng": rng_state(self.ctx.device), "first_loss": self.first_loss, "last_loss": self.last_loss,
                 "elapsed_s": self.run_log.elapsed() if self.run_log else None})
             if wait:

@@ -26,6 +26,7 @@ class Placement:
 
 class TwoViewPipeline(Protocol):
     batch_size: int  # per rank
+    num_samples: int  # images of the dataset, which the epoch order of all ranks together permutes
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

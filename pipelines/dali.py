@@ -392,6 +392,7 @@ class DALIPipeline(EpochPipeline):
         self.source = RecordSource(records) if records else FolderSource(config.data)
         if records and placement.rank == 0:
             _warn_if_stale(records, config.data)
+        self.num_samples = len(self.source)
         self.per_rank = samples_per_rank(len(self.source), batch_size, placement.world_size, records or config.data)
         out_dtype = types.FLOAT16 if placement.dtype == torch.float16 else types.FLOAT
         self.options = GraphOptions(decode, self.gpu, out_dtype, debug)

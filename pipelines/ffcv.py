@@ -391,6 +391,7 @@ class FFCVPipeline(EpochPipeline):
         self.decode, self.crop = config.ffcv.decode, resolve_crop(config, placement.device)
         self.path = ensure_beton(config, warn=placement.rank == 0)
         reader = open_beton(self.path)
+        self.num_samples = int(reader.num_samples)
         samples_per_rank(int(reader.num_samples), batch_size, placement.world_size, f"FFCV dataset {self.path}")
         if self.crop == "device":
             self.layout = PaddedLayout.of(reader)

@@ -131,6 +131,7 @@ class ReferencePipeline(EpochPipeline):
         root, workers, seed = config.data, config.workers, config.seed
         self.dataset = TwoViewImageFolder(root, config.augment, seed, config.epochs)
         self.prefetch = config.prefetch
+        self.num_samples = len(self.dataset)
         samples_per_rank(len(self.dataset), batch_size, placement.world_size, f"data directory {root}")
         self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,

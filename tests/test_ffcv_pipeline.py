@@ -591,10 +591,10 @@ def test_epoch_sharding_deals_contiguous_blocks_of_one_global_order():
 @pytest.mark.parametrize("mode, dtype", [("device_crop", torch.float32), ("device_crop", torch.bfloat16),
                                          ("device_decode", torch.float32), ("host_crop", torch.float32)])
 def test_views_are_normalised_channels_last_batches(dataset, mode, dtype, python_mode):
-    _, beton = dataset
+    folder, beton = dataset
     config = make_config(beton, image_size=32, **MODES[mode])
     pipeline = P.FFCVPipeline(config, cpu(dtype=dtype), batch_size=8)
-    assert len(pipeline) == 3
+    assert len(pipeline) == 3 and pipeline.num_samples == len(list(folder.rglob("*.png")))  # what a resume compares
     batches = list(pipeline)
     assert len(batches) == 3
     mean = torch.tensor(config.augment.mean).view(1, 3, 1, 1)

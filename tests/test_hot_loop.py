@@ -61,6 +61,7 @@ class SyntheticBatches:
         self.batches = [tuple(torch.randn(batch_size, 3, side, side, generator=generator) for _ in range(2))
                         for _ in range(batches)]
         self.start = 0
+        self.num_samples = batches * batch_size
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -18,6 +18,7 @@ from bt_fast.config import ConfigError, load_config, parse_overrides
 from bt_fast.train import main
 from bt_fast.trainer import Trainer
 from conftest import modules_loaded_by, run_with_stdout_unread
+from pipelines.image_folder import find_image_folder
 from test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -410,10 +411,26 @@ def test_resume_with_another_number_of_processes_says_so(image_folder, tmp_path,
     assert code == 0, err
     assert [line for line in err.splitlines() if line.startswith("warning: resuming")] == [
         f"warning: resuming {tmp_path / CHECKPOINT_NAME} (step 1) with settings that differ from the run that wrote "
-        f"it: processes 2 -> 1: the rest of epoch 0 reads some images twice and skips others; use a new out_dir to "
+        f"it: processes 2 -> 1: the rest of epoch 1 reads some images twice and skips others; use a new out_dir to "
         f"start afresh"]
     code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=3"))
     assert code == 0 and "warning" not in err
+
+
+def test_resume_after_images_were_removed_or_added_says_so(image_folder, tmp_path, capsys):
+    """The epoch's order is a permutation of the data's images: resumed mid-epoch on a folder that lost an image
+    (a corrupt one removed), the rest of the epoch reads some images twice and skips others, without a word."""
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=1"))  # step 1 of epoch 0's 3
+    assert code == 0, err
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    images = len(find_image_folder(image_folder)[1])
+    assert state["num_samples"] == images
+    torch.save({**state, "num_samples": images + 1}, tmp_path / CHECKPOINT_NAME)  # as written before one was removed
+    code, _, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "max_steps=2"))
+    assert code == 0 and [line for line in err.splitlines() if line.startswith("warning: resuming")] == [
+        f"warning: resuming {tmp_path / CHECKPOINT_NAME} (step 1) with settings that differ from the run that wrote "
+        f"it: images {images + 1} -> {images}: the rest of epoch 1 reads some images twice and skips others; use a "
+        f"new out_dir to start afresh"]
 
 
 def test_resume_after_metrics_jsonl_was_deleted_says_what_the_summary_leaves_out(image_folder, tmp_path, capsys):
