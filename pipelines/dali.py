@@ -64,6 +64,7 @@ from pipelines.base import EpochPipeline, Placement
 from pipelines.convert import source_change
 from pipelines.dali_format import index_problem
 from pipelines.image_folder import find_image_folder
+from pipelines.images import file_problem
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -357,7 +358,7 @@ def _unreadable(path: str) -> str | None:
         with Image.open(path) as image:
             image.load()
     except Exception as err:  # noqa: BLE001 - any failure is the answer
-        return flat_message(err)
+        return file_problem(path) or flat_message(err)
     return None
 
 

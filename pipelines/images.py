@@ -127,6 +127,16 @@ def decode_source_image(source: str | BinaryIO, *, draft: bool = False) -> tuple
     return Image.fromarray(array), notes
 
 
+def file_problem(path: str) -> str | None:
+    """Why `path` is no image to read before any decoding ("empty file (0 bytes)", "file not found", ...), in
+    the words of the converter's report; None for a non-empty regular file."""
+    try:
+        _check_file(path)
+    except SkipImage as skip:
+        return skip.args[0]
+    return None
+
+
 def _check_file(path: str) -> None:
     """SkipImage unless `path` is a non-empty regular file."""
     try:

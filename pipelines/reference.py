@@ -24,6 +24,7 @@ from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 from pipelines.image_folder import find_image_folder
+from pipelines.images import file_problem
 from pipelines.prefetch import run_ahead
 
 
@@ -59,11 +60,9 @@ def load_rgb(path: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except UnidentifiedImageError:
-        reason = "not a recognised image file"
-    except FileNotFoundError:
-        reason = "file not found"
+        reason = file_problem(path) or "not a recognised image file"
     except OSError as err:
-        reason = err.strerror or flat_message(err)
+        reason = file_problem(path) or err.strerror or flat_message(err)
     except (ValueError, Image.DecompressionBombError) as err:
         reason = flat_message(err)
     raise DataError(f"cannot read image {path}: {reason}; remove or replace the file")

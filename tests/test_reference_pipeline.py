@@ -49,6 +49,9 @@ def test_unreadable_image_names_the_file(image_folder, tmp_path):
     with pytest.raises(DataError) as error:
         dataset[(0, 0)]
     assert str(error.value) == f"cannot read image {broken / 'bad.jpg'}: not a recognised image file; remove or replace the file"
+    (broken / "bad.jpg").write_bytes(b"")  # was "not a recognised image file" too; the converter's words
+    with pytest.raises(DataError, match=r"bad\.jpg: empty file \(0 bytes\); remove"):
+        dataset[(0, 0)]
 
 
 def test_empty_data_directory_is_a_clear_error(tmp_path):
