@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -162,10 +163,17 @@ def train_transform(image_size: int) -> T.Compose:
 
 class LabelledImageFolder(Dataset):
     """ImageFolder of (image tensor, label). `classes` fixes the label of each class name, so a
-    validation folder is labelled like its training folder; a class not in `classes` is an error."""
+    validation folder is labelled like its training folder; a class not in `classes` is an error. Without
+    `classes` (a training folder), so is a class folder without images, as in torchvision's ImageFolder: a
+    classifier would have an output no image trains, and top-5 of five classes is always 100%."""
 
     def __init__(self, root: str, transform, classes: Sequence[str] | None = None):
         own, samples = find_image_folder(root)
+        if classes is None:
+            empty = [name for name, count in zip(own, np.bincount(samples.labels, minlength=len(own))) if not count]
+            if empty:
+                raise DataError(f"{root} has class folders without images: {empty[:3]}; add images to them or "
+                                f"remove them")
         self.classes = list(classes) if classes is not None else own
         unknown = sorted(set(own) - set(self.classes))
         if unknown:

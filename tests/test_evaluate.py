@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bt_fast.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from bt_fast.config import Config
 from bt_fast.errors import DataError, UserError, one_line
-from bt_fast.knn import extract_features, knn_predict, knn_scores, topk_accuracy
+from bt_fast.knn import LabelledImageFolder, extract_features, knn_predict, knn_scores, topk_accuracy
 from bt_fast.linear_probe import linear_topk, train_linear
 from bt_fast.model import BarlowTwins
 from bt_fast.weights import infer_arch, load_backbone, mismatch, random_backbone
@@ -456,6 +456,21 @@ def test_a_rate_out_of_range_is_named_with_its_value(mode, flag, value, must, tm
     argv = ["--random-init", "--arch", "resnet18", "--data", str(tmp_path / "missing"), "--mode", mode, flag, value]
     assert exit_code(argv) == 2
     assert capsys.readouterr().err == f"error: {flag} must be {must}, got {float(value)} (see --help)\n"
+
+
+def test_a_training_class_folder_without_images_is_refused_as_torchvision_refuses_it(tmp_path):
+    # It was a class no image trained: with four real classes, top-5 was 100% whatever the backbone.
+    train = write_image_folder(tmp_path / "train", classes=2, per_class=2)
+    (train / "aaa_empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="aaa_empty"):
+        torchvision.datasets.ImageFolder(str(train))
+    with pytest.raises(DataError) as err:
+        LabelledImageFolder(str(train), transform=None)
+    assert str(err.value) == f"{train} has class folders without images: ['aaa_empty']; add images to them or remove them"
+    classes = ["aaa_empty", "class0", "class1"]  # a validation folder may lack a class: it is labelled as training's
+    assert [label for _, label in LabelledImageFolder(str(train), None, classes).samples] == [1, 1, 2, 2]
+    (train / "aaa_empty").rmdir()
+    assert LabelledImageFolder(str(train), None).classes == torchvision.datasets.ImageFolder(str(train)).classes
 
 
 def test_resolve_splits(split_folder, capsys):
