@@ -217,7 +217,8 @@ def build_parser() -> CliParser:
     subset.add_argument("--train-list", type=Path, help="finetune: file naming the training images to use, one per "
                         "line (<class>/<file> or a unique file name, as SimCLR's 1%%/10%% ImageNet lists)")
     p.add_argument("--out-dir", type=Path, help=f"finetune: keep {CHECKPOINT_NAME} here after every epoch and "
-                   f"resume from it")
+                   f"resume from it; a rerun there takes the same settings, --epochs too (the cosine schedule "
+                   f"follows it), else name a new --out-dir")
     p.add_argument("--k", type=int, help=f"k-NN neighbours, capped at the train set size (default {DEFAULT_K})")
     p.add_argument("--temperature", type=float, help=f"k-NN vote temperature (default {DEFAULT_TEMPERATURE})")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
