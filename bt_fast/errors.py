@@ -10,6 +10,7 @@ into text. They parse their arguments with `CliParser`, whose errors are one lin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import select
@@ -18,7 +19,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 from bt_fast.files import atomic_write_text, check_output_file, shared_memory_full, size_text
 
@@ -270,6 +271,13 @@ def ignore_interrupts_while_exiting() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def quiet_no_cuda_runtime_warning() -> None:
+    """For a command whose work may compile code on the CPU (inductor imports torch's C++-extension helper): keep
+    that helper's one warning on a machine with a CUDA toolkit and no CUDA runtime, "No CUDA runtime is found,
+    using CUDA_HOME=...", out of the command's lines; it is no finding of the command's."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def drop_unread_output() -> None:
     """For a command whose work is done, before it prints its result (`cli_errors` calls it): if nothing reads
     its stdout any more (a `| head` that has exited, a `| tee` that went with its terminal), point stdout at
@@ -347,6 +355,18 @@ class CliParser(argparse.ArgumentParser):
         """The error line for option `flag`'s `value` unless it lies in `low`..`high` (`unit`s)."""
         if not low <= value <= high:
             self.error(f"{flag} must lie in {low}..{high} {unit}, got {value}")
+
+    def refuse_unread(self, args: argparse.Namespace, read_by: Mapping[str, Sequence[str]], running: str,
+                      words: Callable[[Sequence[str]], str], instead: Mapping[str, str] | None = None) -> None:
+        """The error line for an option given (not left at None, False or []) that only the modes in
+        `read_by[option]` read, in a run of mode `running`: it would be ignored. `words(modes)` names modes
+        in the line; `instead[option]`, where the running mode reads another option in its place, is added."""
+        for name, modes in read_by.items():
+            value = getattr(args, name)
+            if value is None or value is False or value == [] or running in modes:
+                continue
+            hint = f" ({words([running])} reads {instead[name]})" if instead and name in instead else ""
+            self.error(f"--{name.replace('_', '-')} applies to {words(modes)} only, not {words([running])}{hint}")
 
 
 def output_file(text: str) -> Path:

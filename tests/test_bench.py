@@ -149,6 +149,8 @@ def test_device_crop_section_counts_ops_at_two_batch_sizes_and_its_flops(quick_r
     (height, width), size = crop["slot"], crop["image_size"]
     # Two views, each: columns (S x W per row of H, 3 channels) then rows (S x H per output column).
     assert crop["flops_per_image"] == 2 * 2 * 3 * (size * width * height + size * height * size)
+    if "unavailable" not in result["loaders"]["ffcv"]:  # the slot of the .beton the loader read: 72 x 96 images
+        assert [height, width] == [72, 96] and crop["slot_from"].startswith("largest stored image of ")
     assert is_figure(crop["images_per_s"])
     flat = next(t for t in result["targets"] if t["target"].startswith("device crop op count"))
     assert flat["met"] is True
@@ -231,6 +233,125 @@ def test_bad_arguments_exit_with_one_line():
         parse_args(["--end-to-end", "--device", "cpu", "--e2e-images", "15"])
     assert exc.value.code == 2
     assert parse_args(["--end-to-end", "--device", "cpu", "--e2e-images", "16"]).e2e_images == 16
+
+
+# The sections that read each option that not all of them read: "bench" is the default run. Every other option of
+# the parser (--data, --workers, --json and the section switches) every section reads.
+OPTION_SECTIONS = {
+    "--batch-size 8": "bench", "--image-size 64": "bench", "--train-pipelines none": "bench", "--plot PLOT": "bench",
+    "--loader-batches 4": "bench", "--augment-compile": "bench", "--optimizer-params small": "bench",
+    "--quick": "bench conversion", "--reps 2": "bench conversion", "--decode-images 8": "bench conversion",
+    "--e2e-images 64": "end_to_end", "--conversion-images 64": "conversion",
+    **dict.fromkeys(["--pipelines reference", "--threads 1", "--device cpu", "--arch resnet18", "--projector 16-16",
+                     "--train-image-size 16", "--train-batch-size 4", "--amp none", "--train-steps 1",
+                     "--train-warmup 0", "--config c.yaml", "--set ffcv.beton=x.beton", "--seed 1",
+                     "--child-timeout 5"], "bench end_to_end"),
+}
+SECTION_OPTIONS = {"bench": [], "end_to_end": ["--end-to-end"], "conversion": ["--conversion"]}
+SECTION_NAMES = {"bench": "the default sections", "end_to_end": "--end-to-end", "conversion": "--conversion"}
+
+
+def test_every_option_that_some_section_leaves_unread_is_listed():
+    from tools.bench.__main__ import _parser
+    every = {action.option_strings[0] for action in _parser()._actions if action.option_strings}
+    read_by_all = {"-h", "--data", "--workers", "--json", "--end-to-end", "--conversion", "--_train-child",
+                   "--_child-out"}
+    assert every - read_by_all == {option.split()[0] for option in OPTION_SECTIONS}
+
+
+@pytest.mark.parametrize("option", OPTION_SECTIONS)
+def test_an_option_of_a_section_not_run_is_one_error_line(option, tmp_path, capsys):
+    """`--e2e-images 0` or `--conversion-images -5` without their section ran the whole default bench (minutes) and
+    ignored them; so did every option below in a section that does not read it."""
+    flag, *value = option.replace("PLOT", str(tmp_path / "bench.png")).split()
+    sections = OPTION_SECTIONS[option].split()
+    for section, switch in SECTION_OPTIONS.items():
+        argv = [*switch, flag, *value, "--json", str(tmp_path / "out.json")]
+        if section in sections:
+            assert parse_args(argv).end_to_end == (section == "end_to_end")
+            continue
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2
+        readers = " or ".join(SECTION_NAMES[s] for s in sections)
+        instead = {"--batch-size": " (--end-to-end reads --train-batch-size)",
+                   "--image-size": " (--end-to-end reads --train-image-size)",
+                   "--reps": " (--end-to-end reads --train-steps)"}.get(flag, "") if section == "end_to_end" else ""
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {flag} applies to {readers} only, not {SECTION_NAMES[section]}{instead} (see --help)"]
+
+
+@pytest.mark.parametrize("switch, option", [("--end-to-end", "--e2e-images"), ("--conversion", "--conversion-images")])
+def test_the_size_of_the_generated_set_is_refused_with_data(switch, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([switch, option, "64", "--data", str(tmp_path), "--json", str(tmp_path / "out.json")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {option} applies without --data only: it sizes the ImageNet-like set built when no --data is given; "
+        f"drop one of them (see --help)"]
+    # the training-step process of `--end-to-end --e2e-images 64` gets the set it built as --data
+    child = parse_args(["--end-to-end", "--e2e-images", "64", "--device", "cpu", "--data", str(tmp_path),
+                        "--_train-child", "reference", "--_child-out", str(tmp_path / "child.json")])
+    assert child.e2e_images == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipelines", ""], "--pipelines takes names from reference,ffcv,ffcv_device_decode,ffcv_host_crop,dali, got "
+                          "nothing"),
+    (["--pipelines", " , "], "--pipelines takes names from reference,ffcv,ffcv_device_decode,ffcv_host_crop,dali, "
+                             "got nothing"),
+    (["--end-to-end", "--pipelines", ""], "--pipelines takes names from reference,ffcv,ffcv_device_decode,"
+                                          "ffcv_host_crop,dali, got nothing"),
+    (["--train-pipelines", ""], "--train-pipelines got nothing; name pipelines of --pipelines, or 'none' for "
+                                "synthetic batches only"),
+    (["--threads", "-1"], "--threads must be at least 0, got -1"),
+    (["--workers", "-2"], "--workers must be at least 0, got -2"),
+    (["--train-warmup", "-1"], "--train-warmup must be at least 0, got -1"),
+])
+def test_an_empty_list_or_a_negative_count_is_refused_by_its_name(argv, message, capsys):
+    """An empty --pipelines meant every pipeline; one line named --workers, --threads and --train-warmup at once."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message} (see --help)"]
+
+
+def test_torchs_no_cuda_runtime_warning_stays_out_of_the_progress_lines(tmp_path, monkeypatch):
+    """torch warns once, on importing its C++-extension helper (the compiled optimizer does, mid-run), that a machine
+    with a CUDA toolkit has no CUDA runtime: between the progress lines, and no finding of the bench."""
+    import logging
+
+    import tools.bench.__main__ as bench
+    from tools.bench.measure import BenchError
+    logger, emitted = logging.getLogger("torch.utils.cpp_extension"), []
+    handler = logging.Handler()
+    handler.emit = emitted.append
+
+    def section(args):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")  # as torch's import does
+        raise BenchError("stop here")
+
+    monkeypatch.setattr(bench, "resolve_data", lambda args: None)
+    monkeypatch.setattr(bench, "run", section)
+    level = logger.level
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(SystemExit):
+            main(["--device", "cpu", "--data", "unused", "--json", str(tmp_path / "bench.json")])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert emitted == []
+
+
+def test_the_device_crop_without_a_beton_read_takes_the_runs_max_resolution(tmp_path):
+    """With a .beton read, its padded slot (the quick run's test above; a catch-all put a 512x512 slot there);
+    without one (ffcv not measured), the largest image the run's first-use conversion would store."""
+    from tools.bench.device_crop import bench_device_crop
+    sizes = ["--device", "cpu", "--data", str(tmp_path), "--batch-size", "2", "--image-size", "16", "--reps", "1",
+             "--json", str(tmp_path / "bench.json")]
+    crop = bench_device_crop(parse_args([*sizes, "--set", "ffcv.max_resolution=64"]), {"reference": None})
+    assert crop["slot"] == [64, 64] and crop["slot_from"] == "ffcv.max_resolution (64) square: no .beton was read"
 
 
 def test_loader_windows_shorter_than_the_reference_workers_are_refused(capsys):

@@ -243,7 +243,7 @@ def test_cli_rejects_options_of_another_mode(split_folder, capsys, mode, option,
         ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--mode", mode, option, "2",
                  *COMMON])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == f"error: {option} applies to --mode {read_by} only, not {mode} (see --help)\n"
+    assert capsys.readouterr().err == f"error: {option} applies to --mode {read_by} only, not --mode {mode} (see --help)\n"
 
 
 def test_a_subset_of_one_image_or_a_batch_of_one_is_one_error_line(split_folder, tmp_path, capsys):

@@ -241,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         parser.error("--checkpoint is required (or --random-init --arch ARCH for the baseline alone)")
-    for name, modes in READ_BY.items():
-        if getattr(args, name) is not None and args.mode not in modes:
-            parser.error(f"--{name.replace('_', '-')} applies to --mode {' or '.join(modes)} only, not {args.mode}")
+    parser.refuse_unread(args, READ_BY, args.mode, lambda modes: "--mode " + " or ".join(modes))
     for name, value in {**DEFAULTS, **(FINETUNE_DEFAULTS if args.mode == "finetune" else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -31,6 +31,9 @@ On the CPU the training step uses a small model by default (resnet18, 512-512-51
 64 px crops, batch 32, no autocast); on CUDA resnet50, 8192-8192-8192, --image-size and
 --batch-size. --quick: batch 32 at 128 px, 2 repetitions, training step on synthetic batches
 only (unless --train-pipelines names pipelines); the optimizer keeps the paper's parameter set.
+
+An option that only a section not run reads (--e2e-images without --end-to-end, --batch-size with it,
+--arch with --conversion, ...) is refused, as --e2e-images and --conversion-images are with --data.
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bt_fast.errors import STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, output_file
+from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, output_file,
+                            quiet_no_cuda_runtime_warning)
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -70,6 +74,19 @@ OWN_KEYS = {"data": "--data", "pipeline": "--pipelines", "workers": "--workers",
             "batch_size": "--batch-size or --train-batch-size",
             "augment.image_size": "--image-size or --train-image-size", "seed": "--seed", "arch": "--arch",
             "projector": "--projector", "amp": "--amp", "ffcv.decode": _FFCV_MODES, "ffcv.crop": _FFCV_MODES}
+# The options that not every section reads, and the sections that do: "bench" is the default run (every section
+# but end_to_end and conversion). The rest (--data, --workers, --json) every section reads.
+SECTIONS = {"bench": "the default sections", "end_to_end": "--end-to-end", "conversion": "--conversion"}
+BENCH_E2E = ("bench", "end_to_end")
+READ_BY = {"batch_size": ("bench",), "image_size": ("bench",), "train_pipelines": ("bench",), "plot": ("bench",),
+           "loader_batches": ("bench",), "augment_compile": ("bench",), "optimizer_params": ("bench",),
+           "quick": ("bench", "conversion"), "reps": ("bench", "conversion"), "decode_images": ("bench", "conversion"),
+           "e2e_images": ("end_to_end",), "conversion_images": ("conversion",),
+           **dict.fromkeys(("pipelines", "threads", "device", "arch", "projector", "train_image_size",
+                            "train_batch_size", "amp", "train_steps", "train_warmup", "config", "set", "seed",
+                            "child_timeout"), BENCH_E2E)}
+# what --end-to-end reads instead of an option of the default sections
+E2E_INSTEAD = {"batch_size": "--train-batch-size", "image_size": "--train-image-size", "reps": "--train-steps"}
 DEMO_ROOT = Path("data/demo")
 IMAGENET_LIKE_ROOT = Path("data")  # --end-to-end's and --conversion's sets of N images: data/imagenet_like_<N>
 
@@ -88,9 +105,9 @@ def _parser() -> CliParser:
              f"the pipeline's other modes; --end-to-end: {','.join(DEFAULT_PIPELINES)}, ffcv in its default mode)")
     add("--end-to-end", action="store_true", help="only the end-to-end section (see below)")
     add("--conversion", action="store_true", help="only the conversion section (see below)")
-    add("--conversion-images", type=int, default=20000,
+    add("--conversion-images", type=int, default=None,
         help="--conversion without --data: images of the ImageNet-like set built once under "
-             "data/imagenet_like_<N> (default %(default)s)")
+             "data/imagenet_like_<N> (default 20000)")
     add("--e2e-images", type=int, default=None,
         help="--end-to-end without --data: images of the ImageNet-like set built once under "
              "data/imagenet_like_<N> (default 256 on the CPU, 8192 on CUDA)")
@@ -106,19 +123,19 @@ def _parser() -> CliParser:
              "--quick: none; 'none': synthetic batches only)")
     add("--json", type=output_file, default=None,
         help="results (default runs/bench/bench.json; --end-to-end: runs/bench/end_to_end.json)")
-    add("--plot", type=output_file, default="runs/bench/bench.png", help="loader plot (default %(default)s)")
+    add("--plot", type=output_file, default=None, help="loader plot (default runs/bench/bench.png)")
     add("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
     add("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
     add("--loader-batches", type=int, default=None,
         help="batches per loader repetition, at least --workers when reference is measured (its workers "
              "deliver batches that many at a time; default 4, or --workers if more)")
-    add("--decode-images", type=int, default=512, help="JPEGs decoded per decode-floor repetition (default 512)")
+    add("--decode-images", type=int, default=None, help="JPEGs decoded per decode-floor repetition (default 512)")
     add("--augment-compile", action="store_true", help="also time TwoViewAugment(backend=\"compile\") against kornia")
-    add("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice)")
-    add("--optimizer-params", choices=sorted(OPTIMIZER_SETS), default="paper",
+    add("--threads", type=int, default=None, help="torch intra-op threads (default 0: torch's own choice)")
+    add("--optimizer-params", choices=sorted(OPTIMIZER_SETS), default=None,
         help="parameter set for the LARS figures: paper = ResNet-50 + 8192-8192-8192 (default), "
              "demo = ResNet-18 + 512-512-512, small = 8 synthetic tensors (tests)")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda when visible")
+    add("--device", choices=("auto", "cpu", "cuda"), default=None, help="default auto: cuda when visible")
     add("--arch", choices=sorted(BACKBONE_DIM), default=None,
         help="training-step model (default: resnet18 on CPU, resnet50 on CUDA)")
     add("--projector", default=None, help="training-step projector (default 512-512-512 on CPU, 8192-8192-8192 on CUDA)")
@@ -136,8 +153,8 @@ def _parser() -> CliParser:
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton (not a key an option "
              "here sets, such as augment.image_size: the report states those)")
-    add("--seed", type=int, default=0, help="seed of the pipelines and the synthetic inputs (default 0)")
-    add("--child-timeout", type=float, default=600, help="seconds per training-step process (default 600)")
+    add("--seed", type=int, default=None, help="seed of the pipelines and the synthetic inputs (default 0)")
+    add("--child-timeout", type=float, default=None, help="seconds per training-step process (default 600)")
     add("--_train-child", dest="train_child", default=None, help=argparse.SUPPRESS)
     add("--_child-out", dest="child_out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
@@ -163,19 +180,40 @@ def min_loader_batches(args: argparse.Namespace) -> int:
     return max(1, args.workers) if "reference" in args.pipelines else 1
 
 
+def _refuse_unread(parser: CliParser, args: argparse.Namespace) -> None:
+    """The error line for an option that only sections this run leaves out read (`READ_BY`), and for a size of the
+    ImageNet-like set that --data replaces."""
+    section = "end_to_end" if args.end_to_end else "conversion" if args.conversion else "bench"
+    parser.refuse_unread(args, READ_BY, section, lambda sections: " or ".join(SECTIONS[s] for s in sections),
+                         E2E_INSTEAD if section == "end_to_end" else None)
+    for name in ("e2e_images", "conversion_images"):  # a training-step process gets the built set's --data
+        if getattr(args, name) is not None and args.data is not None and not args.train_child:
+            parser.error(f"--{name.replace('_', '-')} applies without --data only: it sizes the ImageNet-like set "
+                         f"built when no --data is given; drop one of them")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parsed options with every default resolved; `args.device` is a torch.device."""
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # for the training-step processes (they get the resolved --data appended)
-    args.device = resolve_device(args.device, setting="--device")
-    cpu, quick, e2e = args.device.type == "cpu", args.quick, args.end_to_end
-    if e2e and args.conversion:
+    if args.end_to_end and args.conversion:
         parser.error("--end-to-end and --conversion each run one section; give one of them")
+    _refuse_unread(parser, args)
+    args.device = resolve_device(args.device or "auto", setting="--device")
+    cpu, quick, e2e = args.device.type == "cpu", args.quick, args.end_to_end
     if args.json is None:
         default = "end_to_end" if e2e else "conversion" if args.conversion else "bench"
         args.json = _checked_default(parser, "--json", f"runs/bench/{default}.json")
+    if args.plot is None and not (e2e or args.conversion):
+        args.plot = _checked_default(parser, "--plot", "runs/bench/bench.png")
+    args.conversion_images = _default(args.conversion_images, 20000)
+    args.decode_images = _default(args.decode_images, 512)
+    args.threads = _default(args.threads, 0)
+    args.optimizer_params = args.optimizer_params or "paper"
+    args.seed = _default(args.seed, 0)
+    args.child_timeout = _default(args.child_timeout, 600)
     args.batch_size = _default(args.batch_size, 32 if quick else 64)
     args.image_size = _default(args.image_size, 128 if quick else 224)
     args.reps = _default(args.reps, 2 if quick else 3)
@@ -195,13 +233,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         steps, warmup = 3, 1
     args.train_steps = _default(args.train_steps, steps)
     args.train_warmup = _default(args.train_warmup, warmup)
-    args.pipelines = _names(args.pipelines or ",".join(DEFAULT_PIPELINES if e2e else LOADERS))
+    args.pipelines = _names(",".join(DEFAULT_PIPELINES if e2e else LOADERS) if args.pipelines is None
+                            else args.pipelines)
     unknown = [p for p in args.pipelines if p not in LOADERS]
     if unknown or not args.pipelines:
         parser.error(f"--pipelines takes names from {','.join(LOADERS)}, got {unknown or 'nothing'}")
     train = args.train_pipelines if args.train_pipelines is not None else ("none" if quick or e2e else None)
     default_modes = [name for name in args.pipelines if LOADERS[name][0] == name]  # not the ffcv_* variants
     args.train_pipelines = default_modes if train is None else [] if train.strip() == "none" else _names(train)
+    if train is not None and train.strip() != "none" and not args.train_pipelines:
+        parser.error("--train-pipelines got nothing; name pipelines of --pipelines, or 'none' for synthetic batches "
+                     "only")
     if any(p not in args.pipelines for p in args.train_pipelines):
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
     args.loader_batches = _default(args.loader_batches, max(4, min_loader_batches(args)))
@@ -211,8 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  *(("e2e_images",) if e2e else ()), *(("conversion_images",) if args.conversion else ())):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.workers < 0 or args.threads < 0 or args.train_warmup < 0:
-        parser.error("--workers, --threads and --train-warmup must be at least 0")
+    for flag in ("workers", "threads", "train_warmup"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
     if not e2e and args.loader_batches < min_loader_batches(args):
         parser.error(f"--loader-batches must be at least --workers ({args.workers}) when the reference loader is "
                      f"measured: each worker builds a whole batch, so batches arrive {args.workers} at a time and a "
@@ -305,6 +348,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_no_cuda_runtime_warning()
     with cli_errors(), exit_on_interrupt(outcome="nothing was written (the JSON and the plot come at the end)"):
         args = parse_args(argv)
         if args.threads:

@@ -4,14 +4,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import logging
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bt_fast.errors import STARTING, CliParser, cli_errors, exit_on_interrupt, one_line, output_file, say
+from bt_fast.errors import (STARTING, CliParser, cli_errors, exit_on_interrupt, one_line, output_file,
+                            quiet_no_cuda_runtime_warning, say)
 
 with exit_on_interrupt(STARTING):
     import torch
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device is None and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible, nothing to check (--device cpu runs the checks on the CPU)")
         return
-    # torch warns once, on importing its C++-extension helper (inductor does), that a CPU-only machine has no
-    # CUDA runtime: not a finding of any check.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_no_cuda_runtime_warning()
     with cli_errors(), exit_on_interrupt(outcome="nothing was written (the JSON comes after the checks)"):
         device = resolve_device(args.device or "cuda", setting="--device")
         summary = run_checks(device, checks=checks, throughput=throughput)
