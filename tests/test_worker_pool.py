@@ -160,7 +160,7 @@ def test_worker_counts_default_to_the_cores_the_process_may_use():
                                 "sys.argv = ['make_demo_data', '--help']; import runpy; "
                                 "runpy.run_module('tools.make_demo_data', run_name='__main__')"],
                                capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
-    assert "(default: the usable cores, 1 here)" in " ".join(help_text.stdout.split())
+    assert "(default and cap: the usable cores, 1 here)" in " ".join(help_text.stdout.split())
 
 
 _HEAP_AFTER_TASKS = """
