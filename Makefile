@@ -57,11 +57,23 @@ gpu-check: $(STAMP)
 # k-NN, then the linear probe, of the run's backbone, each next to the same architecture at random
 # initialisation. The run is OUT=, else CONFIG's out_dir; DATA= holds train/ and val/ (default: the demo's).
 # EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json. ARGS go to both
-# runs; KNN_ARGS (--k, --temperature) and LINEAR_ARGS (--epochs, --lr, ...) to the one that reads them.
+# runs; KNN_ARGS (--k, --temperature) and LINEAR_ARGS (--epochs, --lr, ...) to the one that reads them. One of
+# those in ARGS (spelled out: the other run refuses it, tools/evaluate.py READ_BY, once the first has run) and a
+# run not trained yet are refused before anything runs.
 OUT_DIR_OF_CONFIG := 'exec("import sys\nfrom bt_fast.config import load_config\nfrom bt_fast.errors import cli_errors\nwith cli_errors():\n    print(load_config(sys.argv[1]).out_dir)")'
+KNN_ONLY    := --k --temperature
+LINEAR_ONLY := --epochs --lr --weight-decay --cache-features --no-cache-features
+in_args = $(sort $(foreach o,$(filter $(1) $(addsuffix =%,$(1)),$(ARGS)),$(firstword $(subst =, ,$(o)))))
+misplaced_error = error: the $(3) refuses $(call in_args,$($(1)_ONLY)) in ARGS, which go to both runs: give \
+  the $(2)'s own options in $(1)_ARGS= instead
+# $(call misplaced,KNN,k-NN run,linear probe): the shell's refusal of KNN_ONLY options in ARGS, or nothing
+misplaced = $(if $(call in_args,$($(1)_ONLY)),{ echo "$(call misplaced_error,$(1),$(2),$(3))" >&2; exit 2; };)
 eval: $(STAMP)
-	@if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA); fi
-	@run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; set -x; \
+	@$(call misplaced,KNN,k-NN run,linear probe)$(call misplaced,LINEAR,linear probe,k-NN run) \
+	run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; \
+	[ -f "$$run/checkpoint.pth" ] || { echo "error: $$run/checkpoint.pth does not exist: nothing trained there yet;" \
+	  "run make pretrain first (with the same CONFIG= and OUT=)" >&2; exit 2; }; \
+	if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA) || exit; fi; set -x; \
 	$(PY) -m tools.evaluate --compare --mode knn --checkpoint "$$run/checkpoint.pth" \
 	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS) $(KNN_ARGS) && \
 	$(PY) -m tools.evaluate --compare --mode linear --checkpoint "$$run/checkpoint.pth" \

@@ -24,6 +24,7 @@ die() { echo "error: $*" >&2; exit 2; }
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES must be a positive whole number"
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS must be a whole number"
 [[ $LOCAL_NODES =~ ^[01]$ ]] || die "LOCAL_NODES=$LOCAL_NODES must be 0 or 1 (1: simulate NODES nodes on this machine)"
+[ -z "${GPUS:-}" ] || [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "GPUS=$GPUS must be a positive whole number"
 if [ -n "${MASTER_PORT:-}" ]; then
   [[ $MASTER_PORT =~ ^[0-9]+$ ]] && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
     || die "MASTER_PORT=$MASTER_PORT must be a port number, 1..65535"
@@ -48,6 +49,28 @@ args=(--config "$CONFIG")
 args+=("$@")
 train=(-m bt_fast.train "${args[@]}")
 
+# Several nodes outside SLURM without the rendezvous settings: print each node's command. GPUS only where it was
+# given: a count of this machine's GPUs (1 on a CPU-only one) would be wrong on the others, which count their own.
+if [ "$NODES" != 1 ] && [ -z "${SLURM_JOB_ID:-}" ] && [ "$LOCAL_NODES" != 1 ] \
+    && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${MASTER_PORT:-}" ] || [ -z "${NODE_RANK:-}" ]; }; then
+  settings=("NODES=$NODES")
+  [ -z "${GPUS:-}" ] || settings+=("GPUS=$GPUS")
+  settings+=("MAX_RESTARTS=$MAX_RESTARTS" "PYTHON=$PYTHON" "CONFIG=$CONFIG")
+  for name in DATA PIPELINE OUT; do [ -n "${!name:-}" ] && settings+=("$name=${!name}"); done
+  {
+    echo "error: NODES=$NODES outside SLURM needs MASTER_ADDR (a host name or address of node 0 that the other" \
+      "nodes reach), MASTER_PORT and NODE_RANK."
+    echo "Run on each node (here with this host, $(hostname), as node 0), from this directory:"
+    for ((node = 0; node < NODES; node++)); do
+      printf '  node %d:' "$node"
+      printf ' %q' "MASTER_ADDR=${MASTER_ADDR:-$(hostname)}" "MASTER_PORT=${MASTER_PORT:-29500}" "NODE_RANK=$node" \
+        "${settings[@]}" bash run_pretrain.sh "$@"
+      echo
+    done
+  } >&2
+  exit 2
+fi
+
 if [ -z "${GPUS:-}" ]; then
   if [ "$LOCAL_NODES" = 1 ]; then
     GPUS=1
@@ -56,7 +79,6 @@ if [ -z "${GPUS:-}" ]; then
     [ "$GPUS" -ge 1 ] || GPUS=1   # CPU: one process
   fi
 fi
-[[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "GPUS=$GPUS must be a positive whole number"
 
 # Several workers per node: torchrun would set one OpenMP thread each and print a four-line banner
 # saying so. Simulated nodes share this machine's cores instead.
@@ -133,22 +155,7 @@ if [ "$LOCAL_NODES" = 1 ]; then
   exit "$status"
 fi
 
-if [ "$NODES" != 1 ]; then
-  if [ -z "${MASTER_ADDR:-}" ] || [ -z "${MASTER_PORT:-}" ] || [ -z "${NODE_RANK:-}" ]; then
-    settings=("NODES=$NODES" "GPUS=$GPUS" "MAX_RESTARTS=$MAX_RESTARTS" "PYTHON=$PYTHON" "CONFIG=$CONFIG")
-    for name in DATA PIPELINE OUT; do [ -n "${!name:-}" ] && settings+=("$name=${!name}"); done
-    {
-      echo "error: NODES=$NODES outside SLURM needs MASTER_ADDR (a host name or address of node 0 that the other nodes reach), MASTER_PORT and NODE_RANK."
-      echo "Run on each node (here with this host, $(hostname), as node 0), from this directory:"
-      for ((node = 0; node < NODES; node++)); do
-        printf '  node %d:' "$node"
-        printf ' %q' "MASTER_ADDR=${MASTER_ADDR:-$(hostname)}" "MASTER_PORT=${MASTER_PORT:-29500}" "NODE_RANK=$node" \
-          "${settings[@]}" bash run_pretrain.sh "$@"
-        echo
-      done
-    } >&2
-    exit 2
-  fi
+if [ "$NODES" != 1 ]; then  # MASTER_ADDR, MASTER_PORT and NODE_RANK are set (see above)
   [[ $NODE_RANK =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NODES" ] || die "NODE_RANK=$NODE_RANK must be 0..$((NODES - 1))"
   # A host name that does not resolve would be retried for minutes, then end in a traceback.
   "$PYTHON" -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "$MASTER_ADDR" 2>/dev/null \

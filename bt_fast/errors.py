@@ -17,7 +17,7 @@ import select
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -199,6 +199,21 @@ def leave_for_launcher(err: BaseException) -> bool:
 
 
 _RANK_FILE = "rank"  # + the rank: the file a rank leaves its input error in
+_RANK_0_MARK = "main_rank_here"  # not a `_RANK_FILE`
+
+
+def mark_rank_0() -> None:
+    """In rank 0, if tools.launch started it: say so in the launcher's directory. A launcher of one node among
+    several then knows that rank 0's own lines (where a stopped run's checkpoint is) went to its output."""
+    launcher = _launcher()
+    if launcher is not None:
+        with suppress(OSError):  # the launcher then says it itself: a line twice, nothing lost
+            Path(launcher[1], _RANK_0_MARK).touch()
+
+
+def rank_0_ran_under(directory: str | Path) -> bool:
+    """In tools.launch: whether rank 0 ran among its workers (`mark_rank_0`, in the launcher's `directory`)."""
+    return Path(directory, _RANK_0_MARK).exists()
 
 
 def ranks_input_errors(directory: str | Path) -> list[str]:
@@ -358,12 +373,11 @@ class CliParser(argparse.ArgumentParser):
 
     def refuse_unread(self, args: argparse.Namespace, read_by: Mapping[str, Sequence[str]], running: str,
                       words: Callable[[Sequence[str]], str], instead: Mapping[str, str] | None = None) -> None:
-        """The error line for an option given (not left at None, False or []) that only the modes in
+        """The error line for an option given (its value not the parser's default) that only the modes in
         `read_by[option]` read, in a run of mode `running`: it would be ignored. `words(modes)` names modes
         in the line; `instead[option]`, where the running mode reads another option in its place, is added."""
         for name, modes in read_by.items():
-            value = getattr(args, name)
-            if value is None or value is False or value == [] or running in modes:
+            if getattr(args, name) == self.get_default(name) or running in modes:
                 continue
             hint = f" ({words([running])} reads {instead[name]})" if instead and name in instead else ""
             self.error(f"--{name.replace('_', '-')} applies to {words(modes)} only, not {words([running])}{hint}")

@@ -22,7 +22,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import init_distributed, shutdown_distributed
-    from bt_fast.errors import Interrupted, StorageError, UserError, cli_errors, print_error
+    from bt_fast.errors import Interrupted, StorageError, UserError, cli_errors, mark_rank_0, print_error
     from bt_fast.files import storage_fault
     from bt_fast.memory_budget import check_memory
     from bt_fast.preflight import check_previous_run, check_run_inputs
@@ -45,6 +45,8 @@ def train(config: Config) -> dict:
     """
     check_run_inputs(config)
     ctx = init_distributed(config.device)
+    if ctx.is_main:
+        mark_rank_0()
     lock, trainer = RunLock(config.out_dir), None
     try:
         if ctx.is_main:

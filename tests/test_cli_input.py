@@ -14,7 +14,8 @@ from conftest import write_image_folder
 from test_reliability import tiny_args
 
 COMMANDS = ("bt_fast.train", "tools.convert", "tools.evaluate", "tools.plot", "tools.preview",
-            "tools.bench.__main__", "tools.gpu_check.__main__", "tools.make_demo_data", "tools.dali_semantics")
+            "tools.bench.__main__", "tools.gpu_check.__main__", "tools.make_demo_data", "tools.dali_semantics",
+            "tools.launch")
 
 
 def run_command(module: str, argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -107,9 +108,13 @@ def test_the_plot_of_a_run_cannot_be_written_over_its_log(tmp_path, capsys):
     ("bt_fast.train", ["--config", "configs/demo_cpu.yaml", "--check"], ["--config", "configs/paper_rn50.yaml"]),
     ("tools.convert", ["SRC", "DST", "--format", "ffcv", "--workers", "1"], ["--workers", "2"]),
     ("tools.evaluate", ["--data", "D", "--mode", "knn"], ["--mode", "linear"]),
+    # torchrun's options too, before the config (here without data=) is checked
+    ("tools.launch", ["--nproc-per-node", "2"], ["--nproc-per-node", "1", "-m", "bt_fast.train", "--config",
+                                                 "configs/demo_cpu.yaml"]),
 ])
 def test_an_option_given_twice_with_two_values_is_refused_not_the_last_one_taken(module, first, second, capsys):
-    """argparse keeps the last value silently: two --config files trained the second alone."""
+    """argparse keeps the last value silently: two --config files trained the second alone, and two
+    --nproc-per-node started the second's count of ranks."""
     code, err = run_command(module, first + second, capsys)
     assert code == 2 and err == [f"error: {second[0]} given twice ({first[first.index(second[0]) + 1]} and "
                                  f"{second[1]}); give it once (see --help)"]
@@ -271,6 +276,36 @@ def test_the_launcher_refuses_a_bad_process_count_in_one_line(value, message, im
                                              *tiny_args(image_folder, tmp_path / "run")], capsys)
     assert code == 2 and err == [f"error: {message}"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("launcher, message", [
+    # torch's AssertionError, the launcher's own ZeroDivisionError, int()'s ValueError: each a traceback
+    (["--max-restarts", "-1"], "--max-restarts must be at least 0, got -1"),
+    (["--nnodes", "0"], "--nnodes must be at least 1, got 0"),
+    (["--nnodes", "abc"], "--nnodes abc: give a number of nodes, or a range MIN:MAX of them"),
+    (["--nnodes", "3:2"], "--nnodes 3:2: give a range MIN:MAX with 1 <= MIN <= MAX"),
+    (["--nnodes", "0:2"], "--nnodes 0:2: give a range MIN:MAX with 1 <= MIN <= MAX"),
+    (["--monitor-interval", "-1"], "--monitor-interval must be a positive number of seconds, got -1.0"),
+    (["--node-rank", "-1"], "--node-rank must be at least 0, got -1"),
+    (["--shutdown-timeout", "-5"], "--shutdown-timeout must be at least 0, got -5"),
+    (["--master-port", "70000"], "--master-port must be a port number, 1..65535, got 70000"),
+    # torchrun's parser printed its usage block
+    (["--max-restarts", "abc"], "argument --max-restarts/--max_restarts: invalid int value: 'abc' (see --help)"),
+    (["--nproc-per-node", "2", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see --help)"),
+])
+def test_the_launcher_refuses_a_bad_torchrun_option_in_one_line_before_the_config(launcher, message, capsys):
+    """Checked first: a config without data= is refused too, and used to be all the user heard of."""
+    code, err = run_command("tools.launch", [*launcher, "-m", "bt_fast.train", "--config", "configs/demo_cpu.yaml"],
+                            capsys)
+    assert code == 2 and err == [f"error: {message}"]
+
+
+def test_the_launcher_takes_a_range_of_nodes_as_torchrun_does(image_folder, tmp_path, capsys, monkeypatch):
+    from tools import launch
+    monkeypatch.setattr(launch.torchrun, "run", lambda options: pytest.fail("torchrun started"))
+    assert launch.main(["--nnodes", "1:4", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "bt_fast.train",
+                        *tiny_args(image_folder, tmp_path / "run"), "--check"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("gpus, message", [
@@ -529,3 +564,51 @@ def test_make_pretrain_takes_the_config_as_config_not_as_a_second_config_option(
     assert result.returncode == 2 and result.stderr.splitlines() == [
         "error: give the config file as CONFIG=FILE (make pretrain CONFIG=...), not --config in the arguments"]
     assert not (tmp_path / "run").exists()
+
+
+def make_eval(tmp_path, *settings: str):
+    """`make eval` with `settings`, its checkpoint in an empty tmp_path/run: (exit code, stderr lines)."""
+    import shutil
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    # STAMP= : no venv to install; a clean environment: no MAKEFLAGS of a `make test` above, no ARGS from it
+    result = subprocess.run(["make", "eval", "STAMP=", f"PY={sys.executable}", f"OUT={tmp_path / 'run'}",
+                             f"DATA={tmp_path / 'data'}", *settings], cwd=REPO, env={"PATH": os.environ["PATH"]},
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("args, message", [
+    ("--k 5", "the linear probe refuses --k in ARGS, which go to both runs: give the k-NN run's own options in "
+              "KNN_ARGS= instead"),
+    ("--device cpu --temperature=0.1 --k 3", "the linear probe refuses --k --temperature in ARGS, which go to both "
+                                             "runs: give the k-NN run's own options in KNN_ARGS= instead"),
+    ("--epochs 2", "the k-NN run refuses --epochs in ARGS, which go to both runs: give the linear probe's own "
+                   "options in LINEAR_ARGS= instead"),
+    ("--no-cache-features", "the k-NN run refuses --no-cache-features in ARGS, which go to both runs: give the "
+                            "linear probe's own options in LINEAR_ARGS= instead"),
+    ("", "{run}/checkpoint.pth does not exist: nothing trained there yet; run make pretrain first (with the same "
+         "CONFIG= and OUT=)"),
+])
+def test_make_eval_refuses_what_would_fail_before_it_runs_anything(args, message, tmp_path):
+    """ARGS go to both runs: --k ran the whole k-NN evaluation, then the linear probe refused it. With no trained
+    run, tools.evaluate's line said to pass --checkpoint, which make eval gives itself."""
+    code, err = make_eval(tmp_path, f"ARGS={args}")
+    assert code == 2 and err[0] == f"error: {message.format(run=tmp_path / 'run')}", err
+    assert len(err) == 2 and err[1].startswith("make: *** "), err  # make's own line, and nothing ran
+
+
+def test_make_evals_options_of_one_run_are_those_tools_evaluate_refuses_in_the_other():
+    import re
+    from tests.conftest import REPO
+    from tools.evaluate import READ_BY
+    makefile = (REPO / "Makefile").read_text()
+    listed = {name: set(re.search(rf"^{name}\s*:=(.*)$", makefile, re.M).group(1).split())
+              for name in ("KNN_ONLY", "LINEAR_ONLY")}
+    only = {run: {f"--{name.replace('_', '-')}" for name, modes in READ_BY.items() if run in modes and other not in modes}
+            for run, other in (("knn", "linear"), ("linear", "knn"))}
+    assert listed == {"KNN_ONLY": only["knn"], "LINEAR_ONLY": only["linear"] | {"--no-cache-features"}}
+

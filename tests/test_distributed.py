@@ -18,6 +18,7 @@ import torch
 from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_checkpoint_temporaries
 from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
+from bt_fast.errors import LAUNCHER_ENV, mark_rank_0
 from bt_fast.schedule import learning_rate
 from bt_fast.step_health import TrainingError
 from bt_fast.train import train
@@ -298,6 +299,9 @@ def test_ctrl_c_stops_every_rank_of_two_simulated_nodes_by_sigint_and_the_comman
     assert code == 130, err[-3000:]
     assert not [pid for pid in started if running(pid)]
     assert "stopped by SIGINT after step" in out and "SIGTERM" not in out + err, out + err[-3000:]
+    # rank 0's lines alone: each node's launcher added its own copy, as if rank 0 printed on another machine
+    stops = [line for line in out.splitlines() if line.startswith(("stopped by", "checkpoint:"))]
+    assert len(stops) == 2 and stops[0].startswith("stopped by SIGINT after step"), out
     assert "death signal" not in err and "closing signal" not in err
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["step"] == metrics(run)[-1]["step"]
 
@@ -326,14 +330,18 @@ def test_the_launcher_under_nohup_outlives_its_terminal_and_sigquit_ends_it_in_o
     assert "SIGHUP" not in out + err
 
 
-def test_several_nodes_without_a_rendezvous_print_the_command_for_each_node(tmp_path):
-    code, out, err = finish(launch(["max_steps=2"], NODES=2, GPUS=1, DATA=tmp_path))
+@pytest.mark.parametrize("gpus", ["", "4"])
+def test_several_nodes_without_a_rendezvous_print_the_command_for_each_node(gpus, tmp_path):
+    """GPUS only where it was given: this machine's count (1 on a CPU-only one) was printed for every node, which
+    then started that many ranks whatever its own GPUs."""
+    code, out, err = finish(launch(["max_steps=2"], NODES=2, GPUS=gpus, DATA=tmp_path))
     assert code == 2
     assert "MASTER_ADDR" in err.splitlines()[0]
     for node in range(2):
-        assert any(line.strip().startswith(f"node {node}:") and f"NODE_RANK={node}" in line
-                   and "NODES=2" in line and line.rstrip().endswith("bash run_pretrain.sh max_steps=2")
-                   for line in err.splitlines())
+        [line] = [line for line in err.splitlines() if line.strip().startswith(f"node {node}:")]
+        assert f"NODE_RANK={node}" in line and "NODES=2" in line
+        assert line.rstrip().endswith("bash run_pretrain.sh max_steps=2")
+        assert (f" GPUS={gpus} " in line) if gpus else (" GPUS=" not in line), line
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -532,6 +540,37 @@ def test_a_stop_before_the_launchs_first_checkpoint_is_the_signals_exit_status_a
     assert code == 128 + sig and capsys.readouterr().err.splitlines() == [
         f"error: stopped by {signal.Signals(sig).name} before this launch wrote a checkpoint; training resumes from "
         f"the start"]
+
+
+@pytest.mark.parametrize("endpoint, rank_0_here, says", [
+    ("node0.example:29500", True, False),  # node 0: rank 0 said it here
+    ("node0.example:29500", False, True),  # another node: rank 0 printed on node 0's machine
+    ("127.0.0.1:29500", False, False),  # every node on this machine (run_pretrain.sh LOCAL_NODES=1): one output
+])
+def test_a_node_launcher_says_where_the_checkpoint_is_only_where_rank_0_did_not(endpoint, rank_0_here, says, tmp_path,
+                                                                             monkeypatch, capsys):
+    """Each node's launcher repeated rank 0's "stopped by ... / checkpoint: ..." lines: twice on node 0, and once
+    per simulated node besides rank 0's on the one terminal they share. Rank 0, a child of its node's launcher,
+    marks the launcher's directory (`mark_rank_0`)."""
+    import argparse
+    import tools.launch as launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    checkpoint, launcher_dir = tmp_path / CHECKPOINT_NAME, tmp_path / "launcher"
+    launcher_dir.mkdir()
+
+    def stopped(options):
+        if rank_0_here:  # as the rank's process, whose parent is this launcher
+            monkeypatch.setenv(LAUNCHER_ENV, f"{os.getpid()}:{launcher_dir}")
+            monkeypatch.setattr(os, "getppid", os.getpid)
+            mark_rank_0()
+        atomic_save({"step": 3}, checkpoint)
+        raise SignalException(f"Process {os.getpid()} got signal: {signal.SIGINT}", sigval=signal.SIGINT)
+    monkeypatch.setattr(launch.torchrun, "run", stopped)
+    options = argparse.Namespace(nnodes="2", rdzv_endpoint=endpoint)
+    assert launch._run(options, checkpoint, time.time() - 1, launcher_dir) == 130
+    assert capsys.readouterr().out == (
+        f"stopped by SIGINT\ncheckpoint: {checkpoint} (run the same command again to resume)\n" if says else "")
+    assert launch.ranks_input_errors(launcher_dir) == []  # the mark is no rank's input error
 
 
 def test_nodes_that_never_all_gather_and_a_ctrl_c_while_they_gather_are_one_line_each(tmp_path, monkeypatch, capsys):

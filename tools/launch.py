@@ -2,19 +2,25 @@
 
     python -m tools.launch [torchrun options] -m bt_fast.train [--config FILE] [key=value ...]
 
-Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from plain torchrun:
+Used by `run_pretrain.sh` wherever it starts torchrun. Six things differ from plain torchrun:
 
-- The config and the paths it names are checked here first. torchrun restarts a failed worker
+- torchrun's options are read first, as every bt_fast command reads its own (`CliParser`): an unknown
+  one, one given twice with two values, or a number torchrun would fail on (`--nnodes 0`,
+  `--max-restarts -1`, ...) is one `error:` line, exit 2, before anything else is checked.
+- The config and the paths it names are checked here next. torchrun restarts a failed worker
   group up to --max-restarts times, which would print a config error that many times. With
-  `--check` that check (and the process count) is all it does; `--help` is bt_fast.train's, once.
+  `--check` that check (and the process count) is all it does; `--help` after `-m bt_fast.train` is
+  bt_fast.train's, once; before it, the launcher's.
 - When torchrun is stopped by a signal (SLURM's SIGTERM or SIGUSR1, Ctrl-C, a closed terminal's
   SIGHUP), it passes the signal on to the workers, which checkpoint at the next step boundary, and
   then raises. Here that ends as a single-process run does: exit 0 (130 for SIGINT, 129 for SIGHUP)
   when this launch wrote a checkpoint, with rank 0's "stopped by ... after step N" as the last
-  line. On several nodes each launcher says where the checkpoint is, as rank 0 may print on another
-  machine. torchrun's warnings narrating the stop are left out. A SIGQUIT (Ctrl-\\) ends the ranks
-  at once, without a checkpoint: one line, exit 131. Under `nohup` a SIGHUP is left ignored, so
-  the run goes on, as a single process does (torchrun would catch it all the same).
+  line. On several nodes a launcher whose node ran no rank 0 says where the checkpoint is, as rank 0
+  printed on another machine; where every node runs on this machine (a rendezvous at a loopback
+  address: run_pretrain.sh's simulated nodes) rank 0's lines are the only ones. torchrun's warnings
+  narrating the stop are left out. A SIGQUIT (Ctrl-\\) ends the ranks at once, without a checkpoint:
+  one line, exit 131. Under `nohup` a SIGHUP is left ignored, so the run goes on, as a single process
+  does (torchrun would catch it all the same).
 - A rank that fails on bad input (an error with exit code 2: empty data, too little memory, ...) would fail
   the same way on every restart. It leaves its error line here and stops the launch
   (`bt_fast.errors.leave_for_launcher`), which prints each distinct line once and exits 2. On several
@@ -31,7 +37,9 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Five things differ from p
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import math
 import os
 import shutil
 import signal
@@ -40,8 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import (LAUNCHER_ENV, STARTING, UserError, cli_errors, exit_on_interrupt, one_line, print_error,
-                            ranks_input_errors)
+from bt_fast.errors import (LAUNCHER_ENV, STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, one_line,
+                            print_error, rank_0_ran_under, ranks_input_errors)
 
 # torch's C++ client of node 0's store logs each failed call as a warning with a stack dump, about a hundred lines on
 # every other node once node 0 has stopped; this launcher says what happened in one line. Read once, as torch loads:
@@ -56,6 +64,7 @@ with exit_on_interrupt(STARTING):
     from torch.distributed.elastic.rendezvous import RendezvousParameters, registry as rendezvous_registry
     from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
                                                           RendezvousError, RendezvousTimeoutError)
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
@@ -67,6 +76,7 @@ if _QUIET_STORE_CLIENT:
     del os.environ["TORCH_CPP_LOG_LEVEL"]
 
 TRAIN_MODULE = ("-m", "bt_fast.train")
+USAGE = "python -m tools.launch [torchrun options] -m bt_fast.train [train arguments]"
 
 # What torch's elastic agent logs, as warnings, while it passes a stop signal on to the workers.
 SHUTDOWN_NARRATION = {
@@ -89,12 +99,34 @@ def quiet_shutdown_narration() -> None:
         logging.getLogger(name).addFilter(_Without(template))
 
 
+def launcher_parser() -> CliParser:
+    """torchrun's options (its parser's, defaults from its PET_* variables included), read by a `CliParser`: an
+    unknown option or one given twice with two values is one `error:` line, where torchrun's parser printed its
+    usage block or kept the last value."""
+    parser = CliParser(prog="python -m tools.launch", usage=USAGE, description=__doc__.splitlines()[0])
+    for action in torchrun.get_args_parser()._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue  # the training script: `-m bt_fast.train` and its arguments, split off before
+        if action.nargs == 0:  # a flag
+            parser.add_argument(*action.option_strings, dest=action.dest, action="store_const", const=action.const,
+                                default=action.default, help=action.help)
+        else:
+            parser.add_argument(*action.option_strings, dest=action.dest, type=action.type, default=action.default,
+                                choices=action.choices, help=action.help)
+    return parser
+
+
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(torchrun options, bt_fast.train arguments) around `-m bt_fast.train`."""
+    """(torchrun options, bt_fast.train arguments) around `-m bt_fast.train`; without it, the launcher's --help
+    or a usage error."""
     for i in range(len(argv) - 1):
         if tuple(argv[i:i + 2]) == TRAIN_MODULE:
             return argv[:i], argv[i + 2:]
-    raise SystemExit("error: usage: python -m tools.launch [torchrun options] -m bt_fast.train [train arguments]")
+    parser = launcher_parser()
+    if {"-h", "--help"} & set(argv):
+        parser.parse_args(argv)
+    parser.error(f"no training command: give `-m bt_fast.train` and its arguments after the torchrun options "
+                 f"({USAGE})")
 
 
 def training_config(options: argparse.Namespace) -> Config:
@@ -103,22 +135,46 @@ def training_config(options: argparse.Namespace) -> Config:
     return config
 
 
-def check_processes_per_node(value: str, device: str) -> int:
+def check_processes_per_node(value: str) -> int:
     """The processes per node `--nproc-per-node` starts; a UserError in one line where torchrun would fail on it
-    with an assertion or a traceback, or where its ranks would each fail to find their `device` (no GPU, or fewer
-    GPUs than ranks on the node)."""
+    with an assertion or a traceback."""
     try:
         count = torchrun.determine_local_world_size(value)
     except ValueError as err:
         raise UserError(f"--nproc-per-node {value}: {err}; give a number of processes, or auto, cpu or gpu") from None
     if count < 1:
         raise UserError(f"--nproc-per-node must be at least 1, got {value}")
-    resolve_device(device, local_rank=count - 1)
     return count
+
+
+def check_launcher_numbers(options: argparse.Namespace) -> tuple[int, int]:
+    """(processes per node, nodes if their number is fixed else 0) of torchrun's `options`; a UserError in one line
+    for a number torchrun would fail on with an assertion or a traceback (`--max-restarts -1`, `--nnodes abc`), or
+    that would end this launcher's own checks in one (`--nnodes 0`: a division by zero)."""
+    per_node = check_processes_per_node(options.nproc_per_node)
+    try:
+        min_nodes, max_nodes = torchrun.parse_min_max_nnodes(options.nnodes)
+    except (ValueError, RuntimeError):
+        raise UserError(f"--nnodes {options.nnodes}: give a number of nodes, or a range MIN:MAX of them") from None
+    if min_nodes < 1 and ":" not in options.nnodes:
+        raise UserError(f"--nnodes must be at least 1, got {options.nnodes}")
+    if not 1 <= min_nodes <= max_nodes:
+        raise UserError(f"--nnodes {options.nnodes}: give a range MIN:MAX with 1 <= MIN <= MAX")
+    for flag, value in (("--max-restarts", options.max_restarts), ("--node-rank", options.node_rank),
+                        ("--shutdown-timeout", options.shutdown_timeout)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be at least 0, got {value}")
+    if not (math.isfinite(options.monitor_interval) and options.monitor_interval > 0):
+        raise UserError(f"--monitor-interval must be a positive number of seconds, got {options.monitor_interval}")
+    if options.master_port is not None and not 1 <= options.master_port <= 65535:
+        raise UserError(f"--master-port must be a port number, 1..65535, got {options.master_port}")
+    return per_node, max_nodes if min_nodes == max_nodes else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
+    with cli_errors():  # before the config: a wrong launcher option is named even where the config is wrong too
+        per_node, nodes = check_launcher_numbers(launcher_parser().parse_args(launcher_args))
     with cli_errors(), exit_on_interrupt("while checking the config"):
         train_options = parse_train_args(train_args)  # --help is bt_fast.train's, printed here once
         config = training_config(train_options)
@@ -130,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         options.signals_to_handle = ",".join(name for name in options.signals_to_handle.split(",")
                                              if name.strip() != "SIGHUP")
     with cli_errors():
-        per_node = check_processes_per_node(options.nproc_per_node, config.device)
-        min_nodes, max_nodes = torchrun.parse_min_max_nnodes(options.nnodes)
-        if min_nodes == max_nodes:  # the world size is known: each rank would refuse it, once per restart
-            check_batch_split(config.batch_size, per_node * max_nodes)
+        # each rank would fail to find its device (no GPU, or fewer GPUs than ranks on the node)
+        resolve_device(config.device, local_rank=per_node - 1)
+        if nodes:  # the world size is known: each rank would refuse it, once per restart
+            check_batch_split(config.batch_size, per_node * nodes)
     if train_options.check:
         return 0
     quiet_shutdown_narration()
@@ -175,9 +231,21 @@ def close_rendezvous(options: argparse.Namespace) -> None:
         pass
 
 
+def nodes_on_this_machine(options: argparse.Namespace) -> bool:
+    """Whether every node runs on this machine: their rendezvous is at a loopback address, as for the simulated nodes
+    of run_pretrain.sh (LOCAL_NODES=1), whose launchers and ranks share its output. No name is looked up."""
+    if not options.rdzv_endpoint:  # the static rendezvous's --master-addr, say
+        return False
+    try:
+        host = parse_rendezvous_endpoint(options.rdzv_endpoint, 29400)[0]
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_errors: Path) -> int:
     """torchrun with `options`; the launcher's exit code, having said how it ended where torchrun would not.
-    `rank_errors` is where ranks leave their input errors."""
+    `rank_errors` is where ranks leave their input errors, and rank 0 its mark (`bt_fast.errors.mark_rank_0`)."""
     try:
         torchrun.run(options)
     except SignalException as stop:
@@ -191,8 +259,9 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
             return 128 + stop.sigval
         code = stop_exit_code(name)
         if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
-            if torchrun.parse_min_max_nnodes(options.nnodes)[1] == 1:
-                return code  # rank 0 ran here and has said where it stopped
+            if (torchrun.parse_min_max_nnodes(options.nnodes)[1] == 1 or rank_0_ran_under(rank_errors)
+                    or nodes_on_this_machine(options)):
+                return code  # rank 0 ran here, or its output is this launcher's, and it has said where it stopped
             print(f"stopped by {name}\ncheckpoint: {checkpoint} (run the same command again to resume)")
             return code
         # No checkpoint of this launch's: a failure to a scheduler, whatever the signal; the shell's status for it,
