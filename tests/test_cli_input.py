@@ -230,8 +230,8 @@ def test_seeds_are_the_32_bit_values_the_generators_take(seed, accepted):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--reps", "0"], "--reps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--reps", "-2"], "--reps must be at least 1, got -2"),
     (["--image-size", "0"], "--image-size must lie in 8..1024 pixels, got 0"),
     (["--image-size", "100000"], "--image-size must lie in 8..1024 pixels, got 100000"),
     (["--train-image-size", "1025"], "--train-image-size must lie in 8..1024 pixels, got 1025"),

@@ -252,7 +252,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("batch_size", "reps", "loader_batches", "train_steps", "decode_images", "train_batch_size",
                  *(("e2e_images",) if e2e else ()), *(("conversion_images",) if args.conversion else ())):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag in ("workers", "threads", "train_warmup"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
