@@ -65,7 +65,8 @@ def load_rgb(path: str) -> Image.Image:
         reason = file_problem(path) or err.strerror or flat_message(err)
     except (ValueError, Image.DecompressionBombError) as err:
         reason = flat_message(err)
-    raise DataError(f"cannot read image {path}: {reason}; remove or replace the file")
+    raise DataError(f"cannot read image {path}: {reason}; remove or replace the file (tools.convert's report lists "
+                    f"every unreadable image of a folder)")
 
 
 class TwoViewImageFolder(Dataset):

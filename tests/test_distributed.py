@@ -384,7 +384,8 @@ def test_a_ranks_input_error_is_one_line_and_no_restart(case, image_folder, tmp_
         shutil.copytree(image_folder, data)
         corrupt = sorted((data / "class1").iterdir())[2]
         corrupt.write_bytes(b"not a jpeg")
-        message = f"cannot read image {corrupt}: not a recognised image file; remove or replace the file"
+        message = (f"cannot read image {corrupt}: not a recognised image file; remove or replace the file "
+                   f"(tools.convert's report lists every unreadable image of a folder)")
     code, out, err = finish(launch(["max_steps=6", *TINY], GPUS=2, DATA=data, OUT=tmp_path / "run"))
     assert code == 2 and err.strip().splitlines() == [f"error: {message}"], err[-3000:]
 
@@ -410,7 +411,8 @@ def test_an_input_error_on_one_node_stops_the_other_node_started_by_hand(damaged
     results = [finish(node, timeout=120) for node in nodes]
     code, _, err = results[damaged_node]
     assert code == 2 and len(err.strip().splitlines()) == 1, err[-3000:]
-    assert any(err.strip() == f"error: cannot read image {path}: not a recognised image file; remove or replace the file"
+    assert any(err.strip() == f"error: cannot read image {path}: not a recognised image file; remove or replace the "
+                              f"file (tools.convert's report lists every unreadable image of a folder)"
                for path in broken), err[-3000:]
     other = 1 - damaged_node
     code, _, err = results[other]

@@ -48,7 +48,8 @@ def test_unreadable_image_names_the_file(image_folder, tmp_path):
     dataset = TwoViewImageFolder(str(tmp_path / "folder"), SPEC)
     with pytest.raises(DataError) as error:
         dataset[(0, 0)]
-    assert str(error.value) == f"cannot read image {broken / 'bad.jpg'}: not a recognised image file; remove or replace the file"
+    assert str(error.value) == (f"cannot read image {broken / 'bad.jpg'}: not a recognised image file; remove or "
+                                f"replace the file (tools.convert's report lists every unreadable image of a folder)")
     (broken / "bad.jpg").write_bytes(b"")  # was "not a recognised image file" too; the converter's words
     with pytest.raises(DataError, match=r"bad\.jpg: empty file \(0 bytes\); remove"):
         dataset[(0, 0)]

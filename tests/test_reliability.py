@@ -341,7 +341,8 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line_without_object_reprs
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert code == 2 and len(errors) == 1, err
     assert errors[0].startswith(f"error: cannot read image {tmp_path / 'data'}/class") and "<" not in errors[0]
-    assert errors[0].endswith(": not a recognised image file; remove or replace the file")
+    assert errors[0].endswith(": not a recognised image file; remove or replace the file (tools.convert's report lists "
+                              "every unreadable image of a folder)")
 
 
 def test_data_is_required(tmp_path, capsys, monkeypatch):
