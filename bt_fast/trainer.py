@@ -441,8 +441,8 @@ class Trainer:
                 log.write({"step": self.step, "epoch": epoch, "knn_top1": accuracy["top1"],
                            "knn_top5": accuracy["top5"], "knn_seconds": seconds})
                 log.flush()
-                progress.write(f"epoch {epoch + 1} of {self.config.epochs}: k-NN top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
-                               f"({seconds:.0f} s)")
+                progress.write(f"epoch {epoch + 1} of {self.config.epochs}: k-NN top-1 {accuracy['top1']:.2f}%, "
+                               f"top-5 {accuracy['top5']:.2f}% ({seconds:.0f} s)")
         if self.ctx.world_size > 1 and self.config.knn_val:
             # On the host's gloo group, with a timeout of its own: on the default group NCCL's watchdog would
             # abort the waiting ranks after 10 minutes, less than a k-NN over a large memory bank takes

@@ -114,7 +114,8 @@ def _read(path: Path) -> Any:
             raise CheckpointError(f"checkpoint {path} is not a file torch.save wrote; pass a run's checkpoint.pth or "
                                   f"backbone.pth, or a torch-saved state dict") from None
         raise CheckpointError(f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
-                              f"({type(err).__name__}: {flat_message(err, 120)}); pass a torch-saved state dict") from None
+                              f"({type(err).__name__}: {flat_message(err, 120)}); pass a torch-saved state "
+                              f"dict") from None
 
 
 RUN_CONFIG_NAME = "config.yaml"

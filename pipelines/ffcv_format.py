@@ -160,9 +160,10 @@ class BetonPart:
 
     The pages go to `handle` from its current position, a page boundary, with nothing after it in the
     file: a page's unused end is skipped, not written, so it reads as zeros and takes no disk where the
-    file system keeps holes (a page of a large `max_resolution` is up to 2 GiB; docs/performance.md). `close()` returns one `PART_ROW` per
-    sample with `ptr` relative to the part's first page and leaves `handle` open, at the file's end
-    after the part's last page. `finish_beton` writes the tables that make the pages a `.beton`.
+    file system keeps holes (a page of a large `max_resolution` is up to 2 GiB; docs/performance.md).
+    `close()` returns one `PART_ROW` per sample with `ptr` relative to the part's first page and leaves
+    `handle` open, at the file's end after the part's last page. `finish_beton` writes the tables that
+    make the pages a `.beton`.
     """
 
     def __init__(self, handle: BinaryIO, page_size: int):

@@ -608,7 +608,7 @@ def test_make_evals_options_of_one_run_are_those_tools_evaluate_refuses_in_the_o
     makefile = (REPO / "Makefile").read_text()
     listed = {name: set(re.search(rf"^{name}\s*:=(.*)$", makefile, re.M).group(1).split())
               for name in ("KNN_ONLY", "LINEAR_ONLY")}
-    only = {run: {f"--{name.replace('_', '-')}" for name, modes in READ_BY.items() if run in modes and other not in modes}
-            for run, other in (("knn", "linear"), ("linear", "knn"))}
+    only = {run: {f"--{name.replace('_', '-')}" for name, modes in READ_BY.items()
+                  if run in modes and other not in modes} for run, other in (("knn", "linear"), ("linear", "knn"))}
     assert listed == {"KNN_ONLY": only["knn"], "LINEAR_ONLY": only["linear"] | {"--no-cache-features"}}
 

@@ -696,7 +696,7 @@ def _stored(beton: Path) -> tuple[list[bytes], np.ndarray]:
     reader = Reader(str(beton))
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
     image = reader.metadata["f0"]
-    with open(beton, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as raw:  # no page read whole
+    with open(beton, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as raw:  # pages unread
         return [raw[p:p + sizes[p]] for p in image["data_ptr"].tolist()], reader.metadata
 
 

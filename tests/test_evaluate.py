@@ -466,7 +466,8 @@ def test_a_training_class_folder_without_images_is_refused_as_torchvision_refuse
         torchvision.datasets.ImageFolder(str(train))
     with pytest.raises(DataError) as err:
         LabelledImageFolder(str(train), transform=None)
-    assert str(err.value) == f"{train} has class folders without images: ['aaa_empty']; add images to them or remove them"
+    assert str(err.value) == (f"{train} has class folders without images: ['aaa_empty']; add images to them or "
+                              f"remove them")
     classes = ["aaa_empty", "class0", "class1"]  # a validation folder may lack a class: it is labelled as training's
     assert [label for _, label in LabelledImageFolder(str(train), None, classes).samples] == [1, 1, 2, 2]
     (train / "aaa_empty").rmdir()

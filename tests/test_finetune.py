@@ -245,7 +245,8 @@ def test_cli_rejects_options_of_another_mode(split_folder, capsys, mode, given, 
         ev.main(["--random-init", "--arch", "resnet18", "--data", str(split_folder), "--mode", mode, *given.split(),
                  *COMMON])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == f"error: {option} applies to --mode {read_by} only, not --mode {mode} (see --help)\n"
+    assert capsys.readouterr().err == (f"error: {option} applies to --mode {read_by} only, not --mode {mode} "
+                                       f"(see --help)\n")
 
 
 def test_a_subset_of_one_image_or_a_batch_of_one_is_one_error_line(split_folder, tmp_path, capsys):

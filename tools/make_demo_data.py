@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
     parser.add_argument("--classes", type=int, default=None, help="classes of the --imagenet-like set (default 10)")
     parser.add_argument("--workers", type=int, default=None,
-                        help=f"processes writing the --imagenet-like set (default and cap: the usable cores, {usable_cores()} here)")
+                        help=f"processes writing the --imagenet-like set (default and cap: the usable cores, "
+                             f"{usable_cores()} here)")
     args = parser.parse_args(argv)
     demo, imagenet_like = {"train_per_class": 64, "val_per_class": 16}, {"classes": 10, "workers": usable_cores()}
     own, other = (imagenet_like, demo) if args.imagenet_like else (demo, imagenet_like)
