@@ -264,26 +264,30 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
+_ZIP_START = b"PK\x03\x04"  # how torch.save's zip archive begins
+_PICKLE_START = b"\x80"  # how the pickle of its older format begins
+
+
+def _start(path: Path) -> bytes | None:
+    """The first bytes of `path` that tell a torch.save file, or None where it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(_ZIP_START))
+    except OSError:
+        return None
+
+
 def cut_short(path: Path) -> bool:
     """Whether `path` begins as torch.save's zip archive does but lacks the directory that ends a complete
     one: a write or a copy that stopped part-way."""
-    try:
-        with open(path, "rb") as file:
-            starts_as_zip = file.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
-    return starts_as_zip and not zipfile.is_zipfile(path)
+    return _start(path) == _ZIP_START and not zipfile.is_zipfile(path)
 
 
 def not_torch_saved(path: Path) -> bool:
     """Whether `path` begins as no file torch.save writes: neither as its zip archive nor as the pickle of its
     older format (a config, an image, text)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(4)
-    except OSError:
-        return False
-    return not head.startswith((b"PK\x03\x04", b"\x80"))
+    start = _start(path)
+    return start is not None and not start.startswith((_ZIP_START, _PICKLE_START))
 
 
 CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
