@@ -151,8 +151,9 @@ def check_data_exists(config: Config) -> None:
 def check_not_a_split_root(config: Config) -> None:
     """A ConfigError if `data` holds train/ and val/ folders (a split dataset's root, which tools.evaluate takes
     as such): pretraining would read the two splits as two classes, the validation images among them."""
+    from pipelines.image_folder import is_split_root
     data = Path(config.data) if config.data else None
-    if data is not None and (data / "train").is_dir() and (data / "val").is_dir():
+    if data is not None and is_split_root(data):
         raise ConfigError(f"config key 'data' names {data}, which holds train/ and val/: pretraining would read both "
                           f"splits as two classes; give data={data / 'train'}")
 

@@ -73,7 +73,7 @@ from pipelines.convert_parts import (WorkDir, job_fingerprint, listing_digest, o
                                      worker_pool, write_part)
 from pipelines.dali_format import shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import beton_samples, finish_beton
-from pipelines.image_folder import SampleList, find_image_folder
+from pipelines.image_folder import SampleList, find_image_folder, is_split_root
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep
 
 DEFAULT_SHARD_SIZE = 1000
@@ -133,6 +133,9 @@ def scan_source(src: str | Path) -> tuple[list[str], SampleList]:
     if not src.exists():
         raise DataError(f"source {src} does not exist (expected an ImageFolder directory or a '<path> <label>' list file)")
     if src.is_dir():
+        if is_split_root(src):
+            raise DataError(f"source {src} holds train/ and val/: its two splits would be stored as two classes, the "
+                            f"validation images among the training ones; give {src / 'train'}")
         return find_image_folder(src)
     return read_list_file(src)
 

@@ -71,6 +71,12 @@ def has_a_class(root: str | Path) -> bool:
         return any(not entry.name.startswith(".") and _is_class(entry) for entry in entries)
 
 
+def is_split_root(root: str | Path) -> bool:
+    """Whether `root` holds train/ and val/ folders: a split dataset's root (what tools.evaluate takes), whose
+    two splits an ImageFolder reader would take as two classes, the validation images among them."""
+    return (Path(root) / "train").is_dir() and (Path(root) / "val").is_dir()
+
+
 def image_folder_root(root: str | Path) -> Path:
     """`root` as a Path if it is a directory; DataError naming it otherwise (a file, or nothing there)."""
     root = Path(root)

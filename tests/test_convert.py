@@ -522,6 +522,23 @@ def test_cli_errors_are_one_line(case, tmp_path, capsys, source):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_a_split_datasets_root_is_refused_as_training_refuses_it(fmt, source, tmp_path, capsys):
+    """The root of train/ and val/ (`make_demo_data`'s, ImageNet's usual layout) converted as an ImageFolder
+    stored the two splits as two classes, and training on the output read the validation images."""
+    root, _ = source
+    split = tmp_path / "split"
+    split.mkdir()
+    for name in ("train", "val"):
+        (split / name).symlink_to(root, target_is_directory=True)
+    out = tmp_path / ("out.beton" if fmt == "ffcv" else "out")
+    assert _cli([str(split), str(out), "--format", fmt, "--workers", "1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: source {split} holds train/ and val/: its two splits would be stored as two classes, the validation "
+        f"images among the training ones; give {split / 'train'}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]
+
+
 @pytest.mark.parametrize("fmt, option, owner", [("dali", "--part-size", "ffcv"), ("ffcv", "--shard-size", "dali")])
 def test_a_size_option_of_the_other_format_is_refused_not_ignored(fmt, option, owner, source, tmp_path, capsys):
     root, _ = source
