@@ -1,7 +1,7 @@
 """Convert an ImageFolder or a `path label` list into an FFCV `.beton` or DALI webdataset shards.
 
 The source is an ImageFolder (SRC/<class>/<image>, labels = index of the sorted class names,
-exactly as `pipelines.image_folder.find_image_folder`) or a text file whose lines are `<path> <label>`
+exactly as `pipelines.image_folder.find_image_folder`; not a split dataset's root, `is_split_root`) or a text file whose lines are `<path> <label>`
 (path relative to the list file's directory or absolute, label an int 0..`MAX_LIST_LABEL`; blank
 lines and lines starting with '#' are ignored).
 
@@ -9,7 +9,8 @@ lines and lines starting with '#' are ignored).
 
 1. DST is checked: a path that does not exist or an empty directory is used; a previous output
    of the converter (a `.beton` header, or a directory whose `dataset.json` names every file in
-   it) is replaced only with `force`; anything else is refused, `force` or not, and so is a dali
+   it) is left as it is where it holds this very conversion (`unconverted`: nothing to do), and is
+   otherwise replaced only with `force`; anything else is refused, `force` or not, and so is a dali
    DST inside an ImageFolder source (it would become one of its classes) and a DST whose report path
    (step 5) is a directory.
 2. The samples are split into parts of consecutive output positions (`part_size` for ffcv, one
@@ -58,6 +59,7 @@ import json
 import os
 import signal
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -260,22 +262,70 @@ def previous_output(dst: Path) -> str | None:
             f"{samples} samples)")
 
 
-def check_destination(src: Path, dst: Path, force: bool) -> None:
-    """Refuse a DST that must not be replaced (module docstring, step 1); DataError in one line."""
+def check_destination(src: Path, dst: Path, force: bool, settings: dict | None = None) -> dict | None:
+    """Refuse a DST that must not be replaced (module docstring, step 1); DataError in one line. Without `force`,
+    a previous output that is what this conversion would write (`settings`: the report's settings of this one;
+    `unconverted` says how one compares) is no error: its report is returned, and there is nothing to do."""
     if dst.is_symlink():
         raise DataError(f"output {dst} is a symbolic link; give the path it points to, or another DST")
     if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
-        return
+        return None
     what = previous_output(dst)
     if what is None:
         kind = "directory" if dst.is_dir() else "file"
         raise DataError(f"output {dst} is a {kind} tools.convert did not write (no .beton header, no dataset.json); "
                         f"refusing to replace it: choose another DST or remove it yourself")
     if not force:
-        raise DataError(f"output {dst} already holds {what}; pass --force to replace it and {report_path(dst)}")
+        report, change = unconverted(src, dst, settings) if settings is not None else (None, "")
+        if change is None:
+            return report
+        raise DataError(f"output {dst} already holds {what}{change}; pass --force to replace it (and its report "
+                        f"{report_path(dst)})")
     resolved_src, resolved_dst = src.resolve(), dst.resolve()
     if resolved_src == resolved_dst or resolved_dst in resolved_src.parents:
         raise DataError(f"output {dst} contains the source {src}; refusing to overwrite it")
+    return None
+
+
+def unconverted(src: Path, dst: Path, settings: dict) -> tuple[dict | None, str | None]:
+    """(the report of the previous output `dst`, None) where it is the conversion of `src` with `settings` (format,
+    --max-resolution, --jpeg-quality, a dali DST's --shard-size) and `src` has not changed since: its `source_state`,
+    or for an ImageFolder whose folders' times changed, its listing (`source_change`). Otherwise (None or the
+    report, what differs, as the words to follow "DST holds <its dataset>"); an image rewritten in place is
+    not seen."""
+    try:
+        report = json.loads(report_path(dst).read_text())
+        samples = beton_samples(dst) if dst.is_file() else written_files(dst)[1]
+    except (OSError, ValueError, TypeError):
+        return None, f", whose report {report_path(dst)} is missing or unreadable"
+    if not isinstance(report, dict) or report.get("written") != samples:
+        return None, f", which its report {report_path(dst)} does not describe"
+    if src.resolve() not in recorded_sources(report, dst):
+        return report, f" converted from {report.get('source')}, not {src}"
+    changed = [f"{option_flag(key)} {report.get(key, '(not recorded)')}, not {value}"
+               for key, value in settings.items() if report.get(key) != value]
+    if changed:
+        return report, f" converted with {', '.join(changed)}"
+    if report.get("source_state") == source_state(src):
+        return report, None
+    change = source_change(dst, src) if src.is_dir() else f"{src} was modified since"
+    if change is None and src.is_dir() and report.get("listing_digest") is not None:
+        return report, None
+    return report, f"; {change or f'{src} may have changed since'}"
+
+
+def option_flag(key: str) -> str:
+    """The command-line option of tools.convert that sets `convert`'s keyword (or report key) `key`."""
+    return "--" + key.replace("_", "-")
+
+
+def _settings(fmt: str, max_resolution: int, jpeg_quality: int, shard_size: int) -> dict:
+    """The settings a report records: those that decide what a conversion writes (--part-size only decides
+    where a stopped one goes on from)."""
+    settings = {"format": fmt, "max_resolution": max_resolution, "jpeg_quality": jpeg_quality}
+    if fmt == "dali":
+        settings["shard_size"] = shard_size
+    return settings
 
 
 def check_report_place(dst: Path) -> None:
@@ -330,9 +380,18 @@ def install_output(tmp: Path, dst: Path) -> None:
 
 
 def outcome(report: dict) -> str:
-    """One line saying what `convert` wrote, from its report."""
-    return (f"wrote {report['written']} images to {report['output']} ({report['skipped']} skipped, "
-            f"{report['converted']} converted; report: {report_path(report['output'])})")
+    """One line saying what `convert` wrote, from its report: the skipped files counted by kind of reason
+    (the reason up to its first colon), most frequent first."""
+    if report.get("unchanged"):  # `convert` found the same conversion in place
+        return (f"{report['output']} already holds the conversion of {report['source']} with these settings "
+                f"({report['written']} images; report: {report_path(report['output'])}): nothing to do; --force "
+                f"converts again")
+    kinds = Counter(entry["reason"].split(":")[0] for entry in report["files"] if entry["status"] == "skipped")
+    skipped = f"{report['skipped']} skipped" + (": " + ", ".join(f"{count} {kind}" for kind, count in
+                                                                 kinds.most_common()) + ";" if kinds else ",")
+    written = report["written"]
+    return (f"wrote {written} image{'s' * (written != 1)} to {report['output']} ({skipped} {report['converted']} "
+            f"converted; report: {report_path(report['output'])})")
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -383,7 +442,10 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
     workers = min(workers, usable_cores())
     src, dst = Path(src), _named(Path(dst))
     check_outside_source(src, dst, fmt)
-    check_destination(src, dst, force)
+    settings = _settings(fmt, max_resolution, jpeg_quality, shard_size)
+    current = check_destination(src, dst, force, settings)
+    if current is not None:  # reported in the words of this command
+        return {**current, "source": str(src), "output": str(dst), "unchanged": True}
     check_report_place(dst)
     prep = ImagePrep(max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     signals = ConversionSignals()
@@ -511,7 +573,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
                                                order[starts[writing]:starts[writing] + size], samples, results, prep,
                                                beton)
             writing = None
-        report = _assemble(src, dst, fmt, prep, classes, work, [reports[k] for k in range(len(starts))], force,
+        report = _assemble(src, dst, fmt, prep, size, classes, work, [reports[k] for k in range(len(starts))], force,
                            state, listing_digest(src, samples) if src.is_dir() else None, installing)
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
@@ -544,15 +606,14 @@ def _storage_fault_message(dst: Path, fault: OSError, work: WorkDir, kept: int, 
             f"(or write access) the same command goes on from them")
 
 
-def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, classes: Sequence[str], work: WorkDir,
+def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, size: int, classes: Sequence[str], work: WorkDir,
               parts: list[dict], force: bool, state: list[list] | None, listing: str | None,
               installing: Callable[[], None]) -> dict:
-    """Put the finished parts together into DST and write the report; returns it. `installing` is
-    called just before DST is installed."""
+    """Put the finished parts together into DST and write the report; returns it. `size` is images per part,
+    `installing` is called just before DST is installed."""
     files = sorted((entry for part in parts for entry in part["files"]), key=lambda entry: entry["path"])
     report = {
-        "source": str(src), "output": str(dst), "format": fmt,
-        "max_resolution": prep.max_resolution, "jpeg_quality": prep.jpeg_quality,
+        "source": str(src), "output": str(dst), **_settings(fmt, prep.max_resolution, prep.jpeg_quality, size),
         "written": sum(part["written"] for part in parts), "skipped": sum(part["skipped"] for part in parts),
         "converted": sum(part["converted"] for part in parts),
         "files": files, "source_state": state, "listing_digest": listing,

@@ -14,7 +14,8 @@ import numpy as np
 
 from bt_fast.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+# torchvision's ImageFolder's (`torchvision.datasets.folder.IMG_EXTENSIONS`), so both read the same images
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:

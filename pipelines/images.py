@@ -137,12 +137,17 @@ def file_problem(path: str) -> str | None:
     return None
 
 
+def _missing(path: str) -> str:
+    """Why `path`, which could not be opened for want of a file, is missing."""
+    return "broken symbolic link" if os.path.islink(path) else "file not found"
+
+
 def _check_file(path: str) -> None:
     """SkipImage unless `path` is a non-empty regular file."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
-        raise SkipImage("file not found") from None
+        raise SkipImage(_missing(path)) from None
     except OSError as err:
         raise SkipImage(f"cannot read file: {err.strerror}") from None
     if size == 0:
@@ -306,7 +311,7 @@ class ImagePrep:
             with open(path, "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
-            return Prepared("skipped", "file not found")
+            return Prepared("skipped", _missing(path))
         except OSError as err:
             return Prepared("skipped", f"cannot read file: {err.strerror}")
         try:

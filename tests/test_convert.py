@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,9 +23,9 @@ from bt_fast.host import usable_cores
 from conftest import modules_loaded_by
 from pipelines import convert as convert_module
 from pipelines import image_folder
-from pipelines.convert import convert, work_dir
+from pipelines.convert import convert, outcome, work_dir
 from pipelines.dali_format import ShardWriter
-from pipelines.ffcv_format import BetonPart, page_size_for
+from pipelines.ffcv_format import BetonPart, beton_samples, page_size_for
 from pipelines.image_folder import count_images, find_image_folder
 from pipelines.images import ImagePrep, decode_source_image
 from tools.convert import main as convert_main
@@ -415,6 +416,8 @@ def test_image_folder_scan_matches_sorted_rglob(tmp_path, monkeypatch):
                  for p in sorted((root / name).rglob("*"))
                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
     assert classes == ["a", "b", "c", "elsewhere"] and samples == reference and len(samples) == 13
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # a .pgm (grayscale) image was left out
+    assert sorted(IMAGE_SUFFIXES) == sorted(IMG_EXTENSIONS)
     # count_images: the same images, counted class by class only as far as `enough` of them
     per_class = [sum(label == index for _, label in reference) for index in range(len(classes))]
     listed, below = [], image_folder._images_below
@@ -440,6 +443,9 @@ def test_text_list_source(source, tmp_path):
     assert report["written"] == 3 and report["skipped"] == 2
     reasons = {Path(f["path"]).name: f["reason"] for f in report["files"] if f["status"] == "skipped"}
     assert "not found" in reasons["missing.jpg"] and "truncated" in reasons["b_trunc.jpg"]
+    # the summary line counts the skipped files by reason, in the report's order where counts tie
+    assert outcome(report) == (f"wrote 3 images to {dst} (2 skipped: 1 truncated or corrupt, 1 file not found; "
+                               f"{report['converted']} converted; report: {dst}.report.json)")
     meta = json.loads((dst / "dataset.json").read_text())
     assert meta["num_classes"] == 8 and meta["num_samples"] == 3
     images, labels = _read_dali(dst)
@@ -498,6 +504,33 @@ def test_existing_output_needs_force(source, tmp_path, capsys):
     beton.write_bytes(b"keep me")
     assert _cli([str(root), str(beton), "--format", "ffcv", "--workers", "1"]) == 2
     assert beton.read_bytes() == b"keep me"
+
+
+def test_the_same_command_again_finds_its_output_current_and_a_changed_source_is_refused(source, tmp_path, capsys):
+    """A rerun of a finished conversion was refused (exit 2), so `convert && train` failed the second time.
+    It now rewrites nothing and exits 0, as `make` does, however SRC and DST are spelled; with another setting
+    or a changed source it is refused, naming what differs."""
+    root, _ = source
+    src = tmp_path / "src"
+    shutil.copytree(root / "a", src / "a")
+    dst = tmp_path / "out.beton"
+    args = [str(src), str(dst), "--format", "ffcv", "--workers", "1"]
+    assert _cli(args) == 0
+    capsys.readouterr()
+    written = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file()}
+
+    assert _cli([f"{src}/", str(tmp_path / "." / "out.beton"), *args[2:]]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path / 'out.beton'} already holds the conversion of {src} with these settings (4 images; report: "
+        f"{tmp_path / 'out.beton.report.json'}): nothing to do; --force converts again"]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file()} == written
+
+    shutil.copy(src / "a" / "a0.jpg", src / "a" / "a0 copy.jpg")
+    assert _cli(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: output {dst} already holds the FFCV dataset {dst} (4 samples); {src} now holds 6 images but {dst} was "
+        f"converted from 5; pass --force to replace it (and its report {dst}.report.json)"]
+    assert _cli(args + ["--force"]) == 0 and beton_samples(dst) == 5
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad_list", "bad_quality"])
@@ -1061,8 +1094,7 @@ def test_ctrl_c_once_dst_is_installed_says_it_is_complete_and_leaves_it_complete
                  *size]) == 128 + sig
     report = pipelines.convert.report_path(dst)
     assert capsys.readouterr().err.splitlines() == [
-        f"error: {said} once the conversion had finished; nothing is lost: wrote {expected['written']} images "
-        f"to {dst} ({expected['skipped']} skipped, {expected['converted']} converted; report: {report})"]
+        f"error: {said} once the conversion had finished; nothing is lost: {outcome({**expected, 'output': str(dst)})}"]
     assert signal.getsignal(sig) is default
     assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name, report.name]
     assert json.loads(report.read_text())["files"] == expected["files"]
@@ -1149,9 +1181,9 @@ def test_force_never_replaces_what_the_converter_did_not_write(source, tmp_path,
     beton = tmp_path / "data.beton"
     assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:]]) == 0
     capsys.readouterr()
-    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:]]) == 2
-    assert f"the FFCV dataset {beton} (11 samples)" in capsys.readouterr().err
-    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:], "--force"]) == 0
+    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:], "--jpeg-quality", "60"]) == 2
+    assert f"the FFCV dataset {beton} (11 samples) converted with --jpeg-quality 90, not 60;" in capsys.readouterr().err
+    assert _cli([base[0], str(beton), "--format", "ffcv", *base[1:], "--force", "--jpeg-quality", "60"]) == 0
 
 
 def test_report_writes_non_ascii_paths_as_text(tmp_path):

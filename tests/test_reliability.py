@@ -502,7 +502,7 @@ def test_dangling_symlinks_and_unreadable_files_are_reported_not_dropped(image_f
     source = _folder_with_problems(tmp_path / "src", image_folder)
     report = convert(source, tmp_path / "out.beton", "ffcv", workers=1, progress=False)
     skipped = {Path(entry["path"]).name: entry["reason"] for entry in report["files"] if entry["status"] == "skipped"}
-    assert set(skipped) == {"dangling.jpg", "bad.jpg"} and skipped["dangling.jpg"] == "file not found"
+    assert set(skipped) == {"dangling.jpg", "bad.jpg"} and skipped["dangling.jpg"] == "broken symbolic link"
     assert report["written"] == 24 and report["skipped"] == 2
 
 
@@ -514,7 +514,8 @@ def test_first_use_conversion_says_what_it_skipped_and_leaves_no_lock(image_fold
     err = capsys.readouterr().err
     assert path == tmp_path / "train.beton" and path.is_file()
     assert err.splitlines()[1:] == [
-        f"wrote 24 images to {tmp_path / 'train.beton'} (2 skipped, 0 converted; report: {tmp_path / 'train.beton.report.json'})",
+        f"wrote 24 images to {tmp_path / 'train.beton'} (2 skipped: 1 broken symbolic link, 1 not a recognised image "
+        f"file; 0 converted; report: {tmp_path / 'train.beton.report.json'})",
         f"warning: 2 of 26 images in {source} are unreadable and were left out; they are listed in "
         f"{tmp_path / 'train.beton.report.json'}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "train.beton", "train.beton.report.json"]

@@ -3,7 +3,8 @@
     python -m tools.convert SRC DST --format ffcv|dali [--max-resolution N] [--jpeg-quality Q]
                             [--workers N] [--force] [--shard-size N (dali)] [--part-size N (ffcv)]
 
-A conversion that is stopped (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1, kill -9, power loss) keeps its finished parts
+Run again with the same source and settings, a finished conversion is left as it is (exit 0); with another source or
+setting, or once the source has changed, it is replaced only with `--force`. A conversion that is stopped (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1, kill -9, power loss) keeps its finished parts
 in `.DST.parts`; the same command run again finishes the rest. Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 end it with
 one line saying so, exit 130, 143, 129 and 138 (the shell's status for each); one once DST is in place waits for
 the report and says that DST is complete. `--shard-size` and `--part-size` belong to one format
@@ -22,14 +23,15 @@ from bt_fast.files import shared_memory_full
 
 with exit_on_interrupt("while starting"):
     from pipelines.convert import (DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt,
-                                   outcome, stopped)
+                                   option_flag, outcome, stopped)
     from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m tools.convert",
                        description="Convert an ImageFolder or '<path> <label>' list to FFCV .beton or DALI webdataset shards.")
-    parser.add_argument("src", metavar="SRC", help="ImageFolder directory or '<path> <label>' list file")
+    parser.add_argument("src", metavar="SRC", help="ImageFolder directory (not the root of train/ and val/: give its "
+                        "train/) or '<path> <label>' list file (paths relative to its folder, or absolute)")
     parser.add_argument("dst", metavar="DST", help="output .beton file (ffcv) or directory (dali)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--max-resolution", type=int, default=DEFAULT_MAX_RESOLUTION,
@@ -39,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default and cap: the cores this process may use)")
     parser.add_argument("--force", action="store_true",
-                        help="replace a previous output of tools.convert at DST (nothing else is ever replaced)")
+                        help="replace a previous output of tools.convert at DST and its report DST.report.json "
+                             "(nothing else is ever replaced); without it, the same command again does nothing")
     for name, (fmt, default, what) in FORMAT_OPTIONS.items():  # None: not given (see `format_options`)
-        parser.add_argument(_flag(name), type=int, default=None, help=f"{what}, {fmt} only (default {default})")
+        parser.add_argument(option_flag(name), type=int, default=None, help=f"{what}, {fmt} only (default {default})")
     return parser
 
 
@@ -52,10 +55,6 @@ FORMAT_OPTIONS = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def format_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, int]:
     """`convert`'s keywords of `FORMAT_OPTIONS` from `args`, the defaults where not given. An option given
     with the other format is the parser's one-line error: it would be ignored without a word."""
@@ -63,7 +62,7 @@ def format_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for name, (fmt, default, _) in FORMAT_OPTIONS.items():
         value = getattr(args, name)
         if value is not None and args.fmt != fmt:
-            parser.error(f"{_flag(name)} applies to --format {fmt} only, not {args.fmt}; leave it out")
+            parser.error(f"{option_flag(name)} applies to --format {fmt} only, not {args.fmt}; leave it out")
         sizes[name] = default if value is None else value
     return sizes
 
