@@ -71,11 +71,12 @@ def test_preview_without_data_is_one_line(tmp_path, capsys):
 
 
 def test_more_pairs_than_epoch_0_trains_on_names_the_most_there_are(tmp_path, capsys):
-    """8 images in batches of 3: training feeds 6 pairs in epoch 0 (the last 2 images make no full batch)."""
+    """8 images in batches of 3: training feeds 6 pairs in epoch 0 (the last 2 images make no full batch). The
+    overrides come before and after options, as bt_fast.train takes them (those after were 'unrecognized')."""
     data = write_image_folder(tmp_path / "images", classes=2, per_class=4)
     with pytest.raises(SystemExit) as exit_info:
         preview.main(["--config", "configs/demo_cpu.yaml", "--pipeline", "reference", "--data", str(data),
-                      "--pairs", "7", "--out", str(tmp_path / "v.png"), "batch_size=3"])
+                      "batch_size=3", "--pairs", "7", "--out", str(tmp_path / "v.png"), f"augment.image_size={SIZE}"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: the reference pipeline feeds 6 pairs in epoch 0 (2 batches of batch_size=3); ask for at most 6 pairs"]

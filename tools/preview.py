@@ -5,8 +5,8 @@
 
 Each row shows four pairs, view 1 then view 2: the first --pairs pairs that training on one process
 feeds in epoch 0, in its batches of the config's batch_size (past the first batch when --pairs is
-larger), in float32 (an autocast run rounds them to its dtype). Trailing key=value arguments override
-the config as for `bt_fast.train`.
+larger), in float32 (an autocast run rounds them to its dtype). key=value arguments override the config
+as for `bt_fast.train`.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("--pipeline", default=None, help="reference | ffcv | dali (default: the config's)")
     parser.add_argument("--data", default=None, help="ImageFolder to read (default: the config's data)")
-    parser.add_argument("--pairs", type=int, default=8, help="number of view pairs")
+    parser.add_argument("--pairs", type=int, default=8, help="number of view pairs (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
-    parser.add_argument("--out", type=png_file, default="views.png", help="PNG to write (a .png path)")
+    parser.add_argument("--out", type=png_file, default="views.png", help="PNG to write (a .png path; default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. augment.image_size=160")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before options too, as bt_fast.train takes them
     with cli_errors(), exit_on_interrupt():
         overrides = [f"{key}={value}" for key, value in (("pipeline", args.pipeline), ("data", args.data))
                      if value is not None]
