@@ -243,7 +243,7 @@ def test_plot_tool_overlays_runs(knn_run, image_folder, tmp_path, capsys):
     assert list(loss_axes.get_lines()[1].get_ydata()) == [line["loss"] for line in records(other)]
     assert [t.get_text() for t in loss_axes.get_legend().get_texts()] == [knn_run[0].name, "other"]
 
-    plot_tool.main([str(knn_run[0]), str(other), "--out", str(tmp_path / "compare.png")])
+    plot_tool.main([str(knn_run[0]), "--out", str(tmp_path / "compare.png"), str(other)])  # runs around an option
     with Image.open(tmp_path / "compare.png") as image:
         assert image.format == "PNG" and image.size == (1600, 700)  # 2 rows of 4 panels
 
