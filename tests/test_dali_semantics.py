@@ -31,7 +31,18 @@ def test_an_image_size_out_of_range_is_one_error_line_before_any_work(size, tmp_
     assert list(tmp_path.iterdir()) == []
     for bound in ("8", "1024"):  # the bounds pass, on to the first check of the work: the data directory
         assert error_lines(capsys, "--image-size", bound, "--data", str(missing), "--json", str(report)) == [
-            f"error: {missing} is not a directory; build the demo data with `make demo-data` or pass --data"]
+            f"error: --data {missing} does not exist; give an ImageFolder directory"]
+
+
+def test_more_replays_than_samples_are_refused_and_a_file_as_data_is_named(tmp_path, capsys):
+    """--replay 100 --samples 16 replayed 16 without a word; a .beton as --data was 'not a directory' with
+    advice to pass the --data that was passed."""
+    assert error_lines(capsys, "--replay", "100", "--samples", "16") == [
+        "error: --replay 100 exceeds --samples 16: only 16 views of each kind are made; give at most that (see --help)"]
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"")
+    assert error_lines(capsys, "--data", str(beton), "--samples", "16") == [
+        f"error: --data {beton} is a file; give an ImageFolder directory"]
 
 
 def test_unusable_data_is_one_error_line(image_folder, tmp_path, capsys):

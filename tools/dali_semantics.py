@@ -51,6 +51,7 @@ with exit_on_interrupt(STARTING):
     from pipelines.image_folder import find_image_folder
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "train"
+DEFAULT_REPLAY = 256  # samples per view recomputed with PIL
 STATS = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "luma", "saturation", "value", "grey_pixels")
 
 
@@ -297,8 +298,12 @@ def check_numbers(parser: CliParser, args: argparse.Namespace) -> None:
     parser.check_range("--seed", args.seed, 0, MAX_SEED, "(32 bits)")
     least = {"samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
     for name, low in least.items():
-        if getattr(args, name) < low:
+        if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if args.replay is not None and args.replay > args.samples:  # (it was cut to --samples without a word)
+        parser.error(f"--replay {args.replay} exceeds --samples {args.samples}: only {args.samples} views of each "
+                     f"kind are made; give at most that")
+    args.replay = min(DEFAULT_REPLAY, args.samples) if args.replay is None else args.replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224,
                         help=f"crop side in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 224)")
     parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")
-    parser.add_argument("--replay", type=int, default=256, help="samples per view recomputed with PIL")
+    parser.add_argument("--replay", type=int, default=None,
+                        help="samples per view recomputed with PIL, at most --samples (default 256, or --samples if fewer)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
@@ -317,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     check_numbers(parser, args)
     with cli_errors():
         if not Path(args.data).is_dir():
-            raise DataError(f"{args.data} is not a directory; build the demo data with `make demo-data` or pass --data")
+            what = "is a file" if Path(args.data).exists() else "does not exist"
+            fix = ("build the demo data with `make demo-data`, or pass --data" if args.data == str(DEMO) else
+                   "give an ImageFolder directory")
+            raise DataError(f"--data {args.data} {what}; {fix}")
         report = measure(args)
         _print(report)
         if args.json:
