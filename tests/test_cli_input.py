@@ -367,6 +367,8 @@ def test_the_launcher_reads_the_training_options_as_bt_fast_train_does(image_fol
     (["--imagenet-like", "10", "X", "--train-per-class", "2"],
      "--train-per-class and --val-per-class are for the demo set only"),
     (["--imagenet-like", "10", "X", "--classes", "0"], "--classes must be at least 1, got 0"),
+    # (in the library's names: "needs count >= 1 and num_classes >= 1")
+    (["--imagenet-like", "0", "X"], "--imagenet-like N DIR: N must be a number of images, at least 1, got '0'"),
 ])
 def test_make_demo_data_refuses_counts_it_would_ignore_or_misuse(argv, message, tmp_path, capsys):
     root = str(tmp_path / "demo")

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         setattr(args, name, value)
     if args.imagenet_like:
         count, root = args.imagenet_like
-        if not count.isdigit():
-            parser.error(f"--imagenet-like N DIR: N must be a number of images, got {count!r}")
+        if not count.isdigit() or int(count) < 1:
+            parser.error(f"--imagenet-like N DIR: N must be a number of images, at least 1, got {count!r}")
         kept = f"the images written to {root} are kept and the same command writes the rest"
         again = f"python -m tools.make_demo_data --imagenet-like {count} DIR"
         with cli_errors(OSError), exit_on_interrupt(outcome=kept), _writing("the ImageNet-like set", Path(root), again):
