@@ -1,9 +1,9 @@
 """Convert an ImageFolder or a `path label` list into an FFCV `.beton` or DALI webdataset shards.
 
-The source is an ImageFolder (SRC/<class>/<image>, labels = index of the sorted class names,
-exactly as `pipelines.image_folder.find_image_folder`; not a split dataset's root, `is_split_root`) or a text file whose lines are `<path> <label>`
-(path relative to the list file's directory or absolute, label an int 0..`MAX_LIST_LABEL`; blank
-lines and lines starting with '#' are ignored).
+The source is an ImageFolder (SRC/<class>/<image>, labels = index of the sorted class names, exactly as
+`pipelines.image_folder.find_image_folder`; not a split dataset's root, `is_split_root`) or a text file whose
+lines are `<path> <label>` (path relative to the list file's directory or absolute, label an int
+0..`MAX_LIST_LABEL`; blank lines and lines starting with '#' are ignored).
 
 `convert` does, in order:
 

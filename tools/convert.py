@@ -3,12 +3,13 @@
     python -m tools.convert SRC DST --format ffcv|dali [--max-resolution N] [--jpeg-quality Q]
                             [--workers N] [--force] [--shard-size N (dali)] [--part-size N (ffcv)]
 
-Run again with the same source and settings, a finished conversion is left as it is (exit 0); with another source or
-setting, or once the source has changed, it is replaced only with `--force`. A conversion that is stopped (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1, kill -9, power loss) keeps its finished parts
-in `.DST.parts`; the same command run again finishes the rest. Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 end it with
-one line saying so, exit 130, 143, 129 and 138 (the shell's status for each); one once DST is in place waits for
-the report and says that DST is complete. `--shard-size` and `--part-size` belong to one format
-each; given with the other, they are refused rather than ignored.
+Run again with the same source and settings, a finished conversion is left as it is (exit 0); with another
+source or setting, or once the source has changed, it is replaced only with `--force`. A conversion that is
+stopped (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1, kill -9, power loss) keeps its finished parts in `.DST.parts`; the
+same command run again finishes the rest. Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 end it with one line saying so,
+exit 130, 143, 129 and 138 (the shell's status for each); one once DST is in place waits for the report and
+says that DST is complete. `--shard-size` and `--part-size` belong to one format each; given with the other,
+they are refused rather than ignored.
 
 What is validated, skipped, converted and written is described in `pipelines.convert`.
 """

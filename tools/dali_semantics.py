@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"crop side in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 224)")
     parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")
     parser.add_argument("--replay", type=int, default=None,
-                        help="samples per view recomputed with PIL, at most --samples (default 256, or --samples if fewer)")
+                        help="samples per view recomputed with PIL, at most --samples (default 256, or --samples "
+                             "if fewer)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
