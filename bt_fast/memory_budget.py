@@ -160,7 +160,7 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
     side = config.augment.image_size  # the largest size of a resolution schedule
     crop, padded, crop_bytes = "device", None, 4
     if config.pipeline == "ffcv":  # imported for FFCV runs only: FFCV's import is heavy
-        from pipelines.ffcv import device_crop_dtype, resolve_crop
+        from pipelines.ffcv import device_crop_dtype, host_crop_size, resolve_crop
         from pipelines.ffcv_decoders import PaddedLayout
         from pipelines.ffcv_format import beton_path, open_beton
         crop, path = resolve_crop(config, ctx.device), beton_path(config)
@@ -171,6 +171,8 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
         largest = max(padded) if padded else config.ffcv.max_resolution
         stored = (f"the largest side stored in {path}" if padded else
                   "ffcv.max_resolution, the largest side the first-use conversion stores")
+        if crop == "host":
+            host_crop_size(config.augment)  # one size: no resolution schedule
         if crop == "host" and side > largest:
             raise ConfigError(f"config key 'augment.image_size' ({side}) is above {stored} ({largest} px): FFCV's "
                               f"host crop would upsample every crop; lower augment.image_size (or reconvert with a "

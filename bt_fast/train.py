@@ -11,6 +11,7 @@ events there (`bt_fast.run_log`). The model, the loop and its one host sync per 
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from bt_fast.errors import STARTING, exit_on_interrupt, ignore_interrupts_while_
 with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
-    from bt_fast.distributed import init_distributed, shutdown_distributed
+    from bt_fast.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
     from bt_fast.errors import Interrupted, StorageError, UserError, cli_errors, mark_rank_0, print_error
     from bt_fast.files import storage_fault
     from bt_fast.memory_budget import check_memory
@@ -52,8 +53,7 @@ def train(config: Config) -> dict:
         if ctx.is_main:
             lock.acquire()
         check_previous_run(config)
-        check_memory(config, ctx, amp_dtype(config, ctx.device))
-        check_compiler(config, ctx.device)
+        check_the_machine(config, ctx)
         if ctx.is_main and config.warmup_epochs >= config.epochs:
             print(f"warning: warmup_epochs ({config.warmup_epochs}) >= epochs ({config.epochs}): the learning "
                   f"rate never reaches its peak; lower warmup_epochs", file=sys.stderr)
@@ -120,6 +120,23 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def check_the_machine(config: Config, ctx: DistContext) -> None:
+    """What a run asks of this machine, checked before anything is built: memory for a step (and FFCV's host
+    crop's size), a C++ compiler for what it compiles."""
+    check_memory(config, ctx, amp_dtype(config, ctx.device))
+    check_compiler(config, ctx.device)
+
+
+def check_only(config: Config) -> None:
+    """`--check`: every refusal of `train` before it builds anything, without joining a process group or taking
+    out_dir's lock: the run's inputs, then this process's device and what the run asks of the machine."""
+    check_run_inputs(config)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_the_machine(config, DistContext(int(os.environ.get("RANK", "0")), local_rank,
+                                          int(os.environ.get("WORLD_SIZE", "1")),
+                                          resolve_device(config.device, local_rank)))
+
+
 def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = None) -> None:
     """The command line; `work_done` is called once training has returned, before its result is printed."""
     args = parse_train_args(argv)
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
         with cli_errors(launched_rank=True):
             config = load_config(args.config, args.overrides, unique_keys=True)
             if args.check:
-                check_run_inputs(config)
+                check_only(config)
                 return
             summary = train(config)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

@@ -33,7 +33,8 @@ def train_parser() -> CliParser:
         epilog="config keys (set in the YAML file or as key=value, each once; default, then allowed values: meaning):\n" + "\n".join(_config_keys()))
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("--check", action="store_true",
-                        help="only check the config and the paths it names, then exit (what the launcher does first)")
+                        help="only check the config, the paths it names and what the run asks of this machine (its "
+                             "device, memory for a step, a compiler), then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 augment.image_size=96")
     return parser
 

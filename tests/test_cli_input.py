@@ -393,6 +393,22 @@ def test_a_folder_of_images_without_class_folders_fails_the_check_as_it_fails_th
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
+def test_the_check_refuses_what_the_run_refuses_before_building(image_folder, tmp_path, capsys):
+    """`--check` exited 0 where the run then stopped at once: a step too large for this machine's memory, and a
+    resolution schedule FFCV's host crop cannot follow (now refused before the .beton is converted, too)."""
+    cases = [(["arch=resnet50", "projector=8192-8192-8192", "batch_size=1048576"],
+              "error: config keys 'augment.image_size' (32) and 'batch_size' (1048576) need "),
+             (["pipeline=ffcv", "ffcv.crop=host", "augment.start_image_size=16"],
+              "error: config key 'augment.start_image_size' (16) sets a resolution schedule, but FFCV's host crop has "
+              "one output size, fixed when FFCV compiles its loader; set ffcv.crop=device to crop on the device")]
+    for extra, message in cases:
+        for check in (["--check"], []):
+            code, err = run_command("bt_fast.train", [*tiny_args(image_folder, tmp_path / "run", *extra), *check],
+                                    capsys)
+            assert code == 2 and len(err) == 1 and err[0].startswith(message), (extra, check, err)
+    assert list(tmp_path.iterdir()) == [] and not list(image_folder.parent.glob("*.beton"))
+
+
 def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_path, capsys):
     # The conversion was announced ("converting ... (first use)") before the listing found no images.
     empty = tmp_path / "train"
@@ -531,7 +547,8 @@ def test_the_run_check_refuses_an_arch_or_pipeline_that_does_not_exist(override,
 def test_the_run_check_refuses_dali_records_that_hold_no_dataset(tmp_path, capsys):
     # `--check` passed a dali.records typo (data need not be given then): every rank met it, once per restart.
     records = tmp_path / "shards"
-    argv = ["--check", "pipeline=dali", f"dali.records={records}", f"out_dir={tmp_path / 'run'}"]
+    argv = ["--check", "pipeline=dali", f"dali.records={records}", f"out_dir={tmp_path / 'run'}",
+            "device=cpu", "arch=resnet18", "projector=64-64", "batch_size=8"]  # (the paper's step outgrows this CPU)
     code, err = run_command("bt_fast.train", argv, capsys)
     assert code == 2 and err == [f"error: config key 'dali.records' names {records}, which holds no dataset.json; "
                                  f"write the records with `python -m tools.convert SRC {records} --format dali` or "
