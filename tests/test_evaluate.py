@@ -624,3 +624,21 @@ def test_a_missing_data_folder_is_the_only_line_whatever_the_checkpoint_notes(tm
         assert capsys.readouterr().err.splitlines() == [
             f"error: data directory {tmp_path / 'missing'} does not exist; pass --data DIR with train/ and val/ "
             f"sub-folders"]
+
+
+def test_ctrl_c_of_a_fine_tuning_names_its_checkpoint_only_once_one_exists(tmp_path, monkeypatch, capsys):
+    """Stopped before its first epoch's end it pointed at a finetune.pth (and an --out-dir) that did not exist."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "run", interrupted)
+    out = tmp_path / "ft"
+    argv = ["--checkpoint", str(tmp_path / "backbone.pth"), "--data", str(tmp_path), "--mode", "finetune",
+            "--out-dir", str(out)]
+    assert ev.main(argv) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: interrupted; no epoch had finished, so nothing is kept in {out}: the same command starts over"]
+    out.mkdir()
+    (out / ev.CHECKPOINT_NAME).write_bytes(b"an epoch's checkpoint")
+    assert ev.main(argv) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: interrupted; run the same command again to resume from {out / ev.CHECKPOINT_NAME}"]

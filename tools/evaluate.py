@@ -276,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 write_json(args.json, payload)
     except KeyboardInterrupt:
-        resume = (f"; run the same command again to resume from {args.out_dir / CHECKPOINT_NAME}"
-                  if args.mode == "finetune" and args.out_dir is not None else "")
+        resume = ""
+        if args.mode == "finetune" and args.out_dir is not None:  # (its checkpoint comes at the first epoch's end)
+            kept = args.out_dir / CHECKPOINT_NAME
+            resume = (f"; run the same command again to resume from {kept}" if kept.is_file() else
+                      f"; no epoch had finished, so nothing is kept in {args.out_dir}: the same command starts over")
         print_error(f"interrupted{resume}")
         return 130
     return 0
