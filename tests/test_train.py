@@ -207,9 +207,18 @@ def test_checkpoint_every_saves_inside_an_epoch_too(monitored_run):
     assert monitored_run[1] == [2, 3, 4, 6]  # every 2 steps, and at each epoch end (once at step 6); 3 steps per epoch
 
 
-def test_knn_every_without_knn_val_warns_and_trains(image_folder, tmp_path, capsys):
-    train(tiny_config(image_folder, tmp_path, "knn_every=1", "max_steps=1"))
+def test_knn_every_without_knn_val_warns_and_trains(image_folder, tmp_path, capsys, monkeypatch):
+    import bt_fast.progress
+    import bt_fast.trainer
+    bars = []
+
+    def recorded(*args, **kwargs):
+        bars.append(bt_fast.progress.progress(*args, **kwargs))
+        return bars[-1]
+    monkeypatch.setattr(bt_fast.trainer, "progress", recorded)
+    train(tiny_config(image_folder, tmp_path, "knn_every=1", "max_steps=4"))  # 3 steps per epoch
     assert "k-NN monitor off" in capsys.readouterr().err
+    assert bars[0].postfix.startswith("epoch=2/2,")  # counted as the k-NN lines count them, from 1 (it said 1)
 
 
 def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_own_step(image_folder, tmp_path,
