@@ -86,6 +86,7 @@ def train(config: Config) -> dict:
                             trainer.images_seen / trainer.train_time if trainer.train_time else None)
             first_loss, last_loss = trainer.first_loss, trainer.last_loss
         return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by": trainer.stopped_by,
+                "epoch_steps": trainer.steps_per_epoch * config.epochs,
                 "already_complete": already_complete, "past": past, "world_size": ctx.world_size,
                 "images_per_s": images_per_s, "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(trainer.out_dir / CHECKPOINT_NAME), "backbone": str(backbone),
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
     if summary["past"]:
         done = f"nothing trained (the checkpoint is already past {summary['past']})"
     backbone = summary["backbone"] if not summary["past"] or Path(summary["backbone"]).is_file() else "none written"
+    if summary["already_complete"] and not summary["past"] and summary["steps"] < summary["epoch_steps"]:
+        done += (f" at max_steps={summary['steps']} (its epochs hold {summary['epoch_steps']} steps: raise max_steps, "
+                 f"or set it to 0, to train on)")
     print(f"{done}: {summary['steps']} steps on {summary['world_size']} process(es), "
           f"{_fmt(summary['images_per_s'], '.1f')} images/s, "
           f"loss {_fmt(summary['first_loss'], '.1f')} -> {_fmt(summary['last_loss'], '.1f')}\n"

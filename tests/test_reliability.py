@@ -52,7 +52,9 @@ def test_rerunning_a_finished_run_reports_it_complete(image_folder, tmp_path, ca
     last_loss = metric_lines(tmp_path)[-1]["loss"]
     code, again, err = run_main(capsys, *args)
     assert code == 0, err
-    assert again.startswith("run already complete: 2 steps") and f"-> {last_loss:.1f}" in again
+    # max_steps ended it: the line says so, and how to train on (it read as if the epochs were done)
+    assert again.startswith("run already complete at max_steps=2 (its epochs hold 3 steps: raise max_steps, or set "
+                            "it to 0, to train on): 2 steps") and f"-> {last_loss:.1f}" in again
     assert len(metric_lines(tmp_path)) == 2  # nothing was trained twice
 
 
@@ -578,6 +580,6 @@ def test_make_pretrain_trains_through_run_pretrain_sh_and_a_rerun_reports_the_ru
     last_loss = metric_lines(run)[-1]["loss"]
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "run already complete: 2 steps" in again.stdout and f"-> {last_loss:.1f}" in again.stdout
+    assert "run already complete at max_steps=2 " in again.stdout and f"-> {last_loss:.1f}" in again.stdout
     assert f"checkpoint: {run / CHECKPOINT_NAME}" in again.stdout
     assert [m["step"] for m in metric_lines(run)] == [1, 2]

@@ -906,7 +906,7 @@ def test_a_full_disk_while_writing_the_backbone_names_the_complete_checkpoint(im
     assert line.endswith(f"; the last good checkpoint is step 2 of 2 in {out_dir / CHECKPOINT_NAME}: free space "
                          f"there (or make it writable) and rerun the same command to resume from it")
     code, out, _ = run_main(capsys, *tiny_args(image_folder, out_dir, "max_steps=2"))
-    assert code == 0 and out.startswith("run already complete: 2 steps") and (out_dir / "backbone.pth").is_file()
+    assert code == 0 and out.startswith("run already complete at max_steps=2 ") and (out_dir / "backbone.pth").is_file()
 
 
 def test_the_launcher_refuses_a_changed_finished_run_once_before_torchrun(image_folder, tmp_path, capsys):
