@@ -293,6 +293,16 @@ def not_torch_saved(path: Path) -> bool:
 CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
 
 
+def unreadable_reason(path: Path, err: BaseException) -> str:
+    """Why torch.load could not read the file `path` (raising `err`), as the words after "checkpoint PATH"."""
+    if cut_short(path):
+        return CUT_SHORT
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            return "is empty (0 bytes)"
+    return "is not a file torch.save wrote" if not_torch_saved(path) else f"cannot be read ({type(err).__name__})"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at `path`, or a CheckpointError saying what to do. With `mmap`, tensors stay on
     disk until used: a cheap check that the file is complete (its zip directory sits at the end).
@@ -309,7 +319,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         if out_of_memory(err):  # the file may well be good: no advice to delete it
             raise CheckpointError(f"checkpoint {path} does not fit in memory here ({flat_message(err, 200)}); "
                                   f"free memory and rerun") from None
-        reason = CUT_SHORT if cut_short(Path(path)) else f"cannot be read ({type(err).__name__})"
+        reason = unreadable_reason(Path(path), err)
     previous = previous_path(Path(path))
     way_out = (f"rename {previous.name} (the one before it) to {Path(path).name} to resume from there, "
                f"delete it to start afresh," if previous.is_file() else "delete it")

@@ -327,6 +327,17 @@ def test_a_checkpoint_cut_short_is_called_incomplete_and_the_one_before_it_is_na
                               f"out_dir")
 
 
+@pytest.mark.parametrize("content, reason", [(b"", "is empty (0 bytes)"),
+                                             (b"epochs: 10\n", "is not a file torch.save wrote")])
+def test_a_checkpoint_that_is_empty_or_no_torch_file_says_so(content, reason, tmp_path):
+    """Both were "cannot be read (RuntimeError)" (an empty file made by `: > checkpoint.pth`, say)."""
+    checkpoint = tmp_path / "checkpoint.pth"
+    checkpoint.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(checkpoint)
+    assert str(err.value) == f"checkpoint {checkpoint} {reason}; delete it or choose another out_dir"
+
+
 def test_random_init_is_seeded():
     a, b, c = random_backbone("resnet18", 0), random_backbone("resnet18", 0), random_backbone("resnet18", 1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
