@@ -105,6 +105,13 @@ def lost_peer(err: BaseException) -> str | None:
     return None
 
 
+def some_of(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` of `names`, comma-separated, and how many more there are: "a, b, c and 9 more"."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def flat_message(err: BaseException, limit: int | None = None) -> str:
     """`err`'s whole message on one line (each run of white space, newlines included, one space), or its type's
     name where it has none; with `limit`, one longer than that many characters is cut after a whole word, '...'

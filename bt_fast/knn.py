@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, some_of
 from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.image_folder import SampleList, find_image_folder
 from pipelines.reference import load_rgb
@@ -172,12 +172,12 @@ class LabelledImageFolder(Dataset):
         if classes is None:
             empty = [name for name, count in zip(own, np.bincount(samples.labels, minlength=len(own))) if not count]
             if empty:
-                raise DataError(f"{root} has class folders without images: {empty[:3]}; add images to them or "
+                raise DataError(f"{root} has class folders without images: {some_of(empty)}; add images to them or "
                                 f"remove them")
         self.classes = list(classes) if classes is not None else own
         unknown = sorted(set(own) - set(self.classes))
         if unknown:
-            raise DataError(f"{root} has classes not in the training folder: {unknown[:3]}; "
+            raise DataError(f"{root} has classes not in the training folder: {some_of(unknown)}; "
                             f"train and val must use the same class sub-directories")
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples = SampleList((path, index[own[label]]) for path, label in samples)  # read by every worker

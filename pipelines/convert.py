@@ -65,7 +65,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost, leave_a_lost_terminal
+from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost, leave_a_lost_terminal, some_of
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
 from bt_fast.host import usable_cores
@@ -255,9 +255,8 @@ def previous_output(dst: Path) -> str | None:
     names, samples = found
     foreign = sorted(set(os.listdir(dst)) - set(names))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise DataError(f"output {dst} holds a previous conversion and also files tools.convert did not write "
-                        f"({shown}); refusing to replace it: move them out or choose another DST")
+                        f"({some_of(foreign)}); refusing to replace it: move them out or choose another DST")
     return (f"the DALI dataset in {dst} (dataset.json and {(len(names) - 1) // 2} shard(s) with their .idx, "
             f"{samples} samples)")
 

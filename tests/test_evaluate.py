@@ -477,12 +477,22 @@ def test_a_training_class_folder_without_images_is_refused_as_torchvision_refuse
         torchvision.datasets.ImageFolder(str(train))
     with pytest.raises(DataError) as err:
         LabelledImageFolder(str(train), transform=None)
-    assert str(err.value) == (f"{train} has class folders without images: ['aaa_empty']; add images to them or "
+    assert str(err.value) == (f"{train} has class folders without images: aaa_empty; add images to them or "
                               f"remove them")
     classes = ["aaa_empty", "class0", "class1"]  # a validation folder may lack a class: it is labelled as training's
     assert [label for _, label in LabelledImageFolder(str(train), None, classes).samples] == [1, 1, 2, 2]
     (train / "aaa_empty").rmdir()
     assert LabelledImageFolder(str(train), None).classes == torchvision.datasets.ImageFolder(str(train)).classes
+    val = write_image_folder(tmp_path / "val", classes=5, per_class=1)  # class0..class4; training has class0, class1
+    with pytest.raises(DataError) as err:
+        LabelledImageFolder(str(val), None, ["class0", "class1"])
+    assert str(err.value).startswith(f"{val} has classes not in the training folder: class2, class3, class4; ")
+    (val / "class5").mkdir()
+    (val / "class0").rename(val / "class5" / "x")  # (any image below a class folder counts)
+    with pytest.raises(DataError) as err:
+        LabelledImageFolder(str(val), None, ["class1"])
+    assert str(err.value).startswith(f"{val} has classes not in the training folder: class2, class3, class4 and 1 "
+                                     f"more; ")  # the list stopped at three without a word
 
 
 def test_resolve_splits(split_folder, capsys):
