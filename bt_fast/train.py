@@ -23,7 +23,8 @@ with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
-    from bt_fast.errors import Interrupted, StorageError, UserError, cli_errors, mark_rank_0, print_error
+    from bt_fast.errors import (Interrupted, StorageError, UserError, cli_errors, mark_rank_0, print_error,
+                                quiet_no_cuda_runtime_warning)
     from bt_fast.files import storage_fault
     from bt_fast.memory_budget import check_memory
     from bt_fast.preflight import check_previous_run, check_run_inputs
@@ -141,6 +142,7 @@ def check_only(config: Config) -> None:
 def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = None) -> None:
     """The command line; `work_done` is called once training has returned, before its result is printed."""
     args = parse_train_args(argv)
+    quiet_no_cuda_runtime_warning()  # compile_optimizer imports torch's C++-extension helper on the CPU too
     try:
         with cli_errors(launched_rank=True):
             config = load_config(args.config, args.overrides, unique_keys=True)

@@ -289,3 +289,29 @@ def test_a_dali_run_stopped_mid_epoch_resumes_from_its_graph_state_without_readi
     split = [json.loads(line)["loss"] for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert len(straight) == len(split) == 6
     assert split[4:] == pytest.approx(straight[4:], rel=1e-5)
+
+
+def test_torchs_no_cuda_runtime_warning_stays_out_of_a_runs_lines(image_folder, tmp_path, monkeypatch):
+    """compile_optimizer on the CPU imports torch's C++-extension helper, which warns on a machine with a CUDA
+    toolkit and no CUDA runtime ("No CUDA runtime is found, using CUDA_HOME=..."): no finding of the run's."""
+    import logging
+
+    import bt_fast.train
+    logger, emitted = logging.getLogger("torch.utils.cpp_extension"), []
+    handler = logging.Handler()
+    handler.emit = emitted.append
+
+    def warned(config):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")  # as torch's import does
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bt_fast.train, "train", warned)
+    level = logger.level
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(SystemExit):
+            bt_fast.train.main(["--config", "configs/demo_cpu.yaml", f"data={image_folder}", f"out_dir={tmp_path}"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert emitted == []
