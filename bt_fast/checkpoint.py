@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +294,14 @@ def not_torch_saved(path: Path) -> bool:
 CUT_SHORT = "is incomplete (it ends before the directory a torch-saved file ends with: a write or a copy cut short)"
 
 
+def load_weights_only(path: Path, **options) -> Any:
+    """`torch.load(path, weights_only=True, **options)` without torch's warning about a pickle protocol it may
+    not read (a plain pickle file): whatever the load makes of such a file, the caller says in one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, weights_only=True, **options)
+
+
 def unreadable_reason(path: Path, err: BaseException) -> str:
     """Why torch.load could not read the file `path` (raising `err`), as the words after "checkpoint PATH"."""
     if cut_short(path):
@@ -310,7 +319,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     try:
         damaged = None if mmap else damaged_entry(Path(path))
         if damaged is None:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return load_weights_only(path, map_location=map_location, mmap=mmap)
         reason = f"is damaged (its entry {damaged} fails the CRC-32 it was written with)"
     except PermissionError as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror}); make it readable and "

@@ -25,7 +25,7 @@ from torch import nn
 import yaml
 
 from bt_fast.checkpoint import (BACKBONE_NAME, CHECKPOINT_NAME, CUT_SHORT, CheckpointError, Progress, cut_short,
-                                not_torch_saved, previous_path, saved_progress)
+                                load_weights_only, not_torch_saved, previous_path, saved_progress)
 from bt_fast.config import check_choice
 from bt_fast.errors import flat_message
 from bt_fast.model import BACKBONE_DIM, make_backbone
@@ -104,7 +104,7 @@ def infer_arch(state: dict[str, torch.Tensor]) -> str:
 
 def _read(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, map_location="cpu")
     except Exception as err:  # unpickling fails in many exception types; all mean the same to the user
         if cut_short(path):
             previous = previous_path(path)
@@ -134,7 +134,7 @@ def run_config(path: Path) -> dict | None:
     if checkpoint == path or not checkpoint.is_file():
         return None
     try:
-        config = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("config")
+        config = load_weights_only(checkpoint, map_location="cpu", mmap=True).get("config")
     except Exception:  # noqa: BLE001 - an unreadable neighbour only means the size stays unknown
         return None
     return config if isinstance(config, dict) else None

@@ -338,6 +338,21 @@ def test_a_checkpoint_that_is_empty_or_no_torch_file_says_so(content, reason, tm
     assert str(err.value) == f"checkpoint {checkpoint} {reason}; delete it or choose another out_dir"
 
 
+def test_a_plain_pickle_is_refused_without_torchs_two_line_warning(tmp_path):
+    """torch.load(weights_only=True) warned about the pickle protocol (two lines on stderr) before our one line."""
+    import pickle
+    import warnings
+    path = tmp_path / "backbone.pth"
+    path.write_bytes(pickle.dumps({"conv1.weight": [1.0]}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} cannot be read by torch.load"):
+            load_backbone(path)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_random_init_is_seeded():
     a, b, c = random_backbone("resnet18", 0), random_backbone("resnet18", 0), random_backbone("resnet18", 1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
