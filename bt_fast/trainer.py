@@ -299,7 +299,8 @@ class Trainer:
             log.flush()
         progress.update(len(pending))
         epoch = pending[-1]["epoch"]
-        progress.set_postfix(epoch=f"{epoch + 1}/{self.config.epochs}", size=self.config.augment.image_size_at(epoch, self.config.epochs),
+        epochs = self.config.epochs
+        progress.set_postfix(epoch=f"{epoch + 1}/{epochs}", size=self.config.augment.image_size_at(epoch, epochs),
                              loss=f"{self.last_loss:.2f}", refresh=False)
 
     def fit(self) -> None:
