@@ -389,7 +389,7 @@ def test_a_resumed_run_keeps_a_hand_edited_record_the_plots_cannot_take_and_warn
     # the rerun of the complete run says so again, and rewrites nothing
     kept = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "metrics.png")}
     code, out, err = run_main(capsys, *args)
-    assert code == 0 and out.startswith("run already complete: 3 steps")
+    assert code == 0 and out.startswith("run already complete at max_steps=3 ")
     assert [line for line in err.splitlines() if line.startswith("warning:")] == [warning]
     assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
 
