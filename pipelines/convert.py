@@ -132,14 +132,18 @@ def read_list_file(list_file: Path) -> tuple[list[str], SampleList]:
 def scan_source(src: str | Path) -> tuple[list[str], SampleList]:
     """(class names indexed by label, (path, label) samples) from an ImageFolder or a list file."""
     src = Path(src)
-    if not src.exists():
-        raise DataError(f"source {src} does not exist (expected an ImageFolder directory or a '<path> <label>' list file)")
+    check_source_exists(src)
     if src.is_dir():
         if is_split_root(src):
             raise DataError(f"source {src} holds train/ and val/: its two splits would be stored as two classes, the "
                             f"validation images among the training ones; give {src / 'train'}")
         return find_image_folder(src)
     return read_list_file(src)
+
+
+def check_source_exists(src: Path) -> None:
+    if not src.exists():
+        raise DataError(f"source {src} does not exist (expected an ImageFolder directory or a '<path> <label>' list file)")
 
 
 def listed_source(src: Path) -> tuple[list[list] | None, list[str], SampleList]:
@@ -305,9 +309,13 @@ def unconverted(src: Path, dst: Path, settings: dict) -> tuple[dict | None, str 
                for key, value in settings.items() if report.get(key) != value]
     if changed:
         return report, f" converted with {', '.join(changed)}"
-    if report.get("source_state") == source_state(src):
-        return report, None
-    change = source_change(dst, src) if src.is_dir() else f"{src} was modified since"
+    check_source_exists(src)
+    try:
+        if report.get("source_state") == source_state(src):
+            return report, None
+        change = source_change(dst, src) if src.is_dir() else f"{src} was modified since"
+    except OSError as err:  # (the conversion itself would name it as `listed_source` does)
+        return report, f"; the source {src} cannot be read now ({err.strerror or err})"
     if change is None and src.is_dir() and report.get("listing_digest") is not None:
         return report, None
     return report, f"; {change or f'{src} may have changed since'}"

@@ -531,6 +531,11 @@ def test_the_same_command_again_finds_its_output_current_and_a_changed_source_is
         f"error: output {dst} already holds the FFCV dataset {dst} (4 samples); {src} now holds 6 images but {dst} was "
         f"converted from 5; pass --force to replace it (and its report {dst}.report.json)"]
     assert _cli(args + ["--force"]) == 0 and beton_samples(dst) == 5
+    capsys.readouterr()
+    shutil.rmtree(src)  # named as missing, not as a failed write
+    assert _cli(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: source {src} does not exist (expected an ImageFolder directory or a '<path> <label>' list file)"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad_list", "bad_quality"])
