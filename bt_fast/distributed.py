@@ -50,17 +50,23 @@ def resolve_device(preference: str, local_rank: int = 0, setting: str = "config 
     return torch.device("cpu")
 
 
+def process_context(device_preference: str = "auto") -> DistContext:
+    """This process's place in the run torchrun describes (alone without it) and its device, resolved; no process
+    group is joined."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistContext(int(os.environ.get("RANK", "0")), local_rank, int(os.environ.get("WORLD_SIZE", "1")),
+                       resolve_device(device_preference, local_rank))
+
+
 def init_distributed(device_preference: str = "auto") -> DistContext:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else run alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_preference, local_rank)
-    if device.type == "cuda":  # GPU: what "current" means to streams, events and RNG state, alone or not
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistContext(rank, local_rank, world_size, device)
+    ctx = process_context(device_preference)
+    if ctx.device.type == "cuda":  # GPU: what "current" means to streams, events and RNG state, alone or not
+        torch.cuda.set_device(ctx.device)
+    if ctx.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", rank=ctx.rank,
+                                world_size=ctx.world_size)
+    return ctx
 
 
 def shutdown_distributed() -> None:

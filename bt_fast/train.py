@@ -11,7 +11,6 @@ events there (`bt_fast.run_log`). The model, the loop and its one host sync per 
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from bt_fast.errors import STARTING, exit_on_interrupt, ignore_interrupts_while_
 with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import BACKBONE_NAME, CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
-    from bt_fast.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
+    from bt_fast.distributed import DistContext, init_distributed, process_context, shutdown_distributed
     from bt_fast.errors import (Interrupted, StorageError, UserError, cli_errors, mark_rank_0, print_error,
                                 quiet_no_cuda_runtime_warning)
     from bt_fast.files import storage_fault
@@ -133,10 +132,7 @@ def check_only(config: Config) -> None:
     """`--check`: every refusal of `train` before it builds anything, without joining a process group or taking
     out_dir's lock: the run's inputs, then this process's device and what the run asks of the machine."""
     check_run_inputs(config)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    check_the_machine(config, DistContext(int(os.environ.get("RANK", "0")), local_rank,
-                                          int(os.environ.get("WORLD_SIZE", "1")),
-                                          resolve_device(config.device, local_rank)))
+    check_the_machine(config, process_context(config.device))
 
 
 def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = None) -> None:
