@@ -356,6 +356,12 @@ class _StoreOnce(argparse._StoreAction):
 _GIVEN = "_options_given"  # the values _StoreOnce has seen, in the namespace while it is parsed
 
 
+def option_flag(dest: str) -> str:
+    """The command-line option whose argparse `dest` (or keyword, report key) is `dest`: 'max_steps' ->
+    '--max-steps'."""
+    return "--" + dest.replace("_", "-")
+
+
 class CliParser(argparse.ArgumentParser):
     """argparse's parser with its errors on one `error:` line (exit 2), like every other error of a command,
     and an option that takes a value refused when given twice with different values."""
@@ -387,7 +393,7 @@ class CliParser(argparse.ArgumentParser):
             if getattr(args, name) == self.get_default(name) or running in modes:
                 continue
             hint = f" ({words([running])} reads {instead[name]})" if instead and name in instead else ""
-            self.error(f"--{name.replace('_', '-')} applies to {words(modes)} only, not {words([running])}{hint}")
+            self.error(f"{option_flag(name)} applies to {words(modes)} only, not {words([running])}{hint}")
 
 
 def output_file(text: str) -> Path:

@@ -65,7 +65,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError, Interrupted, StorageError, WorkerLost, leave_a_lost_terminal, some_of
+from bt_fast.errors import (DataError, Interrupted, StorageError, WorkerLost, leave_a_lost_terminal, option_flag,
+                            some_of)
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
                            remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
 from bt_fast.host import usable_cores
@@ -319,11 +320,6 @@ def unconverted(src: Path, dst: Path, settings: dict) -> tuple[dict | None, str 
     if change is None and src.is_dir() and report.get("listing_digest") is not None:
         return report, None
     return report, f"; {change or f'{src} may have changed since'}"
-
-
-def option_flag(key: str) -> str:
-    """The command-line option of tools.convert that sets `convert`'s keyword (or report key) `key`."""
-    return "--" + key.replace("_", "-")
 
 
 def _settings(fmt: str, max_resolution: int, jpeg_quality: int, shard_size: int) -> dict:

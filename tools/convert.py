@@ -19,12 +19,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import CliParser, DataError, cli_errors, exit_on_interrupt, ignore_interrupts_while_exiting
+from bt_fast.errors import (CliParser, DataError, cli_errors, exit_on_interrupt, ignore_interrupts_while_exiting,
+                            option_flag)
 from bt_fast.files import shared_memory_full
 
 with exit_on_interrupt("while starting"):
     from pipelines.convert import (DEFAULT_PART_SIZE, DEFAULT_SHARD_SIZE, FORMATS, convert, kept_after_interrupt,
-                                   option_flag, outcome, stopped)
+                                   outcome, stopped)
     from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION
 
 

@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from bt_fast.errors import STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, output_file
+from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, option_flag,
+                            output_file)
 
 with exit_on_interrupt(STARTING):
     import numpy as np
@@ -299,7 +300,7 @@ def check_numbers(parser: CliParser, args: argparse.Namespace) -> None:
     least = {"samples": 1, "batch_size": 1, "replay": 0, "workers": 0}
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+            parser.error(f"{option_flag(name)} must be at least {low}, got {getattr(args, name)}")
     if args.replay is not None and args.replay > args.samples:  # (it was cut to --samples without a word)
         parser.error(f"--replay {args.replay} exceeds --samples {args.samples}: only {args.samples} views of each "
                      f"kind are made; give at most that")

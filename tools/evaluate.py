@@ -34,7 +34,7 @@ from typing import Any
 
 from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_BATCH_PER_RANK
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
-                             ignore_interrupts_while_exiting, output_file, print_error, say)
+                             ignore_interrupts_while_exiting, option_flag, output_file, print_error, say)
 from bt_fast.files import check_output_file
 from bt_fast.host import usable_cores
 
@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "epochs", "k", "workers"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "workers")):
-            parser.error(f"--{name.replace('_', '-')} must be {'0 or more' if name == 'workers' else 'positive'}, "
+            parser.error(f"{option_flag(name)} must be {'0 or more' if name == 'workers' else 'positive'}, "
                          f"got {value}")
     for name in ("lr", "lr_backbone", "lr_classifier", "temperature", "weight_decay"):
-        flag, value = f"--{name.replace('_', '-')}", getattr(args, name)
+        flag, value = option_flag(name), getattr(args, name)
         if not math.isfinite(value):
             parser.error(f"{flag} must be a finite number, got {value}")
         if value < 0 or (value == 0 and name != "weight_decay"):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.errors import CliParser, UserError, cli_errors, exit_on_interrupt, flat_message, say
+from bt_fast.errors import CliParser, UserError, cli_errors, exit_on_interrupt, flat_message, option_flag, say
 
 with exit_on_interrupt("while starting"):
     from bt_fast.host import usable_cores
@@ -21,7 +21,7 @@ with exit_on_interrupt("while starting"):
 
 
 def _flags(names: list[str]) -> str:
-    return " and ".join("--" + name.replace("_", "-") for name in names)
+    return " and ".join(option_flag(name) for name in names)
 
 
 @contextmanager

@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, output_file,
-                            quiet_no_cuda_runtime_warning)
+from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, option_flag,
+                            output_file, quiet_no_cuda_runtime_warning)
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -188,7 +188,7 @@ def _refuse_unread(parser: CliParser, args: argparse.Namespace) -> None:
                          E2E_INSTEAD if section == "end_to_end" else None)
     for name in ("e2e_images", "conversion_images"):  # a training-step process gets the built set's --data
         if getattr(args, name) is not None and args.data is not None and not args.train_child:
-            parser.error(f"--{name.replace('_', '-')} applies without --data only: it sizes the ImageNet-like set "
+            parser.error(f"{option_flag(name)} applies without --data only: it sizes the ImageNet-like set "
                          f"built when no --data is given; drop one of them")
 
 
@@ -248,14 +248,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--train-pipelines must name pipelines of --pipelines ({','.join(args.pipelines)}) or 'none'")
     args.loader_batches = _default(args.loader_batches, max(4, min_loader_batches(args)))
     for flag in ("image_size", "train_image_size"):  # the pipelines' augment.image_size
-        parser.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
+        parser.check_range(option_flag(flag), getattr(args, flag), MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels")
     for flag in ("batch_size", "reps", "loader_batches", "train_steps", "decode_images", "train_batch_size",
                  *(("e2e_images",) if e2e else ()), *(("conversion_images",) if args.conversion else ())):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            parser.error(f"{option_flag(flag)} must be at least 1, got {getattr(args, flag)}")
     for flag in ("workers", "threads", "train_warmup"):
         if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
+            parser.error(f"{option_flag(flag)} must be at least 0, got {getattr(args, flag)}")
     if not e2e and args.loader_batches < min_loader_batches(args):
         parser.error(f"--loader-batches must be at least --workers ({args.workers}) when the reference loader is "
                      f"measured: each worker builds a whole batch, so batches arrive {args.workers} at a time and a "
