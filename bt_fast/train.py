@@ -78,6 +78,8 @@ def train(config: Config) -> dict:
                 if ctx.is_main:
                     print(f"warning: {metrics} is missing, so the run's images/s (measured in it) is not known",
                           file=sys.stderr)
+            if ctx.is_main and not past and trainer.knn_monitor is not None:
+                _say_no_knn_ran(config, trainer, recorded.get("last_knn"))
             images_per_s = recorded.get("images_per_s")
             first_loss = trainer.first_loss if trainer.first_loss is not None else recorded.get("first_loss")
             last_loss = trainer.last_loss if trainer.last_loss is not None else recorded.get("last_loss")
@@ -115,6 +117,16 @@ def _past_the_last_step(config: Config, trainer: Trainer) -> str | None:
     if config.max_steps == trainer.total_steps:
         return f"max_steps={config.max_steps}"
     return f"epochs={config.epochs} ({trainer.total_steps} steps)"
+
+
+def _say_no_knn_ran(config: Config, trainer: Trainer, last_knn: dict | None) -> None:
+    """A note where a complete run is rerun asking for a k-NN that its log does not hold at its last step: the
+    monitor runs while training, and this rerun trains nothing."""
+    if last_knn is not None and last_knn["step"] >= trainer.step:
+        return
+    print(f"note: no k-NN ran: the run is already complete, and knn_every evaluates while training; evaluate "
+          f"its backbone with `python -m tools.evaluate --mode knn --checkpoint {trainer.out_dir / CHECKPOINT_NAME} "
+          f"--data {config.knn_train or config.data} --val-data {config.knn_val}`", file=sys.stderr)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -270,6 +270,8 @@ def test_ctrl_c_at_the_end_of_a_run_says_what_it_kept(moment, image_folder, tmp_
     assert ("knn_top1" in metric_lines(tmp_path)[-1]) == moment.endswith(("write", "backbone"))  # cut short: none
     code, out, err = run_main(capsys, *tiny_args(image_folder, tmp_path, "knn_every=1", f"knn_val={image_folder}"))
     assert code == 0 and out.startswith("run already complete: 3 steps") and (tmp_path / "backbone.pth").is_file()
+    # the rerun trains nothing, so it runs no k-NN either: said where the log holds none at the last step
+    assert ("note: no k-NN ran: the run is already complete" in err) == (not moment.endswith(("write", "backbone")))
 
 
 @pytest.mark.timeout(240)
