@@ -71,6 +71,7 @@ misplaced = $(if $(call in_args,$($(1)_ONLY)),{ echo "$(call misplaced_error,$(1
 eval: $(STAMP)
 	@$(call misplaced,KNN,k-NN run,linear probe)$(call misplaced,LINEAR,linear probe,k-NN run) \
 	run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; \
+	case "$$run" in "~" | "~/"*) run="$$HOME$${run#"~"}";; esac; \
 	[ -f "$$run/checkpoint.pth" ] || { echo "error: $$run/checkpoint.pth does not exist: nothing trained there yet;" \
 	  "run make pretrain first (with the same CONFIG= and OUT=)" >&2; exit 2; }; \
 	if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA) || exit; fi; set -x; \

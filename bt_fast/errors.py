@@ -396,10 +396,21 @@ class CliParser(argparse.ArgumentParser):
             self.error(f"{option_flag(name)} applies to {words(modes)} only, not {words([running])}{hint}")
 
 
+def expand_home(text: str) -> str:
+    """argparse `type` of an option naming a file or folder: a leading `~` is the home directory, as in a config's
+    path keys (`bt_fast.config`), also where the shell leaves it as typed (quoted, or in `--data=~/x`)."""
+    return os.path.expanduser(text)
+
+
+def home_path(text: str) -> Path:
+    """`expand_home`, as a Path."""
+    return Path(expand_home(text))
+
+
 def output_file(text: str) -> Path:
-    """argparse `type` of an option naming a file to write: checked when the command starts, so that
-    an unwritable path fails at once, not after the work whose result it was to hold."""
-    path = Path(text)
+    """argparse `type` of an option naming a file to write (`home_path`): checked when the command starts, so
+    that an unwritable path fails at once, not after the work whose result it was to hold."""
+    path = home_path(text)
     try:
         check_output_file(path)
     except OSError as err:

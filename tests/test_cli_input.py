@@ -171,6 +171,33 @@ def test_a_path_that_starts_with_a_tilde_is_in_the_home_directory(image_folder, 
     assert sorted(p.name for p in home.iterdir()) == ["images"]
 
 
+def test_the_commands_path_options_read_a_tilde_as_the_home_directory(tmp_path, monkeypatch, capsys):
+    """As the config's path keys do: a `~` the shell leaves as typed (quoted, `--data=~/x`, `make eval OUT='~/x'`)
+    named a folder `~` below the working directory."""
+    from tools import convert, evaluate
+    monkeypatch.setenv("HOME", str(tmp_path))
+    options = evaluate.build_parser().parse_args(["--data=~/images", "--val-data", "~/val", "--checkpoint", "~/b.pth",
+                                                  "--out-dir", "~/ft", "--train-list", "~/list.txt"])
+    assert (options.data, options.val_data, options.checkpoint) == tuple(
+        str(tmp_path / name) for name in ("images", "val", "b.pth"))
+    assert (options.out_dir, options.train_list) == (tmp_path / "ft", tmp_path / "list.txt")
+    options = convert.build_parser().parse_args(["~/images", "~/out.beton", "--format", "ffcv"])
+    assert (options.src, options.dst) == (str(tmp_path / "images"), str(tmp_path / "out.beton"))
+    code, err = run_command("tools.plot", ["~/run", "--out", "~/plot.png"], capsys)
+    assert code == 2 and err == [f"error: run {tmp_path / 'run'} has no metrics.jsonl; give a run's out_dir or its "
+                                 f"metrics.jsonl"]
+    import shutil
+    import subprocess
+    from tests.conftest import REPO
+    if shutil.which("make") is not None:
+        result = subprocess.run(["make", "eval", "STAMP=", "PY=false", "OUT=~/run", "DATA=unused"], cwd=REPO,
+                                env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, capture_output=True,
+                                text=True, timeout=60)
+        assert result.stderr.splitlines()[0] == (f"error: {tmp_path / 'run'}/checkpoint.pth does not exist: nothing "
+                                                 f"trained there yet; run make pretrain first (with the same CONFIG= "
+                                                 f"and OUT=)")
+
+
 def _no_passwd_entry(name_or_uid):
     raise KeyError(f"no passwd entry: {name_or_uid}")
 

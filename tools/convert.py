@@ -19,8 +19,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from bt_fast.errors import (CliParser, DataError, cli_errors, exit_on_interrupt, ignore_interrupts_while_exiting,
-                            option_flag)
+from bt_fast.errors import (CliParser, DataError, cli_errors, exit_on_interrupt, expand_home,
+                            ignore_interrupts_while_exiting, option_flag)
 from bt_fast.files import shared_memory_full
 
 with exit_on_interrupt("while starting"):
@@ -32,9 +32,10 @@ with exit_on_interrupt("while starting"):
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m tools.convert",
                        description="Convert an ImageFolder or '<path> <label>' list to FFCV .beton or DALI webdataset shards.")
-    parser.add_argument("src", metavar="SRC", help="ImageFolder directory (not the root of train/ and val/: give its "
-                        "train/) or '<path> <label>' list file (paths relative to its folder, or absolute)")
-    parser.add_argument("dst", metavar="DST", help="output .beton file (ffcv) or directory (dali)")
+    parser.add_argument("src", metavar="SRC", type=expand_home,
+                        help="ImageFolder directory (not the root of train/ and val/: give its train/) or "
+                             "'<path> <label>' list file (paths relative to its folder, or absolute)")
+    parser.add_argument("dst", metavar="DST", type=expand_home, help="output .beton file (ffcv) or directory (dali)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--max-resolution", type=int, default=DEFAULT_MAX_RESOLUTION,
                         help="cap on the longer image side in pixels (default %(default)s)")

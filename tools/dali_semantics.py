@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, option_flag,
+from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, expand_home, option_flag,
                             output_file)
 
 with exit_on_interrupt(STARTING):
@@ -309,7 +309,8 @@ def check_numbers(parser: CliParser, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m tools.dali_semantics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DEMO), help="ImageFolder (default: the demo training set)")
+    parser.add_argument("--data", default=str(DEMO), type=expand_home,
+                        help="ImageFolder (default: the demo training set)")
     parser.add_argument("--image-size", type=int, default=224,
                         help=f"crop side in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 224)")
     parser.add_argument("--samples", type=int, default=1024, help="views per pipeline and view")

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_BATCH_PER_RANK
-from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt,
-                             ignore_interrupts_while_exiting, option_flag, output_file, print_error, say)
+from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt, expand_home,
+                             home_path, ignore_interrupts_while_exiting, option_flag, output_file, print_error, say)
 from bt_fast.files import check_output_file
 from bt_fast.host import usable_cores
 
@@ -194,9 +194,11 @@ def _epilog() -> str:
 def build_parser() -> CliParser:
     p = CliParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0],
                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
-    p.add_argument("--checkpoint", help="bt_fast checkpoint.pth / backbone.pth, or a ResNet state dict")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or the train folder")
-    p.add_argument("--val-data", help="validation ImageFolder when --data has no train/ and val/")
+    p.add_argument("--checkpoint", type=expand_home,
+                   help="bt_fast checkpoint.pth / backbone.pth, or a ResNet state dict")
+    p.add_argument("--data", required=True, type=expand_home,
+                   help="ImageFolder root with train/ and val/, or the train folder")
+    p.add_argument("--val-data", type=expand_home, help="validation ImageFolder when --data has no train/ and val/")
     p.add_argument("--mode", choices=MODES, default="knn")
     p.add_argument("--arch", choices=sorted(BACKBONE_DIM), help="default: the checkpoint's config or its keys")
     p.add_argument("--image-size", type=int,
@@ -214,9 +216,10 @@ def build_parser() -> CliParser:
     subset = p.add_mutually_exclusive_group()
     subset.add_argument("--train-percent", type=int, choices=TRAIN_PERCENTS,
                         help="finetune: labelled share of each class, drawn with --seed (default 1)")
-    subset.add_argument("--train-list", type=Path, help="finetune: file naming the training images to use, one per "
-                        "line (<class>/<file> or a unique file name, as SimCLR's 1%%/10%% ImageNet lists)")
-    p.add_argument("--out-dir", type=Path, help=f"finetune: keep {CHECKPOINT_NAME} here after every epoch and "
+    subset.add_argument("--train-list", type=home_path,
+                        help="finetune: file naming the training images to use, one per line (<class>/<file> or a "
+                             "unique file name, as SimCLR's 1%%/10%% ImageNet lists)")
+    p.add_argument("--out-dir", type=home_path, help=f"finetune: keep {CHECKPOINT_NAME} here after every epoch and "
                    f"resume from it; a rerun there takes the same settings, --epochs too (the cosine schedule "
                    f"follows it), else name a new --out-dir")
     p.add_argument("--k", type=int, help=f"k-NN neighbours, capped at the train set size (default {DEFAULT_K})")

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bt_fast.errors import CliParser, UserError, cli_errors, exit_on_interrupt, flat_message, option_flag, say
+from bt_fast.errors import (CliParser, UserError, cli_errors, exit_on_interrupt, expand_home, flat_message, home_path,
+                            option_flag, say)
 
 with exit_on_interrupt("while starting"):
     from bt_fast.host import usable_cores
@@ -50,7 +51,8 @@ def _imagenet_like_line(root: str, count: int, classes: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="python -m tools.make_demo_data", description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, nargs="?", default=None, help="demo set: its folder (default data/demo)")
+    parser.add_argument("root", type=home_path, nargs="?", default=None,
+                        help="demo set: its folder (default data/demo)")
     parser.add_argument("--train-per-class", type=int, default=None, help="demo set: training images per class (default 64)")
     parser.add_argument("--val-per-class", type=int, default=None, help="demo set: validation images per class (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images' draws, at least 0 (default 0)")
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{_flags([name])} must be at least 1, got {value}")
         setattr(args, name, value)
     if args.imagenet_like:
-        count, root = args.imagenet_like
+        count, root = args.imagenet_like[0], expand_home(args.imagenet_like[1])
         if not count.isdigit() or int(count) < 1:
             parser.error(f"--imagenet-like N DIR: N must be a number of images, at least 1, got {count!r}")
         kept = f"the images written to {root} are kept and the same command writes the rest"

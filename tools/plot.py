@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bt_fast.errors import CliParser, DataError, UserError, cli_errors, exit_on_interrupt, png_file
+from bt_fast.errors import CliParser, DataError, UserError, cli_errors, exit_on_interrupt, home_path, png_file
 
 with exit_on_interrupt("while starting"):  # numpy; matplotlib comes with the first figure
     from bt_fast.plots import Curves, plot_runs, save_png, unplottable
@@ -62,7 +62,7 @@ def load_runs(paths: list[Path]) -> dict[str, Curves]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="python -m tools.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's out_dir or its metrics.jsonl")
+    parser.add_argument("runs", nargs="+", type=home_path, metavar="RUN", help="a run's out_dir or its metrics.jsonl")
     parser.add_argument("--out", type=png_file, default="runs/compare.png", 
                         help="PNG to write (a .png path; default %(default)s)")
     args = parser.parse_intermixed_args(argv)  # `RUN --out X RUN` too

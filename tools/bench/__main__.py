@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, option_flag,
+from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, expand_home, option_flag,
                             output_file, quiet_no_cuda_runtime_warning)
 from bt_fast.host import usable_cores
 
@@ -99,7 +99,7 @@ def _parser() -> CliParser:
     parser = CliParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--data", default=None, help="ImageFolder (default: the demo dataset, built on first use)")
+    add("--data", default=None, type=expand_home, help="ImageFolder (default: the demo dataset, built on first use)")
     add("--pipelines", default=None,
         help=f"loader entries, comma-separated, from {','.join(LOADERS)} (default: all; the ffcv_* entries are "
              f"the pipeline's other modes; --end-to-end: {','.join(DEFAULT_PIPELINES)}, ffcv in its default mode)")
