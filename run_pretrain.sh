@@ -80,23 +80,16 @@ if [ -z "${GPUS:-}" ]; then
   fi
 fi
 
-# Several workers per node: torchrun would set one OpenMP thread each and print a four-line banner
-# saying so. Simulated nodes share this machine's cores instead.
+# Simulated nodes share this machine's cores (tools.launch gives each of several ranks per node one
+# OpenMP thread otherwise, as torchrun does).
 if [ "$LOCAL_NODES" = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (NODES * GPUS) > 0 ? $(nproc) / (NODES * GPUS) : 1 ))}
-elif [ "$GPUS" -gt 1 ]; then
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
-# Elastic restarts otherwise reuse the rendezvous store and read the previous attempt's addresses
-# (pytorch/pytorch#135712, #167288): "connection refused" on every restart.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-# SIGUSR1 is SLURM's preemption / time-limit warning: torchrun must pass it on rather than die of it.
-# The shutdown timeout is how long torchrun lets the workers write their checkpoint before SIGKILL
-# (the default of torchrun's --shutdown-timeout; torch before 2.13 has no such setting and waits 30 s).
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 # tools.launch is torchrun that checks the config once before starting (so a config error is not
-# retried MAX_RESTARTS times) and ends a signalled or failed run in one line.
+# retried MAX_RESTARTS times), sets torchrun's environment for restarts and checkpoints on a stop, and
+# ends a signalled or failed run in one line. SIGUSR1 is SLURM's preemption / time-limit warning:
+# torchrun must pass it on rather than die of it.
 torchrun=("$PYTHON" -m tools.launch --nproc-per-node "$GPUS" --max-restarts "$MAX_RESTARTS"
           --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 

@@ -593,3 +593,26 @@ def test_nodes_that_never_all_gather_and_a_ctrl_c_while_they_gather_are_one_line
         monkeypatch.setattr(launch.torchrun, "run", gather)
         assert launch._run(options, tmp_path / CHECKPOINT_NAME, time.time(), tmp_path) == code
         assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_the_launcher_gives_torchrun_its_environment_where_the_user_set_none(image_folder, tmp_path, monkeypatch,
+                                                                            caplog):
+    """`python -m tools.launch` by hand had only torchrun's environment: restarts that read the previous attempt's
+    rendezvous addresses, 30 s for the ranks' checkpoint on a stop, and torchrun's four-line OMP_NUM_THREADS banner
+    with two ranks per node. run_pretrain.sh had set these itself. A value the user set stays."""
+    import tools.launch as launch
+    seen = {}
+
+    def run(options):  # where torchrun reads the environment: the banner, and the shutdown timeout
+        seen["config"], _, _ = launch.torchrun.config_from_args(options)
+        seen["env"] = {name: os.environ.get(name) for name in
+                       ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
+    monkeypatch.setattr(launch.torchrun, "run", run)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    assert launch.main(["--nproc-per-node", "2", "-m", "bt_fast.train", *TINY, f"data={image_folder}",
+                        f"out_dir={tmp_path}"]) == 0
+    assert seen["env"] == {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "45"}
+    assert seen["config"].shutdown_timeout == 45 and "OMP_NUM_THREADS" not in caplog.text

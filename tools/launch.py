@@ -2,7 +2,7 @@
 
     python -m tools.launch [torchrun options] -m bt_fast.train [--config FILE] [key=value ...]
 
-Used by `run_pretrain.sh` wherever it starts torchrun. Six things differ from plain torchrun:
+Used by `run_pretrain.sh` wherever it starts torchrun. Seven things differ from plain torchrun:
 
 - torchrun's options are read first, as every bt_fast command reads its own (`CliParser`): an unknown
   one, one given twice with two values, or a number torchrun would fail on (`--nnodes 0`,
@@ -33,6 +33,7 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Six things differ from pl
 - Without `--log-dir`, torchrun's per-rank error files go into a temporary directory that is
   removed at the end; plain torchrun leaves a `torchelastic_*` directory in the temporary
   directory after every launch.
+- Three defaults of torchrun's environment, where it is not set (`TORCHRUN_DEFAULTS`).
 """
 from __future__ import annotations
 
@@ -171,6 +172,21 @@ def check_launcher_numbers(options: argparse.Namespace) -> tuple[int, int]:
     return per_node, max_nodes if min_nodes == max_nodes else 0
 
 
+# Set where the environment does not: elastic restarts otherwise reuse the rendezvous store and read the previous
+# attempt's addresses (pytorch/pytorch#135712, #167288): "connection refused" on every restart; and torchrun lets the
+# ranks write their checkpoint for this many seconds after a stop signal before its SIGKILL (torch before 2.13: 30).
+TORCHRUN_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+
+
+def set_torchrun_defaults(per_node: int) -> None:
+    """`TORCHRUN_DEFAULTS`, and with several ranks per node one OpenMP thread each: torchrun's own choice, made
+    here without the four-line banner torchrun prints about it. A value the user set stays."""
+    for name, value in TORCHRUN_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if per_node > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
     with cli_errors():  # before the config: a wrong launcher option is named even where the config is wrong too
@@ -192,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             check_batch_split(config.batch_size, per_node * nodes)
     if train_options.check:
         return 0
+    set_torchrun_defaults(per_node)
     quiet_shutdown_narration()
     own_log_dir = not options.log_dir
     if own_log_dir:
