@@ -148,6 +148,20 @@ def check_data_exists(config: Config) -> None:
                       f"(with make: DATA=...; `make pretrain` without DATA trains on the demo data)")
 
 
+def check_first_use_conversion(config: Config) -> None:
+    """The DataError of the ffcv pipeline's first-use conversion where the .beton it would write, beside `data` or at
+    `ffcv.beton`, cannot be written there (a read-only dataset folder): `--check` and the launcher passed it."""
+    if config.pipeline != "ffcv" or not config.data or not Path(config.data).is_dir():
+        return
+    from pipelines.ffcv_format import beton_path, unwritable_beton
+    path = beton_path(config)
+    if not path.exists():
+        try:
+            check_writable_directory(path.parent)
+        except OSError as err:
+            raise unwritable_beton(path, config.data, err) from None
+
+
 def check_not_a_split_root(config: Config) -> None:
     """A ConfigError if `data` holds train/ and val/ folders (a split dataset's root, which tools.evaluate takes
     as such): pretraining would read the two splits as two classes, the validation images among them."""
@@ -215,6 +229,7 @@ def check_run_inputs(config: Config) -> None:
     check_data_exists(config)
     check_not_a_split_root(config)
     check_data_has_classes(config)
+    check_first_use_conversion(config)
     check_dali_records(config)
     for key in ("knn_train", "knn_val"):
         path = getattr(config, key)

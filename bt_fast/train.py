@@ -25,6 +25,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.errors import (Interrupted, StorageError, UserError, cli_errors, mark_rank_0, print_error,
                                 quiet_no_cuda_runtime_warning)
     from bt_fast.files import storage_fault
+    from bt_fast.knn import KnnMonitor
     from bt_fast.memory_budget import check_memory
     from bt_fast.preflight import check_previous_run, check_run_inputs
     from bt_fast.run_control import stop_exit_code
@@ -142,9 +143,13 @@ def check_the_machine(config: Config, ctx: DistContext) -> None:
 
 def check_only(config: Config) -> None:
     """`--check`: every refusal of `train` before it builds anything, without joining a process group or taking
-    out_dir's lock: the run's inputs, then this process's device and what the run asks of the machine."""
+    out_dir's lock: the run's inputs, then this process's device and what the run asks of the machine; and the
+    k-NN monitor's folders, which the run checks as it builds the monitor."""
     check_run_inputs(config)
-    check_the_machine(config, process_context(config.device))
+    ctx = process_context(config.device)
+    check_the_machine(config, ctx)
+    if config.knn_every and config.knn_val:  # lists both folders, as the monitor does: no image is read
+        KnnMonitor(config.knn_train or config.data, config.knn_val, config.augment.image_size, ctx.device, workers=0)
 
 
 def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = None) -> None:

@@ -63,7 +63,7 @@ from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
 from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, PaddedLayout, TwoCropBoxes
-from pipelines.ffcv_format import beton_path, open_beton
+from pipelines.ffcv_format import beton_path, open_beton, unwritable_beton
 from pipelines.ffcv_host_crop import TwoCropRGBDecoder
 from pipelines.ffcv_memory import lazy_page_tables
 from pipelines.prefetch import run_ahead
@@ -275,9 +275,7 @@ def _file_lock(path: Path, data: str, waiting: Callable[[str], None] | None = No
         path.parent.mkdir(parents=True, exist_ok=True)  # as tools.convert makes its output's folder
         handle = open(lock_path, "a+")  # not "w": the holder's identity stays readable
     except OSError as err:
-        raise DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert it "
-                        f"elsewhere with `python -m tools.convert {data} DST.beton --format ffcv` and pass "
-                        f"ffcv.beton=DST.beton") from None
+        raise unwritable_beton(path, data, err) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -42,6 +42,12 @@ def beton_path(config: Config) -> Path:
     return beton_beside(config.data)
 
 
+def unwritable_beton(path: Path, data: str, err: OSError) -> DataError:
+    """The error for a first-use conversion of `data` that cannot write `path` (`err`: why)."""
+    return DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert it elsewhere with "
+                     f"`python -m tools.convert {data} DST.beton --format ffcv` and pass ffcv.beton=DST.beton")
+
+
 def beton_beside(folder: str | Path) -> Path:
     """Where an ImageFolder's first-use conversion goes: `<folder>.beton`, beside it."""
     return Path(str(folder).rstrip("/") + ".beton")

@@ -436,6 +436,25 @@ def test_the_check_refuses_what_the_run_refuses_before_building(image_folder, tm
     assert list(tmp_path.iterdir()) == [] and not list(image_folder.parent.glob("*.beton"))
 
 
+def test_the_check_refuses_the_knn_folders_and_the_first_use_conversion_that_the_run_refuses(image_folder, tmp_path,
+                                                                                               capsys):
+    """`--check` exited 0 where the run then stopped: a k-NN validation folder with a class the training folder lacks
+    (found as the run builds its monitor), and a .beton the first-use conversion cannot write."""
+    val = write_image_folder(tmp_path / "val", classes=4, per_class=1)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(["knn_every=1", f"knn_val={val}"], f"error: {val} has classes not in the training folder: class3; train "
+                                                  f"and val must use the same class sub-directories"),
+             (["pipeline=ffcv", f"ffcv.beton={blocker}/data.beton"],
+              f"error: cannot write the FFCV dataset {blocker}/data.beton (Not a directory): convert it elsewhere with "
+              f"`python -m tools.convert {image_folder} DST.beton --format ffcv` and pass ffcv.beton=DST.beton")]
+    for extra, message in cases:
+        for check in (["--check"], []):
+            code, err = run_command("bt_fast.train", [*tiny_args(image_folder, tmp_path / "run", *extra), *check],
+                                    capsys)
+            assert code == 2 and err == [message], (extra, check)
+
+
 def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_path, capsys):
     # The conversion was announced ("converting ... (first use)") before the listing found no images.
     empty = tmp_path / "train"
