@@ -608,6 +608,7 @@ def test_the_launcher_gives_torchrun_its_environment_where_the_user_set_none(ima
         seen["env"] = {name: os.environ.get(name) for name in
                        ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
     monkeypatch.setattr(launch.torchrun, "run", run)
+    monkeypatch.setenv(LAUNCHER_ENV, "")  # main sets it for its ranks: gone again after the test
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
