@@ -156,7 +156,8 @@ def visible_device_memory(device: torch.device) -> int | None:
 def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) -> None:
     """A ConfigError, before anything is built, if one step cannot fit the memory this rank sees (the
     estimate above; `dtype` is the run's autocast dtype, None without), if the reference pipeline's ready
-    batches cannot fit in /dev/shm, or if FFCV's host crop would cut crops larger than any stored image."""
+    batches cannot fit in /dev/shm, or if FFCV's host crop would cut crops larger than any stored image; the
+    DataError of an existing .beton whose padded images are above ffcv.max_padded_side for the device crop."""
     side = config.augment.image_size  # the largest size of a resolution schedule
     crop, padded, crop_bytes = "device", None, 4
     if config.pipeline == "ffcv":  # imported for FFCV runs only: FFCV's import is heavy
@@ -168,6 +169,8 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
         if path.is_file():
             layout = PaddedLayout.of(open_beton(path))
             padded = (layout.max_height, layout.max_width)
+            if crop == "device":
+                layout.check_side(path, config.ffcv.max_padded_side)
         largest = max(padded) if padded else config.ffcv.max_resolution
         stored = (f"the largest side stored in {path}" if padded else
                   "ffcv.max_resolution, the largest side the first-use conversion stores")

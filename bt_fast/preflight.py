@@ -153,8 +153,10 @@ def check_first_use_conversion(config: Config) -> None:
     `ffcv.beton`, cannot be written there (a read-only dataset folder): `--check` and the launcher passed it."""
     if config.pipeline != "ffcv" or not config.data or not Path(config.data).is_dir():
         return
-    from pipelines.ffcv_format import beton_path, unwritable_beton
+    from pipelines.ffcv_format import beton_is_a_directory, beton_path, unwritable_beton
     path = beton_path(config)
+    if path.is_dir():
+        raise beton_is_a_directory(path)
     if not path.exists():
         try:
             check_writable_directory(path.parent)
@@ -173,10 +175,14 @@ def check_not_a_split_root(config: Config) -> None:
 
 
 def check_data_has_classes(config: Config) -> None:
-    """The DataError the pipeline would raise once started, where `data` is a directory of images with no class
-    directory in it (`--check` and the launcher passed it)."""
-    from pipelines.image_folder import has_a_class, no_images
+    """The DataError the pipeline would raise once started, where `data` is a file it would list as an ImageFolder
+    (all but the ffcv pipeline, which reads a .beton named there) or a directory of images with no class directory
+    in it (`--check` and the launcher passed both)."""
+    from pipelines.image_folder import has_a_class, image_folder_root, no_images
     data = Path(config.data) if config.data else None
+    if data is not None and data.is_file() and config.pipeline != "ffcv" and not (config.pipeline == "dali"
+                                                                                  and config.dali.records):
+        image_folder_root(data)
     with contextlib.suppress(OSError):  # an unreadable folder: the pipeline's listing says how
         if data is not None and data.is_dir() and not has_a_class(data):
             raise no_images(data)
@@ -250,6 +256,15 @@ def check_run_inputs(config: Config) -> None:
     check_previous_run(config)  # here too, so that the launcher refuses once, not once per restart
     if config.tensorboard:
         tensorboard_writer_class()
+
+
+def check_passed(config: Config, machine: bool) -> str:
+    """What `--check` prints when nothing stops the run (silence read as if nothing had been checked); `machine`:
+    this machine's device and memory were checked too, not only the config and its paths (the launcher's check)."""
+    checked = "nothing stops this run before its first step" if machine else (
+        "the config and its paths are fine (each rank checks its device and memory as it starts)")
+    return (f"check passed: {checked}; pipeline {config.pipeline}, data {config.data or '-'}, out_dir "
+            f"{config.out_dir}; nothing was created")
 
 
 def tensorboard_writer_class() -> type:

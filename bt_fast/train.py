@@ -27,12 +27,13 @@ with exit_on_interrupt(STARTING):
     from bt_fast.files import storage_fault
     from bt_fast.knn import KnnMonitor
     from bt_fast.memory_budget import check_memory
-    from bt_fast.preflight import check_previous_run, check_run_inputs
+    from bt_fast.preflight import check_passed, check_previous_run, check_run_inputs
     from bt_fast.run_control import stop_exit_code
     from bt_fast.run_lock import RunLock
     from bt_fast.run_log import METRICS_NAME, metrics_missing, plotted_metrics, summarise, write_summary
     from bt_fast.train_args import parse_train_args
     from bt_fast.trainer import Trainer, amp_dtype, check_compiler
+    from pipelines.augment import triton_kernels
 
 
 def train(config: Config) -> dict:
@@ -136,9 +137,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def check_the_machine(config: Config, ctx: DistContext) -> None:
     """What a run asks of this machine, checked before anything is built: memory for a step (and FFCV's host
-    crop's size), a C++ compiler for what it compiles."""
+    crop's size), a C++ compiler for what it compiles, CUDA (or Triton's interpreter) for the Triton backend."""
     check_memory(config, ctx, amp_dtype(config, ctx.device))
     check_compiler(config, ctx.device)
+    if config.augment.backend == "triton":  # before a first-use conversion, too
+        triton_kernels(ctx.device)
 
 
 def check_only(config: Config) -> None:
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None, work_done: Callable[[], None] | None = N
             config = load_config(args.config, args.overrides, unique_keys=True)
             if args.check:
                 check_only(config)
+                print(check_passed(config, machine=True))
                 return
             summary = train(config)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

@@ -42,6 +42,12 @@ def beton_path(config: Config) -> Path:
     return beton_beside(config.data)
 
 
+def beton_is_a_directory(path: Path) -> DataError:
+    """The error for an `ffcv.beton` that names a directory (the converter would replace an empty one)."""
+    return DataError(f"FFCV dataset {path} is a directory, not a .beton file; point ffcv.beton at a .beton file "
+                     f"(written there from data= on first use)")
+
+
 def unwritable_beton(path: Path, data: str, err: OSError) -> DataError:
     """The error for a first-use conversion of `data` that cannot write `path` (`err`: why)."""
     return DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert it elsewhere with "

@@ -11,7 +11,7 @@ import yaml
 from bt_fast.config import ConfigError, load_config
 from bt_fast.files import atomic_write, check_output_file
 from conftest import write_image_folder
-from test_reliability import tiny_args
+from test_reliability import run_main, tiny_args
 
 COMMANDS = ("bt_fast.train", "tools.convert", "tools.evaluate", "tools.plot", "tools.preview",
             "tools.bench.__main__", "tools.gpu_check.__main__", "tools.make_demo_data", "tools.dali_semantics",
@@ -157,7 +157,6 @@ def test_a_path_that_starts_with_a_tilde_is_in_the_home_directory(image_folder, 
     """The shell expands `~` only where it sees it: a config file's `out_dir: ~/runs/x` wrote the run into a
     directory named `~` below the working directory, and the run's last line named "~/runs/x/checkpoint.pth"."""
     import shutil
-    from test_reliability import run_main
     home = tmp_path / "home"
     shutil.copytree(image_folder, home / "images")
     monkeypatch.setenv("HOME", str(home))
@@ -226,7 +225,6 @@ def test_a_tilde_with_no_known_home_is_refused_not_a_folder_named_tilde(key, mon
 
 def test_a_tilde_with_no_known_home_is_one_error_line_of_the_training_command(image_folder, monkeypatch, capsys):
     import pwd
-    from test_reliability import run_main
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
     code, out, err = run_main(capsys, "--check", *tiny_args(image_folder, "~/runs/x"))
@@ -436,23 +434,42 @@ def test_the_check_refuses_what_the_run_refuses_before_building(image_folder, tm
     assert list(tmp_path.iterdir()) == [] and not list(image_folder.parent.glob("*.beton"))
 
 
-def test_the_check_refuses_the_knn_folders_and_the_first_use_conversion_that_the_run_refuses(image_folder, tmp_path,
-                                                                                               capsys):
-    """`--check` exited 0 where the run then stopped: a k-NN validation folder with a class the training folder lacks
-    (found as the run builds its monitor), and a .beton the first-use conversion cannot write."""
+def test_the_check_refuses_what_the_run_refuses_as_it_builds_its_parts(image_folder, tmp_path, capsys):
+    """`--check` exited 0, without a word, where the run then stopped as it built the k-NN monitor (a validation class
+    the training folder lacks), the pipeline (a .beton the first-use conversion cannot write, or a directory; a .beton
+    padded above ffcv.max_padded_side; data= a file for a pipeline listing an ImageFolder) or the augmentation
+    (Triton on the CPU, refused only after the first-use conversion). Where it passes, it says so."""
+    from pipelines.convert import convert
     val = write_image_folder(tmp_path / "val", classes=4, per_class=1)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
+    beton = tmp_path / "small.beton"
+    convert(image_folder, beton, "ffcv", max_resolution=64, workers=1)
     cases = [(["knn_every=1", f"knn_val={val}"], f"error: {val} has classes not in the training folder: class3; train "
                                                   f"and val must use the same class sub-directories"),
              (["pipeline=ffcv", f"ffcv.beton={blocker}/data.beton"],
               f"error: cannot write the FFCV dataset {blocker}/data.beton (Not a directory): convert it elsewhere with "
-              f"`python -m tools.convert {image_folder} DST.beton --format ffcv` and pass ffcv.beton=DST.beton")]
+              f"`python -m tools.convert {image_folder} DST.beton --format ffcv` and pass ffcv.beton=DST.beton"),
+             (["pipeline=ffcv", f"ffcv.beton={val}"], f"error: FFCV dataset {val} is a directory, not a .beton file; "
+                                                     f"point ffcv.beton at a .beton file (written there from data= on "
+                                                     f"first use)"),
+             (["pipeline=ffcv", f"ffcv.beton={beton}", "ffcv.crop=device", "ffcv.max_padded_side=32"],
+              f"error: FFCV dataset {beton} pads every image to 48x64 (its largest height and width), above the cap of "
+              f"32 px; reconvert it with `python -m tools.convert SRC {beton} --format ffcv --max-resolution 32 "
+              f"--force`"),
+             ([f"data={blocker}"], f"error: data {blocker} is a file; give the ImageFolder directory (or, with "
+                                   f"pipeline=ffcv, a .beton)"),
+             (["augment.backend=triton"], "error: config key 'augment.backend': triton runs on CUDA, and the images "
+                                          "are on cpu (on the CPU it needs TRITON_INTERPRET=1 set before start, "
+                                          "slow); use augment.backend=auto or eager")]
     for extra, message in cases:
         for check in (["--check"], []):
             code, err = run_command("bt_fast.train", [*tiny_args(image_folder, tmp_path / "run", *extra), *check],
                                     capsys)
             assert code == 2 and err == [message], (extra, check)
+    assert run_main(capsys, "--check", *tiny_args(image_folder, tmp_path / "run"))[:2] == (0, (
+        f"check passed: nothing stops this run before its first step; pipeline reference, data {image_folder}, "
+        f"out_dir {tmp_path / 'run'}; nothing was created\n"))
 
 
 def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_path, capsys):

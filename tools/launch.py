@@ -70,7 +70,7 @@ with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import resolve_device
-    from bt_fast.preflight import check_batch_split, check_run_inputs
+    from bt_fast.preflight import check_batch_split, check_passed, check_run_inputs
     from bt_fast.run_control import STOP_SIGNALS, stop_exit_code
     from bt_fast.train_args import parse_train_args
 if _QUIET_STORE_CLIENT:
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if nodes:  # the world size is known: each rank would refuse it, once per restart
             check_batch_split(config.batch_size, per_node * nodes)
     if train_options.check:
+        print(check_passed(config, machine=False))
         return 0
     set_torchrun_defaults(per_node)
     quiet_shutdown_narration()
