@@ -74,6 +74,11 @@ eval: $(STAMP)
 	case "$$run" in "~" | "~/"*) run="$$HOME$${run#"~"}";; esac; \
 	[ -f "$$run/checkpoint.pth" ] || { echo "error: $$run/checkpoint.pth does not exist: nothing trained there yet;" \
 	  "run make pretrain first (with the same CONFIG= and OUT=)" >&2; exit 2; }; \
+	data="$(DATA)"; case "$$data" in "~" | "~/"*) data="$$HOME$${data#"~"}";; esac; \
+	if [ -n "$$data" ] && [ -z "$(filter --val-data --val-data=%,$(ARGS))" ] && \
+	  ! { [ -d "$$data/train" ] && [ -d "$$data/val" ]; }; then echo "error: DATA=$$data holds no train/ and val/" \
+	  "folders; give DATA= the folder that holds both (the demo's is data/demo), or a training folder with" \
+	  "ARGS=\"--val-data VAL\"" >&2; exit 2; fi; \
 	if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA) || exit; fi; set -x; \
 	$(PY) -m tools.evaluate --compare --mode knn --checkpoint "$$run/checkpoint.pth" \
 	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS) $(KNN_ARGS) && \

@@ -683,6 +683,18 @@ def test_make_eval_refuses_what_would_fail_before_it_runs_anything(args, message
     assert len(err) == 2 and err[1].startswith("make: *** "), err  # make's own line, and nothing ran
 
 
+def test_make_eval_refuses_a_data_folder_without_train_and_val_in_makes_terms(tmp_path):
+    """tools.evaluate's own line said to pass --data TRAIN --val-data VAL, options make eval gives itself."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"")  # refused before it is read
+    (tmp_path / "data" / "class0").mkdir(parents=True)  # a training folder
+    code, err = make_eval(tmp_path)
+    assert code == 2 and err[0] == (f"error: DATA={tmp_path / 'data'} holds no train/ and val/ folders; give DATA= the "
+                                    f"folder that holds both (the demo's is data/demo), or a training folder with "
+                                    f"ARGS=\"--val-data VAL\""), err
+    assert len(err) == 2 and err[1].startswith("make: *** "), err
+
+
 def test_make_evals_options_of_one_run_are_those_tools_evaluate_refuses_in_the_other():
     import re
     from tests.conftest import REPO
