@@ -113,7 +113,7 @@ class AugmentSpec:
 
 @dataclass
 class FFCVOptions:
-    beton: str = ""              # empty: <data>.beton beside the ImageFolder, converted on first use
+    beton: str = ""              # empty: <data>.beton beside the ImageFolder; either converted on first use
     max_resolution: int = 512
     jpeg_quality: int = 90
     os_cache: bool = True
@@ -428,7 +428,8 @@ KEY_HELP: dict[str, tuple[str | None, str]] = {
     "augment.mean": ("3 numbers", "per-channel mean subtracted after the distortions"),
     "augment.std": ("3 positive numbers", "per-channel standard deviation divided by after the distortions"),
     "augment.backend": (None, "how the device distortions run (not what they are)"),
-    "ffcv.beton": ("a .beton file, or empty", "the FFCV dataset (empty: <data>.beton, converted on first use)"),
+    "ffcv.beton": ("a .beton file, or empty", "the FFCV dataset (empty: <data>.beton); converted there from data on "
+                                              "first use where it does not exist"),
     "ffcv.max_resolution": (_POSITIVE, "longest side a first-use conversion stores, px"),
     "ffcv.jpeg_quality": ("1 to 100", "JPEG quality of a first-use conversion"),
     "ffcv.os_cache": ("true or false", "read the .beton through the OS page cache (false: FFCV's own)"),

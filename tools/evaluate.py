@@ -21,7 +21,7 @@ Fine-tuning (`bt_fast.finetune`) trains the whole backbone and a linear head on 
 the official semi-supervised recipe by default: 1% of each class, 20 epochs, batch 256, lr 0.005 for
 the backbone and 0.5 for the head, no weight decay, RandomResizedCrop + flip at the checkpoint's
 image size. The same defaults run on the CPU: on the demo data (16 training images at 1%, the demo
-checkpoint's 48 px) they finish in a couple of minutes. With --out-dir the run keeps
+checkpoint's 48 px) they finish in about a minute (docs/evaluation.md). With --out-dir the run keeps
 <out-dir>/finetune.pth after every epoch and the same command resumes it.
 """
 from __future__ import annotations
