@@ -41,7 +41,7 @@ from bt_fast.config import Config, ConfigError
 from bt_fast.distributed import DistContext
 from bt_fast.files import SHARED_MEMORY, free_bytes, size_bytes, size_text
 from bt_fast.model import build_model
-from pipelines.reference import BATCHES_PER_WORKER
+from pipelines.reference import BATCHES_PER_WORKER, loader_workers
 
 VIEWS = 2
 
@@ -184,7 +184,7 @@ def check_memory(config: Config, ctx: DistContext, dtype: torch.dtype | None) ->
                          batch=config.batch_size // ctx.world_size, side=side,
                          dtype_bytes=dtype.itemsize if dtype is not None else 4, ffcv_crop=crop,
                          ffcv_decode=config.ffcv.decode, padded=padded, crop_bytes=crop_bytes,
-                         loader_workers=config.workers)
+                         loader_workers=loader_workers(config.workers))
     device_memory = visible_device_memory(ctx.device)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # they share this node's host memory
     needs = [("device", footprint.device, device_memory)] if device_memory is not None else []

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError, flat_message
+from bt_fast.host import usable_cores
 from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
@@ -123,12 +124,18 @@ class EpochIndexSampler(Sampler):
 BATCHES_PER_WORKER = 2
 
 
+def loader_workers(workers: int) -> int:
+    """The DataLoader worker processes for config `workers`: at most the usable cores, as FFCV's threads are (more
+    only compete for them, and torch warns in four lines that the loader may freeze)."""
+    return min(workers, usable_cores())
+
+
 class ReferencePipeline(EpochPipeline):
     """ImageFolder -> two PIL-augmented views -> device, through a torch DataLoader."""
 
     def __init__(self, config: Config, placement: Placement, batch_size: int):
         super().__init__(config, placement, batch_size)
-        root, workers, seed = config.data, config.workers, config.seed
+        root, workers, seed = config.data, loader_workers(config.workers), config.seed
         self.dataset = TwoViewImageFolder(root, config.augment, seed, config.epochs)
         self.prefetch = config.prefetch
         self.num_samples = len(self.dataset)

@@ -255,3 +255,12 @@ def test_a_rank_that_fails_mid_epoch_still_exits(tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
+
+
+def test_loader_workers_are_at_most_the_cores_this_process_may_use(image_folder):
+    """workers=16 on two cores started 16 processes, and torch warned in four lines that the loader might freeze."""
+    import dataclasses
+    cores = len(os.sched_getaffinity(0))
+    for asked, started in ((cores + 3, cores), (1, 1), (0, 0)):
+        config = dataclasses.replace(_config(image_folder), workers=asked)
+        assert ReferencePipeline(config, Placement(torch.device("cpu")), batch_size=4).loader.num_workers == started
