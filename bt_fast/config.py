@@ -380,9 +380,9 @@ _PROBABILITY, _PROBABILITIES = "a probability in [0, 1]", "[view 1, view 2] prob
 KEY_HELP: dict[str, tuple[str | None, str]] = {
     "data": ("a directory or a .beton", "the ImageFolder to train on (DATA= with make)"),
     "pipeline": (None, "the data pipeline (README, Pipelines)"),
-    "workers": ("0 or a positive whole number", "host worker processes or threads of the pipeline, reference and ffcv at "
-                "most the usable cores (0: reference in the training process, ffcv on every usable core, dali on one "
-                "thread)"),
+    "workers": ("0 or a positive whole number", "host worker processes or threads of the pipeline, reference and ffcv "
+                "at most the usable cores (0: reference in the training process, ffcv on every usable core, dali on "
+                "one thread)"),
     "arch": (None, "the torchvision ResNet backbone"),
     "projector": ("widths joined by '-'", "the projector's layer widths, e.g. 8192-8192-8192"),
     "epochs": (_POSITIVE, "epochs to train; the learning-rate schedule spans them"),
