@@ -384,7 +384,8 @@ def install_output(tmp: Path, dst: Path) -> None:
 
 def outcome(report: dict) -> str:
     """One line saying what `convert` wrote, from its report: the skipped files counted by kind of reason
-    (the reason up to its first colon), most frequent first."""
+    (the reason up to its first colon), most frequent first; the finished parts of an earlier run it went on
+    from, or removed because that run's arguments or source differed."""
     if report.get("unchanged"):  # `convert` found the same conversion in place
         return (f"{report['output']} already holds the conversion of {report['source']} with these settings "
                 f"({report['written']} images; report: {report_path(report['output'])}): nothing to do; --force "
@@ -393,8 +394,16 @@ def outcome(report: dict) -> str:
     skipped = f"{report['skipped']} skipped" + (": " + ", ".join(f"{count} {kind}" for kind, count in
                                                                  kinds.most_common()) + ";" if kinds else ",")
     written = report["written"]
-    return (f"wrote {written} image{'s' * (written != 1)} to {report['output']} ({skipped} {report['converted']} "
+    line = (f"wrote {written} image{'s' * (written != 1)} to {report['output']} ({skipped} {report['converted']} "
             f"converted; report: {report_path(report['output'])})")
+    run = report.get("this_run", {})
+    removed, differences = run.get("removed", (0, []))
+    if removed:
+        line += (f"; removed {removed} finished part{'s' * (removed != 1)} of an earlier conversion to it, which "
+                 f"differed ({', '.join(differences)})")
+    if run.get("reused"):
+        line += f"; went on from {run['reused']} of its {run['parts']} parts, finished by an earlier run"
+    return line
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -429,7 +438,10 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
             jpeg_quality: int = DEFAULT_JPEG_QUALITY, workers: int | None = None, force: bool = False,
             shard_size: int = DEFAULT_SHARD_SIZE, part_size: int = DEFAULT_PART_SIZE,
             progress: bool = True, starting: Callable[[], None] | None = None) -> dict:
-    """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`).
+    """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`), with how this
+    run went beside it as `this_run`, not saved: its `parts`, those finished by an earlier run that it `reused`, and
+    `removed` (how many finished parts of an earlier run with other arguments or another source it removed, and
+    what differed).
 
     `workers` defaults to, and is capped by, the cores this process may use (`usable_cores()`: more would
     only share them, each with its own memory); `shard_size` is samples per tar shard (dali), which
@@ -565,6 +577,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
     complete, writing = False, None
     try:
         reports = work.finished(len(starts))
+        reused = len(reports)
         todo = [k for k in range(len(starts)) if k not in reports]
         remaining = sum(len(order[starts[k]:starts[k] + size]) for k in todo)
         jobs = ((prep, samples[int(i)][0]) for k in todo for i in order[starts[k]:starts[k] + size])
@@ -578,6 +591,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
             writing = None
         report = _assemble(src, dst, fmt, prep, size, classes, work, [reports[k] for k in range(len(starts))], force,
                            state, listing_digest(src, samples) if src.is_dir() else None, installing)
+        report = {**report, "this_run": {"parts": len(starts), "reused": reused, "removed": work.removed}}
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
         complete = True

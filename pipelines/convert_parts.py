@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, option_flag
 from bt_fast.files import remove_path, write_json
 from bt_fast.host import HeapTrim
 from bt_fast.worker_pool import WorkerPool
@@ -27,6 +27,24 @@ from pipelines.area_resize import load_kernel
 from pipelines.dali_format import ShardWriter
 from pipelines.ffcv_format import BetonPart, data_start, page_size_for
 from pipelines.images import ImagePrep, Prepared, cv2_module
+
+
+def _differences(previous: dict, job: dict) -> list[str]:
+    """What differs between two jobs, in the command's terms: '--part-size 500 -> 1000', 'the source's images'."""
+    named = {"part_size": "shard_size" if job.get("format") == "dali" else "part_size"}
+    differences = []
+    for key in job:
+        if previous.get(key) == job.get(key):
+            continue
+        if key in ("num_samples", "listing_sha256"):
+            difference = "the source's images"
+        elif key == "source":
+            difference = f"the source {previous.get(key)}"
+        else:
+            difference = f"{option_flag(named.get(key, key))} {previous.get(key)} -> {job.get(key)}"
+        if difference not in differences:
+            differences.append(difference)
+    return differences
 
 
 def work_dir(dst: str | Path) -> Path:
@@ -44,6 +62,7 @@ class WorkDir:
     def __init__(self, dst: Path, job: dict):
         self.root = work_dir(dst)
         self.job = job
+        self.removed: tuple[int, list[str]] = (0, [])  # finished parts of another job removed, and what differed
         self.root.mkdir(exist_ok=True)
         self.lock = open(self.root / ".lock", "w")
         try:
@@ -56,6 +75,8 @@ class WorkDir:
         except (OSError, ValueError):
             previous = None
         if previous != job:  # other arguments or another source: nothing here can be reused
+            if isinstance(previous, dict):
+                self.removed = (len(list(self.root.glob("part-*.json"))), _differences(previous, job))
             for entry in self.root.iterdir():
                 if entry.name != ".lock":
                     remove_path(entry)

@@ -23,7 +23,7 @@ from bt_fast.host import usable_cores
 from conftest import modules_loaded_by
 from pipelines import convert as convert_module
 from pipelines import image_folder
-from pipelines.convert import convert, outcome, work_dir
+from pipelines.convert import convert, outcome, report_path, work_dir
 from pipelines.dali_format import ShardWriter
 from pipelines.ffcv_format import BetonPart, beton_samples, page_size_for
 from pipelines.image_folder import count_images, find_image_folder
@@ -158,7 +158,7 @@ def test_report_lists_skipped_and_converted(outputs, source):
     root, _ = source
     for name, returned in (("data.beton", ffcv_report), ("shards", dali_report)):
         report = json.loads((out / f"{name}.report.json").read_text())
-        assert report == returned
+        assert report == {key: value for key, value in returned.items() if key != "this_run"}
         assert report["written"] == 11 and report["skipped"] == 3 and report["converted"] == len(CONVERTED)
         by_rel = {str(Path(f["path"]).relative_to(root)): f for f in report["files"]}
         assert set(by_rel) == set(SKIP_REASONS) | CONVERTED  # plain RGB and resized files are not listed
@@ -883,15 +883,42 @@ def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_
 
     calls.clear()
     monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
-    convert(root, dst, fmt, **kwargs)
+    report = convert(root, dst, fmt, **kwargs)
     first_part = 4 if fmt == "ffcv" else 5
     assert len(calls) == 14 - first_part  # the finished first part was not redone
+    parts = -(-14 // first_part)
+    assert outcome(report).endswith(f"; went on from 1 of its {parts} parts, finished by an earlier run")
+    assert json.loads(report_path(dst).read_text()) == {k: v for k, v in report.items() if k != "this_run"}
     assert not work_dir(dst).exists()
     if fmt == "ffcv":
         assert dst.read_bytes() == (out / "data.beton").read_bytes()
     else:
         assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in (out / "shards").iterdir())
         assert all(p.read_bytes() == (out / "shards" / p.name).read_bytes() for p in dst.iterdir())
+
+
+@pytest.mark.parametrize("fmt, flag", [("ffcv", "--part-size"), ("dali", "--shard-size")])
+def test_finished_parts_of_another_part_size_are_removed_and_the_line_says_so(fmt, flag, source, outputs, tmp_path,
+                                                                              monkeypatch):
+    """The rerun with another part size converted everything again without a word, as if no part had been kept."""
+    root, _ = source
+    out, _, _ = outputs
+    original, calls = ImagePrep.stored, []
+
+    def interrupted(self, path):
+        calls.append(path)
+        if len(calls) == 8:  # in the second part
+            raise KeyboardInterrupt
+        return original(self, path)
+    dst = tmp_path / ("data.beton" if fmt == "ffcv" else "shards")
+    monkeypatch.setattr(ImagePrep, "stored", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(root, dst, fmt, max_resolution=MAX_RES, workers=1, part_size=4, shard_size=4, progress=False)
+    monkeypatch.setattr(ImagePrep, "stored", original)
+    report = convert(root, dst, fmt, max_resolution=MAX_RES, workers=1, part_size=5, shard_size=5, progress=False)
+    assert outcome(report).endswith(f"; removed 1 finished part of an earlier conversion to it, which differed "
+                                    f"({flag} 4 -> 5)")
+    assert report["written"] + report["skipped"] == 14 and not work_dir(dst).exists()
 
 
 @pytest.mark.timeout(60)  # CPython's pool waits forever for the task of a worker that died
