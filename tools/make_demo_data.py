@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=None, help="demo set: validation images per class (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images' draws, at least 0 (default 0)")
     parser.add_argument("--imagenet-like", nargs=2, metavar=("N", "DIR"),
-                        help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/")
+                        help="instead, write N ImageNet-shaped JPEGs into DIR/<class>/ (the first N of the set of "
+                             "--seed: give a validation split another --seed, or it holds training images)")
     parser.add_argument("--classes", type=int, default=None, help="classes of the --imagenet-like set (default 10)")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"processes writing the --imagenet-like set (default and cap: the usable cores, "
