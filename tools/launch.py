@@ -33,7 +33,8 @@ Used by `run_pretrain.sh` wherever it starts torchrun. Seven things differ from 
 - Without `--log-dir`, torchrun's per-rank error files go into a temporary directory that is
   removed at the end; plain torchrun leaves a `torchelastic_*` directory in the temporary
   directory after every launch.
-- Three defaults of torchrun's environment, where it is not set (`TORCHRUN_DEFAULTS`).
+- Where the environment does not set them: `TORCHRUN_DEFAULTS` for restarts and stops, and one OpenMP
+  thread per rank, as torchrun sets it, without its four-line banner (`set_torchrun_defaults`).
 """
 from __future__ import annotations
 
