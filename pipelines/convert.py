@@ -68,7 +68,8 @@ import numpy as np
 from bt_fast.errors import (DataError, Interrupted, StorageError, WorkerLost, leave_a_lost_terminal, option_flag,
                             some_of)
 from bt_fast.files import (atomic_write_text, ensure_writable_directory, free_bytes, fsync_directory, mebibytes,
-                           remove_orphaned_temporaries, remove_path, storage_fault, temporary_name, write_json)
+                           remove_orphaned_temporaries, remove_path, size_text, storage_fault, temporary_name,
+                           write_json)
 from bt_fast.host import usable_cores
 from bt_fast.progress import progress as progress_bar
 from bt_fast.worker_pool import WorkerPool
@@ -619,8 +620,10 @@ def _storage_fault_message(dst: Path, fault: OSError, work: WorkDir, kept: int, 
     message = f"cannot write {dst} ({fault.strerror or fault}; {mebibytes(free_bytes(work.root))} free there)"
     if not kept:
         return message + "; nothing was written"
-    return (message + f": {kept} of {parts} parts are finished and kept in {work.root}; once there is room "
-            f"(or write access) the same command goes on from them")
+    needed = work.bytes_still_needed(parts)
+    room = f"room (about {size_text(needed)} more at the finished parts' size per image)" if needed else "room"
+    return (message + f": {kept} of {parts} parts are finished and kept in {work.root}; once there is {room} or "
+            f"write access, the same command goes on from them")
 
 
 def _assemble(src: Path, dst: Path, fmt: str, prep: ImagePrep, size: int, classes: Sequence[str], work: WorkDir,

@@ -108,6 +108,20 @@ class WorkDir:
             self.discard(writing)
         return len(self.finished(parts))
 
+    def bytes_still_needed(self, parts: int) -> int | None:
+        """About how many bytes the rest of the conversion writes: the disk the finished parts among the first
+        `parts` take per image (input position) times the positions left; None before a part is finished."""
+        reports = self.finished(parts)
+        done = sum(report["written"] + report["skipped"] for report in reports.values())
+        if not done:
+            return None
+        if self.job["format"] == "ffcv":  # one file; its pages' unused ends are holes, which take no disk
+            used = self.beton.stat().st_blocks * 512
+        else:
+            used = sum((self.root / name).stat().st_blocks * 512 for report in reports.values() if report["shard"]
+                       for name in (report["shard"]["tar"], report["shard"]["index"]))
+        return round(used / done * (self.job["num_samples"] - done))
+
     def finished(self, parts: int) -> dict[int, dict]:
         """The reports of the finished parts among the first `parts`, by part: those whose data is all
         here. The parts of a `.beton` lie back to back in it, so there they are the first few."""

@@ -993,9 +993,15 @@ def test_a_full_disk_is_one_line_keeps_the_finished_parts_and_the_rerun_finishes
         _full_disk_at(writer, method, 1, patch)
         with pytest.raises(StorageError) as raised:
             convert(root, dst, fmt, **kwargs)
-    assert re.fullmatch(rf"cannot write {re.escape(str(dst))} \(No space left on device; [0-9.]+ MiB free there\): "
+    said = re.fullmatch(rf"cannot write {re.escape(str(dst))} \(No space left on device; [0-9.]+ MiB free there\): "
                         rf"1 of {parts} parts are finished and kept in {re.escape(str(work_dir(dst)))}; once there is "
-                        rf"room \(or write access\) the same command goes on from them", str(raised.value))
+                        rf"room \(about ([0-9.]+) (KiB|MiB) more at the finished parts' size per image\) or write "
+                        rf"access, the same command goes on from them", str(raised.value))
+    assert said, str(raised.value)
+    # about what the rest of the uninterrupted conversion's output takes on disk (its share of the positions)
+    full = [out / "data.beton"] if fmt == "ffcv" else list((out / "shards").iterdir())
+    rest = sum(path.stat().st_blocks * 512 for path in full) * (14 - (4 if fmt == "ffcv" else 5)) / 14
+    assert 1 / 3 < float(said[1]) * 2 ** (10 if said[2] == "KiB" else 20) / rest < 3
     assert not dst.exists() and not [p for p in work_dir(dst).iterdir() if "-00001." in p.name]  # its files removed
     if fmt == "ffcv":  # and its pages: the .beton ends with the first part
         assert (work_dir(dst) / "output.beton").stat().st_size == json.loads(
@@ -1025,8 +1031,8 @@ def test_a_full_disk_while_the_tables_are_written_keeps_every_part_and_the_rerun
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with monkeypatch.context() as patch:
         patch.setattr(pipelines.convert, "finish_beton", full)
-        with pytest.raises(StorageError, match=r": 4 of 4 parts are finished and kept in .*; once there is room "
-                                               r"\(or write access\) the same command goes on from them$"):
+        with pytest.raises(StorageError, match=r": 4 of 4 parts are finished and kept in .*; once there is room or "
+                                               r"write access, the same command goes on from them$"):
             convert(root, dst, "ffcv", **kwargs)
     calls = []
     original = ImagePrep.stored
