@@ -386,7 +386,7 @@ def install_output(tmp: Path, dst: Path) -> None:
 def outcome(report: dict) -> str:
     """One line saying what `convert` wrote, from its report: the skipped files counted by kind of reason
     (the reason up to its first colon), most frequent first; the finished parts of an earlier run it went on
-    from, or removed because that run's arguments or source differed."""
+    from, or removed because that run's arguments or source differed; the class folders without images."""
     if report.get("unchanged"):  # `convert` found the same conversion in place
         return (f"{report['output']} already holds the conversion of {report['source']} with these settings "
                 f"({report['written']} images; report: {report_path(report['output'])}): nothing to do; --force "
@@ -404,6 +404,9 @@ def outcome(report: dict) -> str:
                  f"differed ({', '.join(differences)})")
     if run.get("reused"):
         line += f"; went on from {run['reused']} of its {run['parts']} parts, finished by an earlier run"
+    if run.get("empty_classes"):  # as in torchvision's ImageFolder(allow_empty=True); evaluation refuses them
+        line += (f"; class folders without images, whose labels no image has: {some_of(run['empty_classes'])} "
+                 f"(remove them before evaluating on this data)")
     return line
 
 
@@ -440,9 +443,9 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, max_resolution: int =
             shard_size: int = DEFAULT_SHARD_SIZE, part_size: int = DEFAULT_PART_SIZE,
             progress: bool = True, starting: Callable[[], None] | None = None) -> dict:
     """Validate SRC and write DST in `fmt`; returns the report (also written to `report_path(DST)`), with how this
-    run went beside it as `this_run`, not saved: its `parts`, those finished by an earlier run that it `reused`, and
+    run went beside it as `this_run`, not saved: its `parts`, those finished by an earlier run that it `reused`,
     `removed` (how many finished parts of an earlier run with other arguments or another source it removed, and
-    what differed).
+    what differed) and `empty_classes` (class folders without images: their labels are kept, no image has them).
 
     `workers` defaults to, and is capped by, the cores this process may use (`usable_cores()`: more would
     only share them, each with its own memory); `shard_size` is samples per tar shard (dali), which
@@ -592,7 +595,10 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
             writing = None
         report = _assemble(src, dst, fmt, prep, size, classes, work, [reports[k] for k in range(len(starts))], force,
                            state, listing_digest(src, samples) if src.is_dir() else None, installing)
-        report = {**report, "this_run": {"parts": len(starts), "reused": reused, "removed": work.removed}}
+        empty = [name for name, count in zip(classes, np.bincount(samples.labels, minlength=len(classes)))
+                 if not count] if src.is_dir() else []  # a list's labels are not folders
+        report = {**report, "this_run": {"parts": len(starts), "reused": reused, "removed": work.removed,
+                                         "empty_classes": empty}}
         complete = True
     except DataError:  # the input or DST is unusable: no part will be reused
         complete = True

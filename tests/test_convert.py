@@ -1507,3 +1507,18 @@ def test_a_repeated_stop_signal_is_ignored_in_nested_conversion_blocks_and_after
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_class_folder_without_images_keeps_its_label_as_torchvision_and_the_line_names_it(tmp_path):
+    """The labels of torchvision's ImageFolder(allow_empty=True); evaluation refuses such a class, and the conversion
+    had said nothing of it."""
+    from torchvision.datasets import ImageFolder
+    from conftest import write_image_folder
+    src = write_image_folder(tmp_path / "src", classes=3, per_class=2)
+    for image in (src / "class1").iterdir():
+        image.unlink()
+    report = convert(src, tmp_path / "out.beton", "ffcv", max_resolution=MAX_RES, workers=1, progress=False)
+    assert outcome(report).endswith("; class folders without images, whose labels no image has: class1 (remove them "
+                                    "before evaluating on this data)")
+    labels = _stored(tmp_path / "out.beton")[1]["f1"].tolist()
+    assert labels == [label for _, label in ImageFolder(str(src), allow_empty=True).samples] == [0, 0, 2, 2]
