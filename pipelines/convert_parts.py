@@ -39,7 +39,7 @@ def _differences(previous: dict, job: dict) -> list[str]:
         if key in ("num_samples", "listing_sha256"):
             difference = "the source's images"
         elif key == "source":
-            difference = f"the source {previous.get(key)}"
+            difference = f"another source, {previous.get(key)}"
         else:
             difference = f"{option_flag(named.get(key, key))} {previous.get(key)} -> {job.get(key)}"
         if difference not in differences:
