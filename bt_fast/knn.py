@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from bt_fast.errors import DataError, some_of
 from bt_fast.run_control import leave_stops_to_the_rank
-from pipelines.image_folder import SampleList, find_image_folder
+from pipelines.image_folder import SampleList, classes_without_images, find_image_folder
 from pipelines.reference import load_rgb
 
 DEFAULT_K = 200
@@ -170,7 +169,7 @@ class LabelledImageFolder(Dataset):
     def __init__(self, root: str, transform, classes: Sequence[str] | None = None):
         own, samples = find_image_folder(root)
         if classes is None:
-            empty = [name for name, count in zip(own, np.bincount(samples.labels, minlength=len(own))) if not count]
+            empty = classes_without_images(own, samples)
             if empty:
                 raise DataError(f"{root} has class folders without images: {some_of(empty)}; add images to them or "
                                 f"remove them")

@@ -77,7 +77,7 @@ from pipelines.convert_parts import (WorkDir, job_fingerprint, listing_digest, o
                                      worker_pool, write_part)
 from pipelines.dali_format import shuffled_order, write_meta, written_files
 from pipelines.ffcv_format import beton_samples, finish_beton
-from pipelines.image_folder import SampleList, find_image_folder, is_split_root
+from pipelines.image_folder import SampleList, classes_without_images, find_image_folder, is_split_root
 from pipelines.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RESOLUTION, ImagePrep
 
 DEFAULT_SHARD_SIZE = 1000
@@ -595,8 +595,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
             writing = None
         report = _assemble(src, dst, fmt, prep, size, classes, work, [reports[k] for k in range(len(starts))], force,
                            state, listing_digest(src, samples) if src.is_dir() else None, installing)
-        empty = [name for name, count in zip(classes, np.bincount(samples.labels, minlength=len(classes)))
-                 if not count] if src.is_dir() else []  # a list's labels are not folders
+        empty = classes_without_images(classes, samples) if src.is_dir() else []  # a list's labels are not folders
         report = {**report, "this_run": {"parts": len(starts), "reused": reused, "removed": work.removed,
                                          "empty_classes": empty}}
         complete = True

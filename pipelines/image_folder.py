@@ -72,6 +72,12 @@ def has_a_class(root: str | Path) -> bool:
         return any(not entry.name.startswith(".") and _is_class(entry) for entry in entries)
 
 
+def classes_without_images(classes: Sequence[str], samples: "SampleList") -> list[str]:
+    """The names in `classes` (indexed by label) that no sample of `samples` has: empty class folders."""
+    counts = np.bincount(samples.labels, minlength=len(classes))
+    return [name for name, count in zip(classes, counts) if not count]
+
+
 def is_split_root(root: str | Path) -> bool:
     """Whether `root` holds train/ and val/ folders: a split dataset's root (what tools.evaluate takes), whose
     two splits an ImageFolder reader would take as two classes, the validation images among them."""
