@@ -68,13 +68,15 @@ misplaced_error = error: the $(3) refuses $(call in_args,$($(1)_ONLY)) in ARGS, 
   the $(2)'s own options in $(1)_ARGS= instead
 # $(call misplaced,KNN,k-NN run,linear probe): the shell's refusal of KNN_ONLY options in ARGS, or nothing
 misplaced = $(if $(call in_args,$($(1)_ONLY)),{ echo "$(call misplaced_error,$(1),$(2),$(3))" >&2; exit 2; };)
+# $(call home,VAR): the shell variable VAR with a leading ~ read as the home directory, as the config's paths are
+home = case "$$$(1)" in "~" | "~/"*) $(1)="$$HOME$${$(1)\#"~"}";; esac;
 eval: $(STAMP)
 	@$(call misplaced,KNN,k-NN run,linear probe)$(call misplaced,LINEAR,linear probe,k-NN run) \
 	run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; \
-	case "$$run" in "~" | "~/"*) run="$$HOME$${run#"~"}";; esac; \
+	$(call home,run) \
 	[ -f "$$run/checkpoint.pth" ] || { echo "error: $$run/checkpoint.pth does not exist: nothing trained there yet;" \
 	  "run make pretrain first (with the same CONFIG= and OUT=)" >&2; exit 2; }; \
-	data="$(DATA)"; case "$$data" in "~" | "~/"*) data="$$HOME$${data#"~"}";; esac; \
+	data="$(DATA)"; $(call home,data) \
 	if [ -n "$$data" ] && [ -z "$(filter --val-data --val-data=%,$(ARGS))" ] && \
 	  ! { [ -d "$$data/train" ] && [ -d "$$data/val" ]; }; then echo "error: DATA=$$data holds no train/ and val/" \
 	  "folders; give DATA= the folder that holds both (the demo's is data/demo), or a training folder with" \

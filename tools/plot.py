@@ -63,7 +63,7 @@ def load_runs(paths: list[Path]) -> dict[str, Curves]:
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="python -m tools.plot", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=home_path, metavar="RUN", help="a run's out_dir or its metrics.jsonl")
-    parser.add_argument("--out", type=png_file, default="runs/compare.png", 
+    parser.add_argument("--out", type=png_file, default="runs/compare.png",
                         help="PNG to write (a .png path; default %(default)s)")
     args = parser.parse_intermixed_args(argv)  # `RUN --out X RUN` too
     with cli_errors(), exit_on_interrupt():

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="ImageFolder to read (default: the config's data)")
     parser.add_argument("--pairs", type=int, default=8, help="number of view pairs (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
-    parser.add_argument("--out", type=png_file, default="views.png", 
+    parser.add_argument("--out", type=png_file, default="views.png",
                         help="PNG to write (a .png path; default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. augment.image_size=160")
     args = parser.parse_intermixed_args(argv)  # overrides before options too, as bt_fast.train takes them
