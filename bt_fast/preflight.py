@@ -123,10 +123,14 @@ def check_previous_run(config: Config) -> None:
         refuse_other_model_or_batch(path, state.get("config", {}), config)
 
 
+def _reads_dali_records(config: Config) -> bool:
+    """Whether the run reads `dali.records`, the DALI pipeline's own dataset, and not `data`."""
+    return config.pipeline == "dali" and bool(config.dali.records)
+
+
 def check_data_given(config: Config) -> None:
     """A ConfigError unless the config names a dataset for its pipeline."""
-    own_dataset = ((config.pipeline == "ffcv" and config.ffcv.beton) or
-                   (config.pipeline == "dali" and config.dali.records))
+    own_dataset = (config.pipeline == "ffcv" and config.ffcv.beton) or _reads_dali_records(config)
     if not config.data and not own_dataset:
         raise ConfigError("config key 'data' is required: data=/path/to/ImageFolder (with make: DATA=...; "
                           "`make pretrain` without DATA trains on the demo data)")
@@ -138,7 +142,7 @@ def check_data_exists(config: Config) -> None:
     out_dir's previous run, whose refusal would otherwise name the typo as a change of data."""
     if not config.data or Path(config.data).exists():
         return
-    if config.pipeline == "dali" and config.dali.records:
+    if _reads_dali_records(config):
         return
     if config.pipeline == "ffcv":
         from pipelines.ffcv_format import beton_path
@@ -180,8 +184,7 @@ def check_data_has_classes(config: Config) -> None:
     in it (`--check` and the launcher passed both)."""
     from pipelines.image_folder import has_a_class, image_folder_root, no_images
     data = Path(config.data) if config.data else None
-    if data is not None and data.is_file() and config.pipeline != "ffcv" and not (config.pipeline == "dali"
-                                                                                  and config.dali.records):
+    if data is not None and data.is_file() and config.pipeline != "ffcv" and not _reads_dali_records(config):
         image_folder_root(data)
     with contextlib.suppress(OSError):  # an unreadable folder: the pipeline's listing says how
         if data is not None and data.is_dir() and not has_a_class(data):
