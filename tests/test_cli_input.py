@@ -185,16 +185,9 @@ def test_the_commands_path_options_read_a_tilde_as_the_home_directory(tmp_path, 
     code, err = run_command("tools.plot", ["~/run", "--out", "~/plot.png"], capsys)
     assert code == 2 and err == [f"error: run {tmp_path / 'run'} has no metrics.jsonl; give a run's out_dir or its "
                                  f"metrics.jsonl"]
-    import shutil
-    import subprocess
-    from tests.conftest import REPO
-    if shutil.which("make") is not None:
-        result = subprocess.run(["make", "eval", "STAMP=", "PY=false", "OUT=~/run", "DATA=unused"], cwd=REPO,
-                                env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, capture_output=True,
-                                text=True, timeout=60)
-        assert result.stderr.splitlines()[0] == (f"error: {tmp_path / 'run'}/checkpoint.pth does not exist: nothing "
-                                                 f"trained there yet; run make pretrain first (with the same CONFIG= "
-                                                 f"and OUT=)")
+    code, err = make_eval(tmp_path, "OUT=~/run", home=tmp_path)
+    assert code == 2 and err[0] == (f"error: {tmp_path / 'run'}/checkpoint.pth does not exist: nothing trained there "
+                                    f"yet; run make pretrain first (with the same CONFIG= and OUT=)")
 
 
 def _no_passwd_entry(name_or_uid):
@@ -641,8 +634,9 @@ def test_make_pretrain_takes_the_config_as_config_not_as_a_second_config_option(
     assert not (tmp_path / "run").exists()
 
 
-def make_eval(tmp_path, *settings: str):
-    """`make eval` with `settings`, its checkpoint in an empty tmp_path/run: (exit code, stderr lines)."""
+def make_eval(tmp_path, *settings: str, home=None):
+    """`make eval` with `settings`, its checkpoint in an empty tmp_path/run (and HOME `home`, if given): (exit code,
+    stderr lines)."""
     import shutil
     import subprocess
     import sys
@@ -651,7 +645,8 @@ def make_eval(tmp_path, *settings: str):
         pytest.skip("no make")
     # STAMP= : no venv to install; a clean environment: no MAKEFLAGS of a `make test` above, no ARGS from it
     result = subprocess.run(["make", "eval", "STAMP=", f"PY={sys.executable}", f"OUT={tmp_path / 'run'}",
-                             f"DATA={tmp_path / 'data'}", *settings], cwd=REPO, env={"PATH": os.environ["PATH"]},
+                             f"DATA={tmp_path / 'data'}", *settings], cwd=REPO,
+                            env={"PATH": os.environ["PATH"], **({"HOME": str(home)} if home else {})},
                             capture_output=True, text=True, timeout=120)
     return result.returncode, result.stderr.splitlines()
 
