@@ -37,6 +37,11 @@ class WorkerPool(Pool):
     worker exits (their sentinels, which it adds itself) or the pool changes state (the change
     notifier): that is all it waits for here.
 
+    The workers are forked, so they start at once with what this process holds. A task should find
+    what it needs already loaded (modules, PIL's plugins, kernels, source data): an import or a
+    library's first use in a child takes locks that another thread of this process may have held at
+    the fork, and then waits on them forever.
+
     A worker that dies (the kernel's out-of-memory killer sends SIGKILL) takes its task with it;
     CPython's pool starts another worker and waits for that task's result forever.
 

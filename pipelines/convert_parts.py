@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from bt_fast.errors import DataError, option_flag
 from bt_fast.files import remove_path, write_json
@@ -195,6 +196,7 @@ def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
     if workers <= 1:
         yield None
         return
+    Image.init()  # PIL's decoders too: imported here, not in each worker (WorkerPool)
     with WorkerPool(workers) as pool:  # leaving the block stops the workers
         yield pool
 

@@ -148,6 +148,9 @@ def _write_images(root: Path, indices: list[int], num_classes: int, seed: int, w
         return
     # Small chunks: 2% of the images are up to 4000 px and cost far more than the rest.
     chunksize = max(1, min(8, len(indices) // (workers * 8)))
+    Image.init()  # what the workers use is loaded before they are forked (WorkerPool)
+    for name in {PHOTOGRAPHS[(index % num_classes) % len(PHOTOGRAPHS)] for index in indices}:
+        _photograph(name)
     with WorkerPool(workers) as pool:  # leaving the block terminates the workers
         try:
             for _ in pool.imap_unordered(write, indices, chunksize=chunksize):

@@ -685,11 +685,26 @@ def test_cli_subprocess_missing_source(tmp_path):
     assert result.stderr.startswith("error: source") and str(tmp_path / "nope") in result.stderr
 
 
+# Each image a worker prepares, refused where the worker imports a module for it.
+_WORKERS_IMPORT_NOTHING = """
+import sys
+import pipelines.convert_parts as parts
+def prepare(job, prepare=parts._prepare_job):
+    modules = set(sys.modules)
+    result = prepare(job)
+    assert set(sys.modules) == modules, f"a worker imported {sorted(set(sys.modules) - modules)}"
+    return result
+parts._prepare_job = prepare
+"""
+
+
 @pytest.mark.parametrize("fmt", ["ffcv", "dali"])
-def test_a_conversion_and_the_data_tools_never_load_torch(fmt, source, tmp_path):
+def test_a_conversion_and_the_data_tools_never_load_torch_and_the_workers_import_nothing(fmt, source, tmp_path):
     """Preparing and writing images needs no torch (about 2 s of start-up and 650 MB in every process,
-    the forked workers included), nor FFCV (which loads torch and numba) for the `.beton`'s layout."""
-    code = ("import tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
+    the forked workers included), nor FFCV (which loads torch and numba) for the `.beton`'s layout. The
+    workers are forked with PIL's decoders loaded: a first import in a forked child can wait forever on a
+    lock that another thread of the parent held at the fork."""
+    code = (_WORKERS_IMPORT_NOTHING + "import tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
             f"report = convert({str(source[0])!r}, {str(tmp_path / 'out')!r}, {fmt!r}, workers=2, progress=False); "
             "assert report['written'] > 0, report")
     assert modules_loaded_by(code, ("torch", "ffcv", "nvidia.dali")) == []

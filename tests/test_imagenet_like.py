@@ -188,3 +188,26 @@ def test_a_worker_killed_by_the_oom_killer_is_an_error_and_the_rerun_completes_t
     assert json.loads((root / MANIFEST).read_text())["complete"] is True
     files = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")}
     assert len(files) == 24 and all((block / name).read_bytes() == data for name, data in files.items())
+
+
+def _importing_nothing(root, num_classes, seed, index):
+    """`_write_image`, refused where it imports a module or loads a photograph in a worker process."""
+    import sys
+    modules = set(sys.modules)
+    _write_image(root, num_classes, seed, index)
+    assert set(sys.modules) == modules, f"a worker imported {sorted(set(sys.modules) - modules)}"
+
+
+def test_the_workers_are_forked_with_the_photographs_and_codecs_loaded(tmp_path, monkeypatch):
+    """A first import or file read in a forked child can wait forever on a lock that another thread of the
+    parent held at the fork (one full-suite run hung in this pool): the children only render and write."""
+    parent, load = os.getpid(), imagenet_like.load_photograph
+
+    def in_the_parent_only(name):
+        assert os.getpid() == parent, f"worker {os.getpid()} loaded the photograph {name}"
+        return load(name)
+    imagenet_like._photograph.cache_clear()
+    monkeypatch.setattr(imagenet_like, "load_photograph", in_the_parent_only)
+    monkeypatch.setattr(imagenet_like, "_write_image", _importing_nothing)
+    write_imagenet_like(tmp_path / "set", 12, num_classes=10, seed=0, workers=2)
+    assert len(list((tmp_path / "set").rglob("*.jpg"))) == 12
