@@ -704,7 +704,8 @@ def test_a_conversion_and_the_data_tools_never_load_torch_and_the_workers_import
     the forked workers included), nor FFCV (which loads torch and numba) for the `.beton`'s layout. The
     workers are forked with PIL's decoders loaded: a first import in a forked child can wait forever on a
     lock that another thread of the parent held at the fork."""
-    code = (_WORKERS_IMPORT_NOTHING + "import tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
+    code = (_WORKERS_IMPORT_NOTHING
+            + "import tools.convert, tools.make_demo_data; from pipelines.convert import convert; "
             f"report = convert({str(source[0])!r}, {str(tmp_path / 'out')!r}, {fmt!r}, workers=2, progress=False); "
             "assert report['written'] > 0, report")
     assert modules_loaded_by(code, ("torch", "ffcv", "nvidia.dali")) == []
