@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from bt_fast.errors import DataError, some_of
 from bt_fast.run_control import leave_stops_to_the_rank
-from pipelines.image_folder import SampleList, classes_without_images, find_image_folder
+from pipelines.image_folder import SampleList, check_known_classes, classes_without_images, find_image_folder
 from pipelines.reference import load_rgb
 
 DEFAULT_K = 200
@@ -174,10 +174,7 @@ class LabelledImageFolder(Dataset):
                 raise DataError(f"{root} has class folders without images: {some_of(empty)}; add images to them or "
                                 f"remove them")
         self.classes = list(classes) if classes is not None else own
-        unknown = sorted(set(own) - set(self.classes))
-        if unknown:
-            raise DataError(f"{root} has classes not in the training folder: {some_of(unknown)}; "
-                            f"train and val must use the same class sub-directories")
+        check_known_classes(root, own, self.classes)
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples = SampleList((path, index[own[label]]) for path, label in samples)  # read by every worker
         self.transform = transform

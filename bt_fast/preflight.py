@@ -124,8 +124,12 @@ def check_previous_run(config: Config) -> None:
 
 
 def _reads_dali_records(config: Config) -> bool:
-    """Whether the run reads `dali.records`, the DALI pipeline's own dataset, and not `data`."""
-    return config.pipeline == "dali" and bool(config.dali.records)
+    """Whether the run reads the DALI pipeline's own dataset, records (`dali.records`, or `data` naming them),
+    and not an ImageFolder."""
+    if config.pipeline != "dali":
+        return False
+    from pipelines.dali_format import names_records
+    return bool(config.dali.records) or bool(config.data) and names_records(config.data)
 
 
 def check_data_given(config: Config) -> None:
@@ -152,20 +156,30 @@ def check_data_exists(config: Config) -> None:
                       f"(with make: DATA=...; `make pretrain` without DATA trains on the demo data)")
 
 
-def check_first_use_conversion(config: Config) -> None:
-    """The DataError of the ffcv pipeline's first-use conversion where the .beton it would write, beside `data` or at
-    `ffcv.beton`, cannot be written there (a read-only dataset folder): `--check` and the launcher passed it."""
-    if config.pipeline != "ffcv" or not config.data or not Path(config.data).is_dir():
+def check_ffcv_dataset(config: Config) -> None:
+    """The DataError the ffcv pipeline raises before its first batch (`pipelines.ffcv.ensure_beton`), where the .beton
+    it reads, beside `data` or at `ffcv.beton`, is a directory, or is missing with no `data` to convert; and those of
+    its first-use conversion: a .beton it cannot write there (a read-only dataset folder), or a list file `data`
+    whose lines are not `<path> <label>` (read through, as the conversion reads it)."""
+    if config.pipeline != "ffcv":
         return
-    from pipelines.ffcv_format import beton_is_a_directory, beton_path, unwritable_beton
+    from pipelines.ffcv_format import beton_is_a_directory, beton_path, missing_beton, unwritable_beton
     path = beton_path(config)
     if path.is_dir():
         raise beton_is_a_directory(path)
-    if not path.exists():
-        try:
-            check_writable_directory(path.parent)
-        except OSError as err:
-            raise unwritable_beton(path, config.data, err) from None
+    if path.exists():
+        return
+    if not config.data:
+        raise missing_beton(path)
+    if not Path(config.data).exists():
+        return  # check_data_exists names it
+    try:
+        check_writable_directory(path.parent)
+    except OSError as err:
+        raise unwritable_beton(path, config.data, err) from None
+    if Path(config.data).is_file():
+        from pipelines.convert import read_list_file
+        read_list_file(Path(config.data))
 
 
 def check_not_a_split_root(config: Config) -> None:
@@ -180,11 +194,11 @@ def check_not_a_split_root(config: Config) -> None:
 
 def check_data_has_classes(config: Config) -> None:
     """The DataError the pipeline would raise once started, where `data` is a file it would list as an ImageFolder
-    (all but the ffcv pipeline, which reads a .beton named there) or a directory of images with no class directory
-    in it (`--check` and the launcher passed both)."""
+    (all but the ffcv pipeline, which reads a .beton or converts a list file named there: `check_ffcv_dataset`) or a
+    directory of images with no class directory in it (`--check` and the launcher passed both)."""
     from pipelines.image_folder import has_a_class, image_folder_root, no_images
-    data = Path(config.data) if config.data else None
-    if data is not None and data.is_file() and config.pipeline != "ffcv" and not _reads_dali_records(config):
+    data = Path(config.data) if config.data and not _reads_dali_records(config) else None
+    if data is not None and data.is_file() and config.pipeline != "ffcv":
         image_folder_root(data)
     with contextlib.suppress(OSError):  # an unreadable folder: the pipeline's listing says how
         if data is not None and data.is_dir() and not has_a_class(data):
@@ -200,6 +214,23 @@ def check_out_dir_outside_the_data(config: Config) -> None:
         if folder and Path(folder).is_dir() and out_dir.is_relative_to(Path(folder).resolve()):
             raise ConfigError(f"config key 'out_dir' ({config.out_dir}) is within config key '{key}' ({folder}): "
                               f"the run's files would become part of that dataset; choose an out_dir outside it")
+
+
+def check_knn_folders(config: Config) -> None:
+    """The refusals of the run's k-NN monitor (`bt_fast.knn.KnnMonitor`), which rank 0 builds only once the data is
+    ready, after a first-use conversion that may take hours: a folder that is not a directory, and a `knn_val`
+    without labelled images or with a class its memory bank (`knn_train`, or `data`) lacks. Lists `knn_val`
+    (small by design) and, of the memory bank (ImageNet's training set, perhaps), only its class names."""
+    for key in ("knn_train", "knn_val"):
+        path = getattr(config, key)
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"config key '{key}' names {path}, which is not a directory; point it at a labelled "
+                              f"ImageFolder or leave it empty")
+    if not config.knn_every or not config.knn_val or int(os.environ.get("RANK", "0")) != 0:
+        return
+    from pipelines.image_folder import check_known_classes, class_names, find_image_folder
+    classes, _ = find_image_folder(config.knn_val)
+    check_known_classes(config.knn_val, classes, class_names(config.knn_train or config.data))
 
 
 def check_registry_names(config: Config) -> None:
@@ -238,13 +269,9 @@ def check_run_inputs(config: Config) -> None:
     check_data_exists(config)
     check_not_a_split_root(config)
     check_data_has_classes(config)
-    check_first_use_conversion(config)
+    check_ffcv_dataset(config)
     check_dali_records(config)
-    for key in ("knn_train", "knn_val"):
-        path = getattr(config, key)
-        if path and not Path(path).is_dir():
-            raise ConfigError(f"config key '{key}' names {path}, which is not a directory; point it at a labelled "
-                              f"ImageFolder or leave it empty")
+    check_knn_folders(config)
     check_out_dir_outside_the_data(config)
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -62,7 +62,7 @@ from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError, flat_message
 from pipelines.base import EpochPipeline, Placement
 from pipelines.convert import source_change
-from pipelines.dali_format import index_problem
+from pipelines.dali_format import index_problem, names_records
 from pipelines.image_folder import find_image_folder
 from pipelines.images import file_problem
 
@@ -362,14 +362,6 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
-def _names_records(data: str) -> bool:
-    """Whether the directory `data` holds records written by `tools.convert --format dali` (their dataset.json
-    and shards) rather than an ImageFolder, whose class directories may sit beside a dataset.json of its own."""
-    root = Path(data)
-    return (root / "dataset.json").is_file() and not any(
-        entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir())
-
-
 def _warn_if_stale(records: str, data: str) -> None:
     """Records converted from the ImageFolder `data` whose images have since changed would silently train on
     the old set (`pipelines.convert.source_change`)."""
@@ -389,7 +381,7 @@ class DALIPipeline(EpochPipeline):
         super().__init__(config, placement, batch_size)
         self.gpu = placement.device.type == "cuda"
         # data= may name converted records itself, as it may name a .beton for ffcv
-        records = config.dali.records or (config.data if config.data and _names_records(config.data) else "")
+        records = config.dali.records or (config.data if config.data and names_records(config.data) else "")
         self.source = RecordSource(records) if records else FolderSource(config.data)
         if records and placement.rank == 0:
             _warn_if_stale(records, config.data)

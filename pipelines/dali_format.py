@@ -147,6 +147,14 @@ def write_meta(dst: Path, shards: Sequence[dict], classes: Sequence[str], prep: 
     write_json(dst / "dataset.json", meta)
 
 
+def names_records(data: str | Path) -> bool:
+    """Whether the directory `data` holds records written by `tools.convert --format dali` (their dataset.json
+    and shards) rather than an ImageFolder, whose class directories may sit beside a dataset.json of its own."""
+    root = Path(data)
+    return root.is_dir() and (root / "dataset.json").is_file() and not any(
+        entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir())
+
+
 def written_files(root: Path) -> tuple[list[str], int] | None:
     """(names of the files a previous conversion wrote into `root`, its sample count) if `root`
     holds a readable dataset.json of this format; None otherwise."""

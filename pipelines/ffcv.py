@@ -63,7 +63,7 @@ from pipelines.device_crop import resized_crops
 from pipelines.device_decode import decode_padded
 from pipelines.epochs import epoch_seed, rank_block, rank_indices, samples_per_rank
 from pipelines.ffcv_decoders import BOXES, JPEGBytesDecoder, PaddedDecoder, PaddedLayout, TwoCropBoxes
-from pipelines.ffcv_format import beton_is_a_directory, beton_path, open_beton, unwritable_beton
+from pipelines.ffcv_format import beton_is_a_directory, beton_path, missing_beton, open_beton, unwritable_beton
 from pipelines.ffcv_host_crop import TwoCropRGBDecoder
 from pipelines.ffcv_memory import lazy_page_tables
 from pipelines.prefetch import run_ahead
@@ -310,7 +310,7 @@ def ensure_beton(config: Config, log: Callable[[str], None] | None = None, *, wa
     if path.is_dir():
         raise beton_is_a_directory(path)
     if not config.data:
-        raise DataError(f"FFCV dataset {path} does not exist; fix ffcv.beton or pass data=<ImageFolder> to convert it")
+        raise missing_beton(path)
     if not Path(config.data).exists():
         raise DataError(f"data directory {config.data} does not exist, nor does {path}; give an ImageFolder that "
                         f"exists (converted to {path} on first use) or point ffcv.beton at a .beton")

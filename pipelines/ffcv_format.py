@@ -48,6 +48,11 @@ def beton_is_a_directory(path: Path) -> DataError:
                      f"(written there from data= on first use)")
 
 
+def missing_beton(path: Path) -> DataError:
+    """The error for an `ffcv.beton` that does not exist where no `data` is given to convert."""
+    return DataError(f"FFCV dataset {path} does not exist; fix ffcv.beton or pass data=<ImageFolder> to convert it")
+
+
 def unwritable_beton(path: Path, data: str, err: OSError) -> DataError:
     """The error for a first-use conversion of `data` that cannot write `path` (`err`: why)."""
     return DataError(f"cannot write the FFCV dataset {path} ({err.strerror or err}): convert it elsewhere with "

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence, overload
 
 import numpy as np
 
-from bt_fast.errors import DataError
+from bt_fast.errors import DataError, some_of
 
 # torchvision's ImageFolder's (`torchvision.datasets.folder.IMG_EXTENSIONS`), so both read the same images
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -35,6 +35,21 @@ def find_image_folder(root: str | Path) -> tuple[list[str], "SampleList"]:
     if not samples:
         raise no_images(root)
     return classes, samples
+
+
+def class_names(root: str | Path) -> list[str]:
+    """The classes of the ImageFolder `root` (sorted), from a listing of `root` alone, not of its classes (the
+    launcher's check must not list ImageNet); the DataErrors of `find_image_folder` for `root` itself."""
+    return _classes(image_folder_root(root))
+
+
+def check_known_classes(root: str | Path, own: Sequence[str], classes: Sequence[str]) -> None:
+    """A DataError if the ImageFolder `root`, of classes `own`, has one that the training folder's `classes` lack:
+    a validation folder is labelled like its training folder."""
+    unknown = sorted(set(own) - set(classes))
+    if unknown:
+        raise DataError(f"{root} has classes not in the training folder: {some_of(unknown)}; "
+                        f"train and val must use the same class sub-directories")
 
 
 def count_images(root: str | Path, enough: int) -> int:
