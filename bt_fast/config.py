@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from bt_fast.errors import UserError
+from bt_fast.errors import UserError, unresolved_home
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -357,13 +357,9 @@ def _expand_home(config: Config) -> None:
         section, _, name = key.rpartition(".")
         node = getattr(config, section) if section else config
         value = os.path.expanduser(getattr(node, name))
-        user = value.partition("/")[0][1:] if value.startswith("~") else None
-        if user == "":
-            raise ConfigError(f"config key '{key}' starts with ~ but the home directory is unknown (HOME is unset); "
-                              f"set HOME or give an absolute path")
-        if user:
-            raise ConfigError(f"config key '{key}' starts with ~{user} but there is no user {user}; "
-                              f"give an absolute path")
+        problem = unresolved_home(value)
+        if problem:
+            raise ConfigError(f"config key '{key}' starts with {problem}")
         setattr(node, name, value)
 
 

@@ -396,10 +396,26 @@ class CliParser(argparse.ArgumentParser):
             self.error(f"{option_flag(name)} applies to {words(modes)} only, not {words([running])}{hint}")
 
 
+def unresolved_home(path: str) -> str | None:
+    """Where os.path.expanduser left the leading `~` of `path` as it was (no such user, or no home directory
+    known), what it starts with and what to do; None where it left none."""
+    if not path.startswith("~"):
+        return None
+    user = path.partition("/")[0][1:]
+    if user:
+        return f"~{user} but there is no user {user}; give an absolute path"
+    return "~ but the home directory is unknown (HOME is unset); set HOME or give an absolute path"
+
+
 def expand_home(text: str) -> str:
     """argparse `type` of an option naming a file or folder: a leading `~` is the home directory, as in a config's
-    path keys (`bt_fast.config`), also where the shell leaves it as typed (quoted, or in `--data=~/x`)."""
-    return os.path.expanduser(text)
+    path keys (`bt_fast.config`), also where the shell leaves it as typed (quoted, or in `--data=~/x`). A `~` that
+    names no home is refused, not taken as a folder's name."""
+    path = os.path.expanduser(text)
+    problem = unresolved_home(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text} starts with {problem}")
+    return path
 
 
 def home_path(text: str) -> Path:

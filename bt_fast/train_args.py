@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from bt_fast.config import BACKBONE_DIM, CHOICES, KEY_HELP, Config
-from bt_fast.errors import CliParser
+from bt_fast.errors import CliParser, expand_home
 
 
 def _config_keys(node=None, prefix: str = "") -> list[str]:
@@ -31,7 +31,7 @@ def train_parser() -> CliParser:
         prog="python -m bt_fast.train", description="Barlow Twins pretraining (resumes from <out_dir>/checkpoint.pth).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (set in the YAML file or as key=value, each once; default, then allowed values: meaning):\n" + "\n".join(_config_keys()))
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
+    parser.add_argument("--config", default=None, type=expand_home, help="YAML config (see configs/)")
     parser.add_argument("--check", action="store_true",
                         help="only check the config, the paths it names and what the run asks of this machine (its "
                              "device, memory for a step, a compiler), then exit")

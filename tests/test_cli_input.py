@@ -167,7 +167,10 @@ def test_a_path_that_starts_with_a_tilde_is_in_the_home_directory(image_folder, 
     assert (config.ffcv.beton, config.dali.records) == (f"{home}/images.beton", str(home))
     code, _, err = run_main(capsys, "--check", *tiny_args("~/images", "~/runs/x"))
     assert code == 0 and err == ""
-    assert sorted(p.name for p in home.iterdir()) == ["images"]
+    (home / "my.yaml").write_bytes(open("configs/demo_cpu.yaml", "rb").read())  # --config too ("no such file")
+    code, _, err = run_main(capsys, "--check", "--config=~/my.yaml", *tiny_args("~/images", "~/runs/x")[2:])
+    assert code == 0 and err == ""
+    assert sorted(p.name for p in home.iterdir()) == ["images", "my.yaml"]
 
 
 def test_the_commands_path_options_read_a_tilde_as_the_home_directory(tmp_path, monkeypatch, capsys):
@@ -188,6 +191,15 @@ def test_the_commands_path_options_read_a_tilde_as_the_home_directory(tmp_path, 
     code, err = make_eval(tmp_path, "OUT=~/run", home=tmp_path)
     assert code == 2 and err[0] == (f"error: {tmp_path / 'run'}/checkpoint.pth does not exist: nothing trained there "
                                     f"yet; run make pretrain first (with the same CONFIG= and OUT=)")
+    # A `~user` with no such user is refused, as config keys refuse it, not taken as a folder named `~nosuchuser`.
+    monkeypatch.chdir(tmp_path)
+    code, err = run_command("tools.convert", ["~nosuchuser/images", "out.beton", "--format", "ffcv"], capsys)
+    assert code == 2 and err == ["error: argument SRC: ~nosuchuser/images starts with ~nosuchuser but there is no user "
+                                 "nosuchuser; give an absolute path (see --help)"]
+    code, err = run_command("tools.make_demo_data", ["--imagenet-like", "3", "~nosuchuser/inl"], capsys)
+    assert code == 2 and err == ["error: --imagenet-like N DIR: ~nosuchuser/inl starts with ~nosuchuser but there is "
+                                 "no user nosuchuser; give an absolute path (see --help)"]
+    assert not list(tmp_path.glob("~*"))
 
 
 def _no_passwd_entry(name_or_uid):
@@ -417,12 +429,20 @@ def test_the_check_refuses_what_the_run_refuses_and_says_when_it_passes(image_fo
     or as it built the k-NN monitor (a validation class the training folder lacks), the pipeline (a .beton the
     first-use conversion cannot write, or a directory; a .beton padded above ffcv.max_padded_side; data= a file for
     a pipeline listing an ImageFolder) or the augmentation (Triton on the CPU, refused only after the first-use
-    conversion). Where it passes, it says so."""
+    conversion). Where it passes, it says so. With no data= (a missing or directory ffcv.beton), a list file data= that
+    the first-use conversion cannot read, or a k-NN folder without class folders, the check passed and the ffcv run
+    refused only after converting for as long as it takes (the launcher's check passed it too)."""
     from pipelines.convert import convert
     inputs = tmp_path / "inputs"
     val = write_image_folder(inputs / "val", classes=4, per_class=1)
     blocker = inputs / "a_file"
     blocker.write_text("")
+    listing = inputs / "list.txt"
+    listing.write_text('{"images": 1}\n')
+    loose = write_image_folder(inputs / "loose", classes=1, per_class=1)
+    for image in (loose / "class0").iterdir():
+        image.rename(loose / image.name)
+    (loose / "class0").rmdir()
     beton = inputs / "small.beton"
     convert(image_folder, beton, "ffcv", max_resolution=64, workers=1)
     cases = [(["arch=resnet50", "projector=8192-8192-8192", "batch_size=1048576"],
@@ -438,6 +458,14 @@ def test_the_check_refuses_what_the_run_refuses_and_says_when_it_passes(image_fo
              (["pipeline=ffcv", f"ffcv.beton={val}"], f"error: FFCV dataset {val} is a directory, not a .beton file; "
                                                      f"point ffcv.beton at a .beton file (written there from data= on "
                                                      f"first use)"),
+             (["pipeline=ffcv", "data=", f"ffcv.beton={val}"], f"error: FFCV dataset {val} is a directory, not a "
+                                                              f".beton file"),
+             (["pipeline=ffcv", "data=", f"ffcv.beton={inputs}/typo.beton"],
+              f"error: FFCV dataset {inputs}/typo.beton does not exist; fix ffcv.beton or pass data=<ImageFolder> to "
+              f"convert it"),
+             (["pipeline=ffcv", f"data={listing}"], f"error: {listing} line 1: label '1}}' is not an integer"),
+             (["pipeline=ffcv", "knn_every=1", f"knn_val={loose}"], f"error: data directory {loose} holds no images in "
+                                                                    f"class sub-directories"),
              (["pipeline=ffcv", f"ffcv.beton={beton}", "ffcv.crop=device", "ffcv.max_padded_side=32"],
               f"error: FFCV dataset {beton} pads every image to 48x64 (its largest height and width), above the cap of "
               f"32 px; reconvert it with `python -m tools.convert SRC {beton} --format ffcv --max-resolution 32 "
@@ -456,6 +484,7 @@ def test_the_check_refuses_what_the_run_refuses_and_says_when_it_passes(image_fo
         f"check passed: nothing stops this run before its first step; pipeline reference, data {image_folder}, "
         f"out_dir {tmp_path / 'run'}; nothing was created\n"))
     assert [p.name for p in tmp_path.iterdir()] == ["inputs"] and not list(image_folder.parent.glob("*.beton"))
+    assert sorted(p.name for p in inputs.glob("*.beton*")) == ["small.beton", "small.beton.report.json"]
 
 
 def test_an_empty_image_folder_for_a_first_use_conversion_is_only_its_error(tmp_path, capsys):
@@ -606,6 +635,9 @@ def test_the_run_check_refuses_dali_records_that_hold_no_dataset(tmp_path, capsy
     (records / "dataset.json").write_text("{}")
     from bt_fast.train import main
     main(argv)  # passes: the check reads no further than the file's presence
+    # data= may name the records themselves, as the pipeline reads them (`pipelines.dali_format.names_records`): the
+    # check refused them as an ImageFolder without class folders.
+    main([arg for arg in argv if not arg.startswith("dali.records=")] + [f"data={records}"])
     assert not (tmp_path / "run").exists()
 
 

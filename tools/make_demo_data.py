@@ -8,6 +8,7 @@ modes like ImageNet's): `pipelines.imagenet_like`.
 """
 from __future__ import annotations
 
+import argparse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{_flags([name])} must be at least 1, got {value}")
         setattr(args, name, value)
     if args.imagenet_like:
-        count, root = args.imagenet_like[0], expand_home(args.imagenet_like[1])
+        count = args.imagenet_like[0]
+        try:
+            root = expand_home(args.imagenet_like[1])
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--imagenet-like N DIR: {err}")
         if not count.isdigit() or int(count) < 1:
             parser.error(f"--imagenet-like N DIR: N must be a number of images, at least 1, got {count!r}")
         kept = f"the images written to {root} are kept and the same command writes the rest"

@@ -10,7 +10,7 @@ as for `bt_fast.train`.
 """
 from __future__ import annotations
 
-from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, png_file
+from bt_fast.errors import STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, expand_home, png_file
 
 with exit_on_interrupt(STARTING):
     from bt_fast.config import load_config
@@ -21,7 +21,7 @@ with exit_on_interrupt(STARTING):
 
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="python -m tools.preview", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
+    parser.add_argument("--config", default=None, type=expand_home, help="YAML config (see configs/)")
     parser.add_argument("--pipeline", default=None, help="reference | ffcv | dali (default: the config's)")
     parser.add_argument("--data", default=None, help="ImageFolder to read (default: the config's data)")
     parser.add_argument("--pairs", type=int, default=8, help="number of view pairs (default %(default)s)")

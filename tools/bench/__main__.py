@@ -149,7 +149,8 @@ def _parser() -> CliParser:
         help="timed training steps (default 3 after one warm-up step; --end-to-end: see below)")
     add("--train-warmup", type=int, default=None,
         help="untimed training steps before the timed ones (default 1; --end-to-end: see below)")
-    add("--config", default=None, help="YAML config whose pipeline options (ffcv.*, dali.*, augment.*) apply")
+    add("--config", default=None, type=expand_home,
+        help="YAML config whose pipeline options (ffcv.*, dali.*, augment.*) apply")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override for the pipelines, e.g. --set ffcv.beton=/data/train.beton (not a key an option "
              "here sets, such as augment.image_size: the report states those)")
