@@ -215,9 +215,11 @@ def _check_shared_memory(config: Config, need: int, ranks_here: int) -> None:
     if not need:
         return
     total, free = size_bytes(SHARED_MEMORY), free_bytes(SHARED_MEMORY)
-    keys = f"config keys 'workers' ({config.workers}) and 'batch_size' ({config.batch_size})"
+    started = loader_workers(config.workers)  # a lower `workers` needs less only below it
+    capped = f"; {started} start, one per usable core" if started < config.workers else ""
+    keys = f"config keys 'workers' ({config.workers}{capped}) and 'batch_size' ({config.batch_size})"
     ready = f"for the batches the reference pipeline's loader workers keep ready ({BATCHES_PER_WORKER} each)"
-    lower = lower_one_of(config, [f"workers (now {config.workers})"])
+    lower = lower_one_of(config, [f"workers below {started}" if capped else f"workers (now {config.workers})"])
     if total is not None and need * ranks_here > total:
         ranks = f" for {ranks_here} ranks" if ranks_here > 1 else ""
         raise ConfigError(f"{keys} need at least {size_text(need * ranks_here)} of shared memory{ranks} {ready}, but "

@@ -370,6 +370,13 @@ def test_reference_batches_that_cannot_fit_in_dev_shm_are_refused_before_anythin
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")  # a run to resume, whose batch size cannot change
     with pytest.raises(ConfigError, match=r"holds 767\.0 KiB; lower workers \(now 2\), or give the machine more"):
         check_memory(config, CPU, None)
+    # More workers than cores start one per core (`loader_workers`): the same need, which only fewer than that lower.
+    monkeypatch.setattr("pipelines.reference.usable_cores", lambda: 2)
+    many = load_config("configs/demo_cpu.yaml", tiny_args(image_folder, tmp_path / "other", "workers=16")[2:])
+    with pytest.raises(ConfigError, match=r"^config keys 'workers' \(16; 2 start, one per usable core\) and "
+                                          r"'batch_size' \(8\) need at least 768\.0 KiB .* lower batch_size \(now 8\) "
+                                          r"or workers below 2, or give"):
+        check_memory(many, CPU, None)
 
 
 def _can_mount_a_private_tmpfs() -> bool:
