@@ -570,7 +570,7 @@ def _convert_listed(src: Path, dst: Path, fmt: str, prep: ImagePrep, force: bool
         starting()
     remove_orphaned_temporaries(dst.parent, (dst.name,))  # left by a conversion that was killed
 
-    job = {"source": str(src), "format": fmt, "max_resolution": prep.max_resolution,
+    job = {"source": str(src.resolve()), "format": fmt, "max_resolution": prep.max_resolution,
            "jpeg_quality": prep.jpeg_quality, "part_size": size, "num_samples": len(samples),
            "listing_sha256": job_fingerprint(src, samples)}
     if fmt == "ffcv":
@@ -626,7 +626,9 @@ def _storage_fault_message(dst: Path, fault: OSError, work: WorkDir, kept: int, 
     if not kept:
         return message + "; nothing was written"
     needed = work.bytes_still_needed(parts)
-    room = f"room (about {size_text(needed)} more at the finished parts' size per image)" if needed else "room"
+    # ffcv's parts follow the source's class order: a later class's images may well be larger than the first ones
+    room = (f"room (about {size_text(needed)} more at the finished parts' size per image, more where the rest are "
+            f"larger)" if needed else "room")
     return (message + f": {kept} of {parts} parts are finished and kept in {work.root}; once there is {room} or "
             f"write access, the same command goes on from them")
 

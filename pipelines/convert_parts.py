@@ -15,7 +15,7 @@ import shutil
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,7 +31,10 @@ from pipelines.images import ImagePrep, Prepared, cv2_module
 
 
 def _differences(previous: dict, job: dict) -> list[str]:
-    """What differs between two jobs, in the command's terms: '--part-size 500 -> 1000', 'the source's images'."""
+    """What differs between two jobs, in the command's terms: '--part-size 500 -> 1000', 'the source's images'.
+    Another format is all it says of a job in the other format, whose part size is another option."""
+    if previous.get("format") != job.get("format"):
+        return [f"--format {previous.get('format')} -> {job.get('format')}"]
     named = {"part_size": "shard_size" if job.get("format") == "dali" else "part_size"}
     differences = []
     for key in job:
@@ -41,6 +44,8 @@ def _differences(previous: dict, job: dict) -> list[str]:
             difference = "the source's images"
         elif key == "source":
             difference = f"another source, {previous.get(key)}"
+        elif key == "beton":
+            difference = "parts an earlier version of the converter wrote"
         else:
             difference = f"{option_flag(named.get(key, key))} {previous.get(key)} -> {job.get(key)}"
         if difference not in differences:
@@ -156,18 +161,27 @@ class WorkDir:
 
 
 def job_fingerprint(src: Path, samples: Sequence[tuple[str, int]]) -> str:
-    """sha256 of the resolved source and its (path, label) samples: what a work directory's parts were made of."""
-    return _samples_digest(samples, str(src.resolve()).encode("utf-8", "surrogateescape"))
+    """sha256 of the resolved source and its (path, label) samples: what a work directory's parts were made of,
+    the same however the source is spelled (relative, from another directory). An ImageFolder's paths are taken
+    below it (`listing_digest`); a list file's as they resolve from here (it may name absolute paths too)."""
+    head = str(src.resolve()).encode("utf-8", "surrogateescape")
+    if src.is_dir():
+        return _samples_digest(samples, head, skip=_prefix_length(src))
+    return _samples_digest(((os.path.abspath(path), label) for path, label in samples), head)
 
 
 def listing_digest(src: str | Path, samples: Sequence[tuple[str, int]]) -> str:
     """sha256 of an ImageFolder's (path below `src`, label) samples: the same for the same listing however
     `src` is spelled, and another when an image was added, removed, renamed or moved to another class."""
-    below = len(str(Path(src) / "_")) - 1  # the length of the prefix `src` put before every path ('.': none)
-    return _samples_digest(samples, skip=below)
+    return _samples_digest(samples, skip=_prefix_length(src))
 
 
-def _samples_digest(samples: Sequence[tuple[str, int]], head: bytes = b"", skip: int = 0) -> str:
+def _prefix_length(src: str | Path) -> int:
+    """The length of the prefix an ImageFolder listing of `src` puts before every path ('.': none)."""
+    return len(str(Path(src) / "_")) - 1
+
+
+def _samples_digest(samples: Iterable[tuple[str, int]], head: bytes = b"", skip: int = 0) -> str:
     digest = hashlib.sha256(head)
     for path, label in samples:
         digest.update(f"{path[skip:]}\0{label}\n".encode("utf-8", "surrogateescape"))

@@ -877,29 +877,35 @@ def test_the_unused_end_of_each_page_takes_no_disk(source, tmp_path):
     assert _stored(betons[4])[0] == _stored(betons[1000])[0]
 
 
-@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
-def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_path, monkeypatch):
-    root, _ = source
-    out, _, _ = outputs
-    calls = []
-    original = ImagePrep.stored
+def _interrupted_at_the_eighth_image(monkeypatch) -> None:
+    """Ctrl-C as `ImagePrep.stored` is called the eighth time (in the second part of 4 or 5 images), until undone."""
+    original, calls = ImagePrep.stored, []
 
     def interrupted(self, path):
         calls.append(path)
-        if len(calls) == 8:  # in the second part (parts of 4 or 5 images)
+        if len(calls) == 8:
             raise KeyboardInterrupt
         return original(self, path)
+    monkeypatch.setattr(ImagePrep, "stored", interrupted)
 
+
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_path, monkeypatch):
+    """Also where the rerun spells the source otherwise (relative, from another directory): its finished parts
+    were removed as those of "another source", and of "the source's images"."""
+    root, _ = source
+    out, _, _ = outputs
+    original, calls = ImagePrep.stored, []
     dst = tmp_path / ("data.beton" if fmt == "ffcv" else "shards")
     kwargs = dict(max_resolution=MAX_RES, workers=1, part_size=4, shard_size=5, progress=False)
-    monkeypatch.setattr(ImagePrep, "stored", interrupted)
+    _interrupted_at_the_eighth_image(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(root, dst, fmt, **kwargs)
     assert not dst.exists() and work_dir(dst).is_dir()
 
-    calls.clear()
     monkeypatch.setattr(ImagePrep, "stored", lambda self, path: calls.append(path) or original(self, path))
-    report = convert(root, dst, fmt, **kwargs)
+    monkeypatch.chdir(root.parent)
+    report = convert(Path(root.name), dst, fmt, **kwargs)
     first_part = 4 if fmt == "ffcv" else 5
     assert len(calls) == 14 - first_part  # the finished first part was not redone
     parts = -(-14 // first_part)
@@ -916,18 +922,13 @@ def test_a_killed_conversion_keeps_its_finished_parts(fmt, source, outputs, tmp_
 @pytest.mark.parametrize("fmt, flag", [("ffcv", "--part-size"), ("dali", "--shard-size")])
 def test_finished_parts_of_another_part_size_are_removed_and_the_line_says_so(fmt, flag, source, outputs, tmp_path,
                                                                               monkeypatch):
-    """The rerun with another part size converted everything again without a word, as if no part had been kept."""
+    """The rerun with another part size converted everything again without a word, as if no part had been kept.
+    Of parts in the other format, the line names the format alone: it named the dali run's --shard-size as a
+    --part-size, and '--beton None', which is no option."""
     root, _ = source
-    out, _, _ = outputs
-    original, calls = ImagePrep.stored, []
-
-    def interrupted(self, path):
-        calls.append(path)
-        if len(calls) == 8:  # in the second part
-            raise KeyboardInterrupt
-        return original(self, path)
+    original = ImagePrep.stored
     dst = tmp_path / ("data.beton" if fmt == "ffcv" else "shards")
-    monkeypatch.setattr(ImagePrep, "stored", interrupted)
+    _interrupted_at_the_eighth_image(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(root, dst, fmt, max_resolution=MAX_RES, workers=1, part_size=4, shard_size=4, progress=False)
     monkeypatch.setattr(ImagePrep, "stored", original)
@@ -935,6 +936,16 @@ def test_finished_parts_of_another_part_size_are_removed_and_the_line_says_so(fm
     assert outcome(report).endswith(f"; removed 1 finished part of an earlier conversion to it, which differed "
                                     f"({flag} 4 -> 5)")
     assert report["written"] + report["skipped"] == 14 and not work_dir(dst).exists()
+
+    other = "dali" if fmt == "ffcv" else "ffcv"
+    _interrupted_at_the_eighth_image(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        convert(root, tmp_path / "x", other, max_resolution=MAX_RES, workers=1, part_size=4, shard_size=4,
+                progress=False)
+    monkeypatch.setattr(ImagePrep, "stored", original)
+    report = convert(root, tmp_path / "x", fmt, max_resolution=MAX_RES, workers=1, progress=False)
+    assert outcome(report).endswith(f"; removed 1 finished part of an earlier conversion to it, which differed "
+                                    f"(--format {other} -> {fmt})")
 
 
 @pytest.mark.timeout(60)  # CPython's pool waits forever for the task of a worker that died
@@ -1011,7 +1022,8 @@ def test_a_full_disk_is_one_line_keeps_the_finished_parts_and_the_rerun_finishes
             convert(root, dst, fmt, **kwargs)
     said = re.fullmatch(rf"cannot write {re.escape(str(dst))} \(No space left on device; [0-9.]+ MiB free there\): "
                         rf"1 of {parts} parts are finished and kept in {re.escape(str(work_dir(dst)))}; once there is "
-                        rf"room \(about ([0-9.]+) (KiB|MiB) more at the finished parts' size per image\) or write "
+                        rf"room \(about ([0-9.]+) (KiB|MiB) more at the finished parts' size per image, more where "
+                        rf"the rest are larger\) or write "
                         rf"access, the same command goes on from them", str(raised.value))
     assert said, str(raised.value)
     # about what the rest of the uninterrupted conversion's output takes on disk (its share of the positions)
