@@ -77,6 +77,8 @@ eval: $(STAMP)
 	[ -f "$$run/checkpoint.pth" ] || { echo "error: $$run/checkpoint.pth does not exist: nothing trained there yet;" \
 	  "run make pretrain first (with the same CONFIG= and OUT=)" >&2; exit 2; }; \
 	data="$(DATA)"; $(call home,data) \
+	if [ -n "$$data" ] && [ ! -e "$$data" ]; then echo "error: DATA=$$data does not exist; give DATA= the folder" \
+	  "that holds train/ and val/ (the demo's is data/demo)" >&2; exit 2; fi; \
 	if [ -n "$$data" ] && [ -z "$(filter --val-data --val-data=%,$(ARGS))" ] && \
 	  ! { [ -d "$$data/train" ] && [ -d "$$data/val" ]; }; then echo "error: DATA=$$data holds no train/ and val/" \
 	  "folders; give DATA= the folder that holds both (the demo's is data/demo), or a training folder with" \

@@ -713,6 +713,9 @@ def test_make_eval_refuses_a_data_folder_without_train_and_val_in_makes_terms(tm
                                     f"folder that holds both (the demo's is data/demo), or a training folder with "
                                     f"ARGS=\"--val-data VAL\""), err
     assert len(err) == 2 and err[1].startswith("make: *** "), err
+    code, err = make_eval(tmp_path, f"DATA={tmp_path / 'typo'}")  # not said to hold no train/ and val/: absent
+    assert code == 2 and err[0] == (f"error: DATA={tmp_path / 'typo'} does not exist; give DATA= the folder that holds "
+                                    f"train/ and val/ (the demo's is data/demo)"), err
 
 
 def test_make_evals_options_of_one_run_are_those_tools_evaluate_refuses_in_the_other():
