@@ -228,6 +228,10 @@ def check_knn_folders(config: Config) -> None:
                               f"ImageFolder or leave it empty")
     if not config.knn_every or not config.knn_val or int(os.environ.get("RANK", "0")) != 0:
         return
+    if not config.knn_train and not (config.data and Path(config.data).is_dir()):
+        raise ConfigError(f"config key 'knn_val' needs knn_train=<a labelled ImageFolder> here: the k-NN monitor's "
+                          f"memory bank is data= by default, and data= names {config.data or 'nothing'}, not an "
+                          f"ImageFolder")
     from pipelines.image_folder import check_known_classes, class_names, find_image_folder
     classes, _ = find_image_folder(config.knn_val)
     check_known_classes(config.knn_val, classes, class_names(config.knn_train or config.data))

@@ -466,6 +466,9 @@ def test_the_check_refuses_what_the_run_refuses_and_says_when_it_passes(image_fo
              (["pipeline=ffcv", f"data={listing}"], f"error: {listing} line 1: label '1}}' is not an integer"),
              (["pipeline=ffcv", "knn_every=1", f"knn_val={loose}"], f"error: data directory {loose} holds no images in "
                                                                     f"class sub-directories"),
+             (["pipeline=ffcv", f"data={beton}", "knn_every=1", f"knn_val={val}"],
+              f"error: config key 'knn_val' needs knn_train=<a labelled ImageFolder> here: the k-NN monitor's memory "
+              f"bank is data= by default, and data= names {beton}, not an ImageFolder"),
              (["pipeline=ffcv", f"ffcv.beton={beton}", "ffcv.crop=device", "ffcv.max_padded_side=32"],
               f"error: FFCV dataset {beton} pads every image to 48x64 (its largest height and width), above the cap of "
               f"32 px; reconvert it with `python -m tools.convert SRC {beton} --format ffcv --max-resolution 32 "
