@@ -93,6 +93,8 @@ def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
         atomic_write(path, lambda handle: torch.save(obj, handle),
                      before_replace=(lambda: _keep_as_previous(path)) if keep_previous else None)
     except Exception as err:
+        if isinstance(err.__context__, KeyboardInterrupt):  # torch's zip writer turns a Ctrl-C into a RuntimeError
+            raise KeyboardInterrupt from None  # (the temporary is gone: `path` is as it was)
         fault = storage_fault(err)
         if fault is None:
             raise

@@ -72,6 +72,17 @@ def check_output_file(path: str | Path) -> None:
     check_writable_directory(path.parent)
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether `a` and `b` name one file: the same path once resolved (symbolic links followed; neither need
+    exist), or two hard links of it."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _refuse_special_file(path: Path) -> None:
     """OSError where `path` is a device, a named pipe or a socket: a new file renamed over it would replace
     it (for root, /dev/null too)."""

@@ -217,7 +217,11 @@ def resume(path: Path, record: dict[str, Any], models: Sequence[nn.Module],
     if not path.is_file():
         return 0, []
     state = load_checkpoint(path, device)
-    saved = state.get("run", {})
+    if not isinstance(state, dict) or not all(key in state for key in ("epoch", "run", "losses", "models",
+                                                                        "optimizers")):
+        raise CheckpointError(f"{path} is not a fine-tuning checkpoint (it holds no epoch, run, losses, models and "
+                              f"optimizers); move it out of {path.parent} or use another --out-dir")
+    saved = state["run"]
     changed = [_change(key, saved.get(key), value) for key, value in record.items() if saved.get(key) != value]
     if changed:
         raise CheckpointError(f"checkpoint {path} was written by a different fine-tuning run ({'; '.join(changed)}); "
@@ -260,6 +264,8 @@ def _finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str |
     subset = [folder.samples[i] for i in chosen]
     check_subset_size(len(subset), train_dir, settings)
     classes = folder.classes
+    val_loader = eval_loader(str(val_dir), settings.image_size, settings.batch_size, settings.workers,
+                             classes=classes, device=device)  # its classes checked before any epoch trains
 
     dataset = AugmentedSubset(subset, settings.image_size, settings.seed)
     sampler = EpochIndexSampler(len(dataset), rank=0, world_size=1, seed=settings.seed)
@@ -297,8 +303,6 @@ def _finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str |
             if on_epoch:
                 on_epoch(epoch, losses[-1])
 
-    val_loader = eval_loader(str(val_dir), settings.image_size, settings.batch_size, settings.workers,
-                             classes=classes, device=device)
     features, val_labels = extract_features_multi([model[0] for model in models], val_loader, device)
     remedy = (f"lower --lr-backbone ({settings.lr_backbone:g}) or --lr-classifier ({settings.lr_classifier:g})"
               + (f" and start afresh (delete {checkpoint}, which holds the diverged weights)" if checkpoint else ""))

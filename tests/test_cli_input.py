@@ -732,3 +732,10 @@ def test_make_evals_options_of_one_run_are_those_tools_evaluate_refuses_in_the_o
                   if run in modes and other not in modes} for run, other in (("knn", "linear"), ("linear", "knn"))}
     assert listed == {"KNN_ONLY": only["knn"], "LINEAR_ONLY": only["linear"] | {"--no-cache-features"}}
 
+
+
+def test_preview_refuses_a_key_given_twice_as_the_training_command_does(capsys):
+    # It rendered the last one given: `--pipeline reference pipeline=dali` showed DALI's views.
+    code, err = run_command("tools.preview", ["--pipeline", "reference", "pipeline=dali"], capsys)
+    assert code == 2 and err == ["error: config key 'pipeline' is given twice (pipeline=reference, pipeline=dali); "
+                                 "give each key once"]

@@ -298,3 +298,44 @@ def test_a_second_fine_tuning_on_the_same_out_dir_is_refused_while_the_first_run
             ft.finetune([random_backbone("resnet18", 0)], 512, split_folder / "train", split_folder / "val",
                         settings(out_dir=out_dir))
     assert not out_dir.exists()  # the first run's lock made it and took it away; the second wrote nothing there
+
+
+def test_a_validation_class_the_training_folder_lacks_is_refused_before_any_epoch(split_folder, tmp_path, monkeypatch):
+    """The validation folder was read after the last epoch: 20 epochs of ImageNet's 1% trained, then refused."""
+    import shutil
+    data = shutil.copytree(split_folder, tmp_path / "data")
+    (data / "val" / "class1").rename(data / "val" / "class9")
+    monkeypatch.setattr(ft, "train_epoch", lambda *args: pytest.fail("an epoch trained before the check"))
+    with pytest.raises(DataError, match=r"val has classes not in the training folder: class9"):
+        ft.finetune([random_backbone("resnet18", 0)], 512, data / "train", data / "val", settings(epochs=2))
+
+
+@pytest.mark.parametrize("kept", [torch.zeros(3), {"conv1.weight": torch.zeros(1)}, [1, 2]],
+                         ids=["a tensor", "a backbone's state dict", "a list"])
+def test_an_out_dir_file_that_is_no_fine_tuning_checkpoint_is_named_so(kept, tmp_path):
+    """A tensor or a list was an AttributeError traceback; a backbone.pth was 'written by a different fine-tuning
+    run (image_size None -> 32; ...)'."""
+    path = tmp_path / ft.CHECKPOINT_NAME
+    torch.save(kept, path)
+    with pytest.raises(CheckpointError) as err:
+        ft.resume(path, {"image_size": 32}, [], [], torch.device("cpu"))
+    assert str(err.value) == (f"{path} is not a fine-tuning checkpoint (it holds no epoch, run, losses, models and "
+                              f"optimizers); move it out of {tmp_path} or use another --out-dir")
+
+
+def test_json_naming_a_file_the_command_reads_or_keeps_is_refused_before_it_is_replaced(split_folder, tmp_path,
+                                                                                       capsys):
+    """`--json` the --checkpoint replaced the pretraining weights with the result's few hundred bytes."""
+    kept = tmp_path / "checkpoint.pth"
+    torch.save(random_backbone("resnet18", 0).state_dict(), kept)
+    before = kept.read_bytes()
+    listing = _write(tmp_path / "subset.txt", "class0/img001.jpg\n")
+    for extra, json_file, name in [([], tmp_path / "." / "checkpoint.pth", "--checkpoint"),
+                                   (["--mode", "finetune", "--train-list", str(listing)], listing, "--train-list"),
+                                   (["--mode", "finetune", "--out-dir", str(tmp_path / "ft")],
+                                    tmp_path / "ft" / ft.CHECKPOINT_NAME, f"--out-dir's {ft.CHECKPOINT_NAME}")]:
+        with pytest.raises(SystemExit) as exit:
+            ev.main(["--checkpoint", str(kept), "--data", str(split_folder), "--json", str(json_file), *extra])
+        assert exit.value.code == 2 and capsys.readouterr().err == (
+            f"error: --json {json_file} is {name}, which the result would replace; name another file (see --help)\n")
+    assert kept.read_bytes() == before and listing.read_text() == "class0/img001.jpg\n"

@@ -983,3 +983,22 @@ def test_a_full_disk_while_drawing_metrics_png_is_one_line_naming_the_last_check
     code, out, _ = run_main(capsys, *tiny_args(image_folder, out_dir))  # room again: the rerun completes the files
     assert code == 0 and out.startswith("run already complete: 3 steps")
     assert json.loads((out_dir / "summary.json").read_text())["steps"] == 3 and (out_dir / "metrics.png").is_file()
+
+
+def test_ctrl_c_inside_torch_save_is_a_keyboard_interrupt_and_leaves_the_file(tmp_path, monkeypatch):
+    """torch's zip writer, cut by a Ctrl-C, raises RuntimeError ("[enforce fail at inline_container.cc:672] .
+    unexpected pos ...") while handling it: fine-tuning's checkpoint write then ended in a traceback, exit 1."""
+    from bt_fast.checkpoint import atomic_save
+
+    def cut_short(obj, handle):
+        handle.write(b"PK partial")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 145547840 vs 145547728")
+    path = tmp_path / "finetune.pth"
+    path.write_bytes(b"the previous epoch's")
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2}, path)
+    assert path.read_bytes() == b"the previous epoch's" and [p.name for p in tmp_path.iterdir()] == ["finetune.pth"]

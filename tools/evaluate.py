@@ -35,7 +35,7 @@ from typing import Any
 from bt_fast.config import MAX_IMAGE_SIZE, MAX_SEED, MIN_BATCH_PER_RANK
 from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_errors, exit_on_interrupt, expand_home,
                              home_path, ignore_interrupts_while_exiting, option_flag, output_file, print_error, say)
-from bt_fast.files import check_output_file
+from bt_fast.files import check_output_file, same_file
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -273,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             parser.error(f"--out-dir {args.out_dir}: cannot write {CHECKPOINT_NAME} there ({err.strerror or err}); "
                          f"name a writable directory")
+    read_or_kept = {"--checkpoint": args.checkpoint, "--train-list": args.train_list,
+                    f"--out-dir's {CHECKPOINT_NAME}": args.out_dir / CHECKPOINT_NAME if args.out_dir else None}
+    for name, path in read_or_kept.items():
+        if args.json is not None and path and same_file(args.json, path):
+            parser.error(f"--json {args.json} is {name}, which the result would replace; name another file")
     try:
         with cli_errors():
             payload = run(args)

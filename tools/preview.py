@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors(), exit_on_interrupt():
         overrides = [f"{key}={value}" for key, value in (("pipeline", args.pipeline), ("data", args.data))
                      if value is not None]
-        config = load_config(args.config, overrides + args.overrides)
+        config = load_config(args.config, overrides + args.overrides, unique_keys=True)
         check_data_given(config)
         check_not_a_split_root(config)
         if args.pairs < 1:
