@@ -70,8 +70,11 @@ misplaced_error = error: the $(3) refuses $(call in_args,$($(1)_ONLY)) in ARGS, 
 misplaced = $(if $(call in_args,$($(1)_ONLY)),{ echo "$(call misplaced_error,$(1),$(2),$(3))" >&2; exit 2; };)
 # $(call home,VAR): the shell variable VAR with a leading ~ read as the home directory, as the config's paths are
 home = case "$$$(1)" in "~" | "~/"*) $(1)="$$HOME$${$(1)\#"~"}";; esac;
+json_in_args_error = error: --json in ARGS, which go to both runs, would hold the linear probe's result in place of \
+  the k-NN run's: give EVAL_JSON=out.json (the k-NN result there, the linear probe's in out.linear.json)
+json_in_args = $(if $(filter --json --json=%,$(ARGS)),{ echo "$(json_in_args_error)" >&2; exit 2; };)
 eval: $(STAMP)
-	@$(call misplaced,KNN,k-NN run,linear probe)$(call misplaced,LINEAR,linear probe,k-NN run) \
+	@$(call misplaced,KNN,k-NN run,linear probe)$(call misplaced,LINEAR,linear probe,k-NN run)$(json_in_args) \
 	run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; \
 	$(call home,run) \
 	[ -f "$$run/checkpoint.pth" ] || { echo "error: $$run/checkpoint.pth does not exist: nothing trained there yet;" \

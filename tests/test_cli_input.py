@@ -739,3 +739,17 @@ def test_preview_refuses_a_key_given_twice_as_the_training_command_does(capsys):
     code, err = run_command("tools.preview", ["--pipeline", "reference", "pipeline=dali"], capsys)
     assert code == 2 and err == ["error: config key 'pipeline' is given twice (pipeline=reference, pipeline=dali); "
                                  "give each key once"]
+
+
+def test_make_eval_refuses_json_in_args_which_the_linear_probe_would_overwrite(tmp_path):
+    code, err = make_eval(tmp_path, f"ARGS=--json {tmp_path / 'e.json'}")
+    assert code == 2 and err[0] == ("error: --json in ARGS, which go to both runs, would hold the linear probe's "
+                                    "result in place of the k-NN run's: give EVAL_JSON=out.json (the k-NN result "
+                                    "there, the linear probe's in out.linear.json)"), err
+
+
+def test_the_benchs_plot_is_a_png_refused_otherwise_before_it_measures(capsys):
+    # A .txt plot failed in matplotlib after the whole benchmark; with no suffix it was written as NAME.png.
+    code, err = run_command("tools.bench.__main__", ["--plot", "bench.txt"], capsys)
+    assert code == 2 and err == ["error: argument --plot: bench.txt does not end in .png; the image is written as PNG "
+                                 "only, so give a .png file (see --help)"]

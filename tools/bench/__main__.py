@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bt_fast.errors import (STARTING, CliParser, DataError, cli_errors, exit_on_interrupt, expand_home, option_flag,
-                            output_file, quiet_no_cuda_runtime_warning)
+                            output_file, png_file, quiet_no_cuda_runtime_warning)
 from bt_fast.host import usable_cores
 
 with exit_on_interrupt(STARTING):
@@ -123,7 +123,7 @@ def _parser() -> CliParser:
              "--quick: none; 'none': synthetic batches only)")
     add("--json", type=output_file, default=None,
         help="results (default runs/bench/bench.json; --end-to-end: runs/bench/end_to_end.json)")
-    add("--plot", type=output_file, default=None, help="loader plot (default runs/bench/bench.png)")
+    add("--plot", type=png_file, default=None, help="loader plot (default runs/bench/bench.png)")
     add("--quick", action="store_true", help="fewer repetitions and batches, smaller batch and crops")
     add("--reps", type=int, default=None, help="timed repetitions per figure (default 3; --quick 2)")
     add("--loader-batches", type=int, default=None,
