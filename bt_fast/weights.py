@@ -172,14 +172,18 @@ def load_backbone(path: str | Path, arch: str | None = None) -> LoadedBackbone:
                               f"as a diverged run leaves; pass a checkpoint saved before it diverged")
     backbone = make_backbone(chosen)
     backbone.load_state_dict(state, strict=False)  # only num_batches_tracked can be absent (checked above)
+    where = f"the config saved in {path}"
     if config is None and kind == "state dict":
         neighbour = run_config(path)
         if neighbour is not None and neighbour.get("arch", chosen) == chosen:
-            config = neighbour
+            config, where = neighbour, f"the config of the run beside {path}"
     image_size = None
     if config and isinstance(config.get("augment"), dict):
         image_size = config["augment"].get("image_size")
-    return LoadedBackbone(backbone, chosen, kind, int(image_size) if image_size else None, progress)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise CheckpointError(f"{where} gives augment.image_size {image_size!r}, not a number of pixels; fix it there "
+                              f"(the size the backbone was trained at)")
+    return LoadedBackbone(backbone, chosen, kind, image_size, progress)
 
 
 def random_backbone(arch: str, seed: int = 0) -> nn.Module:

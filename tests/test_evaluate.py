@@ -678,3 +678,15 @@ def test_ctrl_c_of_a_fine_tuning_names_its_checkpoint_only_once_one_exists(tmp_p
     assert ev.main(argv) == 130
     assert capsys.readouterr().err.splitlines() == [
         f"error: interrupted; run the same command again to resume from {out / ev.CHECKPOINT_NAME}"]
+
+
+@pytest.mark.parametrize("size", ["48px", 0, True])
+def test_a_training_image_size_that_is_no_number_of_pixels_is_named_with_its_file(size, tmp_path):
+    """A hand-edited config.yaml beside backbone.pth: '48px' was a ValueError traceback, and 0 a warning that no
+    size was recorded, 'nor does a config.yaml ... beside it'."""
+    torch.save(random_backbone("resnet18", 0).state_dict(), tmp_path / "backbone.pth")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"arch": "resnet18", "augment": {"image_size": size}}))
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(tmp_path / "backbone.pth")
+    assert str(err.value) == (f"the config of the run beside {tmp_path / 'backbone.pth'} gives augment.image_size "
+                              f"{size!r}, not a number of pixels; fix it there (the size the backbone was trained at)")
