@@ -112,11 +112,15 @@ def some_of(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
+# A terminal's colour and style codes (torch's weights-only unpickling error prints its advice in bold)
+_TERMINAL_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def flat_message(err: BaseException, limit: int | None = None) -> str:
-    """`err`'s whole message on one line (each run of white space, newlines included, one space), or its type's
-    name where it has none; with `limit`, one longer than that many characters is cut after a whole word, '...'
-    marking the cut."""
-    text = " ".join(str(err).split()) or type(err).__name__
+    """`err`'s whole message on one line (each run of white space, newlines included, one space; no terminal
+    style codes), or its type's name where it has none; with `limit`, one longer than that many characters is
+    cut after a whole word, '...' marking the cut."""
+    text = " ".join(_TERMINAL_STYLE.sub("", str(err)).split()) or type(err).__name__
     if limit is None or len(text) <= limit:
         return text
     return text[:limit - 3].rsplit(" ", 1)[0] + "..."

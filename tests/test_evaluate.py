@@ -690,3 +690,11 @@ def test_a_training_image_size_that_is_no_number_of_pixels_is_named_with_its_fil
         load_backbone(tmp_path / "backbone.pth")
     assert str(err.value) == (f"the config of the run beside {tmp_path / 'backbone.pth'} gives augment.image_size "
                               f"{size!r}, not a number of pixels; fix it there (the size the backbone was trained at)")
+
+
+def test_torchs_unpickling_error_is_quoted_without_its_terminal_style_codes(tmp_path):
+    # A pickled module (not a state dict): torch's message prints its advice in bold, '\x1b[1m' in an error line.
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(tmp_path / "module.pth")
+    assert "UnpicklingError: Weights only load failed" in str(err.value) and "\x1b" not in str(err.value)
