@@ -753,3 +753,12 @@ def test_the_benchs_plot_is_a_png_refused_otherwise_before_it_measures(capsys):
     code, err = run_command("tools.bench.__main__", ["--plot", "bench.txt"], capsys)
     assert code == 2 and err == ["error: argument --plot: bench.txt does not end in .png; the image is written as PNG "
                                  "only, so give a .png file (see --help)"]
+
+
+def test_the_bench_refuses_a_split_datasets_root_before_it_measures(tmp_path, capsys):
+    # The reference loader measured train and val as two classes; the FFCV loaders were each "unavailable".
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / "set" / split, classes=1, per_class=1)
+    code, err = run_command("tools.bench.__main__", ["--data", str(tmp_path / "set")], capsys)
+    assert code == 2 and err == [f"error: --data {tmp_path / 'set'} holds train/ and val/: the loaders would read both "
+                                 f"splits as two classes; give --data {tmp_path / 'set' / 'train'}"]

@@ -293,6 +293,10 @@ def resolve_data(args: argparse.Namespace) -> None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
     elif not args.train_child:  # before any section: each would report a missing folder, or one too small, itself
+        from pipelines.image_folder import is_split_root
+        if is_split_root(args.data):  # the reference loader would read both splits as two classes
+            raise DataError(f"--data {args.data} holds train/ and val/: the loaders would read both splits as two "
+                            f"classes; give --data {Path(args.data) / 'train'}")
         batches = batches_read(args)
         images = count_images(args.data, max((size for _, size in batches), default=1))  # not all of ImageNet
         for flag, batch_size in batches:
