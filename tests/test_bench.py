@@ -400,6 +400,51 @@ def test_a_data_folder_smaller_than_one_batch_is_one_error_line_before_any_secti
         f"folder of more images"]
 
 
+def test_a_file_as_data_is_refused_without_offering_a_beton(tmp_path, capsys):
+    """The ImageFolder check's line offered "(or, with pipeline=ffcv, a .beton)", which no section reads."""
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--device", "cpu", "--data", str(beton)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --data {beton} is a file; the benchmark reads an ImageFolder and converts it to each pipeline's "
+        f"format itself: give the directory of class folders"]
+
+
+def test_the_demo_set_is_checked_against_the_batch_size_as_data_is(tmp_path, monkeypatch, capsys):
+    """Without --data nothing compared the demo set with --batch-size: the device-crop section was killed for
+    memory at a batch of 2000."""
+    import pipelines.demo_data
+    demo = tmp_path / "demo"
+    write_image_folder(demo / "train", classes=2, per_class=3, size=(40, 30))
+    monkeypatch.setattr(pipelines.demo_data, "build", lambda root, *counts: demo)
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--device", "cpu", "--batch-size", "2000"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: the demo set {demo / 'train'} has 6 images, fewer than one batch of --batch-size 2000; pass "
+        f"--batch-size 6 or less, or --data, a folder of more images"]
+
+
+def test_ctrl_c_says_no_result_was_written_and_keeps_the_data(tmp_path, monkeypatch, capsys):
+    """It said "nothing was written" where the run had built the demo set and converted it on first use."""
+    import tools.bench.__main__ as bench
+    data = write_image_folder(tmp_path / "train", classes=1, per_class=4, size=(40, 30))
+
+    def interrupted(args, name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_loader", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--device", "cpu", "--data", str(data), "--batch-size", "2", "--json",
+              str(tmp_path / "bench.json")])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: interrupted; no result was written (the JSON and the plot come at the end); the data sets it built "
+        "and the pipelines' first-use conversions stay, and the next run reuses or completes them")
+    assert not (tmp_path / "bench.json").exists() and len(list(data.rglob("*.jpg"))) == 4
+
+
 def test_interleaved_timing_warms_up_each_runner_then_alternates():
     calls = []
     runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}

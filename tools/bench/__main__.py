@@ -284,26 +284,35 @@ def batches_read(args: argparse.Namespace) -> list[tuple[str, int]]:
 
 def resolve_data(args: argparse.Namespace) -> None:
     """Without --data: the ImageNet-like set (--end-to-end, --conversion) or the demo set's train/ split, built on
-    first use."""
+    first use. Before any section (each would report a missing folder, or one too small, itself): refuses a
+    --data that is no ImageFolder, and a folder smaller than one batch of a section that reads it."""
     if args.data is None and (args.end_to_end or args.conversion):
         from pipelines.imagenet_like import write_imagenet_like
         count = args.e2e_images if args.end_to_end else args.conversion_images
         args.data = str(write_imagenet_like(IMAGENET_LIKE_ROOT / f"imagenet_like_{count}", count))
-    elif args.data is None:
+        return
+    if args.data is None:
         from pipelines.demo_data import build as build_demo
         args.data = str(build_demo(DEMO_ROOT, 64, 16) / "train")
-    elif not args.train_child:  # before any section: each would report a missing folder, or one too small, itself
+        named, more = f"the demo set {args.data}", "--data, a folder of more images"
+    elif args.train_child:
+        return
+    else:
         from pipelines.image_folder import is_split_root
+        named, more = f"--data {args.data}", "a folder of more images"
+        if Path(args.data).is_file():  # image_folder_root's line offers a .beton, which no section reads
+            raise DataError(f"{named} is a file; the benchmark reads an ImageFolder and converts it to each "
+                            f"pipeline's format itself: give the directory of class folders")
         if is_split_root(args.data):  # the reference loader would read both splits as two classes
-            raise DataError(f"--data {args.data} holds train/ and val/: the loaders would read both splits as two "
+            raise DataError(f"{named} holds train/ and val/: the loaders would read both splits as two "
                             f"classes; give --data {Path(args.data) / 'train'}")
-        batches = batches_read(args)
-        images = count_images(args.data, max((size for _, size in batches), default=1))  # not all of ImageNet
-        for flag, batch_size in batches:
-            if images < batch_size:
-                smaller = f"{flag} {images} or less, or " if images >= MIN_BATCH_PER_RANK else ""
-                raise DataError(f"--data {args.data} has {images} images, fewer than one batch of {flag} "
-                                f"{batch_size}; pass {smaller}a folder of more images")
+    batches = batches_read(args)
+    images = count_images(args.data, max((size for _, size in batches), default=1))  # not all of ImageNet
+    for flag, batch_size in batches:
+        if images < batch_size:
+            smaller = f"{flag} {images} or less, or " if images >= MIN_BATCH_PER_RANK else ""
+            raise DataError(f"{named} has {images} images, fewer than one batch of {flag} "
+                            f"{batch_size}; pass {smaller}{more}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -352,9 +361,13 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+INTERRUPTED = ("no result was written (the JSON and the plot come at the end); the data sets it built and the "
+               "pipelines' first-use conversions stay, and the next run reuses or completes them")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_no_cuda_runtime_warning()
-    with cli_errors(), exit_on_interrupt(outcome="nothing was written (the JSON and the plot come at the end)"):
+    with cli_errors(), exit_on_interrupt(outcome=INTERRUPTED):
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
