@@ -59,7 +59,8 @@ gpu-check: $(STAMP)
 # EVAL_JSON=out.json keeps the k-NN result there and the linear probe's in out.linear.json. ARGS go to both
 # runs; KNN_ARGS (--k, --temperature) and LINEAR_ARGS (--epochs, --lr, ...) to the one that reads them. One of
 # those in ARGS (spelled out: the other run refuses it, tools/evaluate.py READ_BY, once the first has run) and a
-# run not trained yet are refused before anything runs.
+# run not trained yet are refused before anything runs; the linear probe's arguments are checked (--check-args)
+# before the k-NN run.
 OUT_DIR_OF_CONFIG := 'exec("import sys\nfrom bt_fast.config import load_config\nfrom bt_fast.errors import cli_errors\nwith cli_errors():\n    print(load_config(sys.argv[1]).out_dir)")'
 KNN_ONLY    := --k --temperature
 LINEAR_ONLY := --epochs --lr --weight-decay --cache-features --no-cache-features
@@ -73,6 +74,9 @@ home = case "$$$(1)" in "~" | "~/"*) $(1)="$$HOME$${$(1)\#"~"}";; esac;
 json_in_args_error = error: --json in ARGS, which go to both runs, would hold the linear probe's result in place of \
   the k-NN run's: give EVAL_JSON=out.json (the k-NN result there, the linear probe's in out.linear.json)
 json_in_args = $(if $(filter --json --json=%,$(ARGS)),{ echo "$(json_in_args_error)" >&2; exit 2; };)
+evaluate = $(PY) -m tools.evaluate --compare --checkpoint "$$run/checkpoint.pth" --data "$(or $(DATA),$(DEMO_DATA))"
+knn_run = --mode knn $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS) $(KNN_ARGS)
+linear_run = --mode linear $(if $(EVAL_JSON),--json "$(basename $(EVAL_JSON)).linear.json") $(ARGS) $(LINEAR_ARGS)
 eval: $(STAMP)
 	@$(call misplaced,KNN,k-NN run,linear probe)$(call misplaced,LINEAR,linear probe,k-NN run)$(json_in_args) \
 	run="$(OUT)"; [ -n "$$run" ] || run=$$($(PY) -c $(OUT_DIR_OF_CONFIG) "$(CONFIG)") || exit 2; \
@@ -86,12 +90,9 @@ eval: $(STAMP)
 	  ! { [ -d "$$data/train" ] && [ -d "$$data/val" ]; }; then echo "error: DATA=$$data holds no train/ and val/" \
 	  "folders; give DATA= the folder that holds both (the demo's is data/demo), or a training folder with" \
 	  "ARGS=\"--val-data VAL\"" >&2; exit 2; fi; \
+	$(evaluate) --check-args $(linear_run) || exit; \
 	if [ -z "$(DATA)" ]; then $(PY) -m tools.make_demo_data $(DEMO_DATA) || exit; fi; set -x; \
-	$(PY) -m tools.evaluate --compare --mode knn --checkpoint "$$run/checkpoint.pth" \
-	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(EVAL_JSON)") $(ARGS) $(KNN_ARGS) && \
-	$(PY) -m tools.evaluate --compare --mode linear --checkpoint "$$run/checkpoint.pth" \
-	  --data "$(or $(DATA),$(DEMO_DATA))" $(if $(EVAL_JSON),--json "$(basename $(EVAL_JSON)).linear.json") $(ARGS) \
-	  $(LINEAR_ARGS)
+	$(evaluate) $(knn_run) && $(evaluate) $(linear_run)
 
 demo-data: $(STAMP)
 	$(PY) -m tools.make_demo_data $(DEMO_DATA)

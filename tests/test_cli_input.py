@@ -721,6 +721,23 @@ def test_make_eval_refuses_a_data_folder_without_train_and_val_in_makes_terms(tm
                                     f"train/ and val/ (the demo's is data/demo)"), err
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("LINEAR_ARGS=--k 5", "--k applies to --mode knn only, not --mode linear (see --help)"),
+    ("EVAL_JSON={tmp}/e.json", "argument --json: cannot write {tmp}/e.linear.json (Is a directory); give a file path "
+                               "in a writable directory (see --help)"),
+])
+def test_make_eval_checks_the_linear_probes_arguments_before_the_knn_run(setting, message, tmp_path):
+    """Both were refused by the linear probe only after the whole k-NN evaluation. Here the k-NN run would have
+    failed on the empty checkpoint: the line is the argument check's."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"")
+    for folder in ("data/train", "data/val", "e.linear.json"):
+        (tmp_path / folder).mkdir(parents=True)
+    code, err = make_eval(tmp_path, setting.format(tmp=tmp_path))
+    assert code == 2 and err[0] == f"error: {message.format(tmp=tmp_path)}", err
+    assert len(err) == 2 and err[1].startswith("make: *** "), err
+
+
 def test_make_evals_options_of_one_run_are_those_tools_evaluate_refuses_in_the_other():
     import re
     from tests.conftest import REPO

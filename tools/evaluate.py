@@ -235,6 +235,9 @@ def build_parser() -> CliParser:
     group.add_argument("--compare", action="store_true",
                        help="evaluate (or fine-tune) --checkpoint and the random-init baseline side by side")
     p.add_argument("--json", type=output_file, help="write the result(s) to this JSON file")
+    p.add_argument("--check-args", action="store_true",
+                   help="check the arguments, then exit without evaluating (make eval checks the linear probe's "
+                        "before its k-NN run)")
     return p
 
 
@@ -278,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in read_or_kept.items():
         if args.json is not None and path and same_file(args.json, path):
             parser.error(f"--json {args.json} is {name}, which the result would replace; name another file")
+    if args.check_args:
+        return 0
     try:
         with cli_errors():
             payload = run(args)
