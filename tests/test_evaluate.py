@@ -533,7 +533,14 @@ def test_a_data_option_naming_a_file_or_nothing_is_named(split_folder, tmp_path)
             (split_folder / "train", tmp_path / "missing", f"--val-data {tmp_path / 'missing'} does not exist; {folder}"),
             (split_folder / "train", beton, f"--val-data {beton} is a file; {folder}"),
             (beton, split_folder / "val", f"--data {beton} is a file; {folder}"),
-            (beton, None, f"--data {beton} is a file; pass a directory with train/ and val/ sub-folders (ImageFolders)")]:
+            (beton, None, f"--data {beton} is a file; pass a directory with train/ and val/ sub-folders "
+                          f"(ImageFolders)"),
+            # a split root beside --val-data had been "has classes not in the training folder: train, val; ..."
+            (split_folder, split_folder / "val", f"--data {split_folder} holds train/ and val/, which would be read as "
+                                                 f"two classes; give --data {split_folder / 'train'}, or --data "
+                                                 f"{split_folder} alone"),
+            (split_folder / "train", split_folder, f"--val-data {split_folder} holds train/ and val/, which would be "
+                                                   f"read as two classes; give --val-data {split_folder / 'val'}")]:
         with pytest.raises(DataError) as err:
             ev.resolve_splits(data, val)
         assert str(err.value) == message

@@ -37,6 +37,7 @@ from bt_fast.errors import (STARTING, CliParser, DataError, UserError, cli_error
                              home_path, ignore_interrupts_while_exiting, option_flag, output_file, print_error, say)
 from bt_fast.files import check_output_file, same_file
 from bt_fast.host import usable_cores
+from pipelines.image_folder import is_split_root
 
 with exit_on_interrupt(STARTING):
     from bt_fast.checkpoint import Progress
@@ -65,11 +66,15 @@ def resolve_splits(data: str | Path, val_data: str | Path | None = None) -> tupl
     the option whose path is a file or nothing."""
     data = Path(data)
     if val_data is not None:
-        for flag, path in (("--data", data), ("--val-data", Path(val_data))):
+        for flag, path, split in (("--data", data, "train"), ("--val-data", Path(val_data), "val")):
             if not path.is_dir():
                 what = "is a file" if path.is_file() else "does not exist"
                 raise DataError(f"{flag} {path} {what}; pass an ImageFolder directory (a sub-directory of images "
                                 f"per class)")
+            if is_split_root(path):  # its two splits would be two classes, unknown to the other folder
+                alone = f", or --data {path} alone" if flag == "--data" else ""
+                raise DataError(f"{flag} {path} holds train/ and val/, which would be read as two classes; give "
+                                f"{flag} {path / split}{alone}")
         if data.resolve() == Path(val_data).resolve():  # every validation image finds itself among the training ones
             print(f"warning: --val-data {val_data} is the training data (--data): the accuracy is that of images "
                   f"the classifier has seen; pass images held out from training to measure it", file=sys.stderr)
