@@ -3,6 +3,7 @@ busy worker handler, with Ctrl-C left to the parent, an error where a worker die
 cannot hang."""
 from __future__ import annotations
 
+import gc
 import signal
 from functools import partial
 from itertools import islice
@@ -40,7 +41,10 @@ class WorkerPool(Pool):
     The workers are forked, so they start at once with what this process holds. A task should find
     what it needs already loaded (modules, PIL's plugins, kernels, source data): an import or a
     library's first use in a child takes locks that another thread of this process may have held at
-    the fork, and then waits on them forever.
+    the fork, and then waits on them forever. For the same reason a worker never collects the garbage
+    it inherits (`gc.freeze` while they are forked): a DALI pipeline left in a reference cycle was
+    collected in a worker, and its finalizer waited forever for the pipeline's threads, which a fork
+    does not copy. This process collects its garbage itself, where those threads run.
 
     A worker that dies (the kernel's out-of-memory killer sends SIGKILL) takes its task with it;
     CPython's pool starts another worker and waits for that task's result forever.
@@ -58,7 +62,11 @@ class WorkerPool(Pool):
     STOP_GRACE_S = 5.0
 
     def __init__(self, processes: int):
-        super().__init__(processes, initializer=ignore_interrupts)
+        gc.freeze()  # all this process holds, garbage too, stays frozen in the workers: never collected there
+        try:
+            super().__init__(processes, initializer=ignore_interrupts)
+        finally:
+            gc.unfreeze()
         self._started = list(self._pool)  # the pool only replaces a worker that has died
 
     def _get_sentinels(self) -> list:
