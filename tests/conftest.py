@@ -204,6 +204,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A test of a DALI error keeps the refused graph alive in its exception's traceback, then drops it in a
+    reference cycle. Collected later in a worker forked by another test (a DataLoader's), its finalizer would
+    wait forever for DALI's threads, which the fork does not copy (`bt_fast.worker_pool.WorkerPool`): collect it
+    here, where they run. Only while a DALI pipeline is alive: a full collection of this process is not free."""
+    dali = sys.modules.get("nvidia.dali.pipeline")
+    if dali is not None and any(ref() is not None for ref in list(dali.Pipeline._pipes)):
+        import gc
+        gc.collect()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_finished_runs_left(tmp_path_factory):
     """Remove the base directories of earlier, finished test sessions (pytest-of-<user>/pytest-<N> with no
