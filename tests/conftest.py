@@ -129,6 +129,12 @@ def ctrl_c_once(script: str, args: list[str], ready: Callable[[], bool]) -> subp
     return signalled_once(script, args, ready, signal.SIGINT)
 
 
+def hangup_default() -> None:
+    """SIGHUP as a shell in a terminal leaves it to a command it starts: a suite run under `nohup` has it ignored,
+    and so would every command a test starts, which then rightly leaves it alone."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def signalled_once(script: str, args: list[str], ready: Callable[[], bool], sig: int, whole_group: bool = True,
                    start_s: float = 60) -> subprocess.CompletedProcess:
     """Run the Python `script` with `args` from the repository root in a process group of its own, as a terminal
@@ -138,7 +144,7 @@ def signalled_once(script: str, args: list[str], ready: Callable[[], bool], sig:
     or its zombie) outlived it, killed then."""
     command = [sys.executable, "-c", script, *args]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=hangup_default if sig == signal.SIGHUP else None)
     deadline = time.monotonic() + start_s
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -17,7 +17,7 @@ from bt_fast.checkpoint import CHECKPOINT_NAME
 from bt_fast.config import ConfigError, load_config, parse_overrides
 from bt_fast.train import main
 from bt_fast.trainer import Trainer
-from conftest import modules_loaded_by, run_with_stdout_unread
+from conftest import hangup_default, modules_loaded_by, run_with_stdout_unread
 from pipelines.image_folder import find_image_folder
 from test_train import tiny_config
 
@@ -142,9 +142,7 @@ def _on_a_terminal(command: list[str]) -> tuple[subprocess.Popen, int]:
 
     def in_the_terminals_session() -> None:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        # as a shell in that terminal starts it: a suite started under `nohup` would pass on SIGHUP ignored,
-        # and the run would rightly outlive its terminal
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        hangup_default()  # under `nohup` the run would rightly outlive its terminal
     run = subprocess.Popen(command, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
                            start_new_session=True, preexec_fn=in_the_terminals_session)
     os.close(terminal)
