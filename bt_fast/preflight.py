@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from bt_fast.config import BACKBONE_DIM, MIN_BATCH_PER_RANK, PATH_KEYS, Config, ConfigError, check_choice
-from bt_fast.files import check_writable_directory
+from bt_fast.files import check_writable_directory, same_file
 from bt_fast.run_lock import check_unlocked
 
 # Keys that may change between a run and its resume without changing what it computes.
@@ -32,26 +32,14 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _same_path(old: str, new: str) -> bool:
-    """Two spellings of one path: equal but for a trailing or doubled slash or a `.` part (a shell's completion
-    of a directory adds the slash), or naming the same existing file or directory."""
-    if not old or not new:
-        return old == new
-    if os.path.normpath(old) == os.path.normpath(new):
-        return True
-    try:
-        return os.path.samefile(old, new)
-    except OSError:
-        return False
-
-
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """'key old -> new' for the settings of `current` that differ from a checkpoint's `saved` config; a path
     (PATH_KEYS) differs only if it names another file or directory."""
     old, new = _flatten(saved), _flatten(current)
     return [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
             if key not in RESUMABLE_KEYS and old[key] != new[key]
-            and not (key in PATH_KEYS and isinstance(old[key], str) and _same_path(old[key], new[key]))]
+            and not (key in PATH_KEYS and isinstance(old[key], str) and old[key] and new[key]
+                     and same_file(old[key], new[key]))]
 
 
 # Settings a finished run may be rerun with although they change what it computes: more epochs extend it.
