@@ -44,7 +44,7 @@ from bt_fast.schedule import epoch_cosine
 from bt_fast.weights import weights_digest
 from pipelines.epochs import sample_rng
 from pipelines.image_folder import SampleList
-from pipelines.reference import EpochIndexSampler, load_rgb
+from pipelines.reference import EpochIndexSampler, ForkingLoader, load_rgb
 
 CHECKPOINT_NAME = "finetune.pth"
 TRAIN_PERCENTS = (1, 10, 100)
@@ -269,9 +269,9 @@ def _finetune(backbones: Sequence[nn.Module], feature_dim: int, train_dir: str |
 
     dataset = AugmentedSubset(subset, settings.image_size, settings.seed)
     sampler = EpochIndexSampler(len(dataset), rank=0, world_size=1, seed=settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=settings.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
-                        drop_last=len(dataset) % settings.batch_size == 1)  # BatchNorm needs two images per batch
+    loader = ForkingLoader(dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=settings.workers,
+                           pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
+                           drop_last=len(dataset) % settings.batch_size == 1)  # BatchNorm needs two images per batch
 
     digests = [weights_digest(b) for b in backbones]  # before training changes them in place
     models = [classifier(b, feature_dim, len(classes), settings.seed).to(device, memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ from bt_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from bt_fast.errors import DataError, some_of
 from bt_fast.run_control import leave_stops_to_the_rank
 from pipelines.image_folder import SampleList, check_known_classes, classes_without_images, find_image_folder
-from pipelines.reference import load_rgb
+from pipelines.reference import ForkingLoader, load_rgb
 
 DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.07
@@ -193,9 +193,9 @@ def eval_loader(root: str, image_size: int, batch_size: int = 256, workers: int 
     """DataLoader over an ImageFolder; `train=True` gives the shuffled, augmented linear-probe loader."""
     dataset = LabelledImageFolder(root, train_transform(image_size) if train else eval_transform(image_size), classes)
     generator = torch.Generator().manual_seed(seed) if train else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
-                      pin_memory=torch.device(device).type == "cuda", persistent_workers=train and workers > 0,
-                      worker_init_fn=leave_stops_to_the_rank)
+    return ForkingLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
+                         pin_memory=torch.device(device).type == "cuda", persistent_workers=train and workers > 0,
+                         worker_init_fn=leave_stops_to_the_rank)
 
 
 class _CutShort(Exception):

@@ -1,10 +1,11 @@
 """The process pool of the converter and the data generator: `multiprocessing.Pool` without CPython's
 busy worker handler, with Ctrl-C left to the parent, an error where a worker dies, and a stop that
-cannot hang."""
+cannot hang; and the guard every fork of worker processes runs in (`garbage_kept_from_forks`)."""
 from __future__ import annotations
 
 import gc
 import signal
+from contextlib import contextmanager
 from functools import partial
 from itertools import islice
 from multiprocessing import TimeoutError as ResultNotReady
@@ -26,6 +27,19 @@ def ignore_interrupts() -> None:
             signal.signal(sig, signal.SIG_DFL)
 
 
+@contextmanager
+def garbage_kept_from_forks() -> Iterator[None]:
+    """Processes forked inside the block never collect the garbage they inherit (`gc.freeze`); this
+    process collects it as before once the block ends. A collection runs finalizers in the process that
+    collects: a DALI pipeline's, in a fork, waits forever for the pipeline's threads, which a fork does
+    not copy (a DALI pipeline left in a reference cycle was collected in a worker, and the worker hung)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class WorkerPool(Pool):
     """`multiprocessing.Pool(processes, initializer=ignore_interrupts)` whose worker-handler thread
     sleeps while results stream in, and whose `imap`/`imap_unordered` raise `WorkerLost` where a
@@ -42,9 +56,7 @@ class WorkerPool(Pool):
     what it needs already loaded (modules, PIL's plugins, kernels, source data): an import or a
     library's first use in a child takes locks that another thread of this process may have held at
     the fork, and then waits on them forever. For the same reason a worker never collects the garbage
-    it inherits (`gc.freeze` while they are forked): a DALI pipeline left in a reference cycle was
-    collected in a worker, and its finalizer waited forever for the pipeline's threads, which a fork
-    does not copy. This process collects its garbage itself, where those threads run.
+    it inherits (`garbage_kept_from_forks`).
 
     A worker that dies (the kernel's out-of-memory killer sends SIGKILL) takes its task with it;
     CPython's pool starts another worker and waits for that task's result forever.
@@ -62,11 +74,8 @@ class WorkerPool(Pool):
     STOP_GRACE_S = 5.0
 
     def __init__(self, processes: int):
-        gc.freeze()  # all this process holds, garbage too, stays frozen in the workers: never collected there
-        try:
+        with garbage_kept_from_forks():
             super().__init__(processes, initializer=ignore_interrupts)
-        finally:
-            gc.unfreeze()
         self._started = list(self._pool)  # the pool only replaces a worker that has died
 
     def _get_sentinels(self) -> list:

@@ -22,11 +22,21 @@ from bt_fast.config import AugmentSpec, Config
 from bt_fast.errors import DataError, flat_message
 from bt_fast.host import usable_cores
 from bt_fast.run_control import leave_stops_to_the_rank
+from bt_fast.worker_pool import garbage_kept_from_forks
 from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 from pipelines.image_folder import find_image_folder
 from pipelines.images import file_problem
 from pipelines.prefetch import run_ahead
+
+
+class ForkingLoader(DataLoader):
+    """A DataLoader whose worker processes, forked when an iteration starts them, never collect the garbage
+    they inherit (`bt_fast.worker_pool.garbage_kept_from_forks`)."""
+
+    def __iter__(self):
+        with garbage_kept_from_forks():
+            return super().__iter__()
 
 
 class PILGaussianBlur:
@@ -141,11 +151,11 @@ class ReferencePipeline(EpochPipeline):
         self.num_samples = len(self.dataset)
         samples_per_rank(len(self.dataset), batch_size, placement.world_size, f"data directory {root}")
         self.sampler = EpochIndexSampler(len(self.dataset), placement.rank, placement.world_size, seed)
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=placement.device.type == "cuda", drop_last=True,
-                                 persistent_workers=workers > 0,
-                                 prefetch_factor=BATCHES_PER_WORKER if workers > 0 else None,
-                                 worker_init_fn=leave_stops_to_the_rank)
+        self.loader = ForkingLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                    pin_memory=placement.device.type == "cuda", drop_last=True,
+                                    persistent_workers=workers > 0,
+                                    prefetch_factor=BATCHES_PER_WORKER if workers > 0 else None,
+                                    worker_init_fn=leave_stops_to_the_rank)
 
     def __len__(self) -> int:
         return self.sampler.num_samples // self.placement.world_size // self.batch_size

@@ -213,9 +213,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """A test of a DALI error keeps the refused graph alive in its exception's traceback, then drops it in a
-    reference cycle. Collected later in a worker forked by another test (a DataLoader's), its finalizer would
-    wait forever for DALI's threads, which the fork does not copy (`bt_fast.worker_pool.WorkerPool`): collect it
-    here, where they run. Only while a DALI pipeline is alive: a full collection of this process is not free."""
+    reference cycle. Collected later in a process forked by another test, its finalizer would wait forever for
+    DALI's threads, which the fork does not copy: collect it here, where they run. The project's own workers
+    never collect what they inherit (`bt_fast.worker_pool.garbage_kept_from_forks`); a test's own fork or
+    DataLoader is not guarded. Only while a DALI pipeline is alive: a full collection is not free."""
     dali = sys.modules.get("nvidia.dali.pipeline")
     if dali is not None and any(ref() is not None for ref in list(dali.Pipeline._pipes)):
         import gc

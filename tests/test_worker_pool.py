@@ -103,6 +103,38 @@ def test_a_worker_never_collects_the_garbage_it_inherits(tmp_path):
     assert record.read_text().split() == [str(os.getpid())]
 
 
+class _CollectingDataset:
+    """Each item collects this process's garbage, then names the process."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        import gc
+        gc.collect()
+        return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_a_dataloader_worker_never_collects_the_garbage_it_inherits(tmp_path):
+    """The same for the workers a DataLoader forks (the reference pipeline's, the k-NN monitor's and the
+    evaluations'), which torch starts when an iteration begins."""
+    import gc
+
+    from pipelines.reference import ForkingLoader
+    record = tmp_path / "finalized"
+    gc.disable()
+    try:
+        _FinalizedOnce(record)
+        workers = {int(pid) for pid in ForkingLoader(_CollectingDataset(), batch_size=1, num_workers=2,
+                                                     multiprocessing_context="fork")}
+    finally:
+        gc.enable()
+    assert not record.exists() and len(workers) == 2 and os.getpid() not in workers
+    gc.collect()
+    assert record.read_text().split() == [str(os.getpid())]
+
+
 @pytest.mark.parametrize("torch_says, likely", [
     ("DataLoader worker (pid 4242) is killed by signal: Killed. ", True),
     ("DataLoader worker (pid(s) 4242) exited unexpectedly", True),
