@@ -1,9 +1,9 @@
 """Source images for the converter: decode, validate, convert to 8-bit RGB, cap and encode.
 
 `decode_source_image` is the converter's decoder (EXIF rotation applied, every pixel mode
-mapped to RGB, unusable files raise `SkipImage` with a reason). It is not
-`pipelines.reference.load_rgb`, which opens a training image with Pillow's plain
-convert('RGB') (no EXIF rotation, none of the rules below) and raises DataError if unreadable.
+mapped to RGB, unusable files raise `SkipImage` with a reason). The reference pipeline and the
+evaluations decode through it too (`pipelines.reference.load_rgb`), so a file gives every pipeline
+the same pixels.
 
 Pixel modes other than 8-bit RGB are converted (`to_rgb`):
   - 16-bit RGB / RGBA (PNG): Pillow opens them as 8-bit RGB / RGBA keeping each sample's high

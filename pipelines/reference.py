@@ -5,7 +5,10 @@ Gaussian blur -> solarize -> normalise, as in the official `main.py`, including 
 PIL's `ImageFilter.GaussianBlur` with the standard deviation sigma ~ U(blur_sigma) (an
 untruncated Gaussian, approximated by box filters). The device pipelines truncate the same
 Gaussian to `spec.blur_kernel_size` taps (torchvision's GaussianBlur); docs/pipelines.md gives
-the measured difference and why torchvision's blur on PIL images is not the baseline.
+the measured difference and why torchvision's blur on PIL images is not the baseline. Images are
+decoded as the converter decodes them (`load_rgb`), where the official code's ImageFolder takes Pillow's
+plain convert('RGB'): the two differ for EXIF-rotated files and 16-bit grayscale, which the official
+loader leaves unrotated and clips to white.
 
 Each rank reads its samples of the epoch as `pipelines.epochs` deals them; a sample's
 distortions depend only on (seed, epoch, index), and so does its crop size (the spec's
@@ -15,18 +18,18 @@ from __future__ import annotations
 
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bt_fast.config import AugmentSpec, Config
-from bt_fast.errors import DataError, flat_message
+from bt_fast.errors import DataError
 from bt_fast.host import usable_cores
 from bt_fast.run_control import leave_stops_to_the_rank
 from bt_fast.worker_pool import garbage_kept_from_forks
 from pipelines.base import EpochPipeline, Placement, to_device
 from pipelines.epochs import rank_indices, sample_rng, samples_per_rank
 from pipelines.image_folder import find_image_folder
-from pipelines.images import file_problem
+from pipelines.images import SkipImage, decode_source_image
 from pipelines.prefetch import run_ahead
 
 
@@ -66,18 +69,16 @@ def view_transform(spec: AugmentSpec, view: int) -> T.Compose:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """The image at `path` as RGB; DataError naming the file and why (no Python object reprs) if unreadable."""
+    """The image at `path` as 8-bit RGB, decoded as the converter decodes FFCV's and DALI's inputs
+    (`pipelines.images.decode_source_image`: EXIF rotation applied, 16-bit and other pixel modes mapped by its
+    rules), so every pipeline and evaluation reads the same pixels from a file; DataError naming the file and
+    why (no Python object reprs) if it is no usable image."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        reason = file_problem(path) or "not a recognised image file"
-    except OSError as err:
-        reason = file_problem(path) or err.strerror or flat_message(err)
-    except (ValueError, Image.DecompressionBombError) as err:
-        reason = flat_message(err)
-    raise DataError(f"cannot read image {path}: {reason}; remove or replace the file (tools.convert's report lists "
-                    f"every unreadable image of a folder)")
+        image, _ = decode_source_image(path)
+    except SkipImage as skip:
+        raise DataError(f"cannot read image {path}: {skip.args[0]}; remove or replace the file (tools.convert's "
+                        f"report lists every unreadable image of a folder)") from None
+    return image
 
 
 class TwoViewImageFolder(Dataset):

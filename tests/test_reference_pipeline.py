@@ -55,6 +55,25 @@ def test_unreadable_image_names_the_file(image_folder, tmp_path):
         dataset[(0, 0)]
 
 
+def test_an_exif_rotated_or_16_bit_image_is_read_as_the_converter_stores_it(tmp_path):
+    """The reference pipeline and the evaluations (`load_rgb`) read the pixels FFCV's and DALI's inputs hold:
+    an image with EXIF orientation 6 turned upright (a quarter turn clockwise), 16-bit grayscale scaled by
+    255/65535, where Pillow's plain convert('RGB') left the first on its side and clipped the second to white."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)  # lossless: the pixels are known exactly
+    assert np.array_equal(np.asarray(reference.load_rgb(str(tmp_path / "rotated.png"))), np.rot90(pixels, k=-1))
+
+    deep = np.random.default_rng(1).integers(0, 65536, (9, 7), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    eight = ((deep.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # rounded, never clipped
+    assert np.array_equal(np.asarray(reference.load_rgb(str(tmp_path / "deep.png"))), np.repeat(eight[..., None], 3, 2))
+
+
 def test_empty_data_directory_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         TwoViewImageFolder(str(tmp_path), SPEC)
