@@ -7,7 +7,6 @@ needs them, the listing and naming helpers of `pipelines.image_folder` and `pipe
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -180,17 +179,17 @@ def check_not_a_split_root(config: Config) -> None:
                           f"splits as two classes; give data={data / 'train'}")
 
 
-def check_data_has_classes(config: Config) -> None:
+def check_data_has_images(config: Config) -> None:
     """The DataError the pipeline would raise once started, where `data` is a file it would list as an ImageFolder
     (all but the ffcv pipeline, which reads a .beton or converts a list file named there: `check_ffcv_dataset`) or a
-    directory of images with no class directory in it (`--check` and the launcher passed both)."""
-    from pipelines.image_folder import has_a_class, image_folder_root, no_images
+    directory without an image in a class directory (`--check` and the launcher passed both). Lists class folders
+    only until it finds an image: not ImageNet."""
+    from pipelines.image_folder import count_images, image_folder_root
     data = Path(config.data) if config.data and not _reads_dali_records(config) else None
     if data is not None and data.is_file() and config.pipeline != "ffcv":
         image_folder_root(data)
-    with contextlib.suppress(OSError):  # an unreadable folder: the pipeline's listing says how
-        if data is not None and data.is_dir() and not has_a_class(data):
-            raise no_images(data)
+    if data is not None and data.is_dir():
+        count_images(data, enough=1)
 
 
 def check_out_dir_outside_the_data(config: Config) -> None:
@@ -260,7 +259,7 @@ def check_run_inputs(config: Config) -> None:
     check_data_given(config)
     check_data_exists(config)
     check_not_a_split_root(config)
-    check_data_has_classes(config)
+    check_data_has_images(config)
     check_ffcv_dataset(config)
     check_dali_records(config)
     check_knn_folders(config)

@@ -80,13 +80,6 @@ def no_images(root: Path) -> DataError:
                      f"{root}/<class>/<image>.jpg)")
 
 
-def has_a_class(root: str | Path) -> bool:
-    """Whether the directory `root` holds a class directory, found without listing more of it than that takes
-    (the launcher's check of a run must not list ImageNet); an entry `_is_class` refuses is a DataError."""
-    with os.scandir(root) as entries:
-        return any(not entry.name.startswith(".") and _is_class(entry) for entry in entries)
-
-
 def classes_without_images(classes: Sequence[str], samples: "SampleList") -> list[str]:
     """The names in `classes` (indexed by label) that no sample of `samples` has: empty class folders."""
     counts = np.bincount(samples.labels, minlength=len(classes))

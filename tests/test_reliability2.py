@@ -657,6 +657,20 @@ def test_the_root_of_a_split_dataset_as_data_is_refused_naming_its_train_folder(
     assert not (tmp_path / "run").exists()
 
 
+def test_class_folders_without_images_fail_the_check_as_they_fail_the_run(tmp_path, capsys):
+    """`--check` (and so the launcher) said "check passed" where the only class folder held a text file; the run
+    then stopped at its first listing."""
+    data = tmp_path / "data"
+    (data / "class0").mkdir(parents=True)
+    (data / "class0" / "readme.txt").write_text("no images here\n")
+    for check in (["--check"], []):
+        code, _, err = run_main(capsys, *check, *tiny_args(data, tmp_path / "run"))
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: data directory {data} holds no images in class sub-directories (expected "
+            f"{data}/<class>/<image>.jpg)"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_check_creates_nothing(image_folder, tmp_path, capsys):
     code, _, err = run_main(capsys, "--check", *tiny_args(image_folder, tmp_path / "a" / "b"))
     assert code == 0, err
