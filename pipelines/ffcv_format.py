@@ -87,8 +87,9 @@ def open_beton(path: Path) -> "Reader":
 
 
 def _unreadable(path: Path, reason: str) -> DataError:
-    return DataError(f"cannot read FFCV dataset {path} ({reason}); delete it to reconvert from data=..., "
-                     f"or point ffcv.beton at a file written by `python -m tools.convert`")
+    return DataError(f"cannot read FFCV dataset {path} ({reason}); write it again from its images with `python -m "
+                     f"tools.convert SRC {path} --format ffcv --force` (or delete it: a run whose data= is the image "
+                     f"folder converts it on first use)")
 
 
 def _ends_before_table(path: Path, size: int) -> str | None:

@@ -425,7 +425,9 @@ def test_a_beton_cut_short_anywhere_is_one_data_error_on_open(dataset, tmp_path)
         short = tmp_path / "short.beton"
         short.write_bytes(blob[:len(blob) - cut])
         with pytest.raises(DataError, match=rf"^cannot read FFCV dataset {short} \({len(blob) - cut} bytes, "
-                                            r"(cut short|shorter).*\); delete it to reconvert") as err:
+                                            r"(cut short|shorter).*\); write it again from its images with "
+                                            rf"`python -m tools.convert SRC {short} --format ffcv --force` "
+                                            r"\(or delete it") as err:
             open_beton(short)
         assert "\n" not in str(err.value), cut
 
