@@ -330,6 +330,42 @@ def test_the_launcher_refuses_a_bad_torchrun_option_in_one_line_before_the_confi
     assert code == 2 and err == [f"error: {message}"]
 
 
+ENDPOINT = "give HOST:PORT, the host name or address of node 0 and a port number up to 65535"
+NODE_0 = "does not resolve on this host; give the host name or address of node 0"
+
+
+@pytest.mark.parametrize("launcher, message", [
+    # torchrun's tracebacks once it started (a ValueError, a NotADirectoryError), or its silent wait for a host
+    (["--rdzv-endpoint", "localhost:99999", "--nnodes", "2"], f"--rdzv-endpoint localhost:99999: {ENDPOINT}"),
+    (["--rdzv-endpoint", "localhost:abc"], f"--rdzv-endpoint localhost:abc: {ENDPOINT}"),
+    (["--rdzv-endpoint", ":29562"], f"--rdzv-endpoint :29562: {ENDPOINT}"),
+    (["--rdzv-endpoint", "localhost", "--nnodes", "2"], f"--rdzv-endpoint localhost: {ENDPOINT}"),  # static: no port
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "nonexistent.invalid:29562", "--nnodes", "2"],
+     f"--rdzv-endpoint nonexistent.invalid:29562: nonexistent.invalid {NODE_0}"),
+    (["--master-addr", "nonexistent.invalid", "--nnodes", "2", "--node-rank", "0", "--master-port", "29563"],
+     f"--master-addr nonexistent.invalid {NODE_0}"),
+    (["--rdzv-backend", "foo"], "--rdzv-backend foo is no rendezvous backend; give one of c10d, etcd, etcd-v2, static"),
+    (["--rdzv-conf", "foo"], "--rdzv-conf foo: give KEY=VALUE,... (for example join_timeout=900,is_host=true)"),
+    (["--rdzv-conf", "join_timeout=abc"], "--rdzv-conf join_timeout=abc: join_timeout must be an integer, got abc"),
+    (["--rdzv-conf", "is_host=maybe"], "--rdzv-conf is_host=maybe: is_host must be true or false, got maybe"),
+    (["--redirects", "9"], "--redirects 9: give 0, 1, 2 or 3 (nothing, stdout, stderr, both), or that for each local "
+                           "rank, as LOCAL_RANK:N,... (for example 0:3,1:2)"),
+    (["--tee", "x"], "--tee x: give 0, 1, 2 or 3 (nothing, stdout, stderr, both), or that for each local rank, as "
+                     "LOCAL_RANK:N,... (for example 0:3,1:2)"),
+    (["--local-ranks-filter", "abc"],
+     "--local-ranks-filter abc: give local ranks separated by commas (for example 0,1)"),
+    (["--log-dir", "{file}"], "--log-dir {file} is no directory that can be written (Not a directory); give one"),
+])
+def test_the_launcher_refuses_a_torchrun_value_it_would_fail_on_in_one_line_before_the_config(launcher, message,
+                                                                                               tmp_path, capsys):
+    file = tmp_path / "file"
+    file.touch()
+    launcher = [argument.format(file=file) for argument in launcher]
+    code, err = run_command("tools.launch", [*launcher, "-m", "bt_fast.train", "--config", "configs/demo_cpu.yaml"],
+                            capsys)
+    assert code == 2 and err == [f"error: {message.format(file=file)}"]
+
+
 def test_the_launcher_takes_a_range_of_nodes_as_torchrun_does(image_folder, tmp_path, capsys, monkeypatch):
     from tools import launch
     monkeypatch.setattr(launch.torchrun, "run", lambda options: pytest.fail("torchrun started"))

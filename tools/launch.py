@@ -5,8 +5,9 @@
 Used by `run_pretrain.sh` wherever it starts torchrun. Seven things differ from plain torchrun:
 
 - torchrun's options are read first, as every bt_fast command reads its own (`CliParser`): an unknown
-  one, one given twice with two values, or a number torchrun would fail on (`--nnodes 0`,
-  `--max-restarts -1`, ...) is one `error:` line, exit 2, before anything else is checked.
+  one, one given twice with two values, or a number or value torchrun would fail on (`--nnodes 0`,
+  `--max-restarts -1`, `--rdzv-endpoint localhost:99999`, `--redirects 9`, ...) or a rendezvous host that does
+  not resolve here is one `error:` line, exit 2, before anything else is checked.
 - The config and the paths it names are checked here next. torchrun restarts a failed worker
   group up to --max-restarts times, which would print a config error that many times. With
   `--check` that check (and the process count) is all it does; `--help` after `-m bt_fast.train` is
@@ -45,6 +46,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -61,16 +63,18 @@ if _QUIET_STORE_CLIENT:
     os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
 with exit_on_interrupt(STARTING):
     from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousParameters, registry as rendezvous_registry
+    from torch.distributed.elastic.rendezvous import (RendezvousParameters, registry as rendezvous_registry,
+                                                      rendezvous_handler_registry)
     from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
                                                           RendezvousError, RendezvousTimeoutError)
-    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config, parse_rendezvous_endpoint
 
     from bt_fast.checkpoint import CHECKPOINT_NAME
     from bt_fast.config import Config, load_config
     from bt_fast.distributed import resolve_device
+    from bt_fast.files import check_writable_directory
     from bt_fast.preflight import check_batch_split, check_passed, check_run_inputs
     from bt_fast.run_control import STOP_SIGNALS, stop_exit_code
     from bt_fast.train_args import parse_train_args
@@ -173,6 +177,85 @@ def check_launcher_numbers(options: argparse.Namespace) -> tuple[int, int]:
     return per_node, max_nodes if min_nodes == max_nodes else 0
 
 
+# The --rdzv-conf options that torch's rendezvous backends read as integers or flags (dynamic_rendezvous.create_handler,
+# the c10d and etcd stores, the static backend's timeout), and what they must be; any other is text to them.
+RENDEZVOUS_CONF_TYPES = {**dict.fromkeys(("join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+                                          "keep_alive_interval", "keep_alive_max_attempt", "read_timeout", "timeout"),
+                                         "an integer"), "is_host": "true or false"}
+STD_STREAMS = ("give 0, 1, 2 or 3 (nothing, stdout, stderr, both), or that for each local rank, as LOCAL_RANK:N,... "
+               "(for example 0:3,1:2)")
+
+
+def check_resolves(host: str, what: str) -> None:
+    """A UserError in one line where `host` does not resolve here: torchrun would wait for it silently, or retry
+    for minutes and end in a traceback. `what` names it."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # UnicodeError: a label over 63 characters
+        raise UserError(f"{what} does not resolve on this host; give the host name or address of node 0") from None
+
+
+def check_launcher_values(options: argparse.Namespace) -> None:
+    """A UserError in one line for a value of torchrun's `options` that torchrun would end in a traceback once it
+    started (`--rdzv-endpoint localhost:99999`, `--redirects 9`, `--log-dir` a file, ...), read by torch's own parsers
+    so that the rules are torch's; or for a rendezvous host that does not resolve here."""
+    for flag, value in (("--redirects", options.redirects), ("--tee", options.tee)):
+        try:
+            Std.from_str(value)
+        except ValueError:
+            raise UserError(f"{flag} {value}: {STD_STREAMS}") from None
+    if options.local_ranks_filter:
+        try:
+            [int(rank) for rank in options.local_ranks_filter.split(",")]  # as torchrun.config_from_args reads it
+        except ValueError:
+            raise UserError(f"--local-ranks-filter {options.local_ranks_filter}: give local ranks separated by commas "
+                            f"(for example 0,1)") from None
+    if options.log_dir:
+        try:
+            check_writable_directory(options.log_dir)
+        except OSError as err:
+            raise UserError(f"--log-dir {options.log_dir} is no directory that can be written "
+                            f"({err.strerror or err}); give one") from None
+    check_rendezvous(options)
+
+
+def check_rendezvous(options: argparse.Namespace) -> None:
+    """`check_launcher_values` for the rendezvous: --rdzv-conf, and without --standalone (its own rendezvous)
+    --rdzv-backend, --rdzv-endpoint and the host the nodes meet at. torch reads the configuration and lists the backends
+    with parts that are not public (`_parse_rendezvous_config`, the registry's `_registry`): used here only."""
+    try:
+        conf = _parse_rendezvous_config(options.rdzv_conf)
+    except ValueError:
+        raise UserError(f"--rdzv-conf {options.rdzv_conf}: give KEY=VALUE,... (for example "
+                        f"join_timeout=900,is_host=true)") from None
+    typed = RendezvousParameters("c10d", "", "", 1, 1,
+                                 **{key: value for key, value in conf.items() if key in RENDEZVOUS_CONF_TYPES})
+    for key, kind in RENDEZVOUS_CONF_TYPES.items():
+        try:
+            typed.get_as_bool(key) if kind == "true or false" else typed.get_as_int(key)
+        except ValueError:
+            raise UserError(f"--rdzv-conf {options.rdzv_conf}: {key} must be {kind}, got {conf[key]}") from None
+    if options.standalone:
+        return  # torchrun's own rendezvous on this machine: the backend, endpoint and master address are not read
+    backends = rendezvous_handler_registry._registry  # the registered backends, which torch lists nowhere public
+    if options.rdzv_backend not in backends:
+        raise UserError(f"--rdzv-backend {options.rdzv_backend} is no rendezvous backend; give one of "
+                        f"{', '.join(sorted(backends))}")
+    static = options.rdzv_backend == "static"
+    if not options.rdzv_endpoint:
+        if static:  # the rendezvous is at --master-addr
+            check_resolves(options.master_addr, f"--master-addr {options.master_addr}")
+        return
+    try:
+        host, port = parse_rendezvous_endpoint(options.rdzv_endpoint, -1)
+    except ValueError:
+        port = None
+    if port is None or (static and port == -1):  # the static backend takes no default port
+        raise UserError(f"--rdzv-endpoint {options.rdzv_endpoint}: give HOST:PORT, the host name or address of node 0 "
+                        f"and a port number up to 65535")
+    check_resolves(host, f"--rdzv-endpoint {options.rdzv_endpoint}: {host}")
+
+
 # Set where the environment does not: elastic restarts otherwise reuse the rendezvous store and read the previous
 # attempt's addresses (pytorch/pytorch#135712, #167288): "connection refused" on every restart; and torchrun lets the
 # ranks write their checkpoint for this many seconds after a stop signal before its SIGKILL (torch before 2.13: 30).
@@ -191,7 +274,9 @@ def set_torchrun_defaults(per_node: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     launcher_args, train_args = split_command(list(sys.argv[1:] if argv is None else argv))
     with cli_errors():  # before the config: a wrong launcher option is named even where the config is wrong too
-        per_node, nodes = check_launcher_numbers(launcher_parser().parse_args(launcher_args))
+        launcher_options = launcher_parser().parse_args(launcher_args)
+        per_node, nodes = check_launcher_numbers(launcher_options)
+        check_launcher_values(launcher_options)
     with cli_errors(), exit_on_interrupt("while checking the config"):
         train_options = parse_train_args(train_args)  # --help is bt_fast.train's, printed here once
         config = training_config(train_options)
