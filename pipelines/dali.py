@@ -424,10 +424,11 @@ class DALIPipeline(EpochPipeline):
         return pipe
 
     def _position_key(self, plan: EpochPlan) -> dict:
-        """What a saved graph state must match to be used: the same graph (seed, epoch, shard, samples)."""
+        """What a saved graph state must match to be used: the same graph (seed, epoch, shard, samples, and the
+        settings its operators are built from)."""
         return {"seed": epoch_seed(self.seed, plan.epoch, GRAPH_STREAM + plan.rank), "epoch": plan.epoch,
                 "rank": plan.rank, "world_size": plan.world_size, "samples": len(self.source),
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "graph": repr((self.epoch_spec(plan.epoch), self.options))}
 
     def position_state(self) -> dict | None:
         """The iterated epoch's graph state after the batches it has delivered (None between epochs). If
@@ -452,8 +453,12 @@ class DALIPipeline(EpochPipeline):
         from batch 0 (the caller drops the batches before `start_batch`)."""
         state, self._restore = self._restore, None
         key = self._position_key(plan)
-        if (state and state.get("dali") is not None and state.get("batch") == self.start_batch
-                and all(state.get(k) == v for k, v in key.items())):
+        usable = state and state.get("dali") is not None and state.get("batch") == self.start_batch
+        if usable and state.get("graph", key["graph"]) != key["graph"]:  # an older checkpoint's has none: tried
+            print(f"warning: the checkpoint's DALI state is of another graph (augmentation settings, dtype or "
+                  f"device changed); "
+                  f"running the epoch's first {self.start_batch} batches again", file=sys.stderr)
+        elif usable and all(state.get(k) == v for k, v in key.items() if k != "graph"):
             try:
                 return self.build(plan, checkpoint=state["dali"]), self.start_batch
             except Exception as err:  # noqa: BLE001 - any refusal of the saved state means: start over

@@ -387,6 +387,26 @@ def test_resuming_mid_epoch_from_the_graph_state_reads_none_of_the_batches_befor
     assert _same_views(_epoch_views(resumed), expected[3:])
 
 
+def test_a_state_of_another_graph_is_not_offered_to_dali_and_the_replay_is_said(image_folder, capsys):
+    """A resume with other augmentation settings (view 2's blur never drawn: a graph without that coin flip) went on
+    by replaying the epoch's first batches, as it should, but its warning quoted DALI's internal assertion ("The
+    executor doesn't recognize __CoinFlip_47 as a name of an operator")."""
+    config = make_config(str(image_folder), size=24, seed=3)
+    state = _state_after(config, 2, 3)
+    changed = make_config(str(image_folder), size=24, seed=3, blur_p=(1.0, 0.0))
+    whole = pipeline(changed, batch=4)
+    whole.set_epoch(2)
+    expected = _epoch_views(whole)
+    capsys.readouterr()
+    resumed = pipeline(changed, batch=4)
+    resumed.restore_position(state)
+    resumed.set_epoch(2, 3)
+    assert _same_views(_epoch_views(resumed), expected[3:])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the checkpoint's DALI state is of another graph (augmentation settings, dtype or device changed); "
+        "running the epoch's first 3 batches again"]
+
+
 # --------------------------------------------------------------------------------------------
 # Webdataset records written by tools.convert
 # --------------------------------------------------------------------------------------------
