@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bt_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from bt_fast.config import BACKBONE_DIM, MIN_BATCH_PER_RANK, PATH_KEYS, Config, ConfigError, check_choice
+from bt_fast.errors import DataError
 from bt_fast.files import check_writable_directory, same_file
 from bt_fast.run_lock import check_unlocked
 
@@ -220,7 +221,10 @@ def check_knn_folders(config: Config) -> None:
                           f"memory bank is data= by default, and data= names {config.data or 'nothing'}, not an "
                           f"ImageFolder")
     from pipelines.image_folder import check_known_classes, class_names, find_image_folder
-    classes, _ = find_image_folder(config.knn_val)
+    try:
+        classes, _ = find_image_folder(config.knn_val)
+    except DataError as err:  # its words are of any image folder: name the key
+        raise DataError(f"config key 'knn_val': {err}") from None
     check_known_classes(config.knn_val, classes, class_names(config.knn_train or config.data))
 
 

@@ -500,8 +500,8 @@ def test_the_check_refuses_what_the_run_refuses_and_says_when_it_passes(image_fo
               f"error: FFCV dataset {inputs}/typo.beton does not exist; fix ffcv.beton or pass data=<ImageFolder> to "
               f"convert it"),
              (["pipeline=ffcv", f"data={listing}"], f"error: {listing} line 1: label '1}}' is not an integer"),
-             (["pipeline=ffcv", "knn_every=1", f"knn_val={loose}"], f"error: data directory {loose} holds no images in "
-                                                                    f"class sub-directories"),
+             (["pipeline=ffcv", "knn_every=1", f"knn_val={loose}"], f"error: config key 'knn_val': data directory {loose} "
+                                                                    f"holds no images in class sub-directories"),
              (["pipeline=ffcv", f"data={beton}", "knn_every=1", f"knn_val={val}"],
               f"error: config key 'knn_val' needs knn_train=<a labelled ImageFolder> here: the k-NN monitor's memory "
               f"bank is data= by default, and data= names {beton}, not an ImageFolder"),
