@@ -105,9 +105,14 @@ def image_folder_root(root: str | Path) -> Path:
 def _is_class(entry: os.DirEntry) -> bool:
     """Whether `entry` of an ImageFolder's root is a class: a directory or a link to one. False for a file
     or a link to one; DataError naming it for anything else (a broken link, a socket, a named pipe, a
-    device) and for an entry whose type cannot be read (a link loop)."""
+    device), for an entry whose type cannot be read (a link loop), and for a link to the root or a folder above
+    it, whose class would hold every image again."""
     try:
         if entry.is_dir():
+            if entry.is_symlink() and _holds(os.path.realpath(entry.path), os.path.dirname(entry.path)):
+                raise DataError(f"class folder {entry.path} links to {os.path.realpath(entry.path)}, which holds the "
+                                f"data directory itself: every image would be read again as this class; remove the "
+                                f"link")
             return True
         if entry.is_file():
             return False
@@ -118,6 +123,10 @@ def _is_class(entry: os.DirEntry) -> bool:
     except OSError as err:
         raise _unreadable(entry.path, err) from None
     raise DataError(f"{entry.path} is {kind}, not a class folder; remove it or move it out of the data directory")
+
+
+def _holds(folder: str, root: str) -> bool:
+    return Path(root).resolve().is_relative_to(folder)
 
 
 _KINDS = {stat.S_IFSOCK: "a socket", stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}

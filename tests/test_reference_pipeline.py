@@ -79,7 +79,8 @@ def test_empty_data_directory_is_a_clear_error(tmp_path):
         TwoViewImageFolder(str(tmp_path), SPEC)
 
 
-@pytest.mark.parametrize("fault", ["unreadable class", "unreadable sub-folder", "broken link", "socket"])
+@pytest.mark.parametrize("fault", ["unreadable class", "unreadable sub-folder", "broken link", "socket",
+                                   "link to the root", "link above the root"])
 def test_a_class_entry_that_cannot_be_read_is_named_with_the_reason(image_folder, tmp_path, monkeypatch, fault):
     """Such an entry was left out without a word: its images dropped, or 'holds no images' when it was the only
     class. Root reads any folder whatever its permissions, so a folder's EACCES is simulated at os.scandir."""
@@ -89,17 +90,24 @@ def test_a_class_entry_that_cannot_be_read_is_named_with_the_reason(image_folder
     root = tmp_path / "folder"
     shutil.copytree(image_folder, root)
     bad = {"unreadable class": root / "class1", "unreadable sub-folder": root / "class1" / "deeper",
-           "broken link": root / "class9", "socket": root / "class9"}[fault]
+           "broken link": root / "class9", "socket": root / "class9", "link to the root": root / "class9",
+           "link above the root": root / "class9"}[fault]
+    above = {"link to the root": root, "link above the root": tmp_path}.get(fault)
     expected = {"broken link": f"class folder {bad} is a broken symbolic link (to {tmp_path / 'gone'}); restore "
                                f"its target or remove the link",
-                "socket": f"{bad} is a socket, not a class folder; remove it or move it out of the data directory"
+                "socket": f"{bad} is a socket, not a class folder; remove it or move it out of the data directory",
                 }.get(fault, f"cannot read {bad} ({os.strerror(errno.EACCES)}); make it readable or move it out of "
                              f"the data directory")
+    if above:
+        expected = (f"class folder {bad} links to {above.resolve()}, which holds the data directory itself: every "
+                    f"image would be read again as this class; remove the link")
     listener = socket.socket(socket.AF_UNIX)
     if fault == "broken link":
         bad.symlink_to(tmp_path / "gone")
     elif fault == "socket":
         listener.bind(str(bad))
+    elif above:  # the link's class held a copy of every image (and, above the root, of every other folder's)
+        bad.symlink_to(above)
     else:
         bad.mkdir(exist_ok=True)
         scandir = os.scandir
