@@ -211,20 +211,32 @@ def leave_for_launcher(err: BaseException) -> bool:
 
 _RANK_FILE = "rank"  # + the rank: the file a rank leaves its input error in
 _RANK_0_MARK = "main_rank_here"  # not a `_RANK_FILE`
+_LOST_PEER_MARK = "lost_a_peer"
+
+
+def _mark_launcher(name: str) -> None:
+    """Leave the mark `name` in the directory of the tools.launch that started this process, if one did."""
+    launcher = _launcher()
+    if launcher is not None:
+        with suppress(OSError):  # the launcher then says it itself: a line twice, nothing lost
+            Path(launcher[1], name).touch()
 
 
 def mark_rank_0() -> None:
     """In rank 0, if tools.launch started it: say so in the launcher's directory. A launcher of one node among
     several then knows that rank 0's own lines (where a stopped run's checkpoint is) went to its output."""
-    launcher = _launcher()
-    if launcher is not None:
-        with suppress(OSError):  # the launcher then says it itself: a line twice, nothing lost
-            Path(launcher[1], _RANK_0_MARK).touch()
+    _mark_launcher(_RANK_0_MARK)
 
 
 def rank_0_ran_under(directory: str | Path) -> bool:
     """In tools.launch: whether rank 0 ran among its workers (`mark_rank_0`, in the launcher's `directory`)."""
     return Path(directory, _RANK_0_MARK).exists()
+
+
+def lost_a_peer_under(directory: str | Path) -> bool:
+    """In tools.launch: whether one of its ranks lost another rank and said so (`cli_errors`). A stop signal that
+    follows is that failure's consequence (run_pretrain.sh stops its other simulated nodes when one fails)."""
+    return Path(directory, _LOST_PEER_MARK).exists()
 
 
 def ranks_input_errors(directory: str | Path) -> list[str]:
@@ -280,6 +292,7 @@ def cli_errors(*also: type[BaseException], launched_rank: bool = False) -> Itera
             raise SystemExit(1) from None
         gone = lost_peer(err) if launched_rank else None
         if gone is not None:
+            _mark_launcher(_LOST_PEER_MARK)
             print_error(f"rank {os.environ.get('RANK', '0')} lost another rank ({gone}): it stopped or its machine "
                         f"went down; its own error line, or its node's launcher, says why")
             raise SystemExit(1) from None

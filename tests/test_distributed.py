@@ -18,7 +18,7 @@ import torch
 from bt_fast.checkpoint import CHECKPOINT_NAME, atomic_save, remove_stale_checkpoint_temporaries
 from bt_fast.config import load_config
 from bt_fast.distributed import DistContext, init_distributed, shutdown_distributed
-from bt_fast.errors import LAUNCHER_ENV, mark_rank_0
+from bt_fast.errors import LAUNCHER_ENV, cli_errors, mark_rank_0
 from bt_fast.schedule import learning_rate
 from bt_fast.step_health import TrainingError
 from bt_fast.train import train
@@ -526,22 +526,32 @@ def test_temporary_names_differ_between_writers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_before_the_launchs_first_checkpoint_is_the_signals_exit_status_and_one_line(sig, tmp_path,
+@pytest.mark.parametrize("lost_a_peer", [False, True])
+def test_a_stop_before_the_launchs_first_checkpoint_is_the_signals_exit_status_and_one_line(sig, lost_a_peer, tmp_path,
                                                                                             monkeypatch, capsys):
     """A scheduler's stop while the ranks had not yet written a checkpoint (a first-use conversion, say, whose
-    rank exits 128 + the signal): the launcher too, a failure to the scheduler, not 0 as after a checkpoint."""
+    rank exits 128 + the signal): the launcher too, a failure to the scheduler, not 0 as after a checkpoint. Where
+    its rank had lost another rank and said so, the stop is that failure's consequence (run_pretrain.sh stops the
+    simulated nodes left when one fails): its line, "stopped by SIGTERM", named a signal the user never sent."""
     import argparse
     import tools.launch as launch
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     def stopped(options):
+        if lost_a_peer:  # as the rank's process, whose parent is this launcher
+            monkeypatch.setenv(LAUNCHER_ENV, f"{os.getpid()}:{tmp_path}")
+            monkeypatch.setattr(os, "getppid", os.getpid)
+            with pytest.raises(SystemExit), cli_errors(launched_rank=True):
+                raise RuntimeError("[../gloo/transport/tcp/pair.cc:538] Connection closed by peer [127.0.0.1]:4321")
         raise SignalException(f"Process {os.getpid()} got signal: {sig}", sigval=sig)
     monkeypatch.setattr(launch.torchrun, "run", stopped)
     options = argparse.Namespace(nnodes="1")
     code = launch._run(options, tmp_path / CHECKPOINT_NAME, time.time(), tmp_path)
-    assert code == 128 + sig and capsys.readouterr().err.splitlines() == [
+    err = capsys.readouterr().err.splitlines()
+    assert code == 128 + sig and err[lost_a_peer:] == ([] if lost_a_peer else [
         f"error: stopped by {signal.Signals(sig).name} before this launch wrote a checkpoint; training resumes from "
-        f"the start"]
+        f"the start"])
+    assert not lost_a_peer or err[0].startswith("error: rank 0 lost another rank (")
 
 
 @pytest.mark.parametrize("endpoint, rank_0_here, says", [

@@ -52,8 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bt_fast.errors import (LAUNCHER_ENV, STARTING, CliParser, UserError, cli_errors, exit_on_interrupt, one_line,
-                            print_error, rank_0_ran_under, ranks_input_errors)
+from bt_fast.errors import (LAUNCHER_ENV, STARTING, CliParser, UserError, cli_errors, exit_on_interrupt,
+                            lost_a_peer_under, one_line, print_error, rank_0_ran_under, ranks_input_errors)
 
 # torch's C++ client of node 0's store logs each failed call as a warning with a stack dump, about a hundred lines on
 # every other node once node 0 has stopped; this launcher says what happened in one line. Read once, as torch loads:
@@ -369,9 +369,11 @@ def _run(options: argparse.Namespace, checkpoint: Path, started: float, rank_err
             print(f"stopped by {name}\ncheckpoint: {checkpoint} (run the same command again to resume)")
             return code
         # No checkpoint of this launch's: a failure to a scheduler, whatever the signal; the shell's status for it,
-        # as a rank stopped in its first-use conversion gives (the ranks' lines say what that kept).
-        print_error(f"stopped by {name} before this launch wrote a checkpoint; training resumes from "
-                    f"{checkpoint if checkpoint.is_file() else 'the start'}")
+        # as a rank stopped in its first-use conversion gives (the ranks' lines say what that kept). A rank that lost
+        # another has said so, and where the cause is: the stop is its consequence, not news.
+        if not lost_a_peer_under(rank_errors):
+            print_error(f"stopped by {name} before this launch wrote a checkpoint; training resumes from "
+                        f"{checkpoint if checkpoint.is_file() else 'the start'}")
         return 128 + stop.sigval
     except RendezvousConnectionError as err:  # node 0 unreachable, or its store could not open its port
         cause = one_line(err.__cause__) if err.__cause__ is not None else one_line(err)
