@@ -456,8 +456,7 @@ class DALIPipeline(EpochPipeline):
         usable = state and state.get("dali") is not None and state.get("batch") == self.start_batch
         if usable and state.get("graph", key["graph"]) != key["graph"]:  # an older checkpoint's has none: tried
             print(f"warning: the checkpoint's DALI state is of another graph (augmentation settings, dtype or "
-                  f"device changed); "
-                  f"running the epoch's first {self.start_batch} batches again", file=sys.stderr)
+                  f"device changed); running the epoch's first {self.start_batch} batches again", file=sys.stderr)
         elif usable and all(state.get(k) == v for k, v in key.items() if k != "graph"):
             try:
                 return self.build(plan, checkpoint=state["dali"]), self.start_batch

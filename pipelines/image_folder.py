@@ -109,10 +109,10 @@ def _is_class(entry: os.DirEntry) -> bool:
     it, whose class would hold every image again."""
     try:
         if entry.is_dir():
-            if entry.is_symlink() and _holds(os.path.realpath(entry.path), os.path.dirname(entry.path)):
-                raise DataError(f"class folder {entry.path} links to {os.path.realpath(entry.path)}, which holds the "
-                                f"data directory itself: every image would be read again as this class; remove the "
-                                f"link")
+            target = os.path.realpath(entry.path) if entry.is_symlink() else None
+            if target and Path(entry.path).parent.resolve().is_relative_to(target):
+                raise DataError(f"class folder {entry.path} links to {target}, which holds the data directory itself: "
+                                f"every image would be read again as this class; remove the link")
             return True
         if entry.is_file():
             return False
@@ -123,10 +123,6 @@ def _is_class(entry: os.DirEntry) -> bool:
     except OSError as err:
         raise _unreadable(entry.path, err) from None
     raise DataError(f"{entry.path} is {kind}, not a class folder; remove it or move it out of the data directory")
-
-
-def _holds(folder: str, root: str) -> bool:
-    return Path(root).resolve().is_relative_to(folder)
 
 
 _KINDS = {stat.S_IFSOCK: "a socket", stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
